@@ -1,0 +1,1 @@
+"""Backend adapters: every accelerator or engine the router can drive."""

@@ -1,0 +1,160 @@
+"""The Backend ABC every adapter implements, and the values that cross it.
+
+The router core talks only to this interface. Token frames cross it as bytes
+already encoded as the front door's ``GenerateResponse`` message, so the router
+forwards them to the client without decoding them.
+"""
+
+from __future__ import annotations
+
+import abc
+import enum
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass, field
+
+
+class Role(enum.StrEnum):
+    PREFILL = "prefill"
+    DECODE = "decode"
+    BOTH = "both"
+
+    def can_prefill(self) -> bool:
+        return self in (Role.PREFILL, Role.BOTH)
+
+    def can_decode(self) -> bool:
+        return self in (Role.DECODE, Role.BOTH)
+
+
+class HandoffMode(enum.StrEnum):
+    SEQUENTIAL = "sequential"  # prefill, then decode pulls the KV (vLLM with NIXL)
+    CONCURRENT = "concurrent"  # both legs at once, meeting at a bootstrap room (SGLang)
+    RELAY = "relay"  # the router moves the KV between the two
+    NONE = "none"  # colocated only
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    roles: frozenset[Role]
+    handoff_modes: frozenset[HandoffMode]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int
+    temperature: float
+    top_p: float
+    seed: int
+    stop: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """A validated request: every field is within limits and the seed is fixed."""
+
+    request_id: str
+    model: str
+    prompt: str
+    sampling: SamplingParams
+    prompt_tokens: int  # estimate, for scheduling
+
+
+@dataclass(frozen=True)
+class KVLayout:
+    layers: int
+    kv_heads: int
+    head_dim: int
+    dtype: str
+    block_size: int
+    tensor_parallel: int
+
+    def describe(self) -> str:
+        return (
+            f"layers={self.layers} kv_heads={self.kv_heads} head_dim={self.head_dim} "
+            f"dtype={self.dtype} block_size={self.block_size} tp={self.tensor_parallel}"
+        )
+
+
+@dataclass(frozen=True)
+class KVHandle:
+    """Where a prefilled KV cache lives and how to read it."""
+
+    backend_id: str
+    address: str
+    request_id: str
+    layout: KVLayout
+    num_tokens: int
+    byte_length: int
+    checksum: int
+    lease_expires_at: float
+    block_ids: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class PrefillResult:
+    first_frame: bytes  # encoded GenerateResponse carrying the first token
+    first_token_id: int
+    prompt_tokens: int
+    finished: bool  # the first token ended the request; handle is None then
+    handle: KVHandle | None
+
+
+@dataclass(frozen=True)
+class BackendLoad:
+    waiting: int = 0
+    running: int = 0
+    kv_tokens_used: int = 0
+    kv_tokens_capacity: int = 0
+    kv_leases: int = 0
+    cached_prefix_hashes: frozenset[int] = field(default_factory=frozenset)
+
+
+@dataclass(frozen=True)
+class HealthStatus:
+    serving: bool
+    detail: str = ""
+    model: str = ""
+    profile: str = ""
+    layout: KVLayout | None = None
+
+
+class Backend(abc.ABC):
+    """One prefill, decode or colocated endpoint."""
+
+    def __init__(self, backend_id: str, address: str) -> None:
+        self.id = backend_id
+        self.address = address
+
+    @property
+    @abc.abstractmethod
+    def capabilities(self) -> Capabilities: ...
+
+    @abc.abstractmethod
+    async def start(self) -> None:
+        """Opens connections; must not wait for the backend to be up."""
+
+    @abc.abstractmethod
+    async def close(self) -> None: ...
+
+    @abc.abstractmethod
+    async def check_health(self, timeout_s: float) -> HealthStatus: ...
+
+    @abc.abstractmethod
+    async def load(self, timeout_s: float) -> BackendLoad: ...
+
+    @abc.abstractmethod
+    async def prefill(self, request: GenerationRequest, timeout_s: float) -> PrefillResult:
+        """Computes the KV of the prompt and the first token; the KV stays leased."""
+
+    @abc.abstractmethod
+    def decode(
+        self, request: GenerationRequest, handle: KVHandle, first_token_id: int, timeout_s: float
+    ) -> AsyncGenerator[bytes, None]:
+        """Pulls the KV named by the handle and streams the frames after the first token."""
+
+    @abc.abstractmethod
+    def generate(self, request: GenerationRequest, timeout_s: float) -> AsyncGenerator[bytes, None]:
+        """Prefill and decode on this backend alone; streams every frame."""
+
+    @abc.abstractmethod
+    async def abort(self, request_id: str, timeout_s: float) -> None:
+        """Stops the request and frees what it holds; unknown ids are not an error."""

@@ -1,0 +1,200 @@
+"""The router's adapter for device servers that speak hetero.device.v1 (the mock devices)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator
+from typing import Any
+
+import grpc
+
+from backends.base import (
+    Backend,
+    BackendLoad,
+    Capabilities,
+    GenerationRequest,
+    HandoffMode,
+    HealthStatus,
+    KVHandle,
+    PrefillResult,
+    Role,
+)
+from backends.mock.server import CHANNEL_OPTIONS, SERVICE, layout_from_proto, layout_to_proto
+from router._gen.hetero.device.v1 import device_pb2
+from router.errors import BackendError, LayoutMismatchError, OverloadedError
+
+# Statuses that mean the request itself can never succeed on any device.
+_NOT_RETRYABLE = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION}
+
+
+def _sampling(request: GenerationRequest) -> device_pb2.Sampling:
+    sampling = request.sampling
+    return device_pb2.Sampling(
+        max_tokens=sampling.max_tokens,
+        temperature=sampling.temperature,
+        top_p=sampling.top_p,
+        seed=sampling.seed,
+        stop=sampling.stop,
+    )
+
+
+def handle_to_proto(handle: KVHandle) -> device_pb2.KVHandle:
+    return device_pb2.KVHandle(
+        backend_id=handle.backend_id,
+        address=handle.address,
+        request_id=handle.request_id,
+        block_ids=handle.block_ids,
+        layout=layout_to_proto(handle.layout),
+        num_tokens=handle.num_tokens,
+        byte_length=handle.byte_length,
+        checksum=handle.checksum,
+        lease_expires_at=handle.lease_expires_at,
+    )
+
+
+def handle_from_proto(message: device_pb2.KVHandle) -> KVHandle:
+    return KVHandle(
+        backend_id=message.backend_id,
+        address=message.address,
+        request_id=message.request_id,
+        block_ids=tuple(message.block_ids),
+        layout=layout_from_proto(message.layout),
+        num_tokens=message.num_tokens,
+        byte_length=message.byte_length,
+        checksum=message.checksum,
+        lease_expires_at=message.lease_expires_at,
+    )
+
+
+class MockBackend(Backend):
+    """A mock device: prefill, decode and colocated generation; the decode side pulls the KV."""
+
+    def __init__(self, backend_id: str, address: str) -> None:
+        super().__init__(backend_id, address)
+        self._channel: grpc.aio.Channel | None = None
+        self._calls: dict[str, Any] = {}
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return Capabilities(
+            roles=frozenset({Role.PREFILL, Role.DECODE, Role.BOTH}),
+            handoff_modes=frozenset({HandoffMode.SEQUENTIAL}),
+        )
+
+    async def start(self) -> None:
+        self._channel = grpc.aio.insecure_channel(self.address, options=CHANNEL_OPTIONS)
+        unary: dict[str, Any] = {
+            "Prefill": device_pb2.PrefillResponse,
+            "Abort": device_pb2.AbortResponse,
+            "Health": device_pb2.HealthResponse,
+            "Load": device_pb2.LoadResponse,
+        }
+        for name, response in unary.items():
+            self._calls[name] = self._channel.unary_unary(
+                f"/{SERVICE}/{name}",
+                request_serializer=_serialize,
+                response_deserializer=response.FromString,
+            )
+        # Token frames stay bytes: the router forwards them without decoding.
+        for name in ("Decode", "Generate"):
+            self._calls[name] = self._channel.unary_stream(
+                f"/{SERVICE}/{name}", request_serializer=_serialize, response_deserializer=None
+            )
+
+    async def close(self) -> None:
+        if self._channel is not None:
+            await self._channel.close()
+
+    async def check_health(self, timeout_s: float) -> HealthStatus:
+        try:
+            response = await self._calls["Health"](device_pb2.HealthRequest(), timeout=timeout_s)
+        except grpc.aio.AioRpcError as error:
+            return HealthStatus(serving=False, detail=f"{error.code().name}: {error.details()}")
+        return HealthStatus(
+            serving=response.serving,
+            model=response.model,
+            profile=response.profile,
+            layout=layout_from_proto(response.layout),
+        )
+
+    async def load(self, timeout_s: float) -> BackendLoad:
+        response = await self._invoke("Load", device_pb2.LoadRequest(), timeout_s)
+        return BackendLoad(
+            waiting=response.waiting,
+            running=response.running,
+            kv_tokens_used=response.kv_tokens_used,
+            kv_tokens_capacity=response.kv_tokens_capacity,
+            kv_leases=response.kv_leases,
+            cached_prefix_hashes=frozenset(response.cached_prefix_hashes),
+        )
+
+    async def prefill(self, request: GenerationRequest, timeout_s: float) -> PrefillResult:
+        message = device_pb2.PrefillRequest(
+            request_id=request.request_id, prompt=request.prompt, sampling=_sampling(request)
+        )
+        response = await self._invoke("Prefill", message, timeout_s)
+        return PrefillResult(
+            first_frame=response.first_frame,
+            first_token_id=response.first_token_id,
+            prompt_tokens=response.prompt_tokens,
+            finished=response.finished,
+            handle=handle_from_proto(response.handle) if response.HasField("handle") else None,
+        )
+
+    async def decode(
+        self, request: GenerationRequest, handle: KVHandle, first_token_id: int, timeout_s: float
+    ) -> AsyncGenerator[bytes, None]:
+        message = device_pb2.DecodeRequest(
+            request_id=request.request_id,
+            prompt=request.prompt,
+            sampling=_sampling(request),
+            handle=handle_to_proto(handle),
+            first_token_id=first_token_id,
+        )
+        async for frame in self._stream("Decode", message, timeout_s):
+            yield frame
+
+    async def generate(
+        self, request: GenerationRequest, timeout_s: float
+    ) -> AsyncGenerator[bytes, None]:
+        message = device_pb2.DeviceGenerateRequest(
+            request_id=request.request_id, prompt=request.prompt, sampling=_sampling(request)
+        )
+        async for frame in self._stream("Generate", message, timeout_s):
+            yield frame
+
+    async def abort(self, request_id: str, timeout_s: float) -> None:
+        await self._invoke("Abort", device_pb2.AbortRequest(request_id=request_id), timeout_s)
+
+    async def _invoke(self, name: str, message: Any, timeout_s: float) -> Any:
+        try:
+            return await self._calls[name](message, timeout=timeout_s)
+        except grpc.aio.AioRpcError as error:
+            raise self._translate(error) from None
+
+    async def _stream(
+        self, name: str, message: Any, timeout_s: float
+    ) -> AsyncGenerator[bytes, None]:
+        call = self._calls[name](message, timeout=timeout_s)
+        try:
+            async for frame in call:
+                yield frame
+        except grpc.aio.AioRpcError as error:
+            raise self._translate(error) from None
+        finally:
+            call.cancel()  # no-op when finished; stops the device's work when we stop early
+
+    def _translate(self, error: grpc.aio.AioRpcError) -> Exception:
+        code = error.code()
+        details = error.details() or code.name
+        if code == grpc.StatusCode.FAILED_PRECONDITION and "layout" in details:
+            return LayoutMismatchError(f"backend {self.id}: {details}")
+        if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+            return OverloadedError(f"backend {self.id}: {details}", retry_after_s=1.0)
+        return BackendError(
+            self.id, f"{code.name}: {details}", retryable=code not in _NOT_RETRYABLE
+        )
+
+
+def _serialize(message: Any) -> bytes:
+    data: bytes = message.SerializeToString()
+    return data

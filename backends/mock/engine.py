@@ -1,0 +1,401 @@
+"""The compute loop of a mock device: continuous batching with roofline timing.
+
+One task runs iterations like a real serving engine: a prefill iteration for the
+requests that were admitted (prefill first, as vLLM does by default), otherwise
+one decode iteration that advances every running sequence by one token. The
+tokens are real (a tiny numpy transformer); each iteration lasts as long as the
+roofline model of the emulated hardware says, times the time scale.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import zlib
+from collections import OrderedDict
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from backends.base import SamplingParams
+from backends.mock.model import EOS_ID, KVCache, TinyTransformer, encode
+from backends.mock.roofline import TimingModel
+from backends.mock.sampling import sample_token
+from backends.mock.textstream import TextStream
+from router._gen.hetero.router.v1 import router_pb2
+
+# Prefill compute above this many tokens leaves the event loop (numpy releases
+# the GIL), so a long prompt does not stall the device's RPCs.
+_INLINE_PREFILL_TOKENS = 512
+_MAX_PREFILL_BATCH_TOKENS = 16384
+
+
+class DeviceError(Exception):
+    """A request the device cannot serve; ``code`` is a gRPC status name."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class PrefillOutcome:
+    first_token_id: int
+    first_frame: bytes
+    finished: bool
+    prompt_tokens: int
+    lease: Lease | None  # the KV, held on the engine until fetched, released or expired
+
+
+@dataclass(eq=False)
+class _Sequence:
+    request_id: str
+    prompt_ids: list[int]
+    sampling: SamplingParams
+    needed_tokens: int  # KV positions to reserve before it may start
+    prefill_only: bool = False
+    charged_tokens: int = 0  # KV positions it holds of the device's capacity
+    text: TextStream = field(init=False)
+    frames: asyncio.Queue[bytes | None] = field(default_factory=asyncio.Queue)
+    outcome: asyncio.Future[PrefillOutcome] | None = None
+    cache: KVCache | None = None
+    last_token: int = -1
+    generated: int = 0
+    aborted: bool = False
+
+    def __post_init__(self) -> None:
+        self.text = TextStream(self.sampling.stop)
+
+
+@dataclass
+class Lease:
+    """A prefilled KV cache waiting for its decode device, in wire form."""
+
+    cache: KVCache
+    payload: bytes
+    checksum: int
+    expires_at: float  # Unix time
+    timer: asyncio.TimerHandle
+
+    @property
+    def num_tokens(self) -> int:
+        return self.cache.length
+
+
+@dataclass(frozen=True)
+class EngineLoad:
+    waiting: int
+    running: int
+    kv_tokens_used: int
+    kv_tokens_capacity: int
+    kv_leases: int
+
+
+class DeviceEngine:
+    def __init__(
+        self,
+        model: TinyTransformer,
+        timing: TimingModel,
+        *,
+        time_scale: float = 1.0,
+        kv_lease_s: float = 30.0,
+        kv_capacity_tokens: int | None = None,
+    ) -> None:
+        self.model = model
+        self.timing = timing
+        self.time_scale = time_scale
+        self.kv_lease_s = kv_lease_s
+        self.kv_capacity_tokens = kv_capacity_tokens or timing.kv_capacity_tokens
+        self._waiting: OrderedDict[str, _Sequence] = OrderedDict()
+        self._prefilling: dict[str, _Sequence] = {}
+        self._running: OrderedDict[str, _Sequence] = OrderedDict()
+        self._leases: dict[str, Lease] = {}
+        self._kv_used = 0
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    # -- lifecycle -------------------------------------------------------------
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="device-engine")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        for request_id in [*self._waiting, *self._prefilling, *self._running, *self._leases]:
+            self.abort(request_id)
+
+    # -- requests --------------------------------------------------------------
+
+    async def prefill(
+        self, request_id: str, prompt: str, sampling: SamplingParams
+    ) -> PrefillOutcome:
+        """Prefill only; a KV that is still needed stays leased under the request id."""
+        sequence = self._submit(request_id, encode(prompt), sampling, prefill_only=True)
+        sequence.outcome = asyncio.get_running_loop().create_future()
+        try:
+            return await asyncio.shield(sequence.outcome)
+        except asyncio.CancelledError:
+            self.abort(request_id)
+            raise
+
+    async def generate(
+        self, request_id: str, prompt: str, sampling: SamplingParams
+    ) -> AsyncIterator[bytes]:
+        sequence = self._submit(request_id, encode(prompt), sampling, prefill_only=False)
+        async for frame in self._drain(sequence):
+            yield frame
+
+    async def decode(
+        self,
+        request_id: str,
+        prompt: str,
+        sampling: SamplingParams,
+        cache: KVCache,
+        first_token_id: int,
+    ) -> AsyncIterator[bytes]:
+        """Continues a sequence whose prompt KV was computed elsewhere."""
+        prompt_ids = encode(prompt)
+        if cache.length != len(prompt_ids):
+            raise DeviceError(
+                "FAILED_PRECONDITION",
+                f"KV holds {cache.length} positions but the prompt has {len(prompt_ids)} tokens",
+            )
+        reserved = len(prompt_ids) + sampling.max_tokens
+        self._check_fits(reserved)
+        self._claim_id(request_id)
+        sequence = _Sequence(request_id, prompt_ids, sampling, reserved)
+        self._charge(sequence)
+        cache.ensure_capacity(reserved)
+        sequence.cache = cache
+        sequence.last_token = first_token_id
+        sequence.generated = 1
+        sequence.text.push(first_token_id)  # its text was streamed by the prefill device
+        self._running[request_id] = sequence
+        self._wake.set()
+        async for frame in self._drain(sequence):
+            yield frame
+
+    def abort(self, request_id: str) -> bool:
+        sequence = (
+            self._waiting.pop(request_id, None)
+            or self._prefilling.pop(request_id, None)
+            or self._running.pop(request_id, None)
+        )
+        if sequence is None:
+            return self.release_lease(request_id)
+        sequence.aborted = True
+        if sequence.outcome is not None and not sequence.outcome.done():
+            sequence.outcome.cancel()
+        self._finish(sequence)
+        return True
+
+    # -- leases ----------------------------------------------------------------
+
+    def lease(self, request_id: str) -> Lease | None:
+        return self._leases.get(request_id)
+
+    def release_lease(self, request_id: str) -> bool:
+        lease = self._leases.pop(request_id, None)
+        if lease is None:
+            return False
+        lease.timer.cancel()
+        self._kv_used -= lease.num_tokens
+        self._wake.set()
+        return True
+
+    def load(self) -> EngineLoad:
+        return EngineLoad(
+            waiting=len(self._waiting),
+            running=len(self._running),
+            kv_tokens_used=self._kv_used,
+            kv_tokens_capacity=self.kv_capacity_tokens,
+            kv_leases=len(self._leases),
+        )
+
+    # -- internals -------------------------------------------------------------
+
+    def _claim_id(self, request_id: str) -> None:
+        if any(request_id in held for held in self._holders()):
+            raise DeviceError("ALREADY_EXISTS", f"request {request_id} is already on this device")
+
+    def _holders(self) -> tuple[dict[str, _Sequence] | dict[str, Lease], ...]:
+        return (self._waiting, self._prefilling, self._running, self._leases)
+
+    def _check_fits(self, tokens: int) -> None:
+        if tokens > self.kv_capacity_tokens:
+            raise DeviceError(
+                "RESOURCE_EXHAUSTED",
+                f"prompt plus max_tokens needs {tokens} KV tokens; "
+                f"the device holds {self.kv_capacity_tokens}",
+            )
+
+    def _submit(
+        self, request_id: str, prompt_ids: list[int], sampling: SamplingParams, prefill_only: bool
+    ) -> _Sequence:
+        reserved = len(prompt_ids) + (1 if prefill_only else sampling.max_tokens)
+        self._check_fits(reserved)
+        self._claim_id(request_id)
+        sequence = _Sequence(request_id, prompt_ids, sampling, reserved, prefill_only)
+        self._waiting[request_id] = sequence
+        self._wake.set()
+        return sequence
+
+    async def _drain(self, sequence: _Sequence) -> AsyncIterator[bytes]:
+        try:
+            while (frame := await sequence.frames.get()) is not None:
+                yield frame
+        finally:
+            # Reached on normal end too; abort is a no-op for a finished sequence.
+            self.abort(sequence.request_id)
+
+    async def _run(self) -> None:
+        while True:
+            admitted = self._admit()
+            if admitted:
+                await self._prefill_step(admitted)
+            elif self._running:
+                await self._decode_step()
+            else:
+                self._wake.clear()
+                await self._wake.wait()
+
+    def _admit(self) -> list[_Sequence]:
+        batch: list[_Sequence] = []
+        batch_tokens = 0
+        for sequence in list(self._waiting.values()):
+            fits_memory = self._kv_used + sequence.needed_tokens <= self.kv_capacity_tokens
+            fits_batch = not batch or batch_tokens + len(sequence.prompt_ids) <= (
+                _MAX_PREFILL_BATCH_TOKENS
+            )
+            if not (fits_memory and fits_batch):
+                break  # first come, first served: no overtaking
+            del self._waiting[sequence.request_id]
+            self._prefilling[sequence.request_id] = sequence
+            self._charge(sequence)
+            batch.append(sequence)
+            batch_tokens += len(sequence.prompt_ids)
+        return batch
+
+    async def _prefill_step(self, batch: list[_Sequence]) -> None:
+        deadline = self._deadline(self.timing.prefill_seconds([len(s.prompt_ids) for s in batch]))
+        tokens = sum(len(s.prompt_ids) for s in batch)
+        if tokens > _INLINE_PREFILL_TOKENS:
+            first_tokens = await asyncio.to_thread(self._compute_prefill, batch)
+        else:
+            first_tokens = self._compute_prefill(batch)
+        await self._sleep_until(deadline)
+        for sequence, token in zip(batch, first_tokens, strict=True):
+            if self._prefilling.pop(sequence.request_id, None) is sequence:
+                self._emit_first(sequence, token)
+
+    def _compute_prefill(self, batch: list[_Sequence]) -> list[int]:
+        first_tokens = []
+        for sequence in batch:
+            capacity = len(sequence.prompt_ids) + sequence.sampling.max_tokens
+            sequence.cache, logits = self.model.prefill(sequence.prompt_ids, capacity)
+            first_tokens.append(self._sample(logits, sequence, position=0))
+        return first_tokens
+
+    async def _decode_step(self) -> None:
+        batch = list(self._running.values())
+        assert all(s.cache is not None for s in batch)
+        contexts = [s.cache.length + 1 for s in batch if s.cache is not None]
+        deadline = self._deadline(self.timing.decode_step_seconds(contexts))
+        tokens = []
+        for sequence in batch:
+            assert sequence.cache is not None
+            logits = self.model.decode(sequence.cache, sequence.last_token)
+            tokens.append(self._sample(logits, sequence, position=sequence.generated))
+        await self._sleep_until(deadline)
+        for sequence, token in zip(batch, tokens, strict=True):
+            if not sequence.aborted:
+                self._emit(sequence, token)
+
+    @staticmethod
+    def _sample(logits: NDArray[np.floating[Any]], sequence: _Sequence, position: int) -> int:
+        sampling = sequence.sampling
+        return sample_token(
+            logits,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            seed=sampling.seed,
+            position=position,
+        )
+
+    def _emit_first(self, sequence: _Sequence, token: int) -> None:
+        frame, finished = self._advance(sequence, token)
+        if not sequence.prefill_only:
+            sequence.frames.put_nowait(frame)
+            if finished:
+                self._finish(sequence)
+            else:
+                self._running[sequence.request_id] = sequence
+            return
+        assert sequence.outcome is not None
+        assert sequence.cache is not None
+        self._finish(sequence)
+        lease = None if finished else self._lease(sequence.request_id, sequence.cache)
+        sequence.outcome.set_result(
+            PrefillOutcome(token, frame, finished, len(sequence.prompt_ids), lease)
+        )
+
+    def _emit(self, sequence: _Sequence, token: int) -> None:
+        frame, finished = self._advance(sequence, token)
+        sequence.frames.put_nowait(frame)
+        if finished:
+            self._running.pop(sequence.request_id, None)
+            self._finish(sequence)
+
+    def _advance(self, sequence: _Sequence, token: int) -> tuple[bytes, bool]:
+        """Records one sampled token; returns its encoded frame and whether it ends the sequence."""
+        sequence.generated += 1
+        sequence.last_token = token
+        text = sequence.text.push(token)
+        response = router_pb2.GenerateResponse(text=text)
+        if token != EOS_ID:
+            response.token_ids.append(token)
+        if sequence.text.stopped:
+            response.finish_reason = router_pb2.FINISH_REASON_STOP
+        elif sequence.generated >= sequence.sampling.max_tokens:
+            response.text += sequence.text.flush()
+            response.finish_reason = router_pb2.FINISH_REASON_LENGTH
+        else:
+            return response.SerializeToString(), False
+        response.usage.prompt_tokens = len(sequence.prompt_ids)
+        response.usage.completion_tokens = sequence.generated - (token == EOS_ID)
+        return response.SerializeToString(), True
+
+    def _charge(self, sequence: _Sequence) -> None:
+        sequence.charged_tokens = sequence.needed_tokens
+        self._kv_used += sequence.charged_tokens
+
+    def _finish(self, sequence: _Sequence) -> None:
+        self._kv_used -= sequence.charged_tokens
+        sequence.charged_tokens = 0
+        sequence.frames.put_nowait(None)
+        self._wake.set()
+
+    def _lease(self, request_id: str, cache: KVCache) -> Lease:
+        payload = cache.to_bytes()
+        timer = asyncio.get_running_loop().call_later(
+            self.kv_lease_s, self.release_lease, request_id
+        )
+        lease = Lease(cache, payload, zlib.crc32(payload), time.time() + self.kv_lease_s, timer)
+        self._leases[request_id] = lease
+        self._kv_used += lease.num_tokens
+        return lease
+
+    def _deadline(self, modelled_s: float) -> float:
+        return asyncio.get_running_loop().time() + modelled_s * self.time_scale
+
+    async def _sleep_until(self, deadline: float) -> None:
+        delay = deadline - asyncio.get_running_loop().time()
+        await asyncio.sleep(max(delay, 0.0))

@@ -1,0 +1,528 @@
+"""How long an emulated accelerator takes to prefill and decode, and how much KV it holds.
+
+A mock device computes with a tiny numpy model but must *take as long as* the hardware it
+pretends to be, serving the model size it pretends to serve. This module turns the public
+figures in ``profiles.yaml`` into those durations:
+
+- GPU-class parts (``kind: gpu``) follow a roofline. Prefill is compute-bound: FLOPs over the
+  deployment's peak times an achieved fraction (MFU). A decode step reads the weights once plus
+  the KV of every running sequence, at an achieved fraction (MBU) of peak bandwidth, unless the
+  batch's FLOPs take longer.
+- SRAM-class parts (``kind: sram``) are latency-bound pipelines; a bandwidth roofline over their
+  aggregate SRAM would be absurdly fast. One token costs a fixed overhead, a latency per layer,
+  and the bytes on its critical path over the bandwidth that serves it. A batch overlaps in the
+  pipeline, so a step stays near-flat until the pipeline is full and then grows with the batch.
+
+Everything here is pure and cheap: parsing happens once in :func:`load_catalog`, and
+:class:`TimingModel` precomputes its rates so each call is a single pass over its inputs.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+from typing import Literal
+
+import yaml
+
+DEFAULT_PROFILES_PATH = Path(__file__).with_name("profiles.yaml")
+
+# The KV cache is kept in BF16 on every device, whatever precision the weights are served in.
+KV_BYTES_PER_ELEMENT = 2
+# An auto-sized deployment keeps at least this share of its memory free for KV after the weights:
+# a deployment that barely holds the weights could not batch, and nobody serves that way.
+KV_HEADROOM_FRACTION = 0.4
+# Largest deployment auto-sizing will consider; beyond this the model "does not fit".
+MAX_AUTO_CHIPS = 4096
+# One pipeline stage per transformer layer: all three SRAM vendors map a decoder layer (or a fused
+# decoder block) to its own stage, so that many tokens can be in flight at once.
+PIPELINE_STAGES_PER_LAYER = 1
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Shape of the model a device pretends to serve (the real one, not the tiny numpy one)."""
+
+    name: str
+    parameters: float
+    layers: int
+    hidden_size: int
+    attention_heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    vocab_size: int
+    weight_bytes_per_param: float  # BF16 = 2
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """K and V, per layer, per KV head, in BF16."""
+        return 2 * self.layers * self.kv_heads * self.head_dim * KV_BYTES_PER_ELEMENT
+
+    @property
+    def weight_bytes(self) -> float:
+        return self.parameters * self.weight_bytes_per_param
+
+    @property
+    def attention_width(self) -> int:
+        return self.attention_heads * self.head_dim
+
+    def prefill_flops(self, prompt_tokens: int) -> float:
+        """2 FLOPs per parameter per token, plus causal attention.
+
+        Position i attends to i+1 keys; QK^T and AV cost 2 FLOPs per multiply-add each, so a
+        layer spends 4 * width * (i+1), summed over the prompt: 2 * width * n * (n+1).
+        """
+        n = _non_negative(prompt_tokens, "prompt_tokens")
+        attention = 2.0 * self.layers * self.attention_width * n * (n + 1)
+        return 2.0 * self.parameters * n + attention
+
+
+@dataclass(frozen=True)
+class SramPipeline:
+    """Latency parameters of an SRAM-class pipeline (see profiles.yaml for their sources)."""
+
+    token_overhead_s: float
+    layer_latency_s: float
+    critical_path_bandwidth_bytes_per_s: float
+    served_weight_bytes_per_param: float
+    deployment_unit_chips: int
+    vendor_deployments: Mapping[str, int]  # model name -> chips the vendor serves it on
+    published_tokens_per_s: Mapping[str, float]  # model name -> vendor single-stream figure
+
+
+@dataclass(frozen=True)
+class DeviceProfile:
+    """One accelerator, per chip (a Cerebras "chip" is a wafer, a SambaNova one an RDU socket)."""
+
+    name: str
+    display_name: str
+    kind: Literal["gpu", "sram"]
+    peak_flops: float  # dense BF16/FP16 FLOP/s
+    memory_bandwidth_bytes_per_s: float  # of the tier that holds weights and KV
+    memory_capacity_bytes: float  # of that same tier
+    memory_tier: str
+    prefill_mfu: float  # achieved fraction of peak FLOPS when compute-bound
+    decode_mbu: float | None  # achieved fraction of peak bandwidth in decode (gpu only)
+    kv_usable_fraction: float  # share of the memory left after weights that KV may use
+    interconnect_name: str
+    interconnect_gbps: float
+    price_per_chip_hour_usd: float
+    price_basis: str
+    power_watts_per_chip: float
+    pipeline: SramPipeline | None  # sram only
+    sources: dict[str, str]  # numeric field path -> public source
+
+
+@dataclass(frozen=True)
+class Catalog:
+    profiles: Mapping[str, DeviceProfile]
+    models: Mapping[str, ModelSpec]
+
+
+class TimingModel:
+    """Durations of one deployment: ``chips`` of ``profile`` serving ``model``."""
+
+    def __init__(self, profile: DeviceProfile, model: ModelSpec, chips: int | None = None) -> None:
+        pipeline = profile.pipeline
+        if (pipeline is None) != (profile.kind == "gpu") or (
+            profile.kind == "gpu" and profile.decode_mbu is None
+        ):
+            raise ValueError(f"{profile.name}: a gpu needs decode_mbu, an sram part a pipeline")
+        self.profile = profile
+        self.model = model
+        served_bytes_per_param = (
+            model.weight_bytes_per_param
+            if pipeline is None
+            else pipeline.served_weight_bytes_per_param
+        )
+        self.weight_bytes: float = model.parameters * served_bytes_per_param
+        self.chips: int = self._auto_chips() if chips is None else self._checked_chips(chips)
+
+        # Rates are precomputed so the per-iteration methods are a single pass over their input.
+        self._kv_bytes = float(model.kv_bytes_per_token)
+        self._flops_per_token = 2.0 * model.parameters
+        self._attention_flops_per_context = 4.0 * model.layers * model.attention_width
+        self._flops_rate = self.chips * profile.peak_flops * profile.prefill_mfu
+        if pipeline is None:
+            mbu = profile.decode_mbu or 1.0  # set for every gpu, checked above
+            self._bytes_rate = self.chips * profile.memory_bandwidth_bytes_per_s * mbu
+        else:
+            bandwidth = pipeline.critical_path_bandwidth_bytes_per_s
+            self._token_base_s = (
+                pipeline.token_overhead_s
+                + model.layers * pipeline.layer_latency_s
+                + self.weight_bytes / bandwidth
+            )
+            self._kv_seconds_per_context = self._kv_bytes / bandwidth
+            self._pipeline_depth = model.layers * PIPELINE_STAGES_PER_LAYER
+            # KV is per-sequence state in the memory tier (HBM on SambaNova): big batches of long
+            # contexts cannot be read faster than that tier's aggregate peak bandwidth.
+            self._kv_tier_rate = self.chips * profile.memory_bandwidth_bytes_per_s
+
+    # ------------------------------------------------------------------ public timing
+
+    def prefill_seconds(self, prompt_lengths: Sequence[int]) -> float:
+        """One batched prefill iteration over these prompts."""
+        flops = 0.0
+        longest = 0
+        for length in prompt_lengths:
+            flops += self.model.prefill_flops(length)
+            longest = max(longest, length)
+        if longest == 0:
+            return 0.0
+        compute = flops / self._flops_rate
+        if self.profile.pipeline is None:
+            # Even a short prompt streams every weight once.
+            return max(compute, self.weight_bytes / self._bytes_rate)
+        # A prompt cannot finish faster than one trip through the pipeline.
+        return max(compute, self._sram_token_seconds(longest))
+
+    def decode_step_seconds(self, context_lengths: Sequence[int]) -> float:
+        """One continuous-batching iteration: one new token for each running sequence.
+
+        A context length is the number of KV entries that sequence's new token attends to.
+        """
+        count, total, longest = _tally(context_lengths, "context length")
+        if count == 0:
+            return 0.0
+        flops = count * self._flops_per_token + total * self._attention_flops_per_context
+        compute = flops / self._flops_rate
+        if self.profile.pipeline is None:
+            read = (self.weight_bytes + total * self._kv_bytes) / self._bytes_rate
+            return max(read, compute)
+        kv_read = total * self._kv_bytes / self._kv_tier_rate
+        return max(self._sram_step_seconds(count, total, longest), compute, kv_read)
+
+    @property
+    def kv_capacity_tokens(self) -> int:
+        """KV tokens the deployment holds: memory left after weights, times the usable share."""
+        free = self.chips * self.profile.memory_capacity_bytes - self.weight_bytes
+        return max(0, int(free * self.profile.kv_usable_fraction // self._kv_bytes))
+
+    def transfer_seconds(self, nbytes: int) -> float:
+        """Moving ``nbytes`` over the profile's interconnect at its published rate."""
+        size = _non_negative(nbytes, "nbytes")
+        return size * 8.0 / (self.profile.interconnect_gbps * 1e9)
+
+    def single_stream_tokens_per_second(self, context_length: int = 1024) -> float:
+        return 1.0 / self.decode_step_seconds([context_length])
+
+    # ------------------------------------------------------------------ SRAM pipeline
+
+    def _sram_token_seconds(self, context: int) -> float:
+        """Latency of one token through the pipeline, attending ``context`` KV entries."""
+        return self._token_base_s + context * self._kv_seconds_per_context
+
+    def _sram_step_seconds(self, count: int, total_context: int, longest: int) -> float:
+        """Pipelined batch: the slowest token's full latency, the others one stage apart.
+
+        Near-flat while the batch is smaller than the pipeline depth, then linear in the batch
+        once the pipeline is full (throughput of ``depth`` tokens per token-latency).
+        """
+        slowest = self._sram_token_seconds(longest)
+        all_tokens = count * self._token_base_s + total_context * self._kv_seconds_per_context
+        return slowest + (all_tokens - slowest) / self._pipeline_depth
+
+    # ------------------------------------------------------------------ deployment size
+
+    def _fits(self, chips: int, headroom: float) -> bool:
+        usable = chips * self.profile.memory_capacity_bytes * (1.0 - headroom)
+        return self.weight_bytes <= usable
+
+    def _auto_chips(self) -> int:
+        pipeline = self.profile.pipeline
+        if pipeline is None:
+            # Tensor parallelism splits heads and matrices in powers of two.
+            sizes: Iterable[int] = (2**k for k in range(MAX_AUTO_CHIPS.bit_length()))
+        elif self.model.name in pipeline.vendor_deployments:
+            return self._checked_chips(pipeline.vendor_deployments[self.model.name])
+        else:
+            unit = pipeline.deployment_unit_chips
+            sizes = range(unit, MAX_AUTO_CHIPS + 1, unit)
+        for chips in sizes:
+            if self._fits(chips, KV_HEADROOM_FRACTION):
+                return chips
+        raise ValueError(
+            f"{self.model.name} ({self.weight_bytes / 1e9:.0f} GB of weights) does not fit "
+            f"on up to {MAX_AUTO_CHIPS} {self.profile.name} chips with KV headroom"
+        )
+
+    def _checked_chips(self, chips: int) -> int:
+        if isinstance(chips, bool) or not isinstance(chips, int) or chips < 1:
+            raise ValueError(f"chips must be a positive integer, got {chips!r}")
+        if not self._fits(chips, headroom=0.0):
+            raise ValueError(
+                f"{self.model.name} ({self.weight_bytes / 1e9:.0f} GB of weights) does not fit "
+                f"on {chips} {self.profile.name} chip(s) "
+                f"({chips * self.profile.memory_capacity_bytes / 1e9:.0f} GB)"
+            )
+        return chips
+
+
+def _non_negative(value: int, what: str) -> int:
+    if value < 0:
+        raise ValueError(f"{what} must be >= 0, got {value}")
+    return value
+
+
+def _tally(values: Iterable[int], what: str) -> tuple[int, int, int]:
+    """Count, sum and max of non-negative integers in one pass."""
+    count = total = largest = 0
+    for value in values:
+        _non_negative(value, what)
+        count += 1
+        total += value
+        largest = max(largest, value)
+    return count, total, largest
+
+
+# ====================================================================== loading profiles.yaml
+
+
+def load_catalog(path: Path | None = None) -> Catalog:
+    """Profiles and models from ``path`` (default: profiles.yaml beside this module, cached).
+
+    Raises ValueError naming the file and entry on any unknown, missing or malformed field, and
+    on any numeric profile field without an entry in its ``sources``.
+    """
+    if path is None:
+        return _default_catalog()
+    return _parse_catalog(Path(path))
+
+
+@functools.lru_cache(maxsize=1)
+def _default_catalog() -> Catalog:
+    return _parse_catalog(DEFAULT_PROFILES_PATH)
+
+
+def _parse_catalog(path: Path) -> Catalog:
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as error:
+        raise ValueError(f"{path}: cannot read profiles: {error}") from error
+    top = _Fields(raw, str(path), required={"models", "profiles"})
+    models = {
+        name: _parse_model(name, body, f"{path}: models.{name}")
+        for name, body in _string_keyed(top.raw["models"], f"{path}: models").items()
+    }
+    profiles = {
+        name: _parse_profile(name, body, models, f"{path}: profiles.{name}")
+        for name, body in _string_keyed(top.raw["profiles"], f"{path}: profiles").items()
+    }
+    return Catalog(profiles=MappingProxyType(profiles), models=MappingProxyType(models))
+
+
+def _parse_model(name: str, body: object, where: str) -> ModelSpec:
+    fields = _Fields(body, where, required=_MODEL_FIELDS)
+    return ModelSpec(
+        name=name,
+        parameters=fields.number("parameters"),
+        layers=fields.integer("layers"),
+        hidden_size=fields.integer("hidden_size"),
+        attention_heads=fields.integer("attention_heads"),
+        kv_heads=fields.integer("kv_heads"),
+        head_dim=fields.integer("head_dim"),
+        intermediate_size=fields.integer("intermediate_size"),
+        vocab_size=fields.integer("vocab_size"),
+        weight_bytes_per_param=fields.number("weight_bytes_per_param"),
+    )
+
+
+_MODEL_FIELDS = {
+    "parameters",
+    "layers",
+    "hidden_size",
+    "attention_heads",
+    "kv_heads",
+    "head_dim",
+    "intermediate_size",
+    "vocab_size",
+    "weight_bytes_per_param",
+}
+# Numeric profile fields that every profile has; each needs a source.
+_PROFILE_NUMBERS = (
+    "peak_flops",
+    "memory_bandwidth_bytes_per_s",
+    "memory_capacity_bytes",
+    "prefill_mfu",
+    "kv_usable_fraction",
+    "interconnect_gbps",
+    "price_per_chip_hour_usd",
+    "power_watts_per_chip",
+)
+_PROFILE_COMMON = {
+    *_PROFILE_NUMBERS,
+    "display_name",
+    "kind",
+    "memory_tier",
+    "interconnect_name",
+    "price_basis",
+    "sources",
+}
+
+
+def _parse_profile(
+    name: str, body: object, models: Mapping[str, ModelSpec], where: str
+) -> DeviceProfile:
+    if name != name.lower():
+        raise ValueError(f"{where}: profile names must be lowercase")
+    kind = _Fields(body, where, required={"kind"}, lenient=True).text("kind")
+    if kind not in ("gpu", "sram"):
+        raise ValueError(f"{where}.kind: must be 'gpu' or 'sram', got {kind!r}")
+    is_gpu = kind == "gpu"
+    fields = _Fields(
+        body, where, required=_PROFILE_COMMON | {"decode_mbu" if is_gpu else "pipeline"}
+    )
+    profile = DeviceProfile(
+        name=name,
+        display_name=fields.text("display_name"),
+        kind="gpu" if is_gpu else "sram",
+        peak_flops=fields.number("peak_flops"),
+        memory_bandwidth_bytes_per_s=fields.number("memory_bandwidth_bytes_per_s"),
+        memory_capacity_bytes=fields.number("memory_capacity_bytes"),
+        memory_tier=fields.text("memory_tier"),
+        prefill_mfu=fields.fraction("prefill_mfu"),
+        decode_mbu=fields.fraction("decode_mbu") if is_gpu else None,
+        kv_usable_fraction=fields.fraction("kv_usable_fraction"),
+        interconnect_name=fields.text("interconnect_name"),
+        interconnect_gbps=fields.number("interconnect_gbps"),
+        price_per_chip_hour_usd=fields.number("price_per_chip_hour_usd"),
+        price_basis=fields.text("price_basis"),
+        power_watts_per_chip=fields.number("power_watts_per_chip"),
+        pipeline=None if is_gpu else _parse_pipeline(fields.raw["pipeline"], models, where),
+        sources=_parse_sources(fields.raw["sources"], f"{where}.sources"),
+    )
+    _check_sources(profile, where)
+    return profile
+
+
+_PIPELINE_NUMBERS = (
+    "token_overhead_s",
+    "layer_latency_s",
+    "critical_path_bandwidth_bytes_per_s",
+    "served_weight_bytes_per_param",
+    "deployment_unit_chips",
+)
+_PIPELINE_FIELDS = {*_PIPELINE_NUMBERS, "vendor_deployments", "published_tokens_per_s"}
+
+
+def _parse_pipeline(body: object, models: Mapping[str, ModelSpec], where: str) -> SramPipeline:
+    where = f"{where}.pipeline"
+    fields = _Fields(body, where, required=_PIPELINE_FIELDS)
+    deployments = _per_model(
+        fields.raw["vendor_deployments"], models, f"{where}.vendor_deployments"
+    )
+    published = _per_model(
+        fields.raw["published_tokens_per_s"], models, f"{where}.published_tokens_per_s"
+    )
+    return SramPipeline(
+        token_overhead_s=fields.number("token_overhead_s", allow_zero=True),
+        layer_latency_s=fields.number("layer_latency_s"),
+        critical_path_bandwidth_bytes_per_s=fields.number("critical_path_bandwidth_bytes_per_s"),
+        served_weight_bytes_per_param=fields.number("served_weight_bytes_per_param"),
+        deployment_unit_chips=fields.integer("deployment_unit_chips"),
+        vendor_deployments=MappingProxyType({m: deployments.integer(m) for m in deployments.raw}),
+        published_tokens_per_s=MappingProxyType({m: published.number(m) for m in published.raw}),
+    )
+
+
+def _per_model(body: object, models: Mapping[str, ModelSpec], where: str) -> _Fields:
+    """A mapping keyed by model name; every key must be a model of the catalog."""
+    fields = _Fields(body, where)
+    unknown = sorted(set(fields.raw) - set(models))
+    if unknown:
+        raise ValueError(f"{where}: unknown model(s) {unknown}; known: {sorted(models)}")
+    return fields
+
+
+def _parse_sources(body: object, where: str) -> dict[str, str]:
+    fields = _Fields(body, where)
+    return {key: fields.text(key) for key in fields.raw}
+
+
+def _numeric_paths(profile: DeviceProfile) -> set[str]:
+    """Dotted paths of every number in a profile: each one needs a source."""
+    paths = set(_PROFILE_NUMBERS)
+    if profile.decode_mbu is not None:
+        paths.add("decode_mbu")
+    pipeline = profile.pipeline
+    if pipeline is not None:
+        paths.update(f"pipeline.{key}" for key in _PIPELINE_NUMBERS)
+        paths.update(f"pipeline.vendor_deployments.{m}" for m in pipeline.vendor_deployments)
+        paths.update(
+            f"pipeline.published_tokens_per_s.{m}" for m in pipeline.published_tokens_per_s
+        )
+    return paths
+
+
+def _check_sources(profile: DeviceProfile, where: str) -> None:
+    expected = _numeric_paths(profile)
+    missing = sorted(expected - set(profile.sources))
+    if missing:
+        raise ValueError(f"{where}: numeric field(s) without a source: {missing}")
+    stray = sorted(set(profile.sources) - expected)
+    if stray:
+        raise ValueError(f"{where}.sources: entries for unknown numeric field(s): {stray}")
+
+
+def _string_keyed(raw: object, where: str) -> Mapping[str, object]:
+    if not isinstance(raw, Mapping) or not all(isinstance(key, str) for key in raw):
+        raise ValueError(f"{where}: expected a mapping with string keys, got {raw!r}")
+    return raw
+
+
+class _Fields:
+    """Typed access to one YAML mapping; unknown and missing keys are rejected up front.
+
+    ``required=None`` accepts whatever keys are present (maps keyed by model or field name).
+    """
+
+    def __init__(
+        self,
+        raw: object,
+        where: str,
+        *,
+        required: set[str] | None = None,
+        lenient: bool = False,
+    ) -> None:
+        self.raw = _string_keyed(raw, where)
+        self.where = where
+        expected = set(self.raw) if required is None else required
+        missing = sorted(expected - set(self.raw))
+        if missing:
+            raise ValueError(f"{where}: missing field(s) {missing}")
+        unknown = sorted(set(self.raw) - expected)
+        if unknown and not lenient:
+            raise ValueError(f"{where}: unknown field(s) {unknown}; expected {sorted(expected)}")
+
+    def number(self, key: str, *, allow_zero: bool = False) -> float:
+        value = self.raw[key]
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ValueError(f"{self.where}.{key}: expected a number, got {value!r}")
+        if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+            bound = ">= 0" if allow_zero else "> 0"
+            raise ValueError(f"{self.where}.{key}: must be finite and {bound}, got {value!r}")
+        return float(value)
+
+    def fraction(self, key: str) -> float:
+        value = self.number(key)
+        if value > 1.0:
+            raise ValueError(f"{self.where}.{key}: must be a fraction in (0, 1], got {value!r}")
+        return value
+
+    def integer(self, key: str) -> int:
+        value = self.raw[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{self.where}.{key}: expected a positive integer, got {value!r}")
+        return value
+
+    def text(self, key: str) -> str:
+        value = self.raw[key]
+        if not isinstance(value, str) or not value.strip():
+            raise ValueError(f"{self.where}.{key}: expected a non-empty string, got {value!r}")
+        return value

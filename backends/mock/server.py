@@ -1,0 +1,368 @@
+"""The device server: one mock accelerator behind hetero.device.v1.Device.
+
+Decode and Generate stream frames that the engine already encoded as the front
+door's ``GenerateResponse``; they leave this server as bytes, untouched.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from backends.base import KVLayout, Role, SamplingParams
+from backends.mock.engine import DeviceEngine, DeviceError
+from backends.mock.model import KVCache, TinyConfig, TinyTransformer
+from backends.mock.roofline import TimingModel, load_catalog
+from router._gen.hetero.device.v1 import device_pb2
+
+SERVICE = "hetero.device.v1.Device"
+KV_CHUNK_BYTES = 1 << 20
+BLOCK_SIZE = 16
+# KV chunks of 1 MiB plus protobuf framing must fit a message.
+CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", 16 << 20),
+    ("grpc.max_send_message_length", 16 << 20),
+]
+
+
+@dataclass(frozen=True)
+class DeviceConfig:
+    backend_id: str
+    profile: str
+    model: str
+    roles: tuple[Role, ...] = (Role.PREFILL, Role.DECODE)
+    time_scale: float = 1.0
+    kv_lease_s: float = 30.0
+    kv_capacity_tokens: int | None = None  # None: what the emulated hardware holds
+    seed: int = 0
+
+
+def layout_of(config: TinyConfig) -> KVLayout:
+    return KVLayout(
+        layers=config.layers,
+        kv_heads=config.n_kv_heads,
+        head_dim=config.head_dim,
+        dtype="float32",
+        block_size=BLOCK_SIZE,
+        tensor_parallel=1,
+    )
+
+
+def layout_to_proto(layout: KVLayout) -> device_pb2.KVLayout:
+    return device_pb2.KVLayout(
+        layers=layout.layers,
+        kv_heads=layout.kv_heads,
+        head_dim=layout.head_dim,
+        dtype=layout.dtype,
+        block_size=layout.block_size,
+        tensor_parallel=layout.tensor_parallel,
+    )
+
+
+def layout_from_proto(message: device_pb2.KVLayout) -> KVLayout:
+    return KVLayout(
+        layers=message.layers,
+        kv_heads=message.kv_heads,
+        head_dim=message.head_dim,
+        dtype=message.dtype,
+        block_size=message.block_size,
+        tensor_parallel=message.tensor_parallel,
+    )
+
+
+def sampling_from_proto(message: device_pb2.Sampling) -> SamplingParams:
+    return SamplingParams(
+        max_tokens=message.max_tokens,
+        temperature=message.temperature,
+        top_p=message.top_p,
+        seed=message.seed,
+        stop=tuple(message.stop),
+    )
+
+
+class DeviceServer:
+    def __init__(self, config: DeviceConfig) -> None:
+        catalog = load_catalog()
+        if config.profile not in catalog.profiles:
+            known = ", ".join(sorted(catalog.profiles))
+            raise ValueError(f"unknown device profile {config.profile!r}; known: {known}")
+        if config.model not in catalog.models:
+            known = ", ".join(sorted(catalog.models))
+            raise ValueError(f"unknown model {config.model!r}; known: {known}")
+        self.config = config
+        self.model = TinyTransformer(TinyConfig(seed=config.seed))
+        self.layout = layout_of(self.model.config)
+        timing = TimingModel(catalog.profiles[config.profile], catalog.models[config.model])
+        self.engine = DeviceEngine(
+            self.model,
+            timing,
+            time_scale=config.time_scale,
+            kv_lease_s=config.kv_lease_s,
+            kv_capacity_tokens=config.kv_capacity_tokens,
+        )
+        self.address = ""
+        # Requests that reached this device (Prefill, Decode, Generate): tests use it to
+        # prove that bad input never gets this far.
+        self.requests_received = 0
+        self._server: grpc.aio.Server | None = None
+        self._peers: dict[str, grpc.aio.Channel] = {}
+
+    async def start(self, listen: str = "127.0.0.1:0") -> int:
+        """Serves on ``listen``; returns the bound port (useful with port 0)."""
+        self._server = grpc.aio.server(options=CHANNEL_OPTIONS)
+        self._server.add_generic_rpc_handlers((self._handlers(),))
+        port: int = self._server.add_insecure_port(listen)
+        if port == 0:
+            raise OSError(f"cannot listen on {listen}")
+        self.address = f"{listen.rpartition(':')[0]}:{port}"
+        self.engine.start()
+        await self._server.start()
+        return port
+
+    async def stop(self, grace_s: float | None = 1.0) -> None:
+        if self._server is not None:
+            await self._server.stop(grace_s)
+        await self.engine.stop()
+        for channel in self._peers.values():
+            await channel.close()
+
+    async def wait_for_termination(self) -> None:
+        assert self._server is not None
+        await self._server.wait_for_termination()
+
+    def _handlers(self) -> grpc.GenericRpcHandler:
+        def unary(behavior: Callable[..., Any], request_type: Any) -> grpc.RpcMethodHandler:
+            return grpc.unary_unary_rpc_method_handler(
+                behavior,
+                request_deserializer=request_type.FromString,
+                response_serializer=lambda message: message.SerializeToString(),
+            )
+
+        def stream(
+            behavior: Callable[..., Any], request_type: Any, *, raw: bool = False
+        ) -> grpc.RpcMethodHandler:
+            return grpc.unary_stream_rpc_method_handler(
+                behavior,
+                request_deserializer=request_type.FromString,
+                # Raw streams yield frames the engine already encoded.
+                response_serializer=None if raw else lambda message: message.SerializeToString(),
+            )
+
+        return grpc.method_handlers_generic_handler(
+            SERVICE,
+            {
+                "Prefill": unary(self._prefill, device_pb2.PrefillRequest),
+                "FetchKV": stream(self._fetch_kv, device_pb2.FetchKVRequest),
+                "ReleaseKV": unary(self._release_kv, device_pb2.ReleaseKVRequest),
+                "Decode": stream(self._decode, device_pb2.DecodeRequest, raw=True),
+                "Generate": stream(self._generate, device_pb2.DeviceGenerateRequest, raw=True),
+                "Abort": unary(self._abort, device_pb2.AbortRequest),
+                "Health": unary(self._health, device_pb2.HealthRequest),
+                "Load": unary(self._load, device_pb2.LoadRequest),
+            },
+        )
+
+    # -- RPCs ------------------------------------------------------------------
+
+    async def _prefill(
+        self, request: device_pb2.PrefillRequest, context: grpc.aio.ServicerContext
+    ) -> device_pb2.PrefillResponse:
+        self.requests_received += 1
+        await self._require_role(Role.PREFILL, context)
+        try:
+            outcome = await self.engine.prefill(
+                request.request_id, request.prompt, sampling_from_proto(request.sampling)
+            )
+        except DeviceError as error:
+            await context.abort(grpc.StatusCode[error.code], error.message)
+        response = device_pb2.PrefillResponse(
+            first_frame=outcome.first_frame,
+            first_token_id=outcome.first_token_id,
+            finished=outcome.finished,
+            prompt_tokens=outcome.prompt_tokens,
+        )
+        if outcome.lease is not None:
+            lease = outcome.lease
+            response.handle.CopyFrom(
+                device_pb2.KVHandle(
+                    backend_id=self.config.backend_id,
+                    address=self.address,
+                    request_id=request.request_id,
+                    block_ids=range(math.ceil(lease.num_tokens / BLOCK_SIZE)),
+                    layout=layout_to_proto(self.layout),
+                    num_tokens=lease.num_tokens,
+                    byte_length=len(lease.payload),
+                    checksum=lease.checksum,
+                    lease_expires_at=lease.expires_at,
+                )
+            )
+        return response
+
+    async def _fetch_kv(
+        self, request: device_pb2.FetchKVRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[device_pb2.KVChunk]:
+        lease = self.engine.lease(request.request_id)
+        if lease is None:
+            await context.abort(
+                grpc.StatusCode.NOT_FOUND,
+                f"no KV held for request {request.request_id} (expired, released or never made)",
+            )
+            return
+        await self._require_layout(layout_from_proto(request.expected_layout), context)
+        chunk = request.chunk_bytes or KV_CHUNK_BYTES
+        view = memoryview(lease.payload)
+        for offset in range(0, len(view), chunk):
+            yield device_pb2.KVChunk(offset=offset, data=bytes(view[offset : offset + chunk]))
+        # The decode device has every byte: the KV is no longer needed here.
+        self.engine.release_lease(request.request_id)
+
+    async def _release_kv(
+        self, request: device_pb2.ReleaseKVRequest, context: grpc.aio.ServicerContext
+    ) -> device_pb2.ReleaseKVResponse:
+        return device_pb2.ReleaseKVResponse(released=self.engine.release_lease(request.request_id))
+
+    async def _decode(
+        self, request: device_pb2.DecodeRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[bytes]:
+        self.requests_received += 1
+        await self._require_role(Role.DECODE, context)
+        handle = request.handle
+        await self._require_layout(layout_from_proto(handle.layout), context)
+        try:
+            cache = await self._obtain_kv(handle)
+        except DeviceError as error:
+            await context.abort(grpc.StatusCode[error.code], error.message)
+        frames = self.engine.decode(
+            request.request_id,
+            request.prompt,
+            sampling_from_proto(request.sampling),
+            cache,
+            request.first_token_id,
+        )
+        async for frame in self._guard(frames, context):
+            yield frame
+
+    async def _generate(
+        self, request: device_pb2.DeviceGenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[bytes]:
+        self.requests_received += 1
+        await self._require_role(Role.DECODE, context)
+        frames = self.engine.generate(
+            request.request_id, request.prompt, sampling_from_proto(request.sampling)
+        )
+        async for frame in self._guard(frames, context):
+            yield frame
+
+    async def _abort(
+        self, request: device_pb2.AbortRequest, context: grpc.aio.ServicerContext
+    ) -> device_pb2.AbortResponse:
+        return device_pb2.AbortResponse(found=self.engine.abort(request.request_id))
+
+    async def _health(
+        self, request: device_pb2.HealthRequest, context: grpc.aio.ServicerContext
+    ) -> device_pb2.HealthResponse:
+        return device_pb2.HealthResponse(
+            serving=True,
+            backend_id=self.config.backend_id,
+            model=self.config.model,
+            profile=self.config.profile,
+            layout=layout_to_proto(self.layout),
+            roles=[role.value for role in self.config.roles],
+        )
+
+    async def _load(
+        self, request: device_pb2.LoadRequest, context: grpc.aio.ServicerContext
+    ) -> device_pb2.LoadResponse:
+        load = self.engine.load()
+        return device_pb2.LoadResponse(
+            waiting=load.waiting,
+            running=load.running,
+            kv_tokens_used=load.kv_tokens_used,
+            kv_tokens_capacity=load.kv_tokens_capacity,
+            kv_leases=load.kv_leases,
+        )
+
+    # -- helpers ---------------------------------------------------------------
+
+    @staticmethod
+    async def _guard(
+        frames: AsyncIterator[bytes], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[bytes]:
+        """Maps engine errors to statuses; closing the stream aborts the sequence."""
+        try:
+            async for frame in frames:
+                yield frame
+        except DeviceError as error:
+            await context.abort(grpc.StatusCode[error.code], error.message)
+        finally:
+            await frames.aclose()  # type: ignore[attr-defined]
+
+    async def _require_role(self, role: Role, context: grpc.aio.ServicerContext) -> None:
+        if role not in self.config.roles:
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"device {self.config.backend_id} does not take the {role.value} role",
+            )
+
+    async def _require_layout(self, layout: KVLayout, context: grpc.aio.ServicerContext) -> None:
+        if layout != self.layout:
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"KV layout mismatch: got {layout.describe()}, "
+                f"device {self.config.backend_id} uses {self.layout.describe()}",
+            )
+
+    async def _obtain_kv(self, handle: device_pb2.KVHandle) -> KVCache:
+        """The KV of the handle: taken locally, or pulled from the device that holds it."""
+        if handle.backend_id == self.config.backend_id:
+            lease = self.engine.lease(handle.request_id)
+            if lease is None:
+                raise DeviceError("NOT_FOUND", f"no KV held for request {handle.request_id}")
+            self.engine.release_lease(handle.request_id)
+            return lease.cache
+        buffer = bytearray(handle.byte_length)
+        received = 0
+        fetch = self._peer(handle.address).unary_stream(
+            f"/{SERVICE}/FetchKV",
+            request_serializer=device_pb2.FetchKVRequest.SerializeToString,
+            response_deserializer=device_pb2.KVChunk.FromString,
+        )
+        call = fetch(
+            device_pb2.FetchKVRequest(
+                request_id=handle.request_id,
+                expected_layout=handle.layout,
+                chunk_bytes=KV_CHUNK_BYTES,
+            ),
+            timeout=30.0,
+        )
+        try:
+            async for chunk in call:
+                end = chunk.offset + len(chunk.data)
+                if end > len(buffer):
+                    raise DeviceError("DATA_LOSS", "KV chunk past the end of the handle's bytes")
+                buffer[chunk.offset : end] = chunk.data
+                received += len(chunk.data)
+        except grpc.aio.AioRpcError as error:
+            raise DeviceError(
+                "UNAVAILABLE" if error.code() != grpc.StatusCode.NOT_FOUND else "NOT_FOUND",
+                f"KV fetch from {handle.backend_id} failed: {error.details()}",
+            ) from error
+        if received != handle.byte_length or zlib.crc32(buffer) != handle.checksum:
+            raise DeviceError(
+                "DATA_LOSS", f"KV from {handle.backend_id} failed its checksum; not used"
+            )
+        return KVCache.from_buffer(
+            self.model.config, buffer, length=handle.num_tokens, capacity=handle.num_tokens
+        )
+
+    def _peer(self, address: str) -> grpc.aio.Channel:
+        channel = self._peers.get(address)
+        if channel is None:
+            channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+            self._peers[address] = channel
+        return channel

@@ -1,0 +1,27 @@
+"""Adapter lookup by the ``kind`` of a pool-file backend."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from backends.base import Backend
+from backends.mock.adapter import MockBackend
+
+BackendFactory = Callable[[str, str], Backend]
+
+_ADAPTERS: dict[str, BackendFactory] = {"mock": MockBackend}
+
+
+def register(kind: str, factory: BackendFactory) -> None:
+    _ADAPTERS[kind] = factory
+
+
+def known_kinds() -> list[str]:
+    return sorted(_ADAPTERS)
+
+
+def create(kind: str, backend_id: str, address: str) -> Backend:
+    factory = _ADAPTERS.get(kind)
+    if factory is None:
+        raise ValueError(f"unknown backend kind {kind!r}; known: {', '.join(known_kinds())}")
+    return factory(backend_id, address)

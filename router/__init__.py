@@ -1,0 +1,3 @@
+"""hetero-router: LLM generation across heterogeneous accelerators."""
+
+__version__ = "0.1.0"

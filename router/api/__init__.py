@@ -1,0 +1,1 @@
+"""The router's doors: gRPC front door and HTTP admin."""

@@ -1,0 +1,144 @@
+"""The gRPC front door: hetero.router.v1.Router, health checking and reflection.
+
+Generate is registered with an identity response serializer: the handler yields
+frames as the backends encoded them, and grpc writes those bytes as they are.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from router._gen.hetero.router.v1 import router_pb2
+from router.api.validation import validate_generate
+from router.dispatch.dispatcher import Dispatcher
+from router.errors import RouterError
+from router.logging import bind_request, get_logger, unbind_request
+from router.pool.registry import Pool
+from router.settings import Settings
+
+log = get_logger(__name__)
+
+SERVICE = "hetero.router.v1.Router"
+_ROLES = {
+    "prefill": router_pb2.BACKEND_ROLE_PREFILL,
+    "decode": router_pb2.BACKEND_ROLE_DECODE,
+    "both": router_pb2.BACKEND_ROLE_BOTH,
+}
+
+
+class RouterService:
+    def __init__(self, settings: Settings, pool: Pool, dispatcher: Dispatcher) -> None:
+        self._settings = settings
+        self._pool = pool
+        self._dispatcher = dispatcher
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        return grpc.method_handlers_generic_handler(
+            SERVICE,
+            {
+                "Generate": grpc.unary_stream_rpc_method_handler(
+                    self.generate,
+                    request_deserializer=router_pb2.GenerateRequest.FromString,
+                    response_serializer=None,  # frames are already encoded
+                ),
+                "ListBackends": grpc.unary_unary_rpc_method_handler(
+                    self.list_backends,
+                    request_deserializer=router_pb2.ListBackendsRequest.FromString,
+                    response_serializer=router_pb2.ListBackendsResponse.SerializeToString,
+                ),
+            },
+        )
+
+    async def generate(
+        self, message: router_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[bytes]:
+        try:
+            request, disaggregation = validate_generate(
+                message,
+                self._settings,
+                self._pool.models,
+                self._pool.config.resolved_default_model,
+            )
+        except RouterError as error:
+            self._dispatcher.count_rejected("invalid")
+            await _abort(context, error)
+            return
+        bind_request(request.request_id)
+        try:
+            async for frame in self._dispatcher.generate(request, disaggregation):
+                yield frame
+        except RouterError as error:
+            log.info("request failed", status=error.grpc_code.name, reason=error.message)
+            await _abort(context, error)
+        except Exception:
+            log.exception("request failed unexpectedly")
+            await context.abort(
+                grpc.StatusCode.INTERNAL, f"internal error (request_id {request.request_id})"
+            )
+        finally:
+            unbind_request()
+
+    async def list_backends(
+        self, message: router_pb2.ListBackendsRequest, context: grpc.aio.ServicerContext
+    ) -> router_pb2.ListBackendsResponse:
+        return router_pb2.ListBackendsResponse(
+            backends=[
+                router_pb2.BackendStatus(
+                    id=view.id,
+                    kind=view.kind,
+                    address=view.address,
+                    role=_ROLES[view.role.value],
+                    model=view.model,
+                    healthy=view.healthy,
+                    outstanding=view.outstanding,
+                    profile=view.profile,
+                    detail=view.detail,
+                )
+                for view in self._pool.snapshot().backends
+            ]
+        )
+
+
+async def _abort(context: grpc.aio.ServicerContext, error: RouterError) -> None:
+    if error.retry_after_s is not None:
+        context.set_trailing_metadata((("retry-after-ms", str(int(error.retry_after_s * 1000))),))
+    await context.abort(error.grpc_code, error.message)
+
+
+class FrontDoor:
+    """The gRPC server with the Router service, grpc.health.v1 and reflection."""
+
+    def __init__(self, service: RouterService, address: str) -> None:
+        self._address = address
+        self.health = health.aio.HealthServicer()
+        self.server: Any = grpc.aio.server()
+        self.server.add_generic_rpc_handlers((service.handler(),))
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
+        )
+        self.port = 0
+
+    async def start(self) -> int:
+        self.port = self.server.add_insecure_port(self._address)
+        if self.port == 0:
+            raise OSError(f"cannot listen on {self._address} for gRPC")
+        await self.server.start()
+        return self.port
+
+    async def set_serving(self, serving: bool) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in ("", SERVICE):
+            await self.health.set(name, status)
+
+    async def stop(self, grace_s: float) -> None:
+        await self.server.stop(grace_s)

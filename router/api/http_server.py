@@ -1,0 +1,58 @@
+"""HTTP admin door: Prometheus /metrics, liveness /healthz, readiness /readyz."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+
+class AdminServer:
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        readiness: Callable[[], tuple[bool, str]],
+        address: str,
+    ) -> None:
+        self._registry = registry
+        self._readiness = readiness
+        self._host, _, port = address.rpartition(":")
+        self._port = int(port)
+        self._runner: web.AppRunner | None = None
+        self.port = 0
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_get("/metrics", self._metrics)
+        app.router.add_get("/healthz", self._healthz)
+        app.router.add_get("/readyz", self._readyz)
+        return app
+
+    async def start(self) -> int:
+        self._runner = web.AppRunner(self.app(), access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self._host, self._port)
+        await site.start()
+        server = site._server  # the bound socket tells the port when 0 was asked
+        sockets = getattr(server, "sockets", None) or []
+        self.port = sockets[0].getsockname()[1] if sockets else self._port
+        return self.port
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        body = generate_latest(self._registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def _healthz(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def _readyz(self, request: web.Request) -> web.Response:
+        ready, detail = self._readiness()
+        return web.json_response(
+            {"status": "ready" if ready else "not ready", "detail": detail},
+            status=200 if ready else 503,
+        )

@@ -1,0 +1,94 @@
+"""Bad input stops here, with a message a person can act on; nothing reaches a backend."""
+
+from __future__ import annotations
+
+import math
+import secrets
+import uuid
+
+from backends.base import GenerationRequest, SamplingParams
+from router._gen.hetero.router.v1 import router_pb2
+from router.errors import InvalidRequestError
+from router.scheduling.plan import Disaggregation
+from router.settings import Settings
+
+_MAX_REQUEST_ID = 128
+_MAX_STOP_CHARS = 256
+_DISAGGREGATION = {
+    router_pb2.DISAGGREGATION_AUTO: Disaggregation.AUTO,
+    router_pb2.DISAGGREGATION_SPLIT: Disaggregation.SPLIT,
+    router_pb2.DISAGGREGATION_COLOCATED: Disaggregation.COLOCATED,
+}
+
+
+def estimate_prompt_tokens(prompt: str, settings: Settings) -> int:
+    return math.ceil(len(prompt.encode()) / settings.bytes_per_token)
+
+
+def validate_generate(
+    message: router_pb2.GenerateRequest,
+    settings: Settings,
+    models: list[str],
+    default_model: str,
+) -> tuple[GenerationRequest, Disaggregation]:
+    request_id = message.request_id or uuid.uuid4().hex
+    if len(request_id) > _MAX_REQUEST_ID or not request_id.isprintable():
+        raise InvalidRequestError(
+            f"request_id must be at most {_MAX_REQUEST_ID} printable characters"
+        )
+    model = message.model or default_model
+    if model not in models:
+        raise InvalidRequestError(f"unknown model {model!r}; served: {', '.join(models)}")
+    if not message.prompt:
+        raise InvalidRequestError("prompt must not be empty")
+    prompt_tokens = estimate_prompt_tokens(message.prompt, settings)
+    if prompt_tokens > settings.max_prompt_tokens:
+        raise InvalidRequestError(
+            f"prompt is about {prompt_tokens} tokens; the limit is {settings.max_prompt_tokens}"
+        )
+    if message.disaggregation not in _DISAGGREGATION:
+        raise InvalidRequestError(f"unknown disaggregation value {message.disaggregation}")
+    request = GenerationRequest(
+        request_id=request_id,
+        model=model,
+        prompt=message.prompt,
+        sampling=_sampling(message.sampling, settings),
+        prompt_tokens=prompt_tokens,
+    )
+    return request, _DISAGGREGATION[message.disaggregation]
+
+
+def _sampling(params: router_pb2.SamplingParams, settings: Settings) -> SamplingParams:
+    max_tokens = params.max_tokens if params.HasField("max_tokens") else settings.default_max_tokens
+    if not 1 <= max_tokens <= settings.max_tokens_limit:
+        raise InvalidRequestError(
+            f"sampling.max_tokens must be between 1 and {settings.max_tokens_limit}, "
+            f"got {max_tokens}"
+        )
+    temperature = params.temperature if params.HasField("temperature") else 1.0
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise InvalidRequestError(
+            f"sampling.temperature must be >= 0 (0 is greedy), got {temperature}"
+        )
+    top_p = params.top_p if params.HasField("top_p") else 1.0
+    if not (math.isfinite(top_p) and 0 < top_p <= 1):
+        raise InvalidRequestError(f"sampling.top_p must be in (0, 1], got {top_p}")
+    if len(params.stop) > settings.max_stop_strings:
+        raise InvalidRequestError(
+            f"at most {settings.max_stop_strings} stop strings, got {len(params.stop)}"
+        )
+    for stop in params.stop:
+        if not stop or len(stop) > _MAX_STOP_CHARS:
+            raise InvalidRequestError(
+                f"each stop string must have 1 to {_MAX_STOP_CHARS} characters"
+            )
+    # A seed the router picks is passed to every backend of the request, so a
+    # split request samples exactly as a colocated one would.
+    seed = params.seed if params.HasField("seed") else secrets.randbits(63)
+    return SamplingParams(
+        max_tokens=max_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        seed=seed,
+        stop=tuple(params.stop),
+    )

@@ -1,0 +1,141 @@
+"""Python SDK for the router's gRPC endpoint, sync and async.
+
+from router.client import RouterClient
+
+with RouterClient("127.0.0.1:50051") as client:
+    for chunk in client.generate("Hello", max_tokens=32, temperature=0):
+        print(chunk.text, end="", flush=True)
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator, Sequence
+from typing import Any, Literal
+
+import grpc
+
+from router._gen.hetero.router.v1 import router_pb2
+
+GenerateResponse = router_pb2.GenerateResponse
+DisaggregationName = Literal["auto", "split", "colocated"]
+
+_SERVICE = "/hetero.router.v1.Router/"
+_DISAGGREGATION = {
+    "auto": router_pb2.DISAGGREGATION_AUTO,
+    "split": router_pb2.DISAGGREGATION_SPLIT,
+    "colocated": router_pb2.DISAGGREGATION_COLOCATED,
+}
+
+
+def build_request(
+    prompt: str,
+    *,
+    max_tokens: int | None = None,
+    temperature: float | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+    stop: Sequence[str] = (),
+    model: str = "",
+    disaggregation: DisaggregationName = "auto",
+    request_id: str = "",
+) -> router_pb2.GenerateRequest:
+    sampling = router_pb2.SamplingParams(stop=list(stop))
+    if max_tokens is not None:
+        sampling.max_tokens = max_tokens
+    if temperature is not None:
+        sampling.temperature = temperature
+    if top_p is not None:
+        sampling.top_p = top_p
+    if seed is not None:
+        sampling.seed = seed
+    return router_pb2.GenerateRequest(
+        request_id=request_id,
+        model=model,
+        prompt=prompt,
+        sampling=sampling,
+        disaggregation=_DISAGGREGATION[disaggregation],
+    )
+
+
+class RouterClient:
+    """Blocking client; one channel, safe to share between threads."""
+
+    def __init__(self, address: str = "127.0.0.1:50051", *, timeout_s: float | None = None):
+        self._channel = grpc.insecure_channel(address)
+        self._timeout_s = timeout_s
+        self._generate = self._channel.unary_stream(
+            _SERVICE + "Generate",
+            request_serializer=router_pb2.GenerateRequest.SerializeToString,
+            response_deserializer=router_pb2.GenerateResponse.FromString,
+        )
+        self._list_backends = self._channel.unary_unary(
+            _SERVICE + "ListBackends",
+            request_serializer=router_pb2.ListBackendsRequest.SerializeToString,
+            response_deserializer=router_pb2.ListBackendsResponse.FromString,
+        )
+
+    def generate(self, prompt: str, **options: Any) -> Iterator[router_pb2.GenerateResponse]:
+        """Streams responses; keyword options are those of ``build_request``."""
+        call = self._generate(build_request(prompt, **options), timeout=self._timeout_s)
+        try:
+            yield from call
+        finally:
+            call.cancel()  # leaving the loop early stops the work on the backends
+
+    def list_backends(self) -> router_pb2.ListBackendsResponse:
+        response: router_pb2.ListBackendsResponse = self._list_backends(
+            router_pb2.ListBackendsRequest(), timeout=self._timeout_s
+        )
+        return response
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> RouterClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+class AsyncRouterClient:
+    """asyncio client; create it inside a running event loop."""
+
+    def __init__(self, address: str = "127.0.0.1:50051", *, timeout_s: float | None = None):
+        self._channel = grpc.aio.insecure_channel(address)
+        self._timeout_s = timeout_s
+        self._generate = self._channel.unary_stream(
+            _SERVICE + "Generate",
+            request_serializer=router_pb2.GenerateRequest.SerializeToString,
+            response_deserializer=router_pb2.GenerateResponse.FromString,
+        )
+        self._list_backends = self._channel.unary_unary(
+            _SERVICE + "ListBackends",
+            request_serializer=router_pb2.ListBackendsRequest.SerializeToString,
+            response_deserializer=router_pb2.ListBackendsResponse.FromString,
+        )
+
+    async def generate(
+        self, prompt: str, **options: Any
+    ) -> AsyncIterator[router_pb2.GenerateResponse]:
+        call = self._generate(build_request(prompt, **options), timeout=self._timeout_s)
+        try:
+            async for response in call:
+                yield response
+        finally:
+            call.cancel()
+
+    async def list_backends(self) -> router_pb2.ListBackendsResponse:
+        response: router_pb2.ListBackendsResponse = await self._list_backends(
+            router_pb2.ListBackendsRequest(), timeout=self._timeout_s
+        )
+        return response
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def __aenter__(self) -> AsyncRouterClient:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()

@@ -1,0 +1,123 @@
+"""The embedded cluster of ``hetero-router up``: mock devices as child processes, then the router.
+
+Each mock backend of the pool file becomes a ``hetero-router device`` child. A
+child prints ``READY host:port`` once it serves (port 0 in the pool file picks a
+free port), and exits when its stdin closes, so no device outlives the router.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import sys
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from backends.mock.process import READY_PREFIX
+from router.errors import ConfigError
+from router.logging import get_logger
+from router.settings import BackendConfig, PoolConfig
+
+log = get_logger(__name__)
+
+
+@dataclass
+class DeviceProcess:
+    config: BackendConfig
+    process: asyncio.subprocess.Process
+    address: str = ""
+
+
+def device_command(config: BackendConfig, time_scale: float | None) -> list[str]:
+    roles = {"prefill": "prefill", "decode": "decode", "both": "prefill,decode"}[config.role]
+    return [
+        sys.executable,
+        "-m",
+        "router.cli",
+        "device",
+        "--id",
+        config.id,
+        "--profile",
+        config.profile,
+        "--model",
+        config.model,
+        "--roles",
+        roles,
+        "--listen",
+        config.address,
+        "--time-scale",
+        str(config.time_scale if time_scale is None else time_scale),
+        "--announce",
+        "--exit-with-stdin",
+    ]
+
+
+def device_environment() -> dict[str, str]:
+    """One BLAS thread per device: several devices share the machine's cores, and every
+    device then computes bit-identical KV, so a split request matches a colocated one."""
+    env = dict(os.environ)
+    for variable in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        env[variable] = "1"
+    return env
+
+
+@contextlib.asynccontextmanager
+async def embedded_devices(
+    pool: PoolConfig, *, ready_timeout_s: float, time_scale: float | None = None
+) -> AsyncIterator[PoolConfig]:
+    """Starts the pool's mock devices; yields the pool with their real addresses."""
+    mocks = [b for b in pool.backends if b.kind == "mock"]
+    for backend in mocks:
+        if not backend.profile:
+            raise ConfigError(f"backend {backend.id}: a mock device needs a 'profile'")
+    devices: list[DeviceProcess] = []
+    try:
+        for backend in mocks:
+            process = await asyncio.create_subprocess_exec(
+                *device_command(backend, time_scale),
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                env=device_environment(),
+            )
+            devices.append(DeviceProcess(backend, process))
+        await asyncio.wait_for(
+            asyncio.gather(*(_await_ready(d) for d in devices)), timeout=ready_timeout_s
+        )
+        addresses = {d.config.id: d.address for d in devices}
+        resolved = [
+            b.model_copy(update={"address": addresses.get(b.id, b.address)}) for b in pool.backends
+        ]
+        log.info("devices ready", devices={d.config.id: d.address for d in devices})
+        yield pool.model_copy(update={"backends": tuple(resolved)})
+    except TimeoutError:
+        raise ConfigError(f"mock devices were not ready within {ready_timeout_s:.0f} s") from None
+    finally:
+        await asyncio.gather(*(_stop(d) for d in devices))
+
+
+async def _await_ready(device: DeviceProcess) -> None:
+    assert device.process.stdout is not None
+    line = (await device.process.stdout.readline()).decode().strip()
+    if not line.startswith(READY_PREFIX):
+        code = await device.process.wait()
+        raise ConfigError(
+            f"device {device.config.id} exited (code {code}) before serving; see its log above"
+        )
+    device.address = line.removeprefix(READY_PREFIX)
+
+
+async def _stop(device: DeviceProcess) -> None:
+    process = device.process
+    if process.returncode is not None:
+        return
+    if process.stdin is not None:
+        process.stdin.close()  # the device exits on stdin EOF
+    with contextlib.suppress(ProcessLookupError):
+        process.terminate()
+    try:
+        await asyncio.wait_for(process.wait(), timeout=5.0)
+    except TimeoutError:
+        with contextlib.suppress(ProcessLookupError):
+            process.kill()
+        await process.wait()

@@ -1,0 +1,1 @@
+"""Runs a plan: prefill, KV handoff, decode; fallbacks and cancellation."""

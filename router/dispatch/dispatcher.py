@@ -1,0 +1,206 @@
+"""Runs one request's plan and streams its frames.
+
+Frames are bytes encoded as ``GenerateResponse`` by the backend. The router adds
+the route to the first one by prepending an encoded ``GenerateResponse(route=...)``:
+concatenated protobuf messages merge, so no frame is ever decoded and re-encoded.
+Only the last frame is parsed, once, for its usage.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import time
+from collections.abc import AsyncGenerator, AsyncIterator
+from dataclasses import dataclass
+
+from backends.base import GenerationRequest, PrefillResult
+from router._gen.hetero.router.v1 import router_pb2
+from router.errors import BackendError, RouterError
+from router.logging import get_logger
+from router.metrics import RouterMetrics
+from router.pool.registry import Pool
+from router.scheduling.plan import Disaggregation, Mode, Plan, RequestFeatures
+from router.scheduling.scheduler import Scheduler
+from router.settings import Settings
+
+log = get_logger(__name__)
+
+_ROUTE_MODE = {
+    Mode.SPLIT: router_pb2.ROUTE_MODE_SPLIT,
+    Mode.COLOCATED: router_pb2.ROUTE_MODE_COLOCATED,
+}
+
+
+@dataclass
+class _Progress:
+    """What the dispatcher learns while streaming, for metrics and logs."""
+
+    mode: Mode
+    started: float
+    first_frame_at: float | None = None
+    last_frame: bytes = b""
+
+
+class Dispatcher:
+    def __init__(
+        self, pool: Pool, scheduler: Scheduler, settings: Settings, metrics: RouterMetrics
+    ) -> None:
+        self._pool = pool
+        self._scheduler = scheduler
+        self._settings = settings
+        self._metrics = metrics
+        self._arrivals = itertools.count()
+        self._background: set[asyncio.Task[None]] = set()
+
+    async def generate(
+        self, request: GenerationRequest, disaggregation: Disaggregation
+    ) -> AsyncIterator[bytes]:
+        started = time.monotonic()
+        features = RequestFeatures(
+            request_id=request.request_id,
+            model=request.model,
+            prompt_tokens=request.prompt_tokens,
+            max_tokens=request.sampling.max_tokens,
+            disaggregation=disaggregation,
+            sequence=next(self._arrivals),
+        )
+        plan = self._scheduler.schedule(features, self._pool.snapshot(), started)
+        progress = _Progress(plan.mode, started)
+        outcome = "error"
+        self._metrics.in_flight.inc()
+        try:
+            run = self._split if plan.mode is Mode.SPLIT else self._colocated
+            async with contextlib.aclosing(run(request, plan)) as frames:
+                async for frame in frames:
+                    if progress.first_frame_at is None:
+                        progress.first_frame_at = time.monotonic()
+                    progress.last_frame = frame
+                    yield frame
+            outcome = "ok"
+        except (asyncio.CancelledError, GeneratorExit):
+            outcome = "cancelled"
+            raise
+        except RouterError as error:
+            outcome = type(error).__name__.removesuffix("Error").lower()
+            raise
+        finally:
+            self._metrics.in_flight.dec()
+            self._record(progress, outcome)
+
+    async def _colocated(
+        self, request: GenerationRequest, plan: Plan
+    ) -> AsyncGenerator[bytes, None]:
+        route = _route_frame(request, Mode.COLOCATED, plan.prefill_backend, plan.prefill_backend)
+        with self._pool.outstanding(plan.prefill_backend) as backend:
+            async with (
+                self._aborting_on_exit(request.request_id, [plan.prefill_backend]) as done,
+                contextlib.aclosing(
+                    backend.generate(request, self._settings.decode_timeout_s)
+                ) as frames,
+            ):
+                first = True
+                async for frame in frames:
+                    yield route + frame if first else frame
+                    first = False
+                done.set()
+
+    async def _split(self, request: GenerationRequest, plan: Plan) -> AsyncGenerator[bytes, None]:
+        legs = [plan.prefill_backend, plan.decode_backend]
+        async with self._aborting_on_exit(request.request_id, legs) as done:
+            try:
+                prefill = await self._prefill(request, plan.prefill_backend)
+            except BackendError as error:
+                if not error.retryable:
+                    raise
+                # The decode backend prefills locally rather than failing the request.
+                log.warning("prefill failed; serving colocated", backend=error.backend_id)
+                self._metrics.backend_failures.labels(error.backend_id, "prefill").inc()
+                fallback = Plan(Mode.COLOCATED, plan.decode_backend, plan.decode_backend)
+                async with contextlib.aclosing(self._colocated(request, fallback)) as frames:
+                    async for frame in frames:
+                        yield frame
+                done.set()
+                return
+            route = _route_frame(request, Mode.SPLIT, plan.prefill_backend, plan.decode_backend)
+            # The first token goes to the client now; it does not wait for the KV to move.
+            yield route + prefill.first_frame
+            if prefill.finished or prefill.handle is None:
+                done.set()
+                return
+            with self._pool.outstanding(plan.decode_backend) as decoder:
+                decode = decoder.decode(
+                    request, prefill.handle, prefill.first_token_id, self._settings.decode_timeout_s
+                )
+                async with contextlib.aclosing(decode) as frames:
+                    async for frame in frames:
+                        yield frame
+            done.set()
+
+    async def _prefill(self, request: GenerationRequest, backend_id: str) -> PrefillResult:
+        with self._pool.outstanding(backend_id) as backend:
+            return await backend.prefill(request, self._settings.prefill_timeout_s)
+
+    @contextlib.asynccontextmanager
+    async def _aborting_on_exit(
+        self, request_id: str, backend_ids: list[str]
+    ) -> AsyncIterator[asyncio.Event]:
+        """Aborts the request on every backend unless the block sets the event (clean finish).
+
+        Covers a client that goes away, a failed leg and a KV lease nobody will fetch.
+        The aborts run in the background so a cancelled request returns at once.
+        """
+        done = asyncio.Event()
+        try:
+            yield done
+        finally:
+            if not done.is_set():
+                for backend_id in dict.fromkeys(backend_ids):
+                    task = asyncio.create_task(self._abort(backend_id, request_id))
+                    self._background.add(task)
+                    task.add_done_callback(self._background.discard)
+
+    async def _abort(self, backend_id: str, request_id: str) -> None:
+        try:
+            await self._pool.backend(backend_id).abort(request_id, self._settings.abort_timeout_s)
+        except Exception as error:  # best effort: the lease timeout is the backstop
+            log.warning("abort failed", backend=backend_id, request=request_id, error=str(error))
+
+    def count_rejected(self, outcome: str) -> None:
+        """A request refused before scheduling (bad input)."""
+        self._metrics.requests.labels(outcome, "none").inc()
+
+    async def drain_background(self) -> None:
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
+
+    def _record(self, progress: _Progress, outcome: str) -> None:
+        mode = progress.mode.value
+        self._metrics.requests.labels(outcome, mode).inc()
+        if outcome != "ok" or progress.first_frame_at is None:
+            return
+        finished = time.monotonic()
+        self._metrics.time_to_first_token.labels(mode).observe(
+            progress.first_frame_at - progress.started
+        )
+        self._metrics.request_duration.labels(mode).observe(finished - progress.started)
+        usage = router_pb2.GenerateResponse.FromString(progress.last_frame).usage
+        self._metrics.output_tokens.labels(mode).inc(usage.completion_tokens)
+        if usage.completion_tokens > 1:
+            self._metrics.time_per_output_token.labels(mode).observe(
+                (finished - progress.first_frame_at) / (usage.completion_tokens - 1)
+            )
+
+
+def _route_frame(
+    request: GenerationRequest, mode: Mode, prefill_backend: str, decode_backend: str
+) -> bytes:
+    route = router_pb2.Route(
+        mode=_ROUTE_MODE[mode],
+        prefill_backend=prefill_backend,
+        decode_backend=decode_backend,
+        request_id=request.request_id,
+        seed=request.sampling.seed,
+    )
+    return router_pb2.GenerateResponse(route=route).SerializeToString()

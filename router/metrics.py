@@ -1,0 +1,68 @@
+"""Every Prometheus metric of the router, on a registry that is passed in."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+# Buckets in seconds, dense where SLOs sit (TTFT 0.1-1 s, TPOT 2-50 ms).
+_TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1, 2, 5, 10)
+_TPOT_BUCKETS = (
+    0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.025, 0.035, 0.05, 0.1, 0.25
+)  # fmt: skip
+_E2E_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0)
+
+
+class RouterMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.requests = Counter(
+            "hetero_router_requests",
+            "Generate requests by outcome (ok, invalid, unavailable, cancelled, ...) and mode",
+            ["outcome", "mode"],
+            registry=registry,
+        )
+        self.time_to_first_token = Histogram(
+            "hetero_router_time_to_first_token_seconds",
+            "From request arrival to the first token sent to the client",
+            ["mode"],
+            buckets=_TTFT_BUCKETS,
+            registry=registry,
+        )
+        self.time_per_output_token = Histogram(
+            "hetero_router_time_per_output_token_seconds",
+            "Mean gap between output tokens after the first, per request",
+            ["mode"],
+            buckets=_TPOT_BUCKETS,
+            registry=registry,
+        )
+        self.request_duration = Histogram(
+            "hetero_router_request_duration_seconds",
+            "From request arrival to the last token",
+            ["mode"],
+            buckets=_E2E_BUCKETS,
+            registry=registry,
+        )
+        self.output_tokens = Counter(
+            "hetero_router_output_tokens", "Tokens streamed to clients", ["mode"], registry=registry
+        )
+        self.in_flight = Gauge(
+            "hetero_router_requests_in_flight", "Generate requests being served", registry=registry
+        )
+        self.backend_healthy = Gauge(
+            "hetero_router_backend_healthy",
+            "1 when the backend passes health checks",
+            ["backend", "role"],
+            registry=registry,
+        )
+        self.backend_outstanding = Gauge(
+            "hetero_router_backend_outstanding_requests",
+            "Requests the router has in flight on the backend",
+            ["backend"],
+            registry=registry,
+        )
+        self.backend_failures = Counter(
+            "hetero_router_backend_failures",
+            "Failed legs by backend and phase (prefill, decode, generate)",
+            ["backend", "phase"],
+            registry=registry,
+        )

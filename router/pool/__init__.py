@@ -1,0 +1,1 @@
+"""The backends the router can use, their health and their live load."""

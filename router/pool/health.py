@@ -1,0 +1,52 @@
+"""Active health checks: every backend, on an interval, with a deadline."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+from router.logging import get_logger
+from router.pool.registry import Endpoint, Pool
+
+log = get_logger(__name__)
+
+
+class HealthChecker:
+    def __init__(self, pool: Pool, interval_s: float, timeout_s: float) -> None:
+        self._pool = pool
+        self._interval_s = interval_s
+        self._timeout_s = timeout_s
+        self._task: asyncio.Task[None] | None = None
+
+    async def check_all(self) -> None:
+        await asyncio.gather(*(self._check(e) for e in self._pool.endpoints.values()))
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._loop(), name="health-checker")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._interval_s)
+            await self.check_all()
+
+    async def _check(self, endpoint: Endpoint) -> None:
+        config = endpoint.config
+        try:
+            status = await endpoint.backend.check_health(self._timeout_s)
+        except Exception as error:  # a broken adapter must not stop the checker
+            log.exception("health check raised", backend=config.id)
+            status_ok, detail, layout = False, f"health check raised: {error}", None
+        else:
+            status_ok, detail, layout = status.serving, status.detail, status.layout
+            if status_ok and status.model and status.model != config.model:
+                status_ok = False
+                detail = f"serves model {status.model!r}, pool file says {config.model!r}"
+        if status_ok != endpoint.healthy:
+            log.info("backend health changed", backend=config.id, healthy=status_ok, detail=detail)
+        self._pool.set_health(config.id, status_ok, detail, layout)

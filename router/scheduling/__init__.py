@@ -1,0 +1,1 @@
+"""Pure scheduling policies: (request features, pool snapshot, time) -> plan. No I/O, no clocks."""

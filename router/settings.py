@@ -1,0 +1,150 @@
+"""Configuration: one source of truth.
+
+Process settings come from the environment (prefix ``HETERO_ROUTER_``) and the
+command line; the backends come from a pool file (YAML). Both are validated
+here, at start-up, with messages that name the field.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from backends.base import Role
+from router.errors import ConfigError
+
+
+class Settings(BaseSettings):
+    """Router process settings. Every field can be set as HETERO_ROUTER_<FIELD>."""
+
+    model_config = SettingsConfigDict(env_prefix="HETERO_ROUTER_", extra="ignore")
+
+    grpc_address: str = "127.0.0.1:50051"
+    http_address: str = "127.0.0.1:8080"
+    pool_file: Path | None = Field(
+        default=None, description="Pool file (YAML); the packaged default cluster when unset."
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["json", "console"] = "json"
+
+    # Request limits: anything outside them is INVALID_ARGUMENT, never sent on.
+    default_max_tokens: int = Field(default=256, ge=1)
+    max_tokens_limit: int = Field(default=4096, ge=1)
+    max_prompt_tokens: int = Field(default=8192, ge=1)
+    max_stop_strings: int = Field(default=8, ge=0)
+
+    # Scheduling: policies by registered name.
+    decider: str = "prompt-length"
+    picker: str = "least-outstanding"
+    split_min_prompt_tokens: int = Field(
+        default=512,
+        ge=0,
+        description="AUTO requests with at least this many prompt tokens are split.",
+    )
+    bytes_per_token: float = Field(
+        default=1.0,
+        gt=0,
+        description="Prompt bytes per token for the length estimate (1.0 for the byte-level mock).",
+    )
+
+    # Deadlines of each leg: far below the engines' minutes-long defaults, so a
+    # stuck backend fails one request promptly instead of hanging it.
+    prefill_timeout_s: float = Field(default=30.0, gt=0)
+    decode_timeout_s: float = Field(default=600.0, gt=0)
+    abort_timeout_s: float = Field(default=2.0, gt=0)
+
+    health_interval_s: float = Field(default=1.0, gt=0)
+    health_timeout_s: float = Field(default=1.0, gt=0)
+    drain_grace_s: float = Field(default=10.0, ge=0)
+    device_ready_timeout_s: float = Field(default=60.0, gt=0)
+
+    @model_validator(mode="after")
+    def _limits_consistent(self) -> Settings:
+        if self.default_max_tokens > self.max_tokens_limit:
+            raise ValueError("default_max_tokens must not exceed max_tokens_limit")
+        return self
+
+
+class BackendConfig(BaseModel):
+    """One backend of the pool file."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    kind: str = "mock"
+    address: str = Field(min_length=3)
+    role: Role
+    model: str = Field(min_length=1)
+    profile: str = ""
+    # Mock devices started by `hetero-router up` only.
+    time_scale: float = Field(default=1.0, ge=0)
+
+    @field_validator("address")
+    @classmethod
+    def _host_port(cls, address: str) -> str:
+        host, sep, port = address.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise ValueError(f"address must be host:port, got {address!r}")
+        return address
+
+
+class PoolConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    default_model: str = ""
+    backends: tuple[BackendConfig, ...] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> PoolConfig:
+        ids = [backend.id for backend in self.backends]
+        duplicates = sorted({i for i in ids if ids.count(i) > 1})
+        if duplicates:
+            raise ValueError(f"backend ids must be unique, repeated: {', '.join(duplicates)}")
+        if self.default_model and self.default_model not in self.models:
+            raise ValueError(f"default_model {self.default_model!r} is served by no backend")
+        return self
+
+    @property
+    def models(self) -> list[str]:
+        return sorted({backend.model for backend in self.backends})
+
+    @property
+    def resolved_default_model(self) -> str:
+        return self.default_model or self.models[0]
+
+
+DEFAULT_POOL_RESOURCE = "defaults/pool.yaml"
+
+
+def default_pool_path() -> Path:
+    return Path(str(resources.files("router").joinpath(DEFAULT_POOL_RESOURCE)))
+
+
+def load_pool(path: Path | None) -> PoolConfig:
+    """Reads and validates a pool file; ConfigError names the file and the field."""
+    path = path or default_pool_path()
+    try:
+        raw: Any = yaml.safe_load(path.read_text())
+    except OSError as error:
+        raise ConfigError(f"cannot read pool file {path}: {error.strerror}") from error
+    except yaml.YAMLError as error:
+        raise ConfigError(f"pool file {path} is not valid YAML: {error}") from error
+    return parse_pool(raw, source=str(path))
+
+
+def parse_pool(raw: Any, *, source: str = "pool") -> PoolConfig:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping with a 'backends' list")
+    try:
+        return PoolConfig.model_validate(raw)
+    except ValidationError as error:
+        problems = "; ".join(
+            f"{'.'.join(str(part) for part in issue['loc']) or '(top)'}: {issue['msg']}"
+            for issue in error.errors()
+        )
+        raise ConfigError(f"{source}: {problems}") from error

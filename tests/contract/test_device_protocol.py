@@ -1,0 +1,249 @@
+"""hetero.device.v1 as a client sees it, against a real device server on 127.0.0.1."""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+import pytest
+
+from backends.base import Role
+from backends.mock.server import SERVICE, DeviceConfig, DeviceServer
+from router._gen.hetero.device.v1 import device_pb2
+from router._gen.hetero.router.v1 import router_pb2
+from tests.helpers import eventually
+
+GREEDY = device_pb2.Sampling(max_tokens=12, temperature=0.0, top_p=1.0, seed=7)
+
+
+class DeviceStub:
+    def __init__(self, channel: grpc.aio.Channel) -> None:
+        def unary(name: str, response: Any) -> Any:
+            return channel.unary_unary(
+                f"/{SERVICE}/{name}",
+                request_serializer=lambda m: m.SerializeToString(),
+                response_deserializer=response.FromString,
+            )
+
+        def stream(name: str, response: Any) -> Any:
+            return channel.unary_stream(
+                f"/{SERVICE}/{name}",
+                request_serializer=lambda m: m.SerializeToString(),
+                response_deserializer=response.FromString,
+            )
+
+        self.prefill = unary("Prefill", device_pb2.PrefillResponse)
+        self.release = unary("ReleaseKV", device_pb2.ReleaseKVResponse)
+        self.abort = unary("Abort", device_pb2.AbortResponse)
+        self.health = unary("Health", device_pb2.HealthResponse)
+        self.load = unary("Load", device_pb2.LoadResponse)
+        self.fetch = stream("FetchKV", device_pb2.KVChunk)
+        self.decode = stream("Decode", router_pb2.GenerateResponse)
+        self.generate = stream("Generate", router_pb2.GenerateResponse)
+
+
+async def start_device(backend_id: str, roles: tuple[Role, ...], **options: Any) -> DeviceServer:
+    device = DeviceServer(
+        DeviceConfig(
+            backend_id=backend_id,
+            profile="h100",
+            model="llama-3.1-8b",
+            roles=roles,
+            time_scale=0.0,
+            **options,
+        )
+    )
+    await device.start("127.0.0.1:0")
+    return device
+
+
+@pytest.fixture
+async def pair() -> AsyncIterator[tuple[DeviceServer, DeviceServer, DeviceStub, DeviceStub]]:
+    prefill = await start_device("p0", (Role.PREFILL,))
+    decode = await start_device("d0", (Role.DECODE,))
+    async with (
+        grpc.aio.insecure_channel(prefill.address) as prefill_channel,
+        grpc.aio.insecure_channel(decode.address) as decode_channel,
+    ):
+        yield prefill, decode, DeviceStub(prefill_channel), DeviceStub(decode_channel)
+    await prefill.stop(0)
+    await decode.stop(0)
+
+
+async def test_health_describes_the_device(pair: Any) -> None:
+    _, _, prefill, _ = pair
+    reply = await prefill.health(device_pb2.HealthRequest())
+    assert reply.serving
+    assert reply.backend_id == "p0"
+    assert reply.profile == "h100"
+    assert reply.model == "llama-3.1-8b"
+    assert list(reply.roles) == ["prefill"]
+    assert reply.layout.dtype == "float32"
+    assert reply.layout.layers > 0
+
+
+async def test_prefill_leases_kv_that_fetch_returns_intact(pair: Any) -> None:
+    _, _, prefill, _ = pair
+    reply = await prefill.prefill(
+        device_pb2.PrefillRequest(request_id="r1", prompt="hello world", sampling=GREEDY)
+    )
+    handle = reply.handle
+    assert not reply.finished
+    assert handle.num_tokens == len("hello world") + 1  # BOS + bytes
+    layout = handle.layout
+    assert (
+        handle.byte_length
+        == 2 * layout.layers * layout.kv_heads * handle.num_tokens * layout.head_dim * 4
+    )
+    assert (await prefill.load(device_pb2.LoadRequest())).kv_leases == 1
+    first = router_pb2.GenerateResponse.FromString(reply.first_frame)
+    assert list(first.token_ids) in ([reply.first_token_id], [])
+
+    payload = bytearray()
+    async for chunk in prefill.fetch(
+        device_pb2.FetchKVRequest(request_id="r1", expected_layout=layout, chunk_bytes=100)
+    ):
+        assert chunk.offset == len(payload)
+        payload += chunk.data
+    assert len(payload) == handle.byte_length
+    assert zlib.crc32(payload) == handle.checksum
+    load = await prefill.load(device_pb2.LoadRequest())
+    assert (load.kv_leases, load.kv_tokens_used) == (0, 0)
+
+
+async def test_fetch_of_unknown_kv_is_not_found(pair: Any) -> None:
+    _, _, prefill, _ = pair
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        async for _ in prefill.fetch(device_pb2.FetchKVRequest(request_id="nope")):
+            pass
+    assert raised.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_layout_mismatch_is_refused_before_any_byte_moves(pair: Any) -> None:
+    _, decode_device, prefill, decode = pair
+    reply = await prefill.prefill(
+        device_pb2.PrefillRequest(request_id="r2", prompt="layouts", sampling=GREEDY)
+    )
+    wrong = device_pb2.KVHandle()
+    wrong.CopyFrom(reply.handle)
+    wrong.layout.dtype = "bfloat16"
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        async for _ in decode.decode(
+            device_pb2.DecodeRequest(
+                request_id="r2",
+                prompt="layouts",
+                sampling=GREEDY,
+                handle=wrong,
+                first_token_id=reply.first_token_id,
+            )
+        ):
+            pass
+    assert raised.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "layout mismatch" in (raised.value.details() or "")
+    # Nothing was fetched: the prefill device still holds the lease.
+    assert (await prefill.load(device_pb2.LoadRequest())).kv_leases == 1
+    assert decode_device.engine.load().running == 0
+
+
+async def test_corrupt_kv_fails_its_checksum(pair: Any) -> None:
+    _, _, prefill, decode = pair
+    reply = await prefill.prefill(
+        device_pb2.PrefillRequest(request_id="r3", prompt="checksum", sampling=GREEDY)
+    )
+    handle = device_pb2.KVHandle()
+    handle.CopyFrom(reply.handle)
+    handle.checksum ^= 1
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        async for _ in decode.decode(
+            device_pb2.DecodeRequest(
+                request_id="r3",
+                prompt="checksum",
+                sampling=GREEDY,
+                handle=handle,
+                first_token_id=reply.first_token_id,
+            )
+        ):
+            pass
+    assert raised.value.code() == grpc.StatusCode.DATA_LOSS
+
+
+async def test_decode_pulls_kv_and_streams_the_rest(pair: Any) -> None:
+    prefill_device, decode_device, prefill, decode = pair
+    reply = await prefill.prefill(
+        device_pb2.PrefillRequest(request_id="r4", prompt="pull me", sampling=GREEDY)
+    )
+    frames = [
+        frame
+        async for frame in decode.decode(
+            device_pb2.DecodeRequest(
+                request_id="r4",
+                prompt="pull me",
+                sampling=GREEDY,
+                handle=reply.handle,
+                first_token_id=reply.first_token_id,
+            )
+        )
+    ]
+    assert frames[-1].finish_reason != 0
+    assert frames[-1].usage.prompt_tokens == len("pull me") + 1
+    assert prefill_device.engine.load().kv_leases == 0
+    assert decode_device.engine.load().kv_tokens_used == 0
+
+
+async def test_roles_are_enforced(pair: Any) -> None:
+    _, _, prefill, decode = pair
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        async for _ in prefill.generate(
+            device_pb2.DeviceGenerateRequest(request_id="g", prompt="x", sampling=GREEDY)
+        ):
+            pass
+    assert raised.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await decode.prefill(device_pb2.PrefillRequest(request_id="p", prompt="x", sampling=GREEDY))
+    assert raised.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+async def test_unclaimed_kv_lease_expires() -> None:
+    device = await start_device("p1", (Role.PREFILL,), kv_lease_s=0.05)
+    try:
+        async with grpc.aio.insecure_channel(device.address) as channel:
+            stub = DeviceStub(channel)
+            reply = await stub.prefill(
+                device_pb2.PrefillRequest(request_id="lease", prompt="expire", sampling=GREEDY)
+            )
+            assert reply.handle.lease_expires_at > 0
+            assert device.engine.load().kv_leases == 1
+            await eventually(lambda: device.engine.load().kv_leases == 0)
+            assert device.engine.load().kv_tokens_used == 0
+    finally:
+        await device.stop(0)
+
+
+async def test_abort_releases_a_lease_and_unknown_ids_are_fine(pair: Any) -> None:
+    prefill_device, _, prefill, _ = pair
+    await prefill.prefill(
+        device_pb2.PrefillRequest(request_id="a1", prompt="abort", sampling=GREEDY)
+    )
+    assert (await prefill.abort(device_pb2.AbortRequest(request_id="a1"))).found
+    assert not (await prefill.abort(device_pb2.AbortRequest(request_id="a1"))).found
+    assert prefill_device.engine.load().kv_tokens_used == 0
+
+
+async def test_generate_streams_frames_that_end_with_usage() -> None:
+    device = await start_device("b0", (Role.PREFILL, Role.DECODE))
+    try:
+        async with grpc.aio.insecure_channel(device.address) as channel:
+            frames = [
+                frame
+                async for frame in DeviceStub(channel).generate(
+                    device_pb2.DeviceGenerateRequest(request_id="g1", prompt="hi", sampling=GREEDY)
+                )
+            ]
+        tokens = [t for f in frames for t in f.token_ids]
+        assert all(f.finish_reason == 0 for f in frames[:-1])
+        assert frames[-1].usage.completion_tokens >= len(tokens)
+        assert frames[-1].usage.completion_tokens <= GREEDY.max_tokens
+    finally:
+        await device.stop(0)
