@@ -79,6 +79,9 @@ async def embedded_devices(
                 stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE,
                 env=device_environment(),
+                # Ctrl-C reaches the router alone: devices keep serving while it drains,
+                # then it stops them.
+                start_new_session=True,
             )
             devices.append(DeviceProcess(backend, process))
         await asyncio.wait_for(

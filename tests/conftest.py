@@ -83,11 +83,11 @@ async def start_cluster(
                 profile=profile,
             )
         )
+    options: dict[str, object] = {"drain_grace_s": 0.5, **settings}
     config = Settings(
         grpc_address="127.0.0.1:0",
         http_address="127.0.0.1:0",
-        drain_grace_s=0.5,
-        **settings,  # type: ignore[arg-type]
+        **options,  # type: ignore[arg-type]
     )
     daemon = Daemon(config, PoolConfig(backends=tuple(backends)))
     await daemon.start()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import grpc
 import pytest
 
@@ -228,3 +230,39 @@ async def test_list_backends_reports_the_pool(cluster: Cluster) -> None:
     assert by_id["groq-1"].role == router_pb2.BACKEND_ROLE_DECODE
     assert by_id["groq-1"].profile == "groq-lpu"
     assert all(backend.healthy for backend in listing.backends)
+
+
+async def test_cancelling_during_prefill_frees_everything() -> None:
+    cluster = await start_cluster(time_scale=1.0)
+    try:
+        # ~8k tokens on an emulated H100 take a few hundred modelled milliseconds.
+        prompt = "p" * 8000
+        task = asyncio.create_task(
+            collect(cluster.client, prompt, max_tokens=64, disaggregation="split")
+        )
+        await eventually(lambda: any(used for used, _ in cluster.kv_in_use().values()))
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await eventually(lambda: all(v == (0, 0) for v in cluster.kv_in_use().values()))
+        assert all(d.engine.load().running == 0 for d in cluster.devices.values())
+    finally:
+        await stop_cluster(cluster)
+
+
+async def test_shutdown_lets_in_flight_streams_finish() -> None:
+    cluster = await start_cluster(time_scale=1.0, drain_grace_s=10.0)
+    try:
+        stream = cluster.client.generate("drain", max_tokens=150, temperature=0)
+        first = await anext(stream)
+        stopping = asyncio.create_task(cluster.daemon.stop())
+        rest = [response async for response in stream]
+        await stopping
+        assert first.route.request_id
+        assert rest[-1].finish_reason == router_pb2.FINISH_REASON_LENGTH
+        assert rest[-1].usage.completion_tokens == 150
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await collect(cluster.client, "too late", max_tokens=2)
+        assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        await stop_cluster(cluster)
