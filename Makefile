@@ -6,8 +6,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 PY := $(BIN)/python
 INSTALLED := $(VENV)/.installed
+BENCH_INSTALLED := $(VENV)/.installed-bench
 
-.PHONY: install run test lint format proto proto-check clean
+.PHONY: install run test lint format proto proto-check bench bench-quick clean
 
 install: $(INSTALLED)
 
@@ -17,13 +18,17 @@ $(INSTALLED): pyproject.toml
 	$(PY) -m pip install --disable-pip-version-check -q -e '.[test]'
 	touch $@
 
+$(BENCH_INSTALLED): $(INSTALLED)
+	$(PY) -m pip install --disable-pip-version-check -q -e '.[test,bench]'
+	touch $@
+
 run: install
 	$(BIN)/hetero-router up
 
 test: install
 	$(PY) -m pytest -q
 
-lint: install
+lint: $(BENCH_INSTALLED)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
@@ -31,6 +36,13 @@ lint: install
 format: install
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
+
+# Scenarios write bench/results/<scenario>.json, a PNG and SUMMARY.md.
+bench-quick: $(BENCH_INSTALLED)
+	$(PY) -m bench --quick
+
+bench: $(BENCH_INSTALLED)
+	$(PY) -m bench
 
 proto: install
 	$(PY) proto/generate.py

@@ -72,6 +72,7 @@ def cmd_device(options: argparse.Namespace) -> int:
         time_scale=options.time_scale,
         kv_lease_s=options.kv_lease_s,
         seed=options.seed,
+        decode_step_s=options.decode_step_ms / 1000 if options.decode_step_ms else None,
     )
     uvloop.run(
         run_device(
@@ -153,6 +154,11 @@ def build_parser() -> argparse.ArgumentParser:
     device.add_argument("--time-scale", type=float, default=1.0, help="0 disables waiting")
     device.add_argument("--kv-lease-s", type=float, default=30.0)
     device.add_argument("--seed", type=int, default=0, help="weights seed of the tiny model")
+    device.add_argument(
+        "--decode-step-ms",
+        type=float,
+        help="fixed decode step (paces every stream), for benchmarks",
+    )
     device.add_argument("--announce", action="store_true", help="print READY host:port")
     device.add_argument("--exit-with-stdin", action="store_true", help="exit when stdin closes")
 

@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import os
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
 from backends.mock.process import READY_PREFIX
@@ -29,7 +29,9 @@ class DeviceProcess:
     address: str = ""
 
 
-def device_command(config: BackendConfig, time_scale: float | None) -> list[str]:
+def device_command(
+    config: BackendConfig, time_scale: float | None, extra_args: Sequence[str] = ()
+) -> list[str]:
     roles = {"prefill": "prefill", "decode": "decode", "both": "prefill,decode"}[config.role]
     return [
         sys.executable,
@@ -50,6 +52,7 @@ def device_command(config: BackendConfig, time_scale: float | None) -> list[str]
         str(config.time_scale if time_scale is None else time_scale),
         "--announce",
         "--exit-with-stdin",
+        *extra_args,
     ]
 
 
@@ -64,7 +67,11 @@ def device_environment() -> dict[str, str]:
 
 @contextlib.asynccontextmanager
 async def embedded_devices(
-    pool: PoolConfig, *, ready_timeout_s: float, time_scale: float | None = None
+    pool: PoolConfig,
+    *,
+    ready_timeout_s: float,
+    time_scale: float | None = None,
+    extra_args: Sequence[str] = (),
 ) -> AsyncIterator[PoolConfig]:
     """Starts the pool's mock devices; yields the pool with their real addresses."""
     mocks = [b for b in pool.backends if b.kind == "mock"]
@@ -75,7 +82,7 @@ async def embedded_devices(
     try:
         for backend in mocks:
             process = await asyncio.create_subprocess_exec(
-                *device_command(backend, time_scale),
+                *device_command(backend, time_scale, extra_args),
                 stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE,
                 env=device_environment(),

@@ -105,10 +105,14 @@ class DeviceEngine:
         time_scale: float = 1.0,
         kv_lease_s: float = 30.0,
         kv_capacity_tokens: int | None = None,
+        decode_step_s: float | None = None,
     ) -> None:
         self.model = model
         self.timing = timing
         self.time_scale = time_scale
+        # A fixed decode step paces every stream at 1/decode_step_s tokens per second
+        # whatever the batch: benchmarks use it to hold the device's rate constant.
+        self.decode_step_s = decode_step_s
         self.kv_lease_s = kv_lease_s
         self.kv_capacity_tokens = kv_capacity_tokens or timing.kv_capacity_tokens
         self._waiting: OrderedDict[str, _Sequence] = OrderedDict()
@@ -308,7 +312,10 @@ class DeviceEngine:
         batch = list(self._running.values())
         assert all(s.cache is not None for s in batch)
         contexts = [s.cache.length + 1 for s in batch if s.cache is not None]
-        deadline = self._deadline(self.timing.decode_step_seconds(contexts))
+        if self.decode_step_s is not None:
+            deadline = asyncio.get_running_loop().time() + self.decode_step_s
+        else:
+            deadline = self._deadline(self.timing.decode_step_seconds(contexts))
         tokens = []
         for sequence in batch:
             assert sequence.cache is not None

@@ -39,6 +39,7 @@ class DeviceConfig:
     time_scale: float = 1.0
     kv_lease_s: float = 30.0
     kv_capacity_tokens: int | None = None  # None: what the emulated hardware holds
+    decode_step_s: float | None = None  # fixed pace instead of the roofline step
     seed: int = 0
 
 
@@ -104,6 +105,7 @@ class DeviceServer:
             time_scale=config.time_scale,
             kv_lease_s=config.kv_lease_s,
             kv_capacity_tokens=config.kv_capacity_tokens,
+            decode_step_s=config.decode_step_s,
         )
         self.address = ""
         # Requests that reached this device (Prefill, Decode, Generate): tests use it to

@@ -1,0 +1,1 @@
+"""Benchmark harness: load generation, workloads, statistics, scenarios."""

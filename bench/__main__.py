@@ -1,0 +1,40 @@
+"""python -m bench [--quick] [--scenario NAME ...]: run scenarios, write bench/results/."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+import uvloop
+
+from bench.report import RESULTS_DIR
+from bench.scenarios import overhead
+
+SCENARIOS: dict[str, Callable[[bool, Path], Coroutine[Any, Any, dict[str, Any]]]] = {
+    "overhead": overhead.run,
+}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="short runs (make bench-quick)")
+    parser.add_argument("--scenario", action="append", choices=sorted(SCENARIOS))
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR)
+    options = parser.parse_args()
+    for name in options.scenario or sorted(SCENARIOS):
+        started = time.monotonic()
+        print(f"scenario {name} ({'quick' if options.quick else 'full'})", file=sys.stderr)
+        result: dict[str, Any] = uvloop.run(SCENARIOS[name](options.quick, options.out))
+        print(json.dumps(result.get("targets", {}), indent=1), file=sys.stderr)
+        print(f"scenario {name}: {time.monotonic() - started:.0f} s", file=sys.stderr)
+    print(f"summary: {options.out / 'SUMMARY.md'}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,173 @@
+"""Load generation against the router's front door or straight against a device.
+
+Open loop sends each request at its arrival time whatever happens to earlier
+ones (Poisson arrivals); closed loop keeps a fixed number in flight. Both are
+bounded in count and in time, and talk only to the addresses they are given.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any, Protocol
+
+import grpc
+
+from bench.stats import RequestRecord
+from bench.workloads import RequestSpec, prompt_text
+from router._gen.hetero.device.v1 import device_pb2
+from router._gen.hetero.router.v1 import router_pb2
+
+_OPTIONS = [("grpc.max_receive_message_length", 16 << 20)]
+
+
+class Target(Protocol):
+    name: str
+
+    def stream(self, prompt: str, max_tokens: int, seed: int) -> AsyncIterator[int]:
+        """Sends one request; yields the number of tokens in each message received."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+class RouterTarget:
+    """The router's gRPC front door."""
+
+    def __init__(self, address: str, name: str = "router", disaggregation: str = "auto") -> None:
+        self.name = name
+        self._channel = grpc.aio.insecure_channel(address, options=_OPTIONS)
+        self._call = self._channel.unary_stream(
+            "/hetero.router.v1.Router/Generate",
+            request_serializer=router_pb2.GenerateRequest.SerializeToString,
+            response_deserializer=router_pb2.GenerateResponse.FromString,
+        )
+        self._mode = {
+            "auto": router_pb2.DISAGGREGATION_AUTO,
+            "split": router_pb2.DISAGGREGATION_SPLIT,
+            "colocated": router_pb2.DISAGGREGATION_COLOCATED,
+        }[disaggregation]
+
+    async def stream(self, prompt: str, max_tokens: int, seed: int) -> AsyncIterator[int]:
+        request = router_pb2.GenerateRequest(
+            prompt=prompt,
+            sampling=router_pb2.SamplingParams(max_tokens=max_tokens, seed=seed),
+            disaggregation=self._mode,
+        )
+        async for response in self._call(request):
+            yield len(response.token_ids)
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+
+class DeviceTarget:
+    """A mock device's own Generate: the path without the router."""
+
+    def __init__(self, address: str, name: str = "direct") -> None:
+        self.name = name
+        self._channel = grpc.aio.insecure_channel(address, options=_OPTIONS)
+        self._call = self._channel.unary_stream(
+            "/hetero.device.v1.Device/Generate",
+            request_serializer=device_pb2.DeviceGenerateRequest.SerializeToString,
+            response_deserializer=router_pb2.GenerateResponse.FromString,
+        )
+        self._ids = itertools.count()
+
+    async def stream(self, prompt: str, max_tokens: int, seed: int) -> AsyncIterator[int]:
+        request = device_pb2.DeviceGenerateRequest(
+            request_id=f"{self.name}-{next(self._ids)}",
+            prompt=prompt,
+            sampling=device_pb2.Sampling(
+                max_tokens=max_tokens, temperature=1.0, top_p=1.0, seed=seed
+            ),
+        )
+        async for response in self._call(request):
+            yield len(response.token_ids)
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+
+async def send(target: Target, spec: RequestSpec, seed: int, timeout_s: float) -> RequestRecord:
+    """One request, timed token by token. Failures are recorded, never raised."""
+    prompt = _prompt(spec.prompt_tokens, seed)
+    record = RequestRecord(start_s=time.monotonic(), prompt_tokens=spec.prompt_tokens)
+    try:
+        async with asyncio.timeout(timeout_s):
+            async for tokens in target.stream(prompt, spec.output_tokens, seed):
+                now = time.monotonic()
+                if tokens and record.first_token_s is None:
+                    record.first_token_s = now
+                record.token_times_s.extend(itertools.repeat(now, tokens))
+    except grpc.aio.AioRpcError as error:
+        record.outcome = error.code().name
+    except TimeoutError:
+        record.outcome = "timeout"
+    record.end_s = time.monotonic()
+    return record
+
+
+_PROMPTS: dict[tuple[int, int], str] = {}
+
+
+def _prompt(tokens: int, seed: int) -> str:
+    """Prompts are made before the clock starts mattering, and reused."""
+    key = (tokens, seed % 16)
+    if key not in _PROMPTS:
+        # The mock counts BOS as a token: the text is one byte shorter than the prompt.
+        _PROMPTS[key] = prompt_text(max(tokens - 1, 1), seed=key[1])
+    return _PROMPTS[key]
+
+
+def warm_prompts(specs: Sequence[RequestSpec]) -> None:
+    for index, spec in enumerate(specs):
+        _prompt(spec.prompt_tokens, index)
+
+
+async def open_loop(
+    target: Target,
+    specs: Sequence[RequestSpec],
+    *,
+    timeout_s: float = 60.0,
+    on_done: Callable[[], Any] | None = None,
+) -> tuple[list[RequestRecord], float]:
+    """Sends each request at its ``arrival_s``; returns the records and the run's duration."""
+    warm_prompts(specs)
+    started = time.monotonic()
+
+    async def one(index: int, spec: RequestSpec) -> RequestRecord:
+        await asyncio.sleep(max(0.0, started + spec.arrival_s - time.monotonic()))
+        record = await send(target, spec, index, timeout_s)
+        if on_done:
+            on_done()
+        return record
+
+    records = await asyncio.gather(*(one(i, s) for i, s in enumerate(specs)))
+    return list(records), time.monotonic() - started
+
+
+async def closed_loop(
+    target: Target,
+    specs: Sequence[RequestSpec],
+    concurrency: int,
+    *,
+    timeout_s: float = 60.0,
+    on_done: Callable[[], Any] | None = None,
+) -> tuple[list[RequestRecord], float]:
+    """Keeps ``concurrency`` requests in flight until every spec was sent."""
+    warm_prompts(specs)
+    pending = iter(enumerate(specs))
+    records: list[RequestRecord] = []
+    started = time.monotonic()
+
+    async def worker() -> None:
+        for index, spec in pending:
+            records.append(await send(target, spec, index, timeout_s))
+            if on_done:
+                on_done()
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return records, time.monotonic() - started

@@ -1,0 +1,96 @@
+"""Benchmark clusters as real processes: mock devices and a router, each on its own port.
+
+Benchmarks measure across process boundaries, as production runs: the client
+(this process), the router and the devices compete for the same cores.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import sys
+import tempfile
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from router.cluster import embedded_devices
+from router.settings import PoolConfig, parse_pool
+
+
+@dataclass(frozen=True)
+class RunningCluster:
+    pool: PoolConfig  # with the devices' real addresses
+    router_address: str
+
+    def address_of(self, backend_id: str) -> str:
+        return next(b.address for b in self.pool.backends if b.id == backend_id)
+
+
+@contextlib.asynccontextmanager
+async def cluster(
+    backends: Sequence[dict[str, object]],
+    *,
+    device_args: Sequence[str] = (),
+    router_env: dict[str, str] | None = None,
+) -> AsyncIterator[RunningCluster]:
+    """Starts the devices of ``backends`` (pool-file entries with port 0), then a router."""
+    pool = parse_pool({"backends": list(backends)}, source="benchmark pool")
+    async with (
+        embedded_devices(pool, ready_timeout_s=60, extra_args=device_args) as resolved,
+        router_process(resolved, router_env or {}) as address,
+    ):
+        yield RunningCluster(resolved, address)
+
+
+@contextlib.asynccontextmanager
+async def router_process(pool: PoolConfig, env: dict[str, str]) -> AsyncIterator[str]:
+    with tempfile.TemporaryDirectory() as scratch:
+        pool_file = Path(scratch) / "pool.yaml"
+        pool_file.write_text(yaml.safe_dump(pool.model_dump(mode="json")))
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "router.cli",
+            "serve",
+            "--pool",
+            str(pool_file),
+            "--grpc-address",
+            "127.0.0.1:0",
+            "--http-address",
+            "127.0.0.1:0",
+            stderr=asyncio.subprocess.PIPE,
+            env={**os.environ, "HETERO_ROUTER_LOG_FORMAT": "json", **env},
+        )
+        try:
+            address = await asyncio.wait_for(_serving_address(process), timeout=60)
+            drain = asyncio.create_task(_drain(process))
+            try:
+                yield address
+            finally:
+                drain.cancel()
+        finally:
+            if process.returncode is None:
+                process.terminate()
+                await process.wait()
+
+
+async def _serving_address(process: asyncio.subprocess.Process) -> str:
+    assert process.stderr is not None
+    while line := await process.stderr.readline():
+        if line.startswith(b"{"):
+            event = json.loads(line)
+            if event.get("event") == "router serving":
+                return str(event["grpc"])
+    raise RuntimeError(f"router exited with {await process.wait()} before serving")
+
+
+async def _drain(process: asyncio.subprocess.Process) -> None:
+    """Reads the router's log so it never blocks on a full pipe."""
+    assert process.stderr is not None
+    while await process.stderr.readline():
+        pass

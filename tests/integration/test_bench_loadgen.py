@@ -1,0 +1,52 @@
+"""The load generator against an in-process cluster: what it records is what was sent."""
+
+from __future__ import annotations
+
+import grpc
+
+from bench.loadgen import DeviceTarget, RouterTarget, closed_loop, open_loop, send
+from bench.stats import summarize
+from bench.workloads import RequestSpec, fixed
+from tests.conftest import Cluster
+
+
+async def test_send_records_every_token_and_the_first_token_time(cluster: Cluster) -> None:
+    target = RouterTarget(cluster.address, disaggregation="split")
+    try:
+        record = await send(target, RequestSpec(0.0, 32, 12), seed=1, timeout_s=10)
+    finally:
+        await target.close()
+    assert record.outcome == "ok"
+    assert record.output_tokens == 12
+    assert record.first_token_s is not None
+    assert record.start_s <= record.first_token_s <= record.token_times_s[-1] <= record.end_s  # type: ignore[operator]
+    assert record.tpot_s is not None
+
+
+async def test_failures_are_recorded_not_raised(cluster: Cluster) -> None:
+    target = RouterTarget(cluster.address)
+    try:
+        record = await send(target, RequestSpec(0.0, 8, 99_999), seed=1, timeout_s=10)
+    finally:
+        await target.close()
+    assert record.outcome == grpc.StatusCode.INVALID_ARGUMENT.name
+    assert record.first_token_s is None
+
+
+async def test_open_and_closed_loops_send_every_request(cluster: Cluster) -> None:
+    direct = DeviceTarget(cluster.devices["groq-0"].address)
+    router = RouterTarget(cluster.address)
+    try:
+        specs = [RequestSpec(i * 0.001, 16, 4) for i in range(20)]
+        records, duration = await open_loop(router, specs)
+        assert len(records) == 20
+        assert all(r.outcome == "ok" and r.output_tokens == 4 for r in records)
+        closed, _ = await closed_loop(direct, fixed(15, 16, 3), concurrency=4)
+        assert len(closed) == 15
+        assert sum(r.output_tokens for r in closed) == 45
+        summary = summarize(records, duration)
+        assert summary.completed == 20
+        assert summary.output_token_throughput > 0
+    finally:
+        await direct.close()
+        await router.close()
