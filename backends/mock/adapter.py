@@ -19,6 +19,7 @@ from backends.base import (
     Role,
 )
 from backends.mock.server import CHANNEL_OPTIONS, SERVICE, layout_from_proto, layout_to_proto
+from backends.mock.session import DeviceSession, SessionStreamError
 from router._gen.hetero.device.v1 import device_pb2
 from router.errors import BackendError, LayoutMismatchError, OverloadedError
 
@@ -72,6 +73,7 @@ class MockBackend(Backend):
         super().__init__(backend_id, address)
         self._channel: grpc.aio.Channel | None = None
         self._calls: dict[str, Any] = {}
+        self._session: DeviceSession | None = None
 
     @property
     def capabilities(self) -> Capabilities:
@@ -94,13 +96,12 @@ class MockBackend(Backend):
                 request_serializer=_serialize,
                 response_deserializer=response.FromString,
             )
-        # Token frames stay bytes: the router forwards them without decoding.
-        for name in ("Decode", "Generate"):
-            self._calls[name] = self._channel.unary_stream(
-                f"/{SERVICE}/{name}", request_serializer=_serialize, response_deserializer=None
-            )
+        # Decode and Generate share one long-lived stream; frames stay bytes.
+        self._session = DeviceSession(self._channel, f"/{SERVICE}/Session")
 
     async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
         if self._channel is not None:
             await self._channel.close()
 
@@ -150,7 +151,7 @@ class MockBackend(Backend):
             handle=handle_to_proto(handle),
             first_token_id=first_token_id,
         )
-        async for frame in self._stream("Decode", message, timeout_s):
+        async for frame in self._stream("decode", message, timeout_s):
             yield frame
 
     async def generate(
@@ -159,7 +160,7 @@ class MockBackend(Backend):
         message = device_pb2.DeviceGenerateRequest(
             request_id=request.request_id, prompt=request.prompt, sampling=_sampling(request)
         )
-        async for frame in self._stream("Generate", message, timeout_s):
+        async for frame in self._stream("generate", message, timeout_s):
             yield frame
 
     async def abort(self, request_id: str, timeout_s: float) -> None:
@@ -169,23 +170,23 @@ class MockBackend(Backend):
         try:
             return await self._calls[name](message, timeout=timeout_s)
         except grpc.aio.AioRpcError as error:
-            raise self._translate(error) from None
+            raise self._translate(error.code(), error.details() or "") from None
 
     async def _stream(
-        self, name: str, message: Any, timeout_s: float
+        self, body: str, message: Any, timeout_s: float
     ) -> AsyncGenerator[bytes, None]:
-        call = self._calls[name](message, timeout=timeout_s)
+        assert self._session is not None, "start() first"
+        frames = self._session.stream(body, message, timeout_s)
         try:
-            async for frame in call:
+            async for frame in frames:
                 yield frame
-        except grpc.aio.AioRpcError as error:
-            raise self._translate(error) from None
+        except SessionStreamError as error:
+            raise self._translate(error.code, error.details) from None
         finally:
-            call.cancel()  # no-op when finished; stops the device's work when we stop early
+            await frames.aclose()  # an early exit cancels the request on the device
 
-    def _translate(self, error: grpc.aio.AioRpcError) -> Exception:
-        code = error.code()
-        details = error.details() or code.name
+    def _translate(self, code: grpc.StatusCode, details: str) -> Exception:
+        details = details or code.name
         if code == grpc.StatusCode.FAILED_PRECONDITION and "layout" in details:
             return LayoutMismatchError(f"backend {self.id}: {details}")
         if code == grpc.StatusCode.RESOURCE_EXHAUSTED:

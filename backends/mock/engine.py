@@ -14,7 +14,7 @@ import contextlib
 import time
 import zlib
 from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -152,7 +152,7 @@ class DeviceEngine:
 
     async def generate(
         self, request_id: str, prompt: str, sampling: SamplingParams
-    ) -> AsyncIterator[bytes]:
+    ) -> AsyncGenerator[bytes, None]:
         sequence = self._submit(request_id, encode(prompt), sampling, prefill_only=False)
         async for frame in self._drain(sequence):
             yield frame
@@ -164,7 +164,7 @@ class DeviceEngine:
         sampling: SamplingParams,
         cache: KVCache,
         first_token_id: int,
-    ) -> AsyncIterator[bytes]:
+    ) -> AsyncGenerator[bytes, None]:
         """Continues a sequence whose prompt KV was computed elsewhere."""
         prompt_ids = encode(prompt)
         if cache.length != len(prompt_ids):
@@ -252,7 +252,7 @@ class DeviceEngine:
         self._wake.set()
         return sequence
 
-    async def _drain(self, sequence: _Sequence) -> AsyncIterator[bytes]:
+    async def _drain(self, sequence: _Sequence) -> AsyncGenerator[bytes, None]:
         try:
             while (frame := await sequence.frames.get()) is not None:
                 yield frame

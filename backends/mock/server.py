@@ -6,9 +6,11 @@ door's ``GenerateResponse``; they leave this server as bytes, untouched.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import math
 import zlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -84,6 +86,32 @@ def sampling_from_proto(message: device_pb2.Sampling) -> SamplingParams:
         seed=message.seed,
         stop=tuple(message.stop),
     )
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+_STREAM_ID_TAG = b"\x09"  # field 1, fixed64
+_FRAME_TAG = b"\x12"  # field 2, length-delimited
+
+
+def session_frame(stream_id: int, frame: bytes) -> bytes:
+    """An encoded SessionFrame, built without a message object: the hot path of a session."""
+    return b"".join(
+        (_STREAM_ID_TAG, stream_id.to_bytes(8, "little"), _FRAME_TAG, _varint(len(frame)), frame)
+    )
+
+
+def session_status(stream_id: int, code: int, message: str) -> bytes:
+    return device_pb2.SessionFrame(
+        stream_id=stream_id, status=device_pb2.SessionStatus(code=code, message=message)
+    ).SerializeToString()
 
 
 class DeviceServer:
@@ -163,6 +191,11 @@ class DeviceServer:
                 "ReleaseKV": unary(self._release_kv, device_pb2.ReleaseKVRequest),
                 "Decode": stream(self._decode, device_pb2.DecodeRequest, raw=True),
                 "Generate": stream(self._generate, device_pb2.DeviceGenerateRequest, raw=True),
+                "Session": grpc.stream_stream_rpc_method_handler(
+                    self._session,
+                    request_deserializer=device_pb2.SessionRequest.FromString,
+                    response_serializer=None,  # frames are built as bytes
+                ),
                 "Abort": unary(self._abort, device_pb2.AbortRequest),
                 "Health": unary(self._health, device_pb2.HealthRequest),
                 "Load": unary(self._load, device_pb2.LoadRequest),
@@ -175,8 +208,8 @@ class DeviceServer:
         self, request: device_pb2.PrefillRequest, context: grpc.aio.ServicerContext
     ) -> device_pb2.PrefillResponse:
         self.requests_received += 1
-        await self._require_role(Role.PREFILL, context)
         try:
+            self._check_role(Role.PREFILL)
             outcome = await self.engine.prefill(
                 request.request_id, request.prompt, sampling_from_proto(request.sampling)
             )
@@ -215,7 +248,10 @@ class DeviceServer:
                 f"no KV held for request {request.request_id} (expired, released or never made)",
             )
             return
-        await self._require_layout(layout_from_proto(request.expected_layout), context)
+        try:
+            self._check_layout(layout_from_proto(request.expected_layout))
+        except DeviceError as error:
+            await context.abort(grpc.StatusCode[error.code], error.message)
         chunk = request.chunk_bytes or KV_CHUNK_BYTES
         view = memoryview(lease.payload)
         for offset in range(0, len(view), chunk):
@@ -231,14 +267,23 @@ class DeviceServer:
     async def _decode(
         self, request: device_pb2.DecodeRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[bytes]:
+        async for frame in self._guard(self._decode_frames(request), context):
+            yield frame
+
+    async def _generate(
+        self, request: device_pb2.DeviceGenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[bytes]:
+        async for frame in self._guard(self._generate_frames(request), context):
+            yield frame
+
+    async def _decode_frames(
+        self, request: device_pb2.DecodeRequest
+    ) -> AsyncGenerator[bytes, None]:
         self.requests_received += 1
-        await self._require_role(Role.DECODE, context)
+        self._check_role(Role.DECODE)
         handle = request.handle
-        await self._require_layout(layout_from_proto(handle.layout), context)
-        try:
-            cache = await self._obtain_kv(handle)
-        except DeviceError as error:
-            await context.abort(grpc.StatusCode[error.code], error.message)
+        self._check_layout(layout_from_proto(handle.layout))
+        cache = await self._obtain_kv(handle)
         frames = self.engine.decode(
             request.request_id,
             request.prompt,
@@ -246,19 +291,73 @@ class DeviceServer:
             cache,
             request.first_token_id,
         )
-        async for frame in self._guard(frames, context):
-            yield frame
+        async with contextlib.aclosing(frames):
+            async for frame in frames:
+                yield frame
 
-    async def _generate(
-        self, request: device_pb2.DeviceGenerateRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[bytes]:
+    async def _generate_frames(
+        self, request: device_pb2.DeviceGenerateRequest
+    ) -> AsyncGenerator[bytes, None]:
         self.requests_received += 1
-        await self._require_role(Role.DECODE, context)
+        self._check_role(Role.DECODE)
         frames = self.engine.generate(
             request.request_id, request.prompt, sampling_from_proto(request.sampling)
         )
-        async for frame in self._guard(frames, context):
-            yield frame
+        async with contextlib.aclosing(frames):
+            async for frame in frames:
+                yield frame
+
+    async def _session(
+        self,
+        requests: AsyncIterator[device_pb2.SessionRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[bytes]:
+        """Serves the requests of one session concurrently; one writer interleaves their frames."""
+        outgoing: asyncio.Queue[bytes | None] = asyncio.Queue()
+        streams: dict[int, asyncio.Task[None]] = {}
+
+        async def serve(stream_id: int, frames: AsyncGenerator[bytes, None]) -> None:
+            code, message = 0, ""
+            try:
+                async with contextlib.aclosing(frames):
+                    async for frame in frames:
+                        outgoing.put_nowait(session_frame(stream_id, frame))
+            except DeviceError as error:
+                code, message = grpc.StatusCode[error.code].value[0], error.message
+            except asyncio.CancelledError:
+                return  # the caller cancelled: it expects nothing more
+            except Exception as error:  # a device bug must end one stream, not the session
+                code, message = grpc.StatusCode.INTERNAL.value[0], f"device error: {error}"
+            finally:
+                streams.pop(stream_id, None)
+            outgoing.put_nowait(session_status(stream_id, code, message))
+
+        async def read() -> None:
+            async for request in requests:
+                body = request.WhichOneof("body")
+                if body == "cancel":
+                    task = streams.pop(request.stream_id, None)
+                    if task is not None:
+                        task.cancel()
+                    continue
+                frames = (
+                    self._decode_frames(request.decode)
+                    if body == "decode"
+                    else self._generate_frames(request.generate)
+                )
+                streams[request.stream_id] = asyncio.create_task(serve(request.stream_id, frames))
+            # The caller closed its side: finish what is running, then end.
+            await asyncio.gather(*streams.values(), return_exceptions=True)
+            outgoing.put_nowait(None)
+
+        reader = asyncio.create_task(read())
+        try:
+            while (item := await outgoing.get()) is not None:
+                yield item
+        finally:
+            reader.cancel()
+            for task in list(streams.values()):
+                task.cancel()
 
     async def _abort(
         self, request: device_pb2.AbortRequest, context: grpc.aio.ServicerContext
@@ -293,28 +392,28 @@ class DeviceServer:
 
     @staticmethod
     async def _guard(
-        frames: AsyncIterator[bytes], context: grpc.aio.ServicerContext
+        frames: AsyncGenerator[bytes, None], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[bytes]:
-        """Maps engine errors to statuses; closing the stream aborts the sequence."""
+        """Maps device errors to statuses; closing the stream aborts the sequence."""
         try:
             async for frame in frames:
                 yield frame
         except DeviceError as error:
             await context.abort(grpc.StatusCode[error.code], error.message)
         finally:
-            await frames.aclose()  # type: ignore[attr-defined]
+            await frames.aclose()
 
-    async def _require_role(self, role: Role, context: grpc.aio.ServicerContext) -> None:
+    def _check_role(self, role: Role) -> None:
         if role not in self.config.roles:
-            await context.abort(
-                grpc.StatusCode.FAILED_PRECONDITION,
+            raise DeviceError(
+                "FAILED_PRECONDITION",
                 f"device {self.config.backend_id} does not take the {role.value} role",
             )
 
-    async def _require_layout(self, layout: KVLayout, context: grpc.aio.ServicerContext) -> None:
+    def _check_layout(self, layout: KVLayout) -> None:
         if layout != self.layout:
-            await context.abort(
-                grpc.StatusCode.FAILED_PRECONDITION,
+            raise DeviceError(
+                "FAILED_PRECONDITION",
                 f"KV layout mismatch: got {layout.describe()}, "
                 f"device {self.config.backend_id} uses {self.layout.describe()}",
             )

@@ -66,6 +66,11 @@ class DeviceStub:
                 request_serializer=hetero_dot_device_dot_v1_dot_device__pb2.AbortRequest.SerializeToString,
                 response_deserializer=hetero_dot_device_dot_v1_dot_device__pb2.AbortResponse.FromString,
                 _registered_method=True)
+        self.Session = channel.stream_stream(
+                '/hetero.device.v1.Device/Session',
+                request_serializer=hetero_dot_device_dot_v1_dot_device__pb2.SessionRequest.SerializeToString,
+                response_deserializer=hetero_dot_device_dot_v1_dot_device__pb2.SessionFrame.FromString,
+                _registered_method=True)
         self.Health = channel.unary_unary(
                 '/hetero.device.v1.Device/Health',
                 request_serializer=hetero_dot_device_dot_v1_dot_device__pb2.HealthRequest.SerializeToString,
@@ -125,6 +130,18 @@ class DeviceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Session(self, request_iterator, context):
+        """Many Generate and Decode requests over one long-lived stream: the router's
+        fast path. A new RPC per request costs two to three times the CPU and
+        latency of a message on an open stream in Python gRPC. Frames of all
+        requests interleave; each carries its stream_id first, so a reader routes
+        it from a fixed 9-byte header without decoding it. A stream ends with a
+        frame that carries a status.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Health(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -169,6 +186,11 @@ def add_DeviceServicer_to_server(servicer, server):
                     servicer.Abort,
                     request_deserializer=hetero_dot_device_dot_v1_dot_device__pb2.AbortRequest.FromString,
                     response_serializer=hetero_dot_device_dot_v1_dot_device__pb2.AbortResponse.SerializeToString,
+            ),
+            'Session': grpc.stream_stream_rpc_method_handler(
+                    servicer.Session,
+                    request_deserializer=hetero_dot_device_dot_v1_dot_device__pb2.SessionRequest.FromString,
+                    response_serializer=hetero_dot_device_dot_v1_dot_device__pb2.SessionFrame.SerializeToString,
             ),
             'Health': grpc.unary_unary_rpc_method_handler(
                     servicer.Health,
@@ -343,6 +365,33 @@ class Device:
             '/hetero.device.v1.Device/Abort',
             hetero_dot_device_dot_v1_dot_device__pb2.AbortRequest.SerializeToString,
             hetero_dot_device_dot_v1_dot_device__pb2.AbortResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Session(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/hetero.device.v1.Device/Session',
+            hetero_dot_device_dot_v1_dot_device__pb2.SessionRequest.SerializeToString,
+            hetero_dot_device_dot_v1_dot_device__pb2.SessionFrame.FromString,
             options,
             channel_credentials,
             insecure,
