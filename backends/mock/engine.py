@@ -310,17 +310,19 @@ class DeviceEngine:
 
     async def _decode_step(self) -> None:
         batch = list(self._running.values())
-        assert all(s.cache is not None for s in batch)
-        contexts = [s.cache.length + 1 for s in batch if s.cache is not None]
+        caches = [s.cache for s in batch if s.cache is not None]
+        assert len(caches) == len(batch)
         if self.decode_step_s is not None:
             deadline = asyncio.get_running_loop().time() + self.decode_step_s
         else:
+            contexts = [cache.length + 1 for cache in caches]
             deadline = self._deadline(self.timing.decode_step_seconds(contexts))
-        tokens = []
-        for sequence in batch:
-            assert sequence.cache is not None
-            logits = self.model.decode(sequence.cache, sequence.last_token)
-            tokens.append(self._sample(logits, sequence, position=sequence.generated))
+        # One batched step: a sequence's logits do not depend on its neighbours.
+        logits = self.model.decode_batch(caches, [s.last_token for s in batch])
+        tokens = [
+            self._sample(row, sequence, position=sequence.generated)
+            for row, sequence in zip(logits, batch, strict=True)
+        ]
         await self._sleep_until(deadline)
         for sequence, token in zip(batch, tokens, strict=True):
             if not sequence.aborted:

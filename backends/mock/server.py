@@ -17,6 +17,7 @@ from typing import Any
 import grpc
 
 from backends.base import KVLayout, Role, SamplingParams
+from backends.mock import wire
 from backends.mock.engine import DeviceEngine, DeviceError
 from backends.mock.model import KVCache, TinyConfig, TinyTransformer
 from backends.mock.roofline import TimingModel, load_catalog
@@ -86,32 +87,6 @@ def sampling_from_proto(message: device_pb2.Sampling) -> SamplingParams:
         seed=message.seed,
         stop=tuple(message.stop),
     )
-
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while value > 0x7F:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
-_STREAM_ID_TAG = b"\x09"  # field 1, fixed64
-_FRAME_TAG = b"\x12"  # field 2, length-delimited
-
-
-def session_frame(stream_id: int, frame: bytes) -> bytes:
-    """An encoded SessionFrame, built without a message object: the hot path of a session."""
-    return b"".join(
-        (_STREAM_ID_TAG, stream_id.to_bytes(8, "little"), _FRAME_TAG, _varint(len(frame)), frame)
-    )
-
-
-def session_status(stream_id: int, code: int, message: str) -> bytes:
-    return device_pb2.SessionFrame(
-        stream_id=stream_id, status=device_pb2.SessionStatus(code=code, message=message)
-    ).SerializeToString()
 
 
 class DeviceServer:
@@ -321,7 +296,7 @@ class DeviceServer:
             try:
                 async with contextlib.aclosing(frames):
                     async for frame in frames:
-                        outgoing.put_nowait(session_frame(stream_id, frame))
+                        outgoing.put_nowait(wire.session_frame(stream_id, frame))
             except DeviceError as error:
                 code, message = grpc.StatusCode[error.code].value[0], error.message
             except asyncio.CancelledError:
@@ -330,7 +305,7 @@ class DeviceServer:
                 code, message = grpc.StatusCode.INTERNAL.value[0], f"device error: {error}"
             finally:
                 streams.pop(stream_id, None)
-            outgoing.put_nowait(session_status(stream_id, code, message))
+            outgoing.put_nowait(wire.session_status(stream_id, code, message))
 
         async def read() -> None:
             async for request in requests:
@@ -353,7 +328,14 @@ class DeviceServer:
         reader = asyncio.create_task(read())
         try:
             while (item := await outgoing.get()) is not None:
-                yield item
+                # Everything ready goes in one message: one write per decode step,
+                # not one per token.
+                ready = [item]
+                while not outgoing.empty() and (item := outgoing.get_nowait()) is not None:
+                    ready.append(item)
+                yield wire.pack(ready)
+                if item is None:
+                    break
         finally:
             reader.cancel()
             for task in list(streams.values()):

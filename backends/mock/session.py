@@ -1,7 +1,7 @@
 """The router's end of a device Session: many requests over one long-lived stream.
 
 A reader task routes each incoming frame to its request by the stream id in the
-frame's fixed 9-byte header, without decoding the frame. Frames wait in a
+frame's fixed 9-byte header, without decoding the frame (``wire``). Frames wait in a
 per-request inbox; a consumer that fell behind takes them all at once,
 coalesced into one message. An inbox holds at most a request's own output (its
 max_tokens), so a slow client never stalls the shared stream.
@@ -18,10 +18,9 @@ from typing import Any
 import grpc
 
 from backends.frames import coalesce
+from backends.mock import wire
 from router._gen.hetero.device.v1 import device_pb2
 
-_FRAME_TAG = 0x12
-_HEADER = 9  # field 1 tag + fixed64 stream id
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
 
 
@@ -48,18 +47,6 @@ class _Inbox:
         self.waiter = asyncio.get_running_loop().create_future()
         await self.waiter
         self.waiter = None
-
-
-def _payload(raw: bytes) -> bytes:
-    """The frame bytes after the header and the length varint."""
-    position, shift, length = _HEADER + 1, 0, 0
-    while True:
-        byte = raw[position]
-        length |= (byte & 0x7F) << shift
-        position += 1
-        if byte < 0x80:
-            return raw[position : position + length]
-        shift += 7
 
 
 class DeviceSession:
@@ -150,19 +137,17 @@ class DeviceSession:
     async def _read(self, call: Any) -> None:
         failure = (grpc.StatusCode.UNAVAILABLE, "device session closed")
         try:
-            async for raw in call:
-                inbox = self._inboxes.get(int.from_bytes(raw[1:_HEADER], "little"))
-                if inbox is None:
-                    continue  # a stream the caller gave up on
-                if raw[_HEADER] == _FRAME_TAG:
-                    inbox.frames.append(_payload(raw))
-                else:
-                    status = device_pb2.SessionFrame.FromString(raw).status
-                    inbox.status = (
-                        _CODES.get(status.code, grpc.StatusCode.UNKNOWN),
-                        status.message,
-                    )
-                inbox.wake()
+            async for message in call:
+                for stream_id, frame, status in wire.unpack(message):
+                    inbox = self._inboxes.get(stream_id)
+                    if inbox is None:
+                        continue  # a stream the caller gave up on
+                    if frame is not None:
+                        inbox.frames.append(frame)
+                    elif status is not None:
+                        code = _CODES.get(status.code, grpc.StatusCode.UNKNOWN)
+                        inbox.status = (code, status.message)
+                    inbox.wake()
         except grpc.aio.AioRpcError as error:
             failure = (error.code(), f"device session failed: {error.details()}")
         except asyncio.CancelledError:

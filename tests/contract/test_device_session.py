@@ -9,9 +9,10 @@ import pytest
 
 from backends.base import GenerationRequest, Role, SamplingParams
 from backends.frames import coalesce
+from backends.mock import wire
 from backends.mock.adapter import MockBackend
-from backends.mock.server import DeviceConfig, DeviceServer, session_frame
-from backends.mock.session import _payload
+from backends.mock.server import DeviceConfig, DeviceServer
+from router._gen.hetero.device.v1 import device_pb2
 from router._gen.hetero.router.v1 import router_pb2
 from router.errors import BackendError, RouterError
 from tests.helpers import eventually
@@ -131,12 +132,25 @@ async def test_a_device_restart_fails_open_streams_and_the_next_request_reconnec
         await device.stop(0)
 
 
-def test_the_fixed_header_and_length_are_read_without_decoding() -> None:
-    for size in (0, 5, 127, 128, 300, 70_000):
-        frame = bytes(range(256)) * (size // 256) + bytes(range(size % 256))
-        raw = session_frame(2**64 - 1, frame)
-        assert int.from_bytes(raw[1:9], "little") == 2**64 - 1
-        assert _payload(raw) == frame
+def test_frames_of_many_streams_pack_and_unpack_without_decoding() -> None:
+    sizes = (0, 5, 127, 128, 300, 70_000)
+    frames = [bytes(range(256)) * (n // 256) + bytes(range(n % 256)) for n in sizes]
+    packed = wire.pack(
+        [wire.session_frame(2**64 - 1 - i, f) for i, f in enumerate(frames)]
+        + [wire.session_status(7, 13, "broken")]
+    )
+    entries = list(wire.unpack(packed))
+    assert [(i, f) for i, f, _ in entries[:-1]] == [
+        (2**64 - 1 - i, f) for i, f in enumerate(frames)
+    ]
+    assert all(status is None for _, _, status in entries[:-1])
+    stream_id, frame, status = entries[-1]
+    assert (stream_id, frame) == (7, None)
+    assert status is not None
+    assert (status.code, status.message) == (13, "broken")
+    # The hand-made encoding is the protobuf one: a generic decoder agrees.
+    decoded = device_pb2.SessionFrames.FromString(packed)
+    assert [f.frame for f in decoded.frames[:-1]] == frames
 
 
 def test_coalesce_keeps_every_token_and_all_text_in_order() -> None:

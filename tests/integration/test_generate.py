@@ -266,3 +266,22 @@ async def test_shutdown_lets_in_flight_streams_finish() -> None:
         assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
     finally:
         await stop_cluster(cluster)
+
+
+async def test_split_equals_colocated_while_devices_batch_other_requests(cluster: Cluster) -> None:
+    # Devices batch every running sequence into one decode step; a sequence's
+    # tokens must not depend on which neighbours it was batched with.
+    prompts = [f"concurrent prompt {i} " * (i + 1) for i in range(12)]
+
+    async def both(prompt: str) -> tuple[list[int], list[int]]:
+        options = {"max_tokens": 20, "temperature": 0.8, "seed": 99}
+        split, colocated = await asyncio.gather(
+            collect(cluster.client, prompt, disaggregation="split", **options),
+            collect(cluster.client, prompt, disaggregation="colocated", **options),
+        )
+        return token_ids(split), token_ids(colocated)
+
+    results = await asyncio.gather(*(both(p) for p in prompts))
+    for split, colocated in results:
+        assert split == colocated
+        assert len(split) == 20

@@ -352,3 +352,119 @@ def test_long_prompt_prefill_keeps_temporaries_small(tiny: TinyTransformer) -> N
     assert cache.length == 8192
     assert np.isfinite(logits).all()
     assert peak < 100 * 2**20
+
+
+# ---------------------------------------------------------- batched decode
+
+
+def clone(net: TinyTransformer, cache: KVCache, capacity: int | None = None) -> KVCache:
+    room = cache.length if capacity is None else capacity
+    return KVCache.from_buffer(net.config, cache.to_bytes(), cache.length, room)
+
+
+def random_contexts(net: TinyTransformer, count: int, seed: int) -> list[KVCache]:
+    """Caches of 1..400 positions with assorted spare room (growth included)."""
+    rng = np.random.default_rng(seed)
+    caches = []
+    for _ in range(count):
+        n = int(rng.integers(1, 401))
+        cache, _ = net.prefill([BOS_ID, *rng.integers(0, 256, n - 1).tolist()], n)
+        caches.append(clone(net, cache, n + int(rng.integers(0, 3))))
+    return caches
+
+
+def check_batches_match_solo(net: TinyTransformer, seed: int, sizes: list[int]) -> None:
+    """Every sequence, in batches of every size and order, gives its solo bits."""
+    rng = np.random.default_rng(seed)
+    pool = random_contexts(net, max(sizes), seed)
+    steps = 3
+    tokens = rng.integers(0, VOCAB_SIZE, (len(pool), steps)).tolist()
+    solo_caches = [clone(net, cache, cache.length) for cache in pool]
+    solo = [
+        [net.decode(cache, t) for t in row] for cache, row in zip(solo_caches, tokens, strict=True)
+    ]
+    for size in sizes:
+        members = rng.permutation(len(pool))[:size].tolist()
+        caches = {i: clone(net, pool[i], pool[i].length + int(rng.integers(0, 2))) for i in members}
+        for step in range(steps):
+            # A fresh order and batch split each step: the neighbours keep changing.
+            order = rng.permutation(members).tolist()
+            cut = int(rng.integers(1, size + 1))
+            for part in (order[:cut], order[cut:]):
+                if not part:
+                    continue
+                logits = net.decode_batch(
+                    [caches[i] for i in part], [tokens[i][step] for i in part]
+                )
+                assert logits.shape == (len(part), VOCAB_SIZE)
+                assert logits.dtype == np.float32
+                for row, i in zip(logits, part, strict=True):
+                    assert np.array_equal(row, solo[i][step]), f"seq {i} step {step} size {size}"
+        for i in members:
+            assert_caches_equal(caches[i], solo_caches[i])
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_decode_batch_rows_are_bit_identical_to_solo(tiny: TinyTransformer, seed: int) -> None:
+    check_batches_match_solo(
+        tiny, seed, [1, 2, 7, 100, int(np.random.default_rng(seed).integers(3, 60))]
+    )
+
+
+@pytest.mark.parametrize("threads", [None, "1"])
+def test_decode_batch_exactness_with_any_blas_thread_count(threads: str | None) -> None:
+    # The devices run with one BLAS thread, the tests with the default: check both.
+    code = (
+        "from backends.mock.model import TinyTransformer\n"
+        "from tests.unit.test_model import check_batches_match_solo\n"
+        "check_batches_match_solo(TinyTransformer(), 5, [1, 2, 7, 100])\n"
+        "print('ok')\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("OPENBLAS_NUM_THREADS", None)
+    if threads is not None:
+        env["OPENBLAS_NUM_THREADS"] = threads
+    result = subprocess.run(
+        [sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"
+
+
+def test_decode_batch_of_one_is_decode_and_matches_prefill(tiny: TinyTransformer) -> None:
+    tokens = PROMPT + CONTINUATION
+    cache_a, _ = tiny.prefill(tokens[:3], 3)
+    cache_b = clone(tiny, cache_a)
+    for token in tokens[3:]:
+        single = tiny.decode(cache_a, token)
+        batched = tiny.decode_batch([cache_b], [token])
+        assert np.array_equal(batched[0], single)
+    _, full = tiny.prefill(tokens, len(tokens))
+    np.testing.assert_allclose(batched[0], full, rtol=1e-4, atol=1e-4)
+
+
+def test_decode_batch_grows_each_cache(tiny: TinyTransformer) -> None:
+    caches = [clone(tiny, tiny.prefill(PROMPT[:n], n)[0]) for n in (1, 5, 9)]
+    tiny.decode_batch(caches, [65, 66, 67])
+    assert [c.length for c in caches] == [2, 6, 10]
+    assert all(c.capacity >= 16 for c in caches)
+
+
+def test_decode_batch_from_an_empty_cache(tiny: TinyTransformer) -> None:
+    empty = [KVCache.allocate(tiny.config, 0), KVCache.allocate(tiny.config, 4)]
+    logits = tiny.decode_batch(empty, [BOS_ID, BOS_ID])
+    _, prefilled = tiny.prefill([BOS_ID], 1)
+    assert np.array_equal(logits[0], logits[1])
+    np.testing.assert_allclose(logits[0], prefilled, rtol=1e-4, atol=1e-4)
+    assert tiny.decode_batch([], []).shape == (0, VOCAB_SIZE)
+
+
+def test_decode_batch_validates_before_touching_any_cache(tiny: TinyTransformer) -> None:
+    caches = [clone(tiny, tiny.prefill(PROMPT, len(PROMPT))[0]) for _ in range(2)]
+    with pytest.raises(ValueError, match="outside"):
+        tiny.decode_batch(caches, [65, VOCAB_SIZE])
+    with pytest.raises(ValueError, match="twice"):
+        tiny.decode_batch([caches[0], caches[0]], [65, 66])
+    with pytest.raises(ValueError, match="token ids"):
+        tiny.decode_batch(caches, [65])
+    assert [c.length for c in caches] == [len(PROMPT)] * 2

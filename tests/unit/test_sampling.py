@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from backends.mock.sampling import sample_token
+from backends.mock.sampling import _mix64, sample_token, sample_tokens, uniform
 
 REPO = Path(__file__).resolve().parents[2]
 UNIFORM = np.zeros(258, np.float32)
@@ -51,13 +51,55 @@ def test_same_seed_and_position_give_the_same_token() -> None:
     assert first == again
 
 
-def test_draw_is_pinned_to_seed_sequence_of_seed_and_position() -> None:
-    # Uniform logits map the draw u to token floor(u * 258): pins the algorithm,
-    # so a numpy upgrade that changed the stream would be caught here.
+def test_draw_is_pinned_to_splitmix64_of_seed_and_position() -> None:
+    # Uniform logits with top_p 1 map the draw u to token floor(u * 258): pins
+    # the algorithm, so any change to the generator is caught here.
     tokens = [draw(UNIFORM, seed=12345, position=p) for p in range(8)]
-    assert tokens == [58, 123, 60, 207, 116, 200, 7, 248]
-    expected = [int(np.random.default_rng([12345, p]).random() * 258) for p in range(8)]
-    assert tokens == expected
+    assert tokens == [128, 118, 138, 254, 126, 124, 172, 179]
+    assert tokens == [int(uniform(12345, p) * 258) for p in range(8)]
+    assert uniform(0, 0) == 0.8833108082136426
+
+
+def test_mixer_is_splitmix64() -> None:
+    # Known answers: the first outputs of SplitMix64 seeded with 0.
+    gamma = 0x9E3779B97F4A7C15
+    assert _mix64(gamma) == 0xE220A8397B1DCDAF
+    assert _mix64((2 * gamma) % 2**64) == 0x6E789E6AA1B965F4
+
+
+def test_uniform_is_in_the_unit_interval_with_53_bits() -> None:
+    draws = [uniform(seed, p) for seed in (0, 1, 2**64 - 1) for p in range(200)]
+    assert all(0.0 <= u < 1.0 for u in draws)
+    assert all((u * 2**53).is_integer() for u in draws)
+    assert len(set(draws)) == len(draws)
+    assert abs(float(np.mean(draws)) - 0.5) < 0.05
+
+
+def test_sample_tokens_matches_sample_token_row_by_row() -> None:
+    rng = np.random.default_rng(11)
+    logits = rng.standard_normal((40, 258)).astype(np.float32)
+    temperatures = [0.0 if i % 5 == 0 else 0.3 + i / 20 for i in range(40)]
+    top_ps = [1.0 if i % 3 == 0 else 0.5 + i / 100 for i in range(40)]
+    seeds = [int(s) for s in rng.integers(0, 2**63, 40)]
+    positions = list(range(100, 140))
+    batch = sample_tokens(logits, temperatures, top_ps, seeds, positions)
+    alone = [
+        sample_token(logits[i], temperature=t, top_p=p, seed=s, position=n)
+        for i, (t, p, s, n) in enumerate(zip(temperatures, top_ps, seeds, positions, strict=True))
+    ]
+    assert batch == alone
+    # A row's token does not depend on its neighbours or its place in the batch.
+    order = rng.permutation(40)
+    shuffled = sample_tokens(
+        logits[order],
+        [temperatures[i] for i in order],
+        [top_ps[i] for i in order],
+        [seeds[i] for i in order],
+        [positions[i] for i in order],
+    )
+    assert shuffled == [alone[i] for i in order]
+    with pytest.raises(ValueError, match="one temperature"):
+        sample_tokens(logits, temperatures[:3], top_ps, seeds, positions)
 
 
 def test_another_process_draws_the_same_tokens() -> None:

@@ -442,6 +442,26 @@ class SessionCancel(_message.Message):
 Global___SessionCancel: _TypeAlias = SessionCancel  # noqa: Y015
 
 @_typing.final
+class SessionFrames(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FRAMES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def frames(self) -> _containers.RepeatedCompositeFieldContainer[Global___SessionFrame]: ...
+    def __init__(
+        self,
+        *,
+        frames: _abc.Iterable[Global___SessionFrame] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["frames", b"frames"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SessionFrames: _TypeAlias = SessionFrames  # noqa: Y015
+
+@_typing.final
 class SessionFrame(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

@@ -69,7 +69,7 @@ class DeviceStub:
         self.Session = channel.stream_stream(
                 '/hetero.device.v1.Device/Session',
                 request_serializer=hetero_dot_device_dot_v1_dot_device__pb2.SessionRequest.SerializeToString,
-                response_deserializer=hetero_dot_device_dot_v1_dot_device__pb2.SessionFrame.FromString,
+                response_deserializer=hetero_dot_device_dot_v1_dot_device__pb2.SessionFrames.FromString,
                 _registered_method=True)
         self.Health = channel.unary_unary(
                 '/hetero.device.v1.Device/Health',
@@ -133,10 +133,11 @@ class DeviceServicer:
     def Session(self, request_iterator, context):
         """Many Generate and Decode requests over one long-lived stream: the router's
         fast path. A new RPC per request costs two to three times the CPU and
-        latency of a message on an open stream in Python gRPC. Frames of all
-        requests interleave; each carries its stream_id first, so a reader routes
-        it from a fixed 9-byte header without decoding it. A stream ends with a
-        frame that carries a status.
+        latency of a message on an open stream in Python gRPC, and one message per
+        token costs far more than one per decode step. Each response message packs
+        the frames the device had ready, of any streams; each frame carries its
+        stream_id first, so a reader routes it from a fixed 9-byte header without
+        decoding it. A stream ends with a frame that carries a status.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -190,7 +191,7 @@ def add_DeviceServicer_to_server(servicer, server):
             'Session': grpc.stream_stream_rpc_method_handler(
                     servicer.Session,
                     request_deserializer=hetero_dot_device_dot_v1_dot_device__pb2.SessionRequest.FromString,
-                    response_serializer=hetero_dot_device_dot_v1_dot_device__pb2.SessionFrame.SerializeToString,
+                    response_serializer=hetero_dot_device_dot_v1_dot_device__pb2.SessionFrames.SerializeToString,
             ),
             'Health': grpc.unary_unary_rpc_method_handler(
                     servicer.Health,
@@ -391,7 +392,7 @@ class Device:
             target,
             '/hetero.device.v1.Device/Session',
             hetero_dot_device_dot_v1_dot_device__pb2.SessionRequest.SerializeToString,
-            hetero_dot_device_dot_v1_dot_device__pb2.SessionFrame.FromString,
+            hetero_dot_device_dot_v1_dot_device__pb2.SessionFrames.FromString,
             options,
             channel_credentials,
             insecure,
