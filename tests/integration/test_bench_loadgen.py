@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import grpc
 
+from bench import load
 from bench.loadgen import DeviceTarget, RouterTarget, closed_loop, open_loop, send
 from bench.stats import summarize
-from bench.workloads import RequestSpec, fixed
+from bench.workloads import RequestSpec, fixed, save_trace
 from tests.conftest import Cluster
 
 
@@ -50,3 +53,20 @@ async def test_open_and_closed_loops_send_every_request(cluster: Cluster) -> Non
     finally:
         await direct.close()
         await router.close()
+
+
+async def test_load_cli_replays_a_trace_and_scores_it_against_an_slo(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    trace = tmp_path / "trace.jsonl"
+    save_trace(trace, [RequestSpec(i * 0.002, 20 + i, 5) for i in range(10)])
+    options = load._parser().parse_args(
+        ["--address", cluster.address, "--trace", str(trace), "--slo", "summarization"]
+    )
+    summary = await load._run(options)
+    assert summary["requests"] == 10
+    assert summary["completed"] == 10
+    assert summary["slo"] == "summarization"
+    # Time scale 0 against limits of seconds: every request meets the SLO.
+    assert summary["slo_attainment"] == 1.0
+    assert summary["goodput"] == summary["request_throughput"]
