@@ -11,6 +11,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.axes import Axes
+from matplotlib.ticker import NullFormatter, ScalarFormatter
 
 
 def _cdf(axis: Axes, values: Sequence[float], label: str) -> None:
@@ -38,6 +39,8 @@ def overhead(
             _cdf(axis, values, name)
         axis.set_title(title)
         axis.set_xscale("log")
+        axis.xaxis.set_major_formatter(ScalarFormatter())
+        axis.xaxis.set_minor_formatter(NullFormatter())
         axis.set_ylabel("fraction of requests")
         axis.grid(alpha=0.3)
         axis.legend()
@@ -48,7 +51,7 @@ def overhead(
     bars = axes[1][1]
     bars.bar(list(ratios), list(ratios.values()), color=["tab:blue", "tab:orange"])
     bars.axhline(1.0, color="grey", linewidth=0.8)
-    bars.set_ylim(0, 1.2)
+    bars.set_ylim(0, max(1.2, *ratios.values()) * 1.15)
     bars.set_title("tokens/s through the router / direct")
     for index, value in enumerate(ratios.values()):
         bars.text(index, value + 0.02, f"{value:.2f}", ha="center")
