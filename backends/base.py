@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import abc
 import enum
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 
 class Role(enum.StrEnum):
@@ -48,6 +49,12 @@ class SamplingParams:
 
 
 @dataclass(frozen=True)
+class ChatMessage:
+    role: str  # "system", "user", "assistant", ...
+    content: str
+
+
+@dataclass(frozen=True)
 class GenerationRequest:
     """A validated request: every field is within limits and the seed is fixed."""
 
@@ -56,6 +63,10 @@ class GenerationRequest:
     prompt: str
     sampling: SamplingParams
     prompt_tokens: int  # estimate, for scheduling
+    # Set for chat requests. ``prompt`` then holds the router's own chat template
+    # rendering (what mock devices read); engine adapters send the messages and
+    # let the engine apply the model's template.
+    messages: tuple[ChatMessage, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -76,22 +87,31 @@ class KVLayout:
 
 @dataclass(frozen=True)
 class KVHandle:
-    """Where a prefilled KV cache lives and how to read it."""
+    """Where a prefilled KV cache lives and how to read it.
+
+    Device servers fill the layout and byte fields; engine adapters (vLLM,
+    SGLang) carry the engine's own transfer parameters in ``engine_params``,
+    opaque to the router, and leave the rest at their defaults.
+    """
 
     backend_id: str
-    address: str
     request_id: str
-    layout: KVLayout
-    num_tokens: int
-    byte_length: int
-    checksum: int
-    lease_expires_at: float
+    address: str = ""
+    layout: KVLayout | None = None
+    num_tokens: int = 0
+    byte_length: int = 0
+    checksum: int = 0
+    lease_expires_at: float = 0.0
     block_ids: tuple[int, ...] = ()
+    engine_params: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
 class PrefillResult:
-    first_frame: bytes  # encoded GenerateResponse carrying the first token
+    # Encoded GenerateResponse carrying the first token, streamed to the client at
+    # once; empty when the prefill leg yields no token to show (engines whose
+    # decode leg recomputes it), and decode then streams from the first token.
+    first_frame: bytes
     first_token_id: int
     prompt_tokens: int
     finished: bool  # the first token ended the request; handle is None then
@@ -120,9 +140,13 @@ class HealthStatus:
 class Backend(abc.ABC):
     """One prefill, decode or colocated endpoint."""
 
-    def __init__(self, backend_id: str, address: str) -> None:
+    def __init__(
+        self, backend_id: str, address: str, options: Mapping[str, Any] | None = None
+    ) -> None:
+        """``options`` are the pool file's kind-specific settings for this backend."""
         self.id = backend_id
         self.address = address
+        self.options: Mapping[str, Any] = options or {}
 
     @property
     @abc.abstractmethod

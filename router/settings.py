@@ -83,6 +83,8 @@ class BackendConfig(BaseModel):
     profile: str = ""
     # Mock devices started by `hetero-router up` only.
     time_scale: float = Field(default=1.0, ge=0)
+    # Settings of this kind of adapter (e.g. an API key's environment variable).
+    options: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("address")
     @classmethod

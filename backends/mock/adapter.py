@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Mapping
 from typing import Any
 
 import grpc
@@ -44,7 +44,7 @@ def handle_to_proto(handle: KVHandle) -> device_pb2.KVHandle:
         address=handle.address,
         request_id=handle.request_id,
         block_ids=handle.block_ids,
-        layout=layout_to_proto(handle.layout),
+        layout=layout_to_proto(handle.layout) if handle.layout is not None else None,
         num_tokens=handle.num_tokens,
         byte_length=handle.byte_length,
         checksum=handle.checksum,
@@ -69,8 +69,10 @@ def handle_from_proto(message: device_pb2.KVHandle) -> KVHandle:
 class MockBackend(Backend):
     """A mock device: prefill, decode and colocated generation; the decode side pulls the KV."""
 
-    def __init__(self, backend_id: str, address: str) -> None:
-        super().__init__(backend_id, address)
+    def __init__(
+        self, backend_id: str, address: str, options: Mapping[str, Any] | None = None
+    ) -> None:
+        super().__init__(backend_id, address, options)
         self._channel: grpc.aio.Channel | None = None
         self._calls: dict[str, Any] = {}
         self._session: DeviceSession | None = None

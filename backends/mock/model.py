@@ -389,9 +389,10 @@ class TinyTransformer:
         # The new K/V of every layer, written to the caches once at the end
         # (one slice assignment per sequence instead of one per layer).
         new_kv = np.empty((2, batch, c.layers, c.n_kv_heads, c.head_dim), np.float32)
-        work = _AttentionWork.build(c, self._group, caches, positions)
         for index in range(c.layers):
-            x = self._decode_layer(index, x, rope=rope, new_kv=new_kv, work=work)
+            x = self._decode_layer(
+                index, x, caches=caches, positions=positions, rope=rope, new_kv=new_kv
+            )
         for b, (cache, position) in enumerate(zip(caches, positions, strict=True)):
             cache.keys[:, :, position] = new_kv[0, b]
             cache.values[:, :, position] = new_kv[1, b]
@@ -401,7 +402,14 @@ class TinyTransformer:
         return logits
 
     def _decode_layer(
-        self, index: int, x: Floats, *, rope: _Rotary, new_kv: Floats, work: _AttentionWork
+        self,
+        index: int,
+        x: Floats,
+        *,
+        caches: Sequence[KVCache],
+        positions: list[int],
+        rope: _Rotary,
+        new_kv: Floats,
     ) -> Floats:
         """One block for each sequence's token at its position; its K/V go to ``new_kv``."""
         c, layer = self.config, self._layers[index]
@@ -412,28 +420,34 @@ class TinyTransformer:
         q = qk[:, : c.n_heads].reshape(batch, c.n_kv_heads, self._group, c.head_dim)
         new_kv[0, :, index] = qk[:, c.n_heads :]
         new_kv[1, :, index] = heads[:, qk_heads:]
-        attn = self._attention(index, q, new_kv[:, :, index], work)
+        attn = self._attention(index, q, new_kv[:, :, index], caches, positions)
         h = x + self._exact_matmul(attn, layer.w_out, norm=False)
         gate_up = self._exact_matmul(h, layer.w_gate_up, norm=True)
         return h + self._exact_matmul(self._swiglu(gate_up), layer.w_down, norm=False)
 
-    def _attention(self, index: int, q: Floats, new_kv: Floats, work: _AttentionWork) -> Floats:
+    def _attention(
+        self,
+        index: int,
+        q: Floats,
+        new_kv: Floats,
+        caches: Sequence[KVCache],
+        positions: list[int],
+    ) -> Floats:
         """Each query (batch, kv_heads, group, head_dim) over its cache plus its own new K/V.
 
         Scores are padded to the longest context with -inf. The new key's
         score and value are handled elementwise here, so the cache is only
-        read, and a sequence with an empty cache needs no BLAS call. The
-        per-sequence views come from ``work``, built once per step for all
-        layers: the loops below make one numpy call per sequence each.
+        read, and a sequence with an empty cache needs no BLAS call.
         """
         batch, kv_heads, group, head_dim = q.shape
         new_k, new_v = new_kv[0][:, :, None, :], new_kv[1][:, :, None, :]
-        scores = work.scores
-        scores.fill(-np.inf)
+        scores = np.full((batch, kv_heads, group, 1 + max(positions)), -np.inf, np.float32)
         scores[..., 0] = _dot_last(q, new_k)
-        matmul = np.matmul
-        for b, keys, out in work.score_jobs:
-            matmul(q[b], keys[index], out=out)
+        for b, cache in enumerate(caches):
+            n = positions[b]
+            if n:
+                keys = cache.keys[index, :, :n].transpose(0, 2, 1)
+                np.matmul(q[b], keys, out=scores[b, :, :, 1 : n + 1])
         # Softmax weights as integers (2**24 * exp(score - max), rounded): their
         # float64 sum is exact, so neither the padding nor the reduction order can
         # change it. Weights below 2**-25 of the largest become 0: negligible.
@@ -442,10 +456,13 @@ class TinyTransformer:
         scores *= _WEIGHT_ONE
         np.rint(scores, out=scores)
         total = scores.sum(axis=-1, keepdims=True, dtype=np.float64)
-        weighted = work.weighted
-        for weights, values, out in work.value_jobs:
-            matmul(weights, values[index], out=out)
-        out = weighted + scores[..., :1] * new_v
+        out = np.zeros((batch, kv_heads, group, head_dim), np.float32)
+        for b, cache in enumerate(caches):
+            n = positions[b]
+            if n:
+                values = cache.values[index, :, :n]
+                np.matmul(scores[b, :, :, 1 : n + 1], values, out=out[b])
+        out += scores[..., :1] * new_v
         out /= total
         return out.reshape(batch, kv_heads * group * head_dim)
 
@@ -522,40 +539,6 @@ class TinyTransformer:
         if ids.min() < 0 or ids.max() >= self.config.vocab_size:
             raise ValueError(f"token ids must be within 0..{self.config.vocab_size - 1}")
         return ids
-
-
-@dataclass(frozen=True)
-class _AttentionWork:
-    """Buffers and per-sequence views for one decode step, shared by all layers.
-
-    ``score_jobs`` holds (row, keys transposed (layers, kv_heads, head_dim, n),
-    that row's score slots 1..n); ``value_jobs`` (that row's weights over its
-    cache, values (layers, kv_heads, n, head_dim), that row of ``weighted``).
-    Each BLAS call reads one sequence's operands only, with shapes from that
-    sequence alone: the exactness argument of ``decode_batch``. Sequences with
-    an empty cache have no jobs; their ``weighted`` row stays zero.
-    """
-
-    scores: Floats  # (batch, kv_heads, group, 1 + longest context); slot 0: the new key
-    weighted: Floats  # (batch, kv_heads, group, head_dim): weights @ cached values
-    score_jobs: list[tuple[int, Floats, Floats]]
-    value_jobs: list[tuple[Floats, Floats, Floats]]
-
-    @classmethod
-    def build(
-        cls, config: TinyConfig, group: int, caches: Sequence[KVCache], positions: list[int]
-    ) -> _AttentionWork:
-        batch, kv_heads = len(caches), config.n_kv_heads
-        scores = np.empty((batch, kv_heads, group, 1 + max(positions)), np.float32)
-        weighted = np.zeros((batch, kv_heads, group, config.head_dim), np.float32)
-        score_jobs: list[tuple[int, Floats, Floats]] = []
-        value_jobs: list[tuple[Floats, Floats, Floats]] = []
-        for b, (cache, n) in enumerate(zip(caches, positions, strict=True)):
-            if n:
-                slots = scores[b, :, :, 1 : n + 1]
-                score_jobs.append((b, cache.keys[:, :, :n].transpose(0, 1, 3, 2), slots))
-                value_jobs.append((slots, cache.values[:, :, :n], weighted[b]))
-        return cls(scores, weighted, score_jobs, value_jobs)
 
 
 def _dot_last(a: Floats, b: Floats) -> Floats:

@@ -124,9 +124,13 @@ class Dispatcher:
                 done.set()
                 return
             route = _route_frame(request, Mode.SPLIT, plan.prefill_backend, plan.decode_backend)
-            # The first token goes to the client now; it does not wait for the KV to move.
-            yield route + prefill.first_frame
+            if prefill.first_frame:
+                # The first token goes to the client now; it does not wait for the KV to move.
+                yield route + prefill.first_frame
+                route = b""
             if prefill.finished or prefill.handle is None:
+                if route:  # nothing was sent yet: the client still gets its route
+                    yield route + prefill.first_frame
                 done.set()
                 return
             with self._pool.outstanding(plan.decode_backend) as decoder:
@@ -135,7 +139,8 @@ class Dispatcher:
                 )
                 async with contextlib.aclosing(decode) as frames:
                     async for frame in frames:
-                        yield frame
+                        yield route + frame if route else frame
+                        route = b""
             done.set()
 
     async def _prefill(self, request: GenerationRequest, backend_id: str) -> PrefillResult:

@@ -45,7 +45,10 @@ class Pool:
         for backend_config in config.backends:
             try:
                 backend = adapters.create(
-                    backend_config.kind, backend_config.id, backend_config.address
+                    backend_config.kind,
+                    backend_config.id,
+                    backend_config.address,
+                    backend_config.options,
                 )
             except ValueError as error:
                 raise ConfigError(f"backend {backend_config.id}: {error}") from error

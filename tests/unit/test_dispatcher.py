@@ -1,0 +1,124 @@
+"""Dispatch with a scripted backend: what reaches the client, in what order."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator, Mapping
+from typing import Any
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from backends import registry
+from backends.base import (
+    Backend,
+    BackendLoad,
+    Capabilities,
+    GenerationRequest,
+    HandoffMode,
+    HealthStatus,
+    KVHandle,
+    PrefillResult,
+    Role,
+    SamplingParams,
+)
+from router._gen.hetero.router.v1 import router_pb2
+from router.dispatch.dispatcher import Dispatcher
+from router.metrics import RouterMetrics
+from router.pool.registry import Pool
+from router.scheduling.plan import Disaggregation
+from router.scheduling.registry import build_scheduler
+from router.settings import BackendConfig, PoolConfig, Settings
+
+
+def frame(*tokens: int, finish: int = 0) -> bytes:
+    message = router_pb2.GenerateResponse(token_ids=tokens, text="x" * len(tokens))
+    if finish:
+        message.finish_reason = finish
+        message.usage.completion_tokens = 3
+    return message.SerializeToString()
+
+
+class EngineLike(Backend):
+    """Prefill shows no token (as engines whose decode recomputes it)."""
+
+    finished_at_prefill = False
+
+    def __init__(self, backend_id: str, address: str, options: Mapping[str, Any]) -> None:
+        super().__init__(backend_id, address, options)
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return Capabilities(frozenset(Role), frozenset({HandoffMode.SEQUENTIAL}))
+
+    async def start(self) -> None: ...
+    async def close(self) -> None: ...
+
+    async def check_health(self, timeout_s: float) -> HealthStatus:
+        return HealthStatus(serving=True)
+
+    async def load(self, timeout_s: float) -> BackendLoad:
+        return BackendLoad()
+
+    async def prefill(self, request: GenerationRequest, timeout_s: float) -> PrefillResult:
+        handle = KVHandle(self.id, request.request_id, engine_params={"opaque": 1})
+        finished = EngineLike.finished_at_prefill
+        return PrefillResult(b"", -1, 3, finished, None if finished else handle)
+
+    async def decode(
+        self, request: GenerationRequest, handle: KVHandle, first_token_id: int, timeout_s: float
+    ) -> AsyncGenerator[bytes, None]:
+        assert handle.engine_params == {"opaque": 1}
+        yield frame(1)
+        yield frame(2, 3, finish=router_pb2.FINISH_REASON_LENGTH)
+
+    async def generate(
+        self, request: GenerationRequest, timeout_s: float
+    ) -> AsyncGenerator[bytes, None]:
+        yield frame(9, finish=router_pb2.FINISH_REASON_STOP)
+
+    async def abort(self, request_id: str, timeout_s: float) -> None: ...
+
+
+@pytest.fixture
+def dispatcher() -> Dispatcher:
+    registry.register("engine-like", EngineLike)
+    pool_config = PoolConfig(
+        backends=(
+            BackendConfig(id="p", kind="engine-like", address="h:1", role="prefill", model="m"),
+            BackendConfig(id="d", kind="engine-like", address="h:2", role="decode", model="m"),
+        )
+    )
+    metrics = RouterMetrics(CollectorRegistry())
+    pool = Pool(pool_config, metrics)
+    for backend_id in ("p", "d"):
+        pool.set_health(backend_id, True, "", None)
+    settings = Settings()
+    return Dispatcher(pool, build_scheduler(settings), settings, metrics)
+
+
+REQUEST = GenerationRequest("r1", "m", "hello", SamplingParams(3, 0.0, 1.0, 1), 6)
+
+
+async def run(dispatcher: Dispatcher) -> list[router_pb2.GenerateResponse]:
+    frames = dispatcher.generate(REQUEST, Disaggregation.SPLIT)
+    return [router_pb2.GenerateResponse.FromString(f) async for f in frames]
+
+
+async def test_route_rides_on_the_first_decode_frame_when_prefill_shows_no_token(
+    dispatcher: Dispatcher,
+) -> None:
+    EngineLike.finished_at_prefill = False
+    responses = await run(dispatcher)
+    assert len(responses) == 2
+    assert responses[0].route.mode == router_pb2.ROUTE_MODE_SPLIT
+    assert (responses[0].route.prefill_backend, responses[0].route.decode_backend) == ("p", "d")
+    assert list(responses[0].token_ids) == [1]
+    assert not responses[1].HasField("route")
+    assert responses[1].finish_reason == router_pb2.FINISH_REASON_LENGTH
+
+
+async def test_a_request_finished_by_prefill_still_gets_its_route(dispatcher: Dispatcher) -> None:
+    EngineLike.finished_at_prefill = True
+    responses = await run(dispatcher)
+    assert len(responses) == 1
+    assert responses[0].route.request_id == "r1"
