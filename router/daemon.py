@@ -15,6 +15,7 @@ from prometheus_client import CollectorRegistry
 
 from router.api.grpc_server import FrontDoor, RouterService
 from router.api.http_server import AdminServer
+from router.api.openai_http import OpenAIRoutes
 from router.dispatch.dispatcher import Dispatcher
 from router.logging import get_logger
 from router.metrics import RouterMetrics
@@ -44,7 +45,12 @@ class Daemon:
         self.front_door = FrontDoor(
             RouterService(settings, self.pool, self.dispatcher), settings.grpc_address
         )
-        self.admin = AdminServer(self.registry, self.readiness, settings.http_address)
+        self.admin = AdminServer(
+            self.registry,
+            self.readiness,
+            settings.http_address,
+            OpenAIRoutes(settings, self.pool, self.dispatcher),
+        )
         self._draining = False
         self._stop_requested = asyncio.Event()
 

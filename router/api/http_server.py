@@ -1,4 +1,5 @@
-"""HTTP admin door: Prometheus /metrics, liveness /healthz, readiness /readyz."""
+"""The HTTP door: Prometheus /metrics, liveness /healthz, readiness /readyz, and the
+OpenAI-compatible API when one is given."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ from collections.abc import Callable
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from router.api.openai_http import OpenAIRoutes
+
 
 class AdminServer:
     def __init__(
@@ -14,7 +17,9 @@ class AdminServer:
         registry: CollectorRegistry,
         readiness: Callable[[], tuple[bool, str]],
         address: str,
+        openai: OpenAIRoutes | None = None,
     ) -> None:
+        self._openai = openai
         self._registry = registry
         self._readiness = readiness
         self._host, _, port = address.rpartition(":")
@@ -27,10 +32,14 @@ class AdminServer:
         app.router.add_get("/metrics", self._metrics)
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/readyz", self._readyz)
+        if self._openai is not None:
+            self._openai.register(app)
         return app
 
     async def start(self) -> int:
-        self._runner = web.AppRunner(self.app(), access_log=None)
+        # handler_cancellation: a client that disconnects cancels its handler, which
+        # aborts the request on the backends.
+        self._runner = web.AppRunner(self.app(), access_log=None, handler_cancellation=True)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self._host, self._port)
         await site.start()

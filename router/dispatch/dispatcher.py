@@ -56,7 +56,7 @@ class Dispatcher:
 
     async def generate(
         self, request: GenerationRequest, disaggregation: Disaggregation
-    ) -> AsyncIterator[bytes]:
+    ) -> AsyncGenerator[bytes, None]:
         started = time.monotonic()
         features = RequestFeatures(
             request_id=request.request_id,

@@ -1,0 +1,346 @@
+"""The OpenAI-compatible HTTP door: /v1/completions, /v1/chat/completions, /v1/models.
+
+Requests become the same validated GenerationRequest as the gRPC door's and run
+through the same dispatcher. Streaming answers are server-sent events; errors
+use OpenAI's error JSON with the matching HTTP status. The split can be steered
+per request with the body field ``disaggregation`` or the header
+``X-Hetero-Disaggregation`` (``auto``, ``split``, ``colocated``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from aiohttp import web
+
+from backends.base import ChatMessage, GenerationRequest
+from router._gen.hetero.router.v1 import router_pb2
+from router.api import chat_template
+from router.api.validation import validate_generate
+from router.dispatch.dispatcher import Dispatcher
+from router.errors import InvalidRequestError, OverloadedError, RouterError
+from router.logging import bind_request, get_logger, unbind_request
+from router.pool.registry import Pool
+from router.scheduling.plan import Disaggregation
+from router.settings import Settings
+
+log = get_logger(__name__)
+
+_FINISH = {
+    router_pb2.FINISH_REASON_STOP: "stop",
+    router_pb2.FINISH_REASON_LENGTH: "length",
+    router_pb2.FINISH_REASON_ABORT: "abort",
+}
+_DISAGGREGATION = {
+    "auto": router_pb2.DISAGGREGATION_AUTO,
+    "split": router_pb2.DISAGGREGATION_SPLIT,
+    "colocated": router_pb2.DISAGGREGATION_COLOCATED,
+}
+_ERROR_TYPES = {400: "invalid_request_error", 429: "rate_limit_exceeded", 503: "unavailable"}
+
+
+def error_response(status: int, message: str, *, param: str | None = None,
+                   retry_after_s: float | None = None) -> web.Response:  # fmt: skip
+    body = {
+        "error": {
+            "message": message,
+            "type": _ERROR_TYPES.get(status, "server_error"),
+            "param": param,
+            "code": None,
+        }
+    }
+    headers = {"Retry-After": str(max(1, round(retry_after_s)))} if retry_after_s else None
+    return web.json_response(body, status=status, headers=headers)
+
+
+@dataclasses.dataclass
+class _Parsed:
+    request: GenerationRequest
+    disaggregation: Disaggregation
+    stream: bool
+    include_usage: bool
+    chat: bool
+
+
+class OpenAIRoutes:
+    def __init__(self, settings: Settings, pool: Pool, dispatcher: Dispatcher) -> None:
+        self._settings = settings
+        self._pool = pool
+        self._dispatcher = dispatcher
+
+    def register(self, app: web.Application) -> None:
+        app.router.add_post("/v1/completions", self.completions)
+        app.router.add_post("/v1/chat/completions", self.chat_completions)
+        app.router.add_get("/v1/models", self.models)
+
+    async def models(self, request: web.Request) -> web.Response:
+        data = [
+            {"id": name, "object": "model", "created": 0, "owned_by": "hetero-router"}
+            for name in self._pool.models
+        ]
+        return web.json_response({"object": "list", "data": data})
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._serve(request, chat=False)
+
+    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._serve(request, chat=True)
+
+    async def _serve(self, http: web.Request, *, chat: bool) -> web.StreamResponse:
+        try:
+            body = await http.json()
+            if not isinstance(body, dict):
+                raise InvalidRequestError("the request body must be a JSON object")
+            parsed = self._parse(body, http, chat=chat)
+        except json.JSONDecodeError as error:
+            self._dispatcher.count_rejected("invalid")
+            return error_response(400, f"the request body is not valid JSON: {error}")
+        except InvalidRequestError as error:
+            self._dispatcher.count_rejected("invalid")
+            return error_response(400, error.message)
+        bind_request(parsed.request.request_id)
+        try:
+            # Closing the frames, also when the client went away, aborts the backends.
+            generation = self._dispatcher.generate(parsed.request, parsed.disaggregation)
+            async with contextlib.aclosing(generation) as frames:
+                if parsed.stream:
+                    return await self._stream(http, parsed, frames)
+                return await self._complete(parsed, frames)
+        finally:
+            unbind_request()
+
+    # -- request -------------------------------------------------------------
+
+    def _parse(self, body: dict[str, Any], http: web.Request, *, chat: bool) -> _Parsed:
+        messages: tuple[ChatMessage, ...] = ()
+        if chat:
+            messages = _messages(body.get("messages"))
+            prompt = chat_template.render(messages)
+        else:
+            raw = body.get("prompt")
+            if isinstance(raw, list) and len(raw) == 1:
+                raw = raw[0]
+            if not isinstance(raw, str):
+                raise InvalidRequestError("'prompt' must be a string")
+            prompt = raw
+        if body.get("n", 1) != 1:
+            raise InvalidRequestError("only n=1 is supported")
+        mode = body.get("disaggregation") or http.headers.get("X-Hetero-Disaggregation", "auto")
+        if mode not in _DISAGGREGATION:
+            raise InvalidRequestError("disaggregation must be one of auto, split, colocated")
+        message = router_pb2.GenerateRequest(
+            request_id=http.headers.get("X-Request-Id", ""),
+            model=_typed(body, "model", str) or "",
+            prompt=prompt,
+            sampling=_sampling(body, chat=chat),
+            disaggregation=_DISAGGREGATION[mode],
+        )
+        request, disaggregation = validate_generate(
+            message, self._settings, self._pool.models, self._pool.config.resolved_default_model
+        )
+        stream = _typed(body, "stream", bool) or False
+        options = body.get("stream_options") or {}
+        include_usage = isinstance(options, dict) and bool(options.get("include_usage"))
+        request = dataclasses.replace(request, messages=messages)
+        return _Parsed(request, disaggregation, stream, include_usage, chat)
+
+    # -- response ------------------------------------------------------------
+
+    async def _complete(self, parsed: _Parsed, frames: AsyncIterator[bytes]) -> web.Response:
+        text: list[str] = []
+        finish, usage, route = "", router_pb2.Usage(), ""
+        try:
+            async for frame in frames:
+                response = router_pb2.GenerateResponse.FromString(frame)
+                route = route or _route_header(response)
+                text.append(response.text)
+                if response.finish_reason:
+                    finish, usage = _FINISH[response.finish_reason], response.usage
+        except RouterError as error:
+            return _router_error(error)
+        request = parsed.request
+        content = "".join(text)
+        choice: dict[str, Any] = (
+            {"index": 0, "message": {"role": "assistant", "content": content}}
+            if parsed.chat
+            else {"index": 0, "text": content, "logprobs": None}
+        )
+        choice["finish_reason"] = finish or None
+        return web.json_response(
+            {
+                "id": f"{'chatcmpl' if parsed.chat else 'cmpl'}-{request.request_id}",
+                "object": "chat.completion" if parsed.chat else "text_completion",
+                "created": int(time.time()),
+                "model": request.model,
+                "choices": [choice],
+                "usage": _usage(usage),
+            },
+            headers={"X-Hetero-Route": route, "X-Request-Id": request.request_id},
+        )
+
+    async def _stream(
+        self, http: web.Request, parsed: _Parsed, frames: AsyncIterator[bytes]
+    ) -> web.StreamResponse:
+        request = parsed.request
+        chunk_id = f"{'chatcmpl' if parsed.chat else 'cmpl'}-{request.request_id}"
+        head = {
+            "id": chunk_id,
+            "object": "chat.completion.chunk" if parsed.chat else "text_completion",
+            "created": int(time.time()),
+            "model": request.model,
+        }
+        response: web.StreamResponse | None = None
+        first = True
+        try:
+            async for frame in frames:
+                message = router_pb2.GenerateResponse.FromString(frame)
+                finish = _FINISH.get(message.finish_reason)
+                if not message.text and finish is None and not first:
+                    continue
+                if response is None:
+                    # Headers go out with the first token, so an error before it is a real status.
+                    response = await self._open_stream(
+                        http, request.request_id, _route_header(message)
+                    )
+                choice: dict[str, Any] = {"index": 0, "finish_reason": finish}
+                if parsed.chat:
+                    delta: dict[str, str] = {"content": message.text}
+                    if first:
+                        delta["role"] = "assistant"
+                    choice["delta"] = delta
+                else:
+                    choice["text"] = message.text
+                    choice["logprobs"] = None
+                first = False
+                await _send(response, {**head, "choices": [choice]})
+                if finish is not None and parsed.include_usage:
+                    await _send(response, {**head, "choices": [], "usage": _usage(message.usage)})
+        except RouterError as error:
+            if response is None:
+                return _router_error(error)
+            await _send(response, {"error": {"message": error.message, "type": "server_error"}})
+        except ConnectionResetError:
+            log.info("client went away mid-stream")  # leaving the loop aborted the backends
+            raise
+        if response is None:
+            response = await self._open_stream(http, request.request_id, "")
+        await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response
+
+    @staticmethod
+    async def _open_stream(http: web.Request, request_id: str, route: str) -> web.StreamResponse:
+        response = web.StreamResponse(
+            headers={
+                "Content-Type": "text/event-stream",
+                "Cache-Control": "no-cache",
+                "X-Request-Id": request_id,
+                "X-Hetero-Route": route,
+            }
+        )
+        await response.prepare(http)
+        return response
+
+
+async def _send(response: web.StreamResponse, payload: dict[str, Any]) -> None:
+    await response.write(b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n")
+
+
+def _router_error(error: RouterError) -> web.Response:
+    status = error.http_status
+    retry = error.retry_after_s if isinstance(error, OverloadedError) else None
+    return error_response(
+        status, error.message, retry_after_s=retry or (1.0 if status == 429 else None)
+    )
+
+
+def _route_header(response: router_pb2.GenerateResponse) -> str:
+    """``split prefill=h100-0 decode=groq-1``: which backends served the request."""
+    if not response.HasField("route"):
+        return ""
+    route = response.route
+    mode = "split" if route.mode == router_pb2.ROUTE_MODE_SPLIT else "colocated"
+    return f"{mode} prefill={route.prefill_backend} decode={route.decode_backend}"
+
+
+def _usage(usage: router_pb2.Usage) -> dict[str, int]:
+    return {
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "total_tokens": usage.prompt_tokens + usage.completion_tokens,
+    }
+
+
+def _typed(body: dict[str, Any], key: str, kind: type) -> Any:
+    value = body.get(key)
+    # bool is an int in Python; a JSON true is no token count.
+    if value is not None and (
+        not isinstance(value, kind) or (kind is not bool and isinstance(value, bool))
+    ):
+        raise InvalidRequestError(
+            f"'{key}' must be {'a number' if kind is float else kind.__name__}"
+        )
+    return value
+
+
+def _number(body: dict[str, Any], key: str) -> float | None:
+    value = body.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InvalidRequestError(f"'{key}' must be a number")
+    return float(value)
+
+
+def _sampling(body: dict[str, Any], *, chat: bool) -> router_pb2.SamplingParams:
+    sampling = router_pb2.SamplingParams()
+    max_tokens = _typed(body, "max_completion_tokens", int) if chat else None
+    max_tokens = max_tokens if max_tokens is not None else _typed(body, "max_tokens", int)
+    if max_tokens is not None:
+        if not 0 <= max_tokens < 2**32:
+            raise InvalidRequestError(f"'max_tokens' must be at least 1, got {max_tokens}")
+        sampling.max_tokens = max_tokens
+    for key in ("temperature", "top_p"):
+        value = _number(body, key)
+        if value is not None:
+            setattr(sampling, key, value)
+    seed = _typed(body, "seed", int)
+    if seed is not None:
+        if not 0 <= seed < 2**64:
+            raise InvalidRequestError("'seed' must be between 0 and 2**64 - 1")
+        sampling.seed = seed
+    stop = body.get("stop")
+    if isinstance(stop, str):
+        stop = [stop]
+    if stop is not None:
+        if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
+            raise InvalidRequestError("'stop' must be a string or a list of strings")
+        sampling.stop.extend(stop)
+    return sampling
+
+
+def _messages(raw: object) -> tuple[ChatMessage, ...]:
+    if not isinstance(raw, list) or not raw:
+        raise InvalidRequestError("'messages' must be a non-empty list")
+    messages = []
+    for index, item in enumerate(raw):
+        if not isinstance(item, dict) or item.get("role") not in chat_template.ROLES:
+            raise InvalidRequestError(
+                f"messages[{index}] needs a role of {', '.join(chat_template.ROLES)}"
+            )
+        content = item.get("content")
+        if isinstance(content, list):  # content parts: only text is understood
+            if not all(isinstance(p, dict) and p.get("type") == "text" for p in content):
+                raise InvalidRequestError(
+                    f"messages[{index}]: only text content parts are supported"
+                )
+            content = "".join(str(p.get("text", "")) for p in content)
+        if not isinstance(content, str):
+            raise InvalidRequestError(f"messages[{index}].content must be a string")
+        messages.append(ChatMessage(item["role"], content))
+    return tuple(messages)

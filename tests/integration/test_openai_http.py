@@ -1,0 +1,155 @@
+"""The OpenAI-compatible door, driven by the official openai SDK and by raw HTTP."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import openai
+import pytest
+
+from tests.conftest import Cluster, start_cluster, stop_cluster
+from tests.helpers import eventually
+
+
+@pytest.fixture
+async def sdk(cluster: Cluster) -> AsyncIterator[openai.AsyncOpenAI]:
+    client = openai.AsyncOpenAI(base_url=f"{cluster.admin_url}/v1", api_key="unused", max_retries=0)
+    yield client
+    await client.close()
+
+
+async def test_models_lists_what_the_pool_serves(sdk: openai.AsyncOpenAI) -> None:
+    models = await sdk.models.list()
+    assert [m.id for m in models.data] == ["llama-3.1-8b"]
+
+
+async def test_completion_with_the_sdk(sdk: openai.AsyncOpenAI) -> None:
+    completion = await sdk.completions.create(
+        model="llama-3.1-8b", prompt="Hello", max_tokens=12, temperature=0, seed=3
+    )
+    choice = completion.choices[0]
+    assert choice.finish_reason in ("length", "stop")
+    assert completion.usage is not None
+    assert completion.usage.prompt_tokens == len("Hello") + 1
+    assert 1 <= completion.usage.completion_tokens <= 12
+    assert isinstance(choice.text, str)
+
+
+async def test_streamed_completion_matches_the_unstreamed_one(sdk: openai.AsyncOpenAI) -> None:
+    options: dict[str, Any] = {"model": "llama-3.1-8b", "prompt": "Stream", "max_tokens": 16,
+                               "temperature": 0.7, "seed": 11}  # fmt: skip
+    whole = await sdk.completions.create(**options)
+    stream = await sdk.completions.create(
+        **options, stream=True, stream_options={"include_usage": True}
+    )
+    chunks = [chunk async for chunk in stream]
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert text == whole.choices[0].text
+    assert chunks[-1].usage is not None
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens  # type: ignore[union-attr]
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices]
+    assert finishes[-1] in ("length", "stop")
+    assert all(f is None for f in finishes[:-1])
+
+
+async def test_chat_with_the_sdk_streamed_and_not(sdk: openai.AsyncOpenAI) -> None:
+    messages: list[Any] = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi there"},
+    ]
+    whole = await sdk.chat.completions.create(
+        model="llama-3.1-8b", messages=messages, max_tokens=10, temperature=0
+    )
+    assert whole.choices[0].message.role == "assistant"
+    # The router's chat template: "<|role|>\ncontent\n" per message, then "<|assistant|>\n".
+    template = "<|system|>\nBe brief.\n<|user|>\nHi there\n<|assistant|>\n"
+    assert whole.usage is not None
+    assert whole.usage.prompt_tokens == len(template) + 1
+    stream = await sdk.chat.completions.create(
+        model="llama-3.1-8b", messages=messages, max_tokens=10, temperature=0, stream=True
+    )
+    chunks = [chunk async for chunk in stream]
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks)
+    assert text == whole.choices[0].message.content
+
+
+async def post(cluster: Cluster, path: str, body: Any, **headers: str) -> aiohttp.ClientResponse:
+    async with aiohttp.ClientSession() as session:
+        response = await session.post(f"{cluster.admin_url}{path}", json=body, headers=headers)
+        await response.read()
+        return response
+
+
+async def test_the_split_is_steered_by_header_or_body(cluster: Cluster) -> None:
+    body = {"prompt": "steer", "max_tokens": 6, "temperature": 0}
+    split = await post(cluster, "/v1/completions", body, **{"X-Hetero-Disaggregation": "split"})
+    colocated = await post(cluster, "/v1/completions", {**body, "disaggregation": "colocated"})
+    assert split.headers["X-Hetero-Route"].startswith("split prefill=h100")
+    assert colocated.headers["X-Hetero-Route"].startswith("colocated prefill=groq")
+    assert (await split.json())["choices"][0]["text"] == (await colocated.json())["choices"][0][
+        "text"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "message"),
+    [
+        ("/v1/completions", {"max_tokens": 5}, "'prompt' must be a string"),
+        ("/v1/completions", {"prompt": ""}, "prompt must not be empty"),
+        ("/v1/completions", {"prompt": "x", "max_tokens": 0}, "max_tokens must be between 1"),
+        ("/v1/completions", {"prompt": "x", "max_tokens": "ten"}, "'max_tokens' must be int"),
+        ("/v1/completions", {"prompt": "x", "temperature": -1}, "temperature must be >= 0"),
+        ("/v1/completions", {"prompt": "x", "model": "nope"}, "unknown model 'nope'"),
+        ("/v1/completions", {"prompt": "x", "n": 3}, "only n=1"),
+        ("/v1/completions", {"prompt": "x", "disaggregation": "sideways"}, "disaggregation"),
+        ("/v1/completions", [1, 2], "JSON object"),
+        ("/v1/chat/completions", {"messages": []}, "non-empty list"),
+        ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "x"}]}, "role"),
+    ],
+)
+async def test_bad_requests_get_400_in_openai_shape_and_reach_no_backend(
+    cluster: Cluster, path: str, body: Any, message: str
+) -> None:
+    response = await post(cluster, path, body)
+    assert response.status == 400
+    error = (await response.json())["error"]
+    assert message in error["message"]
+    assert error["type"] == "invalid_request_error"
+    assert all(device.requests_received == 0 for device in cluster.devices.values())
+
+
+async def test_invalid_json_is_400(cluster: Cluster) -> None:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(f"{cluster.admin_url}/v1/completions", data=b"{oops") as response,
+    ):
+        assert response.status == 400
+        assert "not valid JSON" in (await response.json())["error"]["message"]
+
+
+async def test_no_backend_is_503(cluster: Cluster) -> None:
+    for device in cluster.devices.values():
+        await device.stop(grace_s=0)
+    await cluster.daemon.health.check_all()
+    response = await post(cluster, "/v1/completions", {"prompt": "x"})
+    assert response.status == 503
+    assert "no healthy backend" in (await response.json())["error"]["message"]
+
+
+async def test_a_client_leaving_a_stream_aborts_the_backend_work() -> None:
+    cluster = await start_cluster(time_scale=1.0)
+    try:
+        body = {"prompt": "long", "max_tokens": 3000, "stream": True, "disaggregation": "split"}
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(f"{cluster.admin_url}/v1/completions", json=body) as response,
+        ):
+            assert response.status == 200
+            assert (await response.content.readline()).startswith(b"data: ")
+            assert any(used for used, _ in cluster.kv_in_use().values())
+        await eventually(lambda: all(v == (0, 0) for v in cluster.kv_in_use().values()))
+    finally:
+        await stop_cluster(cluster)
