@@ -9,7 +9,9 @@ with RouterClient("127.0.0.1:50051") as client:
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import grpc
@@ -57,12 +59,72 @@ def build_request(
     )
 
 
-class RouterClient:
-    """Blocking client; one channel, safe to share between threads."""
+@dataclass(frozen=True)
+class ChannelConfig:
+    """How to reach the router: address, deadline, TLS, bearer token, retries."""
 
-    def __init__(self, address: str = "127.0.0.1:50051", *, timeout_s: float | None = None):
-        self._channel = grpc.insecure_channel(address)
-        self._timeout_s = timeout_s
+    address: str = "127.0.0.1:50051"
+    timeout_s: float | None = None  # deadline of each call
+    tls: bool = False
+    root_certificates: bytes | None = None  # PEM; None uses the system's roots
+    bearer_token: str | None = None
+    # gRPC retries a call that fails UNAVAILABLE before its first response
+    # message, i.e. before the first token: a stream is never replayed.
+    max_attempts: int = 3
+
+    def service_config(self) -> str:
+        return json.dumps(
+            {
+                "methodConfig": [
+                    {
+                        "name": [{"service": "hetero.router.v1.Router"}],
+                        "retryPolicy": {
+                            "maxAttempts": self.max_attempts,
+                            "initialBackoff": "0.1s",
+                            "maxBackoff": "1s",
+                            "backoffMultiplier": 2,
+                            "retryableStatusCodes": ["UNAVAILABLE"],
+                        },
+                    }
+                ]
+            }
+        )
+
+    def options(self) -> list[tuple[str, Any]]:
+        return [
+            ("grpc.enable_retries", 1 if self.max_attempts > 1 else 0),
+            ("grpc.service_config", self.service_config()),
+        ]
+
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        return (("authorization", f"Bearer {self.bearer_token}"),) if self.bearer_token else ()
+
+    def credentials(self) -> Any:
+        return grpc.ssl_channel_credentials(root_certificates=self.root_certificates)
+
+
+def _config(address: str | ChannelConfig, timeout_s: float | None) -> ChannelConfig:
+    if isinstance(address, ChannelConfig):
+        return address
+    return ChannelConfig(address=address, timeout_s=timeout_s)
+
+
+class RouterClient:
+    """Blocking client; one channel, safe to share between threads.
+
+    ``RouterClient("host:port")`` or ``RouterClient(ChannelConfig(...))`` for TLS,
+    a bearer token or other retry settings.
+    """
+
+    def __init__(
+        self, address: str | ChannelConfig = "127.0.0.1:50051", *, timeout_s: float | None = None
+    ) -> None:
+        self.config = config = _config(address, timeout_s)
+        self._channel = (
+            grpc.secure_channel(config.address, config.credentials(), options=config.options())
+            if config.tls
+            else grpc.insecure_channel(config.address, options=config.options())
+        )
         self._generate = self._channel.unary_stream(
             _SERVICE + "Generate",
             request_serializer=router_pb2.GenerateRequest.SerializeToString,
@@ -76,7 +138,11 @@ class RouterClient:
 
     def generate(self, prompt: str, **options: Any) -> Iterator[router_pb2.GenerateResponse]:
         """Streams responses; keyword options are those of ``build_request``."""
-        call = self._generate(build_request(prompt, **options), timeout=self._timeout_s)
+        call = self._generate(
+            build_request(prompt, **options),
+            timeout=self.config.timeout_s,
+            metadata=self.config.metadata(),
+        )
         try:
             yield from call
         finally:
@@ -84,7 +150,9 @@ class RouterClient:
 
     def list_backends(self) -> router_pb2.ListBackendsResponse:
         response: router_pb2.ListBackendsResponse = self._list_backends(
-            router_pb2.ListBackendsRequest(), timeout=self._timeout_s
+            router_pb2.ListBackendsRequest(),
+            timeout=self.config.timeout_s,
+            metadata=self.config.metadata(),
         )
         return response
 
@@ -101,9 +169,15 @@ class RouterClient:
 class AsyncRouterClient:
     """asyncio client; create it inside a running event loop."""
 
-    def __init__(self, address: str = "127.0.0.1:50051", *, timeout_s: float | None = None):
-        self._channel = grpc.aio.insecure_channel(address)
-        self._timeout_s = timeout_s
+    def __init__(
+        self, address: str | ChannelConfig = "127.0.0.1:50051", *, timeout_s: float | None = None
+    ) -> None:
+        self.config = config = _config(address, timeout_s)
+        self._channel = (
+            grpc.aio.secure_channel(config.address, config.credentials(), options=config.options())
+            if config.tls
+            else grpc.aio.insecure_channel(config.address, options=config.options())
+        )
         self._generate = self._channel.unary_stream(
             _SERVICE + "Generate",
             request_serializer=router_pb2.GenerateRequest.SerializeToString,
@@ -118,7 +192,11 @@ class AsyncRouterClient:
     async def generate(
         self, prompt: str, **options: Any
     ) -> AsyncIterator[router_pb2.GenerateResponse]:
-        call = self._generate(build_request(prompt, **options), timeout=self._timeout_s)
+        call = self._generate(
+            build_request(prompt, **options),
+            timeout=self.config.timeout_s,
+            metadata=self.config.metadata(),
+        )
         try:
             async for response in call:
                 yield response
@@ -127,7 +205,9 @@ class AsyncRouterClient:
 
     async def list_backends(self) -> router_pb2.ListBackendsResponse:
         response: router_pb2.ListBackendsResponse = await self._list_backends(
-            router_pb2.ListBackendsRequest(), timeout=self._timeout_s
+            router_pb2.ListBackendsRequest(),
+            timeout=self.config.timeout_s,
+            metadata=self.config.metadata(),
         )
         return response
 

@@ -43,13 +43,16 @@ class Daemon:
         )
         self.dispatcher = Dispatcher(self.pool, build_scheduler(settings), settings, self.metrics)
         self.front_door = FrontDoor(
-            RouterService(settings, self.pool, self.dispatcher), settings.grpc_address
+            RouterService(settings, self.pool, self.dispatcher),
+            settings.grpc_address,
+            settings.tls_pair(),
         )
         self.admin = AdminServer(
             self.registry,
             self.readiness,
             settings.http_address,
             OpenAIRoutes(settings, self.pool, self.dispatcher),
+            tls=settings.tls_pair(),
         )
         self._draining = False
         self._stop_requested = asyncio.Event()

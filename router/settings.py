@@ -29,6 +29,12 @@ class Settings(BaseSettings):
     pool_file: Path | None = Field(
         default=None, description="Pool file (YAML); the packaged default cluster when unset."
     )
+    # TLS for the gRPC front door and the HTTP door (PEM files); both or neither.
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    # Bearer tokens clients must present (one per line) on Generate, ListBackends
+    # and /v1/*; health, reflection, /metrics, /healthz and /readyz stay open.
+    auth_token_file: Path | None = None
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["json", "console"] = "json"
 
@@ -67,7 +73,32 @@ class Settings(BaseSettings):
     def _limits_consistent(self) -> Settings:
         if self.default_max_tokens > self.max_tokens_limit:
             raise ValueError("default_max_tokens must not exceed max_tokens_limit")
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("tls_cert_file and tls_key_file go together")
         return self
+
+    def auth_tokens(self) -> frozenset[str]:
+        """The accepted bearer tokens; empty when no token file is configured."""
+        if self.auth_token_file is None:
+            return frozenset()
+        try:
+            lines = self.auth_token_file.read_text().splitlines()
+        except OSError as error:
+            raise ConfigError(
+                f"cannot read auth_token_file {self.auth_token_file}: {error.strerror}"
+            ) from error
+        tokens = frozenset(line.strip() for line in lines if line.strip())
+        if not tokens:
+            raise ConfigError(f"auth_token_file {self.auth_token_file} holds no token")
+        return tokens
+
+    def tls_pair(self) -> tuple[bytes, bytes] | None:
+        if self.tls_cert_file is None or self.tls_key_file is None:
+            return None
+        try:
+            return self.tls_cert_file.read_bytes(), self.tls_key_file.read_bytes()
+        except OSError as error:
+            raise ConfigError(f"cannot read TLS file: {error}") from error
 
 
 class BackendConfig(BaseModel):

@@ -36,6 +36,17 @@ class RouterService:
         self._settings = settings
         self._pool = pool
         self._dispatcher = dispatcher
+        self._tokens = {f"Bearer {token}" for token in settings.auth_tokens()}
+
+    async def _authorize(self, context: grpc.aio.ServicerContext) -> None:
+        if not self._tokens:
+            return
+        metadata = dict(context.invocation_metadata() or ())
+        if metadata.get("authorization") not in self._tokens:
+            await context.abort(
+                grpc.StatusCode.UNAUTHENTICATED,
+                "a valid 'authorization: Bearer <token>' is required",
+            )
 
     def handler(self) -> grpc.GenericRpcHandler:
         return grpc.method_handlers_generic_handler(
@@ -57,6 +68,7 @@ class RouterService:
     async def generate(
         self, message: router_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[bytes]:
+        await self._authorize(context)
         try:
             request, disaggregation = validate_generate(
                 message,
@@ -86,6 +98,7 @@ class RouterService:
     async def list_backends(
         self, message: router_pb2.ListBackendsRequest, context: grpc.aio.ServicerContext
     ) -> router_pb2.ListBackendsResponse:
+        await self._authorize(context)
         return router_pb2.ListBackendsResponse(
             backends=[
                 router_pb2.BackendStatus(
@@ -113,8 +126,11 @@ async def _abort(context: grpc.aio.ServicerContext, error: RouterError) -> None:
 class FrontDoor:
     """The gRPC server with the Router service, grpc.health.v1 and reflection."""
 
-    def __init__(self, service: RouterService, address: str) -> None:
+    def __init__(
+        self, service: RouterService, address: str, tls: tuple[bytes, bytes] | None = None
+    ) -> None:
         self._address = address
+        self._tls = tls
         self.health = health.aio.HealthServicer()
         self.server: Any = grpc.aio.server()
         self.server.add_generic_rpc_handlers((service.handler(),))
@@ -125,7 +141,11 @@ class FrontDoor:
         self.port = 0
 
     async def start(self) -> int:
-        self.port = self.server.add_insecure_port(self._address)
+        if self._tls is None:
+            self.port = self.server.add_insecure_port(self._address)
+        else:
+            credentials = grpc.ssl_server_credentials([(self._tls[1], self._tls[0])])
+            self.port = self.server.add_secure_port(self._address, credentials)
         if self.port == 0:
             raise OSError(f"cannot listen on {self._address} for gRPC")
         await self.server.start()

@@ -3,7 +3,10 @@ OpenAI-compatible API when one is given."""
 
 from __future__ import annotations
 
+import ssl
+import tempfile
 from collections.abc import Callable
+from pathlib import Path
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -18,8 +21,10 @@ class AdminServer:
         readiness: Callable[[], tuple[bool, str]],
         address: str,
         openai: OpenAIRoutes | None = None,
+        tls: tuple[bytes, bytes] | None = None,
     ) -> None:
         self._openai = openai
+        self._tls = tls
         self._registry = registry
         self._readiness = readiness
         self._host, _, port = address.rpartition(":")
@@ -41,12 +46,24 @@ class AdminServer:
         # aborts the request on the backends.
         self._runner = web.AppRunner(self.app(), access_log=None, handler_cancellation=True)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self._host, self._port)
+        site = web.TCPSite(self._runner, self._host, self._port, ssl_context=self._ssl_context())
         await site.start()
         server = site._server  # the bound socket tells the port when 0 was asked
         sockets = getattr(server, "sockets", None) or []
         self.port = sockets[0].getsockname()[1] if sockets else self._port
         return self.port
+
+    def _ssl_context(self) -> ssl.SSLContext | None:
+        if self._tls is None:
+            return None
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        # ssl loads from files only: write the pair to a private temporary file.
+        with tempfile.TemporaryDirectory() as scratch:
+            cert, key = Path(scratch) / "cert.pem", Path(scratch) / "key.pem"
+            cert.write_bytes(self._tls[0])
+            key.write_bytes(self._tls[1])
+            context.load_cert_chain(cert, key)
+        return context
 
     async def stop(self) -> None:
         if self._runner is not None:

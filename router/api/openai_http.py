@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 from backends.base import ChatMessage, GenerationRequest
 from router._gen.hetero.router.v1 import router_pb2
@@ -41,7 +42,12 @@ _DISAGGREGATION = {
     "split": router_pb2.DISAGGREGATION_SPLIT,
     "colocated": router_pb2.DISAGGREGATION_COLOCATED,
 }
-_ERROR_TYPES = {400: "invalid_request_error", 429: "rate_limit_exceeded", 503: "unavailable"}
+_ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    429: "rate_limit_exceeded",
+    503: "unavailable",
+}
 
 
 def error_response(status: int, message: str, *, param: str | None = None,
@@ -74,6 +80,20 @@ class OpenAIRoutes:
         self._dispatcher = dispatcher
 
     def register(self, app: web.Application) -> None:
+        tokens = {f"Bearer {token}" for token in self._settings.auth_tokens()}
+        if tokens:
+
+            @web.middleware
+            async def authorize(request: web.Request, handler: Handler) -> web.StreamResponse:
+                if request.path.startswith("/v1/") and (
+                    request.headers.get("Authorization") not in tokens
+                ):
+                    return error_response(
+                        401, "a valid 'Authorization: Bearer <token>' is required"
+                    )
+                return await handler(request)
+
+            app.middlewares.append(authorize)
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_post("/v1/chat/completions", self.chat_completions)
         app.router.add_get("/v1/models", self.models)

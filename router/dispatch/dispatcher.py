@@ -66,7 +66,11 @@ class Dispatcher:
             disaggregation=disaggregation,
             sequence=next(self._arrivals),
         )
-        plan = self._scheduler.schedule(features, self._pool.snapshot(), started)
+        try:
+            plan = self._scheduler.schedule(features, self._pool.snapshot(), started)
+        except RouterError as error:
+            self.count_rejected(_outcome(error))
+            raise
         progress = _Progress(plan.mode, started)
         outcome = "error"
         self._metrics.in_flight.inc()
@@ -83,7 +87,7 @@ class Dispatcher:
             outcome = "cancelled"
             raise
         except RouterError as error:
-            outcome = type(error).__name__.removesuffix("Error").lower()
+            outcome = _outcome(error)
             raise
         finally:
             self._metrics.in_flight.dec()
@@ -173,7 +177,7 @@ class Dispatcher:
             log.warning("abort failed", backend=backend_id, request=request_id, error=str(error))
 
     def count_rejected(self, outcome: str) -> None:
-        """A request refused before scheduling (bad input)."""
+        """A request refused before it had a plan (bad input, no backend)."""
         self._metrics.requests.labels(outcome, "none").inc()
 
     async def drain_background(self) -> None:
@@ -196,6 +200,11 @@ class Dispatcher:
             self._metrics.time_per_output_token.labels(mode).observe(
                 (finished - progress.first_frame_at) / (usage.completion_tokens - 1)
             )
+
+
+def _outcome(error: RouterError) -> str:
+    """The metrics label of an error: NoHealthyBackendError -> "nohealthybackend"."""
+    return type(error).__name__.removesuffix("Error").lower()
 
 
 def _route_frame(
