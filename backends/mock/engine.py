@@ -32,6 +32,7 @@ from router._gen.hetero.router.v1 import router_pb2
 # the GIL), so a long prompt does not stall the device's RPCs.
 _INLINE_PREFILL_TOKENS = 512
 _MAX_PREFILL_BATCH_TOKENS = 16384
+_FLUSH_YIELDS = 3
 
 
 class DeviceError(Exception):
@@ -270,6 +271,13 @@ class DeviceEngine:
             else:
                 self._wake.clear()
                 await self._wake.wait()
+                continue
+            # Frames just emitted travel through a few tasks (stream handlers, a
+            # session writer) before they reach the socket. When iterations run
+            # back to back (time scale 0) they would each wait for the next
+            # iteration's compute; a few yields let them leave first.
+            for _ in range(_FLUSH_YIELDS):
+                await asyncio.sleep(0)
 
     def _admit(self) -> list[_Sequence]:
         batch: list[_Sequence] = []
