@@ -7,11 +7,12 @@ from typing import Any
 
 from backends.base import Backend
 from backends.mock.adapter import MockBackend
+from backends.vllm import VllmBackend
 
 # (backend id, address, kind-specific options from the pool file) -> adapter
 BackendFactory = Callable[[str, str, Mapping[str, Any]], Backend]
 
-_ADAPTERS: dict[str, BackendFactory] = {"mock": MockBackend}
+_ADAPTERS: dict[str, BackendFactory] = {"mock": MockBackend, "vllm": VllmBackend}
 
 
 def register(kind: str, factory: BackendFactory) -> None:

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 
+from backends import registry
 from backends.base import Role
 from router.errors import ConfigError
 from router.settings import Settings, default_pool_path, load_pool
@@ -76,3 +77,16 @@ def test_bad_pool_files_name_the_problem(tmp_path: Path, text: str, reason: str)
 def test_missing_pool_file_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read pool file"):
         load_pool(tmp_path / "absent.yaml")
+
+
+def test_the_example_pool_files_are_valid_and_use_known_adapters(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("VLLM_API_KEY", "example-key")
+    examples = sorted(Path(__file__).resolve().parents[2].glob("deploy/examples/*/pool.yaml"))
+    assert examples, "deploy/examples has no pool file"
+    for path in examples:
+        pool = load_pool(path)
+        for backend in pool.backends:
+            assert backend.kind in registry.known_kinds(), f"{path}: {backend.kind}"
+            registry.create(backend.kind, backend.id, backend.address, backend.options)

@@ -1,0 +1,556 @@
+"""Shared pieces of the HTTP engine adapters (vLLM, SGLang, OpenAI-compatible servers).
+
+Each helper is protocol-level and knows nothing of one engine:
+
+- connection set-up: :func:`read_api_key`, :func:`new_session`, :func:`client_timeout`;
+- errors: :func:`status_error` and :func:`transport_error` turn an HTTP status or an
+  aiohttp failure into the router's :class:`~router.errors.BackendError`;
+- cancellation: :class:`OpenExchanges` closes a request's HTTP exchanges on abort
+  (OpenAI-compatible servers abort a request when its connection closes);
+- streams: :func:`iter_sse` splits a Server-Sent Events body into events,
+  :class:`OpenAIStream` turns the chunks of a streaming ``/v1/completions`` or
+  ``/v1/chat/completions`` reply into token frames (encoded ``GenerateResponse``), and
+  :func:`openai_frames` does both for an aiohttp response;
+- load: :func:`parse_prometheus` reads the samples of a ``/metrics`` page.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import re
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterable,
+    Awaitable,
+    Callable,
+    Collection,
+    Iterator,
+    Mapping,
+)
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import aiohttp
+
+from router._gen.hetero.router.v1 import router_pb2
+from router.errors import BackendError
+
+T = TypeVar("T")
+
+# An engine's error text is for an operator's eyes: a few lines, never a whole page.
+_MAX_ERROR_CHARS = 500
+
+
+# --- connection set-up -------------------------------------------------------------------
+
+
+def read_api_key(options: Mapping[str, Any]) -> str | None:
+    """The bearer token named by ``api_key_env`` (a variable) or ``api_key_file`` (a path).
+
+    Read once, at construction, so a missing secret fails at start-up with the option's
+    name. Messages name where the key was looked for, never the key itself.
+    """
+    env_name = options.get("api_key_env")
+    file_name = options.get("api_key_file")
+    if env_name and file_name:
+        raise ValueError("set api_key_env or api_key_file, not both")
+    if env_name:
+        key = os.environ.get(str(env_name), "").strip()
+        if not key:
+            raise ValueError(f"api_key_env: environment variable {env_name!s} is not set")
+        return key
+    if file_name:
+        try:
+            key = Path(str(file_name)).read_text(encoding="utf-8").strip()
+        except OSError as error:
+            raise ValueError(f"api_key_file {file_name!s}: {error.strerror}") from None
+        if not key:
+            raise ValueError(f"api_key_file {file_name!s} is empty")
+        return key
+    return None
+
+
+def new_session(
+    address: str, *, api_key: str | None, max_connections: int
+) -> aiohttp.ClientSession:
+    """A keep-alive session to one ``host:port``; creating it opens no connection.
+
+    Every streaming leg holds one connection for its whole length, so the pool is sized
+    for hundreds of concurrent streams instead of aiohttp's default of 100, past which
+    new legs would queue silently behind old ones.
+    """
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
+    connector = aiohttp.TCPConnector(limit=max_connections, limit_per_host=0)
+    return aiohttp.ClientSession(
+        base_url=f"http://{address}",
+        connector=connector,
+        headers=headers,
+        raise_for_status=False,
+    )
+
+
+def client_timeout(
+    total_s: float, connect_s: float, idle_s: float | None = None
+) -> aiohttp.ClientTimeout:
+    """The deadline of one leg: ``total_s`` for all of it, ``idle_s`` between two reads.
+
+    The idle bound catches an engine that stops sending mid-stream long before a long
+    decode deadline would.
+    """
+    return aiohttp.ClientTimeout(
+        total=total_s,
+        sock_connect=min(connect_s, total_s),
+        sock_read=min(idle_s, total_s) if idle_s is not None else None,
+    )
+
+
+# --- errors ------------------------------------------------------------------------------
+
+
+def is_retryable_status(status: int) -> bool:
+    """Whether another backend might serve what this status refused.
+
+    5xx is the engine's own trouble. 408 and 429 are about this engine's state too
+    (slow, or shedding load), not about the request, so they are retryable as well;
+    every other 4xx would fail the same way anywhere.
+    """
+    return status >= 500 or status in (408, 429)
+
+
+def error_text(body: bytes) -> str:
+    """The message of an error body: OpenAI's ``{"error": {"message"}}``, vLLM's older
+    ``{"message"}``, FastAPI's ``{"detail"}``, or the raw text, shortened."""
+    text = body.decode("utf-8", errors="replace").strip()
+    try:
+        payload = json.loads(text)
+    except ValueError:
+        return text[:_MAX_ERROR_CHARS]
+    message: Any = payload
+    if isinstance(payload, dict):
+        error = payload.get("error")
+        if isinstance(error, dict):
+            message = error.get("message", error)
+        elif error:
+            message = error
+        else:
+            message = payload.get("message") or payload.get("detail") or payload
+    return str(message)[:_MAX_ERROR_CHARS]
+
+
+def status_error(backend_id: str, status: int, body: bytes) -> BackendError:
+    return BackendError(
+        backend_id, f"HTTP {status}: {error_text(body)}", retryable=is_retryable_status(status)
+    )
+
+
+def transport_error(backend_id: str, error: BaseException, timeout_s: float) -> BackendError:
+    """A connection failure or an expired deadline: always retryable."""
+    if isinstance(error, TimeoutError):
+        # aiohttp's socket timeouts subclass it and say which one fired; the leg's
+        # overall deadline arrives as a bare TimeoutError.
+        detail = str(error) or f"no answer within {timeout_s:g} s"
+        return BackendError(backend_id, f"timed out: {detail}", retryable=True)
+    detail = str(error) or type(error).__name__
+    return BackendError(backend_id, f"connection failed: {detail}", retryable=True)
+
+
+# --- cancellation ------------------------------------------------------------------------
+
+
+# Not an ...Error: a signal between OpenExchanges and its adapter, which turns it into
+# a BackendError at once; it never reaches the package's error tree.
+class ExchangeAborted(Exception):  # noqa: N818
+    """The exchange was closed by :meth:`OpenExchanges.abort`."""
+
+
+class OpenExchanges:
+    """The HTTP exchanges in flight, by request id, so that ``abort`` can close them.
+
+    OpenAI-compatible engines have no abort endpoint: closing the connection is the
+    abort. A streaming leg registers its response's ``close``; a leg still waiting for
+    its answer runs in a task of its own (:meth:`run`) so that abort can cancel it
+    without cancelling the caller.
+    """
+
+    def __init__(self) -> None:
+        self._closers: dict[str, set[Callable[[], None]]] = {}
+
+    @contextlib.contextmanager
+    def track(self, request_id: str, closer: Callable[[], None]) -> Iterator[None]:
+        closers = self._closers.setdefault(request_id, set())
+        closers.add(closer)
+        try:
+            yield
+        finally:
+            closers.discard(closer)
+            if not closers and self._closers.get(request_id) is closers:
+                del self._closers[request_id]
+
+    def abort(self, request_id: str) -> int:
+        """Closes every exchange of the request; returns how many. Unknown ids close none."""
+        closers = self._closers.pop(request_id, set())
+        for closer in closers:
+            closer()
+        return len(closers)
+
+    def abort_all(self) -> None:
+        for request_id in list(self._closers):
+            self.abort(request_id)
+
+    async def run(
+        self,
+        request_id: str,
+        work: Awaitable[T],
+        *,
+        discard: Callable[[T], None] | None = None,
+    ) -> T:
+        """Awaits ``work`` in its own task; raises :class:`ExchangeAborted` if aborted.
+
+        ``discard`` disposes of a result nobody will read: one that arrived just as
+        the caller was cancelled (an open response would otherwise leak its connection).
+        """
+        task = asyncio.ensure_future(work)
+
+        def cancel() -> None:
+            task.cancel()
+
+        with self.track(request_id, cancel):
+            try:
+                return await task
+            except asyncio.CancelledError:
+                if discard is not None and _succeeded(task):
+                    discard(task.result())
+                current = asyncio.current_task()
+                if task.cancelled() and current is not None and not current.cancelling():
+                    raise ExchangeAborted(request_id) from None
+                raise
+
+
+def _succeeded(task: asyncio.Future[Any]) -> bool:
+    return task.done() and not task.cancelled() and task.exception() is None
+
+
+# --- Server-Sent Events ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SSEEvent:
+    data: str
+    event: str = "message"
+
+
+async def iter_sse(
+    chunks: AsyncIterable[bytes], *, max_line_bytes: int = 16 * 1024 * 1024
+) -> AsyncGenerator[SSEEvent, None]:
+    """The events of an SSE body, whatever the chunk boundaries.
+
+    Follows the WHATWG rules: lines end in LF, CRLF or CR; ``data`` lines of one event
+    join with LF; a line starting with ``:`` is a comment; an event ends at a blank
+    line, and one cut off by the end of the body is dropped. aiohttp's own line reader
+    is not used because it caps a line at its read buffer size, which one long
+    completion chunk can exceed. ``ValueError`` if a line outgrows ``max_line_bytes``.
+    """
+    parser = _SSEParser(max_line_bytes)
+    async for chunk in chunks:
+        for event in parser.feed(chunk):
+            yield event
+    for event in parser.feed(b"", at_end=True):
+        yield event
+
+
+class _SSEParser:
+    def __init__(self, max_line_bytes: int) -> None:
+        self._max_line_bytes = max_line_bytes
+        self._buffer = bytearray()
+        self._data: list[str] = []
+        self._event = ""
+
+    def feed(self, chunk: bytes, *, at_end: bool = False) -> list[SSEEvent]:
+        self._buffer += chunk
+        events: list[SSEEvent] = []
+        position = 0
+        while (line_end := self._line_end(position, at_end)) is not None:
+            end, following = line_end
+            # Split as bytes, decode per line: no UTF-8 sequence contains a CR or LF byte.
+            line = self._buffer[position:end].decode("utf-8", errors="replace")
+            position = following
+            if line:
+                self._apply(line)
+            elif self._data:
+                events.append(SSEEvent("\n".join(self._data), self._event or "message"))
+                self._data, self._event = [], ""
+            else:
+                self._event = ""
+        del self._buffer[:position]
+        if len(self._buffer) > self._max_line_bytes:
+            raise ValueError(f"SSE line longer than {self._max_line_bytes} bytes")
+        return events
+
+    def _line_end(self, position: int, at_end: bool) -> tuple[int, int] | None:
+        """Where the line starting at ``position`` ends and the next one starts."""
+        lf = self._buffer.find(b"\n", position)
+        # Look for a CR only before the LF: engines end lines with LF alone, and a
+        # search to the end of the buffer for every line would be quadratic.
+        cr = self._buffer.find(b"\r", position, len(self._buffer) if lf == -1 else lf)
+        if cr == -1:
+            return None if lf == -1 else (lf, lf + 1)
+        if cr + 1 < len(self._buffer):
+            return cr, cr + 2 if self._buffer[cr + 1] == 0x0A else cr + 1
+        # A CR at the very end may be the first half of a CRLF still in flight.
+        return (cr, cr + 1) if at_end else None
+
+    def _apply(self, line: str) -> None:
+        if line.startswith(":"):
+            return  # a comment (servers send them as keep-alives)
+        name, _, value = line.partition(":")
+        value = value.removeprefix(" ")
+        if name == "data":
+            self._data.append(value)
+        elif name == "event":
+            self._event = value
+        # "id" and "retry" matter only to browsers reconnecting.
+
+
+# --- OpenAI-compatible streams -> frames -------------------------------------------------
+
+_FINISH_REASONS = {
+    "stop": router_pb2.FINISH_REASON_STOP,
+    "length": router_pb2.FINISH_REASON_LENGTH,
+}
+
+
+def finish_reason(reason: str) -> router_pb2.FinishReason.ValueType:
+    """OpenAI's ``finish_reason``: ``stop`` and ``length`` map across; anything else
+    (``abort``, ``content_filter``, ``tool_calls``) ended the request early."""
+    return _FINISH_REASONS.get(reason, router_pb2.FINISH_REASON_ABORT)
+
+
+def choice_content(choice: Mapping[str, Any]) -> tuple[str, list[int]]:
+    """Text and token ids of one choice: completions carry ``text``; chat carries
+    ``delta.content`` when streamed and ``message.content`` otherwise. Token ids are
+    present only when the engine returns them (vLLM: ``return_token_ids``)."""
+    text = choice.get("text")
+    if text is None:
+        message = choice.get("delta") or choice.get("message") or {}
+        text = message.get("content") if isinstance(message, dict) else None
+    token_ids = choice.get("token_ids") or []
+    return str(text or ""), [int(token) for token in token_ids]
+
+
+def usage_message(usage: Mapping[str, Any]) -> router_pb2.Usage:
+    return router_pb2.Usage(
+        prompt_tokens=int(usage.get("prompt_tokens") or 0),
+        completion_tokens=int(usage.get("completion_tokens") or 0),
+    )
+
+
+class OpenAIStream:
+    """Turns the events of one streaming completion into frames, one per useful chunk.
+
+    The finish frame is held back until the usage chunk (sent after it when
+    ``stream_options.include_usage`` is set) or ``[DONE]`` arrives, so that the last
+    frame carries both the finish reason and the usage. Only choice 0 is read: the
+    adapters never ask for ``n > 1``. An ``{"error": ...}`` event (how vLLM reports a
+    failure after the 200 is sent) raises; so does a stream that ends unfinished.
+    """
+
+    def __init__(self, backend_id: str) -> None:
+        self._backend_id = backend_id
+        self._usage: router_pb2.Usage | None = None
+        self._final: router_pb2.GenerateResponse | None = None  # the held finish frame
+        self._final_sent = False
+        self.done = False  # [DONE] seen: nothing more will come
+
+    def feed(self, data: str) -> bytes | None:
+        """One event's data in; the frame to send now, if any."""
+        if data.strip() == "[DONE]":
+            self.done = True
+            return self._release_final()
+        chunk = self._parse(data)
+        usage = chunk.get("usage")
+        if isinstance(usage, dict):
+            self._usage = usage_message(usage)
+        frame = self._frame(chunk)
+        if frame is not None:
+            return frame
+        if self._final is not None and self._usage is not None:
+            return self._release_final()
+        return None
+
+    def end(self) -> bytes | None:
+        """The body ended: the held frame if the request finished, else an error."""
+        return self._release_final()
+
+    def _frame(self, chunk: Mapping[str, Any]) -> bytes | None:
+        choices = chunk.get("choices") or []
+        if not choices or not isinstance(choices[0], dict):
+            return None
+        choice = choices[0]
+        text, token_ids = choice_content(choice)
+        if self._final is not None:
+            # Content after the finish is not expected; keep it, in order, in the last frame.
+            self._final.text += text
+            self._final.token_ids.extend(token_ids)
+            return None
+        reason = choice.get("finish_reason")
+        if reason:
+            self._final = router_pb2.GenerateResponse(
+                text=text, token_ids=token_ids, finish_reason=finish_reason(str(reason))
+            )
+            return None
+        if not text and not token_ids:
+            return None  # role-only or empty keep-alive chunks
+        return router_pb2.GenerateResponse(text=text, token_ids=token_ids).SerializeToString()
+
+    def _release_final(self) -> bytes | None:
+        if self._final_sent:
+            return None
+        if self._final is None:
+            raise BackendError(self._backend_id, "stream ended early", retryable=True)
+        if self._usage is not None:
+            self._final.usage.CopyFrom(self._usage)
+        self._final_sent = True
+        return self._final.SerializeToString()
+
+    def _parse(self, data: str) -> dict[str, Any]:
+        try:
+            chunk = json.loads(data)
+        except ValueError:
+            raise BackendError(
+                self._backend_id, f"malformed stream chunk: {data[:80]!r}", retryable=True
+            ) from None
+        if not isinstance(chunk, dict):
+            raise BackendError(self._backend_id, "malformed stream chunk", retryable=True)
+        error = chunk.get("error")
+        if error:
+            code = error.get("code") if isinstance(error, dict) else None
+            retryable = not isinstance(code, int) or is_retryable_status(code)
+            message = error_text(json.dumps(chunk).encode())
+            raise BackendError(self._backend_id, f"engine error: {message}", retryable=retryable)
+        return chunk
+
+
+async def drain_body(response: aiohttp.ClientResponse, timeout_s: float = 0.5) -> bool:
+    """Reads the rest of a body the caller is done with; True once at its end.
+
+    A stream's end marker (``data: [DONE]``) comes a moment before the end of the HTTP
+    body; a response released before that end closes its connection instead of
+    returning it to the pool, and the next leg pays for a new one. An engine that holds
+    the body open past the marker only costs that connection: the caller closes it.
+    """
+    try:
+        async with asyncio.timeout(timeout_s):
+            while await response.content.readany():
+                pass
+    except (aiohttp.ClientError, TimeoutError):
+        return False
+    return True
+
+
+async def openai_frames(
+    backend_id: str, response: aiohttp.ClientResponse
+) -> AsyncGenerator[bytes, None]:
+    """The frames of a streaming OpenAI-compatible answer (see :class:`OpenAIStream`).
+
+    After ``[DONE]`` it reads the body to its end so that the caller's ``release()``
+    returns the connection to the pool. Raises ``BackendError`` for what the engine
+    said, and lets aiohttp's errors and ``ValueError`` (an overlong line) through for
+    the caller to translate.
+    """
+    stream = OpenAIStream(backend_id)
+    async with contextlib.aclosing(iter_sse(response.content.iter_any())) as events:
+        async for event in events:
+            frame = stream.feed(event.data)
+            if frame is not None:
+                yield frame
+            if stream.done:
+                break
+        else:
+            frame = stream.end()
+            if frame is not None:
+                yield frame
+    if stream.done:
+        await drain_body(response)
+
+
+# --- Prometheus text format --------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Sample:
+    name: str
+    labels: Mapping[str, str]
+    value: float
+
+
+_METRIC_NAME = re.compile(r"[A-Za-z_:][A-Za-z0-9_:]*")
+_LABEL_NAME = re.compile(r"\s*([A-Za-z_][A-Za-z0-9_]*)\s*=\s*\"")
+_LABEL_ESCAPES = {"\\": "\\", '"': '"', "n": "\n"}
+
+
+def parse_prometheus(text: str, names: Collection[str] | None = None) -> dict[str, list[Sample]]:
+    """The samples of a text-format (0.0.4) scrape, by metric name.
+
+    With ``names``, other lines are skipped before their labels are parsed: engines
+    expose hundreds of histogram buckets that a load probe never reads. A malformed
+    line is skipped rather than failing the whole scrape.
+    """
+    samples: dict[str, list[Sample]] = {}
+    for raw_line in text.splitlines():
+        line = raw_line.strip()
+        if not line or line.startswith("#"):
+            continue
+        match = _METRIC_NAME.match(line)
+        if match is None or (names is not None and match.group() not in names):
+            continue
+        sample = _parse_sample(match.group(), line[match.end() :])
+        if sample is not None:
+            samples.setdefault(sample.name, []).append(sample)
+    return samples
+
+
+def _parse_sample(name: str, rest: str) -> Sample | None:
+    labels: dict[str, str] = {}
+    if rest.startswith("{"):
+        end = _parse_labels(rest, labels)
+        if end is None:
+            return None
+        rest = rest[end:]
+    fields = rest.split()
+    if not fields:
+        return None
+    try:
+        value = float(fields[0])  # also takes NaN, +Inf and -Inf
+    except ValueError:
+        return None
+    return Sample(name, labels, value)
+
+
+def _parse_labels(text: str, labels: dict[str, str]) -> int | None:
+    """Fills ``labels`` from ``{a="x",b="y"}`` at the start of text; returns the end index."""
+    position = 1
+    while True:
+        while position < len(text) and text[position] in " ,":
+            position += 1
+        if text.startswith("}", position):
+            return position + 1
+        match = _LABEL_NAME.match(text, position)
+        if match is None:
+            return None
+        value: list[str] = []
+        position = match.end()
+        while position < len(text) and text[position] != '"':
+            if text[position] == "\\" and position + 1 < len(text):
+                position += 1
+                value.append(_LABEL_ESCAPES.get(text[position], "\\" + text[position]))
+            else:
+                value.append(text[position])
+            position += 1
+        if position >= len(text):
+            return None
+        labels[match.group(1)] = "".join(value)
+        position += 1

@@ -1,0 +1,288 @@
+"""A fake vLLM OpenAI-compatible server with NixlConnector, on 127.0.0.1, port 0.
+
+It answers like the real engine and checks what the real engine relies on:
+
+- a prefill leg (``kv_transfer_params.do_remote_decode``) must carry exactly vLLM's
+  remote-decode request, ``stream: false``, a one-token limit, no ``stream_options``
+  and no ``min_tokens`` (vLLM's prefill side rejects them); it is answered with a
+  completion whose ``kv_transfer_params`` name the blocks to read;
+- a decode leg carrying ``kv_transfer_params`` must hand back, unchanged, parameters
+  this server issued, and stream;
+- both legs must send ``X-Request-Id``.
+
+A request breaking a rule gets a 400, as vLLM would refuse it, and the rule goes to
+``violations`` so a test can assert there are none. Every request is recorded, and the
+ids whose client went away (vLLM's abort) go to ``disconnected``. The failure modes
+are plain attributes, set by a test before it sends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+from multidict import CIMultiDict
+
+PREFILL_KV_REQUEST = {
+    "do_remote_decode": True,
+    "do_remote_prefill": False,
+    "remote_engine_id": None,
+    "remote_block_ids": None,
+    "remote_host": None,
+    "remote_port": None,
+}
+
+
+@dataclass(frozen=True)
+class Recorded:
+    method: str
+    path: str
+    headers: CIMultiDict[str]  # header names are case-insensitive (aiohttp sends X-Request-ID)
+    body: dict[str, Any] | None
+    client_port: int  # tells apart the connections the client used
+
+    @property
+    def request_id(self) -> str:
+        return self.headers.get("X-Request-Id", "")
+
+    @property
+    def is_prefill(self) -> bool:
+        params = (self.body or {}).get("kv_transfer_params") or {}
+        return bool(params.get("do_remote_decode"))
+
+
+@dataclass
+class FakeVllm:
+    api_key: str | None = None
+    tokens: list[str] = field(default_factory=lambda: ["Hello", ",", " world", "!"])
+    prompt_tokens: int = 7
+    # Prefill behaviour.
+    prefill_status: int = 200
+    prefill_kv: bool = True  # answer with kv_transfer_params
+    prefill_finish_reason: str = "length"
+    prefill_delay_s: float = 0.0
+    # Decode (and colocated) behaviour.
+    decode_status: int = 200
+    decode_finish_reason: str = "length"
+    chunk_delay_s: float = 0.0  # before each chunk after the first
+    drop_after: int | None = None  # cut the connection after this many chunks
+    end_after: int | None = None  # end the body cleanly (no finish, no [DONE]) after this many
+    error_after: int | None = None  # send vLLM's {"error": ...} event after this many
+    # Probes.
+    health_status: int = 200
+    metrics_text: str = ""
+
+    requests: list[Recorded] = field(default_factory=list)
+    violations: list[str] = field(default_factory=list)
+    disconnected: set[str] = field(default_factory=set)
+    issued: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self._changed = asyncio.Condition()
+        self._runner: web.AppRunner | None = None
+        self.port = 0
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_post("/v1/completions", self._completions)
+        app.router.add_post("/v1/chat/completions", self._completions)
+        app.router.add_get("/health", self._health)
+        app.router.add_get("/metrics", self._metrics)
+        # Like vLLM, stop a handler whose client went away: that is how abort works.
+        self._runner = web.AppRunner(
+            app, handler_cancellation=True, access_log=None, shutdown_timeout=0.1
+        )
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        self.port = self._runner.addresses[0][1]
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    async def wait_for(self, condition: Any, timeout_s: float = 2.0) -> None:
+        """Waits until ``condition()`` holds, woken by each request and disconnect."""
+        async with asyncio.timeout(timeout_s), self._changed:
+            await self._changed.wait_for(condition)
+
+    def legs(self, request_id: str) -> list[Recorded]:
+        return [r for r in self.requests if r.request_id == request_id and r.body is not None]
+
+    async def _notify(self) -> None:
+        async with self._changed:
+            self._changed.notify_all()
+
+    async def _health(self, request: web.Request) -> web.Response:
+        await self._record(request, None)
+        return web.Response(status=self.health_status)
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        await self._record(request, None)
+        return web.Response(text=self.metrics_text, content_type="text/plain")
+
+    async def _record(self, request: web.Request, body: dict[str, Any] | None) -> None:
+        headers = CIMultiDict(request.headers)
+        peer = request.transport.get_extra_info("peername") if request.transport else None
+        port = peer[1] if peer else 0
+        self.requests.append(Recorded(request.method, request.path, headers, body, port))
+        await self._notify()
+
+    async def _completions(self, request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        await self._record(request, body)
+        request_id = request.headers.get("X-Request-Id", "")
+        chat = request.path.endswith("/chat/completions")
+        if self.api_key is not None and request.headers.get("Authorization") != (
+            f"Bearer {self.api_key}"
+        ):
+            return web.json_response({"error": "Unauthorized"}, status=401)
+        try:
+            if (body.get("kv_transfer_params") or {}).get("do_remote_decode"):
+                return await self._prefill(request_id, body, chat)
+            return await self._decode(request, request_id, body, chat)
+        except (asyncio.CancelledError, ConnectionResetError):
+            self.disconnected.add(request_id)
+            await asyncio.shield(self._notify())
+            raise
+
+    def _refuse(self, rule: str) -> web.Response:
+        self.violations.append(rule)
+        return _error(400, rule)
+
+    async def _prefill(self, request_id: str, body: dict[str, Any], chat: bool) -> web.Response:
+        rule = _prefill_rule_broken(request_id, body, chat)
+        if rule:
+            return self._refuse(rule)
+        await asyncio.sleep(self.prefill_delay_s)
+        if self.prefill_status != 200:
+            return _error(self.prefill_status, "prefill engine failed")
+        remote_request_id = f"cmpl-{request_id}-0"
+        params = None
+        if self.prefill_kv:
+            params = {
+                "do_remote_prefill": True,
+                "do_remote_decode": False,
+                "remote_block_ids": [3, 4, 5],
+                "remote_engine_id": "engine-p0",
+                "remote_request_id": remote_request_id,
+                "remote_host": "10.0.0.7",
+                "remote_port": 5600,
+                "tp_size": 1,
+                "a_field_of_a_newer_build": {"kept": True},
+            }
+            self.issued[remote_request_id] = params
+        first = self.tokens[0] if self.prefill_finish_reason == "length" else ""
+        choice: dict[str, Any] = {"index": 0, "finish_reason": self.prefill_finish_reason}
+        choice.update(
+            {"message": {"role": "assistant", "content": first}} if chat else {"text": first}
+        )
+        usage = {"prompt_tokens": self.prompt_tokens, "completion_tokens": 1}
+        usage["total_tokens"] = self.prompt_tokens + 1
+        return web.json_response(
+            {
+                "id": remote_request_id,
+                "object": "chat.completion" if chat else "text_completion",
+                "model": body["model"],
+                "choices": [choice],
+                "usage": usage,
+                "kv_transfer_params": params,
+            }
+        )
+
+    async def _decode(
+        self, request: web.Request, request_id: str, body: dict[str, Any], chat: bool
+    ) -> web.StreamResponse:
+        params = body.get("kv_transfer_params")
+        if params is not None and params not in self.issued.values():
+            return self._refuse("decode kv_transfer_params differ from those issued")
+        if body.get("stream") is not True:
+            return self._refuse("decode leg must stream")
+        if not request_id:
+            return self._refuse("X-Request-Id missing")
+        if self.decode_status != 200:
+            return _error(self.decode_status, "decode engine unavailable")
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        events, drop = self._events(body, chat)
+        for event in events:
+            await response.write(event)
+            await asyncio.sleep(self.chunk_delay_s)
+        if drop:  # the connection dies mid-body, as when an engine process is killed
+            assert request.transport is not None
+            request.transport.abort()
+            return response
+        await response.write_eof()
+        return response
+
+    def _events(self, body: dict[str, Any], chat: bool) -> tuple[list[bytes], bool]:
+        """The SSE events of one stream, and whether the connection drops after them."""
+        events: list[bytes] = []
+        if chat:  # vLLM's first chat chunk names the role and has no content
+            events.append(_sse(_chunk(chat, {"role": "assistant", "content": ""}, None, None)))
+        last = len(self.tokens) - 1
+        for index, token in enumerate(self.tokens):
+            if index == self.drop_after:
+                return events, True
+            if index == self.end_after:
+                return events, False
+            if index == self.error_after:
+                # vLLM reports a failure after the 200 as an error event, then [DONE].
+                error = {"message": "engine core died", "type": "InternalServerError", "code": 500}
+                return [*events, _sse({"error": error}), _DONE], False
+            ids = [100 + index] if body.get("return_token_ids") else None
+            finish = self.decode_finish_reason if index == last else None
+            events.append(_sse(_chunk(chat, {"content": token} if chat else token, finish, ids)))
+        if (body.get("stream_options") or {}).get("include_usage"):
+            completion_tokens = len(self.tokens)
+            usage = {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion_tokens}
+            events.append(_sse({"id": "x", "choices": [], "usage": usage}))
+        return [*events, _DONE], False
+
+
+_DONE = b"data: [DONE]\n\n"
+
+
+def _sse(payload: dict[str, Any]) -> bytes:
+    return f"data: {json.dumps(payload)}\n\n".encode()
+
+
+def _chunk(
+    chat: bool, content: Any, finish: str | None, token_ids: list[int] | None
+) -> dict[str, Any]:
+    choice: dict[str, Any] = {"index": 0, "finish_reason": finish}
+    choice["delta" if chat else "text"] = content
+    if token_ids is not None:
+        choice["token_ids"] = token_ids
+    return {"id": "cmpl-x", "object": "chunk", "choices": [choice]}
+
+
+def _error(status: int, message: str) -> web.Response:
+    error = {"message": message, "type": "BadRequestError", "code": status}
+    return web.json_response({"error": error}, status=status)
+
+
+def _prefill_rule_broken(request_id: str, body: dict[str, Any], chat: bool) -> str | None:
+    if not request_id:
+        return "X-Request-Id missing"
+    if body["kv_transfer_params"] != PREFILL_KV_REQUEST:
+        return f"prefill kv_transfer_params {body['kv_transfer_params']} are not vLLM's"
+    if body.get("stream") is not False:
+        return "prefill must not stream"
+    if body.get("max_tokens") != 1:
+        return "prefill max_tokens must be 1"
+    if chat and body.get("max_completion_tokens", 1) != 1:
+        return "prefill max_completion_tokens must be 1"
+    for rejected in ("min_tokens", "min_completion_tokens", "stream_options"):
+        if rejected in body:
+            return f"prefill must not carry {rejected}"
+    if ("messages" in body) != chat or ("prompt" in body) == chat:
+        return "prompt belongs to /v1/completions, messages to /v1/chat/completions"
+    return None
