@@ -13,10 +13,11 @@ from typing import Any
 import uvloop
 
 from bench.report import RESULTS_DIR
-from bench.scenarios import overhead
+from bench.scenarios import http_pd, overhead
 
 SCENARIOS: dict[str, Callable[[bool, Path], Coroutine[Any, Any, dict[str, Any]]]] = {
     "overhead": overhead.run,
+    "http_pd": http_pd.run,
 }
 
 

@@ -59,3 +59,19 @@ def overhead(
     figure.tight_layout()
     figure.savefig(path, dpi=90)
     plt.close(figure)
+
+
+def cdfs(path: Path, series: Mapping[str, Sequence[float]], title: str) -> None:
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    for name, values in series.items():
+        _cdf(axis, values, name)
+    axis.set_title(title)
+    axis.set_xscale("log")
+    axis.xaxis.set_major_formatter(ScalarFormatter())
+    axis.xaxis.set_minor_formatter(NullFormatter())
+    axis.set_ylabel("fraction of requests")
+    axis.grid(alpha=0.3)
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=90)
+    plt.close(figure)

@@ -48,7 +48,10 @@ async def cluster(
 
 
 @contextlib.asynccontextmanager
-async def router_process(pool: PoolConfig, env: dict[str, str]) -> AsyncIterator[str]:
+async def router_process(
+    pool: PoolConfig, env: dict[str, str], *, http: bool = False
+) -> AsyncIterator[str]:
+    """A router serving ``pool``; yields its gRPC address, or its HTTP one with ``http``."""
     with tempfile.TemporaryDirectory() as scratch:
         pool_file = Path(scratch) / "pool.yaml"
         pool_file.write_text(yaml.safe_dump(pool.model_dump(mode="json")))
@@ -67,7 +70,10 @@ async def router_process(pool: PoolConfig, env: dict[str, str]) -> AsyncIterator
             env={**os.environ, "HETERO_ROUTER_LOG_FORMAT": "json", **env},
         )
         try:
-            address = await asyncio.wait_for(_serving_address(process), timeout=60)
+            grpc_address, http_address = await asyncio.wait_for(
+                _serving_address(process), timeout=60
+            )
+            address = http_address if http else grpc_address
             drain = asyncio.create_task(_drain(process))
             try:
                 yield address
@@ -79,13 +85,13 @@ async def router_process(pool: PoolConfig, env: dict[str, str]) -> AsyncIterator
                 await process.wait()
 
 
-async def _serving_address(process: asyncio.subprocess.Process) -> str:
+async def _serving_address(process: asyncio.subprocess.Process) -> tuple[str, str]:
     assert process.stderr is not None
     while line := await process.stderr.readline():
         if line.startswith(b"{"):
             event = json.loads(line)
             if event.get("event") == "router serving":
-                return str(event["grpc"])
+                return str(event["grpc"]), str(event["http"])
     raise RuntimeError(f"router exited with {await process.wait()} before serving")
 
 

@@ -71,6 +71,9 @@ class FakeVllm:
     drop_after: int | None = None  # cut the connection after this many chunks
     end_after: int | None = None  # end the body cleanly (no finish, no [DONE]) after this many
     error_after: int | None = None  # send vLLM's {"error": ...} event after this many
+    # A decode leg's kv_transfer_params must be ones this server issued; off when
+    # the prefill engine is another process (benchmarks with two fakes).
+    verify_issued: bool = True
     # Probes.
     health_status: int = 200
     metrics_text: str = ""
@@ -201,7 +204,7 @@ class FakeVllm:
         self, request: web.Request, request_id: str, body: dict[str, Any], chat: bool
     ) -> web.StreamResponse:
         params = body.get("kv_transfer_params")
-        if params is not None and params not in self.issued.values():
+        if params is not None and self.verify_issued and params not in self.issued.values():
             return self._refuse("decode kv_transfer_params differ from those issued")
         if body.get("stream") is not True:
             return self._refuse("decode leg must stream")
