@@ -21,6 +21,19 @@ def _cdf(axis: Axes, values: Sequence[float], label: str) -> None:
     axis.plot(ordered, np.arange(1, len(ordered) + 1) / len(ordered), label=label)
 
 
+def _cdf_panel(axis: Axes, series: Mapping[str, Sequence[float]], title: str) -> None:
+    """One CDF per series on a log axis with plain numbers."""
+    for name, values in series.items():
+        _cdf(axis, values, name)
+    axis.set_title(title)
+    axis.set_xscale("log")
+    axis.xaxis.set_major_formatter(ScalarFormatter())
+    axis.xaxis.set_minor_formatter(NullFormatter())
+    axis.set_ylabel("fraction of requests")
+    axis.grid(alpha=0.3)
+    axis.legend()
+
+
 def overhead(
     path: Path,
     ttft: Mapping[str, Sequence[float]],
@@ -35,15 +48,7 @@ def overhead(
         (axes[1][0], paced_itl, "inter-token gap, 100 paced streams (ms)"),
     ]
     for axis, series, title in panels:
-        for name, values in series.items():
-            _cdf(axis, values, name)
-        axis.set_title(title)
-        axis.set_xscale("log")
-        axis.xaxis.set_major_formatter(ScalarFormatter())
-        axis.xaxis.set_minor_formatter(NullFormatter())
-        axis.set_ylabel("fraction of requests")
-        axis.grid(alpha=0.3)
-        axis.legend()
+        _cdf_panel(axis, series, title)
     ratios = {
         "paced streams": figures["stream_throughput_ratio"],
         "saturated streams": figures["saturated_stream_ratio"],
@@ -63,15 +68,7 @@ def overhead(
 
 def cdfs(path: Path, series: Mapping[str, Sequence[float]], title: str) -> None:
     figure, axis = plt.subplots(figsize=(7, 4.5))
-    for name, values in series.items():
-        _cdf(axis, values, name)
-    axis.set_title(title)
-    axis.set_xscale("log")
-    axis.xaxis.set_major_formatter(ScalarFormatter())
-    axis.xaxis.set_minor_formatter(NullFormatter())
-    axis.set_ylabel("fraction of requests")
-    axis.grid(alpha=0.3)
-    axis.legend()
+    _cdf_panel(axis, series, title)
     figure.tight_layout()
     figure.savefig(path, dpi=90)
     plt.close(figure)

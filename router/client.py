@@ -103,6 +103,21 @@ class ChannelConfig:
         return grpc.ssl_channel_credentials(root_certificates=self.root_certificates)
 
 
+def _methods(channel: Any) -> tuple[Any, Any]:
+    """The Generate and ListBackends callables of a sync or asyncio channel."""
+    generate = channel.unary_stream(
+        _SERVICE + "Generate",
+        request_serializer=router_pb2.GenerateRequest.SerializeToString,
+        response_deserializer=router_pb2.GenerateResponse.FromString,
+    )
+    list_backends = channel.unary_unary(
+        _SERVICE + "ListBackends",
+        request_serializer=router_pb2.ListBackendsRequest.SerializeToString,
+        response_deserializer=router_pb2.ListBackendsResponse.FromString,
+    )
+    return generate, list_backends
+
+
 def _config(address: str | ChannelConfig, timeout_s: float | None) -> ChannelConfig:
     if isinstance(address, ChannelConfig):
         return address
@@ -125,16 +140,7 @@ class RouterClient:
             if config.tls
             else grpc.insecure_channel(config.address, options=config.options())
         )
-        self._generate = self._channel.unary_stream(
-            _SERVICE + "Generate",
-            request_serializer=router_pb2.GenerateRequest.SerializeToString,
-            response_deserializer=router_pb2.GenerateResponse.FromString,
-        )
-        self._list_backends = self._channel.unary_unary(
-            _SERVICE + "ListBackends",
-            request_serializer=router_pb2.ListBackendsRequest.SerializeToString,
-            response_deserializer=router_pb2.ListBackendsResponse.FromString,
-        )
+        self._generate, self._list_backends = _methods(self._channel)
 
     def generate(self, prompt: str, **options: Any) -> Iterator[router_pb2.GenerateResponse]:
         """Streams responses; keyword options are those of ``build_request``."""
@@ -178,16 +184,7 @@ class AsyncRouterClient:
             if config.tls
             else grpc.aio.insecure_channel(config.address, options=config.options())
         )
-        self._generate = self._channel.unary_stream(
-            _SERVICE + "Generate",
-            request_serializer=router_pb2.GenerateRequest.SerializeToString,
-            response_deserializer=router_pb2.GenerateResponse.FromString,
-        )
-        self._list_backends = self._channel.unary_unary(
-            _SERVICE + "ListBackends",
-            request_serializer=router_pb2.ListBackendsRequest.SerializeToString,
-            response_deserializer=router_pb2.ListBackendsResponse.FromString,
-        )
+        self._generate, self._list_backends = _methods(self._channel)
 
     async def generate(
         self, prompt: str, **options: Any
