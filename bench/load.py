@@ -20,7 +20,14 @@ from typing import Any
 
 import uvloop
 
-from bench.loadgen import DeviceTarget, RouterTarget, Target, closed_loop, open_loop
+from bench.loadgen import (
+    DeviceTarget,
+    HttpTarget,
+    RouterTarget,
+    Target,
+    closed_loop,
+    open_loop,
+)
 from bench.progress import Progress
 from bench.stats import SLO_PRESETS, summarize
 from bench.workloads import WORKLOADS, RequestSpec, generate, load_trace
@@ -31,7 +38,11 @@ def _parser() -> argparse.ArgumentParser:
         prog="python -m bench.load", description=(__doc__ or "").splitlines()[0]
     )
     parser.add_argument("--address", default="127.0.0.1:50051", help="host:port (127.0.0.1)")
-    parser.add_argument("--device", action="store_true", help="the address is a mock device")
+    door = parser.add_mutually_exclusive_group()
+    door.add_argument("--device", action="store_true", help="the address is a mock device")
+    door.add_argument(
+        "--http", action="store_true", help="the address is the router's HTTP door (/v1)"
+    )
     parser.add_argument("--mode", choices=["auto", "split", "colocated"], default="auto")
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--workload", choices=sorted(WORKLOADS), default="chatbot")
@@ -57,11 +68,13 @@ def _specs(options: argparse.Namespace) -> list[RequestSpec]:
 
 async def _run(options: argparse.Namespace) -> dict[str, Any]:
     specs = _specs(options)
-    target: Target = (
-        DeviceTarget(options.address)
-        if options.device
-        else RouterTarget(options.address, disaggregation=options.mode)
-    )
+    target: Target
+    if options.device:
+        target = DeviceTarget(options.address)
+    elif options.http:
+        target = HttpTarget(f"http://{options.address}", disaggregation=options.mode)
+    else:
+        target = RouterTarget(options.address, disaggregation=options.mode)
     progress = Progress("requests", len(specs))
     try:
         async with asyncio.timeout(options.max_duration):

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, Protocol
 
+import aiohttp
 import grpc
 
 from bench.stats import RequestRecord
@@ -91,6 +93,53 @@ class DeviceTarget:
         await self._channel.close()
 
 
+class HttpTarget:
+    """The router's OpenAI-compatible door: streamed /v1/completions over HTTP."""
+
+    def __init__(self, base_url: str, name: str = "router-http", disaggregation: str = "auto"):
+        self.name = name
+        self._url = base_url.rstrip("/") + "/v1/completions"
+        self._mode = disaggregation
+        self._session: aiohttp.ClientSession | None = None
+
+    async def stream(self, prompt: str, max_tokens: int, seed: int) -> AsyncIterator[int]:
+        if self._session is None:
+            connector = aiohttp.TCPConnector(limit=0)  # the load generator bounds concurrency
+            self._session = aiohttp.ClientSession(connector=connector)
+        body = {"prompt": prompt, "max_tokens": max_tokens, "seed": seed, "stream": True,
+                "stream_options": {"include_usage": True}, "disaggregation": self._mode}  # fmt: skip
+        counted = 0
+        async with self._session.post(self._url, json=body) as response:
+            if response.status != 200:
+                raise HttpStatusError(response.status)
+            async for line in response.content:
+                if not line.startswith(b"data: {"):
+                    continue
+                event = json.loads(line[6:])
+                if "error" in event:
+                    raise HttpStatusError(502)
+                choices = event.get("choices") or []
+                if choices and choices[0].get("text"):
+                    counted += 1
+                    yield 1
+                elif not choices and "usage" in event:
+                    # SSE events carry text, not token counts: a coalesced event counts
+                    # as one, and the usage at the end supplies the rest.
+                    extra = event["usage"]["completion_tokens"] - counted
+                    if extra > 0:
+                        yield extra
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+
+class HttpStatusError(Exception):
+    def __init__(self, status: int) -> None:
+        super().__init__(f"HTTP {status}")
+        self.status = status
+
+
 async def send(target: Target, spec: RequestSpec, seed: int, timeout_s: float) -> RequestRecord:
     """One request, timed token by token. Failures are recorded, never raised."""
     prompt = _prompt(spec.prompt_tokens, seed)
@@ -104,6 +153,10 @@ async def send(target: Target, spec: RequestSpec, seed: int, timeout_s: float) -
                 record.token_times_s.extend(itertools.repeat(now, tokens))
     except grpc.aio.AioRpcError as error:
         record.outcome = error.code().name
+    except HttpStatusError as error:
+        record.outcome = f"HTTP_{error.status}"
+    except aiohttp.ClientError as error:
+        record.outcome = type(error).__name__
     except TimeoutError:
         record.outcome = "timeout"
     record.end_s = time.monotonic()

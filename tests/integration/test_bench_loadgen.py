@@ -7,7 +7,7 @@ from pathlib import Path
 import grpc
 
 from bench import load
-from bench.loadgen import DeviceTarget, RouterTarget, closed_loop, open_loop, send
+from bench.loadgen import DeviceTarget, HttpTarget, RouterTarget, closed_loop, open_loop, send
 from bench.stats import summarize
 from bench.workloads import RequestSpec, fixed, save_trace
 from tests.conftest import Cluster
@@ -70,3 +70,16 @@ async def test_load_cli_replays_a_trace_and_scores_it_against_an_slo(
     # Time scale 0 against limits of seconds: every request meets the SLO.
     assert summary["slo_attainment"] == 1.0
     assert summary["goodput"] == summary["request_throughput"]
+
+
+async def test_the_http_door_can_be_loaded_too(cluster: Cluster) -> None:
+    target = HttpTarget(cluster.admin_url, disaggregation="split")
+    try:
+        records, _ = await closed_loop(target, fixed(6, 24, 5), concurrency=3)
+        bad = await send(target, RequestSpec(0.0, 8, 99_999), seed=1, timeout_s=10)
+    finally:
+        await target.close()
+    assert all(r.outcome == "ok" for r in records)
+    assert all(r.output_tokens == 5 for r in records)
+    assert all(r.first_token_s is not None for r in records)
+    assert bad.outcome == "HTTP_400"
