@@ -106,8 +106,14 @@ class HttpTarget:
         if self._session is None:
             connector = aiohttp.TCPConnector(limit=0)  # the load generator bounds concurrency
             self._session = aiohttp.ClientSession(connector=connector)
-        body = {"prompt": prompt, "max_tokens": max_tokens, "seed": seed, "stream": True,
-                "stream_options": {"include_usage": True}, "disaggregation": self._mode}  # fmt: skip
+        body = {
+            "prompt": prompt,
+            "max_tokens": max_tokens,
+            "seed": seed,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            "disaggregation": self._mode,
+        }
         counted = 0
         async with self._session.post(self._url, json=body) as response:
             if response.status != 200:
