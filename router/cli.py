@@ -73,6 +73,7 @@ def cmd_device(options: argparse.Namespace) -> int:
         kv_lease_s=options.kv_lease_s,
         seed=options.seed,
         decode_step_s=options.decode_step_ms / 1000 if options.decode_step_ms else None,
+        kv_failure_policy=options.kv_failure_policy,
     )
     uvloop.run(
         run_device(
@@ -158,6 +159,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--decode-step-ms",
         type=float,
         help="fixed decode step (paces every stream), for benchmarks",
+    )
+    device.add_argument(
+        "--kv-failure-policy",
+        choices=["recompute", "fail"],
+        default="recompute",
+        help="when the KV cannot be pulled: prefill locally, or fail the request",
     )
     device.add_argument("--announce", action="store_true", help="print READY host:port")
     device.add_argument("--exit-with-stdin", action="store_true", help="exit when stdin closes")

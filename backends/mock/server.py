@@ -12,7 +12,7 @@ import math
 import zlib
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import grpc
 
@@ -22,8 +22,13 @@ from backends.mock.engine import DeviceEngine, DeviceError
 from backends.mock.model import KVCache, TinyConfig, TinyTransformer
 from backends.mock.roofline import TimingModel, load_catalog
 from router._gen.hetero.device.v1 import device_pb2
+from router.logging import get_logger
+
+log = get_logger(__name__)
 
 SERVICE = "hetero.device.v1.Device"
+# KV failures a local prefill can make good; a wrong layout or role cannot.
+_RECOVERABLE = frozenset({"NOT_FOUND", "DATA_LOSS", "UNAVAILABLE", "DEADLINE_EXCEEDED"})
 KV_CHUNK_BYTES = 1 << 20
 BLOCK_SIZE = 16
 # KV chunks of 1 MiB plus protobuf framing must fit a message.
@@ -43,6 +48,9 @@ class DeviceConfig:
     kv_lease_s: float = 30.0
     kv_capacity_tokens: int | None = None  # None: what the emulated hardware holds
     decode_step_s: float | None = None  # fixed pace instead of the roofline step
+    # When the KV cannot be had (lease gone, prefill device down, checksum wrong):
+    # "recompute" prefills the prompt here and goes on, "fail" ends the request.
+    kv_failure_policy: Literal["recompute", "fail"] = "recompute"
     seed: int = 0
 
 
@@ -114,6 +122,7 @@ class DeviceServer:
         # Requests that reached this device (Prefill, Decode, Generate): tests use it to
         # prove that bad input never gets this far.
         self.requests_received = 0
+        self.kv_recomputes = 0
         self._server: grpc.aio.Server | None = None
         self._peers: dict[str, grpc.aio.Channel] = {}
 
@@ -258,7 +267,15 @@ class DeviceServer:
         self._check_role(Role.DECODE)
         handle = request.handle
         self._check_layout(layout_from_proto(handle.layout))
-        cache = await self._obtain_kv(handle)
+        try:
+            cache = await self._obtain_kv(handle)
+        except DeviceError as error:
+            if self.config.kv_failure_policy != "recompute" or error.code not in _RECOVERABLE:
+                raise
+            log.warning(
+                "KV unavailable; prefilling here", request=request.request_id, error=error.message
+            )
+            cache = await self._recompute_kv(request)
         frames = self.engine.decode(
             request.request_id,
             request.prompt,
@@ -399,6 +416,22 @@ class DeviceServer:
                 f"KV layout mismatch: got {layout.describe()}, "
                 f"device {self.config.backend_id} uses {self.layout.describe()}",
             )
+
+    async def _recompute_kv(self, request: device_pb2.DecodeRequest) -> KVCache:
+        """The prompt's KV computed on this device, through its own engine and timing.
+
+        Bit-identical to the KV the prefill device made (same model, same maths), so
+        the request still yields exactly the tokens it would have.
+        """
+        self.kv_recomputes += 1
+        local_id = f"{request.request_id}#recompute"
+        outcome = await self.engine.prefill(
+            local_id, request.prompt, sampling_from_proto(request.sampling)
+        )
+        if outcome.lease is None:  # the first token ended it; decode still needs the KV
+            raise DeviceError("INTERNAL", "local prefill kept no KV")
+        self.engine.release_lease(local_id)
+        return outcome.lease.cache
 
     async def _obtain_kv(self, handle: device_pb2.KVHandle) -> KVCache:
         """The KV of the handle: taken locally, or pulled from the device that holds it."""

@@ -147,26 +147,46 @@ async def test_layout_mismatch_is_refused_before_any_byte_moves(pair: Any) -> No
     assert decode_device.engine.load().running == 0
 
 
-async def test_corrupt_kv_fails_its_checksum(pair: Any) -> None:
-    _, _, prefill, decode = pair
+async def _decode_with(
+    prefill: DeviceStub, decode: DeviceStub, request_id: str, corrupt: bool
+) -> list[router_pb2.GenerateResponse]:
     reply = await prefill.prefill(
-        device_pb2.PrefillRequest(request_id="r3", prompt="checksum", sampling=GREEDY)
+        device_pb2.PrefillRequest(request_id=request_id, prompt="checksum", sampling=GREEDY)
     )
     handle = device_pb2.KVHandle()
     handle.CopyFrom(reply.handle)
-    handle.checksum ^= 1
-    with pytest.raises(grpc.aio.AioRpcError) as raised:
-        async for _ in decode.decode(
-            device_pb2.DecodeRequest(
-                request_id="r3",
-                prompt="checksum",
-                sampling=GREEDY,
-                handle=handle,
-                first_token_id=reply.first_token_id,
-            )
-        ):
-            pass
-    assert raised.value.code() == grpc.StatusCode.DATA_LOSS
+    if corrupt:
+        handle.checksum ^= 1
+    request = device_pb2.DecodeRequest(
+        request_id=request_id,
+        prompt="checksum",
+        sampling=GREEDY,
+        handle=handle,
+        first_token_id=reply.first_token_id,
+    )
+    return [frame async for frame in decode.decode(request)]
+
+
+async def test_corrupt_kv_is_recomputed_and_gives_the_same_tokens(pair: Any) -> None:
+    _, decode_device, prefill, decode = pair
+    clean = await _decode_with(prefill, decode, "r3a", corrupt=False)
+    recovered = await _decode_with(prefill, decode, "r3b", corrupt=True)
+    assert decode_device.kv_recomputes == 1
+    assert [list(f.token_ids) for f in recovered] == [list(f.token_ids) for f in clean]
+    assert decode_device.engine.load().kv_tokens_used == 0
+
+
+async def test_corrupt_kv_fails_its_checksum_when_the_policy_is_fail(pair: Any) -> None:
+    _, _, prefill, _ = pair
+    strict = await start_device("d9", (Role.DECODE,), kv_failure_policy="fail")
+    try:
+        async with grpc.aio.insecure_channel(strict.address) as channel:
+            with pytest.raises(grpc.aio.AioRpcError) as raised:
+                await _decode_with(prefill, DeviceStub(channel), "r3c", corrupt=True)
+        assert raised.value.code() == grpc.StatusCode.DATA_LOSS
+        assert strict.kv_recomputes == 0
+    finally:
+        await strict.stop(0)
 
 
 async def test_decode_pulls_kv_and_streams_the_rest(pair: Any) -> None:

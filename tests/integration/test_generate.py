@@ -285,3 +285,21 @@ async def test_split_equals_colocated_while_devices_batch_other_requests(cluster
     for split, colocated in results:
         assert split == colocated
         assert len(split) == 20
+
+
+async def test_a_lost_kv_lease_is_recomputed_on_decode_with_the_same_tokens() -> None:
+    # Prefill devices drop their KV at once: every decode pull finds nothing and the
+    # decode device prefills locally, yielding exactly the tokens of a colocated run.
+    cluster = await start_cluster(device_options={"kv_lease_s": 0.0})
+    try:
+        options = {"max_tokens": 12, "temperature": 0.8, "seed": 5}
+        split = await collect(cluster.client, "lost lease", disaggregation="split", **options)
+        colocated = await collect(
+            cluster.client, "lost lease", disaggregation="colocated", **options
+        )
+        assert split[0].route.mode == router_pb2.ROUTE_MODE_SPLIT
+        assert token_ids(split) == token_ids(colocated)
+        assert sum(d.kv_recomputes for d in cluster.devices.values()) == 1
+        assert all(v == (0, 0) for v in cluster.kv_in_use().values())
+    finally:
+        await stop_cluster(cluster)
