@@ -7,12 +7,19 @@ from typing import Any
 
 from backends.base import Backend
 from backends.mock.adapter import MockBackend
+from backends.openai import OpenAIBackend
+from backends.sglang import SglangBackend
 from backends.vllm import VllmBackend
 
 # (backend id, address, kind-specific options from the pool file) -> adapter
 BackendFactory = Callable[[str, str, Mapping[str, Any]], Backend]
 
-_ADAPTERS: dict[str, BackendFactory] = {"mock": MockBackend, "vllm": VllmBackend}
+_ADAPTERS: dict[str, BackendFactory] = {
+    "mock": MockBackend,
+    "vllm": VllmBackend,
+    "sglang": SglangBackend,
+    "openai": OpenAIBackend,
+}
 
 
 def register(kind: str, factory: BackendFactory) -> None:

@@ -34,6 +34,7 @@ class Endpoint:
             healthy=self.healthy,
             outstanding=self.outstanding,
             detail=self.detail,
+            handoff=self.backend.capabilities.handoff_modes,
         )
 
 
@@ -52,6 +53,12 @@ class Pool:
                 )
             except ValueError as error:
                 raise ConfigError(f"backend {backend_config.id}: {error}") from error
+            if backend_config.role not in backend.capabilities.roles:
+                roles = ", ".join(sorted(role.value for role in backend.capabilities.roles))
+                raise ConfigError(
+                    f"backend {backend_config.id}: a {backend_config.kind} backend cannot take "
+                    f"the role {backend_config.role.value!r} (it can take: {roles})"
+                )
             self.endpoints[backend_config.id] = Endpoint(backend_config, backend)
         self._snapshot: PoolSnapshot | None = None
 

@@ -36,12 +36,12 @@ class Scheduler:
         decode = snapshot.decode_candidates(model)
         if not prefill or not decode:
             return None
-        prefill_id = self.picker.pick(prefill, sequence).id
+        prefill_backend = self.picker.pick(prefill, sequence)
+        compatible = [d for d in decode if prefill_backend.can_hand_off_to(d)]
         # Decode elsewhere when there is an elsewhere: splitting onto one device gains nothing.
-        decode_id = self.picker.pick(
-            [d for d in decode if d.id != prefill_id] or decode, sequence
-        ).id
-        return Plan(Mode.SPLIT, prefill_id, decode_id)
+        others = [d for d in compatible if d.id != prefill_backend.id]
+        decode_id = self.picker.pick(others or compatible, sequence).id
+        return Plan(Mode.SPLIT, prefill_backend.id, decode_id)
 
     @staticmethod
     def _why(mode: Mode, features: RequestFeatures, snapshot: PoolSnapshot) -> str:

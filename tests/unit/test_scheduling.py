@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from backends.base import Role
+from backends.base import HandoffMode, Role
 from router.errors import ConfigError, NoHealthyBackendError
 from router.pool.snapshot import BackendView, PoolSnapshot
 from router.scheduling.deciders import PromptLengthDecider
@@ -94,3 +94,28 @@ def test_policies_are_built_by_name() -> None:
     assert scheduler.decider.min_prompt_tokens == 7
     with pytest.raises(ConfigError, match="unknown picker 'nope'"):
         build_scheduler(Settings(picker="nope"))
+
+
+def test_splits_pair_only_backends_that_can_hand_kv_to_each_other() -> None:
+    none = frozenset({HandoffMode.NONE})
+    pool = PoolSnapshot(
+        (
+            BackendView("api", "openai", "h:1", Role.BOTH, "m", "", True, 0, handoff=none),
+            BackendView("v-p", "vllm", "h:2", Role.PREFILL, "m", "", True, 0),
+            BackendView("mock-d", "mock", "h:3", Role.DECODE, "m", "", True, 0),
+            BackendView("v-d", "vllm", "h:4", Role.DECODE, "m", "", True, 5),
+        )
+    )
+    for sequence in range(4):
+        plan = SCHEDULER.schedule(features(500, sequence=sequence), pool, 0.0)
+        assert (plan.prefill_backend, plan.decode_backend) == ("v-p", "v-d")
+
+
+def test_a_colocated_only_backend_never_splits() -> None:
+    none = frozenset({HandoffMode.NONE})
+    pool = PoolSnapshot(
+        (BackendView("api", "openai", "h:1", Role.BOTH, "m", "", True, 0, handoff=none),)
+    )
+    assert SCHEDULER.schedule(features(500), pool, 0.0).mode is Mode.COLOCATED
+    with pytest.raises(NoHealthyBackendError):
+        SCHEDULER.schedule(features(mode=Disaggregation.SPLIT), pool, 0.0)

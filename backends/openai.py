@@ -1,0 +1,281 @@
+"""The adapter for any OpenAI-compatible endpoint, as a colocated backend.
+
+A hosted API (Groq, Cerebras) or a plain vLLM serves whole requests: there is no
+KV cache to hand over, so the adapter takes no part in a split. Its capabilities
+say so (roles ``decode`` and ``both``, handoff ``NONE``) and ``prefill``/``decode``
+refuse with a non-retryable error. Give it role ``both`` in the pool file: the
+scheduler prefers ``both`` backends for colocated plans, and ``decode`` only lists
+it as the colocated fallback when no ``both`` backend serves the model.
+
+The API key comes from ``api_key_env`` (a variable name) or ``api_key_file`` (a
+path), never from the pool file. It is held by a :class:`Secret`, whose repr is
+redacted, and sent as the session's default ``Authorization`` header; every error
+message is scrubbed of it in case a provider echoes it back (some quote the key
+they rejected).
+
+Options: ``base_url`` (full URL up to the version, e.g.
+``https://api.groq.com/openai/v1``; default ``http://{address}/v1``), ``model``
+(the provider's name for the model; default the request's), ``api_key_env`` or
+``api_key_file``, ``max_connections`` (default 1024), ``connect_timeout_s``
+(default 5) and ``idle_timeout_s`` (longest silence mid-stream, default 60).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
+from typing import Any
+
+import aiohttp
+
+from backends.base import (
+    Backend,
+    BackendLoad,
+    Capabilities,
+    GenerationRequest,
+    HandoffMode,
+    HealthStatus,
+    KVHandle,
+    PrefillResult,
+    Role,
+)
+from backends.http_common import (
+    ExchangeAborted,
+    OpenExchanges,
+    client_timeout,
+    openai_frames,
+    read_api_key,
+    status_error,
+    transport_error,
+)
+from router.errors import BackendError
+
+# What a failed exchange can raise besides an HTTP status: aiohttp's connection and
+# timeout errors, and ValueError from an SSE line past iter_sse's size cap.
+_TRANSPORT_ERRORS = (aiohttp.ClientError, TimeoutError, ValueError)
+
+_REDACTED = "<redacted>"
+
+
+def reject_inline_key(options: Mapping[str, Any]) -> None:
+    """A key written into the pool file would end up in version control and config dumps."""
+    if "api_key" in options:
+        raise ValueError(
+            "api_key does not belong in the pool file: use api_key_env or api_key_file"
+        )
+
+
+def scrub(error: BackendError, secret: str | None) -> BackendError:
+    """The same error with every occurrence of the secret replaced."""
+    if not secret or secret not in error.message:
+        return error
+    prefix = f"backend {error.backend_id}: "
+    detail = error.message.removeprefix(prefix).replace(secret, _REDACTED)
+    return BackendError(error.backend_id, detail, retryable=error.retryable)
+
+
+def openai_body(request: GenerationRequest, model: str) -> tuple[str, dict[str, Any]]:
+    """The path (relative to ``/v1``) and streaming body of a request in the OpenAI protocol."""
+    sampling = request.sampling
+    body: dict[str, Any] = {"model": model}
+    if request.messages:
+        path = "/chat/completions"
+        body["messages"] = [{"role": m.role, "content": m.content} for m in request.messages]
+    else:
+        path = "/completions"
+        body["prompt"] = request.prompt
+    body.update(
+        max_tokens=sampling.max_tokens,
+        temperature=sampling.temperature,
+        top_p=sampling.top_p,
+        seed=sampling.seed,
+        stream=True,
+        # Without it the stream carries no token counts and the last frame no usage.
+        stream_options={"include_usage": True},
+    )
+    if sampling.stop:
+        body["stop"] = list(sampling.stop)
+    return path, body
+
+
+class OpenAIBackend(Backend):
+    """A colocated OpenAI-compatible endpoint: ``generate`` only."""
+
+    def __init__(
+        self, backend_id: str, address: str, options: Mapping[str, Any] | None = None
+    ) -> None:
+        super().__init__(backend_id, address, options)
+        reject_inline_key(self.options)
+        self._base_url = str(self.options.get("base_url") or f"http://{address}/v1").rstrip("/")
+        self._model = str(self.options["model"]) if self.options.get("model") else None
+        self._max_connections = int(self.options.get("max_connections", 1024))
+        self._connect_timeout_s = float(self.options.get("connect_timeout_s", 5.0))
+        self._idle_timeout_s = float(self.options.get("idle_timeout_s", 60.0))
+        # Read now so that a missing secret fails at start-up, naming the option.
+        self._key = Secret(read_api_key(self.options))
+        self._session: aiohttp.ClientSession | None = None
+        self._exchanges = OpenExchanges()
+
+    def __repr__(self) -> str:
+        return f"OpenAIBackend(id={self.id!r}, base_url={self._base_url!r})"
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return Capabilities(
+            roles=frozenset({Role.DECODE, Role.BOTH}),
+            handoff_modes=frozenset({HandoffMode.NONE}),
+        )
+
+    async def start(self) -> None:
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=self._max_connections, limit_per_host=0),
+            headers=self._key.headers(),
+        )
+
+    async def close(self) -> None:
+        self._exchanges.abort_all()
+        if self._session is not None:
+            await self._session.close()
+
+    async def check_health(self, timeout_s: float) -> HealthStatus:
+        """Serving when ``/models`` answers 200 and, if it lists models, lists ours.
+
+        The model name is not reported: the provider's name (``options.model``) need not
+        match the pool file's, which the health checker would then flag as a mismatch.
+        """
+        session = self._require_session()
+        timeout = client_timeout(timeout_s, self._connect_timeout_s)
+        try:
+            async with session.get(f"{self._base_url}/models", timeout=timeout) as response:
+                if response.status != 200:
+                    # The body is not quoted: a 401 body may echo the key.
+                    return HealthStatus(
+                        serving=False, detail=f"GET /models: HTTP {response.status}"
+                    )
+                listing = await response.json(content_type=None)
+        except _TRANSPORT_ERRORS as error:
+            failure = transport_error(self.id, error, timeout_s)
+            return HealthStatus(serving=False, detail=self._key.clean(failure.message))
+        offered = _model_ids(listing)
+        if self._model and offered and self._model not in offered:
+            return HealthStatus(serving=False, detail=f"model {self._model!r} is not offered")
+        return HealthStatus(serving=True)
+
+    async def load(self, timeout_s: float) -> BackendLoad:
+        """Nothing to read: hosted APIs publish no queue depth or KV use.
+
+        The scheduler sees the zero load and relies on the router's own outstanding
+        count for this backend.
+        """
+        return BackendLoad()
+
+    async def prefill(self, request: GenerationRequest, timeout_s: float) -> PrefillResult:
+        raise BackendError(
+            self.id,
+            "colocated only: an OpenAI endpoint cannot prefill for another backend",
+            retryable=False,
+        )
+
+    def decode(
+        self, request: GenerationRequest, handle: KVHandle, first_token_id: int, timeout_s: float
+    ) -> AsyncGenerator[bytes, None]:
+        raise BackendError(
+            self.id,
+            "colocated only: an OpenAI endpoint cannot decode a handed-over KV cache",
+            retryable=False,
+        )
+
+    async def generate(
+        self, request: GenerationRequest, timeout_s: float
+    ) -> AsyncGenerator[bytes, None]:
+        path, body = openai_body(request, self._model or request.model)
+        try:
+            async with (
+                self._open(request.request_id, path, body, timeout_s) as response,
+                contextlib.aclosing(openai_frames(self.id, response)) as frames,
+            ):
+                async for frame in frames:
+                    yield frame
+        except ExchangeAborted:
+            raise BackendError(self.id, "aborted", retryable=False) from None
+        except _TRANSPORT_ERRORS as error:
+            raise self._key.scrub(transport_error(self.id, error, timeout_s)) from None
+        except BackendError as error:
+            raise self._key.scrub(error) from None
+
+    async def abort(self, request_id: str, timeout_s: float) -> None:
+        """Closes the request's stream: OpenAI-compatible servers stop on a closed connection."""
+        self._exchanges.abort(request_id)
+
+    @contextlib.asynccontextmanager
+    async def _open(
+        self, request_id: str, path: str, body: Mapping[str, Any], timeout_s: float
+    ) -> AsyncIterator[aiohttp.ClientResponse]:
+        """The streaming response, 2xx only, closed on exit and on ``abort``."""
+        session = self._require_session()
+        timeout = client_timeout(timeout_s, self._connect_timeout_s, self._idle_timeout_s)
+        request = session.post(f"{self._base_url}{path}", json=body, timeout=timeout)
+        response = await self._exchanges.run(request_id, _response_of(request), discard=_close)
+        with self._exchanges.track(request_id, response.close):
+            try:
+                if response.status >= 300:
+                    raise status_error(self.id, response.status, await response.content.read(4096))
+                yield response
+            except BaseException:
+                # Closing the connection is how an OpenAI-compatible server learns to stop:
+                # an early exit must not leave it generating for nobody.
+                response.close()
+                raise
+            else:
+                response.release()  # back to the pool if the body was read to its end
+
+    def _require_session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            raise BackendError(self.id, "adapter not started", retryable=True)
+        return self._session
+
+
+class Secret:
+    """An API key that does not show itself: its repr and str are redacted."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str | None) -> None:
+        self._value = value
+
+    def __repr__(self) -> str:
+        return f"Secret({_REDACTED if self._value else None})"
+
+    __str__ = __repr__
+
+    def reveal(self) -> str | None:
+        """The key itself, for the one place that sends it."""
+        return self._value
+
+    def headers(self) -> dict[str, str] | None:
+        return {"Authorization": f"Bearer {self._value}"} if self._value else None
+
+    def scrub(self, error: BackendError) -> BackendError:
+        return scrub(error, self._value)
+
+    def clean(self, text: str) -> str:
+        return text.replace(self._value, _REDACTED) if self._value else text
+
+
+async def _response_of(request: Any) -> aiohttp.ClientResponse:
+    """Awaits aiohttp's request context manager (it is awaitable, not a coroutine)."""
+    response: aiohttp.ClientResponse = await request
+    return response
+
+
+def _close(response: aiohttp.ClientResponse) -> None:
+    response.close()
+
+
+def _model_ids(listing: Any) -> set[str]:
+    """The ids of a ``/models`` listing; empty when the body is not the usual shape."""
+    if not isinstance(listing, dict) or not isinstance(listing.get("data"), list):
+        return set()
+    return {
+        str(entry["id"]) for entry in listing["data"] if isinstance(entry, dict) and "id" in entry
+    }

@@ -1,0 +1,141 @@
+"""An in-process fake OpenAI-compatible API (Groq, Cerebras, vLLM alike) that records requests.
+
+Bearer authentication like the hosted APIs (a 401 whose message quotes the key it
+refused, as some providers do), ``/models``, and streaming chat and text completions
+that end with a usage chunk when ``stream_options.include_usage`` is set.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+TOKENS = ("Hel", "lo", " world")
+PROMPT_TOKENS = 7
+MODEL = "llama-3.1-8b-instant"
+
+
+@dataclass
+class Received:
+    path: str
+    headers: dict[str, str]
+    body: Any
+
+
+@dataclass
+class FakeOpenAI:
+    api_key: str
+    prefix: str = "/v1"
+    models: tuple[str, ...] = (MODEL, "llama-3.3-70b-versatile")
+    finish_reason: str = "stop"
+    status: int = 200
+    error_after_chunks: int | None = None  # an error event after this many tokens
+    hold_after_chunks: int | None = None  # stop sending after this many tokens, stay open
+    received: list[Received] = field(default_factory=list)
+    disconnected: int = 0  # streams whose client left before the end
+    first_chunk_sent: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def __post_init__(self) -> None:
+        app = web.Application()
+        app.router.add_get(f"{self.prefix}/models", self._models)
+        app.router.add_post(f"{self.prefix}/chat/completions", self._complete)
+        app.router.add_post(f"{self.prefix}/completions", self._complete)
+        self._runner = web.AppRunner(app, handler_cancellation=True)
+        self.port = 0
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.address}{self.prefix}"
+
+    async def start(self) -> None:
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        self.port = self._runner.addresses[0][1]
+
+    async def stop(self) -> None:
+        await self._runner.cleanup()
+
+    def _refusal(self, request: web.Request) -> web.Response | None:
+        presented = request.headers.get("Authorization", "")
+        if presented == f"Bearer {self.api_key}":
+            return None
+        token = presented.removeprefix("Bearer ")
+        message = f"Invalid API Key: {token}" if token else "Missing API key"
+        return web.json_response(
+            {
+                "error": {
+                    "message": message,
+                    "type": "invalid_request_error",
+                    "code": "invalid_api_key",
+                }
+            },
+            status=401,
+        )
+
+    async def _models(self, request: web.Request) -> web.Response:
+        self.received.append(Received(request.path, dict(request.headers), None))
+        refusal = self._refusal(request)
+        if refusal is not None:
+            return refusal
+        return web.json_response(
+            {"object": "list", "data": [{"id": m, "object": "model"} for m in self.models]}
+        )
+
+    async def _complete(self, request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        self.received.append(Received(request.path, dict(request.headers), body))
+        refusal = self._refusal(request)
+        if refusal is not None:
+            return refusal
+        if self.status != 200:
+            return web.json_response({"error": {"message": "overloaded"}}, status=self.status)
+        chat = request.path.endswith("/chat/completions")
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        try:
+            if chat:  # chat streams open with a role-only delta
+                await _send(response, _chunk({"delta": {"role": "assistant", "content": ""}}))
+            for index, text in enumerate(TOKENS):
+                if index == self.error_after_chunks:
+                    await _send(response, {"error": {"message": "internal error", "code": 500}})
+                    await response.write_eof()
+                    return response
+                if index == self.hold_after_chunks:
+                    await asyncio.Event().wait()
+                content = {"delta": {"content": text}} if chat else {"text": text}
+                last = index == len(TOKENS) - 1
+                await _send(
+                    response,
+                    _chunk({**content, "finish_reason": self.finish_reason if last else None}),
+                )
+                self.first_chunk_sent.set()
+            if (body.get("stream_options") or {}).get("include_usage"):
+                usage = {
+                    "prompt_tokens": PROMPT_TOKENS,
+                    "completion_tokens": len(TOKENS),
+                    "total_tokens": PROMPT_TOKENS + len(TOKENS),
+                }
+                await _send(response, {"id": "c", "object": "chunk", "choices": [], "usage": usage})
+            await response.write(b"data: [DONE]\n\n")
+            await response.write_eof()
+        except asyncio.CancelledError:
+            self.disconnected += 1
+            raise
+        return response
+
+
+def _chunk(choice: dict[str, Any]) -> dict[str, Any]:
+    return {"id": "c", "object": "chunk", "model": MODEL, "choices": [{"index": 0, **choice}]}
+
+
+async def _send(response: web.StreamResponse, event: dict[str, Any]) -> None:
+    await response.write(b"data: " + json.dumps(event).encode() + b"\n\n")
