@@ -80,8 +80,8 @@ class EngineLike(Backend):
 
 
 @pytest.fixture
-def dispatcher() -> Dispatcher:
-    registry.register("engine-like", EngineLike)
+def dispatcher(monkeypatch: pytest.MonkeyPatch) -> Dispatcher:
+    monkeypatch.setattr(registry, "_ADAPTERS", {**registry._ADAPTERS, "engine-like": EngineLike})
     pool_config = PoolConfig(
         backends=(
             BackendConfig(id="p", kind="engine-like", address="h:1", role="prefill", model="m"),
