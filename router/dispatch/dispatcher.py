@@ -118,13 +118,8 @@ class Dispatcher:
             except BackendError as error:
                 if not error.retryable:
                     raise
-                # The decode backend prefills locally rather than failing the request.
-                log.warning("prefill failed; serving colocated", backend=error.backend_id)
-                self._metrics.backend_failures.labels(error.backend_id, "prefill").inc()
-                fallback = Plan(Mode.COLOCATED, plan.decode_backend, plan.decode_backend)
-                async with contextlib.aclosing(self._colocated(request, fallback)) as frames:
-                    async for frame in frames:
-                        yield frame
+                async for frame in self._instead_colocated(request, plan, error, "prefill"):
+                    yield frame
                 done.set()
                 return
             route = _route_frame(request, Mode.SPLIT, plan.prefill_backend, plan.decode_backend)
@@ -137,15 +132,39 @@ class Dispatcher:
                     yield route + prefill.first_frame
                 done.set()
                 return
-            with self._pool.outstanding(plan.decode_backend) as decoder:
-                decode = decoder.decode(
-                    request, prefill.handle, prefill.first_token_id, self._settings.decode_timeout_s
-                )
-                async with contextlib.aclosing(decode) as frames:
-                    async for frame in frames:
-                        yield route + frame if route else frame
-                        route = b""
+            try:
+                with self._pool.outstanding(plan.decode_backend) as decoder:
+                    decode = decoder.decode(
+                        request,
+                        prefill.handle,
+                        prefill.first_token_id,
+                        self._settings.decode_timeout_s,
+                    )
+                    async with contextlib.aclosing(decode) as frames:
+                        async for frame in frames:
+                            yield route + frame if route else frame
+                            route = b""
+            except BackendError as error:
+                # Once the client has a token, a restart would repeat it: only a decode
+                # leg that failed before sending anything is served again.
+                if not (route and error.retryable):
+                    raise
+                async for frame in self._instead_colocated(request, plan, error, "decode"):
+                    yield frame
             done.set()
+
+    async def _instead_colocated(
+        self, request: GenerationRequest, plan: Plan, error: BackendError, phase: str
+    ) -> AsyncGenerator[bytes, None]:
+        """Serves a request whose split failed on the decode backend alone (local prefill)."""
+        log.warning(
+            f"{phase} failed; serving colocated", backend=error.backend_id, error=str(error)
+        )
+        self._metrics.backend_failures.labels(error.backend_id, phase).inc()
+        fallback = Plan(Mode.COLOCATED, plan.decode_backend, plan.decode_backend)
+        async with contextlib.aclosing(self._colocated(request, fallback)) as frames:
+            async for frame in frames:
+                yield frame
 
     async def _prefill(self, request: GenerationRequest, backend_id: str) -> PrefillResult:
         with self._pool.outstanding(backend_id) as backend:

@@ -12,7 +12,6 @@ import pytest
 import structlog
 from prometheus_client import CollectorRegistry
 
-from backends import registry
 from backends.base import ChatMessage, GenerationRequest, KVHandle, Role, SamplingParams
 from backends.http_common import SSEEvent, iter_sse
 from backends.vllm import KV_USAGE_SCALE, VllmBackend
@@ -416,7 +415,6 @@ async def test_the_dispatcher_splits_a_request_across_two_vllm_engines() -> None
     prefill_engine, decode_engine = FakeVllm(issued=issued), FakeVllm(issued=issued)
     await prefill_engine.start()
     await decode_engine.start()
-    registry.register("vllm", VllmBackend)
     engines = (("p", Role.PREFILL, prefill_engine), ("d", Role.DECODE, decode_engine))
     configs = [
         BackendConfig(id=i, kind="vllm", address=e.address, role=r, model="llama-3.1-8b")

@@ -23,6 +23,7 @@ from backends.base import (
 )
 from router._gen.hetero.router.v1 import router_pb2
 from router.dispatch.dispatcher import Dispatcher
+from router.errors import BackendError
 from router.metrics import RouterMetrics
 from router.pool.registry import Pool
 from router.scheduling.plan import Disaggregation
@@ -42,6 +43,7 @@ class EngineLike(Backend):
     """Prefill shows no token (as engines whose decode recomputes it)."""
 
     finished_at_prefill = False
+    decode_fails_after: int | None = None  # frames sent before the decode leg fails
 
     def __init__(self, backend_id: str, address: str, options: Mapping[str, Any]) -> None:
         super().__init__(backend_id, address, options)
@@ -68,7 +70,11 @@ class EngineLike(Backend):
         self, request: GenerationRequest, handle: KVHandle, first_token_id: int, timeout_s: float
     ) -> AsyncGenerator[bytes, None]:
         assert handle.engine_params == {"opaque": 1}
+        if EngineLike.decode_fails_after == 0:
+            raise BackendError(self.id, "UNAVAILABLE: prefill leg lost")
         yield frame(1)
+        if EngineLike.decode_fails_after == 1:
+            raise BackendError(self.id, "UNAVAILABLE: connection dropped")
         yield frame(2, 3, finish=router_pb2.FINISH_REASON_LENGTH)
 
     async def generate(
@@ -81,6 +87,8 @@ class EngineLike(Backend):
 
 @pytest.fixture
 def dispatcher(monkeypatch: pytest.MonkeyPatch) -> Dispatcher:
+    EngineLike.finished_at_prefill = False
+    EngineLike.decode_fails_after = None
     monkeypatch.setattr(registry, "_ADAPTERS", {**registry._ADAPTERS, "engine-like": EngineLike})
     pool_config = PoolConfig(
         backends=(
@@ -122,3 +130,26 @@ async def test_a_request_finished_by_prefill_still_gets_its_route(dispatcher: Di
     responses = await run(dispatcher)
     assert len(responses) == 1
     assert responses[0].route.request_id == "r1"
+
+
+async def test_a_decode_leg_failing_before_any_token_is_served_colocated(
+    dispatcher: Dispatcher,
+) -> None:
+    EngineLike.decode_fails_after = 0
+    responses = await run(dispatcher)
+    assert responses[0].route.mode == router_pb2.ROUTE_MODE_COLOCATED
+    assert responses[0].route.decode_backend == "d"
+    assert list(responses[0].token_ids) == [9]
+
+
+async def test_a_decode_leg_failing_after_a_token_fails_the_request(dispatcher: Dispatcher) -> None:
+    EngineLike.decode_fails_after = 1
+    received: list[router_pb2.GenerateResponse] = []
+
+    async def consume() -> None:
+        async for raw in dispatcher.generate(REQUEST, Disaggregation.SPLIT):
+            received.append(router_pb2.GenerateResponse.FromString(raw))
+
+    with pytest.raises(BackendError, match="connection dropped"):
+        await consume()
+    assert [list(r.token_ids) for r in received] == [[1]]  # nothing repeated, nothing invented
