@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from backends.base import HandoffMode, Role
 
@@ -20,11 +20,16 @@ class BackendView:
     detail: str = ""
     # How the adapter can hand KV to or from another backend (from its capabilities).
     handoff: frozenset[HandoffMode] = frozenset({HandoffMode.SEQUENTIAL})
+    # (kind, mode) pairs it can split with: one adapter kind on both legs, a shared
+    # mode, never NONE. Precomputed: a decision tests it for every backend.
+    split_keys: frozenset[tuple[str, HandoffMode]] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        keys = frozenset((self.kind, m) for m in self.handoff if m is not HandoffMode.NONE)
+        object.__setattr__(self, "split_keys", keys)
 
     def can_hand_off_to(self, decode: BackendView) -> bool:
-        """A split needs one adapter kind on both legs and a handoff mode they share."""
-        shared = (self.handoff & decode.handoff) - {HandoffMode.NONE}
-        return self.kind == decode.kind and bool(shared)
+        return not self.split_keys.isdisjoint(decode.split_keys)
 
 
 @dataclass(frozen=True)
@@ -34,21 +39,23 @@ class PoolSnapshot:
     def serving(self, model: str) -> tuple[BackendView, ...]:
         return tuple(b for b in self.backends if b.healthy and b.model == model)
 
-    def prefill_candidates(self, model: str) -> tuple[BackendView, ...]:
-        """Prefill backends with at least one decode backend they can hand KV to."""
-        # (kind, mode) pairs some decode backend accepts: linear, not prefill x decode.
-        accepted = {(d.kind, mode) for d in self.decode_candidates(model) for mode in d.handoff}
-        return tuple(
-            b
-            for b in self.serving(model)
-            if b.role.can_prefill()
-            and any((b.kind, mode) in accepted for mode in b.handoff - {HandoffMode.NONE})
+    def split_candidates(
+        self, model: str
+    ) -> tuple[tuple[BackendView, ...], tuple[BackendView, ...]]:
+        """Prefill backends that some decode backend can take KV from, and decode backends."""
+        serving = self.serving(model)
+        decode = tuple(b for b in serving if b.role.can_decode() and b.split_keys)
+        accepted = frozenset().union(*(d.split_keys for d in decode))
+        prefill = tuple(
+            b for b in serving if b.role.can_prefill() and not b.split_keys.isdisjoint(accepted)
         )
+        return prefill, decode
+
+    def prefill_candidates(self, model: str) -> tuple[BackendView, ...]:
+        return self.split_candidates(model)[0]
 
     def decode_candidates(self, model: str) -> tuple[BackendView, ...]:
-        return tuple(
-            b for b in self.serving(model) if b.role.can_decode() and b.handoff - {HandoffMode.NONE}
-        )
+        return self.split_candidates(model)[1]
 
     def colocated_candidates(self, model: str) -> tuple[BackendView, ...]:
         """Backends that run a whole request: role ``both``, else decode ones (local prefill)."""

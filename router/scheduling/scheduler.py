@@ -32,8 +32,7 @@ class Scheduler:
                 return None
             backend = self.picker.pick(candidates, sequence).id
             return Plan(Mode.COLOCATED, backend, backend)
-        prefill = snapshot.prefill_candidates(model)
-        decode = snapshot.decode_candidates(model)
+        prefill, decode = snapshot.split_candidates(model)
         if not prefill or not decode:
             return None
         prefill_backend = self.picker.pick(prefill, sequence)
