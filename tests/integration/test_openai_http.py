@@ -153,3 +153,16 @@ async def test_a_client_leaving_a_stream_aborts_the_backend_work() -> None:
         await eventually(lambda: all(v == (0, 0) for v in cluster.kv_in_use().values()))
     finally:
         await stop_cluster(cluster)
+
+
+async def test_a_request_the_devices_cannot_hold_is_429_with_retry_after() -> None:
+    cluster = await start_cluster(device_options={"kv_capacity_tokens": 64})
+    try:
+        response = await post(cluster, "/v1/completions", {"prompt": "x" * 40, "max_tokens": 100})
+        assert response.status == 429
+        assert int(response.headers["Retry-After"]) >= 1
+        error = (await response.json())["error"]
+        assert error["type"] == "rate_limit_exceeded"
+        assert "KV tokens" in error["message"]
+    finally:
+        await stop_cluster(cluster)
