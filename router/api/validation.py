@@ -62,14 +62,11 @@ def _sampling(params: router_pb2.SamplingParams, settings: Settings) -> Sampling
     max_tokens = params.max_tokens if params.HasField("max_tokens") else settings.default_max_tokens
     if not 1 <= max_tokens <= settings.max_tokens_limit:
         raise InvalidRequestError(
-            f"max_tokens must be between 1 and {settings.max_tokens_limit}, "
-            f"got {max_tokens}"
+            f"max_tokens must be between 1 and {settings.max_tokens_limit}, got {max_tokens}"
         )
     temperature = params.temperature if params.HasField("temperature") else 1.0
     if not (math.isfinite(temperature) and temperature >= 0):
-        raise InvalidRequestError(
-            f"temperature must be >= 0 (0 is greedy), got {temperature}"
-        )
+        raise InvalidRequestError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
     top_p = params.top_p if params.HasField("top_p") else 1.0
     if not (math.isfinite(top_p) and 0 < top_p <= 1):
         raise InvalidRequestError(f"top_p must be in (0, 1], got {top_p}")

@@ -118,8 +118,11 @@ class Dispatcher:
             except BackendError as error:
                 if not error.retryable:
                     raise
-                async for frame in self._instead_colocated(request, plan, error, "prefill"):
-                    yield frame
+                async with contextlib.aclosing(
+                    self._instead_colocated(request, plan, error, "prefill")
+                ) as frames:
+                    async for frame in frames:
+                        yield frame
                 done.set()
                 return
             route = _route_frame(request, Mode.SPLIT, plan.prefill_backend, plan.decode_backend)
@@ -149,8 +152,11 @@ class Dispatcher:
                 # leg that failed before sending anything is served again.
                 if not (route and error.retryable):
                     raise
-                async for frame in self._instead_colocated(request, plan, error, "decode"):
-                    yield frame
+                async with contextlib.aclosing(
+                    self._instead_colocated(request, plan, error, "decode")
+                ) as frames:
+                    async for frame in frames:
+                        yield frame
             done.set()
 
     async def _instead_colocated(
