@@ -113,8 +113,17 @@ class DeviceSession:
         return self._call
 
     async def _write(self, call: Any, request: device_pb2.SessionRequest) -> None:
-        async with self._write_lock:
-            await call.write(request)
+        try:
+            async with self._write_lock:
+                await call.write(request)
+        except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError) as error:
+            # The session broke between the last read and this write: the next
+            # request opens a new one.
+            if self._call is call:
+                self._call = None
+            raise SessionStreamError(
+                grpc.StatusCode.UNAVAILABLE, f"device session closed: {error}"
+            ) from None
 
     def _cancel_later(self, call: Any, stream_id: int) -> None:
         """Tells the device to stop; from a task, since a closing generator cannot wait."""
@@ -122,7 +131,7 @@ class DeviceSession:
             return  # that session is gone, and the device dropped its work with it
 
         async def cancel() -> None:
-            with contextlib.suppress(grpc.aio.AioRpcError, grpc.aio.UsageError):
+            with contextlib.suppress(SessionStreamError):
                 await self._write(
                     call,
                     device_pb2.SessionRequest(
