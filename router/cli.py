@@ -162,9 +162,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     device.add_argument(
         "--kv-failure-policy",
-        choices=["recompute", "fail"],
+        choices=["retry", "recompute", "fail"],
         default="recompute",
-        help="when the KV cannot be pulled: prefill locally, or fail the request",
+        help="when the KV cannot be pulled: pull again then prefill locally, prefill "
+        "locally, or fail the request",
     )
     device.add_argument("--announce", action="store_true", help="print READY host:port")
     device.add_argument("--exit-with-stdin", action="store_true", help="exit when stdin closes")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+import time
 import zlib
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from router.logging import get_logger
 log = get_logger(__name__)
 
 SERVICE = "hetero.device.v1.Device"
+KV_PULL_ATTEMPTS = 3
 # KV failures a local prefill can make good; a wrong layout or role cannot.
 _RECOVERABLE = frozenset({"NOT_FOUND", "DATA_LOSS", "UNAVAILABLE", "DEADLINE_EXCEEDED"})
 KV_CHUNK_BYTES = 1 << 20
@@ -49,9 +51,18 @@ class DeviceConfig:
     kv_capacity_tokens: int | None = None  # None: what the emulated hardware holds
     decode_step_s: float | None = None  # fixed pace instead of the roofline step
     # When the KV cannot be had (lease gone, prefill device down, checksum wrong):
-    # "recompute" prefills the prompt here and goes on, "fail" ends the request.
-    kv_failure_policy: Literal["recompute", "fail"] = "recompute"
+    # "retry" pulls it again (up to KV_PULL_ATTEMPTS) then prefills here,
+    # "recompute" prefills the prompt here at once, "fail" ends the request.
+    kv_failure_policy: Literal["retry", "recompute", "fail"] = "recompute"
+    # Fault injection for tests: flip one bit in each of the first N KV chunks served.
+    corrupt_kv_chunks: int = 0
     seed: int = 0
+
+
+def modelled_wire_s(nbytes: int, *links_gbps: float) -> float:
+    """Seconds to move ``nbytes`` over the slowest of the links (Gbit/s; 0 = unknown)."""
+    known = [link for link in links_gbps if link > 0]
+    return nbytes * 8 / (min(known) * 1e9) if known and nbytes else 0.0
 
 
 def layout_of(config: TinyConfig) -> KVLayout:
@@ -109,10 +120,10 @@ class DeviceServer:
         self.config = config
         self.model = TinyTransformer(TinyConfig(seed=config.seed))
         self.layout = layout_of(self.model.config)
-        timing = TimingModel(catalog.profiles[config.profile], catalog.models[config.model])
+        self.timing = TimingModel(catalog.profiles[config.profile], catalog.models[config.model])
         self.engine = DeviceEngine(
             self.model,
-            timing,
+            self.timing,
             time_scale=config.time_scale,
             kv_lease_s=config.kv_lease_s,
             kv_capacity_tokens=config.kv_capacity_tokens,
@@ -123,8 +134,11 @@ class DeviceServer:
         # prove that bad input never gets this far.
         self.requests_received = 0
         self.kv_recomputes = 0
+        self.kv_pull_attempts = 0
+        self._corruptions_left = config.corrupt_kv_chunks
         self._server: grpc.aio.Server | None = None
         self._peers: dict[str, grpc.aio.Channel] = {}
+        self._background: set[asyncio.Task[None]] = set()
 
     async def start(self, listen: str = "127.0.0.1:0") -> int:
         """Serves on ``listen``; returns the bound port (useful with port 0)."""
@@ -218,6 +232,8 @@ class DeviceServer:
                     byte_length=len(lease.payload),
                     checksum=lease.checksum,
                     lease_expires_at=lease.expires_at,
+                    link_gbps=self.timing.profile.interconnect_gbps,
+                    emulated_bytes_per_token=self.timing.model.kv_bytes_per_token,
                 )
             )
         return response
@@ -239,9 +255,13 @@ class DeviceServer:
         chunk = request.chunk_bytes or KV_CHUNK_BYTES
         view = memoryview(lease.payload)
         for offset in range(0, len(view), chunk):
-            yield device_pb2.KVChunk(offset=offset, data=bytes(view[offset : offset + chunk]))
-        # The decode device has every byte: the KV is no longer needed here.
-        self.engine.release_lease(request.request_id)
+            piece = view[offset : offset + chunk]
+            data = bytes(piece)
+            if self._corruptions_left > 0:
+                self._corruptions_left -= 1
+                data = bytes([data[0] ^ 1]) + data[1:]
+            yield device_pb2.KVChunk(offset=offset, data=data, checksum=zlib.crc32(piece))
+        # The lease stays until the reader, having checked every byte, releases it.
 
     async def _release_kv(
         self, request: device_pb2.ReleaseKVRequest, context: grpc.aio.ServicerContext
@@ -441,6 +461,28 @@ class DeviceServer:
                 raise DeviceError("NOT_FOUND", f"no KV held for request {handle.request_id}")
             self.engine.release_lease(handle.request_id)
             return lease.cache
+        attempts = KV_PULL_ATTEMPTS if self.config.kv_failure_policy == "retry" else 1
+        for attempt in range(1, attempts + 1):
+            started = time.monotonic()
+            try:
+                buffer = await self._pull(handle)
+                break
+            except DeviceError as error:
+                # Only a transfer that arrived damaged is worth reading again.
+                if error.code != "DATA_LOSS" or attempt == attempts:
+                    if error.code == "DATA_LOSS":
+                        self._release_remote(handle)  # no one will read this copy again
+                    raise
+                log.warning("KV transfer damaged; pulling again", attempt=attempt)
+        self._release_remote(handle)
+        await self._model_wire_time(handle, time.monotonic() - started)
+        return KVCache.from_buffer(
+            self.model.config, buffer, length=handle.num_tokens, capacity=handle.num_tokens
+        )
+
+    async def _pull(self, handle: device_pb2.KVHandle) -> bytearray:
+        """Every byte of the handle, each chunk checked as it lands and the whole at the end."""
+        self.kv_pull_attempts += 1
         buffer = bytearray(handle.byte_length)
         received = 0
         fetch = self._peer(handle.address).unary_stream(
@@ -461,6 +503,10 @@ class DeviceServer:
                 end = chunk.offset + len(chunk.data)
                 if end > len(buffer):
                     raise DeviceError("DATA_LOSS", "KV chunk past the end of the handle's bytes")
+                if zlib.crc32(chunk.data) != chunk.checksum:
+                    raise DeviceError(
+                        "DATA_LOSS", f"KV chunk at byte {chunk.offset} failed its checksum"
+                    )
                 buffer[chunk.offset : end] = chunk.data
                 received += len(chunk.data)
         except grpc.aio.AioRpcError as error:
@@ -468,13 +514,40 @@ class DeviceServer:
                 "UNAVAILABLE" if error.code() != grpc.StatusCode.NOT_FOUND else "NOT_FOUND",
                 f"KV fetch from {handle.backend_id} failed: {error.details()}",
             ) from error
+        finally:
+            call.cancel()  # stops the sender at once when a chunk was refused
         if received != handle.byte_length or zlib.crc32(buffer) != handle.checksum:
             raise DeviceError(
                 "DATA_LOSS", f"KV from {handle.backend_id} failed its checksum; not used"
             )
-        return KVCache.from_buffer(
-            self.model.config, buffer, length=handle.num_tokens, capacity=handle.num_tokens
+        return buffer
+
+    def _release_remote(self, handle: device_pb2.KVHandle) -> None:
+        """Frees the holder's lease now that every byte is here; its expiry is the backstop."""
+        release = self._peer(handle.address).unary_unary(
+            f"/{SERVICE}/ReleaseKV",
+            request_serializer=device_pb2.ReleaseKVRequest.SerializeToString,
+            response_deserializer=device_pb2.ReleaseKVResponse.FromString,
         )
+
+        async def send() -> None:
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                await release(device_pb2.ReleaseKVRequest(request_id=handle.request_id), timeout=5)
+
+        task = asyncio.create_task(send())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _model_wire_time(self, handle: device_pb2.KVHandle, spent_s: float) -> None:
+        """Waits out what moving the emulated model's KV would take over the slower link."""
+        if self.engine.time_scale == 0:
+            return
+        wire_s = modelled_wire_s(
+            handle.num_tokens * handle.emulated_bytes_per_token,
+            self.timing.profile.interconnect_gbps,
+            handle.link_gbps,
+        )
+        await asyncio.sleep(max(0.0, wire_s * self.engine.time_scale - spent_s))
 
     def _peer(self, address: str) -> grpc.aio.Channel:
         channel = self._peers.get(address)

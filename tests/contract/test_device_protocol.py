@@ -10,7 +10,7 @@ import grpc
 import pytest
 
 from backends.base import Role
-from backends.mock.server import SERVICE, DeviceConfig, DeviceServer
+from backends.mock.server import SERVICE, DeviceConfig, DeviceServer, modelled_wire_s
 from router._gen.hetero.device.v1 import device_pb2
 from router._gen.hetero.router.v1 import router_pb2
 from tests.helpers import eventually
@@ -106,9 +106,13 @@ async def test_prefill_leases_kv_that_fetch_returns_intact(pair: Any) -> None:
         device_pb2.FetchKVRequest(request_id="r1", expected_layout=layout, chunk_bytes=100)
     ):
         assert chunk.offset == len(payload)
+        assert zlib.crc32(chunk.data) == chunk.checksum
         payload += chunk.data
     assert len(payload) == handle.byte_length
     assert zlib.crc32(payload) == handle.checksum
+    # Still leased until the reader says it has every byte: a damaged read can be redone.
+    assert (await prefill.load(device_pb2.LoadRequest())).kv_leases == 1
+    assert (await prefill.release(device_pb2.ReleaseKVRequest(request_id="r1"))).released
     load = await prefill.load(device_pb2.LoadRequest())
     assert (load.kv_leases, load.kv_tokens_used) == (0, 0)
 
@@ -208,7 +212,7 @@ async def test_decode_pulls_kv_and_streams_the_rest(pair: Any) -> None:
     ]
     assert frames[-1].finish_reason != 0
     assert frames[-1].usage.prompt_tokens == len("pull me") + 1
-    assert prefill_device.engine.load().kv_leases == 0
+    await eventually(lambda: prefill_device.engine.load().kv_leases == 0)
     assert decode_device.engine.load().kv_tokens_used == 0
 
 
@@ -267,3 +271,61 @@ async def test_generate_streams_frames_that_end_with_usage() -> None:
         assert frames[-1].usage.completion_tokens <= GREEDY.max_tokens
     finally:
         await device.stop(0)
+
+
+async def test_a_damaged_chunk_is_pulled_again_under_the_retry_policy() -> None:
+    prefill_device = await start_device("p7", (Role.PREFILL,), corrupt_kv_chunks=1)
+    decode_device = await start_device("d7", (Role.DECODE,), kv_failure_policy="retry")
+    try:
+        async with (
+            grpc.aio.insecure_channel(prefill_device.address) as prefill_channel,
+            grpc.aio.insecure_channel(decode_device.address) as decode_channel,
+        ):
+            frames = await _decode_with(
+                DeviceStub(prefill_channel), DeviceStub(decode_channel), "r7", corrupt=False
+            )
+        assert frames[-1].finish_reason != 0
+        assert decode_device.kv_pull_attempts == 2
+        assert decode_device.kv_recomputes == 0
+        await eventually(lambda: prefill_device.engine.load().kv_leases == 0)
+    finally:
+        await prefill_device.stop(0)
+        await decode_device.stop(0)
+
+
+async def test_a_damaged_chunk_is_recomputed_under_the_default_policy() -> None:
+    prefill_device = await start_device("p8", (Role.PREFILL,), corrupt_kv_chunks=1)
+    decode_device = await start_device("d8", (Role.DECODE,))
+    try:
+        async with (
+            grpc.aio.insecure_channel(prefill_device.address) as prefill_channel,
+            grpc.aio.insecure_channel(decode_device.address) as decode_channel,
+        ):
+            frames = await _decode_with(
+                DeviceStub(prefill_channel), DeviceStub(decode_channel), "r8", corrupt=False
+            )
+        assert frames[-1].finish_reason != 0
+        assert (decode_device.kv_pull_attempts, decode_device.kv_recomputes) == (1, 1)
+        # Given up on, the damaged copy is released rather than left to its lease.
+        await eventually(lambda: prefill_device.engine.load().kv_leases == 0)
+    finally:
+        await prefill_device.stop(0)
+        await decode_device.stop(0)
+
+
+def test_modelled_wire_time_uses_the_slower_link() -> None:
+    # A 4k-token Llama-3.1-70B prompt is 1.25 GiB of BF16 KV.
+    nbytes = 4096 * 327680
+    assert modelled_wire_s(nbytes, 7200.0, 400.0) == pytest.approx(nbytes * 8 / 400e9)
+    assert modelled_wire_s(nbytes, 400.0, 0.0) == pytest.approx(nbytes * 8 / 400e9)
+    assert modelled_wire_s(0, 400.0) == 0.0
+    assert modelled_wire_s(nbytes) == 0.0
+
+
+async def test_handles_carry_the_holder_link_and_the_emulated_kv_size(pair: Any) -> None:
+    _, _, prefill, _ = pair
+    reply = await prefill.prefill(
+        device_pb2.PrefillRequest(request_id="w1", prompt="wire", sampling=GREEDY)
+    )
+    assert reply.handle.link_gbps == 7200.0  # the H100 profile's NVLink
+    assert reply.handle.emulated_bytes_per_token == 131072  # Llama-3.1-8B, BF16

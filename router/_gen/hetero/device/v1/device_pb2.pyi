@@ -103,6 +103,8 @@ class KVHandle(_message.Message):
     BYTE_LENGTH_FIELD_NUMBER: _builtins.int
     CHECKSUM_FIELD_NUMBER: _builtins.int
     LEASE_EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    LINK_GBPS_FIELD_NUMBER: _builtins.int
+    EMULATED_BYTES_PER_TOKEN_FIELD_NUMBER: _builtins.int
     backend_id: _builtins.str
     address: _builtins.str
     """host:port of the device that holds the KV."""
@@ -114,6 +116,12 @@ class KVHandle(_message.Message):
     """CRC-32 of the whole payload in wire order."""
     lease_expires_at: _builtins.float
     """Unix time in seconds when the lease ends and the KV is dropped."""
+    link_gbps: _builtins.float
+    """The holder's interconnect in Gbit/s: a mock transfer takes the modelled
+    wire time of the emulated model's KV over the slower end.
+    """
+    emulated_bytes_per_token: _builtins.int
+    """Bytes per token of the emulated model's KV (what a real transfer moves)."""
     @_builtins.property
     def block_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
     @_builtins.property
@@ -130,10 +138,12 @@ class KVHandle(_message.Message):
         byte_length: _builtins.int = ...,
         checksum: _builtins.int = ...,
         lease_expires_at: _builtins.float = ...,
+        link_gbps: _builtins.float = ...,
+        emulated_bytes_per_token: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["layout", b"layout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "backend_id", b"backend_id", "block_ids", b"block_ids", "byte_length", b"byte_length", "checksum", b"checksum", "layout", b"layout", "lease_expires_at", b"lease_expires_at", "num_tokens", b"num_tokens", "request_id", b"request_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "backend_id", b"backend_id", "block_ids", b"block_ids", "byte_length", b"byte_length", "checksum", b"checksum", "emulated_bytes_per_token", b"emulated_bytes_per_token", "layout", b"layout", "lease_expires_at", b"lease_expires_at", "link_gbps", b"link_gbps", "num_tokens", b"num_tokens", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -238,17 +248,21 @@ class KVChunk(_message.Message):
 
     OFFSET_FIELD_NUMBER: _builtins.int
     DATA_FIELD_NUMBER: _builtins.int
+    CHECKSUM_FIELD_NUMBER: _builtins.int
     offset: _builtins.int
     data: _builtins.bytes
+    checksum: _builtins.int
+    """CRC-32 of data: a corrupt chunk is caught when it arrives."""
     def __init__(
         self,
         *,
         offset: _builtins.int = ...,
         data: _builtins.bytes = ...,
+        checksum: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "offset", b"offset"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checksum", b"checksum", "data", b"data", "offset", b"offset"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

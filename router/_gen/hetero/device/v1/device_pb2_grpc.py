@@ -95,7 +95,9 @@ class DeviceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def FetchKV(self, request, context):
-        """Streams the KV of a handle in chunks (called by the decode device).
+        """Streams the KV of a handle in chunks (called by the decode device). The KV
+        stays leased until the reader releases it (ReleaseKV), so a transfer that
+        failed its checksum can be read again.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
