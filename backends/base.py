@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import abc
 import enum
-from collections.abc import AsyncGenerator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+from router.errors import BackendError
 
 
 class Role(enum.StrEnum):
@@ -182,3 +184,16 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     async def abort(self, request_id: str, timeout_s: float) -> None:
         """Stops the request and frees what it holds; unknown ids are not an error."""
+
+    # Relay (HandoffMode.RELAY): the router moves the KV itself. Adapters that
+    # cannot keep the default, which refuses.
+
+    def fetch_kv(self, handle: KVHandle, timeout_s: float) -> AsyncGenerator[bytes, None]:
+        """The KV of a handle held here, as encoded chunks to hand to ``push_kv``."""
+        raise BackendError(self.id, "this backend cannot relay KV", retryable=False)
+
+    async def push_kv(
+        self, handle: KVHandle, chunks: AsyncIterator[bytes], timeout_s: float
+    ) -> KVHandle:
+        """Keeps a KV read from another backend; returns its handle here."""
+        raise BackendError(self.id, "this backend cannot relay KV", retryable=False)

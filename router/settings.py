@@ -114,6 +114,10 @@ class BackendConfig(BaseModel):
     profile: str = ""
     # Mock devices started by `hetero-router up` only.
     time_scale: float = Field(default=1.0, ge=0)
+    # How KV reaches this backend in a split (or leaves it): "direct", the decode
+    # side pulls it; "relay", the router moves it (backends that cannot reach each
+    # other). Relay is used when either side of a pair asks for it and both can.
+    handoff: Literal["direct", "relay"] = "direct"
     # Settings of this kind of adapter (e.g. an API key's environment variable).
     options: dict[str, Any] = Field(default_factory=dict)
 

@@ -56,6 +56,7 @@ async def start_cluster(
     time_scale: float = 0.0,
     model: str = "llama-3.1-8b",
     device_options: dict[str, object] | None = None,
+    handoff: str = "direct",
     **settings: object,
 ) -> Cluster:
     devices: dict[str, DeviceServer] = {}
@@ -81,6 +82,7 @@ async def start_cluster(
                 role=role,
                 model=model,
                 profile=profile,
+                handoff=handoff,  # type: ignore[arg-type]
             )
         )
     options: dict[str, object] = {"drain_grace_s": 0.5, **settings}

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from typing import Any
 
 import grpc
@@ -18,10 +18,19 @@ from backends.base import (
     PrefillResult,
     Role,
 )
-from backends.mock.server import CHANNEL_OPTIONS, SERVICE, layout_from_proto, layout_to_proto
+from backends.mock.server import (
+    CHANNEL_OPTIONS,
+    PUSH_HANDLE_KEY,
+    SERVICE,
+    layout_from_proto,
+    layout_to_proto,
+)
 from backends.mock.session import DeviceSession, SessionStreamError
 from router._gen.hetero.device.v1 import device_pb2
 from router.errors import BackendError, LayoutMismatchError, OverloadedError
+
+# Small enough that a relay holds a few in flight, large enough to stream at speed.
+RELAY_CHUNK_BYTES = 256 << 10
 
 # Statuses that mean the request itself can never succeed on any device.
 _NOT_RETRYABLE = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION}
@@ -81,7 +90,7 @@ class MockBackend(Backend):
     def capabilities(self) -> Capabilities:
         return Capabilities(
             roles=frozenset({Role.PREFILL, Role.DECODE, Role.BOTH}),
-            handoff_modes=frozenset({HandoffMode.SEQUENTIAL}),
+            handoff_modes=frozenset({HandoffMode.SEQUENTIAL, HandoffMode.RELAY}),
         )
 
     async def start(self) -> None:
@@ -164,6 +173,41 @@ class MockBackend(Backend):
         )
         async for frame in self._stream("generate", message, timeout_s):
             yield frame
+
+    async def fetch_kv(self, handle: KVHandle, timeout_s: float) -> AsyncGenerator[bytes, None]:
+        assert self._channel is not None, "start() first"
+        fetch = self._channel.unary_stream(
+            f"/{SERVICE}/FetchKV", request_serializer=_serialize, response_deserializer=None
+        )
+        request = device_pb2.FetchKVRequest(
+            request_id=handle.request_id,
+            expected_layout=handle_to_proto(handle).layout,
+            chunk_bytes=int(self.options.get("relay_chunk_bytes", RELAY_CHUNK_BYTES)),
+        )
+        call = fetch(request, timeout=timeout_s)
+        try:
+            async for chunk in call:  # encoded KVChunks, passed on as they are
+                yield chunk
+        except grpc.aio.AioRpcError as error:
+            raise self._translate(error.code(), error.details() or "") from None
+        finally:
+            call.cancel()
+
+    async def push_kv(
+        self, handle: KVHandle, chunks: AsyncIterator[bytes], timeout_s: float
+    ) -> KVHandle:
+        assert self._channel is not None, "start() first"
+        push = self._channel.stream_unary(
+            f"/{SERVICE}/PushKV",
+            request_serializer=None,  # the chunks are already encoded
+            response_deserializer=device_pb2.PushKVResponse.FromString,
+        )
+        metadata = ((PUSH_HANDLE_KEY, handle_to_proto(handle).SerializeToString()),)
+        try:
+            response = await push(chunks, metadata=metadata, timeout=timeout_s)
+        except grpc.aio.AioRpcError as error:
+            raise self._translate(error.code(), error.details() or "") from None
+        return handle_from_proto(response.handle)
 
     async def abort(self, request_id: str, timeout_s: float) -> None:
         await self._invoke("Abort", device_pb2.AbortRequest(request_id=request_id), timeout_s)

@@ -207,6 +207,12 @@ class DeviceEngine:
     def lease(self, request_id: str) -> Lease | None:
         return self._leases.get(request_id)
 
+    def adopt(self, request_id: str, cache: KVCache) -> Lease:
+        """Holds a KV made elsewhere (pushed by a relay) as if this device had prefilled it."""
+        self._claim_id(request_id)
+        self._check_fits(cache.length)
+        return self._lease(request_id, cache)
+
     def release_lease(self, request_id: str) -> bool:
         lease = self._leases.pop(request_id, None)
         if lease is None:

@@ -19,7 +19,7 @@ import grpc
 
 from backends.base import KVLayout, Role, SamplingParams
 from backends.mock import wire
-from backends.mock.engine import DeviceEngine, DeviceError
+from backends.mock.engine import DeviceEngine, DeviceError, Lease
 from backends.mock.model import KVCache, TinyConfig, TinyTransformer
 from backends.mock.roofline import TimingModel, load_catalog
 from router._gen.hetero.device.v1 import device_pb2
@@ -29,6 +29,7 @@ log = get_logger(__name__)
 
 SERVICE = "hetero.device.v1.Device"
 KV_PULL_ATTEMPTS = 3
+PUSH_HANDLE_KEY = "x-kv-handle-bin"
 # KV failures a local prefill can make good; a wrong layout or role cannot.
 _RECOVERABLE = frozenset({"NOT_FOUND", "DATA_LOSS", "UNAVAILABLE", "DEADLINE_EXCEEDED"})
 KV_CHUNK_BYTES = 1 << 20
@@ -106,6 +107,25 @@ def sampling_from_proto(message: device_pb2.Sampling) -> SamplingParams:
         seed=message.seed,
         stop=tuple(message.stop),
     )
+
+
+async def _receive(
+    chunks: AsyncIterator[device_pb2.KVChunk], handle: device_pb2.KVHandle
+) -> bytearray:
+    """Every byte of the handle into one buffer, each chunk checked as it lands, then the whole."""
+    buffer = bytearray(handle.byte_length)
+    received = 0
+    async for chunk in chunks:
+        end = chunk.offset + len(chunk.data)
+        if end > len(buffer):
+            raise DeviceError("DATA_LOSS", "KV chunk past the end of the handle's bytes")
+        if zlib.crc32(chunk.data) != chunk.checksum:
+            raise DeviceError("DATA_LOSS", f"KV chunk at byte {chunk.offset} failed its checksum")
+        buffer[chunk.offset : end] = chunk.data
+        received += len(chunk.data)
+    if received != handle.byte_length or zlib.crc32(buffer) != handle.checksum:
+        raise DeviceError("DATA_LOSS", f"KV from {handle.backend_id} failed its checksum; not used")
+    return buffer
 
 
 class DeviceServer:
@@ -186,6 +206,11 @@ class DeviceServer:
             {
                 "Prefill": unary(self._prefill, device_pb2.PrefillRequest),
                 "FetchKV": stream(self._fetch_kv, device_pb2.FetchKVRequest),
+                "PushKV": grpc.stream_unary_rpc_method_handler(
+                    self._push_kv,
+                    request_deserializer=device_pb2.KVChunk.FromString,
+                    response_serializer=device_pb2.PushKVResponse.SerializeToString,
+                ),
                 "ReleaseKV": unary(self._release_kv, device_pb2.ReleaseKVRequest),
                 "Decode": stream(self._decode, device_pb2.DecodeRequest, raw=True),
                 "Generate": stream(self._generate, device_pb2.DeviceGenerateRequest, raw=True),
@@ -220,23 +245,46 @@ class DeviceServer:
             prompt_tokens=outcome.prompt_tokens,
         )
         if outcome.lease is not None:
-            lease = outcome.lease
-            response.handle.CopyFrom(
-                device_pb2.KVHandle(
-                    backend_id=self.config.backend_id,
-                    address=self.address,
-                    request_id=request.request_id,
-                    block_ids=range(math.ceil(lease.num_tokens / BLOCK_SIZE)),
-                    layout=layout_to_proto(self.layout),
-                    num_tokens=lease.num_tokens,
-                    byte_length=len(lease.payload),
-                    checksum=lease.checksum,
-                    lease_expires_at=lease.expires_at,
-                    link_gbps=self.timing.profile.interconnect_gbps,
-                    emulated_bytes_per_token=self.timing.model.kv_bytes_per_token,
-                )
-            )
+            response.handle.CopyFrom(self._handle(request.request_id, outcome.lease))
         return response
+
+    def _handle(self, request_id: str, lease: Lease) -> device_pb2.KVHandle:
+        """The handle of a KV this device holds."""
+        return device_pb2.KVHandle(
+            backend_id=self.config.backend_id,
+            address=self.address,
+            request_id=request_id,
+            block_ids=range(math.ceil(lease.num_tokens / BLOCK_SIZE)),
+            layout=layout_to_proto(self.layout),
+            num_tokens=lease.num_tokens,
+            byte_length=len(lease.payload),
+            checksum=lease.checksum,
+            lease_expires_at=lease.expires_at,
+            link_gbps=self.timing.profile.interconnect_gbps,
+            emulated_bytes_per_token=self.timing.model.kv_bytes_per_token,
+        )
+
+    async def _push_kv(
+        self, chunks: AsyncIterator[device_pb2.KVChunk], context: grpc.aio.ServicerContext
+    ) -> device_pb2.PushKVResponse:
+        """Keeps a KV a relay pushes, checked chunk by chunk and whole."""
+        metadata = dict(context.invocation_metadata() or ())
+        try:
+            self._check_role(Role.DECODE)
+            handle = device_pb2.KVHandle.FromString(metadata[PUSH_HANDLE_KEY])
+            self._check_layout(layout_from_proto(handle.layout))
+            buffer = await _receive(chunks, handle)
+            cache = KVCache.from_buffer(
+                self.model.config, buffer, length=handle.num_tokens, capacity=handle.num_tokens
+            )
+            lease = self.engine.adopt(handle.request_id, cache)
+        except KeyError:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{PUSH_HANDLE_KEY} missing")
+            raise
+        except DeviceError as error:
+            await context.abort(grpc.StatusCode[error.code], error.message)
+            raise
+        return device_pb2.PushKVResponse(handle=self._handle(handle.request_id, lease))
 
     async def _fetch_kv(
         self, request: device_pb2.FetchKVRequest, context: grpc.aio.ServicerContext
@@ -483,8 +531,6 @@ class DeviceServer:
     async def _pull(self, handle: device_pb2.KVHandle) -> bytearray:
         """Every byte of the handle, each chunk checked as it lands and the whole at the end."""
         self.kv_pull_attempts += 1
-        buffer = bytearray(handle.byte_length)
-        received = 0
         fetch = self._peer(handle.address).unary_stream(
             f"/{SERVICE}/FetchKV",
             request_serializer=device_pb2.FetchKVRequest.SerializeToString,
@@ -499,16 +545,7 @@ class DeviceServer:
             timeout=30.0,
         )
         try:
-            async for chunk in call:
-                end = chunk.offset + len(chunk.data)
-                if end > len(buffer):
-                    raise DeviceError("DATA_LOSS", "KV chunk past the end of the handle's bytes")
-                if zlib.crc32(chunk.data) != chunk.checksum:
-                    raise DeviceError(
-                        "DATA_LOSS", f"KV chunk at byte {chunk.offset} failed its checksum"
-                    )
-                buffer[chunk.offset : end] = chunk.data
-                received += len(chunk.data)
+            return await _receive(call, handle)
         except grpc.aio.AioRpcError as error:
             raise DeviceError(
                 "UNAVAILABLE" if error.code() != grpc.StatusCode.NOT_FOUND else "NOT_FOUND",
@@ -516,11 +553,6 @@ class DeviceServer:
             ) from error
         finally:
             call.cancel()  # stops the sender at once when a chunk was refused
-        if received != handle.byte_length or zlib.crc32(buffer) != handle.checksum:
-            raise DeviceError(
-                "DATA_LOSS", f"KV from {handle.backend_id} failed its checksum; not used"
-            )
-        return buffer
 
     def _release_remote(self, handle: device_pb2.KVHandle) -> None:
         """Frees the holder's lease now that every byte is here; its expiry is the backstop."""

@@ -12,12 +12,14 @@ import asyncio
 import contextlib
 import itertools
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Coroutine
 from dataclasses import dataclass
+from typing import Any
 
-from backends.base import GenerationRequest, PrefillResult
+from backends.base import GenerationRequest, KVHandle, PrefillResult
 from router._gen.hetero.router.v1 import router_pb2
 from router.errors import BackendError, RouterError
+from router.handoff.relay import relay
 from router.logging import get_logger
 from router.metrics import RouterMetrics
 from router.pool.registry import Pool
@@ -135,11 +137,14 @@ class Dispatcher:
                     yield route + prefill.first_frame
                 done.set()
                 return
+            handle = prefill.handle
+            if plan.relay:
+                handle = await self._relay(request, plan, handle)
             try:
                 with self._pool.outstanding(plan.decode_backend) as decoder:
                     decode = decoder.decode(
                         request,
-                        prefill.handle,
+                        handle,
                         prefill.first_token_id,
                         self._settings.decode_timeout_s,
                     )
@@ -158,6 +163,19 @@ class Dispatcher:
                     async for frame in frames:
                         yield frame
             done.set()
+
+    async def _relay(self, request: GenerationRequest, plan: Plan, handle: KVHandle) -> KVHandle:
+        """Moves the KV to the decode backend; on failure the decode side pulls it itself."""
+        source = self._pool.backend(plan.prefill_backend)
+        sink = self._pool.backend(plan.decode_backend)
+        try:
+            moved = await relay(source, sink, handle, timeout_s=self._settings.prefill_timeout_s)
+        except RouterError as error:
+            log.warning("KV relay failed; decode pulls it", error=str(error))
+            self._metrics.backend_failures.labels(plan.decode_backend, "relay").inc()
+            return handle
+        self._in_background(self._abort(plan.prefill_backend, request.request_id))  # frees it
+        return moved
 
     async def _instead_colocated(
         self, request: GenerationRequest, plan: Plan, error: BackendError, phase: str
@@ -191,9 +209,12 @@ class Dispatcher:
         finally:
             if not done.is_set():
                 for backend_id in dict.fromkeys(backend_ids):
-                    task = asyncio.create_task(self._abort(backend_id, request_id))
-                    self._background.add(task)
-                    task.add_done_callback(self._background.discard)
+                    self._in_background(self._abort(backend_id, request_id))
+
+    def _in_background(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def _abort(self, backend_id: str, request_id: str) -> None:
         try:

@@ -35,6 +35,7 @@ class Endpoint:
             outstanding=self.outstanding,
             detail=self.detail,
             handoff=self.backend.capabilities.handoff_modes,
+            wants_relay=self.config.handoff == "relay",
         )
 
 

@@ -23,6 +23,7 @@ class BackendView:
     # (kind, mode) pairs it can split with: one adapter kind on both legs, a shared
     # mode, never NONE. Precomputed: a decision tests it for every backend.
     split_keys: frozenset[tuple[str, HandoffMode]] = field(init=False, repr=False, compare=False)
+    wants_relay: bool = False  # the pool file asks for the router to move its KV
 
     def __post_init__(self) -> None:
         keys = frozenset((self.kind, m) for m in self.handoff if m is not HandoffMode.NONE)
@@ -30,6 +31,11 @@ class BackendView:
 
     def can_hand_off_to(self, decode: BackendView) -> bool:
         return not self.split_keys.isdisjoint(decode.split_keys)
+
+    def relays_with(self, decode: BackendView) -> bool:
+        """Whether a split of this pair has the router move the KV."""
+        both_can = HandoffMode.RELAY in self.handoff and HandoffMode.RELAY in decode.handoff
+        return both_can and (self.wants_relay or decode.wants_relay)
 
 
 @dataclass(frozen=True)

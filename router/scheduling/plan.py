@@ -33,3 +33,4 @@ class Plan:
     mode: Mode
     prefill_backend: str  # the colocated backend when not split
     decode_backend: str
+    relay: bool = False  # the router moves the KV (else the decode side pulls it)

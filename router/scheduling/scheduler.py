@@ -39,8 +39,9 @@ class Scheduler:
         compatible = [d for d in decode if prefill_backend.can_hand_off_to(d)]
         # Decode elsewhere when there is an elsewhere: splitting onto one device gains nothing.
         others = [d for d in compatible if d.id != prefill_backend.id]
-        decode_id = self.picker.pick(others or compatible, sequence).id
-        return Plan(Mode.SPLIT, prefill_backend.id, decode_id)
+        decode_backend = self.picker.pick(others or compatible, sequence)
+        relay = prefill_backend.relays_with(decode_backend)
+        return Plan(Mode.SPLIT, prefill_backend.id, decode_backend.id, relay)
 
     @staticmethod
     def _why(mode: Mode, features: RequestFeatures, snapshot: PoolSnapshot) -> str:

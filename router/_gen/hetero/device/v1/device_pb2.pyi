@@ -269,6 +269,28 @@ class KVChunk(_message.Message):
 Global___KVChunk: _TypeAlias = KVChunk  # noqa: Y015
 
 @_typing.final
+class PushKVResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HANDLE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def handle(self) -> Global___KVHandle:
+        """The KV as held here now."""
+
+    def __init__(
+        self,
+        *,
+        handle: Global___KVHandle | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["handle", b"handle"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["handle", b"handle"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PushKVResponse: _TypeAlias = PushKVResponse  # noqa: Y015
+
+@_typing.final
 class ReleaseKVRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

@@ -46,6 +46,11 @@ class DeviceStub:
                 request_serializer=hetero_dot_device_dot_v1_dot_device__pb2.FetchKVRequest.SerializeToString,
                 response_deserializer=hetero_dot_device_dot_v1_dot_device__pb2.KVChunk.FromString,
                 _registered_method=True)
+        self.PushKV = channel.stream_unary(
+                '/hetero.device.v1.Device/PushKV',
+                request_serializer=hetero_dot_device_dot_v1_dot_device__pb2.KVChunk.SerializeToString,
+                response_deserializer=hetero_dot_device_dot_v1_dot_device__pb2.PushKVResponse.FromString,
+                _registered_method=True)
         self.ReleaseKV = channel.unary_unary(
                 '/hetero.device.v1.Device/ReleaseKV',
                 request_serializer=hetero_dot_device_dot_v1_dot_device__pb2.ReleaseKVRequest.SerializeToString,
@@ -98,6 +103,17 @@ class DeviceServicer:
         """Streams the KV of a handle in chunks (called by the decode device). The KV
         stays leased until the reader releases it (ReleaseKV), so a transfer that
         failed its checksum can be read again.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PushKV(self, request_iterator, context):
+        """Receives a KV pushed by a relay (the router), chunk by chunk as FetchKV
+        sends them; the handle it belongs to travels in the metadata entry
+        "x-kv-handle-bin" (an encoded KVHandle). Refused before any byte is kept
+        when the layout differs. The KV is then held here under the request id,
+        as if this device had prefilled it.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -169,6 +185,11 @@ def add_DeviceServicer_to_server(servicer, server):
                     servicer.FetchKV,
                     request_deserializer=hetero_dot_device_dot_v1_dot_device__pb2.FetchKVRequest.FromString,
                     response_serializer=hetero_dot_device_dot_v1_dot_device__pb2.KVChunk.SerializeToString,
+            ),
+            'PushKV': grpc.stream_unary_rpc_method_handler(
+                    servicer.PushKV,
+                    request_deserializer=hetero_dot_device_dot_v1_dot_device__pb2.KVChunk.FromString,
+                    response_serializer=hetero_dot_device_dot_v1_dot_device__pb2.PushKVResponse.SerializeToString,
             ),
             'ReleaseKV': grpc.unary_unary_rpc_method_handler(
                     servicer.ReleaseKV,
@@ -260,6 +281,33 @@ class Device:
             '/hetero.device.v1.Device/FetchKV',
             hetero_dot_device_dot_v1_dot_device__pb2.FetchKVRequest.SerializeToString,
             hetero_dot_device_dot_v1_dot_device__pb2.KVChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PushKV(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/hetero.device.v1.Device/PushKV',
+            hetero_dot_device_dot_v1_dot_device__pb2.KVChunk.SerializeToString,
+            hetero_dot_device_dot_v1_dot_device__pb2.PushKVResponse.FromString,
             options,
             channel_credentials,
             insecure,

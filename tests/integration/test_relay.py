@@ -1,0 +1,102 @@
+"""KV relayed by the router: same tokens, bounded memory, pipelined, and graceful failure."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import AsyncGenerator, AsyncIterator
+
+from backends.base import GenerationRequest, KVHandle, SamplingParams
+from backends.mock.adapter import MockBackend
+from router._gen.hetero.router.v1 import router_pb2
+from router.handoff.relay import RelayStats, relay
+from tests.conftest import start_cluster, stop_cluster
+from tests.helpers import eventually
+from tests.integration.test_generate import collect, token_ids
+
+OPTIONS = {"max_tokens": 16, "temperature": 0.8, "seed": 21}
+
+
+async def test_relayed_kv_gives_exactly_the_colocated_tokens() -> None:
+    cluster = await start_cluster(handoff="relay")
+    try:
+        for prompt in ("relay", "a longer prompt to relay " * 30):
+            split = await collect(cluster.client, prompt, disaggregation="split", **OPTIONS)
+            alone = await collect(cluster.client, prompt, disaggregation="colocated", **OPTIONS)
+            assert split[0].route.mode == router_pb2.ROUTE_MODE_SPLIT
+            assert token_ids(split) == token_ids(alone)
+        # Relayed, not pulled: decode devices fetched nothing themselves.
+        assert all(d.kv_pull_attempts == 0 for d in cluster.devices.values())
+        await eventually(lambda: all(v == (0, 0) for v in cluster.kv_in_use().values()))
+    finally:
+        await stop_cluster(cluster)
+
+
+async def test_a_failed_relay_falls_back_to_the_decode_side() -> None:
+    # Prefill devices drop their KV at once: the relay finds nothing, the decode
+    # device then tries to pull, finds nothing either, and prefills locally.
+    cluster = await start_cluster(handoff="relay", device_options={"kv_lease_s": 0.0})
+    try:
+        split = await collect(cluster.client, "no kv", disaggregation="split", **OPTIONS)
+        alone = await collect(cluster.client, "no kv", disaggregation="colocated", **OPTIONS)
+        assert token_ids(split) == token_ids(alone)
+        assert sum(d.kv_recomputes for d in cluster.devices.values()) == 1
+    finally:
+        await stop_cluster(cluster)
+
+
+async def test_relay_is_pipelined_and_holds_a_few_chunks_at_most() -> None:
+    cluster = await start_cluster(time_scale=0.0)
+    devices = cluster.devices
+    source = MockBackend("h100-0", devices["h100-0"].address, {"relay_chunk_bytes": 4096})
+    sink = MockBackend("groq-0", devices["groq-0"].address)
+    await source.start()
+    await sink.start()
+    try:
+        prompt = "pipeline " * 250
+        generation = GenerationRequest(
+            "pipe-1", "llama-3.1-8b", prompt, SamplingParams(4, 0.0, 1.0, 1), len(prompt) + 1
+        )
+        prefilled = await source.prefill(generation, timeout_s=10)
+        assert prefilled.handle is not None
+        handle: KVHandle = prefilled.handle
+
+        read = 0
+        read_when_consumed: list[int] = []
+        fetch = source.fetch_kv
+
+        async def counting_fetch(h: KVHandle, timeout_s: float) -> AsyncGenerator[bytes, None]:
+            nonlocal read
+            async for chunk in fetch(h, timeout_s):
+                read += 1
+                yield chunk
+
+        push = sink.push_kv
+
+        async def recording_push(
+            h: KVHandle, chunks: AsyncIterator[bytes], timeout_s: float
+        ) -> KVHandle:
+            async def watched() -> AsyncIterator[bytes]:
+                async for chunk in chunks:
+                    read_when_consumed.append(read)
+                    yield chunk
+
+            return await push(h, watched(), timeout_s)
+
+        source.fetch_kv = counting_fetch  # type: ignore[method-assign]
+        sink.push_kv = recording_push  # type: ignore[method-assign]
+        stats = RelayStats()
+        moved = await relay(source, sink, handle, timeout_s=10, depth=4, stats=stats)
+
+        total = math.ceil(handle.byte_length / 4096)
+        assert stats.chunks == total > 50
+        assert stats.bytes >= handle.byte_length
+        assert stats.most_in_flight <= 4
+        # The first chunk went on while most of the KV had not been read yet.
+        assert read_when_consumed[0] <= 6 < total
+        assert moved.backend_id == "groq-0"
+        assert moved.checksum == handle.checksum
+        assert devices["groq-0"].engine.load().kv_leases == 1
+    finally:
+        await source.close()
+        await sink.close()
+        await stop_cluster(cluster)
