@@ -273,7 +273,9 @@ class DeviceServer:
             self._check_role(Role.DECODE)
             handle = device_pb2.KVHandle.FromString(metadata[PUSH_HANDLE_KEY])
             self._check_layout(layout_from_proto(handle.layout))
+            started = time.monotonic()
             buffer = await _receive(chunks, handle)
+            await self._model_wire_time(handle, time.monotonic() - started)
             cache = KVCache.from_buffer(
                 self.model.config, buffer, length=handle.num_tokens, capacity=handle.num_tokens
             )

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
 from collections.abc import AsyncGenerator, AsyncIterator
 
-from backends.base import GenerationRequest, KVHandle, SamplingParams
+import grpc
+import pytest
+
+from backends.base import GenerationRequest, KVHandle, Role, SamplingParams
 from backends.mock.adapter import MockBackend
 from router._gen.hetero.router.v1 import router_pb2
 from router.handoff.relay import RelayStats, relay
@@ -99,4 +103,45 @@ async def test_relay_is_pipelined_and_holds_a_few_chunks_at_most() -> None:
     finally:
         await source.close()
         await sink.close()
+        await stop_cluster(cluster)
+
+
+async def test_a_decode_device_gone_before_it_pulls_leaves_nothing_held() -> None:
+    cluster = await start_cluster(
+        [("h100-0", Role.PREFILL, "h100"), ("groq-0", Role.DECODE, "groq-lpu")]
+    )
+    try:
+        # The decode device dies after the last health check: the router still picks it.
+        await cluster.devices["groq-0"].stop(grace_s=0)
+        received: list[router_pb2.GenerateResponse] = []
+
+        async def consume() -> None:
+            stream = cluster.client.generate("orphan", max_tokens=8, disaggregation="split")
+            async for response in stream:
+                received.append(response)
+
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await consume()
+        assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert len(received) == 1  # the first token, from prefill, and nothing invented after
+        prefill = cluster.devices["h100-0"]
+        await eventually(lambda: prefill.engine.load().kv_leases == 0)
+        assert prefill.engine.load().kv_tokens_used == 0
+    finally:
+        await stop_cluster(cluster)
+
+
+async def test_cancelling_during_a_relay_frees_both_devices() -> None:
+    # A slow link (modelled wire time at time scale 1) keeps the relay in flight.
+    cluster = await start_cluster(handoff="relay", time_scale=1.0)
+    try:
+        task = asyncio.create_task(
+            collect(cluster.client, "cancel me " * 600, max_tokens=50, disaggregation="split")
+        )
+        await eventually(lambda: any(leases for _, leases in cluster.kv_in_use().values()))
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await eventually(lambda: all(v == (0, 0) for v in cluster.kv_in_use().values()))
+    finally:
         await stop_cluster(cluster)
