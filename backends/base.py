@@ -188,8 +188,11 @@ class Backend(abc.ABC):
     # Relay (HandoffMode.RELAY): the router moves the KV itself. Adapters that
     # cannot keep the default, which refuses.
 
-    def fetch_kv(self, handle: KVHandle, timeout_s: float) -> AsyncGenerator[bytes, None]:
-        """The KV of a handle held here, as encoded chunks to hand to ``push_kv``."""
+    def fetch_kv(
+        self, handle: KVHandle, timeout_s: float, offset: int = 0, length: int = 0
+    ) -> AsyncGenerator[bytes, None]:
+        """The KV of a handle held here (or bytes ``offset`` to ``offset + length`` of it),
+        as encoded chunks to hand to ``push_kv``."""
         raise BackendError(self.id, "this backend cannot relay KV", retryable=False)
 
     async def push_kv(

@@ -57,6 +57,7 @@ async def start_cluster(
     model: str = "llama-3.1-8b",
     device_options: dict[str, object] | None = None,
     handoff: str = "direct",
+    per_device: dict[str, dict[str, object]] | None = None,
     **settings: object,
 ) -> Cluster:
     devices: dict[str, DeviceServer] = {}
@@ -70,6 +71,7 @@ async def start_cluster(
                 roles=_DEVICE_ROLES[role],
                 time_scale=time_scale,
                 **(device_options or {}),  # type: ignore[arg-type]
+                **(per_device or {}).get(backend_id, {}),  # type: ignore[arg-type]
             )
         )
         await device.start("127.0.0.1:0")

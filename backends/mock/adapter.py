@@ -174,7 +174,9 @@ class MockBackend(Backend):
         async for frame in self._stream("generate", message, timeout_s):
             yield frame
 
-    async def fetch_kv(self, handle: KVHandle, timeout_s: float) -> AsyncGenerator[bytes, None]:
+    async def fetch_kv(
+        self, handle: KVHandle, timeout_s: float, offset: int = 0, length: int = 0
+    ) -> AsyncGenerator[bytes, None]:
         assert self._channel is not None, "start() first"
         fetch = self._channel.unary_stream(
             f"/{SERVICE}/FetchKV", request_serializer=_serialize, response_deserializer=None
@@ -183,6 +185,8 @@ class MockBackend(Backend):
             request_id=handle.request_id,
             expected_layout=handle_to_proto(handle).layout,
             chunk_bytes=int(self.options.get("relay_chunk_bytes", RELAY_CHUNK_BYTES)),
+            offset=offset,
+            length=length,
         )
         call = fetch(request, timeout=timeout_s)
         try:

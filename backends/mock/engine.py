@@ -21,7 +21,8 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from backends.base import SamplingParams
+from backends import kvlayout
+from backends.base import KVLayout, SamplingParams
 from backends.mock.model import EOS_ID, KVCache, TinyTransformer, encode
 from backends.mock.roofline import TimingModel
 from backends.mock.sampling import sample_token
@@ -107,8 +108,11 @@ class DeviceEngine:
         kv_lease_s: float = 30.0,
         kv_capacity_tokens: int | None = None,
         decode_step_s: float | None = None,
+        kv_layout: KVLayout | None = None,
     ) -> None:
         self.model = model
+        # How leased KV is laid out in bytes (ranks, blocks); None: the model's own order.
+        self.kv_layout = kv_layout
         self.timing = timing
         self.time_scale = time_scale
         # A fixed decode step paces every stream at 1/decode_step_s tokens per second
@@ -407,7 +411,12 @@ class DeviceEngine:
         self._wake.set()
 
     def _lease(self, request_id: str, cache: KVCache) -> Lease:
-        payload = cache.to_bytes()
+        n = cache.length
+        payload = (
+            kvlayout.encode(cache.keys[:, :, :n], cache.values[:, :, :n], self.kv_layout)
+            if self.kv_layout is not None
+            else cache.to_bytes()
+        )
         timer = asyncio.get_running_loop().call_later(
             self.kv_lease_s, self.release_lease, request_id
         )

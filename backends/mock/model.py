@@ -80,7 +80,7 @@ class TinyConfig:
     layers: int = 2
     d_model: int = 64
     n_heads: int = 4
-    n_kv_heads: int = 2
+    n_kv_heads: int = 4
     head_dim: int = 16
     ffn_dim: int = 128
     vocab_size: int = VOCAB_SIZE

@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 import grpc
 
+from backends import kvlayout
 from backends.base import KVLayout, Role, SamplingParams
 from backends.mock import wire
 from backends.mock.engine import DeviceEngine, DeviceError, Lease
@@ -55,6 +56,9 @@ class DeviceConfig:
     # "retry" pulls it again (up to KV_PULL_ATTEMPTS) then prefills here,
     # "recompute" prefills the prompt here at once, "fail" ends the request.
     kv_failure_policy: Literal["retry", "recompute", "fail"] = "recompute"
+    # KV layout: ranks the KV heads split over, and tokens per block.
+    tensor_parallel: int = 1
+    block_size: int = BLOCK_SIZE
     # Fault injection for tests: flip one bit in each of the first N KV chunks served.
     corrupt_kv_chunks: int = 0
     seed: int = 0
@@ -66,14 +70,16 @@ def modelled_wire_s(nbytes: int, *links_gbps: float) -> float:
     return nbytes * 8 / (min(known) * 1e9) if known and nbytes else 0.0
 
 
-def layout_of(config: TinyConfig) -> KVLayout:
+def layout_of(
+    config: TinyConfig, tensor_parallel: int = 1, block_size: int = BLOCK_SIZE
+) -> KVLayout:
     return KVLayout(
         layers=config.layers,
         kv_heads=config.n_kv_heads,
         head_dim=config.head_dim,
         dtype="float32",
-        block_size=BLOCK_SIZE,
-        tensor_parallel=1,
+        block_size=block_size,
+        tensor_parallel=tensor_parallel,
     )
 
 
@@ -109,11 +115,9 @@ def sampling_from_proto(message: device_pb2.Sampling) -> SamplingParams:
     )
 
 
-async def _receive(
-    chunks: AsyncIterator[device_pb2.KVChunk], handle: device_pb2.KVHandle
-) -> bytearray:
-    """Every byte of the handle into one buffer, each chunk checked as it lands, then the whole."""
-    buffer = bytearray(handle.byte_length)
+async def _receive(chunks: AsyncIterator[device_pb2.KVChunk], byte_length: int) -> bytearray:
+    """A payload of ``byte_length`` into one buffer, each chunk checked as it lands."""
+    buffer = bytearray(byte_length)
     received = 0
     async for chunk in chunks:
         end = chunk.offset + len(chunk.data)
@@ -123,8 +127,8 @@ async def _receive(
             raise DeviceError("DATA_LOSS", f"KV chunk at byte {chunk.offset} failed its checksum")
         buffer[chunk.offset : end] = chunk.data
         received += len(chunk.data)
-    if received != handle.byte_length or zlib.crc32(buffer) != handle.checksum:
-        raise DeviceError("DATA_LOSS", f"KV from {handle.backend_id} failed its checksum; not used")
+    if received != byte_length:
+        raise DeviceError("DATA_LOSS", f"KV arrived short: {received} of {byte_length} bytes")
     return buffer
 
 
@@ -139,7 +143,10 @@ class DeviceServer:
             raise ValueError(f"unknown model {config.model!r}; known: {known}")
         self.config = config
         self.model = TinyTransformer(TinyConfig(seed=config.seed))
-        self.layout = layout_of(self.model.config)
+        self.layout = layout_of(self.model.config, config.tensor_parallel, config.block_size)
+        reason = kvlayout.incompatibility(self.layout, self.layout)
+        if reason is not None:
+            raise ValueError(reason)
         self.timing = TimingModel(catalog.profiles[config.profile], catalog.models[config.model])
         self.engine = DeviceEngine(
             self.model,
@@ -148,6 +155,7 @@ class DeviceServer:
             kv_lease_s=config.kv_lease_s,
             kv_capacity_tokens=config.kv_capacity_tokens,
             decode_step_s=config.decode_step_s,
+            kv_layout=self.layout,
         )
         self.address = ""
         # Requests that reached this device (Prefill, Decode, Generate): tests use it to
@@ -272,13 +280,16 @@ class DeviceServer:
         try:
             self._check_role(Role.DECODE)
             handle = device_pb2.KVHandle.FromString(metadata[PUSH_HANDLE_KEY])
-            self._check_layout(layout_from_proto(handle.layout))
+            source = layout_from_proto(handle.layout)
+            reason = kvlayout.incompatibility(source, self.layout)
+            if reason is not None:
+                raise DeviceError("FAILED_PRECONDITION", f"KV layout cannot convert: {reason}")
             started = time.monotonic()
-            buffer = await _receive(chunks, handle)
+            buffer = await _receive(chunks, handle.byte_length)
+            cache = self._cache_from(buffer, handle.num_tokens)
+            if self._checksum_as(cache, source) != handle.checksum:
+                raise DeviceError("DATA_LOSS", "relayed KV failed its checksum; not used")
             await self._model_wire_time(handle, time.monotonic() - started)
-            cache = KVCache.from_buffer(
-                self.model.config, buffer, length=handle.num_tokens, capacity=handle.num_tokens
-            )
             lease = self.engine.adopt(handle.request_id, cache)
         except KeyError:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{PUSH_HANDLE_KEY} missing")
@@ -304,8 +315,13 @@ class DeviceServer:
             await context.abort(grpc.StatusCode[error.code], error.message)
         chunk = request.chunk_bytes or KV_CHUNK_BYTES
         view = memoryview(lease.payload)
-        for offset in range(0, len(view), chunk):
-            piece = view[offset : offset + chunk]
+        end = request.offset + request.length if request.length else len(view)
+        if not request.offset <= end <= len(view):
+            await context.abort(
+                grpc.StatusCode.OUT_OF_RANGE, f"bytes {request.offset}..{end} of {len(view)}"
+            )
+        for offset in range(request.offset, end, chunk):
+            piece = view[offset : min(offset + chunk, end)]
             data = bytes(piece)
             if self._corruptions_left > 0:
                 self._corruptions_left -= 1
@@ -526,9 +542,22 @@ class DeviceServer:
                 log.warning("KV transfer damaged; pulling again", attempt=attempt)
         self._release_remote(handle)
         await self._model_wire_time(handle, time.monotonic() - started)
-        return KVCache.from_buffer(
-            self.model.config, buffer, length=handle.num_tokens, capacity=handle.num_tokens
-        )
+        return self._cache_from(buffer, handle.num_tokens)
+
+    def _cache_from(self, buffer: bytearray, num_tokens: int) -> KVCache:
+        """A cache from a payload in this device's layout."""
+        keys, values = kvlayout.decode(buffer, self.layout, num_tokens)
+        cache = KVCache.allocate(self.model.config, num_tokens)
+        cache.keys[:, :, :num_tokens] = keys
+        cache.values[:, :, :num_tokens] = values
+        cache.length = num_tokens
+        return cache
+
+    @staticmethod
+    def _checksum_as(cache: KVCache, layout: KVLayout) -> int:
+        """The CRC-32 the KV has in ``layout``: checks a relayed KV against its source's."""
+        n = cache.length
+        return zlib.crc32(kvlayout.encode(cache.keys[:, :, :n], cache.values[:, :, :n], layout))
 
     async def _pull(self, handle: device_pb2.KVHandle) -> bytearray:
         """Every byte of the handle, each chunk checked as it lands and the whole at the end."""
@@ -547,7 +576,7 @@ class DeviceServer:
             timeout=30.0,
         )
         try:
-            return await _receive(call, handle)
+            buffer = await _receive(call, handle.byte_length)
         except grpc.aio.AioRpcError as error:
             raise DeviceError(
                 "UNAVAILABLE" if error.code() != grpc.StatusCode.NOT_FOUND else "NOT_FOUND",
@@ -555,6 +584,16 @@ class DeviceServer:
             ) from error
         finally:
             call.cancel()  # stops the sender at once when a chunk was refused
+        if zlib.crc32(buffer) != handle.checksum:
+            raise DeviceError(
+                "DATA_LOSS", f"KV from {handle.backend_id} failed its checksum; not used"
+            )
+        return buffer
+        if zlib.crc32(buffer) != handle.checksum:
+            raise DeviceError(
+                "DATA_LOSS", f"KV from {handle.backend_id} failed its checksum; not used"
+            )
+        return buffer
 
     def _release_remote(self, handle: device_pb2.KVHandle) -> None:
         """Frees the holder's lease now that every byte is here; its expiry is the backstop."""

@@ -18,7 +18,7 @@ from typing import Any
 
 from backends.base import GenerationRequest, KVHandle, PrefillResult
 from router._gen.hetero.router.v1 import router_pb2
-from router.errors import BackendError, RouterError
+from router.errors import BackendError, LayoutMismatchError, RouterError
 from router.handoff.relay import relay
 from router.logging import get_logger
 from router.metrics import RouterMetrics
@@ -138,7 +138,11 @@ class Dispatcher:
                 done.set()
                 return
             handle = prefill.handle
-            if plan.relay:
+            # Relayed when asked for, or when the pair's layouts differ: the decode
+            # side can only pull a KV laid out as its own.
+            if plan.relay or not self._pool.layouts_compatible(
+                plan.prefill_backend, plan.decode_backend
+            ):
                 handle = await self._relay(request, plan, handle)
             try:
                 with self._pool.outstanding(plan.decode_backend) as decoder:
@@ -169,7 +173,15 @@ class Dispatcher:
         source = self._pool.backend(plan.prefill_backend)
         sink = self._pool.backend(plan.decode_backend)
         try:
-            moved = await relay(source, sink, handle, timeout_s=self._settings.prefill_timeout_s)
+            moved = await relay(
+                source,
+                sink,
+                handle,
+                timeout_s=self._settings.prefill_timeout_s,
+                target_layout=self._pool.endpoints[plan.decode_backend].layout,
+            )
+        except LayoutMismatchError:
+            raise  # the decode side could not take it either
         except RouterError as error:
             log.warning("KV relay failed; decode pulls it", error=str(error))
             self._metrics.backend_failures.labels(plan.decode_backend, "relay").inc()

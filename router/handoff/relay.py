@@ -2,18 +2,25 @@
 
 Reading and writing overlap (the first chunk reaches the decode backend before the
 last leaves the prefill backend), and at most ``depth`` chunks wait in between, so
-the router's memory stays a few chunks whatever the size of the KV. Chunks pass
-through as the bytes they arrived as: never decoded, never joined.
+the router's memory stays a few chunks whatever the size of the KV. When both sides
+share a layout, chunks pass through as the bytes they arrived as: never decoded,
+never joined. When they do not (other block sizes, other tensor-parallel degrees),
+the relay reads every source rank's shard a unit at a time and writes the target's
+layout (``backends.kvlayout``), holding one unit.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+import zlib
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 
-from backends.base import Backend, KVHandle
+from backends import kvlayout
+from backends.base import Backend, KVHandle, KVLayout
+from router._gen.hetero.device.v1 import device_pb2
+from router.errors import BackendError, LayoutMismatchError
 
 
 @dataclass
@@ -29,6 +36,7 @@ async def relay(
     handle: KVHandle,
     *,
     timeout_s: float,
+    target_layout: KVLayout | None = None,
     depth: int = 4,
     stats: RelayStats | None = None,
 ) -> KVHandle:
@@ -36,8 +44,13 @@ async def relay(
     stats = stats if stats is not None else RelayStats()
     queue: asyncio.Queue[bytes] = asyncio.Queue(maxsize=depth)
 
+    def produced() -> AsyncGenerator[bytes, None]:
+        if target_layout is None or handle.layout in (None, target_layout):
+            return source.fetch_kv(handle, timeout_s)
+        return _converted(source, handle, target_layout, timeout_s)
+
     async def read() -> None:
-        async with contextlib.aclosing(source.fetch_kv(handle, timeout_s)) as chunks:
+        async with contextlib.aclosing(produced()) as chunks:
             async for chunk in chunks:
                 await queue.put(chunk)  # waits while ``depth`` chunks are in flight
                 stats.most_in_flight = max(stats.most_in_flight, queue.qsize())
@@ -65,3 +78,50 @@ async def relay(
         with contextlib.suppress(asyncio.CancelledError):
             await reader  # a failed read is the error worth reporting
     return pushed
+
+
+async def _converted(
+    source: Backend, handle: KVHandle, target: KVLayout, timeout_s: float
+) -> AsyncGenerator[bytes, None]:
+    """Encoded KVChunks of the handle's KV in ``target``'s layout, one unit at a time."""
+    assert handle.layout is not None
+    reason = kvlayout.incompatibility(handle.layout, target)
+    if reason is not None:
+        raise LayoutMismatchError(f"KV layout cannot convert: {reason}")
+    spans = kvlayout.rank_spans(handle.layout, handle.num_tokens)
+    shards = [
+        _ShardReader(source.fetch_kv(handle, timeout_s, span.offset, span.length)) for span in spans
+    ]
+    try:
+
+        async def read(rank: int, count: int) -> bytes:
+            return await shards[rank].read(count)
+
+        pieces = kvlayout.translate(read, handle.layout, target, handle.num_tokens)
+        async for offset, data in pieces:
+            chunk = device_pb2.KVChunk(offset=offset, data=data, checksum=zlib.crc32(data))
+            yield chunk.SerializeToString()
+    finally:
+        for shard in shards:
+            await shard.close()
+
+
+class _ShardReader:
+    """Exact-size reads over one rank's chunk stream, holding at most a chunk beyond."""
+
+    def __init__(self, chunks: AsyncGenerator[bytes, None]) -> None:
+        self._chunks = chunks
+        self._pending = bytearray()
+
+    async def read(self, count: int) -> bytes:
+        while len(self._pending) < count:
+            chunk = device_pb2.KVChunk.FromString(await anext(self._chunks))
+            if zlib.crc32(chunk.data) != chunk.checksum:
+                raise BackendError("relay", f"KV chunk at byte {chunk.offset} failed its checksum")
+            self._pending += chunk.data
+        data = bytes(self._pending[:count])
+        del self._pending[:count]
+        return data
+
+    async def close(self) -> None:
+        await self._chunks.aclose()

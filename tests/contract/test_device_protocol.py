@@ -9,10 +9,12 @@ from typing import Any
 import grpc
 import pytest
 
-from backends.base import Role
+from backends.base import KVHandle, KVLayout, Role
+from backends.mock.adapter import MockBackend
 from backends.mock.server import SERVICE, DeviceConfig, DeviceServer, modelled_wire_s
 from router._gen.hetero.device.v1 import device_pb2
 from router._gen.hetero.router.v1 import router_pb2
+from router.errors import LayoutMismatchError
 from tests.helpers import eventually
 
 GREEDY = device_pb2.Sampling(max_tokens=12, temperature=0.0, top_p=1.0, seed=7)
@@ -329,3 +331,21 @@ async def test_handles_carry_the_holder_link_and_the_emulated_kv_size(pair: Any)
     )
     assert reply.handle.link_gbps == 7200.0  # the H100 profile's NVLink
     assert reply.handle.emulated_bytes_per_token == 131072  # Llama-3.1-8B, BF16
+
+
+async def test_push_refuses_a_layout_it_cannot_convert_before_keeping_a_byte(pair: Any) -> None:
+    _, decode_device, _, _ = pair
+    adapter = MockBackend("d0", decode_device.address)
+    await adapter.start()
+    try:
+        wrong = KVLayout(2, 4, 16, "bfloat16", 16, 1)
+        handle = KVHandle("p0", "push-1", layout=wrong, num_tokens=4, byte_length=2048)
+
+        async def chunks() -> AsyncIterator[bytes]:
+            yield device_pb2.KVChunk(offset=0, data=b"\0" * 2048).SerializeToString()
+
+        with pytest.raises(LayoutMismatchError, match="dtype bfloat16 cannot become float32"):
+            await adapter.push_kv(handle, chunks(), timeout_s=5)
+        assert decode_device.engine.load().kv_leases == 0
+    finally:
+        await adapter.close()

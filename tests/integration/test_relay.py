@@ -9,9 +9,10 @@ from collections.abc import AsyncGenerator, AsyncIterator
 import grpc
 import pytest
 
-from backends.base import GenerationRequest, KVHandle, Role, SamplingParams
+from backends.base import GenerationRequest, KVHandle, KVLayout, Role, SamplingParams
 from backends.mock.adapter import MockBackend
 from router._gen.hetero.router.v1 import router_pb2
+from router.errors import LayoutMismatchError
 from router.handoff.relay import RelayStats, relay
 from tests.conftest import start_cluster, stop_cluster
 from tests.helpers import eventually
@@ -145,3 +146,51 @@ async def test_cancelling_during_a_relay_frees_both_devices() -> None:
         await eventually(lambda: all(v == (0, 0) for v in cluster.kv_in_use().values()))
     finally:
         await stop_cluster(cluster)
+
+
+LAYOUT_PAIRS = [
+    ({"tensor_parallel": 2, "block_size": 16}, {"tensor_parallel": 1, "block_size": 32}),
+    ({"tensor_parallel": 2, "block_size": 16}, {"tensor_parallel": 4, "block_size": 8}),
+    ({"tensor_parallel": 1, "block_size": 48}, {"tensor_parallel": 2, "block_size": 16}),
+]
+
+
+@pytest.mark.parametrize(("prefill_layout", "decode_layout"), LAYOUT_PAIRS)
+async def test_layouts_that_differ_are_relayed_and_converted_without_loss(
+    prefill_layout: dict[str, object], decode_layout: dict[str, object]
+) -> None:
+    layout = [("h100-0", Role.PREFILL, "h100"), ("groq-0", Role.DECODE, "groq-lpu")]
+    cluster = await start_cluster(
+        layout, per_device={"h100-0": prefill_layout, "groq-0": decode_layout}
+    )
+    try:
+        for prompt in ("short", "converted across layouts " * 12):
+            split = await collect(cluster.client, prompt, disaggregation="split", **OPTIONS)
+            alone = await collect(cluster.client, prompt, disaggregation="colocated", **OPTIONS)
+            assert token_ids(split) == token_ids(alone)
+        decode = cluster.devices["groq-0"]
+        assert (decode.kv_pull_attempts, decode.kv_recomputes) == (0, 0)  # relayed, intact
+        await eventually(lambda: all(v == (0, 0) for v in cluster.kv_in_use().values()))
+    finally:
+        await stop_cluster(cluster)
+
+
+async def test_a_relay_refuses_a_dtype_change_before_reading_anything() -> None:
+    class Untouchable(MockBackend):
+        def fetch_kv(self, *args: object, **kwargs: object) -> AsyncGenerator[bytes, None]:
+            raise AssertionError("no byte may be read")
+
+    class Drain(MockBackend):
+        async def push_kv(
+            self, handle: KVHandle, chunks: AsyncIterator[bytes], timeout_s: float
+        ) -> KVHandle:
+            async for _ in chunks:
+                raise AssertionError("no byte may be written")
+            return handle
+
+    source = Untouchable("p", "127.0.0.1:1")
+    source_layout = KVLayout(2, 4, 16, "float32", 16, 1)
+    handle = KVHandle("p", "r", layout=source_layout, num_tokens=10, byte_length=5120)
+    target = KVLayout(2, 4, 16, "bfloat16", 16, 1)
+    with pytest.raises(LayoutMismatchError, match="dtype float32 cannot become bfloat16"):
+        await relay(source, Drain("d", "127.0.0.1:2"), handle, timeout_s=1, target_layout=target)

@@ -7,8 +7,8 @@ import itertools
 import numpy as np
 import pytest
 
+from backends import kvlayout
 from backends.base import KVLayout
-from backends.mock import kvlayout
 
 
 def layout(tp: int, block: int, dtype: str = "float32") -> KVLayout:

@@ -266,7 +266,8 @@ def test_wire_form_is_per_layer_keys_then_values(tiny: TinyTransformer) -> None:
     )
     wire = cache.to_bytes()
     assert wire == expected
-    assert len(wire) == cache.nbytes_valid == 2 * 2 * 2 * n * 16 * 4
+    c = tiny.config
+    assert len(wire) == cache.nbytes_valid == 2 * c.layers * c.n_kv_heads * n * c.head_dim * 4
 
 
 def test_round_trip_reproduces_keys_and_values(tiny: TinyTransformer) -> None:

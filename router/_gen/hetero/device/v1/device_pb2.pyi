@@ -219,8 +219,15 @@ class FetchKVRequest(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     EXPECTED_LAYOUT_FIELD_NUMBER: _builtins.int
     CHUNK_BYTES_FIELD_NUMBER: _builtins.int
+    OFFSET_FIELD_NUMBER: _builtins.int
+    LENGTH_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     chunk_bytes: _builtins.int
+    offset: _builtins.int
+    """A byte range of the payload (a relay reads each rank's shard on its own);
+    length 0 reads to the end.
+    """
+    length: _builtins.int
     @_builtins.property
     def expected_layout(self) -> Global___KVLayout:
         """The layout the caller will read the bytes with; refused on mismatch
@@ -233,10 +240,12 @@ class FetchKVRequest(_message.Message):
         request_id: _builtins.str = ...,
         expected_layout: Global___KVLayout | None = ...,
         chunk_bytes: _builtins.int = ...,
+        offset: _builtins.int = ...,
+        length: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["expected_layout", b"expected_layout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk_bytes", b"chunk_bytes", "expected_layout", b"expected_layout", "request_id", b"request_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk_bytes", b"chunk_bytes", "expected_layout", b"expected_layout", "length", b"length", "offset", b"offset", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

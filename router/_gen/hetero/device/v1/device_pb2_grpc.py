@@ -111,9 +111,11 @@ class DeviceServicer:
     def PushKV(self, request_iterator, context):
         """Receives a KV pushed by a relay (the router), chunk by chunk as FetchKV
         sends them; the handle it belongs to travels in the metadata entry
-        "x-kv-handle-bin" (an encoded KVHandle). Refused before any byte is kept
-        when the layout differs. The KV is then held here under the request id,
-        as if this device had prefilled it.
+        "x-kv-handle-bin" (an encoded KVHandle of the source). The chunks are in
+        this device's layout (a relay converts block sizes and rank counts); the
+        whole is checked against the source's checksum. Refused before any byte is
+        kept when the layouts cannot convert (another dtype or model shape). The KV
+        is then held here under the request id, as if this device had prefilled it.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
