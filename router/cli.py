@@ -74,6 +74,8 @@ def cmd_device(options: argparse.Namespace) -> int:
         seed=options.seed,
         decode_step_s=options.decode_step_ms / 1000 if options.decode_step_ms else None,
         kv_failure_policy=options.kv_failure_policy,
+        tensor_parallel=options.tensor_parallel,
+        block_size=options.block_size,
     )
     uvloop.run(
         run_device(
@@ -167,6 +169,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="when the KV cannot be pulled: pull again then prefill locally, prefill "
         "locally, or fail the request",
     )
+    device.add_argument(
+        "--tensor-parallel", type=int, default=1, help="ranks the KV heads split over (1, 2, 4)"
+    )
+    device.add_argument("--block-size", type=int, default=16, help="KV tokens per block")
     device.add_argument("--announce", action="store_true", help="print READY host:port")
     device.add_argument("--exit-with-stdin", action="store_true", help="exit when stdin closes")
 

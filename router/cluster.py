@@ -52,7 +52,19 @@ def device_command(
         str(config.time_scale if time_scale is None else time_scale),
         "--announce",
         "--exit-with-stdin",
+        *_layout_args(config),
         *extra_args,
+    ]
+
+
+def _layout_args(config: BackendConfig) -> list[str]:
+    """A mock entry's ``options`` may set its KV layout: tensor_parallel, block_size."""
+    flags = {"tensor_parallel": "--tensor-parallel", "block_size": "--block-size"}
+    return [
+        arg
+        for key, flag in flags.items()
+        if key in config.options
+        for arg in (flag, str(int(config.options[key])))
     ]
 
 

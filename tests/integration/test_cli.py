@@ -16,7 +16,8 @@ import pytest
 POOL = """
 default_model: llama-3.1-8b
 backends:
-  - {id: h100-0, address: "127.0.0.1:0", role: prefill, model: llama-3.1-8b, profile: h100}
+  - {id: h100-0, address: "127.0.0.1:0", role: prefill, model: llama-3.1-8b, profile: h100,
+     options: {tensor_parallel: 2, block_size: 32}}
   - {id: groq-0, address: "127.0.0.1:0", role: decode, model: llama-3.1-8b, profile: groq-lpu}
 """
 
@@ -102,6 +103,8 @@ def test_up_serves_generate_and_stops_cleanly_on_ctrl_c(
         check=False,
     )
     assert result.returncode == 0, result.stderr
+    # The prefill device runs 2 ranks with 32-token blocks, the decode device 1 rank
+    # with 16: the router relays the KV and converts it on the way.
     assert "prefill=h100-0 decode=groq-0" in result.stderr
     assert "[finish:" in result.stderr
 
