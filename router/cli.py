@@ -76,6 +76,7 @@ def cmd_device(options: argparse.Namespace) -> int:
         kv_failure_policy=options.kv_failure_policy,
         tensor_parallel=options.tensor_parallel,
         block_size=options.block_size,
+        emulate_kv_size=options.emulate_kv_size,
     )
     uvloop.run(
         run_device(
@@ -173,6 +174,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--tensor-parallel", type=int, default=1, help="ranks the KV heads split over (1, 2, 4)"
     )
     device.add_argument("--block-size", type=int, default=16, help="KV tokens per block")
+    device.add_argument(
+        "--emulate-kv-size",
+        action="store_true",
+        help="pad leased KV to the emulated model's size (transfers at real volume)",
+    )
     device.add_argument("--announce", action="store_true", help="print READY host:port")
     device.add_argument("--exit-with-stdin", action="store_true", help="exit when stdin closes")
 

@@ -109,10 +109,14 @@ class DeviceEngine:
         kv_capacity_tokens: int | None = None,
         decode_step_s: float | None = None,
         kv_layout: KVLayout | None = None,
+        filler_bytes_per_token: int = 0,
     ) -> None:
         self.model = model
         # How leased KV is laid out in bytes (ranks, blocks); None: the model's own order.
         self.kv_layout = kv_layout
+        # Seeded bytes after the real KV, so a transfer moves what the emulated
+        # model's KV would weigh (Llama-3.1-70B: 320 KiB per token).
+        self.filler_bytes_per_token = filler_bytes_per_token
         self.timing = timing
         self.time_scale = time_scale
         # A fixed decode step paces every stream at 1/decode_step_s tokens per second
@@ -417,6 +421,8 @@ class DeviceEngine:
             if self.kv_layout is not None
             else cache.to_bytes()
         )
+        if self.filler_bytes_per_token:
+            payload += np.random.default_rng(n).bytes(n * self.filler_bytes_per_token)
         timer = asyncio.get_running_loop().call_later(
             self.kv_lease_s, self.release_lease, request_id
         )

@@ -59,6 +59,9 @@ class DeviceConfig:
     # KV layout: ranks the KV heads split over, and tokens per block.
     tensor_parallel: int = 1
     block_size: int = BLOCK_SIZE
+    # Pad leased KV with seeded bytes to the emulated model's size, so transfers
+    # move real volumes (benchmarks); the pad is checked, not used.
+    emulate_kv_size: bool = False
     # Fault injection for tests: flip one bit in each of the first N KV chunks served.
     corrupt_kv_chunks: int = 0
     seed: int = 0
@@ -156,6 +159,11 @@ class DeviceServer:
             kv_capacity_tokens=config.kv_capacity_tokens,
             decode_step_s=config.decode_step_s,
             kv_layout=self.layout,
+            filler_bytes_per_token=(
+                max(0, self.timing.model.kv_bytes_per_token - kvlayout.token_bytes(self.layout))
+                if config.emulate_kv_size
+                else 0
+            ),
         )
         self.address = ""
         # Requests that reached this device (Prefill, Decode, Generate): tests use it to
@@ -287,7 +295,11 @@ class DeviceServer:
             started = time.monotonic()
             buffer = await _receive(chunks, handle.byte_length)
             cache = self._cache_from(buffer, handle.num_tokens)
-            if self._checksum_as(cache, source) != handle.checksum:
+            # A converted KV is checked as its source laid it out; an unconverted one as is.
+            checksum = (
+                zlib.crc32(buffer) if source == self.layout else self._checksum_as(cache, source)
+            )
+            if checksum != handle.checksum:
                 raise DeviceError("DATA_LOSS", "relayed KV failed its checksum; not used")
             await self._model_wire_time(handle, time.monotonic() - started)
             lease = self.engine.adopt(handle.request_id, cache)
@@ -545,8 +557,9 @@ class DeviceServer:
         return self._cache_from(buffer, handle.num_tokens)
 
     def _cache_from(self, buffer: bytearray, num_tokens: int) -> KVCache:
-        """A cache from a payload in this device's layout."""
-        keys, values = kvlayout.decode(buffer, self.layout, num_tokens)
+        """A cache from a payload in this device's layout (any size pad after it ignored)."""
+        real = memoryview(buffer)[: num_tokens * kvlayout.token_bytes(self.layout)]
+        keys, values = kvlayout.decode(real, self.layout, num_tokens)
         cache = KVCache.allocate(self.model.config, num_tokens)
         cache.keys[:, :, :num_tokens] = keys
         cache.values[:, :, :num_tokens] = values

@@ -86,6 +86,9 @@ async def _converted(
     """Encoded KVChunks of the handle's KV in ``target``'s layout, one unit at a time."""
     assert handle.layout is not None
     reason = kvlayout.incompatibility(handle.layout, target)
+    padded = handle.byte_length != handle.num_tokens * kvlayout.token_bytes(handle.layout)
+    if reason is None and padded:
+        reason = "a KV padded to an emulated size is moved as it is, not converted"
     if reason is not None:
         raise LayoutMismatchError(f"KV layout cannot convert: {reason}")
     spans = kvlayout.rank_spans(handle.layout, handle.num_tokens)

@@ -349,3 +349,29 @@ async def test_push_refuses_a_layout_it_cannot_convert_before_keeping_a_byte(pai
         assert decode_device.engine.load().kv_leases == 0
     finally:
         await adapter.close()
+
+
+async def test_kv_padded_to_the_emulated_size_moves_and_decodes_the_same() -> None:
+    prefill_device = await start_device("p5", (Role.PREFILL,), emulate_kv_size=True)
+    decode_device = await start_device("d5", (Role.DECODE,))
+    plain_device = await start_device("p6", (Role.PREFILL,))
+    try:
+        async with (
+            grpc.aio.insecure_channel(prefill_device.address) as padded_channel,
+            grpc.aio.insecure_channel(plain_device.address) as plain_channel,
+            grpc.aio.insecure_channel(decode_device.address) as decode_channel,
+        ):
+            padded, plain = DeviceStub(padded_channel), DeviceStub(plain_channel)
+            decode = DeviceStub(decode_channel)
+            reply = await padded.prefill(
+                device_pb2.PrefillRequest(request_id="e1", prompt="checksum", sampling=GREEDY)
+            )
+            # Llama-3.1-8B in BF16: 128 KiB of KV per token.
+            assert reply.handle.byte_length == reply.handle.num_tokens * 131072
+            with_pad = await _decode_with(padded, decode, "e2", corrupt=False)
+            without = await _decode_with(plain, decode, "e3", corrupt=False)
+        assert [list(f.token_ids) for f in with_pad] == [list(f.token_ids) for f in without]
+        assert decode_device.kv_recomputes == 0
+    finally:
+        for device in (prefill_device, decode_device, plain_device):
+            await device.stop(0)

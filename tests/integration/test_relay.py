@@ -190,7 +190,7 @@ async def test_a_relay_refuses_a_dtype_change_before_reading_anything() -> None:
 
     source = Untouchable("p", "127.0.0.1:1")
     source_layout = KVLayout(2, 4, 16, "float32", 16, 1)
-    handle = KVHandle("p", "r", layout=source_layout, num_tokens=10, byte_length=5120)
+    handle = KVHandle("p", "r", layout=source_layout, num_tokens=10, byte_length=10240)
     target = KVLayout(2, 4, 16, "bfloat16", 16, 1)
     with pytest.raises(LayoutMismatchError, match="dtype float32 cannot become bfloat16"):
         await relay(source, Drain("d", "127.0.0.1:2"), handle, timeout_s=1, target_layout=target)
