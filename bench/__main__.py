@@ -13,11 +13,12 @@ from typing import Any
 import uvloop
 
 from bench.report import RESULTS_DIR
-from bench.scenarios import http_pd, overhead
+from bench.scenarios import http_pd, kv, overhead
 
 SCENARIOS: dict[str, Callable[[bool, Path], Coroutine[Any, Any, dict[str, Any]]]] = {
     "overhead": overhead.run,
     "http_pd": http_pd.run,
+    "kv": kv.run,
 }
 
 

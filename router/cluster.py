@@ -58,14 +58,18 @@ def device_command(
 
 
 def _layout_args(config: BackendConfig) -> list[str]:
-    """A mock entry's ``options`` may set its KV layout: tensor_parallel, block_size."""
+    """A mock entry's ``options``: its KV layout (tensor_parallel, block_size) and
+    emulate_kv_size."""
     flags = {"tensor_parallel": "--tensor-parallel", "block_size": "--block-size"}
-    return [
+    args = [
         arg
         for key, flag in flags.items()
         if key in config.options
         for arg in (flag, str(int(config.options[key])))
     ]
+    if config.options.get("emulate_kv_size"):
+        args.append("--emulate-kv-size")
+    return args
 
 
 def device_environment() -> dict[str, str]:

@@ -30,7 +30,7 @@ from router._gen.hetero.device.v1 import device_pb2
 from router.errors import BackendError, LayoutMismatchError, OverloadedError
 
 # Small enough that a relay holds a few in flight, large enough to stream at speed.
-RELAY_CHUNK_BYTES = 256 << 10
+RELAY_CHUNK_BYTES = 1 << 20
 
 # Statuses that mean the request itself can never succeed on any device.
 _NOT_RETRYABLE = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION}

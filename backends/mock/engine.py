@@ -79,7 +79,7 @@ class Lease:
     """A prefilled KV cache waiting for its decode device, in wire form."""
 
     cache: KVCache
-    payload: bytes
+    payload: bytes | bytearray
     checksum: int
     expires_at: float  # Unix time
     timer: asyncio.TimerHandle
@@ -215,11 +215,15 @@ class DeviceEngine:
     def lease(self, request_id: str) -> Lease | None:
         return self._leases.get(request_id)
 
-    def adopt(self, request_id: str, cache: KVCache) -> Lease:
-        """Holds a KV made elsewhere (pushed by a relay) as if this device had prefilled it."""
+    def adopt(self, request_id: str, cache: KVCache, payload: bytes | bytearray) -> Lease:
+        """Holds a KV made elsewhere (pushed by a relay) as if this device had prefilled it.
+
+        ``payload`` is the KV as it arrived, in this device's layout: kept as it is
+        rather than encoded again.
+        """
         self._claim_id(request_id)
         self._check_fits(cache.length)
-        return self._lease(request_id, cache)
+        return self._lease(request_id, cache, payload)
 
     def release_lease(self, request_id: str) -> bool:
         lease = self._leases.pop(request_id, None)
@@ -414,7 +418,20 @@ class DeviceEngine:
         sequence.frames.put_nowait(None)
         self._wake.set()
 
-    def _lease(self, request_id: str, cache: KVCache) -> Lease:
+    def _lease(
+        self, request_id: str, cache: KVCache, payload: bytes | bytearray | None = None
+    ) -> Lease:
+        if payload is None:
+            payload = self._encode(cache)
+        timer = asyncio.get_running_loop().call_later(
+            self.kv_lease_s, self.release_lease, request_id
+        )
+        lease = Lease(cache, payload, zlib.crc32(payload), time.time() + self.kv_lease_s, timer)
+        self._leases[request_id] = lease
+        self._kv_used += lease.num_tokens
+        return lease
+
+    def _encode(self, cache: KVCache) -> bytes:
         n = cache.length
         payload = (
             kvlayout.encode(cache.keys[:, :, :n], cache.values[:, :, :n], self.kv_layout)
@@ -423,13 +440,7 @@ class DeviceEngine:
         )
         if self.filler_bytes_per_token:
             payload += np.random.default_rng(n).bytes(n * self.filler_bytes_per_token)
-        timer = asyncio.get_running_loop().call_later(
-            self.kv_lease_s, self.release_lease, request_id
-        )
-        lease = Lease(cache, payload, zlib.crc32(payload), time.time() + self.kv_lease_s, timer)
-        self._leases[request_id] = lease
-        self._kv_used += lease.num_tokens
-        return lease
+        return payload
 
     def _deadline(self, modelled_s: float) -> float:
         return asyncio.get_running_loop().time() + modelled_s * self.time_scale

@@ -302,7 +302,7 @@ class DeviceServer:
             if checksum != handle.checksum:
                 raise DeviceError("DATA_LOSS", "relayed KV failed its checksum; not used")
             await self._model_wire_time(handle, time.monotonic() - started)
-            lease = self.engine.adopt(handle.request_id, cache)
+            lease = self.engine.adopt(handle.request_id, cache, buffer)
         except KeyError:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{PUSH_HANDLE_KEY} missing")
             raise
