@@ -106,6 +106,11 @@ class KVHandle:
     lease_expires_at: float = 0.0
     block_ids: tuple[int, ...] = ()
     engine_params: Mapping[str, Any] = field(default_factory=dict)
+    # Device servers: the holder's interconnect and emulated KV size (modelled wire
+    # time) and its data plane (a plain socket for the bytes; empty: over gRPC).
+    link_gbps: float = 0.0
+    emulated_bytes_per_token: int = 0
+    data_address: str = ""
 
 
 @dataclass(frozen=True)

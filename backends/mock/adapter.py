@@ -58,6 +58,9 @@ def handle_to_proto(handle: KVHandle) -> device_pb2.KVHandle:
         byte_length=handle.byte_length,
         checksum=handle.checksum,
         lease_expires_at=handle.lease_expires_at,
+        link_gbps=handle.link_gbps,
+        emulated_bytes_per_token=handle.emulated_bytes_per_token,
+        data_address=handle.data_address,
     )
 
 
@@ -72,6 +75,9 @@ def handle_from_proto(message: device_pb2.KVHandle) -> KVHandle:
         byte_length=message.byte_length,
         checksum=message.checksum,
         lease_expires_at=message.lease_expires_at,
+        link_gbps=message.link_gbps,
+        emulated_bytes_per_token=message.emulated_bytes_per_token,
+        data_address=message.data_address,
     )
 
 

@@ -23,6 +23,7 @@ from numpy.typing import NDArray
 
 from backends import kvlayout
 from backends.base import KVLayout, SamplingParams
+from backends.mock.dataplane import segment_checksums
 from backends.mock.model import EOS_ID, KVCache, TinyTransformer, encode
 from backends.mock.roofline import TimingModel
 from backends.mock.sampling import sample_token
@@ -81,6 +82,9 @@ class Lease:
     cache: KVCache
     payload: bytes | bytearray
     checksum: int
+    # CRC-32 of each data plane segment, made with the payload so a transfer
+    # sends them without another pass over it.
+    segment_checksums: tuple[int, ...]
     expires_at: float  # Unix time
     timer: asyncio.TimerHandle
 
@@ -426,7 +430,14 @@ class DeviceEngine:
         timer = asyncio.get_running_loop().call_later(
             self.kv_lease_s, self.release_lease, request_id
         )
-        lease = Lease(cache, payload, zlib.crc32(payload), time.time() + self.kv_lease_s, timer)
+        lease = Lease(
+            cache=cache,
+            payload=payload,
+            checksum=zlib.crc32(payload),
+            segment_checksums=segment_checksums(payload),
+            expires_at=time.time() + self.kv_lease_s,
+            timer=timer,
+        )
         self._leases[request_id] = lease
         self._kv_used += lease.num_tokens
         return lease

@@ -19,7 +19,8 @@ import grpc
 
 from backends import kvlayout
 from backends.base import KVLayout, Role, SamplingParams
-from backends.mock import wire
+from backends.mock import dataplane, wire
+from backends.mock.dataplane import DataPlaneServer
 from backends.mock.engine import DeviceEngine, DeviceError, Lease
 from backends.mock.model import KVCache, TinyConfig, TinyTransformer
 from backends.mock.roofline import TimingModel, load_catalog
@@ -62,7 +63,9 @@ class DeviceConfig:
     # Pad leased KV with seeded bytes to the emulated model's size, so transfers
     # move real volumes (benchmarks); the pad is checked, not used.
     emulate_kv_size: bool = False
-    # Fault injection for tests: flip one bit in each of the first N KV chunks served.
+    # Serve KV bytes on a plain socket beside gRPC (handles name it); off: FetchKV only.
+    kv_data_plane: bool = True
+    # Fault injection for tests: flip one bit in each of the first N KV transfers served.
     corrupt_kv_chunks: int = 0
     seed: int = 0
 
@@ -174,6 +177,8 @@ class DeviceServer:
         self._corruptions_left = config.corrupt_kv_chunks
         self._server: grpc.aio.Server | None = None
         self._peers: dict[str, grpc.aio.Channel] = {}
+        self._data_plane = DataPlaneServer(self._wire_payload)
+        self._data_address = ""
         self._background: set[asyncio.Task[None]] = set()
 
     async def start(self, listen: str = "127.0.0.1:0") -> int:
@@ -183,7 +188,11 @@ class DeviceServer:
         port: int = self._server.add_insecure_port(listen)
         if port == 0:
             raise OSError(f"cannot listen on {listen}")
-        self.address = f"{listen.rpartition(':')[0]}:{port}"
+        host = listen.rpartition(":")[0]
+        self.address = f"{host}:{port}"
+        if self.config.kv_data_plane:
+            data_port = await self._data_plane.start(host)
+            self._data_address = f"{host}:{data_port}"
         self.engine.start()
         await self._server.start()
         return port
@@ -191,6 +200,7 @@ class DeviceServer:
     async def stop(self, grace_s: float | None = 1.0) -> None:
         if self._server is not None:
             await self._server.stop(grace_s)
+        await self._data_plane.stop()
         await self.engine.stop()
         for channel in self._peers.values():
             await channel.close()
@@ -264,6 +274,24 @@ class DeviceServer:
             response.handle.CopyFrom(self._handle(request.request_id, outcome.lease))
         return response
 
+    def _corrupt_next(self) -> bool:
+        """Fault injection: whether the transfer starting now gets a flipped bit."""
+        if self._corruptions_left <= 0:
+            return False
+        self._corruptions_left -= 1
+        return True
+
+    def _wire_payload(self, request_id: str) -> dataplane.Served | None:
+        """What the data plane serves for a request: its leased KV (maybe damaged, in tests)."""
+        lease = self.engine.lease(request_id)
+        if lease is None:
+            return None
+        if not self._corrupt_next():
+            return dataplane.Served(lease.payload, lease.segment_checksums)
+        damaged = bytearray(lease.payload)
+        damaged[0] ^= 1
+        return dataplane.Served(damaged, lease.segment_checksums)
+
     def _handle(self, request_id: str, lease: Lease) -> device_pb2.KVHandle:
         """The handle of a KV this device holds."""
         return device_pb2.KVHandle(
@@ -278,6 +306,7 @@ class DeviceServer:
             lease_expires_at=lease.expires_at,
             link_gbps=self.timing.profile.interconnect_gbps,
             emulated_bytes_per_token=self.timing.model.kv_bytes_per_token,
+            data_address=self._data_address,
         )
 
     async def _push_kv(
@@ -335,8 +364,7 @@ class DeviceServer:
         for offset in range(request.offset, end, chunk):
             piece = view[offset : min(offset + chunk, end)]
             data = bytes(piece)
-            if self._corruptions_left > 0:
-                self._corruptions_left -= 1
+            if offset == request.offset and self._corrupt_next():
                 data = bytes([data[0] ^ 1]) + data[1:]
             yield device_pb2.KVChunk(offset=offset, data=data, checksum=zlib.crc32(piece))
         # The lease stays until the reader, having checked every byte, releases it.
@@ -575,6 +603,19 @@ class DeviceServer:
     async def _pull(self, handle: device_pb2.KVHandle) -> bytearray:
         """Every byte of the handle, each chunk checked as it lands and the whole at the end."""
         self.kv_pull_attempts += 1
+        if handle.data_address:
+            buffer = bytearray(handle.byte_length)
+            try:
+                checksum = await dataplane.fetch(handle.data_address, handle.request_id, buffer)
+            except dataplane.DataPlaneError as error:
+                raise DeviceError(
+                    error.code, f"KV from {handle.backend_id}: {error.message}"
+                ) from error
+            if checksum != handle.checksum:
+                raise DeviceError(
+                    "DATA_LOSS", f"KV from {handle.backend_id} failed its checksum; not used"
+                )
+            return buffer
         fetch = self._peer(handle.address).unary_stream(
             f"/{SERVICE}/FetchKV",
             request_serializer=device_pb2.FetchKVRequest.SerializeToString,

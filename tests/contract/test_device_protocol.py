@@ -375,3 +375,25 @@ async def test_kv_padded_to_the_emulated_size_moves_and_decodes_the_same() -> No
     finally:
         for device in (prefill_device, decode_device, plain_device):
             await device.stop(0)
+
+
+@pytest.mark.parametrize("data_plane", [True, False], ids=["socket", "grpc"])
+async def test_kv_is_pulled_over_the_data_plane_or_grpc_alike(data_plane: bool) -> None:
+    prefill_device = await start_device("p9", (Role.PREFILL,), kv_data_plane=data_plane)
+    decode_device = await start_device("d9", (Role.DECODE,))
+    try:
+        async with (
+            grpc.aio.insecure_channel(prefill_device.address) as prefill_channel,
+            grpc.aio.insecure_channel(decode_device.address) as decode_channel,
+        ):
+            prefill = DeviceStub(prefill_channel)
+            reply = await prefill.prefill(
+                device_pb2.PrefillRequest(request_id="dp0", prompt="checksum", sampling=GREEDY)
+            )
+            assert bool(reply.handle.data_address) is data_plane
+            frames = await _decode_with(prefill, DeviceStub(decode_channel), "dp1", corrupt=False)
+        assert frames[-1].finish_reason != 0
+        assert (decode_device.kv_pull_attempts, decode_device.kv_recomputes) == (1, 0)
+    finally:
+        await prefill_device.stop(0)
+        await decode_device.stop(0)

@@ -17,10 +17,12 @@ from backends.base import (
     HandoffMode,
     HealthStatus,
     KVHandle,
+    KVLayout,
     PrefillResult,
     Role,
     SamplingParams,
 )
+from backends.mock.adapter import handle_from_proto, handle_to_proto
 from router._gen.hetero.router.v1 import router_pb2
 from router.dispatch.dispatcher import Dispatcher
 from router.errors import BackendError
@@ -153,3 +155,13 @@ async def test_a_decode_leg_failing_after_a_token_fails_the_request(dispatcher: 
     with pytest.raises(BackendError, match="connection dropped"):
         await consume()
     assert [list(r.token_ids) for r in received] == [[1]]  # nothing repeated, nothing invented
+
+
+def test_a_handle_survives_the_adapter_round_trip_whole() -> None:
+    handle = KVHandle(
+        "p0", "r1", address="h:1",
+        layout=KVLayout(2, 4, 16, "float32", 16, 2), num_tokens=7, byte_length=7168,
+        checksum=99, lease_expires_at=1.5, block_ids=(0,), link_gbps=400.0,
+        emulated_bytes_per_token=131072, data_address="h:2",
+    )  # fmt: skip
+    assert handle_from_proto(handle_to_proto(handle)) == handle

@@ -105,6 +105,7 @@ class KVHandle(_message.Message):
     LEASE_EXPIRES_AT_FIELD_NUMBER: _builtins.int
     LINK_GBPS_FIELD_NUMBER: _builtins.int
     EMULATED_BYTES_PER_TOKEN_FIELD_NUMBER: _builtins.int
+    DATA_ADDRESS_FIELD_NUMBER: _builtins.int
     backend_id: _builtins.str
     address: _builtins.str
     """host:port of the device that holds the KV."""
@@ -122,6 +123,10 @@ class KVHandle(_message.Message):
     """
     emulated_bytes_per_token: _builtins.int
     """Bytes per token of the emulated model's KV (what a real transfer moves)."""
+    data_address: _builtins.str
+    """host:port of the holder's data plane, a plain socket for the KV's bytes;
+    empty: read them with FetchKV.
+    """
     @_builtins.property
     def block_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
     @_builtins.property
@@ -140,10 +145,11 @@ class KVHandle(_message.Message):
         lease_expires_at: _builtins.float = ...,
         link_gbps: _builtins.float = ...,
         emulated_bytes_per_token: _builtins.int = ...,
+        data_address: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["layout", b"layout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "backend_id", b"backend_id", "block_ids", b"block_ids", "byte_length", b"byte_length", "checksum", b"checksum", "emulated_bytes_per_token", b"emulated_bytes_per_token", "layout", b"layout", "lease_expires_at", b"lease_expires_at", "link_gbps", b"link_gbps", "num_tokens", b"num_tokens", "request_id", b"request_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "backend_id", b"backend_id", "block_ids", b"block_ids", "byte_length", b"byte_length", "checksum", b"checksum", "data_address", b"data_address", "emulated_bytes_per_token", b"emulated_bytes_per_token", "layout", b"layout", "lease_expires_at", b"lease_expires_at", "link_gbps", b"link_gbps", "num_tokens", b"num_tokens", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
