@@ -193,6 +193,11 @@ class Backend(abc.ABC):
     # Relay (HandoffMode.RELAY): the router moves the KV itself. Adapters that
     # cannot keep the default, which refuses.
 
+    @property
+    def kv_data_address(self) -> str:
+        """host:port of a plain-socket KV data plane, when the backend has one."""
+        return ""
+
     def fetch_kv(
         self, handle: KVHandle, timeout_s: float, offset: int = 0, length: int = 0
     ) -> AsyncGenerator[bytes, None]:

@@ -91,6 +91,7 @@ class MockBackend(Backend):
         self._channel: grpc.aio.Channel | None = None
         self._calls: dict[str, Any] = {}
         self._session: DeviceSession | None = None
+        self._data_address = ""  # learned from health checks
 
     @property
     def capabilities(self) -> Capabilities:
@@ -127,6 +128,7 @@ class MockBackend(Backend):
             response = await self._calls["Health"](device_pb2.HealthRequest(), timeout=timeout_s)
         except grpc.aio.AioRpcError as error:
             return HealthStatus(serving=False, detail=f"{error.code().name}: {error.details()}")
+        self._data_address = response.data_address
         return HealthStatus(
             serving=response.serving,
             model=response.model,
@@ -179,6 +181,10 @@ class MockBackend(Backend):
         )
         async for frame in self._stream("generate", message, timeout_s):
             yield frame
+
+    @property
+    def kv_data_address(self) -> str:
+        return self._data_address
 
     async def fetch_kv(
         self, handle: KVHandle, timeout_s: float, offset: int = 0, length: int = 0

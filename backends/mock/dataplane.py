@@ -20,9 +20,10 @@ import struct
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 SEGMENT_BYTES = 1 << 20
-_OK, _NOT_FOUND, _OUT_OF_RANGE = 0, 1, 2
+_OK, _NOT_FOUND, _OUT_OF_RANGE, _REFUSED = 0, 1, 2, 3
 _STATUS_CODES = {_NOT_FOUND: "NOT_FOUND", _OUT_OF_RANGE: "OUT_OF_RANGE"}
 
 
@@ -51,16 +52,32 @@ def segment_checksums(payload: bytes | bytearray) -> tuple[int, ...]:
 Lookup = Callable[[str], Served | None]
 
 
+class Sink(Protocol):
+    """Where pushed KV goes (a decode device)."""
+
+    def prepare(self, handle: bytes) -> None:
+        """Refuses (DataPlaneError) a KV it cannot take, before any byte is kept."""
+
+    async def accept(
+        self, handle: bytes, payload: bytearray, checksum: int, segments: tuple[int, ...]
+    ) -> bytes:
+        """Keeps a KV that arrived whole (its CRC-32 and its segments'); returns its
+        handle here, encoded."""
+        ...
+
+
 class DataPlaneServer:
     """Serves byte ranges of the payloads ``lookup`` finds, straight from their buffers."""
 
-    def __init__(self, lookup: Lookup) -> None:
+    def __init__(self, lookup: Lookup, sink: Sink | None = None) -> None:
         self._lookup = lookup
+        self._sink = sink
         self._server: asyncio.Server | None = None
         self.port = 0
 
     async def start(self, host: str) -> int:
-        self._server = await asyncio.start_server(self._serve, host, 0)
+        # A large stream limit: the reader pauses the socket above twice the limit.
+        self._server = await asyncio.start_server(self._serve, host, 0, limit=4 * SEGMENT_BYTES)
         self.port = self._server.sockets[0].getsockname()[1]
         return self.port
 
@@ -72,6 +89,10 @@ class DataPlaneServer:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
+            op = await reader.readexactly(1)
+            if op == b"P":
+                await self._take(reader, writer)
+                return
             request_id, offset, length = await _read_request(reader)
             served = self._lookup(request_id)
             if served is None:
@@ -90,11 +111,59 @@ class DataPlaneServer:
         finally:
             writer.close()
 
+    async def _take(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """A pushed KV: ``P``, the handle (4-byte length, then it), the byte length, the
+        bytes, the segment checksums; answered like a fetch, the new handle as payload."""
+        (size,) = struct.unpack(">I", await reader.readexactly(4))
+        handle = await reader.readexactly(size)
+        (length,) = struct.unpack(">Q", await reader.readexactly(8))
+        try:
+            if self._sink is None:
+                raise DataPlaneError("FAILED_PRECONDITION", "this device takes no pushed KV")
+            self._sink.prepare(handle)
+            payload = bytearray(length)
+            computed, running = await _read_checked(reader, memoryview(payload))
+            (count,) = struct.unpack(">I", await reader.readexactly(4))
+            expected = struct.unpack(f">{count}I", await reader.readexactly(4 * count))
+            _compare(computed, expected)
+            answer = await self._sink.accept(handle, payload, running, expected)
+        except DataPlaneError as error:
+            await _refuse(writer, _REFUSED, f"{error.code} {error.message}")
+            return
+        writer.write(struct.pack(">BQ", _OK, len(answer)) + answer)
+        await writer.drain()
+
+
+async def _read_checked(reader: asyncio.StreamReader, view: memoryview) -> tuple[list[int], int]:
+    loop = asyncio.get_running_loop()
+    computed: list[int] = []
+    running = 0
+    pending: asyncio.Future[tuple[int, int]] | None = None
+    for start in range(0, len(view), SEGMENT_BYTES):
+        segment = view[start : start + SEGMENT_BYTES]
+        segment[:] = await reader.readexactly(len(segment))
+        if pending is not None:
+            segment_crc, running = await pending
+            computed.append(segment_crc)
+        pending = loop.run_in_executor(None, _checksums, segment, running)
+    if pending is not None:
+        segment_crc, running = await pending
+        computed.append(segment_crc)
+    return computed, running
+
+
+def _compare(computed: list[int], expected: tuple[int, ...]) -> None:
+    for index, (got, sent) in enumerate(zip(computed, expected, strict=False)):
+        if got != sent:
+            raise DataPlaneError(
+                "DATA_LOSS", f"KV segment at byte {index * SEGMENT_BYTES} failed its checksum"
+            )
+    if len(expected) != len(computed):
+        raise DataPlaneError("DATA_LOSS", "KV segment checksums do not match the bytes sent")
+
 
 async def _read_request(reader: asyncio.StreamReader) -> tuple[str, int, int]:
-    op, id_length = struct.unpack(">cH", await reader.readexactly(3))
-    if op != b"G":
-        raise ConnectionError(f"unknown data plane request {op!r}")
+    (id_length,) = struct.unpack(">H", await reader.readexactly(2))
     request_id = (await reader.readexactly(id_length)).decode()
     offset, length = struct.unpack(">QQ", await reader.readexactly(16))
     return request_id, offset, length
@@ -154,7 +223,7 @@ async def fetch(address: str, request_id: str, into: bytearray, offset: int = 0)
         if status != _OK:
             (size,) = struct.unpack(">H", await _receive(loop, connection, 2))
             message = (await _receive(loop, connection, size)).decode(errors="replace")
-            raise DataPlaneError(_STATUS_CODES.get(status, "UNKNOWN"), message)
+            raise _refusal(status, message)
         if length != len(into):
             raise DataPlaneError("DATA_LOSS", f"data plane sent {length} bytes, not {len(into)}")
         computed, running = await _receive_checked(loop, connection, memoryview(into))
@@ -164,13 +233,7 @@ async def fetch(address: str, request_id: str, into: bytearray, offset: int = 0)
         raise DataPlaneError("UNAVAILABLE", f"data plane {address} broke off: {error}") from error
     finally:
         connection.close()
-    for index, (got, sent) in enumerate(zip(computed, expected, strict=False)):
-        if got != sent:
-            raise DataPlaneError(
-                "DATA_LOSS", f"KV segment at byte {index * SEGMENT_BYTES} failed its checksum"
-            )
-    if len(expected) != len(computed):
-        raise DataPlaneError("DATA_LOSS", "KV segment checksums do not match the bytes sent")
+    _compare(computed, expected)
     return running
 
 
@@ -208,3 +271,102 @@ async def _receive(loop: asyncio.AbstractEventLoop, connection: socket.socket, s
     buffer = bytearray(size)
     await _receive_into(loop, connection, memoryview(buffer))
     return bytes(buffer)
+
+
+def _refusal(status: int, message: str) -> DataPlaneError:
+    if status == _REFUSED:
+        code, _, text = message.partition(" ")
+        return DataPlaneError(code, text)
+    return DataPlaneError(_STATUS_CODES.get(status, "UNKNOWN"), message)
+
+
+async def _connect(loop: asyncio.AbstractEventLoop, address: str) -> socket.socket:
+    host, _, port = address.rpartition(":")
+    connection = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    connection.setblocking(False)
+    try:
+        await loop.sock_connect(connection, (host, int(port)))
+    except OSError as error:
+        connection.close()
+        raise DataPlaneError("UNAVAILABLE", f"data plane {address}: {error}") from error
+    return connection
+
+
+async def relay(
+    source: str, request_id: str, sink: str, handle: bytes, length: int, *, depth: int = 4
+) -> bytes:
+    """Moves a KV from the data plane at ``source`` to the one at ``sink``.
+
+    The bytes go socket to socket through ``depth`` buffers of one segment, reused:
+    received with ``recv_into``, sent from the same memory, never joined, never
+    decoded. The segment checksums pass through for the sink to check. Returns the
+    sink's answer (its handle of the KV, encoded).
+    """
+    loop = asyncio.get_running_loop()
+    reader = await _connect(loop, source)
+    try:
+        writer = await _connect(loop, sink)
+    except DataPlaneError:
+        reader.close()
+        raise
+    try:
+        identifier = request_id.encode()
+        await loop.sock_sendall(
+            reader,
+            struct.pack(">cH", b"G", len(identifier)) + identifier + struct.pack(">QQ", 0, 0),
+        )
+        status, size = struct.unpack(">BQ", await _receive(loop, reader, 9))
+        if status != _OK:
+            (count,) = struct.unpack(">H", await _receive(loop, reader, 2))
+            raise _refusal(status, (await _receive(loop, reader, count)).decode(errors="replace"))
+        if size != length:
+            raise DataPlaneError("DATA_LOSS", f"source holds {size} bytes, not {length}")
+        await loop.sock_sendall(
+            writer, b"P" + struct.pack(">I", len(handle)) + handle + struct.pack(">Q", length)
+        )
+        await _pipe(loop, reader, writer, length, depth)
+        (count,) = struct.unpack(">I", await _receive(loop, reader, 4))
+        checksums = await _receive(loop, reader, 4 * count)
+        await loop.sock_sendall(writer, struct.pack(">I", count) + checksums)
+        status, size = struct.unpack(">BQ", await _receive(loop, writer, 9))
+        if status != _OK:
+            (count,) = struct.unpack(">H", await _receive(loop, writer, 2))
+            raise _refusal(status, (await _receive(loop, writer, count)).decode(errors="replace"))
+        return await _receive(loop, writer, size)
+    except (ConnectionError, OSError) as error:
+        raise DataPlaneError("UNAVAILABLE", f"data plane relay broke off: {error}") from error
+    finally:
+        reader.close()
+        writer.close()
+
+
+async def _pipe(
+    loop: asyncio.AbstractEventLoop,
+    reader: socket.socket,
+    writer: socket.socket,
+    length: int,
+    depth: int,
+) -> None:
+    """Receives and sends at once through ``depth`` reused segment buffers."""
+    free: asyncio.Queue[bytearray] = asyncio.Queue()
+    for _ in range(depth):
+        free.put_nowait(bytearray(SEGMENT_BYTES))
+    filled: asyncio.Queue[tuple[bytearray, int] | None] = asyncio.Queue()
+
+    async def receive() -> None:
+        for start in range(0, length, SEGMENT_BYTES):
+            size = min(SEGMENT_BYTES, length - start)
+            buffer = await free.get()
+            await _receive_into(loop, reader, memoryview(buffer)[:size])
+            filled.put_nowait((buffer, size))
+        filled.put_nowait(None)
+
+    receiving = asyncio.create_task(receive())
+    try:
+        while (item := await filled.get()) is not None:
+            buffer, size = item
+            await loop.sock_sendall(writer, memoryview(buffer)[:size])
+            free.put_nowait(buffer)
+        await receiving
+    finally:
+        receiving.cancel()

@@ -219,15 +219,22 @@ class DeviceEngine:
     def lease(self, request_id: str) -> Lease | None:
         return self._leases.get(request_id)
 
-    def adopt(self, request_id: str, cache: KVCache, payload: bytes | bytearray) -> Lease:
+    def adopt(
+        self,
+        request_id: str,
+        cache: KVCache,
+        payload: bytes | bytearray,
+        checksums: tuple[int, tuple[int, ...]] | None = None,
+    ) -> Lease:
         """Holds a KV made elsewhere (pushed by a relay) as if this device had prefilled it.
 
         ``payload`` is the KV as it arrived, in this device's layout: kept as it is
-        rather than encoded again.
+        rather than encoded again; ``checksums`` (whole, per segment), when the
+        transfer already computed them, spare two passes over it.
         """
         self._claim_id(request_id)
         self._check_fits(cache.length)
-        return self._lease(request_id, cache, payload)
+        return self._lease(request_id, cache, payload, checksums)
 
     def release_lease(self, request_id: str) -> bool:
         lease = self._leases.pop(request_id, None)
@@ -423,18 +430,23 @@ class DeviceEngine:
         self._wake.set()
 
     def _lease(
-        self, request_id: str, cache: KVCache, payload: bytes | bytearray | None = None
+        self,
+        request_id: str,
+        cache: KVCache,
+        payload: bytes | bytearray | None = None,
+        checksums: tuple[int, tuple[int, ...]] | None = None,
     ) -> Lease:
         if payload is None:
             payload = self._encode(cache)
+        whole, segments = checksums or (zlib.crc32(payload), segment_checksums(payload))
         timer = asyncio.get_running_loop().call_later(
             self.kv_lease_s, self.release_lease, request_id
         )
         lease = Lease(
             cache=cache,
             payload=payload,
-            checksum=zlib.crc32(payload),
-            segment_checksums=segment_checksums(payload),
+            checksum=whole,
+            segment_checksums=segments,
             expires_at=time.time() + self.kv_lease_s,
             timer=timer,
         )

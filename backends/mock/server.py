@@ -138,6 +138,35 @@ async def _receive(chunks: AsyncIterator[device_pb2.KVChunk], byte_length: int) 
     return buffer
 
 
+class _PushedKV:
+    """The data plane's sink: a relay's KV, kept like one pushed over gRPC (same layout only)."""
+
+    def __init__(self, device: DeviceServer) -> None:
+        self._device = device
+
+    def prepare(self, handle: bytes) -> None:
+        message = device_pb2.KVHandle.FromString(handle)
+        try:
+            self._device._check_role(Role.DECODE)
+            self._device._check_layout(layout_from_proto(message.layout))
+        except DeviceError as error:
+            raise dataplane.DataPlaneError(error.code, error.message) from error
+
+    async def accept(
+        self, handle: bytes, payload: bytearray, checksum: int, segments: tuple[int, ...]
+    ) -> bytes:
+        message = device_pb2.KVHandle.FromString(handle)
+        if checksum != message.checksum:
+            raise dataplane.DataPlaneError("DATA_LOSS", "relayed KV failed its checksum; not used")
+        device = self._device
+        try:
+            cache = device._cache_from(payload, message.num_tokens)
+            lease = device.engine.adopt(message.request_id, cache, payload, (checksum, segments))
+        except DeviceError as error:
+            raise dataplane.DataPlaneError(error.code, error.message) from error
+        return device._handle(message.request_id, lease).SerializeToString()
+
+
 class DeviceServer:
     def __init__(self, config: DeviceConfig) -> None:
         catalog = load_catalog()
@@ -174,10 +203,11 @@ class DeviceServer:
         self.requests_received = 0
         self.kv_recomputes = 0
         self.kv_pull_attempts = 0
+        self.kv_fetches_served = 0  # over gRPC FetchKV
         self._corruptions_left = config.corrupt_kv_chunks
         self._server: grpc.aio.Server | None = None
         self._peers: dict[str, grpc.aio.Channel] = {}
-        self._data_plane = DataPlaneServer(self._wire_payload)
+        self._data_plane = DataPlaneServer(self._wire_payload, _PushedKV(self))
         self._data_address = ""
         self._background: set[asyncio.Task[None]] = set()
 
@@ -343,6 +373,7 @@ class DeviceServer:
     async def _fetch_kv(
         self, request: device_pb2.FetchKVRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[device_pb2.KVChunk]:
+        self.kv_fetches_served += 1
         lease = self.engine.lease(request.request_id)
         if lease is None:
             await context.abort(
@@ -499,6 +530,7 @@ class DeviceServer:
             profile=self.config.profile,
             layout=layout_to_proto(self.layout),
             roles=[role.value for role in self.config.roles],
+            data_address=self._data_address,
         )
 
     async def _load(

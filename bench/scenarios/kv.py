@@ -139,6 +139,8 @@ async def run(quick: bool, out_dir: Path) -> dict[str, Any]:
         source, sink = MockBackend("p0", address["p0"]), MockBackend("d0", address["d0"])
         await source.start()
         await sink.start()
+        for backend in (source, sink):  # as the router's health checks would
+            await backend.check_health(5.0)
         try:
             print("  direct pull", file=sys.stderr, flush=True)
             direct_seconds = min(
@@ -183,7 +185,7 @@ async def run(quick: bool, out_dir: Path) -> dict[str, Any]:
             "relay ratio": round(figures["relay_ratio"], 3),
             "relay RSS MiB": round(figures["relay_peak_rss_mib"], 1),
         },
-        "transport": "gRPC FetchKV/PushKV chunks; no separate data plane yet",
+        "transport": "plain-socket data plane (1 MiB segments, CRC-32 each); gRPC for control",
         "machine": machine(),
     }
     write_result("kv", result, out_dir)

@@ -194,3 +194,21 @@ async def test_a_relay_refuses_a_dtype_change_before_reading_anything() -> None:
     target = KVLayout(2, 4, 16, "bfloat16", 16, 1)
     with pytest.raises(LayoutMismatchError, match="dtype float32 cannot become bfloat16"):
         await relay(source, Drain("d", "127.0.0.1:2"), handle, timeout_s=1, target_layout=target)
+
+
+async def test_relay_goes_socket_to_socket_when_both_devices_have_a_data_plane() -> None:
+    cluster = await start_cluster(handoff="relay")
+    try:
+        split = await collect(cluster.client, "sockets " * 40, disaggregation="split", **OPTIONS)
+        alone = await collect(
+            cluster.client, "sockets " * 40, disaggregation="colocated", **OPTIONS
+        )
+        assert token_ids(split) == token_ids(alone)
+        decode_backends = [cluster.daemon.pool.backend(i) for i in ("groq-0", "groq-1")]
+        assert all(backend.kv_data_address for backend in decode_backends)
+        # Nothing went through gRPC FetchKV, and no decode device pulled on its own.
+        assert all(d.kv_fetches_served == 0 for d in cluster.devices.values())
+        assert all(d.kv_pull_attempts == 0 for d in cluster.devices.values())
+        await eventually(lambda: all(v == (0, 0) for v in cluster.kv_in_use().values()))
+    finally:
+        await stop_cluster(cluster)

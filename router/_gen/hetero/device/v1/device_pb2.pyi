@@ -590,11 +590,14 @@ class HealthResponse(_message.Message):
     PROFILE_FIELD_NUMBER: _builtins.int
     LAYOUT_FIELD_NUMBER: _builtins.int
     ROLES_FIELD_NUMBER: _builtins.int
+    DATA_ADDRESS_FIELD_NUMBER: _builtins.int
     serving: _builtins.bool
     backend_id: _builtins.str
     model: _builtins.str
     profile: _builtins.str
     """Hardware profile the device emulates."""
+    data_address: _builtins.str
+    """host:port of its KV data plane (empty when it has none)."""
     @_builtins.property
     def layout(self) -> Global___KVLayout: ...
     @_builtins.property
@@ -610,10 +613,11 @@ class HealthResponse(_message.Message):
         profile: _builtins.str = ...,
         layout: Global___KVLayout | None = ...,
         roles: _abc.Iterable[_builtins.str] | None = ...,
+        data_address: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["layout", b"layout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend_id", b"backend_id", "layout", b"layout", "model", b"model", "profile", b"profile", "roles", b"roles", "serving", b"serving"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend_id", b"backend_id", "data_address", b"data_address", "layout", b"layout", "model", b"model", "profile", b"profile", "roles", b"roles", "serving", b"serving"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
