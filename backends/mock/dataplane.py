@@ -40,6 +40,7 @@ class Served:
 
     payload: bytes | bytearray
     segment_checksums: tuple[int, ...] | None = None
+    checksum: int = 0  # CRC-32 of the whole payload, sent so a reader can match its handle
 
 
 def segment_checksums(payload: bytes | bytearray) -> tuple[int, ...]:
@@ -59,10 +60,10 @@ class Sink(Protocol):
         """Refuses (DataPlaneError) a KV it cannot take, before any byte is kept."""
 
     async def accept(
-        self, handle: bytes, payload: bytearray, checksum: int, segments: tuple[int, ...]
+        self, handle: bytes, payload: bytearray, segments: tuple[int, ...], checksum: int
     ) -> bytes:
-        """Keeps a KV that arrived whole (its CRC-32 and its segments'); returns its
-        handle here, encoded."""
+        """Keeps a KV whose every segment arrived and matched ``segments`` (``checksum``:
+        the holder's CRC-32 of the whole); returns its handle here, encoded."""
         ...
 
 
@@ -104,8 +105,10 @@ class DataPlaneServer:
                 await _refuse(writer, _OUT_OF_RANGE, f"bytes {offset}..{end} of {size}")
                 return
             # Checksums made with the payload save a pass over it; a range needs its own.
-            known = served.segment_checksums if (offset, end) == (0, size) else None
-            await _send(writer, memoryview(served.payload)[offset:end], known)
+            whole = (offset, end) == (0, size)
+            known = served.segment_checksums if whole else None
+            checksum = served.checksum if whole else 0
+            await _send(writer, memoryview(served.payload)[offset:end], known, checksum)
         except (asyncio.IncompleteReadError, ConnectionError):
             pass  # the reader went away; it will pull again or prefill itself
         finally:
@@ -116,17 +119,17 @@ class DataPlaneServer:
         bytes, the segment checksums; answered like a fetch, the new handle as payload."""
         (size,) = struct.unpack(">I", await reader.readexactly(4))
         handle = await reader.readexactly(size)
-        (length,) = struct.unpack(">Q", await reader.readexactly(8))
+        length, checksum = struct.unpack(">QI", await reader.readexactly(12))
         try:
             if self._sink is None:
                 raise DataPlaneError("FAILED_PRECONDITION", "this device takes no pushed KV")
             self._sink.prepare(handle)
             payload = bytearray(length)
-            computed, running = await _read_checked(reader, memoryview(payload))
+            computed = await _read_checked(reader, memoryview(payload))
             (count,) = struct.unpack(">I", await reader.readexactly(4))
             expected = struct.unpack(f">{count}I", await reader.readexactly(4 * count))
             _compare(computed, expected)
-            answer = await self._sink.accept(handle, payload, running, expected)
+            answer = await self._sink.accept(handle, payload, expected, checksum)
         except DataPlaneError as error:
             await _refuse(writer, _REFUSED, f"{error.code} {error.message}")
             return
@@ -134,22 +137,15 @@ class DataPlaneServer:
         await writer.drain()
 
 
-async def _read_checked(reader: asyncio.StreamReader, view: memoryview) -> tuple[list[int], int]:
+async def _read_checked(reader: asyncio.StreamReader, view: memoryview) -> list[int]:
+    """Reads into ``view`` a segment at a time, checksumming each while the next arrives."""
     loop = asyncio.get_running_loop()
-    computed: list[int] = []
-    running = 0
-    pending: asyncio.Future[tuple[int, int]] | None = None
+    pending: list[asyncio.Future[int]] = []
     for start in range(0, len(view), SEGMENT_BYTES):
         segment = view[start : start + SEGMENT_BYTES]
         segment[:] = await reader.readexactly(len(segment))
-        if pending is not None:
-            segment_crc, running = await pending
-            computed.append(segment_crc)
-        pending = loop.run_in_executor(None, _checksums, segment, running)
-    if pending is not None:
-        segment_crc, running = await pending
-        computed.append(segment_crc)
-    return computed, running
+        pending.append(loop.run_in_executor(None, _checksum, segment))
+    return list(await asyncio.gather(*pending))
 
 
 def _compare(computed: list[int], expected: tuple[int, ...]) -> None:
@@ -176,9 +172,9 @@ async def _refuse(writer: asyncio.StreamWriter, status: int, message: str) -> No
 
 
 async def _send(
-    writer: asyncio.StreamWriter, view: memoryview, known: tuple[int, ...] | None
+    writer: asyncio.StreamWriter, view: memoryview, known: tuple[int, ...] | None, checksum: int
 ) -> None:
-    writer.write(struct.pack(">BQ", _OK, len(view)))
+    writer.write(struct.pack(">BQI", _OK, len(view), checksum))
     checksums = []
     for start in range(0, len(view), SEGMENT_BYTES):
         segment = view[start : start + SEGMENT_BYTES]
@@ -191,17 +187,21 @@ async def _send(
     await writer.drain()
 
 
-def _checksums(segment: memoryview, running: int) -> tuple[int, int]:
-    """The segment's CRC-32 and the running CRC-32 of everything up to it (off the event
-    loop: zlib releases the GIL, so this overlaps the next segment's receive)."""
-    return zlib.crc32(segment), zlib.crc32(segment, running)
+def _checksum(segment: memoryview) -> int:
+    """A segment's CRC-32, off the event loop: zlib releases the GIL, so this overlaps
+    the next segment's receive."""
+    return zlib.crc32(segment)
 
 
-async def fetch(address: str, request_id: str, into: bytearray, offset: int = 0) -> int:
+async def fetch(
+    address: str, request_id: str, into: bytearray, offset: int = 0
+) -> tuple[int, tuple[int, ...]]:
     """Fills ``into`` with the payload's bytes from ``offset``, each segment checked.
 
-    The bytes land straight in ``into`` (``recv_into``, no intermediate copies).
-    Returns the CRC-32 of all of it, computed on the way.
+    The bytes land straight in ``into`` (``recv_into``, no intermediate copies). The
+    transfer as a whole is checked by its segments: every one arrived, in number and
+    in content, against the CRC-32s the holder made with the payload. Returns the
+    holder's CRC-32 of the whole payload (0 for a range) and the segments'.
     """
     host, _, port = address.rpartition(":")
     loop = asyncio.get_running_loop()
@@ -226,7 +226,8 @@ async def fetch(address: str, request_id: str, into: bytearray, offset: int = 0)
             raise _refusal(status, message)
         if length != len(into):
             raise DataPlaneError("DATA_LOSS", f"data plane sent {length} bytes, not {len(into)}")
-        computed, running = await _receive_checked(loop, connection, memoryview(into))
+        (whole,) = struct.unpack(">I", await _receive(loop, connection, 4))
+        computed = await _receive_checked(loop, connection, memoryview(into))
         (count,) = struct.unpack(">I", await _receive(loop, connection, 4))
         expected = struct.unpack(f">{count}I", await _receive(loop, connection, 4 * count))
     except (ConnectionError, OSError) as error:
@@ -234,27 +235,19 @@ async def fetch(address: str, request_id: str, into: bytearray, offset: int = 0)
     finally:
         connection.close()
     _compare(computed, expected)
-    return running
+    return whole, expected
 
 
 async def _receive_checked(
     loop: asyncio.AbstractEventLoop, connection: socket.socket, view: memoryview
-) -> tuple[list[int], int]:
+) -> list[int]:
     """Receives into ``view`` a segment at a time, checksumming each while the next arrives."""
-    computed: list[int] = []
-    running = 0
-    pending: asyncio.Future[tuple[int, int]] | None = None
+    pending: list[asyncio.Future[int]] = []
     for start in range(0, len(view), SEGMENT_BYTES):
         segment = view[start : start + SEGMENT_BYTES]
         await _receive_into(loop, connection, segment)
-        if pending is not None:
-            segment_crc, running = await pending
-            computed.append(segment_crc)
-        pending = loop.run_in_executor(None, _checksums, segment, running)
-    if pending is not None:
-        segment_crc, running = await pending
-        computed.append(segment_crc)
-    return computed, running
+        pending.append(loop.run_in_executor(None, _checksum, segment))
+    return list(await asyncio.gather(*pending))
 
 
 async def _receive_into(
@@ -321,8 +314,10 @@ async def relay(
             raise _refusal(status, (await _receive(loop, reader, count)).decode(errors="replace"))
         if size != length:
             raise DataPlaneError("DATA_LOSS", f"source holds {size} bytes, not {length}")
+        whole = await _receive(loop, reader, 4)  # passed on for the sink to match its handle
         await loop.sock_sendall(
-            writer, b"P" + struct.pack(">I", len(handle)) + handle + struct.pack(">Q", length)
+            writer,
+            b"P" + struct.pack(">I", len(handle)) + handle + struct.pack(">Q", length) + whole,
         )
         await _pipe(loop, reader, writer, length, depth)
         (count,) = struct.unpack(">I", await _receive(loop, reader, 4))

@@ -153,15 +153,19 @@ class _PushedKV:
             raise dataplane.DataPlaneError(error.code, error.message) from error
 
     async def accept(
-        self, handle: bytes, payload: bytearray, checksum: int, segments: tuple[int, ...]
+        self, handle: bytes, payload: bytearray, segments: tuple[int, ...], checksum: int
     ) -> bytes:
         message = device_pb2.KVHandle.FromString(handle)
-        if checksum != message.checksum:
-            raise dataplane.DataPlaneError("DATA_LOSS", "relayed KV failed its checksum; not used")
+        if len(payload) != message.byte_length or checksum != message.checksum:
+            raise dataplane.DataPlaneError(
+                "DATA_LOSS", "relayed KV is not the one its handle names; not used"
+            )
         device = self._device
         try:
             cache = device._cache_from(payload, message.num_tokens)
-            lease = device.engine.adopt(message.request_id, cache, payload, (checksum, segments))
+            # Every segment matched the holder's checksums: the whole is the holder's payload.
+            checksums = (message.checksum, segments)
+            lease = device.engine.adopt(message.request_id, cache, payload, checksums)
         except DeviceError as error:
             raise dataplane.DataPlaneError(error.code, error.message) from error
         return device._handle(message.request_id, lease).SerializeToString()
@@ -317,10 +321,10 @@ class DeviceServer:
         if lease is None:
             return None
         if not self._corrupt_next():
-            return dataplane.Served(lease.payload, lease.segment_checksums)
+            return dataplane.Served(lease.payload, lease.segment_checksums, lease.checksum)
         damaged = bytearray(lease.payload)
         damaged[0] ^= 1
-        return dataplane.Served(damaged, lease.segment_checksums)
+        return dataplane.Served(damaged, lease.segment_checksums, lease.checksum)
 
     def _handle(self, request_id: str, lease: Lease) -> device_pb2.KVHandle:
         """The handle of a KV this device holds."""
@@ -638,12 +642,13 @@ class DeviceServer:
         if handle.data_address:
             buffer = bytearray(handle.byte_length)
             try:
-                checksum = await dataplane.fetch(handle.data_address, handle.request_id, buffer)
+                # Checked segment by segment against the holder's own checksums...
+                whole, _ = await dataplane.fetch(handle.data_address, handle.request_id, buffer)
             except dataplane.DataPlaneError as error:
                 raise DeviceError(
                     error.code, f"KV from {handle.backend_id}: {error.message}"
                 ) from error
-            if checksum != handle.checksum:
+            if whole != handle.checksum:  # ...and as the KV the handle names
                 raise DeviceError(
                     "DATA_LOSS", f"KV from {handle.backend_id} failed its checksum; not used"
                 )

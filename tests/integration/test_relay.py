@@ -212,3 +212,21 @@ async def test_relay_goes_socket_to_socket_when_both_devices_have_a_data_plane()
         await eventually(lambda: all(v == (0, 0) for v in cluster.kv_in_use().values()))
     finally:
         await stop_cluster(cluster)
+
+
+async def test_a_damaged_socket_relay_falls_back_and_still_answers_exactly() -> None:
+    cluster = await start_cluster(
+        handoff="relay",
+        per_device={"h100-0": {"corrupt_kv_chunks": 1}, "h100-1": {"corrupt_kv_chunks": 1}},
+    )
+    try:
+        split = await collect(cluster.client, "damaged " * 30, disaggregation="split", **OPTIONS)
+        alone = await collect(
+            cluster.client, "damaged " * 30, disaggregation="colocated", **OPTIONS
+        )
+        assert token_ids(split) == token_ids(alone)
+        # The relay was refused by the decode device, which then pulled the KV itself.
+        assert sum(d.kv_pull_attempts for d in cluster.devices.values()) == 1
+        await eventually(lambda: all(v == (0, 0) for v in cluster.kv_in_use().values()))
+    finally:
+        await stop_cluster(cluster)
