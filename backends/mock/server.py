@@ -359,8 +359,11 @@ class DeviceServer:
             buffer = await _receive(chunks, handle.byte_length)
             cache = self._cache_from(buffer, handle.num_tokens)
             # A converted KV is checked as its source laid it out; an unconverted one as is.
+            pad = memoryview(buffer)[handle.num_tokens * kvlayout.token_bytes(source) :]
             checksum = (
-                zlib.crc32(buffer) if source == self.layout else self._checksum_as(cache, source)
+                zlib.crc32(buffer)
+                if source == self.layout
+                else self._checksum_as(cache, source, pad)
             )
             if checksum != handle.checksum:
                 raise DeviceError("DATA_LOSS", "relayed KV failed its checksum; not used")
@@ -631,10 +634,12 @@ class DeviceServer:
         return cache
 
     @staticmethod
-    def _checksum_as(cache: KVCache, layout: KVLayout) -> int:
-        """The CRC-32 the KV has in ``layout``: checks a relayed KV against its source's."""
+    def _checksum_as(cache: KVCache, layout: KVLayout, pad: memoryview) -> int:
+        """The CRC-32 the payload has in ``layout`` (the KV, then any pad): checks a
+        converted KV against its source's."""
         n = cache.length
-        return zlib.crc32(kvlayout.encode(cache.keys[:, :, :n], cache.values[:, :, :n], layout))
+        real = kvlayout.encode(cache.keys[:, :, :n], cache.values[:, :, :n], layout)
+        return zlib.crc32(pad, zlib.crc32(real))
 
     async def _pull(self, handle: device_pb2.KVHandle) -> bytearray:
         """Every byte of the handle, each chunk checked as it lands and the whole at the end."""

@@ -89,12 +89,13 @@ async def relay(
 async def _converted(
     source: Backend, handle: KVHandle, target: KVLayout, timeout_s: float
 ) -> AsyncGenerator[bytes, None]:
-    """Encoded KVChunks of the handle's KV in ``target``'s layout, one unit at a time."""
+    """Encoded KVChunks of the handle's KV in ``target``'s layout, one unit at a time.
+
+    A pad after the KV (a payload at an emulated model's size) is not KV: it
+    follows, byte for byte, where it was.
+    """
     assert handle.layout is not None
     reason = kvlayout.incompatibility(handle.layout, target)
-    padded = handle.byte_length != handle.num_tokens * kvlayout.token_bytes(handle.layout)
-    if reason is None and padded:
-        reason = "a KV padded to an emulated size is moved as it is, not converted"
     if reason is not None:
         raise LayoutMismatchError(f"KV layout cannot convert: {reason}")
     spans = kvlayout.rank_spans(handle.layout, handle.num_tokens)
@@ -113,6 +114,12 @@ async def _converted(
     finally:
         for shard in shards:
             await shard.close()
+    real = handle.num_tokens * kvlayout.token_bytes(handle.layout)
+    if handle.byte_length > real:
+        pad = source.fetch_kv(handle, timeout_s, real, handle.byte_length - real)
+        async with contextlib.aclosing(pad) as chunks:
+            async for encoded in chunks:  # offsets are the same in every layout
+                yield encoded
 
 
 class _ShardReader:

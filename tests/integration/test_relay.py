@@ -230,3 +230,24 @@ async def test_a_damaged_socket_relay_falls_back_and_still_answers_exactly() -> 
         await eventually(lambda: all(v == (0, 0) for v in cluster.kv_in_use().values()))
     finally:
         await stop_cluster(cluster)
+
+
+@pytest.mark.parametrize("handoff", ["direct", "relay"])
+@pytest.mark.parametrize("layouts", [None, LAYOUT_PAIRS[0]], ids=["same-layout", "tp2b16-tp1b32"])
+async def test_kv_at_the_emulated_size_gives_the_colocated_tokens(
+    handoff: str, layouts: tuple[dict[str, object], dict[str, object]] | None
+) -> None:
+    pair = [("h100-0", Role.PREFILL, "h100"), ("groq-0", Role.DECODE, "groq-lpu")]
+    per_device = {"h100-0": dict(layouts[0]), "groq-0": dict(layouts[1])} if layouts else {}
+    per_device.setdefault("h100-0", {})["emulate_kv_size"] = True
+    cluster = await start_cluster(pair, handoff=handoff, per_device=per_device)
+    try:
+        prompt = "padded to the size of a real KV " * 4
+        split = await collect(cluster.client, prompt, disaggregation="split", **OPTIONS)
+        alone = await collect(cluster.client, prompt, disaggregation="colocated", **OPTIONS)
+        assert token_ids(split) == token_ids(alone)
+        decode = cluster.devices["groq-0"]
+        assert decode.kv_recomputes == 0  # the KV itself made it, not a local prefill
+        await eventually(lambda: all(v == (0, 0) for v in cluster.kv_in_use().values()))
+    finally:
+        await stop_cluster(cluster)
