@@ -41,6 +41,9 @@ class Served:
     payload: bytes | bytearray
     segment_checksums: tuple[int, ...] | None = None
     checksum: int = 0  # CRC-32 of the whole payload, sent so a reader can match its handle
+    # Fault injection: the connection dies after this many bytes (0: never), as when
+    # the holder's process is killed mid-transfer.
+    break_after: int = 0
 
 
 def segment_checksums(payload: bytes | bytearray) -> tuple[int, ...]:
@@ -108,7 +111,14 @@ class DataPlaneServer:
             whole = (offset, end) == (0, size)
             known = served.segment_checksums if whole else None
             checksum = served.checksum if whole else 0
-            await _send(writer, memoryview(served.payload)[offset:end], known, checksum)
+            view = memoryview(served.payload)[offset:end]
+            if served.break_after:
+                writer.write(struct.pack(">BQI", _OK, len(view), checksum))
+                writer.write(view[: served.break_after])
+                await writer.drain()
+                writer.transport.abort()
+                return
+            await _send(writer, view, known, checksum)
         except (asyncio.IncompleteReadError, ConnectionError):
             pass  # the reader went away; it will pull again or prefill itself
         finally:

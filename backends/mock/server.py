@@ -65,6 +65,8 @@ class DeviceConfig:
     emulate_kv_size: bool = False
     # Serve KV bytes on a plain socket beside gRPC (handles name it); off: FetchKV only.
     kv_data_plane: bool = True
+    # Fault injection for tests: break the first N data plane transfers midway.
+    break_kv_transfers: int = 0
     # Fault injection for tests: flip one bit in each of the first N KV transfers served.
     corrupt_kv_chunks: int = 0
     seed: int = 0
@@ -209,6 +211,7 @@ class DeviceServer:
         self.kv_pull_attempts = 0
         self.kv_fetches_served = 0  # over gRPC FetchKV
         self._corruptions_left = config.corrupt_kv_chunks
+        self._breaks_left = config.break_kv_transfers
         self._server: grpc.aio.Server | None = None
         self._peers: dict[str, grpc.aio.Channel] = {}
         self._data_plane = DataPlaneServer(self._wire_payload, _PushedKV(self))
@@ -320,6 +323,10 @@ class DeviceServer:
         lease = self.engine.lease(request_id)
         if lease is None:
             return None
+        if self._breaks_left > 0:
+            self._breaks_left -= 1
+            half = len(lease.payload) // 2
+            return dataplane.Served(lease.payload, None, lease.checksum, break_after=half)
         if not self._corrupt_next():
             return dataplane.Served(lease.payload, lease.segment_checksums, lease.checksum)
         damaged = bytearray(lease.payload)
@@ -434,7 +441,7 @@ class DeviceServer:
         try:
             cache = await self._obtain_kv(handle)
         except DeviceError as error:
-            if self.config.kv_failure_policy != "recompute" or error.code not in _RECOVERABLE:
+            if self.config.kv_failure_policy == "fail" or error.code not in _RECOVERABLE:
                 raise
             log.warning(
                 "KV unavailable; prefilling here", request=request.request_id, error=error.message
@@ -615,7 +622,7 @@ class DeviceServer:
             except DeviceError as error:
                 # Only a transfer that arrived damaged is worth reading again.
                 if error.code != "DATA_LOSS" or attempt == attempts:
-                    if error.code == "DATA_LOSS":
+                    if error.code != "NOT_FOUND":
                         self._release_remote(handle)  # no one will read this copy again
                     raise
                 log.warning("KV transfer damaged; pulling again", attempt=attempt)

@@ -251,3 +251,26 @@ async def test_kv_at_the_emulated_size_gives_the_colocated_tokens(
         await eventually(lambda: all(v == (0, 0) for v in cluster.kv_in_use().values()))
     finally:
         await stop_cluster(cluster)
+
+
+@pytest.mark.parametrize("policy", ["recompute", "retry"])
+async def test_a_transfer_cut_midway_still_answers_exactly(policy: str) -> None:
+    # The prefill device's connection dies halfway through the KV, as if killed.
+    pair = [("h100-0", Role.PREFILL, "h100"), ("groq-0", Role.DECODE, "groq-lpu")]
+    per_device: dict[str, dict[str, object]] = {
+        "h100-0": {"break_kv_transfers": 1, "emulate_kv_size": True},
+        "groq-0": {"kv_failure_policy": policy},
+    }
+    cluster = await start_cluster(pair, per_device=per_device)
+    try:
+        prompt = "cut mid-transfer " * 10
+        split = await collect(cluster.client, prompt, disaggregation="split", **OPTIONS)
+        alone = await collect(cluster.client, prompt, disaggregation="colocated", **OPTIONS)
+        assert token_ids(split) == token_ids(alone)
+        decode = cluster.devices["groq-0"]
+        if policy == "retry":  # a cut is not damage: it is recomputed, not pulled again
+            assert decode.kv_pull_attempts == 1
+        assert decode.kv_recomputes == 1
+        await eventually(lambda: all(v == (0, 0) for v in cluster.kv_in_use().values()))
+    finally:
+        await stop_cluster(cluster)
