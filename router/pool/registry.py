@@ -36,6 +36,11 @@ class Endpoint:
             detail=self.detail,
             handoff=self.backend.capabilities.handoff_modes,
             wants_relay=self.config.handoff == "relay",
+            kv_shape=(
+                (self.layout.layers, self.layout.kv_heads, self.layout.head_dim, self.layout.dtype)
+                if self.layout is not None
+                else None
+            ),
         )
 
 

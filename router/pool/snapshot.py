@@ -20,13 +20,21 @@ class BackendView:
     detail: str = ""
     # How the adapter can hand KV to or from another backend (from its capabilities).
     handoff: frozenset[HandoffMode] = frozenset({HandoffMode.SEQUENTIAL})
-    # (kind, mode) pairs it can split with: one adapter kind on both legs, a shared
-    # mode, never NONE. Precomputed: a decision tests it for every backend.
-    split_keys: frozenset[tuple[str, HandoffMode]] = field(init=False, repr=False, compare=False)
+    # (kind, mode, KV shape) it can split with: one adapter kind on both legs, a
+    # shared mode (never NONE), a KV that can move. Precomputed: a decision tests it
+    # for every backend.
     wants_relay: bool = False  # the pool file asks for the router to move its KV
+    # What a KV must share to move between two backends at all (layers, KV heads,
+    # head size, dtype); rank counts and block sizes a relay converts. None: unknown.
+    kv_shape: tuple[int, int, int, str] | None = None
+    split_keys: frozenset[tuple[str, HandoffMode, tuple[int, int, int, str] | None]] = field(
+        init=False, repr=False, compare=False
+    )
 
     def __post_init__(self) -> None:
-        keys = frozenset((self.kind, m) for m in self.handoff if m is not HandoffMode.NONE)
+        keys = frozenset(
+            (self.kind, m, self.kv_shape) for m in self.handoff if m is not HandoffMode.NONE
+        )
         object.__setattr__(self, "split_keys", keys)
 
     def can_hand_off_to(self, decode: BackendView) -> bool:

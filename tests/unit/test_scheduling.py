@@ -119,3 +119,20 @@ def test_a_colocated_only_backend_never_splits() -> None:
     assert SCHEDULER.schedule(features(500), pool, 0.0).mode is Mode.COLOCATED
     with pytest.raises(NoHealthyBackendError):
         SCHEDULER.schedule(features(mode=Disaggregation.SPLIT), pool, 0.0)
+
+
+def test_splits_pair_only_backends_whose_kv_can_move() -> None:
+    f32 = (2, 4, 16, "float32")
+    bf16 = (2, 4, 16, "bfloat16")
+    pool = PoolSnapshot(
+        (
+            BackendView("p", "mock", "h:1", Role.PREFILL, "m", "", True, 0, kv_shape=f32),
+            BackendView("d-bf16", "mock", "h:2", Role.DECODE, "m", "", True, 0, kv_shape=bf16),
+            BackendView("d-f32", "mock", "h:3", Role.DECODE, "m", "", True, 9, kv_shape=f32),
+        )
+    )
+    for sequence in range(3):
+        plan = SCHEDULER.schedule(features(500, sequence=sequence), pool, 0.0)
+        assert (plan.mode, plan.decode_backend) == (Mode.SPLIT, "d-f32")
+    only_bf16 = PoolSnapshot(pool.backends[:2])
+    assert SCHEDULER.schedule(features(500), only_bf16, 0.0).mode is Mode.COLOCATED
