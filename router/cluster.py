@@ -52,12 +52,12 @@ def device_command(
         str(config.time_scale if time_scale is None else time_scale),
         "--announce",
         "--exit-with-stdin",
-        *_layout_args(config),
+        *_option_args(config),
         *extra_args,
     ]
 
 
-def _layout_args(config: BackendConfig) -> list[str]:
+def _option_args(config: BackendConfig) -> list[str]:
     """A mock entry's ``options``: its KV layout (tensor_parallel, block_size) and
     emulate_kv_size."""
     flags = {"tensor_parallel": "--tensor-parallel", "block_size": "--block-size"}

@@ -111,9 +111,6 @@ class Daemon:
         await self.pool.close()
         log.info("stopped")
 
-    def request_stop(self) -> None:
-        self._stop_requested.set()
-
     async def serve_until_signalled(self) -> None:
         loop = asyncio.get_running_loop()
         signals = (signal.SIGINT, signal.SIGTERM)

@@ -18,7 +18,7 @@ import contextlib
 import socket
 import struct
 import zlib
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -135,7 +135,11 @@ class DataPlaneServer:
                 raise DataPlaneError("FAILED_PRECONDITION", "this device takes no pushed KV")
             self._sink.prepare(handle)
             payload = bytearray(length)
-            computed = await _read_checked(reader, memoryview(payload))
+
+            async def fill(segment: memoryview) -> None:
+                segment[:] = await reader.readexactly(len(segment))
+
+            computed = await _fill_checked(fill, memoryview(payload))
             (count,) = struct.unpack(">I", await reader.readexactly(4))
             expected = struct.unpack(f">{count}I", await reader.readexactly(4 * count))
             _compare(computed, expected)
@@ -147,13 +151,15 @@ class DataPlaneServer:
         await writer.drain()
 
 
-async def _read_checked(reader: asyncio.StreamReader, view: memoryview) -> list[int]:
-    """Reads into ``view`` a segment at a time, checksumming each while the next arrives."""
+async def _fill_checked(
+    fill: Callable[[memoryview], Awaitable[None]], view: memoryview
+) -> list[int]:
+    """Fills ``view`` a segment at a time, checksumming each while the next arrives."""
     loop = asyncio.get_running_loop()
     pending: list[asyncio.Future[int]] = []
     for start in range(0, len(view), SEGMENT_BYTES):
         segment = view[start : start + SEGMENT_BYTES]
-        segment[:] = await reader.readexactly(len(segment))
+        await fill(segment)
         pending.append(loop.run_in_executor(None, _checksum, segment))
     return list(await asyncio.gather(*pending))
 
@@ -213,31 +219,19 @@ async def fetch(
     in content, against the CRC-32s the holder made with the payload. Returns the
     holder's CRC-32 of the whole payload (0 for a range) and the segments'.
     """
-    host, _, port = address.rpartition(":")
     loop = asyncio.get_running_loop()
-    connection = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    connection.setblocking(False)
+    connection = await _connect(loop, address)
     try:
-        try:
-            await loop.sock_connect(connection, (host, int(port)))
-        except OSError as error:
-            raise DataPlaneError("UNAVAILABLE", f"data plane {address}: {error}") from error
-        identifier = request_id.encode()
-        await loop.sock_sendall(
-            connection,
-            struct.pack(">cH", b"G", len(identifier))
-            + identifier
-            + struct.pack(">QQ", offset, len(into)),
-        )
-        status, length = struct.unpack(">BQ", await _receive(loop, connection, 9))
-        if status != _OK:
-            (size,) = struct.unpack(">H", await _receive(loop, connection, 2))
-            message = (await _receive(loop, connection, size)).decode(errors="replace")
-            raise _refusal(status, message)
+        await loop.sock_sendall(connection, _get_request(request_id, offset, len(into)))
+        length = await _answer(loop, connection)
         if length != len(into):
             raise DataPlaneError("DATA_LOSS", f"data plane sent {length} bytes, not {len(into)}")
         (whole,) = struct.unpack(">I", await _receive(loop, connection, 4))
-        computed = await _receive_checked(loop, connection, memoryview(into))
+
+        async def fill(segment: memoryview) -> None:
+            await _receive_into(loop, connection, segment)
+
+        computed = await _fill_checked(fill, memoryview(into))
         (count,) = struct.unpack(">I", await _receive(loop, connection, 4))
         expected = struct.unpack(f">{count}I", await _receive(loop, connection, 4 * count))
     except (ConnectionError, OSError) as error:
@@ -246,18 +240,6 @@ async def fetch(
         connection.close()
     _compare(computed, expected)
     return whole, expected
-
-
-async def _receive_checked(
-    loop: asyncio.AbstractEventLoop, connection: socket.socket, view: memoryview
-) -> list[int]:
-    """Receives into ``view`` a segment at a time, checksumming each while the next arrives."""
-    pending: list[asyncio.Future[int]] = []
-    for start in range(0, len(view), SEGMENT_BYTES):
-        segment = view[start : start + SEGMENT_BYTES]
-        await _receive_into(loop, connection, segment)
-        pending.append(loop.run_in_executor(None, _checksum, segment))
-    return list(await asyncio.gather(*pending))
 
 
 async def _receive_into(
@@ -274,6 +256,23 @@ async def _receive(loop: asyncio.AbstractEventLoop, connection: socket.socket, s
     buffer = bytearray(size)
     await _receive_into(loop, connection, memoryview(buffer))
     return bytes(buffer)
+
+
+def _get_request(request_id: str, offset: int, length: int) -> bytes:
+    identifier = request_id.encode()
+    return (
+        struct.pack(">cH", b"G", len(identifier)) + identifier + struct.pack(">QQ", offset, length)
+    )
+
+
+async def _answer(loop: asyncio.AbstractEventLoop, connection: socket.socket) -> int:
+    """The length an answer announces, or the refusal it carries raised."""
+    status, length = struct.unpack(">BQ", await _receive(loop, connection, 9))
+    if status != _OK:
+        (size,) = struct.unpack(">H", await _receive(loop, connection, 2))
+        message = (await _receive(loop, connection, size)).decode(errors="replace")
+        raise _refusal(status, message)
+    return int(length)
 
 
 def _refusal(status: int, message: str) -> DataPlaneError:
@@ -313,15 +312,8 @@ async def relay(
         reader.close()
         raise
     try:
-        identifier = request_id.encode()
-        await loop.sock_sendall(
-            reader,
-            struct.pack(">cH", b"G", len(identifier)) + identifier + struct.pack(">QQ", 0, 0),
-        )
-        status, size = struct.unpack(">BQ", await _receive(loop, reader, 9))
-        if status != _OK:
-            (count,) = struct.unpack(">H", await _receive(loop, reader, 2))
-            raise _refusal(status, (await _receive(loop, reader, count)).decode(errors="replace"))
+        await loop.sock_sendall(reader, _get_request(request_id, 0, 0))
+        size = await _answer(loop, reader)
         if size != length:
             raise DataPlaneError("DATA_LOSS", f"source holds {size} bytes, not {length}")
         whole = await _receive(loop, reader, 4)  # passed on for the sink to match its handle
@@ -333,11 +325,7 @@ async def relay(
         (count,) = struct.unpack(">I", await _receive(loop, reader, 4))
         checksums = await _receive(loop, reader, 4 * count)
         await loop.sock_sendall(writer, struct.pack(">I", count) + checksums)
-        status, size = struct.unpack(">BQ", await _receive(loop, writer, 9))
-        if status != _OK:
-            (count,) = struct.unpack(">H", await _receive(loop, writer, 2))
-            raise _refusal(status, (await _receive(loop, writer, count)).decode(errors="replace"))
-        return await _receive(loop, writer, size)
+        return await _receive(loop, writer, await _answer(loop, writer))
     except (ConnectionError, OSError) as error:
         raise DataPlaneError("UNAVAILABLE", f"data plane relay broke off: {error}") from error
     finally:
