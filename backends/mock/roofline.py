@@ -166,13 +166,24 @@ class TimingModel:
 
     # ------------------------------------------------------------------ public timing
 
-    def prefill_seconds(self, prompt_lengths: Sequence[int]) -> float:
-        """One batched prefill iteration over these prompts."""
+    def prefill_seconds(
+        self, prompt_lengths: Sequence[int], cached_lengths: Sequence[int] | None = None
+    ) -> float:
+        """One batched prefill iteration over these prompts.
+
+        ``cached_lengths`` (one per prompt) are leading tokens whose KV a prefix cache already
+        holds: only the rest is computed, attending to the whole prefix.
+        """
         flops = 0.0
         longest = 0
-        for length in prompt_lengths:
-            flops += self.model.prefill_flops(length)
-            longest = max(longest, length)
+        cached = cached_lengths or [0] * len(prompt_lengths)
+        for length, hit in zip(prompt_lengths, cached, strict=True):
+            if not 0 <= hit <= _non_negative(length, "prompt length"):
+                raise ValueError(f"cached length {hit} outside 0..{length}")
+            if hit == length:
+                continue
+            flops += self.model.prefill_flops(length) - self.model.prefill_flops(hit)
+            longest = max(longest, length - hit)
         if longest == 0:
             return 0.0
         compute = flops / self._flops_rate
@@ -188,7 +199,12 @@ class TimingModel:
         A context length is the number of KV entries that sequence's new token attends to.
         """
         count, total, longest = _tally(context_lengths, "context length")
-        if count == 0:
+        return self.decode_step_seconds_of(count, total, longest)
+
+    def decode_step_seconds_of(self, count: int, total: int, longest: int) -> float:
+        """:meth:`decode_step_seconds` from a batch's tally: sequences, their summed and longest
+        context. Schedulers predict with it without building a list per sequence."""
+        if count <= 0:
             return 0.0
         flops = count * self._flops_per_token + total * self._attention_flops_per_context
         compute = flops / self._flops_rate

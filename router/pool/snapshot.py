@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from backends.base import HandoffMode, Role
+from router.scheduling.perf import DevicePerf
+from router.scheduling.prefix import PrefixIndex
 
 
 @dataclass(frozen=True)
@@ -27,6 +29,17 @@ class BackendView:
     # What a KV must share to move between two backends at all (layers, KV heads,
     # head size, dtype); rank counts and block sizes a relay converts. None: unknown.
     kv_shape: tuple[int, int, int, str] | None = None
+    # Load as this router sees it: prompt tokens sent here for prefill and not yet
+    # prefilled, sequences decoding here, and the KV tokens those sequences reserve
+    # (prompt plus max_tokens each).
+    queued_prefill_tokens: int = 0
+    running: int = 0
+    context_tokens: int = 0
+    # KV tokens the backend reports in use and in all (0: not reported).
+    kv_tokens_used: int = 0
+    kv_tokens_capacity: int = 0
+    # Timing, capacity and price of the hardware (None: the profile is not in the catalogue).
+    perf: DevicePerf | None = field(default=None, compare=False)
     split_keys: frozenset[tuple[str, HandoffMode, tuple[int, int, int, str] | None]] = field(
         init=False, repr=False, compare=False
     )
@@ -49,6 +62,9 @@ class BackendView:
 @dataclass(frozen=True)
 class PoolSnapshot:
     backends: tuple[BackendView, ...]
+    # Block hashes each backend was sent or reports cached. Shared, not copied: the
+    # daemon and the simulator record into it between decisions, never during one.
+    prefix_index: PrefixIndex | None = field(default=None, compare=False)
 
     def serving(self, model: str) -> tuple[BackendView, ...]:
         return tuple(b for b in self.backends if b.healthy and b.model == model)

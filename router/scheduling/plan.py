@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import dataclass
 
 
@@ -18,6 +19,22 @@ class Mode(enum.Enum):
 
 
 @dataclass(frozen=True)
+class Slo:
+    """Latency targets of one request: time to first token and time per output token."""
+
+    ttft_s: float
+    tpot_s: float
+
+    def __post_init__(self) -> None:
+        for name, value in (("ttft_s", self.ttft_s), ("tpot_s", self.tpot_s)):
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
+
+    def met_by(self, ttft_s: float, tpot_s: float) -> bool:
+        return ttft_s <= self.ttft_s and tpot_s <= self.tpot_s
+
+
+@dataclass(frozen=True)
 class RequestFeatures:
     request_id: str
     model: str
@@ -26,6 +43,24 @@ class RequestFeatures:
     disaggregation: Disaggregation
     # Arrival order; pickers break ties with it so equal backends share load.
     sequence: int = 0
+    # The request's own targets; None: its SLO class's defaults.
+    slo: Slo | None = None
+    # Larger is more urgent. Admission sheds lower priorities first.
+    priority: int = 0
+    # Which policy profile serves it (a name from the policy file).
+    slo_class: str = "default"
+    # Chained hashes of the prompt's leading blocks (router.scheduling.prefix).
+    prefix_hashes: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """What the performance model expects of a plan."""
+
+    ttft_s: float
+    tpot_s: float
+    # Dollars the plan's devices cost while serving this request.
+    cost_usd: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -34,3 +69,5 @@ class Plan:
     prefill_backend: str  # the colocated backend when not split
     decode_backend: str
     relay: bool = False  # the router moves the KV (else the decode side pulls it)
+    # The performance model's expectation; None when no backend of the plan has a model.
+    predicted: Prediction | None = None
