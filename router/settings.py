@@ -44,13 +44,21 @@ class Settings(BaseSettings):
     max_prompt_tokens: int = Field(default=8192, ge=1)
     max_stop_strings: int = Field(default=8, ge=0)
 
-    # Scheduling: policies by registered name.
-    decider: str = "prompt-length"
-    picker: str = "least-outstanding"
-    split_min_prompt_tokens: int = Field(
-        default=512,
+    # Scheduling: the policy file (one profile per SLO class; the packaged
+    # router/defaults/policy.yaml when unset) and shortcuts that override it in every profile.
+    policy_file: Path | None = Field(
+        default=None, description="Scheduling policy file (YAML); the packaged default when unset."
+    )
+    decider: str | None = Field(
+        default=None, description="Decider name replacing every profile's (e.g. prompt-length)."
+    )
+    picker: str | None = Field(
+        default=None, description="Picker name replacing every profile's (e.g. round-robin)."
+    )
+    split_min_prompt_tokens: int | None = Field(
+        default=None,
         ge=0,
-        description="AUTO requests with at least this many prompt tokens are split.",
+        description="min_prompt_tokens of the prompt-length and cost-model deciders.",
     )
     bytes_per_token: float = Field(
         default=1.0,
@@ -63,6 +71,14 @@ class Settings(BaseSettings):
     prefill_timeout_s: float = Field(default=30.0, gt=0)
     decode_timeout_s: float = Field(default=600.0, gt=0)
     abort_timeout_s: float = Field(default=2.0, gt=0)
+
+    # Admission: at most max_in_flight requests are served at once; the others wait
+    # in a FIFO per priority (at most queue_limit each), the most urgent admitted
+    # first, and a request finding its queue full is shed (RESOURCE_EXHAUSTED).
+    max_in_flight: int = Field(default=1024, ge=1)
+    queue_limit: int = Field(default=256, ge=0)
+    # Prompt block hashes remembered per backend for prefix-cache affinity.
+    prefix_index_blocks_per_backend: int = Field(default=65536, ge=1)
 
     health_interval_s: float = Field(default=1.0, gt=0)
     health_timeout_s: float = Field(default=1.0, gt=0)

@@ -193,6 +193,21 @@ class TimingModel:
         # A prompt cannot finish faster than one trip through the pipeline.
         return max(compute, self._sram_token_seconds(longest))
 
+    def prefill_seconds_one(self, tokens: int, cached: int = 0) -> float:
+        """:meth:`prefill_seconds` of a single prompt, in closed form (schedulers call it per
+        candidate backend, so it avoids building lists)."""
+        if tokens <= 0 or cached >= tokens:
+            return 0.0
+        cached = max(cached, 0)
+        linear = self._flops_per_token * (tokens - cached)
+        attention = 0.5 * self._attention_flops_per_context * (
+            tokens * (tokens + 1) - cached * (cached + 1)
+        )
+        compute = (linear + attention) / self._flops_rate
+        if self.profile.pipeline is None:
+            return max(compute, self.weight_bytes / self._bytes_rate)
+        return max(compute, self._sram_token_seconds(tokens - cached))
+
     def decode_step_seconds(self, context_lengths: Sequence[int]) -> float:
         """One continuous-batching iteration: one new token for each running sequence.
 

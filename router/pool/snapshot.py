@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from backends.base import HandoffMode, Role
 from router.scheduling.perf import DevicePerf
@@ -44,11 +45,23 @@ class BackendView:
         init=False, repr=False, compare=False
     )
 
+    # Derived once per view, since every decision over this snapshot reads them: KV tokens
+    # it holds in all (reported, else modelled; 0 unknown), and the modelled time to
+    # prefill what is queued on it.
+    kv_capacity: int = field(init=False, repr=False, compare=False)
+    queue_wait_s: float = field(init=False, repr=False, compare=False)
+
     def __post_init__(self) -> None:
         keys = frozenset(
             (self.kind, m, self.kv_shape) for m in self.handoff if m is not HandoffMode.NONE
         )
         object.__setattr__(self, "split_keys", keys)
+        perf = self.perf
+        capacity = self.kv_tokens_capacity or (perf.kv_capacity_tokens if perf else 0)
+        object.__setattr__(self, "kv_capacity", capacity)
+        queued = self.queued_prefill_tokens
+        wait = perf.timing.prefill_seconds_one(queued) if perf and queued > 0 else 0.0
+        object.__setattr__(self, "queue_wait_s", wait)
 
     def can_hand_off_to(self, decode: BackendView) -> bool:
         return not self.split_keys.isdisjoint(decode.split_keys)
@@ -65,6 +78,10 @@ class PoolSnapshot:
     # Block hashes each backend was sent or reports cached. Shared, not copied: the
     # daemon and the simulator record into it between decisions, never during one.
     prefix_index: PrefixIndex | None = field(default=None, compare=False)
+    # Candidate lists per model, computed on first use: a snapshot serves many decisions.
+    _candidates: dict[tuple[str | int, ...], Any] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
 
     def serving(self, model: str) -> tuple[BackendView, ...]:
         return tuple(b for b in self.backends if b.healthy and b.model == model)
@@ -73,6 +90,15 @@ class PoolSnapshot:
         self, model: str
     ) -> tuple[tuple[BackendView, ...], tuple[BackendView, ...]]:
         """Prefill backends that some decode backend can take KV from, and decode backends."""
+        key = ("split", model)
+        cached = self._candidates.get(key)
+        if cached is None:
+            cached = self._candidates[key] = self._split_candidates(model)
+        return cached
+
+    def _split_candidates(
+        self, model: str
+    ) -> tuple[tuple[BackendView, ...], tuple[BackendView, ...]]:
         serving = self.serving(model)
         decode = tuple(b for b in serving if b.role.can_decode() and b.split_keys)
         accepted = frozenset().union(*(d.split_keys for d in decode))
@@ -80,6 +106,28 @@ class PoolSnapshot:
             b for b in serving if b.role.can_prefill() and not b.split_keys.isdisjoint(accepted)
         )
         return prefill, decode
+
+    def decode_partners(
+        self, prefill: BackendView, decode: tuple[BackendView, ...]
+    ) -> tuple[BackendView, ...]:
+        """The backends of ``decode`` that can take KV from ``prefill``, itself last resort:
+        splitting onto one device gains nothing, so it decodes elsewhere when it can."""
+        key = ("partners", prefill.id, id(decode))
+        cached = self._candidates.get(key)
+        if cached is None:
+            compatible = tuple(d for d in decode if prefill.can_hand_off_to(d))
+            others = tuple(d for d in compatible if d.id != prefill.id)
+            cached = self._candidates[key] = others or compatible
+        return cached
+
+    def min_kv_capacity(self, candidates: tuple[BackendView, ...]) -> int:
+        """The smallest known KV capacity among ``candidates`` (a tuple this snapshot made)."""
+        key = ("capacity", id(candidates))
+        cached = self._candidates.get(key)
+        if cached is None:
+            known = [c.kv_capacity for c in candidates if c.kv_capacity]
+            cached = self._candidates[key] = min(known) if known else 0
+        return cached
 
     def prefill_candidates(self, model: str) -> tuple[BackendView, ...]:
         return self.split_candidates(model)[0]
@@ -89,5 +137,12 @@ class PoolSnapshot:
 
     def colocated_candidates(self, model: str) -> tuple[BackendView, ...]:
         """Backends that run a whole request: role ``both``, else decode ones (local prefill)."""
+        key = ("colocated", model)
+        cached = self._candidates.get(key)
+        if cached is None:
+            cached = self._candidates[key] = self._colocated_candidates(model)
+        return cached
+
+    def _colocated_candidates(self, model: str) -> tuple[BackendView, ...]:
         both = tuple(b for b in self.serving(model) if b.role is Role.BOTH)
         return both or tuple(b for b in self.serving(model) if b.role is Role.DECODE)

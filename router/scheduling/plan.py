@@ -51,6 +51,8 @@ class RequestFeatures:
     slo_class: str = "default"
     # Chained hashes of the prompt's leading blocks (router.scheduling.prefix).
     prefix_hashes: tuple[int, ...] = ()
+    # Prompt tokens one hashed block covers (its bytes over bytes per token).
+    prefix_block_tokens: float = 64.0
 
 
 @dataclass(frozen=True)

@@ -1,34 +1,232 @@
-"""Policies by kebab-case name, as settings and configuration files name them."""
+"""Policies by kebab-case name, and the policy file that composes them.
+
+A policy file has one profile per SLO class; ``default`` is required and serves requests
+that name no class. A plugin is written as its name, or as a mapping of its name and
+options (``weight`` for scorers)::
+
+    profiles:
+      default:
+        slo: {ttft_ms: 1000, tpot_ms: 50}
+        decider: {name: cost-model}
+        filters: [kv-fits]
+        scorers:
+          - {name: prefix-affinity, weight: 3}
+          - {name: queue-depth, weight: 1}
+        picker: max-score
+        admission: {name: slo-guard, slack: 1.5}
+
+The packaged default is router/defaults/policy.yaml.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import TypeVar
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from router.errors import ConfigError
-from router.scheduling.deciders import Decider, PromptLengthDecider
-from router.scheduling.pickers import LeastOutstandingPicker, Picker
-from router.scheduling.scheduler import Scheduler
+from router.scheduling.admission import Admission, AdmitAll, SloGuard
+from router.scheduling.deciders import (
+    AlwaysSplitDecider,
+    CostModelDecider,
+    Decider,
+    NeverSplitDecider,
+    PromptLengthDecider,
+)
+from router.scheduling.filters import Filter, KvFitsFilter
+from router.scheduling.pickers import (
+    LeastOutstandingPicker,
+    MaxScorePicker,
+    Picker,
+    PowerOfTwoPicker,
+    RoundRobinPicker,
+)
+from router.scheduling.plan import Slo
+from router.scheduling.scheduler import Profile, Scheduler
+from router.scheduling.scorers import (
+    CostScorer,
+    KvUtilizationScorer,
+    PredictedLatencyScorer,
+    PrefixAffinityScorer,
+    QueueDepthScorer,
+    RunningRequestsScorer,
+    Scorer,
+)
 from router.settings import Settings
 
-_Factory = TypeVar("_Factory")
+DEFAULT_POLICY_PATH = Path(__file__).resolve().parent.parent / "defaults" / "policy.yaml"
 
-DECIDERS: dict[str, Callable[[Settings], Decider]] = {
-    PromptLengthDecider.name: lambda s: PromptLengthDecider(s.split_min_prompt_tokens),
+_T = TypeVar("_T")
+
+DECIDERS: dict[str, Callable[..., Decider]] = {
+    c.name: c
+    for c in (AlwaysSplitDecider, NeverSplitDecider, PromptLengthDecider, CostModelDecider)
 }
-PICKERS: dict[str, Callable[[Settings], Picker]] = {
-    LeastOutstandingPicker.name: lambda s: LeastOutstandingPicker(),
+FILTERS: dict[str, Callable[..., Filter]] = {KvFitsFilter.name: KvFitsFilter}
+SCORERS: dict[str, Callable[..., Scorer]] = {
+    c.name: c
+    for c in (
+        PrefixAffinityScorer,
+        QueueDepthScorer,
+        RunningRequestsScorer,
+        KvUtilizationScorer,
+        PredictedLatencyScorer,
+        CostScorer,
+    )
 }
+PICKERS: dict[str, Callable[..., Picker]] = {
+    c.name: c for c in (RoundRobinPicker, LeastOutstandingPicker, PowerOfTwoPicker, MaxScorePicker)
+}
+ADMISSIONS: dict[str, Callable[..., Admission]] = {c.name: c for c in (AdmitAll, SloGuard)}
+
+
+class _Plugin(BaseModel):
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    name: str
+
+    @property
+    def options(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+def _as_plugin(value: object) -> object:
+    return {"name": value} if isinstance(value, str) else value
+
+
+class _SloConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    ttft_ms: float = Field(gt=0)
+    tpot_ms: float = Field(gt=0)
+
+
+class _ProfileConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    slo: _SloConfig
+    decider: _Plugin = _Plugin(name="cost-model")
+    filters: list[_Plugin] = Field(default_factory=list)
+    scorers: list[_Plugin] = Field(default_factory=list)
+    picker: _Plugin = _Plugin(name="max-score")
+    admission: _Plugin = _Plugin(name="admit-all")
+    split_overhead_ms: float = Field(default=1.0, ge=0)
+    sample: int = Field(default=0, ge=0)
+
+    @field_validator("decider", "picker", "admission", mode="before")
+    @classmethod
+    def _one(cls, value: object) -> object:
+        return _as_plugin(value)
+
+    @field_validator("filters", "scorers", mode="before")
+    @classmethod
+    def _many(cls, value: object) -> object:
+        return [_as_plugin(v) for v in value] if isinstance(value, list) else value
+
+
+class _PolicyConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    profiles: dict[str, _ProfileConfig]
+
+
+def load_policy(path: Path | None = None, overrides: Mapping[str, Any] | None = None) -> Scheduler:
+    """The scheduler a policy file describes (None: the packaged default).
+
+    ``overrides`` replace the decider (``decider``), picker (``picker``) or the deciders'
+    ``min_prompt_tokens`` in every profile. Raises ConfigError naming the file, profile and
+    plugin on anything wrong.
+    """
+    source = path or DEFAULT_POLICY_PATH
+    try:
+        raw = yaml.safe_load(Path(source).read_text())
+    except OSError as error:
+        raise ConfigError(f"cannot read policy file {source}: {error.strerror}") from error
+    except yaml.YAMLError as error:
+        raise ConfigError(f"policy file {source} is not valid YAML: {error}") from error
+    return parse_policy(raw, str(source), overrides)
+
+
+def parse_policy(
+    raw: object, where: str = "policy", overrides: Mapping[str, Any] | None = None
+) -> Scheduler:
+    try:
+        config = _PolicyConfig.model_validate(raw)
+    except ValidationError as error:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or '(top)'}: {e['msg']}" for e in error.errors()
+        )
+        raise ConfigError(f"{where}: {problems}") from error
+    overrides = overrides or {}
+    profiles = {
+        name: _profile(name, body, f"{where}: profile {name!r}", overrides)
+        for name, body in config.profiles.items()
+    }
+    try:
+        return Scheduler(profiles)
+    except ValueError as error:
+        raise ConfigError(f"{where}: {error}") from error
 
 
 def build_scheduler(settings: Settings) -> Scheduler:
-    return Scheduler(
-        _lookup(DECIDERS, settings.decider, "decider")(settings),
-        _lookup(PICKERS, settings.picker, "picker")(settings),
+    """The daemon's scheduler: the settings' policy file with the settings' overrides."""
+    overrides: dict[str, Any] = {}
+    if settings.decider is not None:
+        overrides["decider"] = settings.decider
+    if settings.picker is not None:
+        overrides["picker"] = settings.picker
+    if settings.split_min_prompt_tokens is not None:
+        overrides["min_prompt_tokens"] = settings.split_min_prompt_tokens
+    return load_policy(settings.policy_file, overrides)
+
+
+def _profile(name: str, body: _ProfileConfig, where: str, overrides: Mapping[str, Any]) -> Profile:
+    decider = body.decider
+    if "decider" in overrides:
+        decider = _Plugin(name=overrides["decider"])
+    decider_options = decider.options
+    if "min_prompt_tokens" in overrides and decider.name in ("prompt-length", "cost-model"):
+        decider_options["min_prompt_tokens"] = overrides["min_prompt_tokens"]
+    picker = _Plugin(name=overrides["picker"]) if "picker" in overrides else body.picker
+    scorers = []
+    for spec in body.scorers:
+        options = spec.options
+        weight = options.pop("weight", 1.0)
+        if not isinstance(weight, int | float) or weight < 0:
+            raise ConfigError(f"{where}: scorer {spec.name}: weight must be a number >= 0")
+        if weight:
+            scorers.append((_make(SCORERS, spec.name, options, "scorer", where), float(weight)))
+    return Profile(
+        name=name,
+        slo=Slo(body.slo.ttft_ms / 1000.0, body.slo.tpot_ms / 1000.0),
+        decider=_make(DECIDERS, decider.name, decider_options, "decider", where),
+        picker=_make(PICKERS, picker.name, picker.options, "picker", where),
+        admission=_make(
+            ADMISSIONS, body.admission.name, body.admission.options, "admission", where
+        ),
+        filters=tuple(_make(FILTERS, f.name, f.options, "filter", where) for f in body.filters),
+        scorers=tuple(scorers),
+        split_overhead_s=body.split_overhead_ms / 1000.0,
+        sample=body.sample,
     )
 
 
-def _lookup(table: dict[str, _Factory], name: str, what: str) -> _Factory:
-    if name not in table:
-        raise ConfigError(f"unknown {what} {name!r}; known: {', '.join(sorted(table))}")
-    return table[name]
+def _make(
+    table: Mapping[str, Callable[..., _T]],
+    name: str,
+    options: Mapping[str, Any],
+    what: str,
+    where: str,
+) -> _T:
+    factory = table.get(name)
+    if factory is None:
+        raise ConfigError(f"{where}: unknown {what} {name!r}; known: {', '.join(sorted(table))}")
+    try:
+        return factory(**options)
+    except TypeError as error:
+        raise ConfigError(f"{where}: {what} {name}: bad option ({error})") from error
+    except ValueError as error:
+        raise ConfigError(f"{where}: {what} {name}: {error}") from error

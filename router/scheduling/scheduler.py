@@ -1,57 +1,179 @@
-"""Turns a decider and a picker into a plan, or a clear reason why there is none."""
+"""Runs a policy profile: filters, scorers and a picker per leg, a decider, admission.
+
+One profile per SLO class (the request's ``slo_class``); each names its plugins by
+their registered names (router/scheduling/registry.py) and is read from the policy file.
+Everything here is pure: the same request, snapshot and time give the same plan.
+"""
 
 from __future__ import annotations
 
-from router.errors import NoHealthyBackendError
-from router.pool.snapshot import PoolSnapshot
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from router.errors import InvalidRequestError, NoHealthyBackendError
+from router.pool.snapshot import BackendView, PoolSnapshot
+from router.scheduling import predict
+from router.scheduling.admission import Admission
+from router.scheduling.context import Context
 from router.scheduling.deciders import Decider
-from router.scheduling.pickers import Picker
-from router.scheduling.plan import Disaggregation, Mode, Plan, RequestFeatures
+from router.scheduling.filters import Filter
+from router.scheduling.legs import Leg
+from router.scheduling.pickers import Picker, mix
+from router.scheduling.plan import Disaggregation, Mode, Plan, RequestFeatures, Slo
+from router.scheduling.scorers import Scorer
+
+
+@dataclass(frozen=True)
+class Profile:
+    """The policy of one SLO class."""
+
+    name: str
+    slo: Slo
+    decider: Decider
+    picker: Picker
+    admission: Admission
+    filters: tuple[Filter, ...] = ()
+    scorers: tuple[tuple[Scorer, float], ...] = ()
+    # Fixed cost of a split beyond the KV's wire time (router hop, handle exchange).
+    split_overhead_s: float = 0.001
+    # Score at most this many candidates per leg (0: all): a window at a position drawn
+    # from the arrival sequence, plus every backend holding part of the prompt's prefix.
+    # Sampling keeps a decision's cost flat in the pool size while staying close to the
+    # best (the power of d choices); prefix holders are never sampled away.
+    sample: int = 0
 
 
 class Scheduler:
-    def __init__(self, decider: Decider, picker: Picker) -> None:
-        self.decider = decider
-        self.picker = picker
+    def __init__(self, profiles: Mapping[str, Profile]) -> None:
+        if "default" not in profiles:
+            raise ValueError("a policy needs a profile named 'default'")
+        self.profiles = dict(profiles)
+        self.slo_classes = frozenset(self.profiles)
+
+    def default_slo(self, slo_class: str = "default") -> Slo:
+        return self.profiles[slo_class].slo
 
     def schedule(self, features: RequestFeatures, snapshot: PoolSnapshot, now: float) -> Plan:
-        preferred = self.decider.decide(features, snapshot, now)
-        plan = self._plan(preferred, features, snapshot)
-        if plan is None and features.disaggregation is Disaggregation.AUTO:
-            other = Mode.COLOCATED if preferred is Mode.SPLIT else Mode.SPLIT
-            plan = self._plan(other, features, snapshot)
+        """The plan for ``features``; raises NoHealthyBackendError when no backend can take
+        it, OverloadedError when admission sheds it, InvalidRequestError for an unknown
+        SLO class."""
+        profile = self.profiles.get(features.slo_class)
+        if profile is None:
+            raise InvalidRequestError(
+                f"unknown slo_class {features.slo_class!r}; "
+                f"known: {', '.join(sorted(self.slo_classes))}"
+            )
+        ctx = Context(
+            features, snapshot, now, features.slo or profile.slo, profile.split_overhead_s
+        )
+        built: dict[Mode, Plan | None] = {}
+
+        def build(mode: Mode) -> Plan | None:
+            if mode not in built:
+                built[mode] = self._build(mode, profile, ctx)
+            return built[mode]
+
+        wanted = features.disaggregation
+        if wanted is Disaggregation.SPLIT:
+            plan = build(Mode.SPLIT)
+        elif wanted is Disaggregation.COLOCATED:
+            plan = build(Mode.COLOCATED)
+        else:
+            plan = profile.decider.choose(ctx, build)
         if plan is None:
-            raise NoHealthyBackendError(self._why(preferred, features, snapshot))
+            raise NoHealthyBackendError(self._why(wanted, features, snapshot))
+        profile.admission.admit(plan, ctx)
         return plan
 
-    def _plan(self, mode: Mode, features: RequestFeatures, snapshot: PoolSnapshot) -> Plan | None:
-        model, sequence = features.model, features.sequence
+    # -- building a plan for one mode ---------------------------------------------
+
+    def _build(self, mode: Mode, profile: Profile, ctx: Context) -> Plan | None:
+        model = ctx.features.model
         if mode is Mode.COLOCATED:
-            candidates = snapshot.colocated_candidates(model)
+            candidates = self._filter(
+                ctx.snapshot.colocated_candidates(model), Leg.COLOCATED, profile, ctx
+            )
             if not candidates:
                 return None
-            backend = self.picker.pick(candidates, sequence).id
-            return Plan(Mode.COLOCATED, backend, backend)
-        prefill, decode = snapshot.split_candidates(model)
+            backend = self._pick(candidates, Leg.COLOCATED, profile, ctx)
+            return Plan(
+                Mode.COLOCATED, backend.id, backend.id, predicted=predict.colocated(backend, ctx)
+            )
+        all_prefill, all_decode = ctx.snapshot.split_candidates(model)
+        prefill = self._filter(all_prefill, Leg.PREFILL, profile, ctx)
+        decode = self._filter(all_decode, Leg.DECODE, profile, ctx)
         if not prefill or not decode:
             return None
-        prefill_backend = self.picker.pick(prefill, sequence)
-        compatible = [d for d in decode if prefill_backend.can_hand_off_to(d)]
-        # Decode elsewhere when there is an elsewhere: splitting onto one device gains nothing.
-        others = [d for d in compatible if d.id != prefill_backend.id]
-        decode_backend = self.picker.pick(others or compatible, sequence)
-        relay = prefill_backend.relays_with(decode_backend)
-        return Plan(Mode.SPLIT, prefill_backend.id, decode_backend.id, relay)
+        prefill_backend = self._pick(prefill, Leg.PREFILL, profile, ctx)
+        if decode is all_decode:
+            partners: Sequence[BackendView] = ctx.snapshot.decode_partners(
+                prefill_backend, all_decode
+            )
+        else:
+            compatible = [d for d in decode if prefill_backend.can_hand_off_to(d)]
+            partners = [d for d in compatible if d.id != prefill_backend.id] or compatible
+        if not partners:
+            return None
+        decode_backend = self._pick(partners, Leg.DECODE, profile, ctx)
+        return Plan(
+            Mode.SPLIT,
+            prefill_backend.id,
+            decode_backend.id,
+            prefill_backend.relays_with(decode_backend),
+            predict.split(prefill_backend, decode_backend, ctx),
+        )
 
     @staticmethod
-    def _why(mode: Mode, features: RequestFeatures, snapshot: PoolSnapshot) -> str:
+    def _filter(
+        candidates: Sequence[BackendView], leg: Leg, profile: Profile, ctx: Context
+    ) -> Sequence[BackendView]:
+        for kept in profile.filters:
+            candidates = kept.apply(candidates, leg, ctx)
+        return candidates
+
+    @staticmethod
+    def _pick(
+        candidates: Sequence[BackendView], leg: Leg, profile: Profile, ctx: Context
+    ) -> BackendView:
+        scorers = profile.scorers
+        sample = profile.sample
+        if sample and len(candidates) > sample:
+            candidates = _shortlist(candidates, sample, ctx)
+
+        def rate(subset: Sequence[BackendView]) -> list[float]:
+            totals = [0.0] * len(subset)
+            for scorer, weight in scorers:
+                for i, score in enumerate(scorer.scores(subset, leg, ctx)):
+                    totals[i] += weight * score
+            return totals
+
+        return profile.picker.pick(candidates, ctx.features.sequence, rate)
+
+    @staticmethod
+    def _why(wanted: Disaggregation, features: RequestFeatures, snapshot: PoolSnapshot) -> str:
         model = features.model
         if not snapshot.serving(model):
             return f"no healthy backend serves model {model!r}"
-        if mode is Mode.SPLIT:
+        prefill, decode = snapshot.split_candidates(model)
+        colocated = snapshot.colocated_candidates(model)
+        fits = "; none of them can hold its prompt plus max_tokens of KV"
+        if wanted is Disaggregation.SPLIT:
+            if prefill and decode:
+                return f"split requested for model {model!r}" + fits
             return (
-                f"split requested but model {model!r} has "
-                f"{len(snapshot.prefill_candidates(model))} healthy prefill and "
-                f"{len(snapshot.decode_candidates(model))} healthy decode backends"
+                f"split requested but model {model!r} has {len(prefill)} healthy prefill "
+                f"and {len(decode)} healthy decode backends"
             )
-        return f"colocated requested but model {model!r} has no healthy decode or both backend"
+        if wanted is Disaggregation.COLOCATED and not colocated:
+            return f"colocated requested but model {model!r} has no healthy decode or both backend"
+        return f"no healthy backend of model {model!r} can take the request" + fits
+
+
+def _shortlist(
+    candidates: Sequence[BackendView], sample: int, ctx: Context
+) -> Sequence[BackendView]:
+    count = len(candidates)
+    start = mix(ctx.features.sequence) % count
+    window = {(start + i) % count for i in range(sample)}
+    matched = ctx.matched_blocks
+    return [c for i, c in enumerate(candidates) if i in window or (matched and c.id in matched)]

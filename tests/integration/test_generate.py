@@ -84,7 +84,7 @@ async def test_first_message_carries_route_and_last_carries_finish(cluster: Clus
 
 
 async def test_auto_splits_long_prompts_and_colocates_short_ones() -> None:
-    cluster = await start_cluster(split_min_prompt_tokens=64)
+    cluster = await start_cluster(decider="prompt-length", split_min_prompt_tokens=64)
     try:
         short = await collect(cluster.client, "short", max_tokens=4)
         long = await collect(cluster.client, "x" * 200, max_tokens=4)

@@ -8,8 +8,7 @@ from router.pool.snapshot import BackendView, PoolSnapshot
 from router.scheduling.deciders import PromptLengthDecider
 from router.scheduling.pickers import LeastOutstandingPicker
 from router.scheduling.plan import Disaggregation, Mode, RequestFeatures
-from router.scheduling.registry import build_scheduler
-from router.scheduling.scheduler import Scheduler
+from router.scheduling.registry import build_scheduler, parse_policy
 from router.settings import Settings
 
 
@@ -31,7 +30,17 @@ POOL = PoolSnapshot(
         view("d1", Role.DECODE),
     )
 )
-SCHEDULER = Scheduler(PromptLengthDecider(min_prompt_tokens=100), LeastOutstandingPicker())
+SCHEDULER = parse_policy(
+    {
+        "profiles": {
+            "default": {
+                "slo": {"ttft_ms": 1000, "tpot_ms": 50},
+                "decider": {"name": "prompt-length", "min_prompt_tokens": 100},
+                "picker": "least-outstanding",
+            }
+        }
+    }
+)
 
 
 def test_long_prompts_split_on_least_loaded_backends() -> None:
@@ -88,10 +97,14 @@ def test_unknown_model_has_no_backend() -> None:
         SCHEDULER.schedule(features(model="zz"), POOL, 0.0)
 
 
-def test_policies_are_built_by_name() -> None:
-    scheduler = build_scheduler(Settings(split_min_prompt_tokens=7))
-    assert isinstance(scheduler.decider, PromptLengthDecider)
-    assert scheduler.decider.min_prompt_tokens == 7
+def test_settings_override_every_profile_of_the_policy_file() -> None:
+    scheduler = build_scheduler(Settings(decider="prompt-length", split_min_prompt_tokens=7))
+    assert scheduler.slo_classes == {"default", "batch"}
+    for profile in scheduler.profiles.values():
+        assert isinstance(profile.decider, PromptLengthDecider)
+        assert profile.decider.min_prompt_tokens == 7
+    picked = build_scheduler(Settings(picker="least-outstanding"))
+    assert isinstance(picked.profiles["batch"].picker, LeastOutstandingPicker)
     with pytest.raises(ConfigError, match="unknown picker 'nope'"):
         build_scheduler(Settings(picker="nope"))
 

@@ -1,0 +1,135 @@
+"""Scorers: rate each candidate of a leg in [0, 1], higher is better.
+
+A profile weighs them (``weight`` in the policy file) and the max-score picker takes the
+best weighted sum, as llm-d's scheduler does. Each scorer sees all candidates of the
+leg at once, so it can normalise against the best and worst of them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import ClassVar, Protocol
+
+from router.pool.snapshot import BackendView
+from router.scheduling.context import Context
+from router.scheduling.legs import Leg
+
+
+class Scorer(Protocol):
+    name: ClassVar[str]
+
+    def scores(self, candidates: Sequence[BackendView], leg: Leg, ctx: Context) -> list[float]:
+        """One score in [0, 1] per candidate, in order."""
+        ...
+
+
+def _lower_is_better(values: Sequence[float]) -> list[float]:
+    """Min-max normalisation: the lowest value scores 1, the highest 0, all equal 1."""
+    low = min(values)
+    spread = max(values) - low
+    if spread <= 0:
+        return [1.0] * len(values)
+    return [1.0 - (v - low) / spread for v in values]
+
+
+def _ratio_to_best(values: Sequence[float | None]) -> list[float]:
+    """best / value for positive values (the best scores 1); unknown values score 0.5."""
+    known = [v for v in values if v is not None and v > 0]
+    if not known:
+        return [0.5 if v is None else 1.0 for v in values]
+    best = min(known)
+    return [0.5 if v is None else (1.0 if v <= 0 else best / v) for v in values]
+
+
+class PrefixAffinityScorer:
+    """Share of the prompt's leading blocks the backend already holds.
+
+    Blocks it holds are ones the router sent it (or it reported cached): a prefill there
+    computes only the rest. Only legs that prefill care; on a decode leg every candidate
+    scores the same.
+    """
+
+    name: ClassVar[str] = "prefix-affinity"
+
+    def scores(self, candidates: Sequence[BackendView], leg: Leg, ctx: Context) -> list[float]:
+        total = len(ctx.features.prefix_hashes)
+        matched = ctx.matched_blocks
+        if not leg.prefills or not total or not matched:
+            return [0.0] * len(candidates)
+        return [matched.get(c.id, 0) / total for c in candidates]
+
+
+class QueueDepthScorer:
+    """Fewer prompt tokens waiting for prefill (prefill legs) or fewer requests in flight."""
+
+    name: ClassVar[str] = "queue-depth"
+
+    def scores(self, candidates: Sequence[BackendView], leg: Leg, ctx: Context) -> list[float]:
+        if leg.prefills:
+            return _lower_is_better([c.queued_prefill_tokens for c in candidates])
+        return _lower_is_better([c.outstanding for c in candidates])
+
+
+class RunningRequestsScorer:
+    """Fewer sequences decoding: a smaller batch, a shorter decode iteration."""
+
+    name: ClassVar[str] = "running-requests"
+
+    def scores(self, candidates: Sequence[BackendView], leg: Leg, ctx: Context) -> list[float]:
+        return _lower_is_better([c.running for c in candidates])
+
+
+class KvUtilizationScorer:
+    """More free KV memory: less risk of waiting for memory or of preemption."""
+
+    name: ClassVar[str] = "kv-utilization"
+
+    def scores(self, candidates: Sequence[BackendView], leg: Leg, ctx: Context) -> list[float]:
+        return [
+            max(0.0, 1.0 - max(c.kv_tokens_used, c.context_tokens) / c.kv_capacity)
+            if c.kv_capacity
+            else 0.5
+            for c in candidates
+        ]
+
+
+class PredictedLatencyScorer:
+    """The performance model's TTFT (prefill legs) or decode iteration (decode legs)."""
+
+    name: ClassVar[str] = "predicted-latency"
+
+    def scores(self, candidates: Sequence[BackendView], leg: Leg, ctx: Context) -> list[float]:
+        if leg is Leg.PREFILL:
+            return _ratio_to_best([ctx.ttft_s(c) for c in candidates])
+        if leg is Leg.DECODE:
+            return _ratio_to_best([ctx.step_s(c) for c in candidates])
+        # Colocated: the request's whole expected duration.
+        tokens = ctx.features.max_tokens
+        values: list[float | None] = []
+        for c in candidates:
+            ttft, step = ctx.ttft_s(c), ctx.step_s(c)
+            values.append(None if ttft is None or step is None else ttft + tokens * step)
+        return _ratio_to_best(values)
+
+
+class CostScorer:
+    """Dollars per token of the leg on this device: price per second times the device
+    time the leg takes (a decode iteration shared by its batch)."""
+
+    name: ClassVar[str] = "cost"
+
+    def scores(self, candidates: Sequence[BackendView], leg: Leg, ctx: Context) -> list[float]:
+        tokens = ctx.features.max_tokens
+        values: list[float | None] = []
+        for c in candidates:
+            perf = c.perf
+            if perf is None:
+                values.append(None)
+                continue
+            seconds = 0.0
+            if leg.prefills:
+                seconds += ctx.prefill_s(c) or 0.0
+            if leg.decodes:
+                seconds += tokens * (ctx.step_s(c) or 0.0) / (c.running + 1)
+            values.append(perf.price_per_second_usd * seconds)
+        return _ratio_to_best(values)
