@@ -58,9 +58,13 @@ def device_command(
 
 
 def _option_args(config: BackendConfig) -> list[str]:
-    """A mock entry's ``options``: its KV layout (tensor_parallel, block_size) and
-    emulate_kv_size."""
-    flags = {"tensor_parallel": "--tensor-parallel", "block_size": "--block-size"}
+    """A mock entry's ``options``: its KV layout (tensor_parallel, block_size),
+    prefix_cache_blocks and emulate_kv_size."""
+    flags = {
+        "tensor_parallel": "--tensor-parallel",
+        "block_size": "--block-size",
+        "prefix_cache_blocks": "--prefix-cache-blocks",
+    }
     args = [
         arg
         for key, flag in flags.items()

@@ -5,16 +5,21 @@ requests that were admitted (prefill first, as vLLM does by default), otherwise
 one decode iteration that advances every running sequence by one token. The
 tokens are real (a tiny numpy transformer); each iteration lasts as long as the
 roofline model of the emulated hardware says, times the time scale.
+
+With a prefix cache, a prefill whose leading blocks the device computed before is
+charged only for the rest, as vLLM's automatic prefix caching and SGLang's radix
+cache do; the tiny model still computes the whole prompt, so tokens stay exact.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import time
 import zlib
 from collections import OrderedDict
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,12 +34,16 @@ from backends.mock.roofline import TimingModel
 from backends.mock.sampling import sample_token
 from backends.mock.textstream import TextStream
 from router._gen.hetero.router.v1 import router_pb2
+from router.scheduling.prefix import BLOCK_BYTES, block_hashes
 
 # Prefill compute above this many tokens leaves the event loop (numpy releases
 # the GIL), so a long prompt does not stall the device's RPCs.
 _INLINE_PREFILL_TOKENS = 512
 _MAX_PREFILL_BATCH_TOKENS = 16384
 _FLUSH_YIELDS = 3
+# Load reports at most this many cached block hashes (the most recently used): enough to
+# route prompts of 256 KiB, while a Load reply stays small whatever the cache holds.
+LOAD_PREFIX_HASHES = 4096
 
 
 class DeviceError(Exception):
@@ -62,6 +71,7 @@ class _Sequence:
     sampling: SamplingParams
     needed_tokens: int  # KV positions to reserve before it may start
     prefill_only: bool = False
+    prefix_hashes: tuple[int, ...] = ()  # of its prompt's blocks; empty without a prefix cache
     charged_tokens: int = 0  # KV positions it holds of the device's capacity
     text: TextStream = field(init=False)
     frames: asyncio.Queue[bytes | None] = field(default_factory=asyncio.Queue)
@@ -102,6 +112,83 @@ class EngineLoad:
     kv_leases: int
 
 
+class PrefixCache:
+    """Hashes of the prompt blocks whose KV this device computed or received, LRU.
+
+    Timing only: a prefill whose leading blocks are here is charged for the rest of its
+    prompt. Cached blocks hold none of the device's KV capacity; a real engine keeps them
+    in KV blocks nobody else is using and evicts them when it needs the room, which this
+    emulation does not model: here they are free.
+    """
+
+    def __init__(self, capacity_blocks: int) -> None:
+        if capacity_blocks < 0:
+            raise ValueError(f"prefix_cache_blocks must be >= 0, not {capacity_blocks}")
+        self.capacity_blocks = capacity_blocks
+        self._blocks: OrderedDict[int, None] = OrderedDict()
+
+    def hashes_of(self, prompt: str) -> tuple[int, ...]:
+        """The prompt's block hashes (none when the cache is off), over the bytes the
+        tokenizer reads, with the router's function so both name the same blocks."""
+        if not self.capacity_blocks:
+            return ()
+        return block_hashes(prompt.encode("utf-8", errors="replace"))
+
+    def matched_blocks(self, hashes: Sequence[int]) -> int:
+        """How many of the leading blocks are cached, consecutive from block 0."""
+        return sum(1 for _ in itertools.takewhile(self._blocks.__contains__, hashes))
+
+    def cached_tokens(self, hashes: Sequence[int], prompt_tokens: int) -> int:
+        """Leading prompt tokens a prefill need not compute. The last is always computed:
+        its logits give the first output token."""
+        return max(0, min(self.matched_blocks(hashes) * BLOCK_BYTES, prompt_tokens - 1))
+
+    def record(self, hashes: Sequence[int]) -> None:
+        """These blocks were just computed (or their KV received): now the most recent.
+
+        Last block first, so a prompt's head outlives its tail: eviction takes tails
+        first, as in vLLM (which frees a sequence's blocks in reverse) and SGLang (which
+        evicts radix-tree leaves). A head evicted first would strand the blocks after it.
+        """
+        for value in reversed(hashes):
+            self._blocks[value] = None
+            self._blocks.move_to_end(value)
+        while len(self._blocks) > self.capacity_blocks:
+            self._blocks.popitem(last=False)
+
+    def recent(self, limit: int) -> list[int]:
+        """At most ``limit`` cached hashes, the most recently used first."""
+        return list(itertools.islice(reversed(self._blocks), limit))
+
+    def __len__(self) -> int:
+        return len(self._blocks)
+
+
+def next_deadline(previous: float | None, now: float, duration: float) -> float:
+    """When an iteration of ``duration`` seconds that starts ``now`` ends.
+
+    ``previous`` is the deadline of the iteration just before, when the engine ran them
+    back to back (None after it idled). The new one then ends ``duration`` after that
+    deadline, not after now, so a timer that woke late (libuv timers tick in
+    milliseconds) makes one step late once rather than every step of a stream late. An
+    anchor more than one iteration away from now (compute overran the model) is dropped:
+    the iteration starts now rather than bursting to catch up.
+    """
+    if previous is None or abs(now - previous) > duration:
+        return now + duration
+    return previous + duration
+
+
+class LoopClock:
+    """The event loop's clock, which paces iterations; tests put a virtual one in its place."""
+
+    def time(self) -> float:
+        return asyncio.get_running_loop().time()
+
+    async def sleep_until(self, deadline: float) -> None:
+        await asyncio.sleep(max(deadline - self.time(), 0.0))
+
+
 class DeviceEngine:
     def __init__(
         self,
@@ -114,6 +201,8 @@ class DeviceEngine:
         decode_step_s: float | None = None,
         kv_layout: KVLayout | None = None,
         filler_bytes_per_token: int = 0,
+        prefix_cache_blocks: int = 0,
+        clock: LoopClock | None = None,
     ) -> None:
         self.model = model
         # How leased KV is laid out in bytes (ranks, blocks); None: the model's own order.
@@ -133,6 +222,12 @@ class DeviceEngine:
         self._running: OrderedDict[str, _Sequence] = OrderedDict()
         self._leases: dict[str, Lease] = {}
         self._kv_used = 0
+        self.prefix_cache = PrefixCache(prefix_cache_blocks)
+        # Prompt tokens whose prefill the prefix cache spared, since the start.
+        self.prefix_hit_tokens = 0
+        self._clock = clock or LoopClock()
+        # The deadline of the last iteration while iterations run back to back.
+        self._paced_until: float | None = None
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -155,7 +250,7 @@ class DeviceEngine:
         self, request_id: str, prompt: str, sampling: SamplingParams
     ) -> PrefillOutcome:
         """Prefill only; a KV that is still needed stays leased under the request id."""
-        sequence = self._submit(request_id, encode(prompt), sampling, prefill_only=True)
+        sequence = self._submit(request_id, prompt, sampling, prefill_only=True)
         sequence.outcome = asyncio.get_running_loop().create_future()
         try:
             return await asyncio.shield(sequence.outcome)
@@ -166,7 +261,7 @@ class DeviceEngine:
     async def generate(
         self, request_id: str, prompt: str, sampling: SamplingParams
     ) -> AsyncGenerator[bytes, None]:
-        sequence = self._submit(request_id, encode(prompt), sampling, prefill_only=False)
+        sequence = self._submit(request_id, prompt, sampling, prefill_only=False)
         async for frame in self._drain(sequence):
             yield frame
 
@@ -195,6 +290,8 @@ class DeviceEngine:
         sequence.last_token = first_token_id
         sequence.generated = 1
         sequence.text.push(first_token_id)  # its text was streamed by the prefill device
+        # The received KV is this device's now: a later prompt with the same head reuses it.
+        self.prefix_cache.record(self.prefix_cache.hashes_of(prompt))
         self._running[request_id] = sequence
         self._wake.set()
         async for frame in self._drain(sequence):
@@ -272,12 +369,20 @@ class DeviceEngine:
             )
 
     def _submit(
-        self, request_id: str, prompt_ids: list[int], sampling: SamplingParams, prefill_only: bool
+        self, request_id: str, prompt: str, sampling: SamplingParams, prefill_only: bool
     ) -> _Sequence:
+        prompt_ids = encode(prompt)
         reserved = len(prompt_ids) + (1 if prefill_only else sampling.max_tokens)
         self._check_fits(reserved)
         self._claim_id(request_id)
-        sequence = _Sequence(request_id, prompt_ids, sampling, reserved, prefill_only)
+        sequence = _Sequence(
+            request_id,
+            prompt_ids,
+            sampling,
+            reserved,
+            prefill_only,
+            prefix_hashes=self.prefix_cache.hashes_of(prompt),
+        )
         self._waiting[request_id] = sequence
         self._wake.set()
         return sequence
@@ -298,6 +403,7 @@ class DeviceEngine:
             elif self._running:
                 await self._decode_step()
             else:
+                self._paced_until = None  # idle: the next iteration starts when it comes
                 self._wake.clear()
                 await self._wake.wait()
                 continue
@@ -326,13 +432,21 @@ class DeviceEngine:
         return batch
 
     async def _prefill_step(self, batch: list[_Sequence]) -> None:
-        deadline = self._deadline(self.timing.prefill_seconds([len(s.prompt_ids) for s in batch]))
-        tokens = sum(len(s.prompt_ids) for s in batch)
-        if tokens > _INLINE_PREFILL_TOKENS:
+        lengths = [len(s.prompt_ids) for s in batch]
+        cached = [
+            self.prefix_cache.cached_tokens(s.prefix_hashes, length)
+            for s, length in zip(batch, lengths, strict=True)
+        ]
+        self.prefix_hit_tokens += sum(cached)
+        deadline = self._deadline(self.timing.prefill_seconds(lengths, cached) * self.time_scale)
+        # The whole prompt is computed even so: the tokens must not depend on the cache.
+        if sum(lengths) > _INLINE_PREFILL_TOKENS:
             first_tokens = await asyncio.to_thread(self._compute_prefill, batch)
         else:
             first_tokens = self._compute_prefill(batch)
-        await self._sleep_until(deadline)
+        await self._clock.sleep_until(deadline)
+        for sequence in batch:
+            self.prefix_cache.record(sequence.prefix_hashes)
         for sequence, token in zip(batch, first_tokens, strict=True):
             if self._prefilling.pop(sequence.request_id, None) is sequence:
                 self._emit_first(sequence, token)
@@ -350,17 +464,17 @@ class DeviceEngine:
         caches = [s.cache for s in batch if s.cache is not None]
         assert len(caches) == len(batch)
         if self.decode_step_s is not None:
-            deadline = asyncio.get_running_loop().time() + self.decode_step_s
+            deadline = self._deadline(self.decode_step_s)
         else:
             contexts = [cache.length + 1 for cache in caches]
-            deadline = self._deadline(self.timing.decode_step_seconds(contexts))
+            deadline = self._deadline(self.timing.decode_step_seconds(contexts) * self.time_scale)
         # One batched step: a sequence's logits do not depend on its neighbours.
         logits = self.model.decode_batch(caches, [s.last_token for s in batch])
         tokens = [
             self._sample(row, sequence, position=sequence.generated)
             for row, sequence in zip(logits, batch, strict=True)
         ]
-        await self._sleep_until(deadline)
+        await self._clock.sleep_until(deadline)
         for sequence, token in zip(batch, tokens, strict=True):
             if not sequence.aborted:
                 self._emit(sequence, token)
@@ -465,9 +579,7 @@ class DeviceEngine:
             payload += np.random.default_rng(n).bytes(n * self.filler_bytes_per_token)
         return payload
 
-    def _deadline(self, modelled_s: float) -> float:
-        return asyncio.get_running_loop().time() + modelled_s * self.time_scale
-
-    async def _sleep_until(self, deadline: float) -> None:
-        delay = deadline - asyncio.get_running_loop().time()
-        await asyncio.sleep(max(delay, 0.0))
+    def _deadline(self, duration_s: float) -> float:
+        """The end of an iteration lasting ``duration_s`` (already scaled) that starts now."""
+        self._paced_until = next_deadline(self._paced_until, self._clock.time(), duration_s)
+        return self._paced_until

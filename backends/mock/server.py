@@ -21,7 +21,7 @@ from backends import kvlayout
 from backends.base import KVLayout, Role, SamplingParams
 from backends.mock import dataplane, wire
 from backends.mock.dataplane import DataPlaneServer
-from backends.mock.engine import DeviceEngine, DeviceError, Lease
+from backends.mock.engine import LOAD_PREFIX_HASHES, DeviceEngine, DeviceError, Lease
 from backends.mock.model import KVCache, TinyConfig, TinyTransformer
 from backends.mock.roofline import TimingModel, load_catalog
 from router._gen.hetero.device.v1 import device_pb2
@@ -53,6 +53,9 @@ class DeviceConfig:
     kv_lease_s: float = 30.0
     kv_capacity_tokens: int | None = None  # None: what the emulated hardware holds
     decode_step_s: float | None = None  # fixed pace instead of the roofline step
+    # Prompt blocks (64 tokens) a prefix cache remembers; a prefill of a cached head is
+    # charged for the rest of its prompt only. 0: no prefix cache.
+    prefix_cache_blocks: int = 0
     # When the KV cannot be had (lease gone, prefill device down, checksum wrong):
     # "retry" pulls it again (up to KV_PULL_ATTEMPTS) then prefills here,
     # "recompute" prefills the prompt here at once, "fail" ends the request.
@@ -196,6 +199,7 @@ class DeviceServer:
             kv_lease_s=config.kv_lease_s,
             kv_capacity_tokens=config.kv_capacity_tokens,
             decode_step_s=config.decode_step_s,
+            prefix_cache_blocks=config.prefix_cache_blocks,
             kv_layout=self.layout,
             filler_bytes_per_token=(
                 max(0, self.timing.model.kv_bytes_per_token - kvlayout.token_bytes(self.layout))
@@ -557,6 +561,9 @@ class DeviceServer:
             kv_tokens_used=load.kv_tokens_used,
             kv_tokens_capacity=load.kv_tokens_capacity,
             kv_leases=load.kv_leases,
+            # The most recently used first, capped: a router matches prompt heads, which
+            # a long-idle tail of the cache rarely serves.
+            cached_prefix_hashes=self.engine.prefix_cache.recent(LOAD_PREFIX_HASHES),
         )
 
     # -- helpers ---------------------------------------------------------------
