@@ -77,6 +77,7 @@ def cmd_device(options: argparse.Namespace) -> int:
         tensor_parallel=options.tensor_parallel,
         block_size=options.block_size,
         emulate_kv_size=options.emulate_kv_size,
+        prefix_cache_blocks=options.prefix_cache_blocks,
     )
     uvloop.run(
         run_device(
@@ -102,6 +103,10 @@ def cmd_generate(options: argparse.Namespace) -> int:
             stop=options.stop or (),
             model=options.model,
             disaggregation=options.mode,
+            slo_ttft_ms=options.slo_ttft_ms,
+            slo_tpot_ms=options.slo_tpot_ms,
+            priority=options.priority,
+            slo_class=options.slo_class,
         )
         for response in stream:
             if options.show_route and not route_shown and response.HasField("route"):
@@ -179,6 +184,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="pad leased KV to the emulated model's size (transfers at real volume)",
     )
+    device.add_argument(
+        "--prefix-cache-blocks",
+        type=int,
+        default=0,
+        help="prompt blocks (64 tokens) a prefix cache keeps; a cached head is not "
+        "prefilled again (0: no prefix cache)",
+    )
     device.add_argument("--announce", action="store_true", help="print READY host:port")
     device.add_argument("--exit-with-stdin", action="store_true", help="exit when stdin closes")
 
@@ -192,6 +204,18 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--stop", action="append", help="stop string (repeatable)")
     generate.add_argument("--model", default="")
     generate.add_argument("--mode", choices=["auto", "split", "colocated"], default="auto")
+    generate.add_argument(
+        "--slo-ttft-ms", type=int, help="time to first token target (default: the SLO class's)"
+    )
+    generate.add_argument(
+        "--slo-tpot-ms", type=int, help="time per output token target (default: the SLO class's)"
+    )
+    generate.add_argument(
+        "--priority", type=int, default=0, help="0..9, larger is more urgent (default 0)"
+    )
+    generate.add_argument(
+        "--slo-class", default="", help="SLO class of the scheduling policy (default: default)"
+    )
     generate.add_argument("--timeout", type=float, default=120.0)
     generate.add_argument("--show-route", action="store_true")
     return parser

@@ -40,7 +40,17 @@ def build_request(
     model: str = "",
     disaggregation: DisaggregationName = "auto",
     request_id: str = "",
+    slo_ttft_ms: int | None = None,
+    slo_tpot_ms: int | None = None,
+    priority: int = 0,
+    slo_class: str = "",
 ) -> router_pb2.GenerateRequest:
+    """The request message; unset sampling fields and SLO targets take the router's defaults.
+
+    ``slo_ttft_ms``/``slo_tpot_ms``: time to first token and time per output token the
+    request is held to (unset: its SLO class's); ``priority`` 0..9, larger is more
+    urgent; ``slo_class`` names a class of the router's scheduling policy ("": default).
+    """
     sampling = router_pb2.SamplingParams(stop=list(stop))
     if max_tokens is not None:
         sampling.max_tokens = max_tokens
@@ -50,12 +60,20 @@ def build_request(
         sampling.top_p = top_p
     if seed is not None:
         sampling.seed = seed
+    slo = router_pb2.Slo()
+    if slo_ttft_ms is not None:
+        slo.ttft_ms = slo_ttft_ms
+    if slo_tpot_ms is not None:
+        slo.tpot_ms = slo_tpot_ms
     return router_pb2.GenerateRequest(
         request_id=request_id,
         model=model,
         prompt=prompt,
         sampling=sampling,
         disaggregation=_DISAGGREGATION[disaggregation],
+        slo=slo if slo.ListFields() else None,
+        priority=priority,
+        slo_class=slo_class,
     )
 
 

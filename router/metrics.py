@@ -48,6 +48,26 @@ class RouterMetrics:
         self.in_flight = Gauge(
             "hetero_router_requests_in_flight", "Generate requests being served", registry=registry
         )
+        self.admission_queue_depth = Gauge(
+            "hetero_router_admission_queue_depth",
+            "Requests waiting for admission, by priority (0..9, larger is more urgent)",
+            ["priority"],
+            registry=registry,
+        )
+        self.shed = Counter(
+            "hetero_router_shed",
+            "Requests refused RESOURCE_EXHAUSTED, by reason: queue_full (the admission "
+            "queue of their priority was full), slo (predicted to miss their SLO)",
+            ["reason"],
+            registry=registry,
+        )
+        self.slo_requests = Counter(
+            "hetero_router_slo_requests",
+            "Completed requests with an SLO, by outcome (met: both time to first token "
+            "and time per output token within target; missed), SLO class and mode",
+            ["outcome", "slo_class", "mode"],
+            registry=registry,
+        )
         self.backend_healthy = Gauge(
             "hetero_router_backend_healthy",
             "1 when the backend passes health checks",

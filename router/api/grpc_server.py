@@ -14,7 +14,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from router._gen.hetero.router.v1 import router_pb2
-from router.api.validation import validate_generate
+from router.api.validation import validate_generate, validate_service
 from router.dispatch.dispatcher import Dispatcher
 from router.errors import RouterError
 from router.logging import bind_request, get_logger, unbind_request
@@ -76,13 +76,14 @@ class RouterService:
                 self._pool.models,
                 self._pool.config.resolved_default_model,
             )
+            service = validate_service(message, self._dispatcher.slo_classes)
         except RouterError as error:
             self._dispatcher.count_rejected("invalid")
             await _abort(context, error)
             return
         bind_request(request.request_id)
         try:
-            async for frame in self._dispatcher.generate(request, disaggregation):
+            async for frame in self._dispatcher.generate(request, disaggregation, service):
                 yield frame
         except RouterError as error:
             log.info("request failed", status=error.grpc_code.name, reason=error.message)
@@ -118,9 +119,11 @@ class RouterService:
 
 
 async def _abort(context: grpc.aio.ServicerContext, error: RouterError) -> None:
+    """Ends the call with the error's status; a retry hint rides as ``retry-after-ms``."""
+    trailing: tuple[tuple[str, str], ...] = ()
     if error.retry_after_s is not None:
-        context.set_trailing_metadata((("retry-after-ms", str(int(error.retry_after_s * 1000))),))
-    await context.abort(error.grpc_code, error.message)
+        trailing = (("retry-after-ms", str(max(1, round(error.retry_after_s * 1000)))),)
+    await context.abort(error.grpc_code, error.message, trailing_metadata=trailing)
 
 
 class FrontDoor:

@@ -4,7 +4,9 @@ Requests become the same validated GenerationRequest as the gRPC door's and run
 through the same dispatcher. Streaming answers are server-sent events; errors
 use OpenAI's error JSON with the matching HTTP status. The split can be steered
 per request with the body field ``disaggregation`` or the header
-``X-Hetero-Disaggregation`` (``auto``, ``split``, ``colocated``).
+``X-Hetero-Disaggregation`` (``auto``, ``split``, ``colocated``); the SLO, priority
+and SLO class with the headers ``X-Hetero-SLO-TTFT-Ms``, ``X-Hetero-SLO-TPOT-Ms``,
+``X-Hetero-Priority`` and ``X-Hetero-SLO-Class``.
 """
 
 from __future__ import annotations
@@ -22,8 +24,9 @@ from aiohttp.typedefs import Handler
 from backends.base import ChatMessage, GenerationRequest
 from router._gen.hetero.router.v1 import router_pb2
 from router.api import chat_template
-from router.api.validation import validate_generate
+from router.api.validation import service_level, validate_generate
 from router.dispatch.dispatcher import Dispatcher
+from router.dispatch.service_level import ServiceLevel
 from router.errors import InvalidRequestError, OverloadedError, RouterError
 from router.logging import bind_request, get_logger, unbind_request
 from router.pool.registry import Pool
@@ -41,6 +44,13 @@ _DISAGGREGATION = {
     "auto": router_pb2.DISAGGREGATION_AUTO,
     "split": router_pb2.DISAGGREGATION_SPLIT,
     "colocated": router_pb2.DISAGGREGATION_COLOCATED,
+}
+# Headers carrying the service level, by the field each sets.
+SERVICE_HEADERS = {
+    "ttft_ms": "X-Hetero-SLO-TTFT-Ms",
+    "tpot_ms": "X-Hetero-SLO-TPOT-Ms",
+    "priority": "X-Hetero-Priority",
+    "slo_class": "X-Hetero-SLO-Class",
 }
 _ERROR_TYPES = {
     400: "invalid_request_error",
@@ -68,6 +78,7 @@ def error_response(status: int, message: str, *, param: str | None = None,
 class _Parsed:
     request: GenerationRequest
     disaggregation: Disaggregation
+    service: ServiceLevel
     stream: bool
     include_usage: bool
     chat: bool
@@ -126,7 +137,9 @@ class OpenAIRoutes:
         bind_request(parsed.request.request_id)
         try:
             # Closing the frames, also when the client went away, aborts the backends.
-            generation = self._dispatcher.generate(parsed.request, parsed.disaggregation)
+            generation = self._dispatcher.generate(
+                parsed.request, parsed.disaggregation, parsed.service
+            )
             async with contextlib.aclosing(generation) as frames:
                 if parsed.stream:
                     return await self._stream(http, parsed, frames)
@@ -163,11 +176,26 @@ class OpenAIRoutes:
         request, disaggregation = validate_generate(
             message, self._settings, self._pool.models, self._pool.config.resolved_default_model
         )
+        service = self._service(http)
         stream = _typed(body, "stream", bool) or False
         options = body.get("stream_options") or {}
         include_usage = isinstance(options, dict) and bool(options.get("include_usage"))
         request = dataclasses.replace(request, messages=messages)
-        return _Parsed(request, disaggregation, stream, include_usage, chat)
+        return _Parsed(request, disaggregation, service, stream, include_usage, chat)
+
+    def _service(self, http: web.Request) -> ServiceLevel:
+        numbers = {
+            key: _header_int(http, SERVICE_HEADERS[key])
+            for key in ("ttft_ms", "tpot_ms", "priority")
+        }
+        return service_level(
+            ttft_ms=numbers["ttft_ms"],
+            tpot_ms=numbers["tpot_ms"],
+            priority=numbers["priority"] or 0,
+            slo_class=http.headers.get(SERVICE_HEADERS["slo_class"], "").strip(),
+            slo_classes=self._dispatcher.slo_classes,
+            names=SERVICE_HEADERS,
+        )
 
     # -- response ------------------------------------------------------------
 
@@ -294,6 +322,17 @@ def _usage(usage: router_pb2.Usage) -> dict[str, int]:
         "completion_tokens": usage.completion_tokens,
         "total_tokens": usage.prompt_tokens + usage.completion_tokens,
     }
+
+
+def _header_int(http: web.Request, name: str) -> int | None:
+    raw = http.headers.get(name)
+    if raw is None:
+        return None
+    text = raw.strip()
+    digits = text[1:] if text[:1] in ("+", "-") else text
+    if not (digits.isascii() and digits.isdigit() and len(digits) <= 18):
+        raise InvalidRequestError(f"header {name} must be a whole number, got {raw[:32]!r}")
+    return int(text)
 
 
 def _typed(body: dict[str, Any], key: str, kind: type) -> Any:

@@ -5,9 +5,16 @@ from __future__ import annotations
 import math
 import secrets
 import uuid
+from collections.abc import Collection, Mapping
 
 from backends.base import GenerationRequest, SamplingParams
 from router._gen.hetero.router.v1 import router_pb2
+from router.dispatch.service_level import (
+    DEFAULT_SLO_CLASS,
+    MAX_PRIORITY,
+    MAX_TARGET_MS,
+    ServiceLevel,
+)
 from router.errors import InvalidRequestError
 from router.scheduling.plan import Disaggregation
 from router.settings import Settings
@@ -18,6 +25,13 @@ _DISAGGREGATION = {
     router_pb2.DISAGGREGATION_AUTO: Disaggregation.AUTO,
     router_pb2.DISAGGREGATION_SPLIT: Disaggregation.SPLIT,
     router_pb2.DISAGGREGATION_COLOCATED: Disaggregation.COLOCATED,
+}
+# How errors name the service-level fields (the HTTP door names its headers instead).
+SERVICE_FIELD_NAMES: Mapping[str, str] = {
+    "ttft_ms": "slo.ttft_ms",
+    "tpot_ms": "slo.tpot_ms",
+    "priority": "priority",
+    "slo_class": "slo_class",
 }
 
 
@@ -89,3 +103,47 @@ def _sampling(params: router_pb2.SamplingParams, settings: Settings) -> Sampling
         seed=seed,
         stop=tuple(params.stop),
     )
+
+
+def validate_service(
+    message: router_pb2.GenerateRequest, slo_classes: Collection[str]
+) -> ServiceLevel:
+    """The request's SLO, priority and SLO class; ``slo_classes`` are those the scheduler knows."""
+    slo = message.slo
+    return service_level(
+        ttft_ms=slo.ttft_ms if slo.HasField("ttft_ms") else None,
+        tpot_ms=slo.tpot_ms if slo.HasField("tpot_ms") else None,
+        priority=message.priority,
+        slo_class=message.slo_class,
+        slo_classes=slo_classes,
+    )
+
+
+def service_level(
+    *,
+    ttft_ms: int | None,
+    tpot_ms: int | None,
+    priority: int,
+    slo_class: str,
+    slo_classes: Collection[str],
+    names: Mapping[str, str] = SERVICE_FIELD_NAMES,
+) -> ServiceLevel:
+    """Checks service-level values however they arrived; ``names`` are what errors call them."""
+    for key, value in (("ttft_ms", ttft_ms), ("tpot_ms", tpot_ms)):
+        if value is not None and not 1 <= value <= MAX_TARGET_MS:
+            raise InvalidRequestError(
+                f"{names[key]} must be between 1 and {MAX_TARGET_MS} milliseconds (one hour), "
+                f"got {value}; leave it unset for the SLO class's default"
+            )
+    if not 0 <= priority <= MAX_PRIORITY:
+        raise InvalidRequestError(
+            f"{names['priority']} must be between 0 and {MAX_PRIORITY} (larger is more urgent), "
+            f"got {priority}"
+        )
+    slo_class = slo_class or DEFAULT_SLO_CLASS
+    if slo_class not in slo_classes:
+        shown = slo_class if len(slo_class) <= 64 else slo_class[:64] + "..."
+        raise InvalidRequestError(
+            f"unknown {names['slo_class']} {shown!r}; known: {', '.join(sorted(slo_classes))}"
+        )
+    return ServiceLevel(ttft_ms=ttft_ms, tpot_ms=tpot_ms, priority=priority, slo_class=slo_class)

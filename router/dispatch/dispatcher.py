@@ -12,18 +12,21 @@ import asyncio
 import contextlib
 import itertools
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Coroutine
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
 from backends.base import GenerationRequest, KVHandle, PrefillResult
 from router._gen.hetero.router.v1 import router_pb2
-from router.errors import BackendError, LayoutMismatchError, RouterError
+from router.dispatch.admission import AdmissionGate
+from router.dispatch.service_level import DEFAULT_SERVICE, DEFAULT_SLO_CLASS, ServiceLevel
+from router.errors import BackendError, LayoutMismatchError, OverloadedError, RouterError
 from router.handoff.relay import relay
 from router.logging import get_logger
 from router.metrics import RouterMetrics
 from router.pool.registry import Pool
-from router.scheduling.plan import Disaggregation, Mode, Plan, RequestFeatures
+from router.scheduling.plan import Disaggregation, Mode, Plan, RequestFeatures, Slo
+from router.scheduling.prefix import BLOCK_BYTES, block_hashes
 from router.scheduling.scheduler import Scheduler
 from router.settings import Settings
 
@@ -33,6 +36,8 @@ _ROUTE_MODE = {
     Mode.SPLIT: router_pb2.ROUTE_MODE_SPLIT,
     Mode.COLOCATED: router_pb2.ROUTE_MODE_COLOCATED,
 }
+# The least TTFT budget a scheduler is given for a request that spent the rest queued.
+_MIN_TTFT_BUDGET_S = 0.001
 
 
 @dataclass
@@ -40,14 +45,23 @@ class _Progress:
     """What the dispatcher learns while streaming, for metrics and logs."""
 
     mode: Mode
-    started: float
+    started: float  # arrival, before any wait for admission
+    slo: Slo | None = None  # what the request is held to (None: nothing)
+    slo_class: str = DEFAULT_SLO_CLASS
     first_frame_at: float | None = None
+    last_frame_at: float = 0.0
     last_frame: bytes = b""
 
 
 class Dispatcher:
     def __init__(
-        self, pool: Pool, scheduler: Scheduler, settings: Settings, metrics: RouterMetrics
+        self,
+        pool: Pool,
+        scheduler: Scheduler,
+        settings: Settings,
+        metrics: RouterMetrics,
+        *,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._pool = pool
         self._scheduler = scheduler
@@ -55,61 +69,129 @@ class Dispatcher:
         self._metrics = metrics
         self._arrivals = itertools.count()
         self._background: set[asyncio.Task[None]] = set()
+        self._clock = clock  # what latencies are measured with
+        self.admission = AdmissionGate(
+            settings.max_in_flight, settings.queue_limit, metrics, clock=clock
+        )
+        # Every prompt routed is recorded into the pool's prefix index, within this bound.
+        pool.size_prefix_index(settings.prefix_index_blocks_per_backend)
+        self._block_tokens = BLOCK_BYTES / settings.bytes_per_token
+
+    @property
+    def slo_classes(self) -> frozenset[str]:
+        """The SLO classes a request may name: those of the scheduler's policy."""
+        return self._scheduler.slo_classes
+
+    def class_slo(self, slo_class: str) -> Slo:
+        """The default targets of an SLO class."""
+        return self._scheduler.default_slo(slo_class)
 
     async def generate(
-        self, request: GenerationRequest, disaggregation: Disaggregation
+        self,
+        request: GenerationRequest,
+        disaggregation: Disaggregation,
+        service: ServiceLevel = DEFAULT_SERVICE,
     ) -> AsyncGenerator[bytes, None]:
-        started = time.monotonic()
-        features = RequestFeatures(
-            request_id=request.request_id,
-            model=request.model,
-            prompt_tokens=request.prompt_tokens,
-            max_tokens=request.sampling.max_tokens,
-            disaggregation=disaggregation,
-            sequence=next(self._arrivals),
-        )
+        arrived = self._clock()
         try:
-            plan = self._scheduler.schedule(features, self._pool.snapshot(), started)
+            queued = await self.admission.acquire(service.priority)
+        except OverloadedError:
+            self.count_rejected("overloaded")
+            raise
+        except asyncio.CancelledError:
+            self.count_rejected("cancelled")
+            raise
+        try:
+            now = self._clock()
+            class_slo = self.class_slo(service.slo_class)
+            features = RequestFeatures(
+                request_id=request.request_id,
+                model=request.model,
+                prompt_tokens=request.prompt_tokens,
+                max_tokens=request.sampling.max_tokens,
+                disaggregation=disaggregation,
+                sequence=next(self._arrivals),
+                slo=_scheduling_slo(service, class_slo, now - arrived if queued else 0.0),
+                priority=service.priority,
+                slo_class=service.slo_class,
+                prefix_hashes=block_hashes(request.prompt),
+                prefix_block_tokens=self._block_tokens,
+            )
+            plan = self._schedule(features, now)
+            # Both backends of the plan end up holding the prompt's KV.
+            self._pool.record_prefix(plan.prefill_backend, features.prefix_hashes)
+            if plan.decode_backend != plan.prefill_backend:
+                self._pool.record_prefix(plan.decode_backend, features.prefix_hashes)
+            progress = _Progress(
+                plan.mode, arrived, service.effective_slo(class_slo), service.slo_class
+            )
+            outcome = "error"
+            self._metrics.in_flight.inc()
+            try:
+                run = self._split if plan.mode is Mode.SPLIT else self._colocated
+                async with contextlib.aclosing(run(request, plan)) as frames:
+                    async for frame in frames:
+                        progress.last_frame_at = self._clock()
+                        if progress.first_frame_at is None:
+                            progress.first_frame_at = progress.last_frame_at
+                        progress.last_frame = frame
+                        yield frame
+                outcome = "ok"
+            except (asyncio.CancelledError, GeneratorExit):
+                outcome = "cancelled"
+                raise
+            except RouterError as error:
+                outcome = _outcome(error)
+                raise
+            finally:
+                self._metrics.in_flight.dec()
+                self._record(progress, outcome)
+        finally:
+            self.admission.release()
+
+    def _schedule(self, features: RequestFeatures, now: float) -> Plan:
+        try:
+            return self._scheduler.schedule(features, self._pool.snapshot(), now)
+        except OverloadedError as error:  # predicted to miss its SLO: shed now, not late
+            self._metrics.shed.labels("slo").inc()
+            if error.retry_after_s is None:
+                error.retry_after_s = self.admission.retry_after_s(features.priority)
+            self.count_rejected(_outcome(error))
+            raise
         except RouterError as error:
             self.count_rejected(_outcome(error))
             raise
-        progress = _Progress(plan.mode, started)
-        outcome = "error"
-        self._metrics.in_flight.inc()
-        try:
-            run = self._split if plan.mode is Mode.SPLIT else self._colocated
-            async with contextlib.aclosing(run(request, plan)) as frames:
-                async for frame in frames:
-                    if progress.first_frame_at is None:
-                        progress.first_frame_at = time.monotonic()
-                    progress.last_frame = frame
-                    yield frame
-            outcome = "ok"
-        except (asyncio.CancelledError, GeneratorExit):
-            outcome = "cancelled"
-            raise
-        except RouterError as error:
-            outcome = _outcome(error)
-            raise
-        finally:
-            self._metrics.in_flight.dec()
-            self._record(progress, outcome)
 
     async def _colocated(
         self, request: GenerationRequest, plan: Plan
     ) -> AsyncGenerator[bytes, None]:
-        route = _route_frame(request, Mode.COLOCATED, plan.prefill_backend, plan.prefill_backend)
-        with self._pool.outstanding(plan.prefill_backend) as backend:
+        backend_id = plan.prefill_backend
+        route = _route_frame(request, Mode.COLOCATED, backend_id, backend_id)
+        with (
+            self._pool.outstanding(backend_id) as backend,
+            contextlib.ExitStack() as load,
+        ):
+            prefilling = load.enter_context(
+                self._pool.prefilling(backend_id, request.prompt_tokens)
+            )
             async with (
-                self._aborting_on_exit(request.request_id, [plan.prefill_backend]) as done,
+                self._aborting_on_exit(request.request_id, [backend_id]) as done,
                 contextlib.aclosing(
                     backend.generate(request, self._settings.decode_timeout_s)
                 ) as frames,
             ):
                 first = True
                 async for frame in frames:
-                    yield route + frame if first else frame
-                    first = False
+                    if first:
+                        # The prefill is done with the first token; decoding starts.
+                        prefilling.release()
+                        load.enter_context(
+                            self._pool.decoding(backend_id, _context_tokens(request))
+                        )
+                        yield route + frame
+                        first = False
+                    else:
+                        yield frame
                 done.set()
 
     async def _split(self, request: GenerationRequest, plan: Plan) -> AsyncGenerator[bytes, None]:
@@ -145,7 +227,10 @@ class Dispatcher:
             ):
                 handle = await self._relay(request, plan, handle)
             try:
-                with self._pool.outstanding(plan.decode_backend) as decoder:
+                with (
+                    self._pool.outstanding(plan.decode_backend) as decoder,
+                    self._pool.decoding(plan.decode_backend, _context_tokens(request)),
+                ):
                     decode = decoder.decode(
                         request,
                         handle,
@@ -203,7 +288,10 @@ class Dispatcher:
                 yield frame
 
     async def _prefill(self, request: GenerationRequest, backend_id: str) -> PrefillResult:
-        with self._pool.outstanding(backend_id) as backend:
+        with (
+            self._pool.outstanding(backend_id) as backend,
+            self._pool.prefilling(backend_id, request.prompt_tokens),
+        ):
             return await backend.prefill(request, self._settings.prefill_timeout_s)
 
     @contextlib.asynccontextmanager
@@ -247,17 +335,40 @@ class Dispatcher:
         self._metrics.requests.labels(outcome, mode).inc()
         if outcome != "ok" or progress.first_frame_at is None:
             return
-        finished = time.monotonic()
-        self._metrics.time_to_first_token.labels(mode).observe(
-            progress.first_frame_at - progress.started
+        ttft = progress.first_frame_at - progress.started
+        self._metrics.time_to_first_token.labels(mode).observe(ttft)
+        self._metrics.request_duration.labels(mode).observe(
+            progress.last_frame_at - progress.started
         )
-        self._metrics.request_duration.labels(mode).observe(finished - progress.started)
-        usage = router_pb2.GenerateResponse.FromString(progress.last_frame).usage
-        self._metrics.output_tokens.labels(mode).inc(usage.completion_tokens)
-        if usage.completion_tokens > 1:
-            self._metrics.time_per_output_token.labels(mode).observe(
-                (finished - progress.first_frame_at) / (usage.completion_tokens - 1)
-            )
+        tokens = router_pb2.GenerateResponse.FromString(progress.last_frame).usage.completion_tokens
+        self._metrics.output_tokens.labels(mode).inc(tokens)
+        tpot = 0.0
+        if tokens > 1:
+            tpot = (progress.last_frame_at - progress.first_frame_at) / (tokens - 1)
+            self._metrics.time_per_output_token.labels(mode).observe(tpot)
+        if progress.slo is not None:
+            met = progress.slo.met_by(ttft, tpot)
+            self._metrics.slo_requests.labels(
+                "met" if met else "missed", progress.slo_class, mode
+            ).inc()
+
+
+def _context_tokens(request: GenerationRequest) -> int:
+    """KV tokens a sequence may reach: its prompt and every token it may generate."""
+    return request.prompt_tokens + request.sampling.max_tokens
+
+
+def _scheduling_slo(service: ServiceLevel, class_slo: Slo | None, waited_s: float) -> Slo | None:
+    """The targets the scheduler plans for: the request's own (None: its class's).
+
+    Time spent queued for admission counts toward the time to first token, so a
+    request that waited is planned against what is left of its budget.
+    """
+    own = service.own_slo(class_slo)
+    held_to = own or class_slo
+    if waited_s <= 0 or held_to is None:
+        return own
+    return Slo(max(held_to.ttft_s - waited_s, _MIN_TTFT_BUDGET_S), held_to.tpot_s)
 
 
 def _outcome(error: RouterError) -> str:

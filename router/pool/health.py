@@ -1,4 +1,8 @@
-"""Active health checks: every backend, on an interval, with a deadline."""
+"""Active health checks: every backend, on an interval, with a deadline.
+
+After each passing check the backend's load report is read too (KV use and the prefix
+blocks it holds cached); backends that report none are still served.
+"""
 
 from __future__ import annotations
 
@@ -17,6 +21,8 @@ class HealthChecker:
         self._interval_s = interval_s
         self._timeout_s = timeout_s
         self._task: asyncio.Task[None] | None = None
+        # Backends whose load report failed last time (logged once per failing streak).
+        self._no_load: set[str] = set()
 
     async def check_all(self) -> None:
         await asyncio.gather(*(self._check(e) for e in self._pool.endpoints.values()))
@@ -50,3 +56,21 @@ class HealthChecker:
         if status_ok != endpoint.healthy:
             log.info("backend health changed", backend=config.id, healthy=status_ok, detail=detail)
         self._pool.set_health(config.id, status_ok, detail, layout)
+        if status_ok:
+            await self._read_load(endpoint)
+
+    async def _read_load(self, endpoint: Endpoint) -> None:
+        backend_id = endpoint.config.id
+        try:
+            load = await endpoint.backend.load(self._timeout_s)
+        except Exception as error:  # no load report: scheduling goes on without one
+            if backend_id not in self._no_load:
+                self._no_load.add(backend_id)
+                log.debug(
+                    "backend load not available",
+                    backend=backend_id,
+                    error=str(error) or type(error).__name__,
+                )
+            return
+        self._no_load.discard(backend_id)
+        self._pool.set_load(backend_id, load)

@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from types import TracebackType
 
 from backends import registry as adapters
-from backends.base import Backend, KVLayout
+from backends.base import Backend, BackendLoad, KVLayout
 from router.errors import ConfigError
 from router.metrics import RouterMetrics
 from router.pool.snapshot import BackendView, PoolSnapshot
+from router.scheduling.perf import DevicePerf, perf_for
+from router.scheduling.prefix import PrefixIndex
 from router.settings import BackendConfig, PoolConfig
+
+DEFAULT_PREFIX_BLOCKS_PER_BACKEND = 65536
 
 
 @dataclass
@@ -22,6 +27,14 @@ class Endpoint:
     detail: str = "not checked yet"
     outstanding: int = 0
     layout: KVLayout | None = None
+    # Load as this router sees it (see BackendView).
+    queued_prefill_tokens: int = 0
+    running: int = 0
+    context_tokens: int = 0
+    # As the backend last reported it (0: not reported).
+    kv_tokens_used: int = 0
+    kv_tokens_capacity: int = 0
+    perf: DevicePerf | None = None
 
     def view(self) -> BackendView:
         return BackendView(
@@ -41,11 +54,69 @@ class Endpoint:
                 if self.layout is not None
                 else None
             ),
+            queued_prefill_tokens=self.queued_prefill_tokens,
+            running=self.running,
+            context_tokens=self.context_tokens,
+            kv_tokens_used=self.kv_tokens_used,
+            kv_tokens_capacity=self.kv_tokens_capacity,
+            perf=self.perf,
         )
 
 
+def _perf(config: BackendConfig) -> DevicePerf | None:
+    """The performance model of the backend's hardware; ``options.chips`` sizes it."""
+    chips = config.options.get("chips")
+    if isinstance(chips, bool) or not isinstance(chips, int):
+        chips = None
+    try:
+        return perf_for(config.profile, config.model, chips)
+    except ValueError as error:
+        raise ConfigError(f"backend {config.id}: {error}") from error
+
+
+class LoadCharge:
+    """One request's share of a backend's load: added on entry, removed once.
+
+    ``release()`` removes it early (a prefill whose first token is out); leaving the
+    ``with`` block removes it otherwise, whatever ended the block.
+    """
+
+    def __init__(
+        self, pool: Pool, backend_id: str, prefill_tokens: int, running: int, context_tokens: int
+    ) -> None:
+        self._pool = pool
+        self._backend_id = backend_id
+        self._amounts = (prefill_tokens, running, context_tokens)
+        self._held = False
+
+    def __enter__(self) -> LoadCharge:
+        self._pool._add_load(self._backend_id, *self._amounts)
+        self._held = True
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.release()
+
+    def release(self) -> None:
+        if self._held:
+            self._held = False
+            prefill_tokens, running, context_tokens = self._amounts
+            self._pool._add_load(self._backend_id, -prefill_tokens, -running, -context_tokens)
+
+
 class Pool:
-    def __init__(self, config: PoolConfig, metrics: RouterMetrics) -> None:
+    def __init__(
+        self,
+        config: PoolConfig,
+        metrics: RouterMetrics,
+        *,
+        prefix_index_blocks_per_backend: int = DEFAULT_PREFIX_BLOCKS_PER_BACKEND,
+    ) -> None:
         self.config = config
         self._metrics = metrics
         self.endpoints: dict[str, Endpoint] = {}
@@ -65,7 +136,14 @@ class Pool:
                     f"backend {backend_config.id}: a {backend_config.kind} backend cannot take "
                     f"the role {backend_config.role.value!r} (it can take: {roles})"
                 )
-            self.endpoints[backend_config.id] = Endpoint(backend_config, backend)
+            self.endpoints[backend_config.id] = Endpoint(
+                backend_config, backend, perf=_perf(backend_config)
+            )
+        # Block hashes each backend was sent or reports cached, shared with every snapshot.
+        self.prefix_index = PrefixIndex(prefix_index_blocks_per_backend)
+        # Views are rebuilt one backend at a time, only for backends whose state changed.
+        self._views = {backend_id: e.view() for backend_id, e in self.endpoints.items()}
+        self._stale: set[str] = set()
         self._snapshot: PoolSnapshot | None = None
 
     @property
@@ -84,19 +162,49 @@ class Pool:
         return self.endpoints[backend_id].backend
 
     def snapshot(self) -> PoolSnapshot:
-        """The current view; rebuilt only when something changed since the last call."""
+        """The current view; only the backends that changed since the last call are rebuilt."""
         if self._snapshot is None:
-            self._snapshot = PoolSnapshot(tuple(e.view() for e in self.endpoints.values()))
+            for backend_id in self._stale:
+                self._views[backend_id] = self.endpoints[backend_id].view()
+            self._stale.clear()
+            self._snapshot = PoolSnapshot(tuple(self._views.values()), self.prefix_index)
         return self._snapshot
+
+    def _changed(self, backend_id: str) -> None:
+        self._stale.add(backend_id)
+        self._snapshot = None
+
+    def size_prefix_index(self, blocks_per_backend: int) -> None:
+        """Bounds the prefix index per backend; a new bound starts it afresh."""
+        if blocks_per_backend != self.prefix_index.blocks_per_backend:
+            self.prefix_index = PrefixIndex(blocks_per_backend)
+            self._snapshot = None
 
     def set_health(
         self, backend_id: str, healthy: bool, detail: str, layout: KVLayout | None
     ) -> None:
         endpoint = self.endpoints[backend_id]
+        if endpoint.healthy and not healthy:
+            # Whatever it cached may be gone when it comes back (a restart).
+            self.prefix_index.forget(backend_id)
         if (endpoint.healthy, endpoint.detail, endpoint.layout) != (healthy, detail, layout):
             endpoint.healthy, endpoint.detail, endpoint.layout = healthy, detail, layout
-            self._snapshot = None
+            self._changed(backend_id)
         self._metrics.backend_healthy.labels(backend_id, endpoint.config.role.value).set(healthy)
+
+    def set_load(self, backend_id: str, load: BackendLoad) -> None:
+        """What the backend reports: KV use, and the prefix blocks it holds cached."""
+        endpoint = self.endpoints[backend_id]
+        reported = (load.kv_tokens_used, load.kv_tokens_capacity)
+        if (endpoint.kv_tokens_used, endpoint.kv_tokens_capacity) != reported:
+            endpoint.kv_tokens_used, endpoint.kv_tokens_capacity = reported
+            self._changed(backend_id)
+        if load.cached_prefix_hashes:
+            self.prefix_index.record(backend_id, load.cached_prefix_hashes)
+
+    def record_prefix(self, backend_id: str, hashes: Iterable[int]) -> None:
+        """The backend was sent a prompt with these block hashes: it holds their KV now."""
+        self.prefix_index.record(backend_id, hashes)
 
     @contextlib.contextmanager
     def outstanding(self, backend_id: str) -> Iterator[Backend]:
@@ -104,14 +212,31 @@ class Pool:
         endpoint = self.endpoints[backend_id]
         gauge = self._metrics.backend_outstanding.labels(backend_id)
         endpoint.outstanding += 1
-        self._snapshot = None
+        self._changed(backend_id)
         gauge.inc()
         try:
             yield endpoint.backend
         finally:
             endpoint.outstanding -= 1
-            self._snapshot = None
+            self._changed(backend_id)
             gauge.dec()
+
+    def prefilling(self, backend_id: str, prompt_tokens: int) -> LoadCharge:
+        """``prompt_tokens`` queued for prefill on the backend until released."""
+        return LoadCharge(self, backend_id, prompt_tokens, 0, 0)
+
+    def decoding(self, backend_id: str, context_tokens: int) -> LoadCharge:
+        """One sequence decoding on the backend, reserving ``context_tokens`` of KV."""
+        return LoadCharge(self, backend_id, 0, 1, context_tokens)
+
+    def _add_load(
+        self, backend_id: str, prefill_tokens: int, running: int, context_tokens: int
+    ) -> None:
+        endpoint = self.endpoints[backend_id]
+        endpoint.queued_prefill_tokens += prefill_tokens
+        endpoint.running += running
+        endpoint.context_tokens += context_tokens
+        self._changed(backend_id)
 
     def layouts_compatible(self, prefill_id: str, decode_id: str) -> bool:
         """False only when both layouts are known and differ."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from router.errors import InvalidRequestError, NoHealthyBackendError
+from router.errors import InvalidRequestError, NoHealthyBackendError, RouterError
 from router.pool.snapshot import BackendView, PoolSnapshot
 from router.scheduling import predict
 from router.scheduling.admission import Admission
@@ -81,7 +81,7 @@ class Scheduler:
         else:
             plan = profile.decider.choose(ctx, build)
         if plan is None:
-            raise NoHealthyBackendError(self._why(wanted, features, snapshot))
+            raise self._unservable(wanted, features, snapshot)
         profile.admission.admit(plan, ctx)
         return plan
 
@@ -143,30 +143,40 @@ class Scheduler:
         def rate(subset: Sequence[BackendView]) -> list[float]:
             totals = [0.0] * len(subset)
             for scorer, weight in scorers:
-                for i, score in enumerate(scorer.scores(subset, leg, ctx)):
-                    totals[i] += weight * score
+                scores = scorer.scores(subset, leg, ctx)
+                totals = [t + weight * s for t, s in zip(totals, scores, strict=True)]
             return totals
 
         return profile.picker.pick(candidates, ctx.features.sequence, rate)
 
     @staticmethod
-    def _why(wanted: Disaggregation, features: RequestFeatures, snapshot: PoolSnapshot) -> str:
+    def _unservable(
+        wanted: Disaggregation, features: RequestFeatures, snapshot: PoolSnapshot
+    ) -> RouterError:
         model = features.model
         if not snapshot.serving(model):
-            return f"no healthy backend serves model {model!r}"
+            return NoHealthyBackendError(f"no healthy backend serves model {model!r}")
         prefill, decode = snapshot.split_candidates(model)
         colocated = snapshot.colocated_candidates(model)
-        fits = "; none of them can hold its prompt plus max_tokens of KV"
-        if wanted is Disaggregation.SPLIT:
-            if prefill and decode:
-                return f"split requested for model {model!r}" + fits
-            return (
+        if wanted is Disaggregation.SPLIT and not (prefill and decode):
+            return NoHealthyBackendError(
                 f"split requested but model {model!r} has {len(prefill)} healthy prefill "
                 f"and {len(decode)} healthy decode backends"
             )
         if wanted is Disaggregation.COLOCATED and not colocated:
-            return f"colocated requested but model {model!r} has no healthy decode or both backend"
-        return f"no healthy backend of model {model!r} can take the request" + fits
+            return NoHealthyBackendError(
+                f"colocated requested but model {model!r} has no healthy decode or both backend"
+            )
+        # Backends exist, and filters left none: the request is larger than any of them.
+        needed = features.prompt_tokens + features.max_tokens
+        largest = max((b.kv_capacity for b in (*decode, *colocated)), default=0)
+        if largest and needed > largest:
+            return InvalidRequestError(
+                f"the request needs {needed} KV tokens (prompt {features.prompt_tokens} + "
+                f"max_tokens {features.max_tokens}) but the largest backend of model "
+                f"{model!r} holds {largest}; lower max_tokens or shorten the prompt"
+            )
+        return NoHealthyBackendError(f"no healthy backend of model {model!r} can take it now")
 
 
 def _shortlist(
@@ -174,6 +184,12 @@ def _shortlist(
 ) -> Sequence[BackendView]:
     count = len(candidates)
     start = mix(ctx.features.sequence) % count
-    window = {(start + i) % count for i in range(sample)}
+    end = start + sample
+    window = list(candidates[start:end])
+    if end > count:
+        window += candidates[: end - count]
     matched = ctx.matched_blocks
-    return [c for i, c in enumerate(candidates) if i in window or (matched and c.id in matched)]
+    if matched:
+        chosen = {c.id for c in window}
+        window += [c for c in candidates if c.id in matched and c.id not in chosen]
+    return window

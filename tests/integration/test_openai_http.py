@@ -155,14 +155,15 @@ async def test_a_client_leaving_a_stream_aborts_the_backend_work() -> None:
         await stop_cluster(cluster)
 
 
-async def test_a_request_the_devices_cannot_hold_is_429_with_retry_after() -> None:
+async def test_a_request_no_device_can_hold_is_400_before_any_device_sees_it() -> None:
     cluster = await start_cluster(device_options={"kv_capacity_tokens": 64})
     try:
         response = await post(cluster, "/v1/completions", {"prompt": "x" * 40, "max_tokens": 100})
-        assert response.status == 429
-        assert int(response.headers["Retry-After"]) >= 1
+        assert response.status == 400
         error = (await response.json())["error"]
-        assert error["type"] == "rate_limit_exceeded"
-        assert "KV tokens" in error["message"]
+        assert error["type"] == "invalid_request_error"
+        assert "needs 140 KV tokens" in error["message"]
+        assert "holds 64; lower max_tokens" in error["message"]
+        assert all(d.requests_received == 0 for d in cluster.devices.values())
     finally:
         await stop_cluster(cluster)

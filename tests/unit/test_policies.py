@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from backends.base import Role
-from router.errors import ConfigError, InvalidRequestError, NoHealthyBackendError, OverloadedError
+from router.errors import ConfigError, InvalidRequestError, OverloadedError
 from router.pool.snapshot import BackendView, PoolSnapshot
 from router.scheduling.perf import perf_for
 from router.scheduling.plan import Disaggregation, Mode, RequestFeatures, Slo
@@ -195,7 +195,7 @@ def test_kv_fits_skips_devices_too_small_and_says_so_when_none_fit() -> None:
         plan = scheduler.schedule(request(1000, 100, sequence=sequence), pool, 0.0)
         assert plan.decode_backend == "big"
     only_small = PoolSnapshot(pool.backends[:1])
-    with pytest.raises(NoHealthyBackendError, match="can hold its prompt plus max_tokens"):
+    with pytest.raises(InvalidRequestError, match=r"needs 1100 KV tokens .* holds 500; lower"):
         scheduler.schedule(request(1000, 100), only_small, 0.0)
 
 

@@ -170,14 +170,32 @@ class GenerateRequest(_message.Message):
     PROMPT_FIELD_NUMBER: _builtins.int
     SAMPLING_FIELD_NUMBER: _builtins.int
     DISAGGREGATION_FIELD_NUMBER: _builtins.int
+    SLO_FIELD_NUMBER: _builtins.int
+    PRIORITY_FIELD_NUMBER: _builtins.int
+    SLO_CLASS_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """Correlates logs and metrics; the router makes one when empty."""
     model: _builtins.str
     """Model name; empty selects the pool's default model."""
     prompt: _builtins.str
     disaggregation: Global___Disaggregation.ValueType
+    priority: _builtins.int
+    """0..9, larger is more urgent. When the router is full, requests wait in one
+    queue per priority, the most urgent served first, and the least urgent are
+    shed first.
+    """
+    slo_class: _builtins.str
+    """Names an SLO class of the router's scheduling policy (its default targets
+    and policies). Empty: "default".
+    """
     @_builtins.property
     def sampling(self) -> Global___SamplingParams: ...
+    @_builtins.property
+    def slo(self) -> Global___Slo:
+        """Latency targets of this request; a target left unset takes the SLO class's
+        default.
+        """
+
     def __init__(
         self,
         *,
@@ -186,14 +204,54 @@ class GenerateRequest(_message.Message):
         prompt: _builtins.str = ...,
         sampling: Global___SamplingParams | None = ...,
         disaggregation: Global___Disaggregation.ValueType = ...,
+        slo: Global___Slo | None = ...,
+        priority: _builtins.int = ...,
+        slo_class: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["sampling", b"sampling"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["sampling", b"sampling", "slo", b"slo"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["disaggregation", b"disaggregation", "model", b"model", "prompt", b"prompt", "request_id", b"request_id", "sampling", b"sampling"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["disaggregation", b"disaggregation", "model", b"model", "priority", b"priority", "prompt", b"prompt", "request_id", b"request_id", "sampling", b"sampling", "slo", b"slo", "slo_class", b"slo_class"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GenerateRequest: _TypeAlias = GenerateRequest  # noqa: Y015
+
+@_typing.final
+class Slo(_message.Message):
+    """Service-level objective of one request, measured by the router from the
+    request's arrival (time waiting for admission included).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TTFT_MS_FIELD_NUMBER: _builtins.int
+    TPOT_MS_FIELD_NUMBER: _builtins.int
+    ttft_ms: _builtins.int
+    """Time to first token, 1..3600000 ms. Unset: the SLO class's default."""
+    tpot_ms: _builtins.int
+    """Mean time per output token after the first, 1..3600000 ms. Unset: the SLO
+    class's default.
+    """
+    def __init__(
+        self,
+        *,
+        ttft_ms: _builtins.int | None = ...,
+        tpot_ms: _builtins.int | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_tpot_ms", b"_tpot_ms", "_ttft_ms", b"_ttft_ms", "tpot_ms", b"tpot_ms", "ttft_ms", b"ttft_ms"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_tpot_ms", b"_tpot_ms", "_ttft_ms", b"_ttft_ms", "tpot_ms", b"tpot_ms", "ttft_ms", b"ttft_ms"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__tpot_ms: _TypeAlias = _typing.Literal["tpot_ms"]  # noqa: Y015
+    _WhichOneofArgType__tpot_ms: _TypeAlias = _typing.Literal["_tpot_ms", b"_tpot_ms"]  # noqa: Y015
+    _WhichOneofReturnType__ttft_ms: _TypeAlias = _typing.Literal["ttft_ms"]  # noqa: Y015
+    _WhichOneofArgType__ttft_ms: _TypeAlias = _typing.Literal["_ttft_ms", b"_ttft_ms"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__tpot_ms) -> _WhichOneofReturnType__tpot_ms | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__ttft_ms) -> _WhichOneofReturnType__ttft_ms | None: ...
+
+Global___Slo: _TypeAlias = Slo  # noqa: Y015
 
 @_typing.final
 class Route(_message.Message):
