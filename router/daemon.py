@@ -37,7 +37,11 @@ class Daemon:
         self.settings = settings
         self.registry = registry or CollectorRegistry()
         self.metrics = RouterMetrics(self.registry)
-        self.pool = Pool(pool_config, self.metrics)
+        self.pool = Pool(
+            pool_config,
+            self.metrics,
+            prefix_index_blocks_per_backend=settings.prefix_index_blocks_per_backend,
+        )
         self.health = HealthChecker(
             self.pool, settings.health_interval_s, settings.health_timeout_s
         )

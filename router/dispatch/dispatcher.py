@@ -74,7 +74,6 @@ class Dispatcher:
             settings.max_in_flight, settings.queue_limit, metrics, clock=clock
         )
         # Every prompt routed is recorded into the pool's prefix index, within this bound.
-        pool.size_prefix_index(settings.prefix_index_blocks_per_backend)
         self._block_tokens = BLOCK_BYTES / settings.bytes_per_token
 
     @property

@@ -174,12 +174,6 @@ class Pool:
         self._stale.add(backend_id)
         self._snapshot = None
 
-    def size_prefix_index(self, blocks_per_backend: int) -> None:
-        """Bounds the prefix index per backend; a new bound starts it afresh."""
-        if blocks_per_backend != self.prefix_index.blocks_per_backend:
-            self.prefix_index = PrefixIndex(blocks_per_backend)
-            self._snapshot = None
-
     def set_health(
         self, backend_id: str, healthy: bool, detail: str, layout: KVLayout | None
     ) -> None:

@@ -159,10 +159,12 @@ def make(
         )
     )
     metrics = RouterMetrics(CollectorRegistry())
-    pool = Pool(config, metrics)
+    options = Settings(**settings)
+    pool = Pool(
+        config, metrics, prefix_index_blocks_per_backend=options.prefix_index_blocks_per_backend
+    )
     for backend_id, _ in backends:
         pool.set_health(backend_id, True, "", None)
-    options = Settings(**settings)
     dispatcher = Dispatcher(
         pool, scheduler or build_scheduler(options), options, metrics, clock=Scripted.clock
     )
@@ -441,7 +443,7 @@ async def test_load_reports_reach_the_snapshot_and_the_prefix_index() -> None:
     assert checker._no_load == {"silent"}
 
 
-def test_the_prefix_index_is_bounded_per_backend_by_the_settings() -> None:
+def test_the_prefix_index_is_bounded_per_backend_as_configured() -> None:
     dispatcher, pool, _ = make(prefix_index_blocks_per_backend=2)
     assert pool.prefix_index.blocks_per_backend == 2
     pool.record_prefix("p", block_hashes(PROMPT))
