@@ -1,4 +1,4 @@
-"""The ``hetero-router`` command: serve, device, up, generate."""
+"""The ``hetero-router`` command: serve, device, up, generate, simulate, plan."""
 
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ from router.daemon import Daemon
 from router.errors import ConfigError
 from router.logging import configure, get_logger
 from router.settings import Settings, load_pool
+from router.sim import commands as sim_commands
 
 log = get_logger(__name__)
 
@@ -218,6 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     generate.add_argument("--timeout", type=float, default=120.0)
     generate.add_argument("--show-route", action="store_true")
+    sim_commands.add_commands(commands)
     return parser
 
 
@@ -228,6 +230,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_device(options)
         if options.command == "generate":
             return cmd_generate(options)
+        if options.command in sim_commands.COMMANDS:
+            return sim_commands.run_command(options)
         return cmd_serve(options, embedded=options.command == "up")
     except (ConfigError, ValidationError, ValueError, OSError) as error:
         print(f"hetero-router: {error}", file=sys.stderr)

@@ -200,8 +200,10 @@ class TimingModel:
             return 0.0
         cached = max(cached, 0)
         linear = self._flops_per_token * (tokens - cached)
-        attention = 0.5 * self._attention_flops_per_context * (
-            tokens * (tokens + 1) - cached * (cached + 1)
+        attention = (
+            0.5
+            * self._attention_flops_per_context
+            * (tokens * (tokens + 1) - cached * (cached + 1))
         )
         compute = (linear + attention) / self._flops_rate
         if self.profile.pipeline is None:
