@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 from pathlib import Path
 
 import matplotlib
@@ -69,6 +70,75 @@ def overhead(
 def cdfs(path: Path, series: Mapping[str, Sequence[float]], title: str) -> None:
     figure, axis = plt.subplots(figsize=(7, 4.5))
     _cdf_panel(axis, series, title)
+    figure.tight_layout()
+    figure.savefig(path, dpi=90)
+    plt.close(figure)
+
+
+def scheduling(path: Path, result: Mapping[str, Any]) -> None:
+    """Four panels: split vs colocated, the crossover, SRAM decode per dollar, policies."""
+    studies = result["studies"]
+    figure, axes = plt.subplots(2, 2, figsize=(12, 8.5))
+
+    split = studies["split_vs_colocated_70b"]
+    names = ["colocated", *split["split_by_ratio"]]
+    values = [split["colocated_per_gpu"], *split["split_by_ratio"].values()]
+    panel = axes[0][0]
+    panel.bar(names, values, color=["tab:grey"] + ["tab:blue"] * (len(names) - 1))
+    panel.set_title("Llama-3.1-70B on 4 H100x4 deployments: goodput per GPU (req/s)")
+    panel.set_ylabel("req/s per GPU at 90% SLO attainment")
+
+    cells = studies["crossover_8b"]
+    prompts = sorted({c["prompt_tokens"] for c in cells})
+    links = sorted({c["link_gbps"] for c in cells})
+    width = 0.8 / len(links)
+    panel = axes[0][1]
+    for offset, link in enumerate(links):
+        ratios = [
+            next(c["ratio"] for c in cells if c["prompt_tokens"] == p and c["link_gbps"] == link)
+            for p in prompts
+        ]
+        positions = np.arange(len(prompts)) + offset * width
+        panel.bar(positions, ratios, width, label=f"{link:.0f} Gb/s")
+    panel.axhline(1.0, color="grey", linewidth=0.8)
+    panel.set_xticks(np.arange(len(prompts)) + width * (len(links) - 1) / 2)
+    panel.set_xticklabels([str(p) for p in prompts])
+    panel.set_xlabel("prompt tokens (200 output)")
+    panel.set_title("Llama-3.1-8B, 4 H100: split / colocated goodput per GPU")
+    panel.legend()
+
+    panel = axes[1][0]
+    labels, hetero, colocated = [], [], []
+    for trials in studies["hetero_per_dollar"].values():
+        for label, trial in trials["trials"].items():
+            labels.append(label.replace(" + ", "\n+ "))
+            hetero.append(trial["hetero_per_usd_hour"])
+            colocated.append(trial["colocated_per_usd_hour"])
+    slots = np.arange(len(labels), dtype=float)
+    panel.bar(slots - 0.2, hetero, 0.4, label="H100 prefill + SRAM decode")
+    panel.bar(slots + 0.2, colocated, 0.4, label="H100 colocated, same $/h")
+    panel.set_xticks(slots)
+    panel.set_xticklabels(labels, fontsize=6)
+    panel.set_ylabel("goodput per $/h (modelled)")
+    panel.set_title("Llama-3.1-70B, tight TPOT: goodput per dollar")
+    panel.legend(fontsize=8)
+
+    panel = axes[1][1]
+    policies = studies["policies_by_prefix_cache_blocks"]
+    names = list(next(iter(policies.values())))
+    width = 0.8 / len(policies)
+    for offset, (blocks, rates) in enumerate(policies.items()):
+        positions = np.arange(len(names)) + offset * width
+        panel.bar(
+            positions, [rates[n] for n in names], width, label=f"prefix cache {blocks} blocks"
+        )
+    panel.set_xticks(np.arange(len(names)) + width * (len(policies) - 1) / 2)
+    panel.set_xticklabels(names)
+    panel.set_ylabel("goodput (req/s)")
+    panel.set_title("8x H100 Llama-3.1-8B, mixed workload with shared prefixes")
+    panel.legend(fontsize=8)
+
+    figure.suptitle("Scheduling studies (simulated with the mock devices' timing model)")
     figure.tight_layout()
     figure.savefig(path, dpi=90)
     plt.close(figure)

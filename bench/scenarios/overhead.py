@@ -7,8 +7,6 @@ falls on both sides alike. Every figure is a difference or ratio within the run.
 
 from __future__ import annotations
 
-import random
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,18 +14,15 @@ from typing import Any
 
 import numpy as np
 
-from backends.base import Role
 from bench import plots
+from bench.decisions import decision_times_us
 from bench.loadgen import DeviceTarget, RouterTarget, Target, closed_loop, open_loop, send
 from bench.processes import cluster
 from bench.progress import Progress
 from bench.report import check, machine, write_result
 from bench.stats import RequestRecord, percentile
 from bench.workloads import RequestSpec, fixed, poisson_arrivals
-from router.pool.snapshot import BackendView, PoolSnapshot
-from router.scheduling.plan import Disaggregation, RequestFeatures
-from router.scheduling.registry import build_scheduler
-from router.settings import Settings
+from router.scheduling.registry import load_policy
 
 PROMPT_TOKENS = 64
 STREAMS = 100
@@ -119,37 +114,8 @@ async def _streams(direct: Target, router: Target, tokens: int) -> dict[str, Any
 
 
 def _decision_p99_us(count: int) -> float:
-    """One scheduling decision over 64 backends, as the dispatcher calls it."""
-    rng = random.Random(3)
-    views = tuple(
-        BackendView(
-            id=f"b{i}",
-            kind="mock",
-            address=f"127.0.0.1:{20000 + i}",
-            role=Role.PREFILL if i % 2 else Role.DECODE,
-            model="llama-3.1-8b",
-            profile="h100",
-            healthy=rng.random() > 0.05,
-            outstanding=rng.randrange(0, 32),
-        )
-        for i in range(64)
-    )
-    snapshot = PoolSnapshot(views)
-    scheduler = build_scheduler(Settings())
-    timings = []
-    for index in range(count):
-        features = RequestFeatures(
-            request_id=str(index),
-            model="llama-3.1-8b",
-            prompt_tokens=rng.randrange(1, 4096),
-            max_tokens=256,
-            disaggregation=Disaggregation.AUTO,
-            sequence=index,
-        )
-        started = time.perf_counter_ns()
-        scheduler.schedule(features, snapshot, 0.0)
-        timings.append((time.perf_counter_ns() - started) / 1000)
-    return percentile(timings, 99)
+    """One scheduling decision over 64 backends with the packaged policy (bench/decisions.py)."""
+    return percentile(decision_times_us(load_policy(), count), 99)
 
 
 async def run(quick: bool, out_dir: Path) -> dict[str, Any]:

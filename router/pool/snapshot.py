@@ -50,6 +50,8 @@ class BackendView:
     # prefill what is queued on it.
     kv_capacity: int = field(init=False, repr=False, compare=False)
     queue_wait_s: float = field(init=False, repr=False, compare=False)
+    # Share of that capacity not used or reserved (0.5 when the capacity is unknown).
+    kv_free_fraction: float = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         keys = frozenset(
@@ -59,6 +61,9 @@ class BackendView:
         perf = self.perf
         capacity = self.kv_tokens_capacity or (perf.kv_capacity_tokens if perf else 0)
         object.__setattr__(self, "kv_capacity", capacity)
+        used = max(self.kv_tokens_used, self.context_tokens)
+        free = max(0.0, 1.0 - used / capacity) if capacity else 0.5
+        object.__setattr__(self, "kv_free_fraction", free)
         queued = self.queued_prefill_tokens
         wait = perf.timing.prefill_seconds_one(queued) if perf and queued > 0 else 0.0
         object.__setattr__(self, "queue_wait_s", wait)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 
 from router.pool.snapshot import BackendView, PoolSnapshot
 from router.scheduling.plan import RequestFeatures, Slo
@@ -11,31 +10,46 @@ from router.scheduling.plan import RequestFeatures, Slo
 _NO_MATCHES: Mapping[str, int] = {}
 
 
-@dataclass
 class Context:
     """Built once per decision and shared by every plugin; nothing in it outlives the call."""
 
-    features: RequestFeatures
-    snapshot: PoolSnapshot
-    now: float
-    slo: Slo
-    # Fixed cost of a split beyond the KV wire time (router hop, handle exchange), seconds.
-    split_overhead_s: float = 0.0
-    _matched: Mapping[str, int] | None = field(default=None, repr=False)
-    # Memos: many candidates share a device model, and several scorers and the decider
-    # ask the same questions of one candidate.
-    _prefill: dict[tuple[int, int], float] = field(default_factory=dict, repr=False)
-    _prefill_by_view: dict[str, float] = field(default_factory=dict, repr=False)
-    _step: dict[str, float] = field(default_factory=dict, repr=False)
+    __slots__ = (
+        "_prefill",
+        "_prefill_by_view",
+        "_step",
+        "features",
+        "matched_blocks",
+        "now",
+        "slo",
+        "snapshot",
+        "split_overhead_s",
+    )
 
-    @property
-    def matched_blocks(self) -> Mapping[str, int]:
-        """Leading prompt blocks each backend holds (computed on first use)."""
-        if self._matched is None:
-            index = self.snapshot.prefix_index
-            hashes = self.features.prefix_hashes
-            self._matched = index.matched_blocks(hashes) if index and hashes else _NO_MATCHES
-        return self._matched
+    def __init__(
+        self,
+        features: RequestFeatures,
+        snapshot: PoolSnapshot,
+        now: float,
+        slo: Slo,
+        split_overhead_s: float = 0.0,
+    ) -> None:
+        self.features = features
+        self.snapshot = snapshot
+        self.now = now
+        self.slo = slo
+        # Fixed cost of a split beyond the KV wire time (router hop, handle exchange), s.
+        self.split_overhead_s = split_overhead_s
+        index = snapshot.prefix_index
+        hashes = features.prefix_hashes
+        # Leading prompt blocks each backend holds (backends holding none are absent).
+        self.matched_blocks: Mapping[str, int] = (
+            index.matched_blocks(hashes) if index is not None and hashes else _NO_MATCHES
+        )
+        # Memos: many candidates share a device model, and several scorers and the
+        # decider ask the same questions of one candidate.
+        self._prefill: dict[tuple[int, int], float] = {}
+        self._prefill_by_view: dict[str, float] = {}
+        self._step: dict[str, float] = {}
 
     def cached_tokens(self, view: BackendView) -> int:
         """Prompt tokens ``view`` likely holds in its prefix cache (at least one is computed)."""

@@ -80,15 +80,21 @@ class CostModelDecider:
     Splitting buys a prefill on a compute device and a decode batch free of prefill
     stalls, at the price of a KV transfer (over the slower link) and a second device.
     A prefix cached on the colocated backend, a short prompt or a slow link make
-    colocation cheaper or the only one on time. When neither mode meets the SLO it takes
-    the less late one; when the pool has no performance model for a backend it falls
+    colocation cheaper or the only one on time. A split must be ``split_margin`` cheaper
+    to win over a colocation that is also on time. When neither mode meets the SLO it
+    takes the less late one; when the pool has no performance model for a backend it falls
     back to the prompt-length rule.
     """
 
     name: ClassVar[str] = "cost-model"
 
-    def __init__(self, min_prompt_tokens: int = 512) -> None:
+    def __init__(self, min_prompt_tokens: int = 512, split_margin: float = 0.1) -> None:
+        if split_margin < 0:
+            raise ValueError(f"split_margin must be >= 0, got {split_margin}")
         self.fallback = PromptLengthDecider(min_prompt_tokens)
+        # When both modes are on time, a split must be this much cheaper to be worth a
+        # second device and a KV transfer: the model's error should not flip the mode.
+        self.split_margin = split_margin
 
     def choose(self, ctx: Context, build: Build) -> Plan | None:
         split = build(Mode.SPLIT)
@@ -101,7 +107,7 @@ class CostModelDecider:
         slo = ctx.slo
         s_late, c_late = lateness(s, slo), lateness(c, slo)
         if s_late <= 1.0 and c_late <= 1.0:
-            return split if s.cost_usd < c.cost_usd else colocated
+            return split if s.cost_usd < c.cost_usd * (1.0 - self.split_margin) else colocated
         if s_late <= 1.0 or c_late <= 1.0:
             return split if s_late <= 1.0 else colocated
         return split if s_late < c_late else colocated

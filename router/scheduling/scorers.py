@@ -35,6 +35,9 @@ def _lower_is_better(values: Sequence[float]) -> list[float]:
 def _ratio_to_best(values: Sequence[float | None]) -> list[float]:
     """best / value for positive values (the best scores 1); unknown values score 0.5."""
     known = [v for v in values if v is not None and v > 0]
+    if known and len(known) == len(values):  # the common case: every candidate has a model
+        best = min(known)
+        return [best / v for v in known]
     if not known:
         return [0.5 if v is None else 1.0 for v in values]
     best = min(known)
@@ -85,16 +88,13 @@ class KvUtilizationScorer:
     name: ClassVar[str] = "kv-utilization"
 
     def scores(self, candidates: Sequence[BackendView], leg: Leg, ctx: Context) -> list[float]:
-        return [
-            max(0.0, 1.0 - max(c.kv_tokens_used, c.context_tokens) / c.kv_capacity)
-            if c.kv_capacity
-            else 0.5
-            for c in candidates
-        ]
+        return [c.kv_free_fraction for c in candidates]
 
 
 class PredictedLatencyScorer:
-    """The performance model's TTFT (prefill legs) or decode iteration (decode legs)."""
+    """The performance model's TTFT (prefill legs) or TPOT (decode legs): a decode
+    iteration, stretched by the prefills queued on that backend (a backend that also
+    prefills runs them ahead of decoding)."""
 
     name: ClassVar[str] = "predicted-latency"
 
@@ -102,10 +102,15 @@ class PredictedLatencyScorer:
         if leg is Leg.PREFILL:
             return _ratio_to_best([ctx.ttft_s(c) for c in candidates])
         if leg is Leg.DECODE:
-            return _ratio_to_best([ctx.step_s(c) for c in candidates])
+            gaps = max(ctx.features.max_tokens - 1, 1)
+            values: list[float | None] = []
+            for c in candidates:
+                step = ctx.step_s(c)
+                values.append(None if step is None else step + c.queue_wait_s / gaps)
+            return _ratio_to_best(values)
         # Colocated: the request's whole expected duration.
         tokens = ctx.features.max_tokens
-        values: list[float | None] = []
+        values = []
         for c in candidates:
             ttft, step = ctx.ttft_s(c), ctx.step_s(c)
             values.append(None if ttft is None or step is None else ttft + tokens * step)
