@@ -78,6 +78,7 @@ def cmd_device(options: argparse.Namespace) -> int:
         tensor_parallel=options.tensor_parallel,
         block_size=options.block_size,
         emulate_kv_size=options.emulate_kv_size,
+        chips=options.chips,
         prefix_cache_blocks=options.prefix_cache_blocks,
     )
     uvloop.run(
@@ -191,6 +192,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         help="prompt blocks (64 tokens) a prefix cache keeps; a cached head is not "
         "prefilled again (0: no prefix cache)",
+    )
+    device.add_argument(
+        "--chips",
+        type=int,
+        default=None,
+        help="chips of the profile the emulated deployment spans (default: the fewest "
+        "that hold the model)",
     )
     device.add_argument("--announce", action="store_true", help="print READY host:port")
     device.add_argument("--exit-with-stdin", action="store_true", help="exit when stdin closes")

@@ -52,6 +52,7 @@ def device_command(
         str(config.time_scale if time_scale is None else time_scale),
         "--announce",
         "--exit-with-stdin",
+        *(("--chips", str(config.chips)) if config.chips else ()),
         *_option_args(config),
         *extra_args,
     ]

@@ -128,6 +128,9 @@ class BackendConfig(BaseModel):
     role: Role
     model: str = Field(min_length=1)
     profile: str = ""
+    # Chips of `profile` one deployment of this backend spans (tensor parallel); the
+    # performance model, and a mock device, use it. None: the fewest that hold the model.
+    chips: int | None = Field(default=None, ge=1)
     # Mock devices started by `hetero-router up` only.
     time_scale: float = Field(default=1.0, ge=0)
     # How KV reaches this backend in a split (or leaves it): "direct", the decode

@@ -56,6 +56,8 @@ class DeviceConfig:
     # Prompt blocks (64 tokens) a prefix cache remembers; a prefill of a cached head is
     # charged for the rest of its prompt only. 0: no prefix cache.
     prefix_cache_blocks: int = 0
+    # Chips of the profile the emulated deployment spans; None: the fewest that hold it.
+    chips: int | None = None
     # When the KV cannot be had (lease gone, prefill device down, checksum wrong):
     # "retry" pulls it again (up to KV_PULL_ATTEMPTS) then prefills here,
     # "recompute" prefills the prompt here at once, "fail" ends the request.
@@ -191,7 +193,9 @@ class DeviceServer:
         reason = kvlayout.incompatibility(self.layout, self.layout)
         if reason is not None:
             raise ValueError(reason)
-        self.timing = TimingModel(catalog.profiles[config.profile], catalog.models[config.model])
+        self.timing = TimingModel(
+            catalog.profiles[config.profile], catalog.models[config.model], config.chips
+        )
         self.engine = DeviceEngine(
             self.model,
             self.timing,

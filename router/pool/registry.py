@@ -64,12 +64,9 @@ class Endpoint:
 
 
 def _perf(config: BackendConfig) -> DevicePerf | None:
-    """The performance model of the backend's hardware; ``options.chips`` sizes it."""
-    chips = config.options.get("chips")
-    if isinstance(chips, bool) or not isinstance(chips, int):
-        chips = None
+    """The performance model of the backend's hardware (``chips`` of ``profile``)."""
     try:
-        return perf_for(config.profile, config.model, chips)
+        return perf_for(config.profile, config.model, config.chips)
     except ValueError as error:
         raise ConfigError(f"backend {config.id}: {error}") from error
 

@@ -178,7 +178,7 @@ def build_cluster(config: ClusterConfig, *, source: str = "cluster") -> Cluster:
 
 
 # Keys of a pool entry's ``options`` the simulator reads; any other is an adapter's own.
-_POOL_OPTIONS = ("chips", "link_gbps", "prefix_cache_blocks")
+_POOL_OPTIONS = ("link_gbps", "prefix_cache_blocks")
 
 
 def _from_pool(raw: dict[str, Any], source: str) -> Cluster:
@@ -189,7 +189,7 @@ def _from_pool(raw: dict[str, Any], source: str) -> Cluster:
         if not backend.profile:
             raise ConfigError(f"{source}: {where}.profile: the simulator needs a profile to time")
         _check_model(backend.model, source, f"{where}.model")
-        chips, link_gbps, cache_blocks = _pool_options(backend.options, source, where)
+        link_gbps, cache_blocks = _pool_options(backend.options, source, where)
         devices.append(
             DeviceSpec(
                 id=backend.id,
@@ -199,7 +199,7 @@ def _from_pool(raw: dict[str, Any], source: str) -> Cluster:
                 perf=_perf(
                     backend.profile,
                     backend.model,
-                    chips=chips,
+                    chips=backend.chips,
                     link_gbps=link_gbps,
                     source=source,
                     where=where,
@@ -211,9 +211,7 @@ def _from_pool(raw: dict[str, Any], source: str) -> Cluster:
     return Cluster(pool.resolved_default_model, tuple(devices), source)
 
 
-def _pool_options(
-    options: Mapping[str, Any], source: str, where: str
-) -> tuple[int | None, float | None, int]:
+def _pool_options(options: Mapping[str, Any], source: str, where: str) -> tuple[float | None, int]:
     values: dict[str, Any] = {key: options.get(key) for key in _POOL_OPTIONS}
     for key, value in values.items():
         if value is None:
@@ -222,10 +220,8 @@ def _pool_options(
         integral = key != "link_gbps"
         if not numeric or (integral and not isinstance(value, int)) or value < 0:
             raise ConfigError(f"{source}: {where}.options.{key}: expected a number >= 0")
-    chips = values["chips"]
     link = values["link_gbps"]
     return (
-        int(chips) if chips else None,
         float(link) if link else None,
         int(values["prefix_cache_blocks"] or 0),
     )

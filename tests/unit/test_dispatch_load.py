@@ -399,7 +399,7 @@ def test_each_backend_gets_the_performance_model_of_its_hardware() -> None:
     config = parse_pool(
         {"backends": [
             {"id": "h", "address": "h:1", "role": "prefill", "model": "llama-3.1-8b",
-             "profile": "h100", "options": {"chips": 2}},
+             "profile": "h100", "chips": 2},
             {"id": "g", "address": "h:2", "role": "decode", "model": "llama-3.1-8b",
              "profile": "groq-lpu"},
             {"id": "x", "address": "h:3", "role": "decode", "model": "llama-3.1-8b"},
@@ -417,7 +417,7 @@ def test_a_model_that_does_not_fit_the_hardware_names_the_backend() -> None:
     config = parse_pool(
         {"backends": [
             {"id": "tiny", "address": "h:1", "role": "decode", "model": "llama-3.1-70b",
-             "profile": "h100", "options": {"chips": 1}},
+             "profile": "h100", "chips": 1},
         ]}
     )  # fmt: skip
     with pytest.raises(ConfigError, match="backend tiny: "):

@@ -11,6 +11,7 @@ from backends.base import Role, SamplingParams
 from backends.mock.engine import DeviceEngine, LoopClock, PrefixCache
 from backends.mock.model import TinyTransformer, encode
 from backends.mock.roofline import TimingModel, load_catalog
+from backends.mock.server import DeviceConfig, DeviceServer
 from router._gen.hetero.router.v1 import router_pb2
 from router.cli import build_parser
 from router.cluster import device_command
@@ -184,3 +185,20 @@ def test_the_pool_option_reaches_the_device_flag() -> None:
     assert options.prefix_cache_blocks == 512
     default = build_parser().parse_args(["device", "--id", "d0", "--profile", "h100"])
     assert default.prefix_cache_blocks == 0
+
+
+def test_a_pool_entry_chips_size_the_emulated_deployment() -> None:
+    backend = BackendConfig(
+        id="p0", address="127.0.0.1:0", role=Role.PREFILL, model="llama-3.1-70b", profile="h100",
+        chips=8,
+    )  # fmt: skip
+    command = device_command(backend, time_scale=0.0)
+    options = build_parser().parse_args(command[command.index("device") :])
+    assert options.chips == 8
+    server = DeviceServer(
+        DeviceConfig(backend_id="p0", profile="h100", model="llama-3.1-70b", chips=8)
+    )
+    auto = TimingModel(load_catalog().profiles["h100"], load_catalog().models["llama-3.1-70b"])
+    assert server.timing.chips == 8
+    assert auto.chips == 4
+    assert server.timing.decode_step_seconds([1000]) < auto.decode_step_seconds([1000])

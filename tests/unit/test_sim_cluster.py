@@ -88,7 +88,8 @@ def test_pool_options_size_the_simulated_device() -> None:
                     "model": "llama-3.1-8b",
                     "profile": "h100",
                     "handoff": "relay",
-                    "options": {"chips": 2, "prefix_cache_blocks": 64, "relay_chunk_bytes": 1},
+                    "chips": 2,
+                    "options": {"prefix_cache_blocks": 64, "relay_chunk_bytes": 1},
                 }
             ]
         }
