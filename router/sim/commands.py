@@ -77,7 +77,9 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     plan.add_argument(
         "--attainment", type=float, default=0.9, help="share of requests that must meet the SLO"
     )
-    plan.add_argument("--max-runs", type=int, default=200, help="simulations, at most")
+    plan.add_argument(
+        "--max-runs", type=int, default=2000, help="simulations, at most (default 2000)"
+    )
     plan.add_argument(
         "--no-colocated", action="store_true", help="skip fleets that serve whole requests"
     )

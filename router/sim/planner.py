@@ -144,7 +144,7 @@ def plan_cluster(
     max_devices: int = 16,
     max_price_per_hour_usd: float | None = None,
     target_attainment: float = 0.9,
-    max_runs: int = 200,
+    max_runs: int = 2000,
     include_colocated: bool = True,
     include_split: bool = True,
     overhead_s: float = 0.0,
