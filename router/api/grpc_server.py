@@ -112,6 +112,11 @@ class RouterService:
                     outstanding=view.outstanding,
                     profile=view.profile,
                     detail=view.detail,
+                    queued_prefill_tokens=view.queued_prefill_tokens,
+                    running=view.running,
+                    kv_tokens_used=view.kv_tokens_used,
+                    kv_tokens_capacity=view.kv_capacity,
+                    chips=view.perf.timing.chips if view.perf is not None else 0,
                 )
                 for view in self._pool.snapshot().backends
             ]

@@ -230,6 +230,11 @@ async def test_list_backends_reports_the_pool(cluster: Cluster) -> None:
     assert by_id["groq-1"].role == router_pb2.BACKEND_ROLE_DECODE
     assert by_id["groq-1"].profile == "groq-lpu"
     assert all(backend.healthy for backend in listing.backends)
+    # Load as the scheduler sees it: an idle pool, the devices' KV and the model's size.
+    assert all(b.queued_prefill_tokens == 0 and b.running == 0 for b in listing.backends)
+    assert all(b.kv_tokens_capacity > 0 for b in listing.backends)
+    assert by_id["h100-0"].chips == 1  # one H100 holds Llama-3.1-8B
+    assert by_id["groq-0"].chips > 1
 
 
 async def test_cancelling_during_prefill_frees_everything() -> None:

@@ -25,21 +25,21 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dhetero/router/v1/router.proto\x12\x10hetero.router.v1\"\xaa\x01\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x03\x88\x01\x01\x12\x0c\n\x04stop\x18\x05 \x03(\tB\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seed\"\xfb\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x06prompt\x18\x03 \x01(\t\x12\x32\n\x08sampling\x18\x04 \x01(\x0b\x32 .hetero.router.v1.SamplingParams\x12\x38\n\x0e\x64isaggregation\x18\x05 \x01(\x0e\x32 .hetero.router.v1.Disaggregation\x12\"\n\x03slo\x18\x06 \x01(\x0b\x32\x15.hetero.router.v1.Slo\x12\x10\n\x08priority\x18\x07 \x01(\r\x12\x11\n\tslo_class\x18\x08 \x01(\t\"I\n\x03Slo\x12\x14\n\x07ttft_ms\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x14\n\x07tpot_ms\x18\x02 \x01(\rH\x01\x88\x01\x01\x42\n\n\x08_ttft_msB\n\n\x08_tpot_ms\"\x85\x01\n\x05Route\x12)\n\x04mode\x18\x01 \x01(\x0e\x32\x1b.hetero.router.v1.RouteMode\x12\x17\n\x0fprefill_backend\x18\x02 \x01(\t\x12\x16\n\x0e\x64\x65\x63ode_backend\x18\x03 \x01(\t\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x0c\n\x04seed\x18\x05 \x01(\x04\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"\xba\x01\n\x10GenerateResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x35\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x1e.hetero.router.v1.FinishReason\x12&\n\x05route\x18\x04 \x01(\x0b\x32\x17.hetero.router.v1.Route\x12&\n\x05usage\x18\x05 \x01(\x0b\x32\x17.hetero.router.v1.Usage\"\x15\n\x13ListBackendsRequest\"\xbd\x01\n\rBackendStatus\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12+\n\x04role\x18\x04 \x01(\x0e\x32\x1d.hetero.router.v1.BackendRole\x12\r\n\x05model\x18\x05 \x01(\t\x12\x0f\n\x07healthy\x18\x06 \x01(\x08\x12\x13\n\x0boutstanding\x18\x07 \x01(\r\x12\x0f\n\x07profile\x18\x08 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\t \x01(\t\"I\n\x14ListBackendsResponse\x12\x31\n\x08\x62\x61\x63kends\x18\x01 \x03(\x0b\x32\x1f.hetero.router.v1.BackendStatus*a\n\x0e\x44isaggregation\x12\x17\n\x13\x44ISAGGREGATION_AUTO\x10\x00\x12\x18\n\x14\x44ISAGGREGATION_SPLIT\x10\x01\x12\x1c\n\x18\x44ISAGGREGATION_COLOCATED\x10\x02*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03*W\n\tRouteMode\x12\x1a\n\x16ROUTE_MODE_UNSPECIFIED\x10\x00\x12\x14\n\x10ROUTE_MODE_SPLIT\x10\x01\x12\x18\n\x14ROUTE_MODE_COLOCATED\x10\x02*u\n\x0b\x42\x61\x63kendRole\x12\x1c\n\x18\x42\x41\x43KEND_ROLE_UNSPECIFIED\x10\x00\x12\x18\n\x14\x42\x41\x43KEND_ROLE_PREFILL\x10\x01\x12\x17\n\x13\x42\x41\x43KEND_ROLE_DECODE\x10\x02\x12\x15\n\x11\x42\x41\x43KEND_ROLE_BOTH\x10\x03\x32\xbc\x01\n\x06Router\x12S\n\x08Generate\x12!.hetero.router.v1.GenerateRequest\x1a\".hetero.router.v1.GenerateResponse0\x01\x12]\n\x0cListBackends\x12%.hetero.router.v1.ListBackendsRequest\x1a&.hetero.router.v1.ListBackendsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dhetero/router/v1/router.proto\x12\x10hetero.router.v1\"\xaa\x01\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x03\x88\x01\x01\x12\x0c\n\x04stop\x18\x05 \x03(\tB\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seed\"\xfb\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x06prompt\x18\x03 \x01(\t\x12\x32\n\x08sampling\x18\x04 \x01(\x0b\x32 .hetero.router.v1.SamplingParams\x12\x38\n\x0e\x64isaggregation\x18\x05 \x01(\x0e\x32 .hetero.router.v1.Disaggregation\x12\"\n\x03slo\x18\x06 \x01(\x0b\x32\x15.hetero.router.v1.Slo\x12\x10\n\x08priority\x18\x07 \x01(\r\x12\x11\n\tslo_class\x18\x08 \x01(\t\"I\n\x03Slo\x12\x14\n\x07ttft_ms\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x14\n\x07tpot_ms\x18\x02 \x01(\rH\x01\x88\x01\x01\x42\n\n\x08_ttft_msB\n\n\x08_tpot_ms\"\x85\x01\n\x05Route\x12)\n\x04mode\x18\x01 \x01(\x0e\x32\x1b.hetero.router.v1.RouteMode\x12\x17\n\x0fprefill_backend\x18\x02 \x01(\t\x12\x16\n\x0e\x64\x65\x63ode_backend\x18\x03 \x01(\t\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x0c\n\x04seed\x18\x05 \x01(\x04\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"\xba\x01\n\x10GenerateResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x35\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x1e.hetero.router.v1.FinishReason\x12&\n\x05route\x18\x04 \x01(\x0b\x32\x17.hetero.router.v1.Route\x12&\n\x05usage\x18\x05 \x01(\x0b\x32\x17.hetero.router.v1.Usage\"\x15\n\x13ListBackendsRequest\"\xb0\x02\n\rBackendStatus\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12+\n\x04role\x18\x04 \x01(\x0e\x32\x1d.hetero.router.v1.BackendRole\x12\r\n\x05model\x18\x05 \x01(\t\x12\x0f\n\x07healthy\x18\x06 \x01(\x08\x12\x13\n\x0boutstanding\x18\x07 \x01(\r\x12\x0f\n\x07profile\x18\x08 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\t \x01(\t\x12\x1d\n\x15queued_prefill_tokens\x18\n \x01(\x04\x12\x0f\n\x07running\x18\x0b \x01(\r\x12\x16\n\x0ekv_tokens_used\x18\x0c \x01(\x04\x12\x1a\n\x12kv_tokens_capacity\x18\r \x01(\x04\x12\r\n\x05\x63hips\x18\x0e \x01(\r\"I\n\x14ListBackendsResponse\x12\x31\n\x08\x62\x61\x63kends\x18\x01 \x03(\x0b\x32\x1f.hetero.router.v1.BackendStatus*a\n\x0e\x44isaggregation\x12\x17\n\x13\x44ISAGGREGATION_AUTO\x10\x00\x12\x18\n\x14\x44ISAGGREGATION_SPLIT\x10\x01\x12\x1c\n\x18\x44ISAGGREGATION_COLOCATED\x10\x02*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03*W\n\tRouteMode\x12\x1a\n\x16ROUTE_MODE_UNSPECIFIED\x10\x00\x12\x14\n\x10ROUTE_MODE_SPLIT\x10\x01\x12\x18\n\x14ROUTE_MODE_COLOCATED\x10\x02*u\n\x0b\x42\x61\x63kendRole\x12\x1c\n\x18\x42\x41\x43KEND_ROLE_UNSPECIFIED\x10\x00\x12\x18\n\x14\x42\x41\x43KEND_ROLE_PREFILL\x10\x01\x12\x17\n\x13\x42\x41\x43KEND_ROLE_DECODE\x10\x02\x12\x15\n\x11\x42\x41\x43KEND_ROLE_BOTH\x10\x03\x32\xbc\x01\n\x06Router\x12S\n\x08Generate\x12!.hetero.router.v1.GenerateRequest\x1a\".hetero.router.v1.GenerateResponse0\x01\x12]\n\x0cListBackends\x12%.hetero.router.v1.ListBackendsRequest\x1a&.hetero.router.v1.ListBackendsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'hetero.router.v1.router_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DISAGGREGATION']._serialized_start=1227
-  _globals['_DISAGGREGATION']._serialized_end=1324
-  _globals['_FINISHREASON']._serialized_start=1326
-  _globals['_FINISHREASON']._serialized_end=1446
-  _globals['_ROUTEMODE']._serialized_start=1448
-  _globals['_ROUTEMODE']._serialized_end=1535
-  _globals['_BACKENDROLE']._serialized_start=1537
-  _globals['_BACKENDROLE']._serialized_end=1654
+  _globals['_DISAGGREGATION']._serialized_start=1342
+  _globals['_DISAGGREGATION']._serialized_end=1439
+  _globals['_FINISHREASON']._serialized_start=1441
+  _globals['_FINISHREASON']._serialized_end=1561
+  _globals['_ROUTEMODE']._serialized_start=1563
+  _globals['_ROUTEMODE']._serialized_end=1650
+  _globals['_BACKENDROLE']._serialized_start=1652
+  _globals['_BACKENDROLE']._serialized_end=1769
   _globals['_SAMPLINGPARAMS']._serialized_start=52
   _globals['_SAMPLINGPARAMS']._serialized_end=222
   _globals['_GENERATEREQUEST']._serialized_start=225
@@ -55,9 +55,9 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTBACKENDSREQUEST']._serialized_start=937
   _globals['_LISTBACKENDSREQUEST']._serialized_end=958
   _globals['_BACKENDSTATUS']._serialized_start=961
-  _globals['_BACKENDSTATUS']._serialized_end=1150
-  _globals['_LISTBACKENDSRESPONSE']._serialized_start=1152
-  _globals['_LISTBACKENDSRESPONSE']._serialized_end=1225
-  _globals['_ROUTER']._serialized_start=1657
-  _globals['_ROUTER']._serialized_end=1845
+  _globals['_BACKENDSTATUS']._serialized_end=1265
+  _globals['_LISTBACKENDSRESPONSE']._serialized_start=1267
+  _globals['_LISTBACKENDSRESPONSE']._serialized_end=1340
+  _globals['_ROUTER']._serialized_start=1772
+  _globals['_ROUTER']._serialized_end=1960
 # @@protoc_insertion_point(module_scope)

@@ -380,6 +380,11 @@ class BackendStatus(_message.Message):
     OUTSTANDING_FIELD_NUMBER: _builtins.int
     PROFILE_FIELD_NUMBER: _builtins.int
     DETAIL_FIELD_NUMBER: _builtins.int
+    QUEUED_PREFILL_TOKENS_FIELD_NUMBER: _builtins.int
+    RUNNING_FIELD_NUMBER: _builtins.int
+    KV_TOKENS_USED_FIELD_NUMBER: _builtins.int
+    KV_TOKENS_CAPACITY_FIELD_NUMBER: _builtins.int
+    CHIPS_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     kind: _builtins.str
     address: _builtins.str
@@ -392,6 +397,17 @@ class BackendStatus(_message.Message):
     """Hardware the backend is or emulates, when known (e.g. "h100")."""
     detail: _builtins.str
     """Why the backend is unhealthy, when it is."""
+    queued_prefill_tokens: _builtins.int
+    """Prompt tokens sent to it for prefill and not yet prefilled."""
+    running: _builtins.int
+    """Sequences decoding on it."""
+    kv_tokens_used: _builtins.int
+    """KV tokens in use (as reported) and in all (reported, else its performance
+    model's; 0: unknown).
+    """
+    kv_tokens_capacity: _builtins.int
+    chips: _builtins.int
+    """Chips of `profile` the performance model sizes it with (0: no model)."""
     def __init__(
         self,
         *,
@@ -404,10 +420,15 @@ class BackendStatus(_message.Message):
         outstanding: _builtins.int = ...,
         profile: _builtins.str = ...,
         detail: _builtins.str = ...,
+        queued_prefill_tokens: _builtins.int = ...,
+        running: _builtins.int = ...,
+        kv_tokens_used: _builtins.int = ...,
+        kv_tokens_capacity: _builtins.int = ...,
+        chips: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "detail", b"detail", "healthy", b"healthy", "id", b"id", "kind", b"kind", "model", b"model", "outstanding", b"outstanding", "profile", b"profile", "role", b"role"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "chips", b"chips", "detail", b"detail", "healthy", b"healthy", "id", b"id", "kind", b"kind", "kv_tokens_capacity", b"kv_tokens_capacity", "kv_tokens_used", b"kv_tokens_used", "model", b"model", "outstanding", b"outstanding", "profile", b"profile", "queued_prefill_tokens", b"queued_prefill_tokens", "role", b"role", "running", b"running"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
