@@ -73,7 +73,7 @@ class Dispatcher:
         self.admission = AdmissionGate(
             settings.max_in_flight, settings.queue_limit, metrics, clock=clock
         )
-        # Every prompt routed is recorded into the pool's prefix index, within this bound.
+        # Prompt tokens one hashed prefix block stands for (its bytes over bytes per token).
         self._block_tokens = BLOCK_BYTES / settings.bytes_per_token
 
     @property
