@@ -80,6 +80,9 @@ class _Sequence:
     last_token: int = -1
     generated: int = 0
     aborted: bool = False
+    # A prefill-only sequence's KV in wire form with its checksums (whole, per segment),
+    # made while the modelled prefill runs so that leasing it costs no time after.
+    wire: tuple[bytes | bytearray, tuple[int, tuple[int, ...]]] | None = None
 
     def __post_init__(self) -> None:
         self.text = TextStream(self.sampling.stop)
@@ -457,6 +460,9 @@ class DeviceEngine:
             capacity = len(sequence.prompt_ids) + sequence.sampling.max_tokens
             sequence.cache, logits = self.model.prefill(sequence.prompt_ids, capacity)
             first_tokens.append(self._sample(logits, sequence, position=0))
+            if sequence.prefill_only:
+                payload = self._encode(sequence.cache)
+                sequence.wire = (payload, (zlib.crc32(payload), segment_checksums(payload)))
         return first_tokens
 
     async def _decode_step(self) -> None:
@@ -502,7 +508,13 @@ class DeviceEngine:
         assert sequence.outcome is not None
         assert sequence.cache is not None
         self._finish(sequence)
-        lease = None if finished else self._lease(sequence.request_id, sequence.cache)
+        payload, checksums = sequence.wire or (None, None)
+        sequence.wire = None
+        lease = (
+            None
+            if finished
+            else self._lease(sequence.request_id, sequence.cache, payload, checksums)
+        )
         sequence.outcome.set_result(
             PrefillOutcome(token, frame, finished, len(sequence.prompt_ids), lease)
         )

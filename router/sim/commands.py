@@ -125,6 +125,13 @@ def _workload_flags(command: argparse.ArgumentParser, default_duration_s: float)
         help="fixed latency of the serving path outside the devices (client, router, RPCs)",
     )
     command.add_argument(
+        "--handoff-ms",
+        type=float,
+        default=0.0,
+        help="the same for a split's decode leg: prefill answer to router, decode request, "
+        "start of the KV pull",
+    )
+    command.add_argument(
         "--slo",
         choices=sorted(SLO_PRESETS),
         help="SLO preset (default: the workload's, if it has one)",
@@ -164,6 +171,7 @@ def _simulate(options: argparse.Namespace) -> int:
         progress=None if options.quiet else _progress_line,
         progress_interval_s=PROGRESS_INTERVAL_S,
         overhead_s=options.overhead_ms / 1e3,
+        handoff_s=options.handoff_ms / 1e3,
     )
     result = simulator.run(requests)
     summary = result.summary(slo)
@@ -178,6 +186,7 @@ def _simulate(options: argparse.Namespace) -> int:
             "slo": None if slo is None else _slo_meta(slo),
             "load_report_interval_s": interval,
             "overhead_s": options.overhead_ms / 1e3,
+            "handoff_s": options.handoff_ms / 1e3,
         }
         for note in write_results(options.out, result, summary, meta):
             print(note, file=sys.stderr)
@@ -226,6 +235,7 @@ def _plan(options: argparse.Namespace) -> int:
         include_colocated=not options.no_colocated,
         include_split=not options.no_split,
         overhead_s=options.overhead_ms / 1e3,
+        handoff_s=options.handoff_ms / 1e3,
         on_trial=on_trial,
     )
     print(format_plan(result))

@@ -148,6 +148,7 @@ def plan_cluster(
     include_colocated: bool = True,
     include_split: bool = True,
     overhead_s: float = 0.0,
+    handoff_s: float = 0.0,
     on_trial: TrialCallback | None = None,
 ) -> PlanResult:
     """Searches device mixes for the cheapest that meets ``slo`` on ``target_attainment``.
@@ -155,7 +156,7 @@ def plan_cluster(
     ``policy`` makes a fresh scheduler for each run. ``profiles`` limits the catalogue
     (None: every profile that can hold ``model``); ``max_devices`` bounds the devices
     of one configuration and ``max_runs`` the simulations of the whole search;
-    ``overhead_s`` is the simulator's fixed serving-path latency.
+    ``overhead_s`` and ``handoff_s`` are the simulator's fixed serving-path latencies.
     """
     if not requests:
         raise ValueError("planning needs at least one request")
@@ -187,6 +188,7 @@ def plan_cluster(
         target=target_attainment,
         allowed_misses=allowed_misses,
         overhead_s=overhead_s,
+        handoff_s=handoff_s,
         on_trial=on_trial,
     )
     coarse = [
@@ -225,6 +227,7 @@ class _Search:
         target: float,
         allowed_misses: int,
         overhead_s: float,
+        handoff_s: float,
         on_trial: TrialCallback | None,
     ) -> None:
         self.model = model
@@ -234,6 +237,7 @@ class _Search:
         self.target = target
         self.allowed_misses = allowed_misses
         self.overhead_s = overhead_s
+        self.handoff_s = handoff_s
         self.on_trial = on_trial
         self.trials: list[PlanTrial] = []
         self.runs = 0
@@ -255,7 +259,10 @@ class _Search:
     def _run(self, candidate: Candidate) -> PlanTrial:
         self.runs += 1
         simulator = Simulator(
-            candidate.cluster(self.model), self.policy(), overhead_s=self.overhead_s
+            candidate.cluster(self.model),
+            self.policy(),
+            overhead_s=self.overhead_s,
+            handoff_s=self.handoff_s,
         )
         result = simulator.run(self.requests, slo=self.slo, stop_after_misses=self.allowed_misses)
         if result.stopped_early:

@@ -76,7 +76,11 @@ class Simulator:
     ``overhead_s`` is the fixed latency of the serving path outside the devices' own
     iterations (client, router and device RPCs, timers): a request reaches its device
     that long after the router decided. 0 models the devices alone; a live cluster
-    adds a few milliseconds, which a fidelity comparison can calibrate here.
+    adds a few milliseconds, which requests served one at a time measure.
+    ``handoff_s`` is the same for a split's decode leg: the prefill's answer reaching
+    the router, the decode request reaching the decode device and its pull starting.
+    The decode device has the KV that long plus the modelled wire time after the
+    prefill ends (the prefill device holds its lease until then).
     """
 
     def __init__(
@@ -92,6 +96,7 @@ class Simulator:
         progress: ProgressCallback | None = None,
         progress_interval_s: float = 2.0,
         overhead_s: float = 0.0,
+        handoff_s: float = 0.0,
     ) -> None:
         if not cluster.devices:
             raise ValueError("a cluster needs at least one device")
@@ -99,6 +104,8 @@ class Simulator:
             raise ValueError("load_report_interval_s must be >= 0")
         if not (math.isfinite(overhead_s) and overhead_s >= 0):
             raise ValueError("overhead_s must be finite and >= 0")
+        if not (math.isfinite(handoff_s) and handoff_s >= 0):
+            raise ValueError("handoff_s must be finite and >= 0")
         self.cluster = cluster
         self.scheduler = scheduler
         self.model = cluster.model
@@ -131,6 +138,7 @@ class Simulator:
         self._progress = progress
         self._progress_interval_s = progress_interval_s
         self._overhead_s = overhead_s
+        self._handoff_s = handoff_s
         self._watch: SLO | None = None
         self._misses = 0
         self._done = 0
@@ -498,7 +506,8 @@ class Simulator:
             wire_s = (
                 0.0 if decode is device else device.perf.transfer_s(request.prompt, decode.perf)
             )
-            _push(self._heap, (now + wire_s, next(self._order), self._kv_arrived, request))
+            arrives = now + self._handoff_s + wire_s
+            _push(self._heap, (arrives, next(self._order), self._kv_arrived, request))
 
     def _decode_leg(self, decode: SimDevice, request: SimRequest) -> None:
         """The router sends the decode leg: the request counts on the decode backend."""

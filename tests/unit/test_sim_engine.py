@@ -220,6 +220,27 @@ def test_a_split_request_waits_out_the_modelled_wire_time_before_its_second_toke
     assert (result.prefill_device[0], result.decode_device[0]) == (0, 1)
 
 
+def test_the_decode_leg_s_hop_adds_to_the_wire_time_and_holds_the_lease_as_long() -> None:
+    slow = perf(capacity=1500, link_gbps=1.0)
+    prefill, decode = device("p0", Role.PREFILL, slow), device("d0", Role.DECODE)
+    timing = slow.timing
+    first_end = timing.prefill_seconds([1000])
+    wire = slow.transfer_s(1000, decode.perf)
+    hop = 0.003
+    # B arrives after A's prefill; A's lease leaves no room for B until A's KV is over.
+    arrival = first_end + wire / 4
+    result = Simulator(
+        cluster(prefill, decode), FixedScheduler(prefill="p0", decode="d0"), handoff_s=hop
+    ).run(requests((0.0, 1000, 2), (arrival, 600, 5)))
+    assert result.ttft_s[0] == first_end
+    step = decode.perf.timing.decode_step_seconds([1001])
+    assert result.tpot_s[0] == pytest.approx(hop + wire + step, rel=1e-12)
+    b_first = end_of(first_end, [hop + wire, timing.prefill_seconds([600])])
+    assert result.arrival_s[1] + result.ttft_s[1] == pytest.approx(b_first, rel=1e-12)
+    with pytest.raises(ValueError, match="handoff_s"):
+        Simulator(cluster(prefill, decode), FixedScheduler(colocated="p0"), handoff_s=-1.0)
+
+
 def test_the_lease_holds_prefill_memory_until_the_decode_side_has_the_kv() -> None:
     capacity = 1500
     slow = perf(capacity=capacity, link_gbps=1.0)
