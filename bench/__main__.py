@@ -29,6 +29,7 @@ def main() -> int:
     parser.add_argument("--scenario", action="append", choices=sorted(SCENARIOS))
     parser.add_argument("--out", type=Path, default=RESULTS_DIR)
     options = parser.parse_args()
+    options.out.mkdir(parents=True, exist_ok=True)
     for name in options.scenario or sorted(SCENARIOS):
         started = time.monotonic()
         print(f"scenario {name} ({'quick' if options.quick else 'full'})", file=sys.stderr)
