@@ -85,8 +85,12 @@ class Context:
 
     def ttft_s(self, view: BackendView) -> float | None:
         """Queued prefills ahead of it, then its own."""
-        prefill = self.prefill_s(view)
-        return None if prefill is None else view.queue_wait_s + prefill
+        value = self._prefill_by_view.get(view.id)
+        if value is None:
+            value = self.prefill_s(view)
+            if value is None:
+                return None
+        return view.queue_wait_s + value
 
     def step_s(self, view: BackendView) -> float | None:
         """One decode iteration on ``view`` once this request joins its batch."""
@@ -96,8 +100,9 @@ class Context:
             if perf is None:
                 return None
             features = self.features
-            value = self._step[view.id] = perf.step_s(
-                view.running + 1,
-                view.context_tokens + features.prompt_tokens + features.max_tokens // 2,
+            running = view.running + 1
+            context = view.context_tokens + features.prompt_tokens + features.max_tokens // 2
+            value = self._step[view.id] = perf.timing.decode_step_seconds_of(
+                running, context, -(-context // running)
             )
         return value
