@@ -96,7 +96,12 @@ async def _serving_address(process: asyncio.subprocess.Process) -> tuple[str, st
 
 
 async def _drain(process: asyncio.subprocess.Process) -> None:
-    """Reads the router's log so it never blocks on a full pipe."""
+    """Reads the router's log so it never blocks on a full pipe; appends it to the file
+    ``BENCH_ROUTER_LOG`` names, when set, to see what the router said during a run."""
     assert process.stderr is not None
-    while await process.stderr.readline():
-        pass
+    keep = os.environ.get("BENCH_ROUTER_LOG")
+    # Small appends to a local file: blocking them is harmless in a benchmark.
+    with open(keep, "ab") if keep else contextlib.nullcontext() as log:  # noqa: ASYNC230
+        while line := await process.stderr.readline():
+            if log is not None:
+                log.write(line)

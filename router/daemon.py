@@ -43,7 +43,10 @@ class Daemon:
             prefix_index_blocks_per_backend=settings.prefix_index_blocks_per_backend,
         )
         self.health = HealthChecker(
-            self.pool, settings.health_interval_s, settings.health_timeout_s
+            self.pool,
+            settings.health_interval_s,
+            settings.health_timeout_s,
+            settings.health_unhealthy_threshold,
         )
         self.dispatcher = Dispatcher(self.pool, build_scheduler(settings), settings, self.metrics)
         self.front_door = FrontDoor(

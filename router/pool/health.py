@@ -2,6 +2,11 @@
 
 After each passing check the backend's load report is read too (KV use and the prefix
 blocks it holds cached); backends that report none are still served.
+
+A healthy backend is taken out only after ``unhealthy_threshold`` checks in a row fail
+(Kubernetes' failureThreshold, Envoy's unhealthy_threshold): a device saturated by its
+own streams can miss one health deadline, and ejecting the only decode backend for it
+would fail every request for a whole interval. One passing check brings it back.
 """
 
 from __future__ import annotations
@@ -16,10 +21,17 @@ log = get_logger(__name__)
 
 
 class HealthChecker:
-    def __init__(self, pool: Pool, interval_s: float, timeout_s: float) -> None:
+    def __init__(
+        self, pool: Pool, interval_s: float, timeout_s: float, unhealthy_threshold: int = 3
+    ) -> None:
+        if unhealthy_threshold < 1:
+            raise ValueError("unhealthy_threshold must be >= 1")
         self._pool = pool
         self._interval_s = interval_s
         self._timeout_s = timeout_s
+        self._unhealthy_threshold = unhealthy_threshold
+        # Failed checks in a row, per backend.
+        self._failures: dict[str, int] = {}
         self._task: asyncio.Task[None] | None = None
         # Backends whose load report failed last time (logged once per failing streak).
         self._no_load: set[str] = set()
@@ -53,6 +65,17 @@ class HealthChecker:
             if status_ok and status.model and status.model != config.model:
                 status_ok = False
                 detail = f"serves model {status.model!r}, pool file says {config.model!r}"
+        failures = 0 if status_ok else self._failures.get(config.id, 0) + 1
+        self._failures[config.id] = failures
+        if endpoint.healthy and 0 < failures < self._unhealthy_threshold:
+            log.info(
+                "backend health check failed",
+                backend=config.id,
+                failures=failures,
+                threshold=self._unhealthy_threshold,
+                detail=detail,
+            )
+            return
         if status_ok != endpoint.healthy:
             log.info("backend health changed", backend=config.id, healthy=status_ok, detail=detail)
         self._pool.set_health(config.id, status_ok, detail, layout)

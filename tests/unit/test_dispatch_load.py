@@ -66,6 +66,7 @@ class Scripted(Backend):
     first_token_s = 0.2  # clock advance before the first token
     token_gap_s = 0.05  # and between the following ones
     load_report = BackendLoad()
+    serving = True  # what health checks answer
 
     def __init__(self, backend_id: str, address: str, options: Mapping[str, Any]) -> None:
         super().__init__(backend_id, address, options)
@@ -78,7 +79,7 @@ class Scripted(Backend):
     async def close(self) -> None: ...
 
     async def check_health(self, timeout_s: float) -> HealthStatus:
-        return HealthStatus(serving=True)
+        return HealthStatus(serving=Scripted.serving, detail="" if Scripted.serving else "slow")
 
     async def load(self, timeout_s: float) -> BackendLoad:
         if self.id == "silent":
@@ -144,6 +145,7 @@ def scripted(monkeypatch: pytest.MonkeyPatch) -> None:
     Scripted.fail = ""
     Scripted.fail_after_first = False
     Scripted.load_report = BackendLoad()
+    Scripted.serving = True
 
 
 SPLIT_PAIR = (("p", "prefill"), ("d", "decode"))
@@ -450,3 +452,24 @@ def test_the_prefix_index_is_bounded_per_backend_as_configured() -> None:
     assert pool.prefix_index.blocks_held("p") == 2
     assert pool.snapshot().prefix_index is pool.prefix_index
     assert dispatcher.slo_classes >= {"default"}
+
+
+async def test_a_backend_leaves_service_only_after_three_failed_checks_in_a_row() -> None:
+    _, pool, _ = make(backends=(("d", "decode"),))
+    checker = HealthChecker(pool, interval_s=1.0, timeout_s=1.0, unhealthy_threshold=3)
+    Scripted.serving = False
+    await checker.check_all()
+    await checker.check_all()
+    assert view(pool, "d").healthy  # a busy device may miss a deadline or two
+    Scripted.serving = True
+    await checker.check_all()  # a pass starts the count again
+    Scripted.serving = False
+    await checker.check_all()
+    await checker.check_all()
+    assert view(pool, "d").healthy
+    await checker.check_all()
+    assert not view(pool, "d").healthy
+    assert view(pool, "d").detail == "slow"
+    Scripted.serving = True
+    await checker.check_all()
+    assert view(pool, "d").healthy
