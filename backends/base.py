@@ -142,6 +142,8 @@ class HealthStatus:
     model: str = ""
     profile: str = ""
     layout: KVLayout | None = None
+    # The check got no answer in time (a busy backend), rather than a refusal or an error.
+    timed_out: bool = False
 
 
 class Backend(abc.ABC):

@@ -155,7 +155,11 @@ class OpenAIBackend(Backend):
                 listing = await response.json(content_type=None)
         except _TRANSPORT_ERRORS as error:
             failure = transport_error(self.id, error, timeout_s)
-            return HealthStatus(serving=False, detail=self._key.clean(failure.message))
+            return HealthStatus(
+                serving=False,
+                detail=self._key.clean(failure.message),
+                timed_out=isinstance(error, TimeoutError),
+            )
         offered = _model_ids(listing)
         if self._model and offered and self._model not in offered:
             return HealthStatus(serving=False, detail=f"model {self._model!r} is not offered")

@@ -263,7 +263,11 @@ class SglangBackend(Backend):
                     return HealthStatus(serving=False, detail=f"HTTP {response.status}")
         except _TRANSPORT_ERRORS as error:
             detail = transport_error(self.id, error, timeout_s).message
-            return HealthStatus(serving=False, detail=self._key.clean(detail))
+            return HealthStatus(
+                serving=False,
+                detail=self._key.clean(detail),
+                timed_out=isinstance(error, TimeoutError),
+            )
         return HealthStatus(serving=True)
 
     async def load(self, timeout_s: float) -> BackendLoad:

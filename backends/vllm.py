@@ -162,6 +162,9 @@ class VllmBackend(Backend):
                 error = status_error(self.id, response.status, body)
         except (aiohttp.ClientError, TimeoutError) as failure:
             error = transport_error(self.id, failure, timeout_s)
+            return HealthStatus(
+                serving=False, detail=error.message, timed_out=isinstance(failure, TimeoutError)
+            )
         return HealthStatus(serving=False, detail=error.message)
 
     async def load(self, timeout_s: float) -> BackendLoad:

@@ -82,7 +82,8 @@ class Settings(BaseSettings):
 
     health_interval_s: float = Field(default=1.0, gt=0)
     health_timeout_s: float = Field(default=1.0, gt=0)
-    # Failed health checks in a row before a healthy backend is taken out of service.
+    # Health checks in a row that time out before a healthy backend leaves service (a
+    # refused or failed check takes it out at once).
     health_unhealthy_threshold: int = Field(default=3, ge=1)
     drain_grace_s: float = Field(default=10.0, ge=0)
     device_ready_timeout_s: float = Field(default=60.0, gt=0)

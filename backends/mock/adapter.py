@@ -127,7 +127,11 @@ class MockBackend(Backend):
         try:
             response = await self._calls["Health"](device_pb2.HealthRequest(), timeout=timeout_s)
         except grpc.aio.AioRpcError as error:
-            return HealthStatus(serving=False, detail=f"{error.code().name}: {error.details()}")
+            return HealthStatus(
+                serving=False,
+                detail=f"{error.code().name}: {error.details()}",
+                timed_out=error.code() == grpc.StatusCode.DEADLINE_EXCEEDED,
+            )
         self._data_address = response.data_address
         return HealthStatus(
             serving=response.serving,

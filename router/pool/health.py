@@ -3,10 +3,12 @@
 After each passing check the backend's load report is read too (KV use and the prefix
 blocks it holds cached); backends that report none are still served.
 
-A healthy backend is taken out only after ``unhealthy_threshold`` checks in a row fail
-(Kubernetes' failureThreshold, Envoy's unhealthy_threshold): a device saturated by its
-own streams can miss one health deadline, and ejecting the only decode backend for it
-would fail every request for a whole interval. One passing check brings it back.
+A healthy backend whose checks time out is taken out only after ``unhealthy_threshold``
+of them in a row (Kubernetes' failureThreshold, Envoy's unhealthy_threshold): a device
+saturated by its own streams can miss a health deadline, and ejecting the only decode
+backend for it would fail every request for a whole interval. A check that fails
+outright (connection refused, an error status, the wrong model) takes it out at once.
+One passing check brings it back.
 """
 
 from __future__ import annotations
@@ -60,16 +62,18 @@ class HealthChecker:
         except Exception as error:  # a broken adapter must not stop the checker
             log.exception("health check raised", backend=config.id)
             status_ok, detail, layout = False, f"health check raised: {error}", None
+            timed_out = False
         else:
             status_ok, detail, layout = status.serving, status.detail, status.layout
+            timed_out = status.timed_out
             if status_ok and status.model and status.model != config.model:
                 status_ok = False
                 detail = f"serves model {status.model!r}, pool file says {config.model!r}"
-        failures = 0 if status_ok else self._failures.get(config.id, 0) + 1
+        failures = self._failures.get(config.id, 0) + 1 if timed_out else 0
         self._failures[config.id] = failures
         if endpoint.healthy and 0 < failures < self._unhealthy_threshold:
             log.info(
-                "backend health check failed",
+                "backend health check timed out",
                 backend=config.id,
                 failures=failures,
                 threshold=self._unhealthy_threshold,

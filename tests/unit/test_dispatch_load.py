@@ -67,6 +67,8 @@ class Scripted(Backend):
     token_gap_s = 0.05  # and between the following ones
     load_report = BackendLoad()
     serving = True  # what health checks answer
+    slow = True  # a failing check timed out (else it was refused)
+    unhealthy = "slow"
 
     def __init__(self, backend_id: str, address: str, options: Mapping[str, Any]) -> None:
         super().__init__(backend_id, address, options)
@@ -79,7 +81,9 @@ class Scripted(Backend):
     async def close(self) -> None: ...
 
     async def check_health(self, timeout_s: float) -> HealthStatus:
-        return HealthStatus(serving=Scripted.serving, detail="" if Scripted.serving else "slow")
+        if Scripted.serving:
+            return HealthStatus(serving=True)
+        return HealthStatus(serving=False, detail=Scripted.unhealthy, timed_out=Scripted.slow)
 
     async def load(self, timeout_s: float) -> BackendLoad:
         if self.id == "silent":
@@ -146,6 +150,7 @@ def scripted(monkeypatch: pytest.MonkeyPatch) -> None:
     Scripted.fail_after_first = False
     Scripted.load_report = BackendLoad()
     Scripted.serving = True
+    Scripted.slow = True
 
 
 SPLIT_PAIR = (("p", "prefill"), ("d", "decode"))
@@ -454,7 +459,7 @@ def test_the_prefix_index_is_bounded_per_backend_as_configured() -> None:
     assert dispatcher.slo_classes >= {"default"}
 
 
-async def test_a_backend_leaves_service_only_after_three_failed_checks_in_a_row() -> None:
+async def test_a_slow_backend_leaves_service_after_three_timeouts_in_a_row() -> None:
     _, pool, _ = make(backends=(("d", "decode"),))
     checker = HealthChecker(pool, interval_s=1.0, timeout_s=1.0, unhealthy_threshold=3)
     Scripted.serving = False
@@ -473,3 +478,12 @@ async def test_a_backend_leaves_service_only_after_three_failed_checks_in_a_row(
     Scripted.serving = True
     await checker.check_all()
     assert view(pool, "d").healthy
+
+
+async def test_a_backend_that_refuses_its_check_leaves_service_at_once() -> None:
+    _, pool, _ = make(backends=(("d", "decode"),))
+    checker = HealthChecker(pool, interval_s=1.0, timeout_s=1.0, unhealthy_threshold=3)
+    Scripted.serving, Scripted.slow, Scripted.unhealthy = False, False, "connection refused"
+    await checker.check_all()
+    assert not view(pool, "d").healthy
+    assert view(pool, "d").detail == "connection refused"
