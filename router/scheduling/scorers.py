@@ -118,10 +118,21 @@ class PredictedLatencyScorer:
 
 
 class CostScorer:
-    """Dollars per token of the leg on this device: price per second times the device
-    time the leg takes (a decode iteration shared by its batch)."""
+    """Dollars per token of the leg on this device: its cost per second times the device
+    time the leg takes (a decode iteration shared by its batch).
+
+    The cost per second is the profile's price per hour (a cloud rental, power
+    included); for hardware one owns, ``usd_per_kwh`` adds the energy the profile's
+    power draw costs at that tariff.
+    """
 
     name: ClassVar[str] = "cost"
+
+    def __init__(self, usd_per_kwh: float = 0.0) -> None:
+        if not usd_per_kwh >= 0:
+            raise ValueError(f"usd_per_kwh must be >= 0, got {usd_per_kwh}")
+        # Dollars per second per watt drawn.
+        self._usd_per_watt_second = usd_per_kwh / 3.6e6
 
     def scores(self, candidates: Sequence[BackendView], leg: Leg, ctx: Context) -> list[float]:
         tokens = ctx.features.max_tokens
@@ -136,5 +147,6 @@ class CostScorer:
                 seconds += ctx.prefill_s(c) or 0.0
             if leg.decodes:
                 seconds += tokens * (ctx.step_s(c) or 0.0) / (c.running + 1)
-            values.append(perf.price_per_second_usd * seconds)
+            per_second = perf.price_per_second_usd + perf.power_watts * self._usd_per_watt_second
+            values.append(per_second * seconds)
         return _ratio_to_best(values)

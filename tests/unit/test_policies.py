@@ -90,6 +90,25 @@ def test_cost_scorer_prefers_the_cheaper_device_per_token() -> None:
     assert scheduler.schedule(request(), pool, 0.0).decode_backend == cheaper
 
 
+def test_energy_counts_in_cost_when_the_hardware_is_owned() -> None:
+    # At a tariff that dwarfs any rental price, the device spending fewer joules wins.
+    frugal = perf_for("h100", MODEL)
+    hungry = perf_for("b200", MODEL)
+    assert frugal is not None
+    assert hungry is not None
+    pool = PoolSnapshot((view("hungry", perf=hungry), view("frugal", perf=frugal)))
+    energy = {"name": "cost", "usd_per_kwh": 1000.0}  # energy dominates any rental price
+
+    def joules(perf: Any) -> float:
+        return float(perf.power_watts * (perf.prefill_s(1000) + 200 * perf.step_s(1, 1100)))
+
+    greener = "frugal" if joules(frugal) < joules(hungry) else "hungry"
+    picked = policy(decider="never", scorers=[energy], picker="max-score")
+    assert picked.schedule(request(), pool, 0.0).decode_backend == greener
+    with pytest.raises(ConfigError, match="usd_per_kwh must be >= 0"):
+        policy(scorers=[{"name": "cost", "usd_per_kwh": -1}])
+
+
 def test_round_robin_rotates_blind_to_load() -> None:
     pool = PoolSnapshot((view("a", outstanding=50), view("b"), view("c")))
     scheduler = policy(decider="never", picker="round-robin")
