@@ -184,16 +184,20 @@ def default_pool_path() -> Path:
     return Path(str(resources.files("router").joinpath(DEFAULT_POOL_RESOURCE)))
 
 
+def read_yaml(path: Path, what: str) -> Any:
+    """The YAML document in ``path``; ConfigError says which ``what`` file could not be read."""
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as error:
+        raise ConfigError(f"cannot read {what} file {path}: {error.strerror}") from error
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{what} file {path} is not valid YAML: {error}") from error
+
+
 def load_pool(path: Path | None) -> PoolConfig:
     """Reads and validates a pool file; ConfigError names the file and the field."""
     path = path or default_pool_path()
-    try:
-        raw: Any = yaml.safe_load(path.read_text())
-    except OSError as error:
-        raise ConfigError(f"cannot read pool file {path}: {error.strerror}") from error
-    except yaml.YAMLError as error:
-        raise ConfigError(f"pool file {path} is not valid YAML: {error}") from error
-    return parse_pool(raw, source=str(path))
+    return parse_pool(read_yaml(path, "pool"), source=str(path))
 
 
 def parse_pool(raw: Any, *, source: str = "pool") -> PoolConfig:

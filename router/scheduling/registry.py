@@ -24,7 +24,6 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from router.errors import ConfigError
@@ -55,7 +54,7 @@ from router.scheduling.scorers import (
     RunningRequestsScorer,
     Scorer,
 )
-from router.settings import Settings
+from router.settings import Settings, read_yaml
 
 DEFAULT_POLICY_PATH = Path(__file__).resolve().parent.parent / "defaults" / "policy.yaml"
 
@@ -140,14 +139,8 @@ def load_policy(path: Path | None = None, overrides: Mapping[str, Any] | None = 
     ``min_prompt_tokens`` in every profile. Raises ConfigError naming the file, profile and
     plugin on anything wrong.
     """
-    source = path or DEFAULT_POLICY_PATH
-    try:
-        raw = yaml.safe_load(Path(source).read_text())
-    except OSError as error:
-        raise ConfigError(f"cannot read policy file {source}: {error.strerror}") from error
-    except yaml.YAMLError as error:
-        raise ConfigError(f"policy file {source} is not valid YAML: {error}") from error
-    return parse_policy(raw, str(source), overrides)
+    source = Path(path or DEFAULT_POLICY_PATH)
+    return parse_policy(read_yaml(source, "policy"), str(source), overrides)
 
 
 def parse_policy(

@@ -21,14 +21,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from backends.base import Role
 from backends.mock.roofline import load_catalog
 from router.errors import ConfigError
 from router.scheduling.perf import DevicePerf, perf_for
-from router.settings import parse_pool
+from router.settings import parse_pool, read_yaml
 
 _NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
 
@@ -127,13 +126,7 @@ class Cluster:
 
 def load_cluster(path: Path) -> Cluster:
     """Reads a cluster file of either form; ConfigError names the file and the field."""
-    try:
-        raw: Any = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as error:
-        raise ConfigError(f"cannot read cluster file {path}: {error.strerror}") from error
-    except yaml.YAMLError as error:
-        raise ConfigError(f"cluster file {path} is not valid YAML: {error}") from error
-    return parse_cluster(raw, source=str(path))
+    return parse_cluster(read_yaml(path, "cluster"), source=str(path))
 
 
 def parse_cluster(raw: Any, *, source: str = "cluster") -> Cluster:

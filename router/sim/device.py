@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import math
 from array import array
-from collections import OrderedDict, deque
+from collections import deque
 
 from backends.base import HandoffMode
+from backends.mock.engine import PrefixCache
 from router.pool.snapshot import BackendView
 from router.scheduling.prefix import BLOCK_BYTES
 from router.sim.cluster import DeviceSpec
@@ -135,7 +136,10 @@ class SimDevice:
             [] if self.timing.profile.pipeline is not None else None
         )
         self.cache_blocks = spec.prefix_cache_blocks
-        self.cache: OrderedDict[int, None] | None = OrderedDict() if self.cache_blocks else None
+        # The mock engine's own prefix cache: the same hits, order and evictions.
+        self.cache: PrefixCache | None = (
+            PrefixCache(self.cache_blocks) if self.cache_blocks else None
+        )
         self.cache_news: dict[int, None] = {}  # remembered since its last load report
         # The router's accounting, as the daemon keeps it.
         self.outstanding = 0
@@ -179,28 +183,18 @@ class SimDevice:
 
     def cached_tokens(self, hashes: tuple[int, ...], prompt: int) -> int:
         cache = self.cache
-        if cache is None:
-            return 0
-        matched = 0
-        for value in hashes:
-            if value not in cache:
-                break
-            matched += 1
-        return max(0, min(matched * BLOCK_TOKENS, prompt - 1))
+        return 0 if cache is None else cache.cached_tokens(hashes, prompt)
 
     def remember(self, hashes: tuple[int, ...]) -> None:
-        """Last block first, so that eviction takes a prompt's tail before its head."""
+        """The engine's record (last block first), and the news for the next load report."""
         cache = self.cache
         if cache is None or not hashes:
             return
+        cache.record(hashes)
         news = self.cache_news
         for value in reversed(hashes):
-            cache[value] = None
-            cache.move_to_end(value)
             news.pop(value, None)
             news[value] = None
-        while len(cache) > self.cache_blocks:
-            cache.popitem(last=False)
 
     def kv_shape(self) -> tuple[int, int, int, str]:
         """The emulated model's KV shape: devices of one model can always hand KV over."""
