@@ -110,22 +110,26 @@ def scheduling(path: Path, result: Mapping[str, Any]) -> None:
     panel = axes[1][0]
     labels, hetero, colocated = [], [], []
     for trials in studies["hetero_per_dollar"].values():
-        for label, trial in trials["trials"].items():
-            labels.append(label.replace(" + ", "\n+ "))
+        by_prefill = sorted(trials["trials"].items(), key=lambda item: int(item[0].split("x")[0]))
+        for label, trial in by_prefill:
+            # "8x h100 + 1x cerebras-wse3" -> "8 H100\n+ cerebras"
+            prefill, decode = label.split(" + ")
+            labels.append(f"{prefill.split('x')[0]} H100\n+ {decode.split()[-1].split('-')[0]}")
             hetero.append(trial["hetero_per_usd_hour"])
             colocated.append(trial["colocated_per_usd_hour"])
     slots = np.arange(len(labels), dtype=float)
     panel.bar(slots - 0.2, hetero, 0.4, label="H100 prefill + SRAM decode")
     panel.bar(slots + 0.2, colocated, 0.4, label="H100 colocated, same $/h")
     panel.set_xticks(slots)
-    panel.set_xticklabels(labels, fontsize=6)
+    panel.set_xticklabels(labels, fontsize=7, rotation=45, ha="right")
     panel.set_ylabel("goodput per $/h (modelled)")
     panel.set_title("Llama-3.1-70B, tight TPOT: goodput per dollar")
     panel.legend(fontsize=8)
 
     panel = axes[1][1]
     policies = studies["policies_by_prefix_cache_blocks"]
-    names = list(next(iter(policies.values())))
+    order = ("round-robin", "least-outstanding", "packaged")
+    names = sorted(next(iter(policies.values())), key=lambda n: order.index(n) if n in order else 9)
     width = 0.8 / len(policies)
     for offset, (blocks, rates) in enumerate(policies.items()):
         positions = np.arange(len(names)) + offset * width
