@@ -39,7 +39,7 @@ from router.scheduling.prefix import BLOCK_BYTES, block_hashes
 # Prefill compute above this many tokens leaves the event loop (numpy releases
 # the GIL), so a long prompt does not stall the device's RPCs.
 _INLINE_PREFILL_TOKENS = 512
-_MAX_PREFILL_BATCH_TOKENS = 16384
+MAX_PREFILL_BATCH_TOKENS = 16384
 _FLUSH_YIELDS = 3
 # Load reports at most this many cached block hashes (the most recently used): enough to
 # route prompts of 256 KiB, while a Load reply stays small whatever the cache holds.
@@ -423,7 +423,7 @@ class DeviceEngine:
         for sequence in list(self._waiting.values()):
             fits_memory = self._kv_used + sequence.needed_tokens <= self.kv_capacity_tokens
             fits_batch = not batch or batch_tokens + len(sequence.prompt_ids) <= (
-                _MAX_PREFILL_BATCH_TOKENS
+                MAX_PREFILL_BATCH_TOKENS
             )
             if not (fits_memory and fits_batch):
                 break  # first come, first served: no overtaking

@@ -36,8 +36,6 @@ _ROUTE_MODE = {
     Mode.SPLIT: router_pb2.ROUTE_MODE_SPLIT,
     Mode.COLOCATED: router_pb2.ROUTE_MODE_COLOCATED,
 }
-# The least TTFT budget a scheduler is given for a request that spent the rest queued.
-_MIN_TTFT_BUDGET_S = 0.001
 
 
 @dataclass
@@ -110,7 +108,7 @@ class Dispatcher:
                 max_tokens=request.sampling.max_tokens,
                 disaggregation=disaggregation,
                 sequence=next(self._arrivals),
-                slo=_scheduling_slo(service, class_slo, now - arrived if queued else 0.0),
+                slo=service.scheduling_slo(class_slo, now - arrived if queued else 0.0),
                 priority=service.priority,
                 slo_class=service.slo_class,
                 prefix_hashes=block_hashes(request.prompt),
@@ -355,19 +353,6 @@ class Dispatcher:
 def _context_tokens(request: GenerationRequest) -> int:
     """KV tokens a sequence may reach: its prompt and every token it may generate."""
     return request.prompt_tokens + request.sampling.max_tokens
-
-
-def _scheduling_slo(service: ServiceLevel, class_slo: Slo | None, waited_s: float) -> Slo | None:
-    """The targets the scheduler plans for: the request's own (None: its class's).
-
-    Time spent queued for admission counts toward the time to first token, so a
-    request that waited is planned against what is left of its budget.
-    """
-    own = service.own_slo(class_slo)
-    held_to = own or class_slo
-    if waited_s <= 0 or held_to is None:
-        return own
-    return Slo(max(held_to.ttft_s - waited_s, _MIN_TTFT_BUDGET_S), held_to.tpot_s)
 
 
 def _outcome(error: RouterError) -> str:

@@ -14,6 +14,10 @@ MAX_TARGET_MS = 3_600_000
 FALLBACK_SLO = Slo(ttft_s=2.0, tpot_s=0.2)
 
 
+# The least TTFT budget a scheduler is given for a request that spent the rest queued.
+MIN_TTFT_BUDGET_S = 0.001
+
+
 @dataclass(frozen=True)
 class ServiceLevel:
     """Validated: targets within 1..MAX_TARGET_MS, priority 0..MAX_PRIORITY, a known class."""
@@ -39,6 +43,18 @@ class ServiceLevel:
     def effective_slo(self, class_default: Slo | None) -> Slo | None:
         """What the request is held to: its own targets, else its class's (None: no SLO)."""
         return self.own_slo(class_default) or class_default
+
+    def scheduling_slo(self, class_default: Slo | None, waited_s: float) -> Slo | None:
+        """The targets the scheduler plans for: the request's own (None: its class's).
+
+        Time spent queued for admission counts toward the time to first token, so a
+        request that waited is planned against what is left of its budget.
+        """
+        own = self.own_slo(class_default)
+        held_to = own or class_default
+        if waited_s <= 0 or held_to is None:
+            return own
+        return Slo(max(held_to.ttft_s - waited_s, MIN_TTFT_BUDGET_S), held_to.tpot_s)
 
 
 DEFAULT_SERVICE = ServiceLevel()

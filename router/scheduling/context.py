@@ -106,3 +106,9 @@ class Context:
                 running, context, -(-context // running)
             )
         return value
+
+    def decode_share_s(self, view: BackendView) -> float | None:
+        """Device time the request's decode takes on ``view``: its output tokens' steps,
+        each shared with the rest of the batch. What its decode costs, in device-seconds."""
+        step = self.step_s(view)
+        return None if step is None else self.features.max_tokens * step / (view.running + 1)

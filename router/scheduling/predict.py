@@ -25,12 +25,11 @@ def colocated(view: BackendView, ctx: Context) -> Prediction | None:
     perf = view.perf
     prefill = ctx.prefill_s(view)
     step = ctx.step_s(view)
-    if perf is None or prefill is None or step is None:
+    share = ctx.decode_share_s(view)
+    if perf is None or prefill is None or step is None or share is None:
         return None
-    tokens = ctx.features.max_tokens
     waiting = view.queue_wait_s
-    tpot = step + waiting / max(tokens - 1, 1)
-    share = tokens * step / (view.running + 1)
+    tpot = step + waiting / max(ctx.features.max_tokens - 1, 1)
     return Prediction(waiting + prefill, tpot, perf.price_per_second_usd * (prefill + share))
 
 
@@ -38,13 +37,11 @@ def split(prefill: BackendView, decode: BackendView, ctx: Context) -> Prediction
     p_perf, d_perf = prefill.perf, decode.perf
     p_time = ctx.prefill_s(prefill)
     step = ctx.step_s(decode)
-    if p_perf is None or d_perf is None or p_time is None or step is None:
+    share = ctx.decode_share_s(decode)
+    if p_perf is None or d_perf is None or p_time is None or step is None or share is None:
         return None
     features = ctx.features
     handoff = p_perf.transfer_s(features.prompt_tokens, d_perf) + ctx.split_overhead_s
     tpot = step + (decode.queue_wait_s + handoff) / max(features.max_tokens - 1, 1)
-    cost = (
-        p_perf.price_per_second_usd * p_time
-        + d_perf.price_per_second_usd * features.max_tokens * step / (decode.running + 1)
-    )
+    cost = p_perf.price_per_second_usd * p_time + d_perf.price_per_second_usd * share
     return Prediction(prefill.queue_wait_s + p_time, tpot, cost)

@@ -135,7 +135,6 @@ class CostScorer:
         self._usd_per_watt_second = usd_per_kwh / 3.6e6
 
     def scores(self, candidates: Sequence[BackendView], leg: Leg, ctx: Context) -> list[float]:
-        tokens = ctx.features.max_tokens
         values: list[float | None] = []
         for c in candidates:
             perf = c.perf
@@ -146,7 +145,7 @@ class CostScorer:
             if leg.prefills:
                 seconds += ctx.prefill_s(c) or 0.0
             if leg.decodes:
-                seconds += tokens * (ctx.step_s(c) or 0.0) / (c.running + 1)
+                seconds += ctx.decode_share_s(c) or 0.0
             per_second = perf.price_per_second_usd + perf.power_watts * self._usd_per_watt_second
             values.append(per_second * seconds)
         return _ratio_to_best(values)

@@ -29,9 +29,7 @@ from typing import Any, Protocol
 import numpy as np
 import numpy.typing as npt
 
-from backends.mock.engine import _MAX_PREFILL_BATCH_TOKENS as MAX_PREFILL_BATCH_TOKENS
-from backends.mock.engine import LOAD_PREFIX_HASHES
-from router.dispatch.dispatcher import _scheduling_slo
+from backends.mock.engine import LOAD_PREFIX_HASHES, MAX_PREFILL_BATCH_TOKENS
 from router.dispatch.service_level import DEFAULT_SERVICE, DEFAULT_SLO_CLASS, ServiceLevel
 from router.errors import NoHealthyBackendError, OverloadedError, RouterError
 from router.pool.snapshot import PoolSnapshot
@@ -269,7 +267,7 @@ class Simulator:
 
     def _slo_after(self, waited_s: float) -> Slo | None:
         """What a request that queued for admission is planned against (the daemon's rule)."""
-        return _scheduling_slo(self._service, self._class_slo, waited_s)
+        return self._service.scheduling_slo(self._class_slo, waited_s)
 
     def _device(self, backend_id: str) -> SimDevice:
         device = self._by_id.get(backend_id)
