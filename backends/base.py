@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import abc
 import enum
-from collections.abc import AsyncGenerator, AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from router.errors import BackendError
+if TYPE_CHECKING:
+    from backends.transfer import KVTransfer
 
 
 class Role(enum.StrEnum):
@@ -91,9 +92,9 @@ class KVLayout:
 class KVHandle:
     """Where a prefilled KV cache lives and how to read it.
 
-    Device servers fill the layout and byte fields; engine adapters (vLLM,
-    SGLang) carry the engine's own transfer parameters in ``engine_params``,
-    opaque to the router, and leave the rest at their defaults.
+    Device servers fill the layout and byte fields; every transport (the mock devices'
+    data plane, vLLM's ``kv_transfer_params``, SGLang's bootstrap room) carries what it
+    needs to find the bytes in ``transport_params``, opaque to the router.
     """
 
     backend_id: str
@@ -105,12 +106,7 @@ class KVHandle:
     checksum: int = 0
     lease_expires_at: float = 0.0
     block_ids: tuple[int, ...] = ()
-    engine_params: Mapping[str, Any] = field(default_factory=dict)
-    # Device servers: the holder's interconnect and emulated KV size (modelled wire
-    # time) and its data plane (a plain socket for the bytes; empty: over gRPC).
-    link_gbps: float = 0.0
-    emulated_bytes_per_token: int = 0
-    data_address: str = ""
+    transport_params: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -192,23 +188,8 @@ class Backend(abc.ABC):
     async def abort(self, request_id: str, timeout_s: float) -> None:
         """Stops the request and frees what it holds; unknown ids are not an error."""
 
-    # Relay (HandoffMode.RELAY): the router moves the KV itself. Adapters that
-    # cannot keep the default, which refuses.
-
     @property
-    def kv_data_address(self) -> str:
-        """host:port of a plain-socket KV data plane, when the backend has one."""
-        return ""
-
-    def fetch_kv(
-        self, handle: KVHandle, timeout_s: float, offset: int = 0, length: int = 0
-    ) -> AsyncGenerator[bytes, None]:
-        """The KV of a handle held here (or bytes ``offset`` to ``offset + length`` of it),
-        as encoded chunks to hand to ``push_kv``."""
-        raise BackendError(self.id, "this backend cannot relay KV", retryable=False)
-
-    async def push_kv(
-        self, handle: KVHandle, chunks: AsyncIterator[bytes], timeout_s: float
-    ) -> KVHandle:
-        """Keeps a KV read from another backend; returns its handle here."""
-        raise BackendError(self.id, "this backend cannot relay KV", retryable=False)
+    def kv_transfer(self) -> KVTransfer | None:
+        """How the router reads and writes this backend's KV (HandoffMode.RELAY); None
+        when it cannot."""
+        return None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from router._gen.hetero.router.v1 import router_pb2
+from backends._gen.hetero.router.v1 import router_pb2
 
 
 def coalesce(frames: Sequence[bytes]) -> bytes:

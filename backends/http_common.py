@@ -36,8 +36,8 @@ from typing import Any, TypeVar
 
 import aiohttp
 
-from router._gen.hetero.router.v1 import router_pb2
-from router.errors import BackendError
+from backends._gen.hetero.router.v1 import router_pb2
+from backends.errors import BackendError
 
 T = TypeVar("T")
 

@@ -39,6 +39,7 @@ from backends.base import (
     PrefillResult,
     Role,
 )
+from backends.errors import BackendError
 from backends.http_common import (
     ExchangeAborted,
     OpenExchanges,
@@ -48,7 +49,6 @@ from backends.http_common import (
     status_error,
     transport_error,
 )
-from router.errors import BackendError
 
 # What a failed exchange can raise besides an HTTP status: aiohttp's connection and
 # timeout errors, and ValueError from an SSE line past iter_sse's size cap.

@@ -15,7 +15,7 @@ router never asks for, but it is drained: it is where a prefill failure shows.
 Mapping the concurrent protocol onto the sequential ABC
 -------------------------------------------------------
 ``prefill()`` picks the room, starts the prefill POST in a background task and returns
-at once: an empty first frame and a handle whose ``engine_params`` carry the bootstrap
+at once: an empty first frame and a handle whose ``transport_params`` carry the bootstrap
 fields, the ``rid``, the path and the body. Waiting for the prefill reply would cost a
 round trip of TTFT, and could not work anyway: the prefill engine answers only after the
 decode engine has joined the room. ``decode()`` POSTs the identical body to its engine
@@ -65,7 +65,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
+import structlog
 
+from backends._gen.hetero.router.v1 import router_pb2
 from backends.base import (
     Backend,
     BackendLoad,
@@ -77,6 +79,7 @@ from backends.base import (
     PrefillResult,
     Role,
 )
+from backends.errors import BackendError
 from backends.http_common import (
     ExchangeAborted,
     OpenAIStream,
@@ -94,11 +97,8 @@ from backends.http_common import (
     transport_error,
 )
 from backends.openai import Secret, openai_body, reject_inline_key
-from router._gen.hetero.router.v1 import router_pb2
-from router.errors import BackendError
-from router.logging import get_logger
 
-log = get_logger(__name__)
+log: structlog.typing.FilteringBoundLogger = structlog.get_logger(__name__)
 
 DEFAULT_BOOTSTRAP_PORT = 8998  # sglang ServerArgs.disaggregation_bootstrap_port
 
@@ -338,7 +338,7 @@ class SglangBackend(Backend):
             backend_id=self.id,
             request_id=request.request_id,
             address=self.address,
-            engine_params={
+            transport_params={
                 "bootstrap_host": self._bootstrap_host,
                 "bootstrap_port": self._bootstrap_port,
                 "bootstrap_room": room,  # also the key of the leg in _ROOMS
@@ -359,7 +359,7 @@ class SglangBackend(Backend):
         self, request: GenerationRequest, handle: KVHandle, first_token_id: int, timeout_s: float
     ) -> AsyncGenerator[bytes, None]:
         """Sends the prefill leg's body to this engine and streams every frame, the first too."""
-        params = handle.engine_params
+        params = handle.transport_params
         try:
             room = int(params["bootstrap_room"])
             rid = str(params["rid"])

@@ -43,7 +43,9 @@ from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
 import aiohttp
+import structlog
 
+from backends._gen.hetero.router.v1 import router_pb2
 from backends.base import (
     Backend,
     BackendLoad,
@@ -55,6 +57,7 @@ from backends.base import (
     PrefillResult,
     Role,
 )
+from backends.errors import BackendError
 from backends.http_common import (
     ExchangeAborted,
     OpenExchanges,
@@ -70,11 +73,8 @@ from backends.http_common import (
     transport_error,
     usage_message,
 )
-from router._gen.hetero.router.v1 import router_pb2
-from router.errors import BackendError
-from router.logging import get_logger
 
-log = get_logger(__name__)
+log: structlog.typing.FilteringBoundLogger = structlog.get_logger(__name__)
 
 T = TypeVar("T")
 
@@ -211,7 +211,7 @@ class VllmBackend(Backend):
         usage = usage_message(reply.get("usage") or {})
         kv_params = reply.get("kv_transfer_params")
         if isinstance(kv_params, dict) and kv_params:
-            handle = KVHandle(self.id, request.request_id, engine_params=kv_params)
+            handle = KVHandle(self.id, request.request_id, transport_params=kv_params)
             return PrefillResult(b"", -1, usage.prompt_tokens, finished=False, handle=handle)
         choice = (reply.get("choices") or [{}])[0]
         if isinstance(choice, dict) and choice.get("finish_reason") == "stop":
@@ -225,15 +225,15 @@ class VllmBackend(Backend):
             frame = answer.SerializeToString()
             return PrefillResult(frame, -1, usage.prompt_tokens, finished=True, handle=None)
         log.info("prefill answer has no kv_transfer_params; decode will prefill", backend=self.id)
-        handle = KVHandle(self.id, request.request_id, engine_params={})
+        handle = KVHandle(self.id, request.request_id, transport_params={})
         return PrefillResult(b"", -1, usage.prompt_tokens, finished=False, handle=handle)
 
     def decode(
         self, request: GenerationRequest, handle: KVHandle, first_token_id: int, timeout_s: float
     ) -> AsyncGenerator[bytes, None]:
         body = self._streaming_body(request)
-        if handle.engine_params:
-            body["kv_transfer_params"] = dict(handle.engine_params)
+        if handle.transport_params:
+            body["kv_transfer_params"] = dict(handle.transport_params)
         return self._stream(request, body, timeout_s)
 
     def generate(self, request: GenerationRequest, timeout_s: float) -> AsyncGenerator[bytes, None]:

@@ -19,13 +19,14 @@ from pathlib import Path
 import yaml
 
 from backends.base import Role
-from router.errors import RouterError
-from router.pool.snapshot import BackendView, PoolSnapshot
+from backends.errors import ServingError
+from backends.prefix import block_hashes
 from router.scheduling.perf import perf_for
 from router.scheduling.plan import Disaggregation, RequestFeatures
-from router.scheduling.prefix import PrefixIndex, block_hashes
+from router.scheduling.prefix import PrefixIndex
 from router.scheduling.registry import DEFAULT_POLICY_PATH, load_policy, parse_policy
 from router.scheduling.scheduler import Scheduler
+from router.scheduling.snapshot import BackendView, PoolSnapshot
 from router.sim.metrics import percentile
 
 BACKENDS = 64
@@ -87,7 +88,7 @@ def decision_times_us(scheduler: Scheduler, count: int, seed: int = 3) -> list[f
     gc.collect()
     for features in requests:
         started = time.perf_counter_ns()
-        with contextlib.suppress(RouterError):  # shed by admission: a decision too
+        with contextlib.suppress(ServingError):  # shed by admission: a decision too
             scheduler.schedule(features, snapshot, 0.0)
         timings.append((time.perf_counter_ns() - started) / 1000)
     return timings

@@ -69,12 +69,12 @@ import numpy as np
 import uvloop
 import yaml
 
+from backends._gen.hetero.router.v1 import router_pb2
 from bench.loadgen import open_loop, send
 from bench.processes import cluster
 from bench.progress import Progress
 from bench.stats import Distribution, RequestRecord
 from bench.workloads import RequestSpec, generate
-from router._gen.hetero.router.v1 import router_pb2
 from router.scheduling.perf import DevicePerf
 from router.sim import Cluster, Simulator, parse_cluster, resolve_policy
 from router.sim.results import Outcome, SimResult

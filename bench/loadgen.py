@@ -17,10 +17,10 @@ from typing import Any, Protocol
 import aiohttp
 import grpc
 
+from backends._gen.hetero.device.v1 import device_pb2
+from backends._gen.hetero.router.v1 import router_pb2
 from bench.stats import RequestRecord
 from bench.workloads import RequestSpec, prompt_text
-from router._gen.hetero.device.v1 import device_pb2
-from router._gen.hetero.router.v1 import router_pb2
 
 _OPTIONS = [("grpc.max_receive_message_length", 16 << 20)]
 

@@ -4,7 +4,7 @@ what SLO- and prefix-aware scheduling gains over round-robin.
 Every figure is a *goodput*: the highest request rate a cluster sustains while at least
 90% of requests meet the SLO (DistServe's definition), found by search over the rate
 with a fixed set of request lengths. Device timing is the mock devices' roofline as
-calibrated in backends/mock/profiles.yaml; no study touches a profile. All figures
+calibrated in backends/perf/profiles.yaml; no study touches a profile. All figures
 are modelled, not measured on hardware.
 """
 

@@ -12,11 +12,9 @@ import grpc
 import uvloop
 from pydantic import ValidationError
 
-from backends.base import Role
-from backends.mock.process import run_device
-from backends.mock.server import DeviceConfig
+from backends import registry as adapters
+from backends._gen.hetero.router.v1 import router_pb2
 from router import __version__
-from router._gen.hetero.router.v1 import router_pb2
 from router.client import RouterClient
 from router.cluster import embedded_devices
 from router.daemon import Daemon
@@ -59,36 +57,6 @@ def cmd_serve(options: argparse.Namespace, embedded: bool = False) -> int:
     settings = _settings(options)
     configure(settings.log_level, settings.log_format)
     uvloop.run(_serve(settings, settings.pool_file, embedded, getattr(options, "time_scale", None)))
-    return 0
-
-
-def cmd_device(options: argparse.Namespace) -> int:
-
-    roles = tuple(Role(role.strip()) for role in options.roles.split(","))
-    config = DeviceConfig(
-        backend_id=options.id,
-        profile=options.profile,
-        model=options.model,
-        roles=roles,
-        time_scale=options.time_scale,
-        kv_lease_s=options.kv_lease_s,
-        seed=options.seed,
-        decode_step_s=options.decode_step_ms / 1000 if options.decode_step_ms else None,
-        kv_failure_policy=options.kv_failure_policy,
-        tensor_parallel=options.tensor_parallel,
-        block_size=options.block_size,
-        emulate_kv_size=options.emulate_kv_size,
-        chips=options.chips,
-        prefix_cache_blocks=options.prefix_cache_blocks,
-    )
-    uvloop.run(
-        run_device(
-            config,
-            options.listen,
-            announce=options.announce,
-            exit_with_stdin=options.exit_with_stdin,
-        )
-    )
     return 0
 
 
@@ -157,51 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--time-scale", type=float, help="override every device's time scale")
 
     device = commands.add_parser("device", help="run one mock device server")
-    device.add_argument("--id", required=True)
-    device.add_argument("--profile", required=True, help="hardware to emulate, e.g. h100")
-    device.add_argument("--model", default="llama-3.1-8b", help="model size to emulate")
-    device.add_argument("--roles", default="prefill,decode", help="comma list: prefill,decode")
-    device.add_argument("--listen", default="127.0.0.1:0")
-    device.add_argument("--time-scale", type=float, default=1.0, help="0 disables waiting")
-    device.add_argument("--kv-lease-s", type=float, default=30.0)
-    device.add_argument("--seed", type=int, default=0, help="weights seed of the tiny model")
-    device.add_argument(
-        "--decode-step-ms",
-        type=float,
-        help="fixed decode step (paces every stream), for benchmarks",
-    )
-    device.add_argument(
-        "--kv-failure-policy",
-        choices=["retry", "recompute", "fail"],
-        default="recompute",
-        help="when the KV cannot be pulled: pull again then prefill locally, prefill "
-        "locally, or fail the request",
-    )
-    device.add_argument(
-        "--tensor-parallel", type=int, default=1, help="ranks the KV heads split over (1, 2, 4)"
-    )
-    device.add_argument("--block-size", type=int, default=16, help="KV tokens per block")
-    device.add_argument(
-        "--emulate-kv-size",
-        action="store_true",
-        help="pad leased KV to the emulated model's size (transfers at real volume)",
-    )
-    device.add_argument(
-        "--prefix-cache-blocks",
-        type=int,
-        default=0,
-        help="prompt blocks (64 tokens) a prefix cache keeps; a cached head is not "
-        "prefilled again (0: no prefix cache)",
-    )
-    device.add_argument(
-        "--chips",
-        type=int,
-        default=None,
-        help="chips of the profile the emulated deployment spans (default: the fewest "
-        "that hold the model)",
-    )
-    device.add_argument("--announce", action="store_true", help="print READY host:port")
-    device.add_argument("--exit-with-stdin", action="store_true", help="exit when stdin closes")
+    adapters.add_device_arguments(device)
 
     generate = commands.add_parser("generate", help="stream the tokens of one prompt")
     generate.add_argument("prompt")
@@ -235,7 +159,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     options = build_parser().parse_args(argv)
     try:
         if options.command == "device":
-            return cmd_device(options)
+            return adapters.run_device(options)
         if options.command == "generate":
             return cmd_generate(options)
         if options.command in sim_commands.COMMANDS:

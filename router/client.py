@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 import grpc
 
-from router._gen.hetero.router.v1 import router_pb2
+from backends._gen.hetero.router.v1 import router_pb2
 
 GenerateResponse = router_pb2.GenerateResponse
 DisaggregationName = Literal["auto", "split", "colocated"]

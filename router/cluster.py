@@ -14,7 +14,7 @@ import sys
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
-from backends.mock.process import READY_PREFIX
+from backends.registry import DEVICE_READY_PREFIX
 from router.errors import ConfigError
 from router.logging import get_logger
 from router.settings import BackendConfig, PoolConfig
@@ -130,12 +130,12 @@ async def embedded_devices(
 async def _await_ready(device: DeviceProcess) -> None:
     assert device.process.stdout is not None
     line = (await device.process.stdout.readline()).decode().strip()
-    if not line.startswith(READY_PREFIX):
+    if not line.startswith(DEVICE_READY_PREFIX):
         code = await device.process.wait()
         raise ConfigError(
             f"device {device.config.id} exited (code {code}) before serving; see its log above"
         )
-    device.address = line.removeprefix(READY_PREFIX)
+    device.address = line.removeprefix(DEVICE_READY_PREFIX)
 
 
 async def _stop(device: DeviceProcess) -> None:

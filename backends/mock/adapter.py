@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, Mapping
 from typing import Any
 
 import grpc
 
+from backends._gen.hetero.device.v1 import device_pb2
 from backends.base import (
     Backend,
     BackendLoad,
@@ -18,19 +19,10 @@ from backends.base import (
     PrefillResult,
     Role,
 )
-from backends.mock.server import (
-    CHANNEL_OPTIONS,
-    PUSH_HANDLE_KEY,
-    SERVICE,
-    layout_from_proto,
-    layout_to_proto,
-)
+from backends.errors import BackendError, LayoutMismatchError, OverloadedError
+from backends.mock.server import CHANNEL_OPTIONS, SERVICE, layout_from_proto
 from backends.mock.session import DeviceSession, SessionStreamError
-from router._gen.hetero.device.v1 import device_pb2
-from router.errors import BackendError, LayoutMismatchError, OverloadedError
-
-# Small enough that a relay holds a few in flight, large enough to stream at speed.
-RELAY_CHUNK_BYTES = 1 << 20
+from backends.mock.transfer import DeviceKVTransfer, handle_from_proto, handle_to_proto
 
 # Statuses that mean the request itself can never succeed on any device.
 _NOT_RETRYABLE = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION}
@@ -47,40 +39,6 @@ def _sampling(request: GenerationRequest) -> device_pb2.Sampling:
     )
 
 
-def handle_to_proto(handle: KVHandle) -> device_pb2.KVHandle:
-    return device_pb2.KVHandle(
-        backend_id=handle.backend_id,
-        address=handle.address,
-        request_id=handle.request_id,
-        block_ids=handle.block_ids,
-        layout=layout_to_proto(handle.layout) if handle.layout is not None else None,
-        num_tokens=handle.num_tokens,
-        byte_length=handle.byte_length,
-        checksum=handle.checksum,
-        lease_expires_at=handle.lease_expires_at,
-        link_gbps=handle.link_gbps,
-        emulated_bytes_per_token=handle.emulated_bytes_per_token,
-        data_address=handle.data_address,
-    )
-
-
-def handle_from_proto(message: device_pb2.KVHandle) -> KVHandle:
-    return KVHandle(
-        backend_id=message.backend_id,
-        address=message.address,
-        request_id=message.request_id,
-        block_ids=tuple(message.block_ids),
-        layout=layout_from_proto(message.layout),
-        num_tokens=message.num_tokens,
-        byte_length=message.byte_length,
-        checksum=message.checksum,
-        lease_expires_at=message.lease_expires_at,
-        link_gbps=message.link_gbps,
-        emulated_bytes_per_token=message.emulated_bytes_per_token,
-        data_address=message.data_address,
-    )
-
-
 class MockBackend(Backend):
     """A mock device: prefill, decode and colocated generation; the decode side pulls the KV."""
 
@@ -92,6 +50,7 @@ class MockBackend(Backend):
         self._calls: dict[str, Any] = {}
         self._session: DeviceSession | None = None
         self._data_address = ""  # learned from health checks
+        self._transfer: DeviceKVTransfer | None = None  # once started
 
     @property
     def capabilities(self) -> Capabilities:
@@ -116,6 +75,9 @@ class MockBackend(Backend):
             )
         # Decode and Generate share one long-lived stream; frames stay bytes.
         self._session = DeviceSession(self._channel, f"/{SERVICE}/Session")
+        self._transfer = DeviceKVTransfer(
+            self.id, self._channel, self.options, lambda: self._data_address, self._translate
+        )
 
     async def close(self) -> None:
         if self._session is not None:
@@ -187,47 +149,8 @@ class MockBackend(Backend):
             yield frame
 
     @property
-    def kv_data_address(self) -> str:
-        return self._data_address
-
-    async def fetch_kv(
-        self, handle: KVHandle, timeout_s: float, offset: int = 0, length: int = 0
-    ) -> AsyncGenerator[bytes, None]:
-        assert self._channel is not None, "start() first"
-        fetch = self._channel.unary_stream(
-            f"/{SERVICE}/FetchKV", request_serializer=_serialize, response_deserializer=None
-        )
-        request = device_pb2.FetchKVRequest(
-            request_id=handle.request_id,
-            expected_layout=handle_to_proto(handle).layout,
-            chunk_bytes=int(self.options.get("relay_chunk_bytes", RELAY_CHUNK_BYTES)),
-            offset=offset,
-            length=length,
-        )
-        call = fetch(request, timeout=timeout_s)
-        try:
-            async for chunk in call:  # encoded KVChunks, passed on as they are
-                yield chunk
-        except grpc.aio.AioRpcError as error:
-            raise self._translate(error.code(), error.details() or "") from None
-        finally:
-            call.cancel()
-
-    async def push_kv(
-        self, handle: KVHandle, chunks: AsyncIterator[bytes], timeout_s: float
-    ) -> KVHandle:
-        assert self._channel is not None, "start() first"
-        push = self._channel.stream_unary(
-            f"/{SERVICE}/PushKV",
-            request_serializer=None,  # the chunks are already encoded
-            response_deserializer=device_pb2.PushKVResponse.FromString,
-        )
-        metadata = ((PUSH_HANDLE_KEY, handle_to_proto(handle).SerializeToString()),)
-        try:
-            response = await push(chunks, metadata=metadata, timeout=timeout_s)
-        except grpc.aio.AioRpcError as error:
-            raise self._translate(error.code(), error.details() or "") from None
-        return handle_from_proto(response.handle)
+    def kv_transfer(self) -> DeviceKVTransfer | None:
+        return self._transfer
 
     async def abort(self, request_id: str, timeout_s: float) -> None:
         await self._invoke("Abort", device_pb2.AbortRequest(request_id=request_id), timeout_s)

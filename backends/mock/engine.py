@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import time
 import zlib
 from collections import OrderedDict
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,23 +26,20 @@ import numpy as np
 from numpy.typing import NDArray
 
 from backends import kvlayout
+from backends._gen.hetero.router.v1 import router_pb2
 from backends.base import KVLayout, SamplingParams
 from backends.mock.dataplane import segment_checksums
 from backends.mock.model import EOS_ID, KVCache, TinyTransformer, encode
-from backends.mock.roofline import TimingModel
 from backends.mock.sampling import sample_token
 from backends.mock.textstream import TextStream
-from router._gen.hetero.router.v1 import router_pb2
-from router.scheduling.prefix import BLOCK_BYTES, block_hashes
+from backends.perf.batching import MAX_PREFILL_BATCH_TOKENS
+from backends.perf.roofline import TimingModel
+from backends.prefix import PrefixCache
 
 # Prefill compute above this many tokens leaves the event loop (numpy releases
 # the GIL), so a long prompt does not stall the device's RPCs.
 _INLINE_PREFILL_TOKENS = 512
-MAX_PREFILL_BATCH_TOKENS = 16384
 _FLUSH_YIELDS = 3
-# Load reports at most this many cached block hashes (the most recently used): enough to
-# route prompts of 256 KiB, while a Load reply stays small whatever the cache holds.
-LOAD_PREFIX_HASHES = 4096
 
 
 class DeviceError(Exception):
@@ -113,58 +109,6 @@ class EngineLoad:
     kv_tokens_used: int
     kv_tokens_capacity: int
     kv_leases: int
-
-
-class PrefixCache:
-    """Hashes of the prompt blocks whose KV this device computed or received, LRU.
-
-    Timing only: a prefill whose leading blocks are here is charged for the rest of its
-    prompt. Cached blocks hold none of the device's KV capacity; a real engine keeps them
-    in KV blocks nobody else is using and evicts them when it needs the room, which this
-    emulation does not model: here they are free.
-    """
-
-    def __init__(self, capacity_blocks: int) -> None:
-        if capacity_blocks < 0:
-            raise ValueError(f"prefix_cache_blocks must be >= 0, not {capacity_blocks}")
-        self.capacity_blocks = capacity_blocks
-        self._blocks: OrderedDict[int, None] = OrderedDict()
-
-    def hashes_of(self, prompt: str) -> tuple[int, ...]:
-        """The prompt's block hashes (none when the cache is off), over the bytes the
-        tokenizer reads, with the router's function so both name the same blocks."""
-        if not self.capacity_blocks:
-            return ()
-        return block_hashes(prompt.encode("utf-8", errors="replace"))
-
-    def matched_blocks(self, hashes: Sequence[int]) -> int:
-        """How many of the leading blocks are cached, consecutive from block 0."""
-        return sum(1 for _ in itertools.takewhile(self._blocks.__contains__, hashes))
-
-    def cached_tokens(self, hashes: Sequence[int], prompt_tokens: int) -> int:
-        """Leading prompt tokens a prefill need not compute. The last is always computed:
-        its logits give the first output token."""
-        return max(0, min(self.matched_blocks(hashes) * BLOCK_BYTES, prompt_tokens - 1))
-
-    def record(self, hashes: Sequence[int]) -> None:
-        """These blocks were just computed (or their KV received): now the most recent.
-
-        Last block first, so a prompt's head outlives its tail: eviction takes tails
-        first, as in vLLM (which frees a sequence's blocks in reverse) and SGLang (which
-        evicts radix-tree leaves). A head evicted first would strand the blocks after it.
-        """
-        for value in reversed(hashes):
-            self._blocks[value] = None
-            self._blocks.move_to_end(value)
-        while len(self._blocks) > self.capacity_blocks:
-            self._blocks.popitem(last=False)
-
-    def recent(self, limit: int) -> list[int]:
-        """At most ``limit`` cached hashes, the most recently used first."""
-        return list(itertools.islice(reversed(self._blocks), limit))
-
-    def __len__(self) -> int:
-        return len(self._blocks)
 
 
 def next_deadline(previous: float | None, now: float, duration: float) -> float:

@@ -16,18 +16,19 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import grpc
+import structlog
 
 from backends import kvlayout
+from backends._gen.hetero.device.v1 import device_pb2
 from backends.base import KVLayout, Role, SamplingParams
 from backends.mock import dataplane, wire
 from backends.mock.dataplane import DataPlaneServer
-from backends.mock.engine import LOAD_PREFIX_HASHES, DeviceEngine, DeviceError, Lease
+from backends.mock.engine import DeviceEngine, DeviceError, Lease
 from backends.mock.model import KVCache, TinyConfig, TinyTransformer
-from backends.mock.roofline import TimingModel, load_catalog
-from router._gen.hetero.device.v1 import device_pb2
-from router.logging import get_logger
+from backends.perf.batching import LOAD_PREFIX_HASHES
+from backends.perf.roofline import TimingModel, load_catalog
 
-log = get_logger(__name__)
+log: structlog.typing.FilteringBoundLogger = structlog.get_logger(__name__)
 
 SERVICE = "hetero.device.v1.Device"
 KV_PULL_ATTEMPTS = 3

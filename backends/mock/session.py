@@ -17,9 +17,9 @@ from typing import Any
 
 import grpc
 
+from backends._gen.hetero.device.v1 import device_pb2
 from backends.frames import coalesce
 from backends.mock import wire
-from router._gen.hetero.device.v1 import device_pb2
 
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 
-from router._gen.hetero.device.v1 import device_pb2
+from backends._gen.hetero.device.v1 import device_pb2
 
 _STREAM_ID_TAG = b"\x09"  # SessionFrame.stream_id: field 1, fixed64
 _FRAME_TAG = 0x12  # SessionFrame.frame: field 2, length-delimited

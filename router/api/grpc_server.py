@@ -13,10 +13,10 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from router._gen.hetero.router.v1 import router_pb2
+from backends._gen.hetero.router.v1 import router_pb2
+from backends.errors import ServingError
 from router.api.validation import validate_generate, validate_service
 from router.dispatch.dispatcher import Dispatcher
-from router.errors import RouterError
 from router.logging import bind_request, get_logger, unbind_request
 from router.pool.registry import Pool
 from router.settings import Settings
@@ -77,7 +77,7 @@ class RouterService:
                 self._pool.config.resolved_default_model,
             )
             service = validate_service(message, self._dispatcher.slo_classes)
-        except RouterError as error:
+        except ServingError as error:
             self._dispatcher.count_rejected("invalid")
             await _abort(context, error)
             return
@@ -85,8 +85,8 @@ class RouterService:
         try:
             async for frame in self._dispatcher.generate(request, disaggregation, service):
                 yield frame
-        except RouterError as error:
-            log.info("request failed", status=error.grpc_code.name, reason=error.message)
+        except ServingError as error:
+            log.info("request failed", status=error.grpc_status, reason=error.message)
             await _abort(context, error)
         except Exception:
             log.exception("request failed unexpectedly")
@@ -123,12 +123,13 @@ class RouterService:
         )
 
 
-async def _abort(context: grpc.aio.ServicerContext, error: RouterError) -> None:
+async def _abort(context: grpc.aio.ServicerContext, error: ServingError) -> None:
     """Ends the call with the error's status; a retry hint rides as ``retry-after-ms``."""
     trailing: tuple[tuple[str, str], ...] = ()
     if error.retry_after_s is not None:
         trailing = (("retry-after-ms", str(max(1, round(error.retry_after_s * 1000)))),)
-    await context.abort(error.grpc_code, error.message, trailing_metadata=trailing)
+    code = grpc.StatusCode[error.grpc_status]
+    await context.abort(code, error.message, trailing_metadata=trailing)
 
 
 class FrontDoor:

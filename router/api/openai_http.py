@@ -21,16 +21,17 @@ from typing import Any
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
+from backends._gen.hetero.router.v1 import router_pb2
 from backends.base import ChatMessage, GenerationRequest
-from router._gen.hetero.router.v1 import router_pb2
+from backends.errors import OverloadedError, ServingError
 from router.api import chat_template
 from router.api.validation import service_level, validate_generate
 from router.dispatch.dispatcher import Dispatcher
-from router.dispatch.service_level import ServiceLevel
-from router.errors import InvalidRequestError, OverloadedError, RouterError
+from router.errors import InvalidRequestError
 from router.logging import bind_request, get_logger, unbind_request
 from router.pool.registry import Pool
 from router.scheduling.plan import Disaggregation
+from router.scheduling.service_level import ServiceLevel
 from router.settings import Settings
 
 log = get_logger(__name__)
@@ -209,7 +210,7 @@ class OpenAIRoutes:
                 text.append(response.text)
                 if response.finish_reason:
                     finish, usage = _FINISH[response.finish_reason], response.usage
-        except RouterError as error:
+        except ServingError as error:
             return _router_error(error)
         request = parsed.request
         content = "".join(text)
@@ -268,7 +269,7 @@ class OpenAIRoutes:
                 await _send(response, {**head, "choices": [choice]})
                 if finish is not None and parsed.include_usage:
                     await _send(response, {**head, "choices": [], "usage": _usage(message.usage)})
-        except RouterError as error:
+        except ServingError as error:
             if response is None:
                 return _router_error(error)
             await _send(response, {"error": {"message": error.message, "type": "server_error"}})
@@ -299,7 +300,7 @@ async def _send(response: web.StreamResponse, payload: dict[str, Any]) -> None:
     await response.write(b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n")
 
 
-def _router_error(error: RouterError) -> web.Response:
+def _router_error(error: ServingError) -> web.Response:
     status = error.http_status
     retry = error.retry_after_s if isinstance(error, OverloadedError) else None
     return error_response(

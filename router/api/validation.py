@@ -7,16 +7,16 @@ import secrets
 import uuid
 from collections.abc import Collection, Mapping
 
+from backends._gen.hetero.router.v1 import router_pb2
 from backends.base import GenerationRequest, SamplingParams
-from router._gen.hetero.router.v1 import router_pb2
-from router.dispatch.service_level import (
+from router.errors import InvalidRequestError
+from router.scheduling.plan import Disaggregation
+from router.scheduling.service_level import (
     DEFAULT_SLO_CLASS,
     MAX_PRIORITY,
     MAX_TARGET_MS,
     ServiceLevel,
 )
-from router.errors import InvalidRequestError
-from router.scheduling.plan import Disaggregation
 from router.settings import Settings
 
 _MAX_REQUEST_ID = 128

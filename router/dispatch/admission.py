@@ -16,7 +16,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 
-from router.errors import OverloadedError
+from backends.errors import OverloadedError
 from router.metrics import RouterMetrics
 
 PRIORITIES = 10  # priority levels: 0 (least urgent) .. 9 (most urgent)

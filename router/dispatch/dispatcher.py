@@ -16,18 +16,18 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
+from backends._gen.hetero.router.v1 import router_pb2
 from backends.base import GenerationRequest, KVHandle, PrefillResult
-from router._gen.hetero.router.v1 import router_pb2
+from backends.errors import BackendError, LayoutMismatchError, OverloadedError, ServingError
+from backends.prefix import BLOCK_BYTES, block_hashes
 from router.dispatch.admission import AdmissionGate
-from router.dispatch.service_level import DEFAULT_SERVICE, DEFAULT_SLO_CLASS, ServiceLevel
-from router.errors import BackendError, LayoutMismatchError, OverloadedError, RouterError
 from router.handoff.relay import relay
 from router.logging import get_logger
 from router.metrics import RouterMetrics
 from router.pool.registry import Pool
 from router.scheduling.plan import Disaggregation, Mode, Plan, RequestFeatures, Slo
-from router.scheduling.prefix import BLOCK_BYTES, block_hashes
 from router.scheduling.scheduler import Scheduler
+from router.scheduling.service_level import DEFAULT_SERVICE, DEFAULT_SLO_CLASS, ServiceLevel
 from router.settings import Settings
 
 log = get_logger(__name__)
@@ -137,7 +137,7 @@ class Dispatcher:
             except (asyncio.CancelledError, GeneratorExit):
                 outcome = "cancelled"
                 raise
-            except RouterError as error:
+            except ServingError as error:
                 outcome = _outcome(error)
                 raise
             finally:
@@ -155,7 +155,7 @@ class Dispatcher:
                 error.retry_after_s = self.admission.retry_after_s(features.priority)
             self.count_rejected(_outcome(error))
             raise
-        except RouterError as error:
+        except ServingError as error:
             self.count_rejected(_outcome(error))
             raise
 
@@ -264,7 +264,7 @@ class Dispatcher:
             )
         except LayoutMismatchError:
             raise  # the decode side could not take it either
-        except RouterError as error:
+        except ServingError as error:
             log.warning("KV relay failed; decode pulls it", error=str(error))
             self._metrics.backend_failures.labels(plan.decode_backend, "relay").inc()
             return handle
@@ -355,7 +355,7 @@ def _context_tokens(request: GenerationRequest) -> int:
     return request.prompt_tokens + request.sampling.max_tokens
 
 
-def _outcome(error: RouterError) -> str:
+def _outcome(error: ServingError) -> str:
     """The metrics label of an error: NoHealthyBackendError -> "nohealthybackend"."""
     return type(error).__name__.removesuffix("Error").lower()
 

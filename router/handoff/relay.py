@@ -13,17 +13,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import math
-import zlib
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 
 from backends import kvlayout
 from backends.base import Backend, KVHandle, KVLayout
-from backends.mock import dataplane
-from backends.mock.adapter import handle_from_proto, handle_to_proto
-from router._gen.hetero.device.v1 import device_pb2
-from router.errors import BackendError, LayoutMismatchError
+from backends.errors import BackendError, LayoutMismatchError
+from backends.transfer import KVChunk, KVTransfer
 
 
 @dataclass
@@ -46,14 +42,28 @@ async def relay(
     """Moves the KV of ``handle`` from ``source`` to ``sink``; returns the sink's handle."""
     stats = stats if stats is not None else RelayStats()
     same_layout = target_layout is None or handle.layout in (None, target_layout)
-    if same_layout and handle.data_address and sink.kv_data_address:
-        return await _over_sockets(handle, sink, depth, stats)
+    if handle.layout is not None and target_layout is not None and not same_layout:
+        reason = kvlayout.incompatibility(handle.layout, target_layout)
+        if reason is not None:  # refused before a byte is read
+            raise LayoutMismatchError(f"KV layout cannot convert: {reason}")
+    reader_side, writer_side = _transfer_of(source), _transfer_of(sink)
+    if same_layout:
+        direct = await reader_side.copy(handle, writer_side, depth=depth)
+        if direct is not None:
+            stats.chunks, stats.bytes = direct.pieces, handle.byte_length
+            stats.most_in_flight = depth
+            return direct.handle
     queue: asyncio.Queue[bytes] = asyncio.Queue(maxsize=depth)
 
     def produced() -> AsyncGenerator[bytes, None]:
         if target_layout is None or handle.layout in (None, target_layout):
-            return source.fetch_kv(handle, timeout_s)
-        return _converted(source, handle, target_layout, timeout_s)
+            chunks = reader_side.read(handle, timeout_s)
+            return (
+                chunks
+                if _same_transport(reader_side, writer_side)
+                else _recoded(chunks, reader_side, writer_side)
+            )
+        return _converted(reader_side, writer_side, handle, target_layout, timeout_s)
 
     async def read() -> None:
         async with contextlib.aclosing(produced()) as chunks:
@@ -77,7 +87,7 @@ async def relay(
 
     reader = asyncio.create_task(read())
     try:
-        pushed = await sink.push_kv(handle, chunks(), timeout_s)
+        pushed = await writer_side.write(handle, chunks(), timeout_s)
     finally:
         if not reader.done():
             reader.cancel()
@@ -86,21 +96,40 @@ async def relay(
     return pushed
 
 
-async def _converted(
-    source: Backend, handle: KVHandle, target: KVLayout, timeout_s: float
+def _transfer_of(backend: Backend) -> KVTransfer:
+    transfer = backend.kv_transfer
+    if transfer is None:
+        raise BackendError(backend.id, "this backend cannot relay KV", retryable=False)
+    return transfer
+
+
+def _same_transport(source: KVTransfer, sink: KVTransfer) -> bool:
+    """Chunks of one transport's encoding can go to the other as they are."""
+    return type(source) is type(sink)
+
+
+async def _recoded(
+    chunks: AsyncGenerator[bytes, None], source: KVTransfer, sink: KVTransfer
 ) -> AsyncGenerator[bytes, None]:
-    """Encoded KVChunks of the handle's KV in ``target``'s layout, one unit at a time.
+    async with contextlib.aclosing(chunks):
+        async for encoded in chunks:
+            yield sink.encode_chunk(source.decode_chunk(encoded))
+
+
+async def _converted(
+    source: KVTransfer, sink: KVTransfer, handle: KVHandle, target: KVLayout, timeout_s: float
+) -> AsyncGenerator[bytes, None]:
+    """Chunks of the handle's KV in ``target``'s layout, one unit at a time, encoded for
+    ``sink``.
 
     A pad after the KV (a payload at an emulated model's size) is not KV: it
     follows, byte for byte, where it was.
     """
     assert handle.layout is not None
-    reason = kvlayout.incompatibility(handle.layout, target)
-    if reason is not None:
-        raise LayoutMismatchError(f"KV layout cannot convert: {reason}")
     spans = kvlayout.rank_spans(handle.layout, handle.num_tokens)
     shards = [
-        _ShardReader(source.fetch_kv(handle, timeout_s, span.offset, span.length)) for span in spans
+        _ShardReader(source, source.read(handle, timeout_s, span.offset, span.length))
+        for span in spans
     ]
     try:
 
@@ -109,14 +138,15 @@ async def _converted(
 
         pieces = kvlayout.translate(read, handle.layout, target, handle.num_tokens)
         async for offset, data in pieces:
-            chunk = device_pb2.KVChunk(offset=offset, data=data, checksum=zlib.crc32(data))
-            yield chunk.SerializeToString()
+            yield sink.encode_chunk(KVChunk(offset, data))
     finally:
         for shard in shards:
             await shard.close()
     real = handle.num_tokens * kvlayout.token_bytes(handle.layout)
     if handle.byte_length > real:
-        pad = source.fetch_kv(handle, timeout_s, real, handle.byte_length - real)
+        pad = source.read(handle, timeout_s, real, handle.byte_length - real)
+        if not _same_transport(source, sink):
+            pad = _recoded(pad, source, sink)
         async with contextlib.aclosing(pad) as chunks:
             async for encoded in chunks:  # offsets are the same in every layout
                 yield encoded
@@ -125,40 +155,17 @@ async def _converted(
 class _ShardReader:
     """Exact-size reads over one rank's chunk stream, holding at most a chunk beyond."""
 
-    def __init__(self, chunks: AsyncGenerator[bytes, None]) -> None:
+    def __init__(self, transfer: KVTransfer, chunks: AsyncGenerator[bytes, None]) -> None:
+        self._transfer = transfer
         self._chunks = chunks
         self._pending = bytearray()
 
     async def read(self, count: int) -> bytes:
         while len(self._pending) < count:
-            chunk = device_pb2.KVChunk.FromString(await anext(self._chunks))
-            if zlib.crc32(chunk.data) != chunk.checksum:
-                raise BackendError("relay", f"KV chunk at byte {chunk.offset} failed its checksum")
-            self._pending += chunk.data
+            self._pending += self._transfer.decode_chunk(await anext(self._chunks)).data
         data = bytes(self._pending[:count])
         del self._pending[:count]
         return data
 
     async def close(self) -> None:
         await self._chunks.aclose()
-
-
-async def _over_sockets(handle: KVHandle, sink: Backend, depth: int, stats: RelayStats) -> KVHandle:
-    """Socket to socket between the two data planes, through ``depth`` reused buffers."""
-    try:
-        answer = await dataplane.relay(
-            handle.data_address,
-            handle.request_id,
-            sink.kv_data_address,
-            handle_to_proto(handle).SerializeToString(),
-            handle.byte_length,
-            depth=depth,
-        )
-    except dataplane.DataPlaneError as error:
-        if error.code == "FAILED_PRECONDITION" and "layout" in error.message:
-            raise LayoutMismatchError(f"backend {sink.id}: {error.message}") from error
-        raise BackendError(sink.id, f"{error.code}: {error.message}") from error
-    stats.chunks = math.ceil(handle.byte_length / dataplane.SEGMENT_BYTES)
-    stats.bytes = handle.byte_length
-    stats.most_in_flight = depth
-    return handle_from_proto(device_pb2.KVHandle.FromString(answer))

@@ -11,9 +11,9 @@ from backends import registry as adapters
 from backends.base import Backend, BackendLoad, KVLayout
 from router.errors import ConfigError
 from router.metrics import RouterMetrics
-from router.pool.snapshot import BackendView, PoolSnapshot
 from router.scheduling.perf import DevicePerf, perf_for
 from router.scheduling.prefix import PrefixIndex
+from router.scheduling.snapshot import BackendView, PoolSnapshot
 from router.settings import BackendConfig, PoolConfig
 
 DEFAULT_PREFIX_BLOCKS_PER_BACKEND = 65536

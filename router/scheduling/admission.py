@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import ClassVar, Protocol
 
-from router.errors import OverloadedError
+from backends.errors import OverloadedError
 from router.scheduling.context import Context
 from router.scheduling.deciders import lateness
 from router.scheduling.plan import Plan

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from router.pool.snapshot import BackendView, PoolSnapshot
 from router.scheduling.plan import RequestFeatures, Slo
+from router.scheduling.snapshot import BackendView, PoolSnapshot
 
 _NO_MATCHES: Mapping[str, int] = {}
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import ClassVar, Protocol
 
-from router.pool.snapshot import BackendView
 from router.scheduling.context import Context
 from router.scheduling.legs import Leg
+from router.scheduling.snapshot import BackendView
 
 
 class Filter(Protocol):

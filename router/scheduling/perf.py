@@ -1,6 +1,6 @@
 """The performance model scheduling predicts with: the mock devices' own timing model.
 
-A backend whose ``profile`` names a catalogue entry (backends/mock/profiles.yaml) gets a
+A backend whose ``profile`` names a catalogue entry (backends/perf/profiles.yaml) gets a
 :class:`DevicePerf`: prefill and decode durations from the roofline of that hardware serving
 that model, its link speed, and its price and power from the catalogue (each with a source).
 Real engines are predicted the same way when the pool file says what hardware they run on.
@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
-from backends.mock.roofline import TimingModel, load_catalog
+from backends.perf.roofline import TimingModel, load_catalog
 
 SECONDS_PER_HOUR = 3600.0
 

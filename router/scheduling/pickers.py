@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import ClassVar, Protocol
 
-from router.pool.snapshot import BackendView
+from router.scheduling.snapshot import BackendView
 
 Rate = Callable[[Sequence[BackendView]], list[float]]
 

@@ -49,7 +49,7 @@ class RequestFeatures:
     priority: int = 0
     # Which policy profile serves it (a name from the policy file).
     slo_class: str = "default"
-    # Chained hashes of the prompt's leading blocks (router.scheduling.prefix).
+    # Chained hashes of the prompt's leading blocks (backends.prefix).
     prefix_hashes: tuple[int, ...] = ()
     # Prompt tokens one hashed block covers (its bytes over bytes per token).
     prefix_block_tokens: float = 64.0

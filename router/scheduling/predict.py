@@ -16,9 +16,9 @@ arrive. They rank options and catch requests already late; they are not promises
 
 from __future__ import annotations
 
-from router.pool.snapshot import BackendView
 from router.scheduling.context import Context
 from router.scheduling.plan import Prediction
+from router.scheduling.snapshot import BackendView
 
 
 def colocated(view: BackendView, ctx: Context) -> Prediction | None:

@@ -1,42 +1,15 @@
-"""Prefix-cache affinity: chained hashes of a prompt's blocks and who holds them.
+"""Prefix-cache affinity: which backend holds which of a prompt's blocks.
 
-A prompt is cut into fixed blocks of bytes; block *i*'s hash covers every byte up to the
-end of block *i* (a running CRC-32 tagged with the block index), so two prompts share
-hash *i* only if they share their first *i* + 1 blocks, as a prefix cache needs. Bytes,
-not tokens: the router does not tokenize, and a shared byte prefix is a shared token
-prefix for every tokenizer up to the last block. The mock devices hash their prompts with
-the same function, so what they report and what the router sent agree.
-
-:class:`PrefixIndex` remembers which blocks each backend was sent (and what backends
-report as cached), least recently used first out, within a budget per backend. Policies
-only read it; the daemon and the simulator record a request's hashes after routing it.
+:class:`PrefixIndex` remembers which blocks (``backends.prefix.block_hashes``) each
+backend was sent (and what backends report as cached), least recently used first out,
+within a budget per backend. Policies only read it; the daemon and the simulator record
+a request's hashes after routing it.
 """
 
 from __future__ import annotations
 
-import zlib
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
-
-BLOCK_BYTES = 64
-# Beyond this many blocks (64 KiB of prompt) affinity is decided already.
-MAX_BLOCKS = 1024
-
-
-def block_hashes(
-    prompt: bytes | str, block_bytes: int = BLOCK_BYTES, max_blocks: int = MAX_BLOCKS
-) -> tuple[int, ...]:
-    """Hashes of the prompt's whole leading blocks (a partial last block is not cacheable)."""
-    data = prompt.encode() if isinstance(prompt, str) else prompt
-    count = min(len(data) // block_bytes, max_blocks)
-    hashes = []
-    crc = 0
-    view = memoryview(data)
-    for index in range(count):
-        crc = zlib.crc32(view[index * block_bytes : (index + 1) * block_bytes], crc)
-        hashes.append((index << 32) | crc)
-    return tuple(hashes)
-
 
 # Holders of a block are kept as one string of backend ids joined by this (ids never
 # contain it): a dict of ints to strings is invisible to the garbage collector, whereas

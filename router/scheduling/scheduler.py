@@ -10,8 +10,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from router.errors import InvalidRequestError, NoHealthyBackendError, RouterError
-from router.pool.snapshot import BackendView, PoolSnapshot
+from backends.errors import ServingError
+from router.errors import InvalidRequestError, NoHealthyBackendError
 from router.scheduling import predict
 from router.scheduling.admission import Admission
 from router.scheduling.context import Context
@@ -21,6 +21,7 @@ from router.scheduling.legs import Leg
 from router.scheduling.pickers import Picker, mix
 from router.scheduling.plan import Disaggregation, Mode, Plan, RequestFeatures, Slo
 from router.scheduling.scorers import Scorer
+from router.scheduling.snapshot import BackendView, PoolSnapshot
 
 
 @dataclass(frozen=True)
@@ -152,7 +153,7 @@ class Scheduler:
     @staticmethod
     def _unservable(
         wanted: Disaggregation, features: RequestFeatures, snapshot: PoolSnapshot
-    ) -> RouterError:
+    ) -> ServingError:
         model = features.model
         if not snapshot.serving(model):
             return NoHealthyBackendError(f"no healthy backend serves model {model!r}")

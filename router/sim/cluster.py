@@ -24,7 +24,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from backends.base import Role
-from backends.mock.roofline import load_catalog
+from backends.perf.roofline import load_catalog
 from router.errors import ConfigError
 from router.scheduling.perf import DevicePerf, perf_for
 from router.settings import parse_pool, read_yaml

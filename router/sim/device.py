@@ -13,9 +13,8 @@ from array import array
 from collections import deque
 
 from backends.base import HandoffMode
-from backends.mock.engine import PrefixCache
-from router.pool.snapshot import BackendView
-from router.scheduling.prefix import BLOCK_BYTES
+from backends.prefix import BLOCK_BYTES, PrefixCache
+from router.scheduling.snapshot import BackendView
 from router.sim.cluster import DeviceSpec
 from router.sim.results import DeviceStats, Outcome
 from router.sim.workload import RequestSpec
@@ -179,7 +178,7 @@ class SimDevice:
             perf=self.perf,
         )
 
-    # -- prefix cache (backends.mock.engine.PrefixCache) ----------------------------
+    # -- prefix cache (backends.prefix.PrefixCache) -----------------------------------
 
     def cached_tokens(self, hashes: tuple[int, ...], prompt: int) -> int:
         cache = self.cache

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from backends.base import Role
-from backends.mock.roofline import load_catalog
+from backends.perf.roofline import load_catalog
 from router.scheduling.perf import perf_for
 from router.sim.cluster import Cluster, uniform_cluster
 from router.sim.metrics import SLO

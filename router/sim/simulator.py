@@ -29,12 +29,14 @@ from typing import Any, Protocol
 import numpy as np
 import numpy.typing as npt
 
-from backends.mock.engine import LOAD_PREFIX_HASHES, MAX_PREFILL_BATCH_TOKENS
-from router.dispatch.service_level import DEFAULT_SERVICE, DEFAULT_SLO_CLASS, ServiceLevel
-from router.errors import NoHealthyBackendError, OverloadedError, RouterError
-from router.pool.snapshot import PoolSnapshot
+from backends.errors import OverloadedError, ServingError
+from backends.perf.batching import LOAD_PREFIX_HASHES, MAX_PREFILL_BATCH_TOKENS
+from backends.prefix import MAX_BLOCKS
+from router.errors import NoHealthyBackendError
 from router.scheduling.plan import Disaggregation, Mode, Plan, RequestFeatures, Slo
-from router.scheduling.prefix import MAX_BLOCKS, PrefixIndex
+from router.scheduling.prefix import PrefixIndex
+from router.scheduling.service_level import DEFAULT_SERVICE, DEFAULT_SLO_CLASS, ServiceLevel
+from router.scheduling.snapshot import PoolSnapshot
 from router.sim.cluster import Cluster
 from router.sim.device import BLOCK_TOKENS, SimDevice, SimRequest
 from router.sim.metrics import SLO
@@ -244,7 +246,7 @@ class Simulator:
         except NoHealthyBackendError:
             self._end(request, Outcome.UNAVAILABLE, now)
             return
-        except RouterError:
+        except ServingError:
             self._end(request, Outcome.REJECTED, now)
             return
         prefill = self._device(plan.prefill_backend)
@@ -574,7 +576,7 @@ def _requests(specs: Sequence[RequestSpec]) -> list[SimRequest]:
 
 
 def _block_hashes(index: int, spec: RequestSpec) -> tuple[int, ...]:
-    """Stand-ins for ``router.scheduling.prefix.block_hashes`` of the request's prompt.
+    """Stand-ins for ``backends.prefix.block_hashes`` of the request's prompt.
 
     Block *i* is shared with every request of the same group while it lies wholly
     inside the shared prefix; any later block covers this request's own tokens.

@@ -7,10 +7,10 @@ from collections.abc import AsyncIterator
 import grpc
 import pytest
 
+from backends._gen.hetero.device.v1 import device_pb2
 from backends.base import Role
 from backends.mock.server import SERVICE, DeviceConfig, DeviceServer
-from router._gen.hetero.device.v1 import device_pb2
-from router.scheduling.prefix import block_hashes
+from backends.prefix import block_hashes
 
 PROMPT = "A system prompt every request of this tenant begins with. " * 5
 SAMPLING = device_pb2.Sampling(max_tokens=4, temperature=0.0, top_p=1.0, seed=1)

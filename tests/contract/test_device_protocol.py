@@ -9,12 +9,12 @@ from typing import Any
 import grpc
 import pytest
 
+from backends._gen.hetero.device.v1 import device_pb2
+from backends._gen.hetero.router.v1 import router_pb2
 from backends.base import KVHandle, KVLayout, Role
+from backends.errors import LayoutMismatchError
 from backends.mock.adapter import MockBackend
 from backends.mock.server import SERVICE, DeviceConfig, DeviceServer, modelled_wire_s
-from router._gen.hetero.device.v1 import device_pb2
-from router._gen.hetero.router.v1 import router_pb2
-from router.errors import LayoutMismatchError
 from tests.helpers import eventually
 
 GREEDY = device_pb2.Sampling(max_tokens=12, temperature=0.0, top_p=1.0, seed=7)
@@ -344,8 +344,10 @@ async def test_push_refuses_a_layout_it_cannot_convert_before_keeping_a_byte(pai
         async def chunks() -> AsyncIterator[bytes]:
             yield device_pb2.KVChunk(offset=0, data=b"\0" * 2048).SerializeToString()
 
+        transfer = adapter.kv_transfer
+        assert transfer is not None
         with pytest.raises(LayoutMismatchError, match="dtype bfloat16 cannot become float32"):
-            await adapter.push_kv(handle, chunks(), timeout_s=5)
+            await transfer.write(handle, chunks(), timeout_s=5)
         assert decode_device.engine.load().kv_leases == 0
     finally:
         await adapter.close()

@@ -7,14 +7,14 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from backends._gen.hetero.device.v1 import device_pb2
+from backends._gen.hetero.router.v1 import router_pb2
 from backends.base import GenerationRequest, Role, SamplingParams
+from backends.errors import BackendError, ServingError
 from backends.frames import coalesce
 from backends.mock import wire
 from backends.mock.adapter import MockBackend
 from backends.mock.server import DeviceConfig, DeviceServer
-from router._gen.hetero.device.v1 import device_pb2
-from router._gen.hetero.router.v1 import router_pb2
-from router.errors import BackendError, RouterError
 from tests.helpers import eventually
 
 
@@ -105,7 +105,7 @@ async def test_a_failing_request_ends_its_stream_not_the_session(
 ) -> None:
     _, adapter = backend
     too_big = request("huge", max_tokens=10_000_000)
-    with pytest.raises(RouterError, match="needs 10000006 KV tokens"):
+    with pytest.raises(ServingError, match="needs 10000006 KV tokens"):
         await collect(adapter, too_big)
     assert len(tokens(await collect(adapter, request("after")))) == 16
 

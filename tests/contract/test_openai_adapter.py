@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import structlog
 
+from backends._gen.hetero.router.v1 import router_pb2
 from backends.base import (
     BackendLoad,
     ChatMessage,
@@ -18,9 +19,8 @@ from backends.base import (
     Role,
     SamplingParams,
 )
+from backends.errors import BackendError
 from backends.openai import OpenAIBackend
-from router._gen.hetero.router.v1 import router_pb2
-from router.errors import BackendError
 from tests.contract.fake_openai import MODEL, PROMPT_TOKENS, FakeOpenAI
 from tests.helpers import eventually
 

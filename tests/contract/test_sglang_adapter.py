@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import pytest
 
+from backends._gen.hetero.router.v1 import router_pb2
 from backends.base import (
     BackendLoad,
     ChatMessage,
@@ -18,9 +19,8 @@ from backends.base import (
     Role,
     SamplingParams,
 )
+from backends.errors import BackendError
 from backends.sglang import _ROOMS, SglangBackend
-from router._gen.hetero.router.v1 import router_pb2
-from router.errors import BackendError
 from tests.contract.fake_sglang import PROMPT_TOKENS, FakeSglang, Knobs, Rooms
 from tests.helpers import eventually
 
@@ -152,7 +152,7 @@ async def test_prefill_returns_before_its_leg_is_answered(pair: Pair) -> None:
     assert not result.finished
     assert result.handle is not None
     assert result.handle.backend_id == "p0"
-    params = result.handle.engine_params
+    params = result.handle.transport_params
     assert params["bootstrap_host"] == "127.0.0.1"
     assert params["bootstrap_port"] == BOOTSTRAP_PORT
     await asyncio.wait_for(pair.prefill_engine.arrived.wait(), PROMPTLY_S)
@@ -221,7 +221,7 @@ async def test_prefill_failure_aborts_the_waiting_decode_leg_promptly(
     assert caught.value.backend_id == "p0"
     assert caught.value.retryable
     assert "prefill broke" in caught.value.message
-    rid = result.handle.engine_params["rid"]
+    rid = result.handle.transport_params["rid"]
     # The decode engine, which would wait 300 s for the KV cache, is told twice.
     await eventually(lambda: pair.decode_engine.disconnected == [rid], PROMPTLY_S)
     await eventually(lambda: pair.decode_engine.aborted == [rid], PROMPTLY_S)
@@ -232,7 +232,7 @@ async def test_decode_leg_is_not_sent_when_the_prefill_leg_failed_already(pair: 
     req = request()
     result = await pair.prefill.prefill(req, 5.0)
     assert result.handle is not None
-    leg = _ROOMS[result.handle.engine_params["bootstrap_room"]]
+    leg = _ROOMS[result.handle.transport_params["bootstrap_room"]]
     await eventually(lambda: leg.failure is not None, PROMPTLY_S)
 
     with pytest.raises(BackendError) as caught:
@@ -273,7 +273,7 @@ async def test_a_prefill_reply_failing_after_the_kv_arrived_spares_the_decode_le
     frames = [await anext(stream)]  # the decode engine holds the KV cache
 
     release.set()
-    leg = _ROOMS[result.handle.engine_params["bootstrap_room"]]
+    leg = _ROOMS[result.handle.transport_params["bootstrap_room"]]
     await eventually(lambda: leg.failure is not None, PROMPTLY_S)
     resume.set()
     frames += [frame async for frame in stream]
@@ -321,7 +321,7 @@ async def test_decode_refused_cancels_the_prefill_leg_waiting_for_it(pair: Pair)
 
     assert caught.value.backend_id == "d0"
     assert caught.value.retryable
-    rid = result.handle.engine_params["rid"]
+    rid = result.handle.transport_params["rid"]
     await eventually(lambda: pair.prefill_engine.disconnected == [rid], PROMPTLY_S)
     await eventually(lambda: pair.prefill_engine.aborted == [rid], PROMPTLY_S)
 
@@ -353,7 +353,7 @@ async def test_abort_stops_both_legs_on_both_engines(pair: Pair) -> None:
     assert result.handle is not None
     decoding = asyncio.create_task(_drain(pair.decode, req, result.handle))
     await asyncio.wait_for(pair.decode_engine.arrived.wait(), PROMPTLY_S)
-    rid = result.handle.engine_params["rid"]
+    rid = result.handle.transport_params["rid"]
 
     await pair.prefill.abort(req.request_id, 1.0)
     await pair.decode.abort(req.request_id, 1.0)
@@ -396,7 +396,7 @@ async def test_leaving_the_decode_stream_early_ends_the_request_on_the_engine(
     assert router_pb2.GenerateResponse.FromString(first).text == "Hel"
     await stream.aclose()
 
-    rid = result.handle.engine_params["rid"]
+    rid = result.handle.transport_params["rid"]
     await eventually(lambda: pair.decode_engine.disconnected == [rid], PROMPTLY_S)
     await eventually(lambda: pair.decode_engine.aborted == [rid], PROMPTLY_S)
 
@@ -511,7 +511,7 @@ async def test_ipv6_hosts_are_bracketed() -> None:
     try:
         result = await backend.prefill(request(), 1.0)
         assert result.handle is not None
-        assert result.handle.engine_params["bootstrap_host"] == "[::1]"
+        assert result.handle.transport_params["bootstrap_host"] == "[::1]"
         await backend.abort("req-1", 0.2)
     finally:
         await backend.close()

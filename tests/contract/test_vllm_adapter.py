@@ -12,12 +12,12 @@ import pytest
 import structlog
 from prometheus_client import CollectorRegistry
 
+from backends._gen.hetero.router.v1 import router_pb2
 from backends.base import ChatMessage, GenerationRequest, KVHandle, Role, SamplingParams
+from backends.errors import BackendError
 from backends.http_common import SSEEvent, iter_sse
 from backends.vllm import KV_USAGE_SCALE, VllmBackend
-from router._gen.hetero.router.v1 import router_pb2
 from router.dispatch.dispatcher import Dispatcher
-from router.errors import BackendError
 from router.metrics import RouterMetrics
 from router.pool.registry import Pool
 from router.scheduling.plan import Disaggregation
@@ -97,7 +97,7 @@ async def test_prefill_sends_exactly_vllms_prefill_request(
     assert (result.prompt_tokens, result.finished) == (fake.prompt_tokens, False)
     assert result.handle is not None
     assert (result.handle.backend_id, result.handle.request_id) == ("vllm-0", "r1")
-    assert result.handle.engine_params == fake.issued["cmpl-r1-0"]
+    assert result.handle.transport_params == fake.issued["cmpl-r1-0"]
 
 
 async def test_decode_restores_the_body_and_forwards_the_kv_params_unchanged(
@@ -197,7 +197,7 @@ async def test_without_kv_params_the_decode_leg_prefills_locally(
     prefill = await backend.prefill(completion(), timeout_s=5)
     assert not prefill.finished
     assert prefill.handle is not None
-    assert prefill.handle.engine_params == {}
+    assert prefill.handle.transport_params == {}
 
     responses = await collect(backend.decode(completion(), prefill.handle, -1, timeout_s=5))
 

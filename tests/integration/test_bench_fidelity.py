@@ -7,12 +7,12 @@ from pathlib import Path
 import pytest
 import yaml
 
+from backends._gen.hetero.router.v1 import router_pb2
 from bench import fidelity
 from bench.fidelity import PathOverhead, Replay, RoutedTarget, Served
 from bench.loadgen import send
 from bench.stats import RequestRecord
 from bench.workloads import RequestSpec
-from router._gen.hetero.router.v1 import router_pb2
 from router.sim.results import SimResult
 from tests.conftest import Cluster
 

@@ -7,8 +7,8 @@ import asyncio
 import grpc
 import pytest
 
+from backends._gen.hetero.router.v1 import router_pb2
 from backends.base import Role
-from router._gen.hetero.router.v1 import router_pb2
 from router.client import AsyncRouterClient
 from tests.conftest import Cluster, start_cluster, stop_cluster
 from tests.helpers import eventually

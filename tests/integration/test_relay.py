@@ -9,10 +9,12 @@ from collections.abc import AsyncGenerator, AsyncIterator
 import grpc
 import pytest
 
+from backends._gen.hetero.router.v1 import router_pb2
 from backends.base import GenerationRequest, KVHandle, KVLayout, Role, SamplingParams
+from backends.errors import LayoutMismatchError
 from backends.mock.adapter import MockBackend
-from router._gen.hetero.router.v1 import router_pb2
-from router.errors import LayoutMismatchError
+from backends.mock.transfer import DeviceKVTransfer
+from backends.transfer import DirectCopy, KVTransfer
 from router.handoff.relay import RelayStats, relay
 from tests.conftest import start_cluster, stop_cluster
 from tests.helpers import eventually
@@ -67,15 +69,16 @@ async def test_relay_is_pipelined_and_holds_a_few_chunks_at_most() -> None:
 
         read = 0
         read_when_consumed: list[int] = []
-        fetch = source.fetch_kv
+        reading, writing = source.kv_transfer, sink.kv_transfer
+        assert reading is not None
+        assert writing is not None
+        fetch, push = reading.read, writing.write
 
         async def counting_fetch(h: KVHandle, timeout_s: float) -> AsyncGenerator[bytes, None]:
             nonlocal read
             async for chunk in fetch(h, timeout_s):
                 read += 1
                 yield chunk
-
-        push = sink.push_kv
 
         async def recording_push(
             h: KVHandle, chunks: AsyncIterator[bytes], timeout_s: float
@@ -87,8 +90,10 @@ async def test_relay_is_pipelined_and_holds_a_few_chunks_at_most() -> None:
 
             return await push(h, watched(), timeout_s)
 
-        source.fetch_kv = counting_fetch  # type: ignore[method-assign]
-        sink.push_kv = recording_push  # type: ignore[method-assign]
+        # Over gRPC chunks (no data plane), so the relay's own pipelining is what is seen.
+        reading.copy = no_direct_copy  # type: ignore[method-assign]
+        reading.read = counting_fetch  # type: ignore[method-assign,assignment]
+        writing.write = recording_push  # type: ignore[method-assign]
         stats = RelayStats()
         moved = await relay(source, sink, handle, timeout_s=10, depth=4, stats=stats)
 
@@ -177,23 +182,18 @@ async def test_layouts_that_differ_are_relayed_and_converted_without_loss(
 
 async def test_a_relay_refuses_a_dtype_change_before_reading_anything() -> None:
     class Untouchable(MockBackend):
-        def fetch_kv(self, *args: object, **kwargs: object) -> AsyncGenerator[bytes, None]:
-            raise AssertionError("no byte may be read")
-
-    class Drain(MockBackend):
-        async def push_kv(
-            self, handle: KVHandle, chunks: AsyncIterator[bytes], timeout_s: float
-        ) -> KVHandle:
-            async for _ in chunks:
-                raise AssertionError("no byte may be written")
-            return handle
+        @property
+        def kv_transfer(self) -> DeviceKVTransfer | None:
+            raise AssertionError("no byte may be read or written")
 
     source = Untouchable("p", "127.0.0.1:1")
     source_layout = KVLayout(2, 4, 16, "float32", 16, 1)
     handle = KVHandle("p", "r", layout=source_layout, num_tokens=10, byte_length=10240)
     target = KVLayout(2, 4, 16, "bfloat16", 16, 1)
     with pytest.raises(LayoutMismatchError, match="dtype float32 cannot become bfloat16"):
-        await relay(source, Drain("d", "127.0.0.1:2"), handle, timeout_s=1, target_layout=target)
+        await relay(
+            source, Untouchable("d", "127.0.0.1:2"), handle, timeout_s=1, target_layout=target
+        )
 
 
 async def test_relay_goes_socket_to_socket_when_both_devices_have_a_data_plane() -> None:
@@ -205,7 +205,10 @@ async def test_relay_goes_socket_to_socket_when_both_devices_have_a_data_plane()
         )
         assert token_ids(split) == token_ids(alone)
         decode_backends = [cluster.daemon.pool.backend(i) for i in ("groq-0", "groq-1")]
-        assert all(backend.kv_data_address for backend in decode_backends)
+        assert all(
+            isinstance(backend.kv_transfer, DeviceKVTransfer) and backend.kv_transfer.data_address
+            for backend in decode_backends
+        )
         # Nothing went through gRPC FetchKV, and no decode device pulled on its own.
         assert all(d.kv_fetches_served == 0 for d in cluster.devices.values())
         assert all(d.kv_pull_attempts == 0 for d in cluster.devices.values())
@@ -274,3 +277,7 @@ async def test_a_transfer_cut_midway_still_answers_exactly(policy: str) -> None:
         await eventually(lambda: all(v == (0, 0) for v in cluster.kv_in_use().values()))
     finally:
         await stop_cluster(cluster)
+
+
+async def no_direct_copy(handle: KVHandle, sink: KVTransfer, *, depth: int) -> DirectCopy | None:
+    return None

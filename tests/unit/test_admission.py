@@ -7,13 +7,13 @@ import asyncio
 import pytest
 from prometheus_client import CollectorRegistry
 
+from backends.errors import OverloadedError
 from router.dispatch.admission import (
     RETRY_AFTER_MAX_S,
     RETRY_AFTER_MIN_S,
     RETRY_AFTER_UNKNOWN_S,
     AdmissionGate,
 )
-from router.errors import OverloadedError
 from router.metrics import RouterMetrics
 
 

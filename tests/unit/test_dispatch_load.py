@@ -11,6 +11,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from backends import registry
+from backends._gen.hetero.router.v1 import router_pb2
 from backends.base import (
     Backend,
     BackendLoad,
@@ -23,17 +24,17 @@ from backends.base import (
     Role,
     SamplingParams,
 )
-from router._gen.hetero.router.v1 import router_pb2
+from backends.errors import BackendError, OverloadedError
+from backends.prefix import block_hashes
 from router.dispatch.dispatcher import Dispatcher
-from router.dispatch.service_level import ServiceLevel
-from router.errors import BackendError, ConfigError, OverloadedError
+from router.errors import ConfigError
 from router.metrics import RouterMetrics
 from router.pool.health import HealthChecker
 from router.pool.registry import Pool
-from router.pool.snapshot import BackendView
 from router.scheduling.plan import Disaggregation, Plan, RequestFeatures, Slo
-from router.scheduling.prefix import block_hashes
 from router.scheduling.registry import build_scheduler
+from router.scheduling.service_level import ServiceLevel
+from router.scheduling.snapshot import BackendView
 from router.settings import BackendConfig, PoolConfig, Settings, parse_pool
 
 PROMPT = "a shared system prompt that is long enough for a few blocks " * 4  # 240 bytes

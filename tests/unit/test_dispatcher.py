@@ -9,6 +9,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from backends import registry
+from backends._gen.hetero.router.v1 import router_pb2
 from backends.base import (
     Backend,
     BackendLoad,
@@ -22,10 +23,9 @@ from backends.base import (
     Role,
     SamplingParams,
 )
-from backends.mock.adapter import handle_from_proto, handle_to_proto
-from router._gen.hetero.router.v1 import router_pb2
+from backends.errors import BackendError
+from backends.mock.transfer import handle_from_proto, handle_to_proto
 from router.dispatch.dispatcher import Dispatcher
-from router.errors import BackendError
 from router.metrics import RouterMetrics
 from router.pool.registry import Pool
 from router.scheduling.plan import Disaggregation
@@ -64,14 +64,14 @@ class EngineLike(Backend):
         return BackendLoad()
 
     async def prefill(self, request: GenerationRequest, timeout_s: float) -> PrefillResult:
-        handle = KVHandle(self.id, request.request_id, engine_params={"opaque": 1})
+        handle = KVHandle(self.id, request.request_id, transport_params={"opaque": 1})
         finished = EngineLike.finished_at_prefill
         return PrefillResult(b"", -1, 3, finished, None if finished else handle)
 
     async def decode(
         self, request: GenerationRequest, handle: KVHandle, first_token_id: int, timeout_s: float
     ) -> AsyncGenerator[bytes, None]:
-        assert handle.engine_params == {"opaque": 1}
+        assert handle.transport_params == {"opaque": 1}
         if EngineLike.decode_fails_after == 0:
             raise BackendError(self.id, "UNAVAILABLE: prefill leg lost")
         yield frame(1)
@@ -161,7 +161,8 @@ def test_a_handle_survives_the_adapter_round_trip_whole() -> None:
     handle = KVHandle(
         "p0", "r1", address="h:1",
         layout=KVLayout(2, 4, 16, "float32", 16, 2), num_tokens=7, byte_length=7168,
-        checksum=99, lease_expires_at=1.5, block_ids=(0,), link_gbps=400.0,
-        emulated_bytes_per_token=131072, data_address="h:2",
+        checksum=99, lease_expires_at=1.5, block_ids=(0,),
+        transport_params={"link_gbps": 400.0, "emulated_bytes_per_token": 131072,
+                          "data_address": "h:2"},
     )  # fmt: skip
     assert handle_from_proto(handle_to_proto(handle)) == handle

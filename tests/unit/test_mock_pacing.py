@@ -12,7 +12,7 @@ import pytest
 from backends.base import SamplingParams
 from backends.mock.engine import DeviceEngine, LoopClock, next_deadline
 from backends.mock.model import TinyTransformer, encode
-from backends.mock.roofline import TimingModel, load_catalog
+from backends.perf.roofline import TimingModel, load_catalog
 
 Engines = Callable[..., DeviceEngine]  # (clock, **engine options) -> a started engine
 PROMPT = "The quick brown fox jumps over the lazy dog. " * 4

@@ -8,13 +8,15 @@ from typing import Any
 import pytest
 
 from backends.base import Role
-from router.errors import ConfigError, InvalidRequestError, OverloadedError
-from router.pool.snapshot import BackendView, PoolSnapshot
+from backends.errors import OverloadedError
+from backends.prefix import block_hashes
+from router.errors import ConfigError, InvalidRequestError
 from router.scheduling.perf import perf_for
 from router.scheduling.plan import Disaggregation, Mode, RequestFeatures, Slo
-from router.scheduling.prefix import PrefixIndex, block_hashes
+from router.scheduling.prefix import PrefixIndex
 from router.scheduling.registry import load_policy, parse_policy
 from router.scheduling.scheduler import Scheduler
+from router.scheduling.snapshot import BackendView, PoolSnapshot
 
 MODEL = "llama-3.1-70b"
 H100 = perf_for("h100", MODEL)

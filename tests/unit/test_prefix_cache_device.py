@@ -7,15 +7,15 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from backends._gen.hetero.router.v1 import router_pb2
 from backends.base import Role, SamplingParams
-from backends.mock.engine import DeviceEngine, LoopClock, PrefixCache
+from backends.mock.engine import DeviceEngine, LoopClock
 from backends.mock.model import TinyTransformer, encode
-from backends.mock.roofline import TimingModel, load_catalog
 from backends.mock.server import DeviceConfig, DeviceServer
-from router._gen.hetero.router.v1 import router_pb2
+from backends.perf.roofline import TimingModel, load_catalog
+from backends.prefix import PrefixCache, block_hashes
 from router.cli import build_parser
 from router.cluster import device_command
-from router.scheduling.prefix import block_hashes
 from router.settings import BackendConfig
 
 HEAD = "".join(chr(ord("a") + i % 26) for i in range(256))  # four whole blocks

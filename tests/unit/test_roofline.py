@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import yaml
 
-from backends.mock.roofline import (
+from backends.perf.roofline import (
     DEFAULT_PROFILES_PATH,
     Catalog,
     DeviceProfile,

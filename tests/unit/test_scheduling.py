@@ -4,11 +4,11 @@ import pytest
 
 from backends.base import HandoffMode, Role
 from router.errors import ConfigError, NoHealthyBackendError
-from router.pool.snapshot import BackendView, PoolSnapshot
 from router.scheduling.deciders import PromptLengthDecider
 from router.scheduling.pickers import LeastOutstandingPicker
 from router.scheduling.plan import Disaggregation, Mode, RequestFeatures
 from router.scheduling.registry import build_scheduler, parse_policy
+from router.scheduling.snapshot import BackendView, PoolSnapshot
 from router.settings import Settings
 
 

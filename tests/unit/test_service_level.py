@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from router._gen.hetero.router.v1 import router_pb2
+from backends._gen.hetero.router.v1 import router_pb2
 from router.api.validation import validate_service
 from router.cli import build_parser
 from router.client import build_request
-from router.dispatch.service_level import FALLBACK_SLO, ServiceLevel
 from router.errors import InvalidRequestError
 from router.scheduling.plan import Slo
+from router.scheduling.service_level import FALLBACK_SLO, ServiceLevel
 
 CLASSES = frozenset({"default", "interactive", "batch"})
 

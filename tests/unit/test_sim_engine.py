@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 
 from backends.base import Role
-from router.errors import NoHealthyBackendError, OverloadedError
-from router.pool.snapshot import BackendView, PoolSnapshot
+from backends.errors import OverloadedError
+from router.errors import NoHealthyBackendError
 from router.scheduling.perf import DevicePerf, perf_for
 from router.scheduling.plan import Mode, Plan, RequestFeatures
+from router.scheduling.snapshot import BackendView, PoolSnapshot
 from router.sim.cluster import Cluster, DeviceSpec
 from router.sim.metrics import SLO
 from router.sim.simulator import SimulationError, Simulator

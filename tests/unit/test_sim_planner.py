@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 from backends.base import Role
-from router.pool.snapshot import PoolSnapshot
 from router.scheduling.perf import perf_for
 from router.scheduling.plan import Mode, Plan, RequestFeatures
+from router.scheduling.snapshot import PoolSnapshot
 from router.sim.metrics import SLO
 from router.sim.planner import Candidate, plan_cluster
 from router.sim.workload import generate

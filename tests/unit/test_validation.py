@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from router._gen.hetero.router.v1 import router_pb2
+from backends._gen.hetero.router.v1 import router_pb2
 from router.api.validation import validate_generate
 from router.errors import InvalidRequestError
 from router.scheduling.plan import Disaggregation

@@ -4,8 +4,8 @@
 import grpc
 import warnings
 
-from router._gen.hetero.device.v1 import device_pb2 as hetero_dot_device_dot_v1_dot_device__pb2
-from router._gen.hetero.router.v1 import router_pb2 as hetero_dot_router_dot_v1_dot_router__pb2
+from backends._gen.hetero.device.v1 import device_pb2 as hetero_dot_device_dot_v1_dot_device__pb2
+from backends._gen.hetero.router.v1 import router_pb2 as hetero_dot_router_dot_v1_dot_router__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__

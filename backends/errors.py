@@ -1,0 +1,48 @@
+"""The errors adapters raise, and the base of every error reported to a client.
+
+The router's own errors (bad input, no backend) derive from :class:`ServingError`
+too, so the edges (gRPC and HTTP servers) translate one tree, once: each class
+names its gRPC status (a ``grpc.StatusCode`` name, so that policies and the
+simulator raise them without importing grpc) and its HTTP status, and nothing
+else ever reaches a client.
+"""
+
+from __future__ import annotations
+
+
+class ServingError(Exception):
+    """Base of every error reported to a client."""
+
+    grpc_status: str = "INTERNAL"  # a grpc.StatusCode name
+    http_status: int = 500
+
+    def __init__(self, message: str, *, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.retry_after_s = retry_after_s
+
+
+class OverloadedError(ServingError):
+    """Shed (by the router's admission control or a full backend); retry later."""
+
+    grpc_status = "RESOURCE_EXHAUSTED"
+    http_status = 429
+
+
+class BackendError(ServingError):
+    """A backend failed while serving the request."""
+
+    grpc_status = "UNAVAILABLE"
+    http_status = 502
+
+    def __init__(self, backend_id: str, message: str, *, retryable: bool = True) -> None:
+        super().__init__(f"backend {backend_id}: {message}")
+        self.backend_id = backend_id
+        self.retryable = retryable
+
+
+class LayoutMismatchError(ServingError):
+    """Prefill and decode devices do not share a KV layout; no byte was moved."""
+
+    grpc_status = "FAILED_PRECONDITION"
+    http_status = 409

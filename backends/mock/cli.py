@@ -1,0 +1,89 @@
+"""The ``hetero-router device`` command: one mock device server from its flags."""
+
+from __future__ import annotations
+
+import argparse
+
+import uvloop
+
+from backends.base import Role
+from backends.mock.process import run_device
+from backends.mock.server import DeviceConfig
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--id", required=True)
+    parser.add_argument("--profile", required=True, help="hardware to emulate, e.g. h100")
+    parser.add_argument("--model", default="llama-3.1-8b", help="model size to emulate")
+    parser.add_argument("--roles", default="prefill,decode", help="comma list: prefill,decode")
+    parser.add_argument("--listen", default="127.0.0.1:0")
+    parser.add_argument("--time-scale", type=float, default=1.0, help="0 disables waiting")
+    parser.add_argument("--kv-lease-s", type=float, default=30.0)
+    parser.add_argument("--seed", type=int, default=0, help="weights seed of the tiny model")
+    parser.add_argument(
+        "--decode-step-ms",
+        type=float,
+        help="fixed decode step (paces every stream), for benchmarks",
+    )
+    parser.add_argument(
+        "--kv-failure-policy",
+        choices=["retry", "recompute", "fail"],
+        default="recompute",
+        help="when the KV cannot be pulled: pull again then prefill locally, prefill "
+        "locally, or fail the request",
+    )
+    parser.add_argument(
+        "--tensor-parallel", type=int, default=1, help="ranks the KV heads split over (1, 2, 4)"
+    )
+    parser.add_argument("--block-size", type=int, default=16, help="KV tokens per block")
+    parser.add_argument(
+        "--emulate-kv-size",
+        action="store_true",
+        help="pad leased KV to the emulated model's size (transfers at real volume)",
+    )
+    parser.add_argument(
+        "--prefix-cache-blocks",
+        type=int,
+        default=0,
+        help="prompt blocks (64 tokens) a prefix cache keeps; a cached head is not "
+        "prefilled again (0: no prefix cache)",
+    )
+    parser.add_argument(
+        "--chips",
+        type=int,
+        default=None,
+        help="chips of the profile the emulated deployment spans (default: the fewest "
+        "that hold the model)",
+    )
+    parser.add_argument("--announce", action="store_true", help="print READY host:port")
+    parser.add_argument("--exit-with-stdin", action="store_true", help="exit when stdin closes")
+
+
+def run(options: argparse.Namespace) -> int:
+    """Serves one device until a signal (or stdin's end); the exit code."""
+    roles = tuple(Role(role.strip()) for role in options.roles.split(","))
+    config = DeviceConfig(
+        backend_id=options.id,
+        profile=options.profile,
+        model=options.model,
+        roles=roles,
+        time_scale=options.time_scale,
+        kv_lease_s=options.kv_lease_s,
+        seed=options.seed,
+        decode_step_s=options.decode_step_ms / 1000 if options.decode_step_ms else None,
+        kv_failure_policy=options.kv_failure_policy,
+        tensor_parallel=options.tensor_parallel,
+        block_size=options.block_size,
+        emulate_kv_size=options.emulate_kv_size,
+        chips=options.chips,
+        prefix_cache_blocks=options.prefix_cache_blocks,
+    )
+    uvloop.run(
+        run_device(
+            config,
+            options.listen,
+            announce=options.announce,
+            exit_with_stdin=options.exit_with_stdin,
+        )
+    )
+    return 0

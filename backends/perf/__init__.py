@@ -1,0 +1,1 @@
+"""The hardware performance model shared by mock devices, the scheduler and the simulator."""

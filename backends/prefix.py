@@ -1,0 +1,88 @@
+"""Prefix blocks: chained hashes of a prompt's blocks, and an engine's cache of them.
+
+A prompt is cut into fixed blocks of bytes; block *i*'s hash covers every byte up to the
+end of block *i* (a running CRC-32 tagged with the block index), so two prompts share
+hash *i* only if they share their first *i* + 1 blocks, as a prefix cache needs. Bytes,
+not tokens: the router does not tokenize, and a shared byte prefix is a shared token
+prefix for every tokenizer up to the last block. The router's prefix index, the mock
+devices and the simulator hash with this one function, so what a device reports and
+what the router sent agree.
+"""
+
+from __future__ import annotations
+
+import itertools
+import zlib
+from collections import OrderedDict
+from collections.abc import Sequence
+
+BLOCK_BYTES = 64
+# Beyond this many blocks (64 KiB of prompt) affinity is decided already.
+MAX_BLOCKS = 1024
+
+
+def block_hashes(
+    prompt: bytes | str, block_bytes: int = BLOCK_BYTES, max_blocks: int = MAX_BLOCKS
+) -> tuple[int, ...]:
+    """Hashes of the prompt's whole leading blocks (a partial last block is not cacheable)."""
+    data = prompt.encode() if isinstance(prompt, str) else prompt
+    count = min(len(data) // block_bytes, max_blocks)
+    hashes = []
+    crc = 0
+    view = memoryview(data)
+    for index in range(count):
+        crc = zlib.crc32(view[index * block_bytes : (index + 1) * block_bytes], crc)
+        hashes.append((index << 32) | crc)
+    return tuple(hashes)
+
+
+class PrefixCache:
+    """Hashes of the prompt blocks whose KV this device computed or received, LRU.
+
+    Timing only: a prefill whose leading blocks are here is charged for the rest of its
+    prompt. Cached blocks hold none of the device's KV capacity; a real engine keeps them
+    in KV blocks nobody else is using and evicts them when it needs the room, which this
+    emulation does not model: here they are free.
+    """
+
+    def __init__(self, capacity_blocks: int) -> None:
+        if capacity_blocks < 0:
+            raise ValueError(f"prefix_cache_blocks must be >= 0, not {capacity_blocks}")
+        self.capacity_blocks = capacity_blocks
+        self._blocks: OrderedDict[int, None] = OrderedDict()
+
+    def hashes_of(self, prompt: str) -> tuple[int, ...]:
+        """The prompt's block hashes (none when the cache is off), over the bytes the
+        tokenizer reads, with the router's function so both name the same blocks."""
+        if not self.capacity_blocks:
+            return ()
+        return block_hashes(prompt.encode("utf-8", errors="replace"))
+
+    def matched_blocks(self, hashes: Sequence[int]) -> int:
+        """How many of the leading blocks are cached, consecutive from block 0."""
+        return sum(1 for _ in itertools.takewhile(self._blocks.__contains__, hashes))
+
+    def cached_tokens(self, hashes: Sequence[int], prompt_tokens: int) -> int:
+        """Leading prompt tokens a prefill need not compute. The last is always computed:
+        its logits give the first output token."""
+        return max(0, min(self.matched_blocks(hashes) * BLOCK_BYTES, prompt_tokens - 1))
+
+    def record(self, hashes: Sequence[int]) -> None:
+        """These blocks were just computed (or their KV received): now the most recent.
+
+        Last block first, so a prompt's head outlives its tail: eviction takes tails
+        first, as in vLLM (which frees a sequence's blocks in reverse) and SGLang (which
+        evicts radix-tree leaves). A head evicted first would strand the blocks after it.
+        """
+        for value in reversed(hashes):
+            self._blocks[value] = None
+            self._blocks.move_to_end(value)
+        while len(self._blocks) > self.capacity_blocks:
+            self._blocks.popitem(last=False)
+
+    def recent(self, limit: int) -> list[int]:
+        """At most ``limit`` cached hashes, the most recently used first."""
+        return list(itertools.islice(reversed(self._blocks), limit))
+
+    def __len__(self) -> int:
+        return len(self._blocks)
