@@ -163,7 +163,7 @@ def transport_error(backend_id: str, error: BaseException, timeout_s: float) -> 
 
 # Not an ...Error: a signal between OpenExchanges and its adapter, which turns it into
 # a BackendError at once; it never reaches the package's error tree.
-class ExchangeAborted(Exception):  # noqa: N818
+class ExchangeAborted(Exception):  # noqa: N818  # a control-flow signal, not an error
     """The exchange was closed by :meth:`OpenExchanges.abort`."""
 
 

@@ -713,7 +713,8 @@ def _prefill_problem(data: str) -> str | None:
 def _prefill_failed(leg: _PrefillLeg) -> BackendError:
     """The decode side's error when its prefill leg failed: charged to the prefill backend."""
     failure = leg.failure
-    assert failure is not None
+    if failure is None:
+        raise RuntimeError(f"backend {leg.backend_id}: the prefill leg has not failed")
     detail = failure.message.removeprefix(f"backend {leg.backend_id}: ")
     return BackendError(
         leg.backend_id,

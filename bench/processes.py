@@ -86,7 +86,8 @@ async def router_process(
 
 
 async def _serving_address(process: asyncio.subprocess.Process) -> tuple[str, str]:
-    assert process.stderr is not None
+    if process.stderr is None:
+        raise RuntimeError("the router was started without stderr=PIPE")
     while line := await process.stderr.readline():
         if line.startswith(b"{"):
             event = json.loads(line)
@@ -98,10 +99,11 @@ async def _serving_address(process: asyncio.subprocess.Process) -> tuple[str, st
 async def _drain(process: asyncio.subprocess.Process) -> None:
     """Reads the router's log so it never blocks on a full pipe; appends it to the file
     ``BENCH_ROUTER_LOG`` names, when set, to see what the router said during a run."""
-    assert process.stderr is not None
+    if process.stderr is None:
+        raise RuntimeError("the router was started without stderr=PIPE")
     keep = os.environ.get("BENCH_ROUTER_LOG")
     # Small appends to a local file: blocking them is harmless in a benchmark.
-    with open(keep, "ab") if keep else contextlib.nullcontext() as log:  # noqa: ASYNC230
+    with open(keep, "ab") if keep else contextlib.nullcontext() as log:  # noqa: ASYNC230  # opened once at start, before the loop is busy
         while line := await process.stderr.readline():
             if log is not None:
                 log.write(line)

@@ -100,7 +100,8 @@ def cmd_generate(options: argparse.Namespace) -> int:
 
 def _finish_name(value: int) -> str:
 
-    return router_pb2.FinishReason.Name(value).removeprefix("FINISH_REASON_").lower()  # type: ignore[arg-type]
+    name = router_pb2.FinishReason.Name(router_pb2.FinishReason.ValueType(value))
+    return name.removeprefix("FINISH_REASON_").lower()
 
 
 def build_parser() -> argparse.ArgumentParser:

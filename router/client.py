@@ -10,7 +10,7 @@ with RouterClient("127.0.0.1:50051") as client:
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncGenerator, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -206,7 +206,7 @@ class AsyncRouterClient:
 
     async def generate(
         self, prompt: str, **options: Any
-    ) -> AsyncIterator[router_pb2.GenerateResponse]:
+    ) -> AsyncGenerator[router_pb2.GenerateResponse, None]:
         call = self._generate(
             build_request(prompt, **options),
             timeout=self.config.timeout_s,

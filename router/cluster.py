@@ -128,8 +128,10 @@ async def embedded_devices(
 
 
 async def _await_ready(device: DeviceProcess) -> None:
-    assert device.process.stdout is not None
-    line = (await device.process.stdout.readline()).decode().strip()
+    stdout = device.process.stdout
+    if stdout is None:
+        raise RuntimeError(f"device {device.config.id} was started without stdout=PIPE")
+    line = (await stdout.readline()).decode().strip()
     if not line.startswith(DEVICE_READY_PREFIX):
         code = await device.process.wait()
         raise ConfigError(

@@ -70,8 +70,8 @@ async def start_cluster(
                 model=model,
                 roles=_DEVICE_ROLES[role],
                 time_scale=time_scale,
-                **(device_options or {}),  # type: ignore[arg-type]
-                **(per_device or {}).get(backend_id, {}),  # type: ignore[arg-type]
+                **(device_options or {}),  # type: ignore[arg-type]  # tests pass any field
+                **(per_device or {}).get(backend_id, {}),  # type: ignore[arg-type]  # same
             )
         )
         await device.start("127.0.0.1:0")
@@ -84,14 +84,14 @@ async def start_cluster(
                 role=role,
                 model=model,
                 profile=profile,
-                handoff=handoff,  # type: ignore[arg-type]
+                handoff=handoff,  # type: ignore[arg-type]  # validated by pydantic
             )
         )
     options: dict[str, object] = {"drain_grace_s": 0.5, **settings}
     config = Settings(
         grpc_address="127.0.0.1:0",
         http_address="127.0.0.1:0",
-        **options,  # type: ignore[arg-type]
+        **options,  # type: ignore[arg-type]  # validated by pydantic-settings
     )
     daemon = Daemon(config, PoolConfig(backends=tuple(backends)))
     await daemon.start()

@@ -164,7 +164,8 @@ class MockBackend(Backend):
     async def _stream(
         self, body: str, message: Any, timeout_s: float
     ) -> AsyncGenerator[bytes, None]:
-        assert self._session is not None, "start() first"
+        if self._session is None:
+            raise RuntimeError(f"backend {self.id}: start() first")
         frames = self._session.stream(body, message, timeout_s)
         try:
             async for frame in frames:

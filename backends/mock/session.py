@@ -91,7 +91,8 @@ class DeviceSession:
                         frames, inbox.frames = inbox.frames, []
                         yield coalesce(frames)
                         continue
-                    assert inbox.status is not None
+                    if inbox.status is None:
+                        continue  # woken with nothing new
                     ended = True
                     code, details = inbox.status
                     if code is not grpc.StatusCode.OK:

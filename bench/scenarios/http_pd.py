@@ -38,7 +38,8 @@ async def _engine() -> AsyncIterator[str]:
         stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
     )  # fmt: skip
     try:
-        assert process.stdout is not None
+        if process.stdout is None:
+            raise RuntimeError("the fake engine was started without stdout=PIPE")
         line = (await asyncio.wait_for(process.stdout.readline(), 30)).decode().strip()
         if not line.startswith("READY "):
             raise RuntimeError("fake engine did not start")
@@ -61,7 +62,8 @@ async def _ttft_ms(session: aiohttp.ClientSession, url: str, body: dict[str, Any
         async for line in response.content:
             if first is None and line.startswith(b"data: {"):
                 first = time.perf_counter()
-    assert first is not None, "stream carried no data"
+    if first is None:
+        raise RuntimeError("the stream carried no data")
     return (first - started) * 1000
 
 

@@ -47,7 +47,8 @@ async def _loopback_gbps(nbytes: int) -> float:
     sink = await asyncio.create_subprocess_exec(
         sys.executable, "-c", _SINK, str(nbytes), stdout=asyncio.subprocess.PIPE
     )
-    assert sink.stdout is not None
+    if sink.stdout is None:
+        raise RuntimeError("the sink was started without stdout=PIPE")
     port = int((await sink.stdout.readline()).decode())
     payload = memoryview(bytearray(nbytes))
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -89,8 +90,8 @@ async def _direct_seconds(
     """The decode device pulls the KV; its first frame comes once every byte is in and checked."""
     request = _request(request_id, prompt)
     prefilled = await source.prefill(request, timeout_s=120)
-    assert prefilled.handle is not None
-    assert prefilled.handle.byte_length == nbytes
+    if prefilled.handle is None or prefilled.handle.byte_length != nbytes:
+        raise RuntimeError(f"prefill leased no KV of {nbytes} bytes: {prefilled.handle}")
     started = time.perf_counter()
     frames = sink.decode(request, prefilled.handle, prefilled.first_token_id, 120)
     async for _ in frames:
@@ -105,7 +106,8 @@ async def _relay_seconds(
 ) -> tuple[float, int, RelayStats]:
     """The router (this process) relays the KV; returns the time and its memory growth."""
     prefilled = await source.prefill(_request(request_id, prompt), timeout_s=120)
-    assert prefilled.handle is not None
+    if prefilled.handle is None:
+        raise RuntimeError("prefill leased no KV")
     stats = RelayStats()
     started = time.perf_counter()
     moving = asyncio.create_task(relay(source, sink, prefilled.handle, timeout_s=120, stats=stats))

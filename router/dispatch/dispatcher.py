@@ -316,7 +316,7 @@ class Dispatcher:
     async def _abort(self, backend_id: str, request_id: str) -> None:
         try:
             await self._pool.backend(backend_id).abort(request_id, self._settings.abort_timeout_s)
-        except Exception as error:  # best effort: the lease timeout is the backstop
+        except Exception as error:  # noqa: BLE001  # best effort: the lease timeout is the backstop
             log.warning("abort failed", backend=backend_id, request=request_id, error=str(error))
 
     def count_rejected(self, outcome: str) -> None:

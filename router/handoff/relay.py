@@ -125,7 +125,8 @@ async def _converted(
     A pad after the KV (a payload at an emulated model's size) is not KV: it
     follows, byte for byte, where it was.
     """
-    assert handle.layout is not None
+    if handle.layout is None:
+        raise LayoutMismatchError("a KV with no layout cannot be converted")
     spans = kvlayout.rank_spans(handle.layout, handle.num_tokens)
     shards = [
         _ShardReader(source, source.read(handle, timeout_s, span.offset, span.length))

@@ -90,7 +90,7 @@ class HealthChecker:
         backend_id = endpoint.config.id
         try:
             load = await endpoint.backend.load(self._timeout_s)
-        except Exception as error:  # no load report: scheduling goes on without one
+        except Exception as error:  # noqa: BLE001  # no load report: scheduling goes on without one
             if backend_id not in self._no_load:
                 self._no_load.add(backend_id)
                 log.debug(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from types import TracebackType
 
@@ -71,6 +71,10 @@ def _perf(config: BackendConfig) -> DevicePerf | None:
         raise ConfigError(f"backend {config.id}: {error}") from error
 
 
+# (backend id, prefill tokens, running sequences, context tokens) added to its load
+AddLoad = Callable[[str, int, int, int], None]
+
+
 class LoadCharge:
     """One request's share of a backend's load: added on entry, removed once.
 
@@ -79,15 +83,15 @@ class LoadCharge:
     """
 
     def __init__(
-        self, pool: Pool, backend_id: str, prefill_tokens: int, running: int, context_tokens: int
+        self, add: AddLoad, backend_id: str, prefill_tokens: int, running: int, context_tokens: int
     ) -> None:
-        self._pool = pool
+        self._add = add
         self._backend_id = backend_id
         self._amounts = (prefill_tokens, running, context_tokens)
         self._held = False
 
     def __enter__(self) -> LoadCharge:
-        self._pool._add_load(self._backend_id, *self._amounts)
+        self._add(self._backend_id, *self._amounts)
         self._held = True
         return self
 
@@ -103,7 +107,7 @@ class LoadCharge:
         if self._held:
             self._held = False
             prefill_tokens, running, context_tokens = self._amounts
-            self._pool._add_load(self._backend_id, -prefill_tokens, -running, -context_tokens)
+            self._add(self._backend_id, -prefill_tokens, -running, -context_tokens)
 
 
 class Pool:
@@ -214,11 +218,11 @@ class Pool:
 
     def prefilling(self, backend_id: str, prompt_tokens: int) -> LoadCharge:
         """``prompt_tokens`` queued for prefill on the backend until released."""
-        return LoadCharge(self, backend_id, prompt_tokens, 0, 0)
+        return LoadCharge(self._add_load, backend_id, prompt_tokens, 0, 0)
 
     def decoding(self, backend_id: str, context_tokens: int) -> LoadCharge:
         """One sequence decoding on the backend, reserving ``context_tokens`` of KV."""
-        return LoadCharge(self, backend_id, 0, 1, context_tokens)
+        return LoadCharge(self._add_load, backend_id, 0, 1, context_tokens)
 
     def _add_load(
         self, backend_id: str, prefill_tokens: int, running: int, context_tokens: int

@@ -345,7 +345,8 @@ def _candidates(
 def _price(profile: str, model: str) -> float:
     """$/h of one device: ``profile`` chips, as many as ``model`` needs (auto-sized)."""
     perf = perf_for(profile, model)
-    assert perf is not None  # both names were checked
+    if perf is None:
+        raise ValueError(f"no performance model of {model} on {profile}")
     return perf.price_per_hour_usd
 
 

@@ -78,7 +78,7 @@ async def test_frames_waiting_for_a_slow_reader_arrive_coalesced(
     stream = adapter.generate(request("slow", max_tokens=40), timeout_s=10)
     first = await anext(stream)
     # Read nothing more until every frame, and the end of the stream, reached the router.
-    inboxes = adapter._session._inboxes  # type: ignore[union-attr]
+    inboxes = adapter._session._inboxes  # type: ignore[union-attr]  # started above
     await eventually(lambda: all(inbox.status is not None for inbox in inboxes.values()))
     rest = [frame async for frame in stream]
     assert len(rest) == 1

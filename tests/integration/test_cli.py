@@ -10,6 +10,7 @@ import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -26,19 +27,19 @@ def cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "router.cli", *args]
 
 
-def wait_for_serving(process: subprocess.Popen[str]) -> dict[str, str]:
+def wait_for_serving(process: subprocess.Popen[str]) -> dict[str, Any]:
     """Reads the router's JSON log until it says where it serves (no polling, no sleeps)."""
     assert process.stderr is not None
     for line in process.stderr:
         if line.startswith("{"):
             event = json.loads(line)
             if event.get("event") == "router serving":
-                return event  # type: ignore[no-any-return]
+                return event  # type: ignore[no-any-return]  # a JSON object
     raise AssertionError(f"router exited with {process.wait()} before serving")
 
 
 @pytest.fixture
-def router_up(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], dict[str, str]]]:
+def router_up(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], dict[str, Any]]]:
     pool = tmp_path / "pool.yaml"
     pool.write_text(POOL)
     env = {**os.environ, "HETERO_ROUTER_LOG_FORMAT": "json"}
@@ -62,7 +63,7 @@ def router_up(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], dict[str,
     try:
         serving = wait_for_serving(process)
         # Keep reading the log so a chatty router never blocks on a full pipe.
-        threading.Thread(target=process.stderr.read, daemon=True).start()  # type: ignore[union-attr]
+        threading.Thread(target=process.stderr.read, daemon=True).start()  # type: ignore[union-attr]  # stderr=PIPE
         yield process, serving
     finally:
         if process.poll() is None:
@@ -76,7 +77,7 @@ def device_pids(parent: int) -> list[int]:
 
 
 def test_up_serves_generate_and_stops_cleanly_on_ctrl_c(
-    router_up: tuple[subprocess.Popen[str], dict[str, str]],
+    router_up: tuple[subprocess.Popen[str], dict[str, Any]],
 ) -> None:
     process, serving = router_up
     assert serving["ready"] is True
@@ -118,7 +119,7 @@ def test_up_serves_generate_and_stops_cleanly_on_ctrl_c(
 
 
 def test_generate_reports_bad_input_clearly(
-    router_up: tuple[subprocess.Popen[str], dict[str, str]],
+    router_up: tuple[subprocess.Popen[str], dict[str, Any]],
 ) -> None:
     _, serving = router_up
     result = subprocess.run(

@@ -91,9 +91,10 @@ async def test_relay_is_pipelined_and_holds_a_few_chunks_at_most() -> None:
             return await push(h, watched(), timeout_s)
 
         # Over gRPC chunks (no data plane), so the relay's own pipelining is what is seen.
-        reading.copy = no_direct_copy  # type: ignore[method-assign]
-        reading.read = counting_fetch  # type: ignore[method-assign,assignment]
-        writing.write = recording_push  # type: ignore[method-assign]
+        # Spies in place of the transfer's methods: what a test double is for.
+        reading.copy = no_direct_copy  # type: ignore[method-assign]  # a spy
+        reading.read = counting_fetch  # type: ignore[method-assign,assignment]  # a spy
+        writing.write = recording_push  # type: ignore[method-assign,assignment]  # a spy
         stats = RelayStats()
         moved = await relay(source, sink, handle, timeout_s=10, depth=4, stats=stats)
 

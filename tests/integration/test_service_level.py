@@ -12,7 +12,7 @@ from router.client import AsyncRouterClient
 from tests.conftest import Cluster, start_cluster, stop_cluster
 
 # A colocated request on these devices streams one token per 20 ms: it stays in flight.
-SLOW = {"decode_step_s": 0.02}
+SLOW: dict[str, object] = {"decode_step_s": 0.02}
 
 
 async def collect(client: AsyncRouterClient, prompt: str, **options: object) -> list[bytes]:
@@ -121,7 +121,7 @@ async def test_a_full_queue_is_resource_exhausted_with_a_retry_hint(slow: Cluste
         shed = await metric(slow, "hetero_router_shed_total", {"reason": "queue_full"})
         assert shed == 2
     finally:
-        await holder.aclose()  # type: ignore[attr-defined]
+        await holder.aclose()
 
 
 async def test_load_reports_and_the_routers_own_accounting_reach_the_snapshot(
@@ -140,7 +140,7 @@ async def test_load_reports_and_the_routers_own_accounting_reach_the_snapshot(
         assert view.queued_prefill_tokens == 0
         assert view.kv_tokens_used > 0  # the device's own report
     finally:
-        await holder.aclose()  # type: ignore[attr-defined]
+        await holder.aclose()
 
 
 async def test_prefix_hashes_a_device_reports_cached_enter_the_index() -> None:

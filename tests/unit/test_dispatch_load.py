@@ -162,7 +162,7 @@ def make(
 ) -> tuple[Dispatcher, Pool, RouterMetrics]:
     config = PoolConfig(
         backends=tuple(
-            BackendConfig(id=i, kind="scripted", address="h:1", role=role, model="m")  # type: ignore[arg-type]
+            BackendConfig(id=i, kind="scripted", address="h:1", role=role, model="m")  # type: ignore[arg-type]  # str roles, validated
             for i, role in backends
         )
     )
@@ -274,7 +274,9 @@ async def test_both_backends_of_a_split_are_recorded_as_holding_the_prompt() -> 
     await drain(dispatcher, Disaggregation.SPLIT)
     hashes = block_hashes(PROMPT)
     assert len(hashes) == 3
-    matched = pool.snapshot().prefix_index.matched_blocks(hashes)  # type: ignore[union-attr]
+    index = pool.snapshot().prefix_index
+    assert index is not None
+    matched = index.matched_blocks(hashes)
     decode = next(b for b in matched if b != "p")
     assert matched == {"p": 3, decode: 3}
 
@@ -336,7 +338,7 @@ async def test_time_queued_counts_toward_the_ttft_the_scheduler_plans_for() -> N
             seen.append(features)
             return real.schedule(features, snapshot, now)
 
-    dispatcher._scheduler = Recording()  # type: ignore[assignment]
+    dispatcher._scheduler = Recording()  # type: ignore[assignment]  # a duck-typed spy
     Scripted.hold = asyncio.Event()
     first = asyncio.ensure_future(drain(dispatcher, Disaggregation.COLOCATED))
     await settle()

@@ -36,7 +36,7 @@ from router.settings import BackendConfig, PoolConfig, Settings
 def frame(*tokens: int, finish: int = 0) -> bytes:
     message = router_pb2.GenerateResponse(token_ids=tokens, text="x" * len(tokens))
     if finish:
-        message.finish_reason = finish
+        message.finish_reason = router_pb2.FinishReason.ValueType(finish)
         message.usage.completion_tokens = 3
     return message.SerializeToString()
 
@@ -94,8 +94,8 @@ def dispatcher(monkeypatch: pytest.MonkeyPatch) -> Dispatcher:
     monkeypatch.setattr(registry, "_ADAPTERS", {**registry._ADAPTERS, "engine-like": EngineLike})
     pool_config = PoolConfig(
         backends=(
-            BackendConfig(id="p", kind="engine-like", address="h:1", role="prefill", model="m"),
-            BackendConfig(id="d", kind="engine-like", address="h:2", role="decode", model="m"),
+            BackendConfig(id="p", kind="engine-like", address="h:1", role=Role.PREFILL, model="m"),
+            BackendConfig(id="d", kind="engine-like", address="h:2", role=Role.DECODE, model="m"),
         )
     )
     metrics = RouterMetrics(CollectorRegistry())

@@ -16,7 +16,7 @@ CLASSES = frozenset({"default", "interactive", "batch"})
 
 
 def message(**fields: object) -> router_pb2.GenerateRequest:
-    return router_pb2.GenerateRequest(prompt="hi", **fields)  # type: ignore[arg-type]
+    return router_pb2.GenerateRequest(prompt="hi", **fields)  # type: ignore[arg-type]  # any field, to test checks
 
 
 def test_nothing_set_is_the_default_class_at_priority_zero() -> None:

@@ -79,7 +79,7 @@ def test_simulate_replays_a_trace(
 
 
 def test_the_packaged_pool_file_simulates(capsys: pytest.CaptureFixture[str]) -> None:
-    from router.settings import default_pool_path  # noqa: PLC0415
+    from router.settings import default_pool_path  # noqa: PLC0415  # the test's own subject
 
     assert simulate(default_pool_path(), "--rate", "2", "--requests", "10") == 0
     assert "2x h100 prefill + 2x groq-lpu decode" in capsys.readouterr().out

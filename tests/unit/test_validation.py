@@ -1,10 +1,12 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import pytest
 
 from backends._gen.hetero.router.v1 import router_pb2
+from backends.base import GenerationRequest
 from router.api.validation import validate_generate
 from router.errors import InvalidRequestError
 from router.scheduling.plan import Disaggregation
@@ -15,10 +17,10 @@ MODELS = ["llama-3.1-8b"]
 
 
 def request(**fields: object) -> router_pb2.GenerateRequest:
-    sampling = fields.pop("sampling", {})
+    sampling: dict[str, Any] = fields.pop("sampling", {})  # type: ignore[assignment]  # a dict
     fields.setdefault("prompt", "hi")
-    message = router_pb2.GenerateRequest(**fields)  # type: ignore[arg-type]
-    for key, value in sampling.items():  # type: ignore[attr-defined]
+    message = router_pb2.GenerateRequest(**fields)  # type: ignore[arg-type]  # any field
+    for key, value in sampling.items():
         if key == "stop":
             message.sampling.stop.extend(value)
         else:
@@ -26,7 +28,7 @@ def request(**fields: object) -> router_pb2.GenerateRequest:
     return message
 
 
-def validate(message: router_pb2.GenerateRequest):  # type: ignore[no-untyped-def]
+def validate(message: router_pb2.GenerateRequest) -> tuple[GenerationRequest, Disaggregation]:
     return validate_generate(message, SETTINGS, MODELS, "llama-3.1-8b")
 
 
@@ -74,7 +76,7 @@ def test_explicit_values_are_kept() -> None:
         (request(sampling={"temperature": math.nan}), "temperature must be >= 0"),
         (request(sampling={"top_p": 1.5}), "top_p must be in (0, 1]"),
         (request(sampling={"stop": ["a"] * 9}), "at most 8 stop strings"),
-        (request(disaggregation=7), "unknown disaggregation value 7"),  # type: ignore[arg-type]
+        (request(disaggregation=7), "unknown disaggregation value 7"),
     ],
 )
 def test_bad_input_is_refused_with_a_reason(
