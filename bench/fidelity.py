@@ -75,6 +75,7 @@ from bench.processes import cluster
 from bench.progress import Progress
 from bench.stats import Distribution, RequestRecord
 from bench.workloads import RequestSpec, generate
+from router.client import GENERATE_METHOD
 from router.scheduling.perf import DevicePerf
 from router.sim import Cluster, Simulator, parse_cluster, resolve_policy
 from router.sim.results import Outcome, SimResult
@@ -175,7 +176,7 @@ class RoutedTarget:
     def __post_init__(self) -> None:
         self._channel = grpc.aio.insecure_channel(self.address, options=_OPTIONS)
         self._call = self._channel.unary_stream(
-            "/hetero.router.v1.Router/Generate",
+            GENERATE_METHOD,
             request_serializer=router_pb2.GenerateRequest.SerializeToString,
             response_deserializer=router_pb2.GenerateResponse.FromString,
         )

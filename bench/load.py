@@ -31,13 +31,14 @@ from bench.loadgen import (
 from bench.progress import Progress
 from bench.stats import SLO_PRESETS, summarize
 from bench.workloads import WORKLOADS, RequestSpec, generate, load_trace
+from router.client import DEFAULT_ADDRESS
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m bench.load", description=(__doc__ or "").splitlines()[0]
     )
-    parser.add_argument("--address", default="127.0.0.1:50051", help="host:port (127.0.0.1)")
+    parser.add_argument("--address", default=DEFAULT_ADDRESS, help="host:port (127.0.0.1)")
     door = parser.add_mutually_exclusive_group()
     door.add_argument("--device", action="store_true", help="the address is a mock device")
     door.add_argument(

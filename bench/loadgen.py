@@ -21,6 +21,7 @@ from backends._gen.hetero.device.v1 import device_pb2
 from backends._gen.hetero.router.v1 import router_pb2
 from bench.stats import RequestRecord
 from bench.workloads import RequestSpec, prompt_text
+from router.client import GENERATE_METHOD
 
 _OPTIONS = [("grpc.max_receive_message_length", 16 << 20)]
 
@@ -42,7 +43,7 @@ class RouterTarget:
         self.name = name
         self._channel = grpc.aio.insecure_channel(address, options=_OPTIONS)
         self._call = self._channel.unary_stream(
-            "/hetero.router.v1.Router/Generate",
+            GENERATE_METHOD,
             request_serializer=router_pb2.GenerateRequest.SerializeToString,
             response_deserializer=router_pb2.GenerateResponse.FromString,
         )

@@ -15,7 +15,7 @@ from pydantic import ValidationError
 from backends import registry as adapters
 from backends._gen.hetero.router.v1 import router_pb2
 from router import __version__
-from router.client import RouterClient
+from router.client import DEFAULT_ADDRESS, RouterClient
 from router.cluster import embedded_devices
 from router.daemon import Daemon
 from router.errors import ConfigError
@@ -116,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument(
             "--pool", type=Path, help="pool file (YAML); default: the packaged one"
         )
-        command.add_argument("--grpc-address", help="gRPC front door (default 127.0.0.1:50051)")
+        command.add_argument("--grpc-address", help=f"gRPC front door (default {DEFAULT_ADDRESS})")
         command.add_argument("--http-address", help="HTTP admin port (default 127.0.0.1:8080)")
 
     serve = commands.add_parser("serve", help="run the router over the backends of a pool file")
@@ -130,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     generate = commands.add_parser("generate", help="stream the tokens of one prompt")
     generate.add_argument("prompt")
-    generate.add_argument("--address", default="127.0.0.1:50051")
+    generate.add_argument("--address", default=DEFAULT_ADDRESS)
     generate.add_argument("--max-tokens", type=int)
     generate.add_argument("--temperature", type=float)
     generate.add_argument("--top-p", type=float)

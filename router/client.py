@@ -17,11 +17,15 @@ from typing import Any, Literal
 import grpc
 
 from backends._gen.hetero.router.v1 import router_pb2
+from router import defaults
 
 GenerateResponse = router_pb2.GenerateResponse
 DisaggregationName = Literal["auto", "split", "colocated"]
 
-_SERVICE = "/hetero.router.v1.Router/"
+# The front door's full service name, from the proto itself.
+ROUTER_SERVICE: str = router_pb2.DESCRIPTOR.services_by_name["Router"].full_name
+GENERATE_METHOD = f"/{ROUTER_SERVICE}/Generate"
+DEFAULT_ADDRESS = defaults.GRPC_ADDRESS
 _DISAGGREGATION = {
     "auto": router_pb2.DISAGGREGATION_AUTO,
     "split": router_pb2.DISAGGREGATION_SPLIT,
@@ -81,7 +85,7 @@ def build_request(
 class ChannelConfig:
     """How to reach the router: address, deadline, TLS, bearer token, retries."""
 
-    address: str = "127.0.0.1:50051"
+    address: str = DEFAULT_ADDRESS
     timeout_s: float | None = None  # deadline of each call
     tls: bool = False
     root_certificates: bytes | None = None  # PEM; None uses the system's roots
@@ -95,7 +99,7 @@ class ChannelConfig:
             {
                 "methodConfig": [
                     {
-                        "name": [{"service": "hetero.router.v1.Router"}],
+                        "name": [{"service": ROUTER_SERVICE}],
                         "retryPolicy": {
                             "maxAttempts": self.max_attempts,
                             "initialBackoff": "0.1s",
@@ -124,12 +128,12 @@ class ChannelConfig:
 def _methods(channel: Any) -> tuple[Any, Any]:
     """The Generate and ListBackends callables of a sync or asyncio channel."""
     generate = channel.unary_stream(
-        _SERVICE + "Generate",
+        GENERATE_METHOD,
         request_serializer=router_pb2.GenerateRequest.SerializeToString,
         response_deserializer=router_pb2.GenerateResponse.FromString,
     )
     list_backends = channel.unary_unary(
-        _SERVICE + "ListBackends",
+        f"/{ROUTER_SERVICE}/ListBackends",
         request_serializer=router_pb2.ListBackendsRequest.SerializeToString,
         response_deserializer=router_pb2.ListBackendsResponse.FromString,
     )
@@ -150,7 +154,7 @@ class RouterClient:
     """
 
     def __init__(
-        self, address: str | ChannelConfig = "127.0.0.1:50051", *, timeout_s: float | None = None
+        self, address: str | ChannelConfig = DEFAULT_ADDRESS, *, timeout_s: float | None = None
     ) -> None:
         self.config = config = _config(address, timeout_s)
         self._channel = (
@@ -194,7 +198,7 @@ class AsyncRouterClient:
     """asyncio client; create it inside a running event loop."""
 
     def __init__(
-        self, address: str | ChannelConfig = "127.0.0.1:50051", *, timeout_s: float | None = None
+        self, address: str | ChannelConfig = DEFAULT_ADDRESS, *, timeout_s: float | None = None
     ) -> None:
         self.config = config = _config(address, timeout_s)
         self._channel = (

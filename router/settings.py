@@ -16,7 +16,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from backends.base import Role
+from router import defaults
 from router.errors import ConfigError
+from router.scheduling.prefix import DEFAULT_BLOCKS_PER_BACKEND
 
 
 class Settings(BaseSettings):
@@ -24,7 +26,7 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="HETERO_ROUTER_", extra="ignore")
 
-    grpc_address: str = "127.0.0.1:50051"
+    grpc_address: str = defaults.GRPC_ADDRESS
     http_address: str = "127.0.0.1:8080"
     pool_file: Path | None = Field(
         default=None, description="Pool file (YAML); the packaged default cluster when unset."
@@ -78,7 +80,7 @@ class Settings(BaseSettings):
     max_in_flight: int = Field(default=1024, ge=1)
     queue_limit: int = Field(default=256, ge=0)
     # Prompt block hashes remembered per backend for prefix-cache affinity.
-    prefix_index_blocks_per_backend: int = Field(default=65536, ge=1)
+    prefix_index_blocks_per_backend: int = Field(default=DEFAULT_BLOCKS_PER_BACKEND, ge=1)
 
     health_interval_s: float = Field(default=1.0, gt=0)
     health_timeout_s: float = Field(default=1.0, gt=0)

@@ -23,7 +23,7 @@ from router.settings import Settings
 
 log = get_logger(__name__)
 
-SERVICE = "hetero.router.v1.Router"
+SERVICE: str = router_pb2.DESCRIPTOR.services_by_name["Router"].full_name
 _ROLES = {
     "prefill": router_pb2.BACKEND_ROLE_PREFILL,
     "decode": router_pb2.BACKEND_ROLE_DECODE,

@@ -12,11 +12,9 @@ from backends.base import Backend, BackendLoad, KVLayout
 from router.errors import ConfigError
 from router.metrics import RouterMetrics
 from router.scheduling.perf import DevicePerf, perf_for
-from router.scheduling.prefix import PrefixIndex
+from router.scheduling.prefix import DEFAULT_BLOCKS_PER_BACKEND, PrefixIndex
 from router.scheduling.snapshot import BackendView, PoolSnapshot
 from router.settings import BackendConfig, PoolConfig
-
-DEFAULT_PREFIX_BLOCKS_PER_BACKEND = 65536
 
 
 @dataclass
@@ -116,7 +114,7 @@ class Pool:
         config: PoolConfig,
         metrics: RouterMetrics,
         *,
-        prefix_index_blocks_per_backend: int = DEFAULT_PREFIX_BLOCKS_PER_BACKEND,
+        prefix_index_blocks_per_backend: int = DEFAULT_BLOCKS_PER_BACKEND,
     ) -> None:
         self.config = config
         self._metrics = metrics

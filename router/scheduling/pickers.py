@@ -29,8 +29,6 @@ def mix(value: int) -> int:
 
 class Picker(Protocol):
     name: ClassVar[str]
-    # Whether pick() calls ``rate``; a profile without scorers needs none.
-    uses_scores: ClassVar[bool]
 
     def pick(self, candidates: Sequence[BackendView], sequence: int, rate: Rate) -> BackendView: ...
 
@@ -44,7 +42,6 @@ class RoundRobinPicker:
     """Candidates in turn, by arrival sequence: no state, and blind to load."""
 
     name: ClassVar[str] = "round-robin"
-    uses_scores: ClassVar[bool] = False
 
     def pick(self, candidates: Sequence[BackendView], sequence: int, rate: Rate) -> BackendView:
         _check(candidates)
@@ -55,7 +52,6 @@ class LeastOutstandingPicker:
     """Fewest requests in flight from this router; ties rotate with the arrival sequence."""
 
     name: ClassVar[str] = "least-outstanding"
-    uses_scores: ClassVar[bool] = False
 
     def pick(self, candidates: Sequence[BackendView], sequence: int, rate: Rate) -> BackendView:
         _check(candidates)
@@ -72,7 +68,6 @@ class PowerOfTwoPicker:
     """
 
     name: ClassVar[str] = "power-of-two-choices"
-    uses_scores: ClassVar[bool] = True
 
     def pick(self, candidates: Sequence[BackendView], sequence: int, rate: Rate) -> BackendView:
         _check(candidates)
@@ -93,7 +88,6 @@ class MaxScorePicker:
     """The best weighted score; ties rotate with the arrival sequence."""
 
     name: ClassVar[str] = "max-score"
-    uses_scores: ClassVar[bool] = True
 
     def pick(self, candidates: Sequence[BackendView], sequence: int, rate: Rate) -> BackendView:
         _check(candidates)

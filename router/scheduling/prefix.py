@@ -17,10 +17,14 @@ from collections.abc import Iterable, Mapping, Sequence
 _SEP = "\x00"
 
 
+# Blocks remembered per backend: 4 MiB of prompt at 64-byte blocks, a few MiB of index.
+DEFAULT_BLOCKS_PER_BACKEND = 65536
+
+
 class PrefixIndex:
     """Which backend holds which block hashes, bounded per backend (LRU)."""
 
-    def __init__(self, blocks_per_backend: int = 65536) -> None:
+    def __init__(self, blocks_per_backend: int = DEFAULT_BLOCKS_PER_BACKEND) -> None:
         if blocks_per_backend < 1:
             raise ValueError("blocks_per_backend must be >= 1")
         self.blocks_per_backend = blocks_per_backend

@@ -34,7 +34,7 @@ from backends.perf.batching import LOAD_PREFIX_HASHES, MAX_PREFILL_BATCH_TOKENS
 from backends.prefix import MAX_BLOCKS
 from router.errors import NoHealthyBackendError
 from router.scheduling.plan import Disaggregation, Mode, Plan, RequestFeatures, Slo
-from router.scheduling.prefix import PrefixIndex
+from router.scheduling.prefix import DEFAULT_BLOCKS_PER_BACKEND, PrefixIndex
 from router.scheduling.service_level import DEFAULT_SERVICE, DEFAULT_SLO_CLASS, ServiceLevel
 from router.scheduling.snapshot import PoolSnapshot
 from router.sim.cluster import Cluster
@@ -92,7 +92,7 @@ class Simulator:
         max_in_flight: int | None = None,
         queue_limit: int = 0,
         request_slo: Slo | None = None,
-        prefix_index_blocks: int = 65536,
+        prefix_index_blocks: int = DEFAULT_BLOCKS_PER_BACKEND,
         progress: ProgressCallback | None = None,
         progress_interval_s: float = 2.0,
         overhead_s: float = 0.0,

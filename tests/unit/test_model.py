@@ -123,6 +123,7 @@ def test_same_config_gives_bit_identical_logits_and_kv() -> None:
     assert cache_a.to_bytes() == cache_b.to_bytes()
 
 
+@pytest.mark.slow
 def test_another_process_computes_the_same_bits(tiny: TinyTransformer) -> None:
     # Same environment (BLAS thread count included), as the device launcher gives.
     code = (
@@ -342,6 +343,7 @@ def test_decode_rejects_unknown_tokens(tiny: TinyTransformer) -> None:
 # ------------------------------------------------------------------ memory
 
 
+@pytest.mark.slow
 def test_long_prompt_prefill_keeps_temporaries_small(tiny: TinyTransformer) -> None:
     tokens = [BOS_ID, *np.random.default_rng(0).integers(0, 256, 8191).tolist()]
     tracemalloc.start()
@@ -405,6 +407,7 @@ def check_batches_match_solo(net: TinyTransformer, seed: int, sizes: list[int]) 
             assert_caches_equal(caches[i], solo_caches[i])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", [0, 1])
 def test_decode_batch_rows_are_bit_identical_to_solo(tiny: TinyTransformer, seed: int) -> None:
     check_batches_match_solo(
@@ -412,6 +415,7 @@ def test_decode_batch_rows_are_bit_identical_to_solo(tiny: TinyTransformer, seed
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("threads", [None, "1"])
 def test_decode_batch_exactness_with_any_blas_thread_count(threads: str | None) -> None:
     # The devices run with one BLAS thread, the tests with the default: check both.
