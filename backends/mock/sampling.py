@@ -11,7 +11,6 @@ version, and ~20x cheaper than building a numpy Generator per token.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 
 import numpy as np
 from numpy.typing import NDArray
@@ -71,30 +70,6 @@ def sample_token(
     draw = uniform(seed, position) * float(cumulative[kept - 1])
     index = min(int(np.searchsorted(cumulative, draw, side="right")), kept - 1)
     return index if order is None else int(order[index])
-
-
-def sample_tokens(
-    logits: NDArray[np.floating],
-    temperatures: Sequence[float],
-    top_ps: Sequence[float],
-    seeds: Sequence[int],
-    positions: Sequence[int],
-) -> list[int]:
-    """``sample_token`` for every row of ``logits`` (batch, vocab).
-
-    A loop on purpose: a vectorised version measured no faster at batch 100
-    (the row-wise sort dominates), and the loop is identical to ``sample_token``
-    by construction.
-    """
-    rows = np.asarray(logits)
-    if rows.ndim != 2:
-        raise ValueError(f"logits must be (batch, vocab), got shape {rows.shape}")
-    if not len(temperatures) == len(top_ps) == len(seeds) == len(positions) == rows.shape[0]:
-        raise ValueError("need one temperature, top_p, seed and position per row")
-    return [
-        sample_token(row, temperature=t, top_p=p, seed=s, position=n)
-        for row, t, p, s, n in zip(rows, temperatures, top_ps, seeds, positions, strict=True)
-    ]
 
 
 def _check(temperature: float, seed: int, position: int) -> None:

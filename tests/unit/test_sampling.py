@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from backends.mock.sampling import _mix64, sample_token, sample_tokens, uniform
+from backends.mock.sampling import _mix64, sample_token, uniform
 
 REPO = Path(__file__).resolve().parents[2]
 UNIFORM = np.zeros(258, np.float32)
@@ -73,33 +73,6 @@ def test_uniform_is_in_the_unit_interval_with_53_bits() -> None:
     assert all((u * 2**53).is_integer() for u in draws)
     assert len(set(draws)) == len(draws)
     assert abs(float(np.mean(draws)) - 0.5) < 0.05
-
-
-def test_sample_tokens_matches_sample_token_row_by_row() -> None:
-    rng = np.random.default_rng(11)
-    logits = rng.standard_normal((40, 258)).astype(np.float32)
-    temperatures = [0.0 if i % 5 == 0 else 0.3 + i / 20 for i in range(40)]
-    top_ps = [1.0 if i % 3 == 0 else 0.5 + i / 100 for i in range(40)]
-    seeds = [int(s) for s in rng.integers(0, 2**63, 40)]
-    positions = list(range(100, 140))
-    batch = sample_tokens(logits, temperatures, top_ps, seeds, positions)
-    alone = [
-        sample_token(logits[i], temperature=t, top_p=p, seed=s, position=n)
-        for i, (t, p, s, n) in enumerate(zip(temperatures, top_ps, seeds, positions, strict=True))
-    ]
-    assert batch == alone
-    # A row's token does not depend on its neighbours or its place in the batch.
-    order = rng.permutation(40)
-    shuffled = sample_tokens(
-        logits[order],
-        [temperatures[i] for i in order],
-        [top_ps[i] for i in order],
-        [seeds[i] for i in order],
-        [positions[i] for i in order],
-    )
-    assert shuffled == [alone[i] for i in order]
-    with pytest.raises(ValueError, match="one temperature"):
-        sample_tokens(logits, temperatures[:3], top_ps, seeds, positions)
 
 
 def test_another_process_draws_the_same_tokens() -> None:
