@@ -13,14 +13,14 @@ figures in ``profiles.yaml`` into those durations:
   and the bytes on its critical path over the bandwidth that serves it. A batch overlaps in the
   pipeline, so a step stays near-flat until the pipeline is full and then grows with the batch.
 
-Everything here is pure and cheap: parsing happens once in :func:`load_catalog`, and
-:class:`TimingModel` precomputes its rates so each call is a single pass over its inputs.
+Everything here is pure and cheap: parsing happens once in :func:`load_catalog` (the file's
+schema is :mod:`backends.perf.profiles_schema`), and :class:`TimingModel` precomputes its
+rates so each call is a single pass over its inputs.
 """
 
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +28,8 @@ from types import MappingProxyType
 from typing import Literal
 
 import yaml
+
+from backends.perf.profiles_schema import PipelineEntry, ProfileEntry, parse_profiles_file
 
 DEFAULT_PROFILES_PATH = Path(__file__).with_name("profiles.yaml")
 
@@ -320,8 +322,8 @@ def _tally(values: Iterable[int], what: str) -> tuple[int, int, int]:
 def load_catalog(path: Path | None = None) -> Catalog:
     """Profiles and models from ``path`` (default: profiles.yaml beside this module, cached).
 
-    Raises ValueError naming the file and entry on any unknown, missing or malformed field, and
-    on any numeric profile field without an entry in its ``sources``.
+    Raises ValueError naming the file and the field path on any unknown, missing or malformed
+    field, and on any numeric profile field without an entry in its ``sources``.
     """
     if path is None:
         return _default_catalog()
@@ -338,224 +340,30 @@ def _parse_catalog(path: Path) -> Catalog:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError) as error:
         raise ValueError(f"{path}: cannot read profiles: {error}") from error
-    top = _Fields(raw, str(path), required={"models", "profiles"})
+    try:
+        entries = parse_profiles_file(raw)
+    except ValueError as error:
+        raise ValueError(f"{path}: {error}") from None
     models = {
-        name: _parse_model(name, body, f"{path}: models.{name}")
-        for name, body in _string_keyed(top.raw["models"], f"{path}: models").items()
+        name: ModelSpec(name=name, **entry.model_dump()) for name, entry in entries.models.items()
     }
-    profiles = {
-        name: _parse_profile(name, body, models, f"{path}: profiles.{name}")
-        for name, body in _string_keyed(top.raw["profiles"], f"{path}: profiles").items()
-    }
+    profiles = {name: _device_profile(name, entry) for name, entry in entries.profiles.items()}
     return Catalog(profiles=MappingProxyType(profiles), models=MappingProxyType(models))
 
 
-def _parse_model(name: str, body: object, where: str) -> ModelSpec:
-    fields = _Fields(body, where, required=_MODEL_FIELDS)
-    return ModelSpec(
+def _device_profile(name: str, entry: ProfileEntry) -> DeviceProfile:
+    pipeline = entry.pipeline
+    return DeviceProfile(
         name=name,
-        parameters=fields.number("parameters"),
-        layers=fields.integer("layers"),
-        hidden_size=fields.integer("hidden_size"),
-        attention_heads=fields.integer("attention_heads"),
-        kv_heads=fields.integer("kv_heads"),
-        head_dim=fields.integer("head_dim"),
-        intermediate_size=fields.integer("intermediate_size"),
-        vocab_size=fields.integer("vocab_size"),
-        weight_bytes_per_param=fields.number("weight_bytes_per_param"),
+        **entry.model_dump(exclude={"pipeline"}),
+        pipeline=None if pipeline is None else _sram_pipeline(pipeline),
     )
 
 
-_MODEL_FIELDS = {
-    "parameters",
-    "layers",
-    "hidden_size",
-    "attention_heads",
-    "kv_heads",
-    "head_dim",
-    "intermediate_size",
-    "vocab_size",
-    "weight_bytes_per_param",
-}
-# Numeric profile fields that every profile has; each needs a source.
-_PROFILE_NUMBERS = (
-    "peak_flops",
-    "memory_bandwidth_bytes_per_s",
-    "memory_capacity_bytes",
-    "prefill_mfu",
-    "kv_usable_fraction",
-    "interconnect_gbps",
-    "price_per_chip_hour_usd",
-    "power_watts_per_chip",
-)
-_PROFILE_COMMON = {
-    *_PROFILE_NUMBERS,
-    "display_name",
-    "kind",
-    "memory_tier",
-    "interconnect_name",
-    "price_basis",
-    "sources",
-}
-
-
-def _parse_profile(
-    name: str, body: object, models: Mapping[str, ModelSpec], where: str
-) -> DeviceProfile:
-    if name != name.lower():
-        raise ValueError(f"{where}: profile names must be lowercase")
-    kind = _Fields(body, where, required={"kind"}, lenient=True).text("kind")
-    if kind not in ("gpu", "sram"):
-        raise ValueError(f"{where}.kind: must be 'gpu' or 'sram', got {kind!r}")
-    is_gpu = kind == "gpu"
-    fields = _Fields(
-        body, where, required=_PROFILE_COMMON | {"decode_mbu" if is_gpu else "pipeline"}
-    )
-    profile = DeviceProfile(
-        name=name,
-        display_name=fields.text("display_name"),
-        kind="gpu" if is_gpu else "sram",
-        peak_flops=fields.number("peak_flops"),
-        memory_bandwidth_bytes_per_s=fields.number("memory_bandwidth_bytes_per_s"),
-        memory_capacity_bytes=fields.number("memory_capacity_bytes"),
-        memory_tier=fields.text("memory_tier"),
-        prefill_mfu=fields.fraction("prefill_mfu"),
-        decode_mbu=fields.fraction("decode_mbu") if is_gpu else None,
-        kv_usable_fraction=fields.fraction("kv_usable_fraction"),
-        interconnect_name=fields.text("interconnect_name"),
-        interconnect_gbps=fields.number("interconnect_gbps"),
-        price_per_chip_hour_usd=fields.number("price_per_chip_hour_usd"),
-        price_basis=fields.text("price_basis"),
-        power_watts_per_chip=fields.number("power_watts_per_chip"),
-        pipeline=None if is_gpu else _parse_pipeline(fields.raw["pipeline"], models, where),
-        sources=_parse_sources(fields.raw["sources"], f"{where}.sources"),
-    )
-    _check_sources(profile, where)
-    return profile
-
-
-_PIPELINE_NUMBERS = (
-    "token_overhead_s",
-    "layer_latency_s",
-    "critical_path_bandwidth_bytes_per_s",
-    "served_weight_bytes_per_param",
-    "deployment_unit_chips",
-)
-_PIPELINE_FIELDS = {*_PIPELINE_NUMBERS, "vendor_deployments", "published_tokens_per_s"}
-
-
-def _parse_pipeline(body: object, models: Mapping[str, ModelSpec], where: str) -> SramPipeline:
-    where = f"{where}.pipeline"
-    fields = _Fields(body, where, required=_PIPELINE_FIELDS)
-    deployments = _per_model(
-        fields.raw["vendor_deployments"], models, f"{where}.vendor_deployments"
-    )
-    published = _per_model(
-        fields.raw["published_tokens_per_s"], models, f"{where}.published_tokens_per_s"
-    )
+def _sram_pipeline(entry: PipelineEntry) -> SramPipeline:
+    fields = entry.model_dump(exclude={"vendor_deployments", "published_tokens_per_s"})
     return SramPipeline(
-        token_overhead_s=fields.number("token_overhead_s", allow_zero=True),
-        layer_latency_s=fields.number("layer_latency_s"),
-        critical_path_bandwidth_bytes_per_s=fields.number("critical_path_bandwidth_bytes_per_s"),
-        served_weight_bytes_per_param=fields.number("served_weight_bytes_per_param"),
-        deployment_unit_chips=fields.integer("deployment_unit_chips"),
-        vendor_deployments=MappingProxyType({m: deployments.integer(m) for m in deployments.raw}),
-        published_tokens_per_s=MappingProxyType({m: published.number(m) for m in published.raw}),
+        **fields,
+        vendor_deployments=MappingProxyType(dict(entry.vendor_deployments)),
+        published_tokens_per_s=MappingProxyType(dict(entry.published_tokens_per_s)),
     )
-
-
-def _per_model(body: object, models: Mapping[str, ModelSpec], where: str) -> _Fields:
-    """A mapping keyed by model name; every key must be a model of the catalog."""
-    fields = _Fields(body, where)
-    unknown = sorted(set(fields.raw) - set(models))
-    if unknown:
-        raise ValueError(f"{where}: unknown model(s) {unknown}; known: {sorted(models)}")
-    return fields
-
-
-def _parse_sources(body: object, where: str) -> dict[str, str]:
-    fields = _Fields(body, where)
-    return {key: fields.text(key) for key in fields.raw}
-
-
-def _numeric_paths(profile: DeviceProfile) -> set[str]:
-    """Dotted paths of every number in a profile: each one needs a source."""
-    paths = set(_PROFILE_NUMBERS)
-    if profile.decode_mbu is not None:
-        paths.add("decode_mbu")
-    pipeline = profile.pipeline
-    if pipeline is not None:
-        paths.update(f"pipeline.{key}" for key in _PIPELINE_NUMBERS)
-        paths.update(f"pipeline.vendor_deployments.{m}" for m in pipeline.vendor_deployments)
-        paths.update(
-            f"pipeline.published_tokens_per_s.{m}" for m in pipeline.published_tokens_per_s
-        )
-    return paths
-
-
-def _check_sources(profile: DeviceProfile, where: str) -> None:
-    expected = _numeric_paths(profile)
-    missing = sorted(expected - set(profile.sources))
-    if missing:
-        raise ValueError(f"{where}: numeric field(s) without a source: {missing}")
-    stray = sorted(set(profile.sources) - expected)
-    if stray:
-        raise ValueError(f"{where}.sources: entries for unknown numeric field(s): {stray}")
-
-
-def _string_keyed(raw: object, where: str) -> Mapping[str, object]:
-    if not isinstance(raw, Mapping) or not all(isinstance(key, str) for key in raw):
-        raise ValueError(f"{where}: expected a mapping with string keys, got {raw!r}")
-    return raw
-
-
-class _Fields:
-    """Typed access to one YAML mapping; unknown and missing keys are rejected up front.
-
-    ``required=None`` accepts whatever keys are present (maps keyed by model or field name).
-    """
-
-    def __init__(
-        self,
-        raw: object,
-        where: str,
-        *,
-        required: set[str] | None = None,
-        lenient: bool = False,
-    ) -> None:
-        self.raw = _string_keyed(raw, where)
-        self.where = where
-        expected = set(self.raw) if required is None else required
-        missing = sorted(expected - set(self.raw))
-        if missing:
-            raise ValueError(f"{where}: missing field(s) {missing}")
-        unknown = sorted(set(self.raw) - expected)
-        if unknown and not lenient:
-            raise ValueError(f"{where}: unknown field(s) {unknown}; expected {sorted(expected)}")
-
-    def number(self, key: str, *, allow_zero: bool = False) -> float:
-        value = self.raw[key]
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ValueError(f"{self.where}.{key}: expected a number, got {value!r}")
-        if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
-            bound = ">= 0" if allow_zero else "> 0"
-            raise ValueError(f"{self.where}.{key}: must be finite and {bound}, got {value!r}")
-        return float(value)
-
-    def fraction(self, key: str) -> float:
-        value = self.number(key)
-        if value > 1.0:
-            raise ValueError(f"{self.where}.{key}: must be a fraction in (0, 1], got {value!r}")
-        return value
-
-    def integer(self, key: str) -> int:
-        value = self.raw[key]
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{self.where}.{key}: expected a positive integer, got {value!r}")
-        return value
-
-    def text(self, key: str) -> str:
-        value = self.raw[key]
-        if not isinstance(value, str) or not value.strip():
-            raise ValueError(f"{self.where}.{key}: expected a non-empty string, got {value!r}")
-        return value

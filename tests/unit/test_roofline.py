@@ -369,6 +369,41 @@ MALFORMATIONS: list[tuple[str, Callable[[dict[str, Any]], None], str]] = [
     ),
     ("model missing a field", lambda d: d["models"]["llama-3.1-8b"].pop("layers"), r"layers"),
     ("no profiles", lambda d: d.pop("profiles"), r"missing field.*profiles"),
+    (
+        "nested number without a source",
+        lambda d: d["profiles"]["groq-lpu"]["sources"].pop("pipeline.layer_latency_s"),
+        r"profiles\.groq-lpu: numeric field\(s\) without a source: \['pipeline\.layer_latency_s'\]",
+    ),
+    (
+        "source of no number",
+        lambda d: d["profiles"]["h100"]["sources"].update(turbo_boost="marketing"),
+        r"profiles\.h100\.sources: entries for unknown numeric field\(s\): \['turbo_boost'\]",
+    ),
+    (
+        "blank source",
+        lambda d: d["profiles"]["h100"]["sources"].update(peak_flops="  "),
+        r"profiles\.h100\.sources\.peak_flops: expected a non-empty string",
+    ),
+    (
+        "gpu figure on an sram part",
+        lambda d: d["profiles"]["groq-lpu"].update(decode_mbu=0.5),
+        r"profiles\.groq-lpu: unknown field 'decode_mbu' for kind 'sram'",
+    ),
+    (
+        "uppercase profile name",
+        lambda d: d["profiles"].update(H100=d["profiles"]["h100"]),
+        r"profiles\.H100: profile names must be lowercase",
+    ),
+    (
+        "boolean where a count",
+        lambda d: d["models"]["llama-3.1-8b"].update(layers=True),
+        r"models\.llama-3\.1-8b\.layers: expected a whole number, got True",
+    ),
+    (
+        "infinite figure",
+        lambda d: d["profiles"]["h100"].update(peak_flops=float("inf")),
+        r"profiles\.h100\.peak_flops: .*finite",
+    ),
 ]
 
 
