@@ -11,7 +11,8 @@ Each helper is protocol-level and knows nothing of one engine:
   :class:`OpenAIStream` turns the chunks of a streaming ``/v1/completions`` or
   ``/v1/chat/completions`` reply into token frames (encoded ``GenerateResponse``), and
   :func:`openai_frames` does both for an aiohttp response;
-- load: :func:`parse_prometheus` reads the samples of a ``/metrics`` page.
+- load: :func:`parse_prometheus` reads the samples of a ``/metrics`` page with
+  prometheus_client's parser.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import aiohttp
+from prometheus_client.parser import text_string_to_metric_families
 
 from backends._gen.hetero.router.v1 import router_pb2
 from backends.errors import BackendError
@@ -488,16 +490,15 @@ class Sample:
 
 
 _METRIC_NAME = re.compile(r"[A-Za-z_:][A-Za-z0-9_:]*")
-_LABEL_NAME = re.compile(r"\s*([A-Za-z_][A-Za-z0-9_]*)\s*=\s*\"")
-_LABEL_ESCAPES = {"\\": "\\", '"': '"', "n": "\n"}
 
 
 def parse_prometheus(text: str, names: Collection[str] | None = None) -> dict[str, list[Sample]]:
     """The samples of a text-format (0.0.4) scrape, by metric name.
 
-    With ``names``, other lines are skipped before their labels are parsed: engines
-    expose hundreds of histogram buckets that a load probe never reads. A malformed
-    line is skipped rather than failing the whole scrape.
+    With ``names``, other lines are skipped before they are parsed: engines expose hundreds
+    of histogram buckets that a load probe never reads. Lines are parsed one at a time so
+    that a malformed one is skipped rather than failing the whole scrape; each sample is
+    filed under the name on its own line (``_total`` and ``_bucket`` included).
     """
     samples: dict[str, list[Sample]] = {}
     for raw_line in text.splitlines():
@@ -507,50 +508,19 @@ def parse_prometheus(text: str, names: Collection[str] | None = None) -> dict[st
         match = _METRIC_NAME.match(line)
         if match is None or (names is not None and match.group() not in names):
             continue
-        sample = _parse_sample(match.group(), line[match.end() :])
-        if sample is not None:
+        for sample in _line_samples(line):
             samples.setdefault(sample.name, []).append(sample)
     return samples
 
 
-def _parse_sample(name: str, rest: str) -> Sample | None:
-    labels: dict[str, str] = {}
-    if rest.startswith("{"):
-        end = _parse_labels(rest, labels)
-        if end is None:
-            return None
-        rest = rest[end:]
-    fields = rest.split()
-    if not fields:
-        return None
+def _line_samples(line: str) -> list[Sample]:
+    """The sample on one line, none if it is malformed."""
     try:
-        value = float(fields[0])  # also takes NaN, +Inf and -Inf
+        families = list(text_string_to_metric_families(line))
     except ValueError:
-        return None
-    return Sample(name, labels, value)
-
-
-def _parse_labels(text: str, labels: dict[str, str]) -> int | None:
-    """Fills ``labels`` from ``{a="x",b="y"}`` at the start of text; returns the end index."""
-    position = 1
-    while True:
-        while position < len(text) and text[position] in " ,":
-            position += 1
-        if text.startswith("}", position):
-            return position + 1
-        match = _LABEL_NAME.match(text, position)
-        if match is None:
-            return None
-        value: list[str] = []
-        position = match.end()
-        while position < len(text) and text[position] != '"':
-            if text[position] == "\\" and position + 1 < len(text):
-                position += 1
-                value.append(_LABEL_ESCAPES.get(text[position], "\\" + text[position]))
-            else:
-                value.append(text[position])
-            position += 1
-        if position >= len(text):
-            return None
-        labels[match.group(1)] = "".join(value)
-        position += 1
+        return []
+    return [
+        Sample(sample.name, sample.labels, float(sample.value))
+        for family in families
+        for sample in family.samples
+    ]
