@@ -2,36 +2,51 @@
 
 from __future__ import annotations
 
+import math
 import sys
-import time
+from typing import Any
+
+from tqdm import tqdm
+
+_LOGGED_STEPS = 10
+
+
+class _Lines:
+    """A log has no cursor to move back: each refresh of the bar becomes a line of its own."""
+
+    def __init__(self) -> None:
+        self._last = ""
+
+    def write(self, text: str) -> None:
+        # tqdm pads a refresh to overwrite the previous one, and repeats the last on close.
+        line = text.strip("\r\n").rstrip()
+        if line and line != self._last:
+            sys.stderr.write(f"{line}\n")
+            self._last = line
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
+def _logged(total: int) -> dict[str, Any]:
+    """tqdm's options for a log: a short line every tenth of the run, however slow a step."""
+    return {
+        "file": _Lines(),
+        "bar_format": "{desc}: {n_fmt}/{total_fmt} [{elapsed}]",
+        "miniters": math.ceil(total / _LOGGED_STEPS),
+        "mininterval": 0.0,
+        "maxinterval": math.inf,
+    }
 
 
 class Progress:
     def __init__(self, label: str, total: int) -> None:
-        self.label = label
-        self.total = max(total, 1)
-        self.done = 0
-        self._started = time.monotonic()
-        self._tty = sys.stderr.isatty()
-        self._last_decile = -1
+        total = max(total, 1)
+        options = {"file": sys.stderr} if sys.stderr.isatty() else _logged(total)
+        self._bar = tqdm(total=total, desc=f"  {label}", **options)
 
     def advance(self, count: int = 1) -> None:
-        self.done += count
-        if self._tty:
-            filled = int(30 * self.done / self.total)
-            elapsed = time.monotonic() - self._started
-            sys.stderr.write(
-                f"\r  {self.label:<28} [{'#' * filled}{'.' * (30 - filled)}] "
-                f"{self.done}/{self.total} {elapsed:5.1f}s"
-            )
-            sys.stderr.flush()
-            return
-        decile = 10 * self.done // self.total
-        if decile != self._last_decile:
-            self._last_decile = decile
-            print(f"  {self.label}: {self.done}/{self.total}", file=sys.stderr, flush=True)
+        self._bar.update(count)
 
     def close(self) -> None:
-        if self._tty:
-            sys.stderr.write("\n")
-            sys.stderr.flush()
+        self._bar.close()
