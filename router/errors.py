@@ -11,10 +11,14 @@ from backends.errors import ServingError
 
 
 class InvalidRequestError(ServingError):
-    """Bad input; nothing was sent to a backend."""
+    """Bad input; nothing was sent to a backend. ``param`` names the field at fault, if one."""
 
     grpc_status = "INVALID_ARGUMENT"
     http_status = 400
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
 
 
 class NoHealthyBackendError(ServingError):

@@ -1,9 +1,10 @@
 """The OpenAI-compatible HTTP door: /v1/completions, /v1/chat/completions, /v1/models.
 
-Requests become the same validated GenerationRequest as the gRPC door's and run
-through the same dispatcher. Streaming answers are server-sent events; errors
-use OpenAI's error JSON with the matching HTTP status. The split can be steered
-per request with the body field ``disaggregation`` or the header
+Request bodies are read by :mod:`router.api.openai_models`, then become the same
+validated GenerationRequest as the gRPC door's and run through the same dispatcher.
+Streaming answers are server-sent events; errors use OpenAI's error JSON with the
+matching HTTP status, naming the body parameter at fault. The split can be steered per
+request with the body field ``disaggregation`` or the header
 ``X-Hetero-Disaggregation`` (``auto``, ``split``, ``colocated``); the SLO, priority
 and SLO class with the headers ``X-Hetero-SLO-TTFT-Ms``, ``X-Hetero-SLO-TPOT-Ms``,
 ``X-Hetero-Priority`` and ``X-Hetero-SLO-Class``.
@@ -25,6 +26,12 @@ from backends._gen.hetero.router.v1 import router_pb2
 from backends.base import ChatMessage, GenerationRequest
 from backends.errors import OverloadedError, ServingError
 from router.api import chat_template
+from router.api.openai_models import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    OpenAIRequest,
+    parse_body,
+)
 from router.api.validation import service_level, validate_generate
 from router.dispatch.dispatcher import Dispatcher
 from router.errors import InvalidRequestError
@@ -134,7 +141,7 @@ class OpenAIRoutes:
             return error_response(400, f"the request body is not valid JSON: {error}")
         except InvalidRequestError as error:
             self._dispatcher.count_rejected("invalid")
-            return error_response(400, error.message)
+            return error_response(400, error.message, param=error.param)
         bind_request(parsed.request.request_id)
         try:
             # Closing the frames, also when the client went away, aborts the backends.
@@ -151,38 +158,34 @@ class OpenAIRoutes:
     # -- request -------------------------------------------------------------
 
     def _parse(self, body: dict[str, Any], http: web.Request, *, chat: bool) -> _Parsed:
+        fields: OpenAIRequest
         messages: tuple[ChatMessage, ...] = ()
         if chat:
-            messages = _messages(body.get("messages"))
+            fields = parse_body(ChatCompletionRequest, body)
+            messages = fields.chat_messages()
             prompt = chat_template.render(messages)
         else:
-            raw = body.get("prompt")
-            if isinstance(raw, list) and len(raw) == 1:
-                raw = raw[0]
-            if not isinstance(raw, str):
-                raise InvalidRequestError("'prompt' must be a string")
-            prompt = raw
-        if body.get("n", 1) != 1:
-            raise InvalidRequestError("only n=1 is supported")
-        mode = body.get("disaggregation") or http.headers.get("X-Hetero-Disaggregation", "auto")
+            fields = parse_body(CompletionRequest, body)
+            prompt = fields.prompt
+        mode = fields.disaggregation or http.headers.get("X-Hetero-Disaggregation", "auto")
         if mode not in _DISAGGREGATION:
-            raise InvalidRequestError("disaggregation must be one of auto, split, colocated")
+            raise InvalidRequestError(
+                "disaggregation must be one of auto, split, colocated", param="disaggregation"
+            )
         message = router_pb2.GenerateRequest(
             request_id=http.headers.get("X-Request-Id", ""),
-            model=_typed(body, "model", str) or "",
+            model=fields.model or "",
             prompt=prompt,
-            sampling=_sampling(body, chat=chat),
+            sampling=fields.sampling(),
             disaggregation=_DISAGGREGATION[mode],
         )
         request, disaggregation = validate_generate(
             message, self._settings, self._pool.models, self._pool.config.resolved_default_model
         )
         service = self._service(http)
-        stream = _typed(body, "stream", bool) or False
-        options = body.get("stream_options") or {}
-        include_usage = isinstance(options, dict) and bool(options.get("include_usage"))
         request = dataclasses.replace(request, messages=messages)
-        return _Parsed(request, disaggregation, service, stream, include_usage, chat)
+        stream = bool(fields.stream)
+        return _Parsed(request, disaggregation, service, stream, fields.include_usage, chat)
 
     def _service(self, http: web.Request) -> ServiceLevel:
         numbers = {
@@ -334,73 +337,3 @@ def _header_int(http: web.Request, name: str) -> int | None:
     if not (digits.isascii() and digits.isdigit() and len(digits) <= 18):
         raise InvalidRequestError(f"header {name} must be a whole number, got {raw[:32]!r}")
     return int(text)
-
-
-def _typed(body: dict[str, Any], key: str, kind: type) -> Any:
-    value = body.get(key)
-    # bool is an int in Python; a JSON true is no token count.
-    if value is not None and (
-        not isinstance(value, kind) or (kind is not bool and isinstance(value, bool))
-    ):
-        raise InvalidRequestError(
-            f"'{key}' must be {'a number' if kind is float else kind.__name__}"
-        )
-    return value
-
-
-def _number(body: dict[str, Any], key: str) -> float | None:
-    value = body.get(key)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise InvalidRequestError(f"'{key}' must be a number")
-    return float(value)
-
-
-def _sampling(body: dict[str, Any], *, chat: bool) -> router_pb2.SamplingParams:
-    sampling = router_pb2.SamplingParams()
-    max_tokens = _typed(body, "max_completion_tokens", int) if chat else None
-    max_tokens = max_tokens if max_tokens is not None else _typed(body, "max_tokens", int)
-    if max_tokens is not None:
-        if not 0 <= max_tokens < 2**32:
-            raise InvalidRequestError(f"'max_tokens' must be at least 1, got {max_tokens}")
-        sampling.max_tokens = max_tokens
-    for key in ("temperature", "top_p"):
-        value = _number(body, key)
-        if value is not None:
-            setattr(sampling, key, value)
-    seed = _typed(body, "seed", int)
-    if seed is not None:
-        if not 0 <= seed < 2**64:
-            raise InvalidRequestError("'seed' must be between 0 and 2**64 - 1")
-        sampling.seed = seed
-    stop = body.get("stop")
-    if isinstance(stop, str):
-        stop = [stop]
-    if stop is not None:
-        if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
-            raise InvalidRequestError("'stop' must be a string or a list of strings")
-        sampling.stop.extend(stop)
-    return sampling
-
-
-def _messages(raw: object) -> tuple[ChatMessage, ...]:
-    if not isinstance(raw, list) or not raw:
-        raise InvalidRequestError("'messages' must be a non-empty list")
-    messages = []
-    for index, item in enumerate(raw):
-        if not isinstance(item, dict) or item.get("role") not in chat_template.ROLES:
-            raise InvalidRequestError(
-                f"messages[{index}] needs a role of {', '.join(chat_template.ROLES)}"
-            )
-        content = item.get("content")
-        if isinstance(content, list):  # content parts: only text is understood
-            if not all(isinstance(p, dict) and p.get("type") == "text" for p in content):
-                raise InvalidRequestError(
-                    f"messages[{index}]: only text content parts are supported"
-                )
-            content = "".join(str(p.get("text", "")) for p in content)
-        if not isinstance(content, str):
-            raise InvalidRequestError(f"messages[{index}].content must be a string")
-        messages.append(ChatMessage(item["role"], content))
-    return tuple(messages)

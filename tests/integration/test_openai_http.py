@@ -122,6 +122,37 @@ async def test_bad_requests_get_400_in_openai_shape_and_reach_no_backend(
     assert all(device.requests_received == 0 for device in cluster.devices.values())
 
 
+@pytest.mark.parametrize(
+    ("path", "body", "param"),
+    [
+        ("/v1/completions", {"prompt": "x", "temperature": "hot"}, "temperature"),
+        ("/v1/completions", {"prompt": "x", "stop": [1]}, "stop"),
+        ("/v1/completions", {"prompt": "x", "disaggregation": "sideways"}, "disaggregation"),
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": 3}]},
+            "messages[0].content",
+        ),
+    ],
+)
+async def test_the_error_names_the_parameter_at_fault(
+    cluster: Cluster, path: str, body: Any, param: str
+) -> None:
+    response = await post(cluster, path, body)
+    assert response.status == 400
+    error = (await response.json())["error"]
+    assert error["param"] == param
+    assert param in error["message"]
+    assert all(device.requests_received == 0 for device in cluster.devices.values())
+
+
+async def test_optional_fields_the_router_does_not_use_are_accepted(cluster: Cluster) -> None:
+    body = {"prompt": "x", "max_tokens": 2, "user": "u-1", "logprobs": None, "echo": False,
+            "presence_penalty": 0.0, "logit_bias": {"50256": -100}}  # fmt: skip
+    response = await post(cluster, "/v1/completions", body)
+    assert response.status == 200
+
+
 async def test_invalid_json_is_400(cluster: Cluster) -> None:
     async with (
         aiohttp.ClientSession() as session,
