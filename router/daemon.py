@@ -49,17 +49,16 @@ class Daemon:
             settings.health_unhealthy_threshold,
         )
         self.dispatcher = Dispatcher(self.pool, build_scheduler(settings), settings, self.metrics)
+        tls = settings.tls_files()
         self.front_door = FrontDoor(
-            RouterService(settings, self.pool, self.dispatcher),
-            settings.grpc_address,
-            settings.tls_pair(),
+            RouterService(settings, self.pool, self.dispatcher), settings.grpc_address, tls
         )
         self.admin = AdminServer(
             self.registry,
             self.readiness,
             settings.http_address,
             OpenAIRoutes(settings, self.pool, self.dispatcher),
-            tls=settings.tls_pair(),
+            tls=tls,
         )
         self._draining = False
         self._stop_requested = asyncio.Event()

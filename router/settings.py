@@ -113,13 +113,11 @@ class Settings(BaseSettings):
             raise ConfigError(f"auth_token_file {self.auth_token_file} holds no token")
         return tokens
 
-    def tls_pair(self) -> tuple[bytes, bytes] | None:
+    def tls_files(self) -> tuple[Path, Path] | None:
+        """The PEM certificate and key files both doors serve TLS with; None without TLS."""
         if self.tls_cert_file is None or self.tls_key_file is None:
             return None
-        try:
-            return self.tls_cert_file.read_bytes(), self.tls_key_file.read_bytes()
-        except OSError as error:
-            raise ConfigError(f"cannot read TLS file: {error}") from error
+        return self.tls_cert_file, self.tls_key_file
 
 
 class BackendConfig(BaseModel):

@@ -7,6 +7,7 @@ frames as the backends encoded them, and grpc writes those bytes as they are.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -17,6 +18,7 @@ from backends._gen.hetero.router.v1 import router_pb2
 from backends.errors import ServingError
 from router.api.validation import validate_generate, validate_service
 from router.dispatch.dispatcher import Dispatcher
+from router.errors import ConfigError
 from router.logging import bind_request, get_logger, unbind_request
 from router.pool.registry import Pool
 from router.settings import Settings
@@ -136,10 +138,10 @@ class FrontDoor:
     """The gRPC server with the Router service, grpc.health.v1 and reflection."""
 
     def __init__(
-        self, service: RouterService, address: str, tls: tuple[bytes, bytes] | None = None
+        self, service: RouterService, address: str, tls: tuple[Path, Path] | None = None
     ) -> None:
         self._address = address
-        self._tls = tls
+        self._credentials = _credentials(tls)
         self.health = health.aio.HealthServicer()
         self.server: Any = grpc.aio.server()
         self.server.add_generic_rpc_handlers((service.handler(),))
@@ -150,11 +152,10 @@ class FrontDoor:
         self.port = 0
 
     async def start(self) -> int:
-        if self._tls is None:
+        if self._credentials is None:
             self.port = self.server.add_insecure_port(self._address)
         else:
-            credentials = grpc.ssl_server_credentials([(self._tls[1], self._tls[0])])
-            self.port = self.server.add_secure_port(self._address, credentials)
+            self.port = self.server.add_secure_port(self._address, self._credentials)
         if self.port == 0:
             raise OSError(f"cannot listen on {self._address} for gRPC")
         await self.server.start()
@@ -171,3 +172,15 @@ class FrontDoor:
 
     async def stop(self, grace_s: float) -> None:
         await self.server.stop(grace_s)
+
+
+def _credentials(tls: tuple[Path, Path] | None) -> grpc.ServerCredentials | None:
+    """grpc takes the PEM pair as bytes, not as file names."""
+    if tls is None:
+        return None
+    cert_file, key_file = tls
+    try:
+        pair = (key_file.read_bytes(), cert_file.read_bytes())
+    except OSError as error:
+        raise ConfigError(f"cannot read TLS file: {error}") from error
+    return grpc.ssl_server_credentials([pair])

@@ -4,7 +4,6 @@ OpenAI-compatible API when one is given."""
 from __future__ import annotations
 
 import ssl
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -12,6 +11,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from router.api.openai_http import OpenAIRoutes
+from router.errors import ConfigError
 
 
 class AdminServer:
@@ -21,10 +21,10 @@ class AdminServer:
         readiness: Callable[[], tuple[bool, str]],
         address: str,
         openai: OpenAIRoutes | None = None,
-        tls: tuple[bytes, bytes] | None = None,
+        tls: tuple[Path, Path] | None = None,
     ) -> None:
         self._openai = openai
-        self._tls = tls
+        self._ssl_context = _ssl_context(tls)
         self._registry = registry
         self._readiness = readiness
         self._host, _, port = address.rpartition(":")
@@ -46,24 +46,12 @@ class AdminServer:
         # aborts the request on the backends.
         self._runner = web.AppRunner(self.app(), access_log=None, handler_cancellation=True)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self._host, self._port, ssl_context=self._ssl_context())
+        site = web.TCPSite(self._runner, self._host, self._port, ssl_context=self._ssl_context)
         await site.start()
         server = site._server  # the bound socket tells the port when 0 was asked
         sockets = getattr(server, "sockets", None) or []
         self.port = sockets[0].getsockname()[1] if sockets else self._port
         return self.port
-
-    def _ssl_context(self) -> ssl.SSLContext | None:
-        if self._tls is None:
-            return None
-        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        # ssl loads from files only: write the pair to a private temporary file.
-        with tempfile.TemporaryDirectory() as scratch:
-            cert, key = Path(scratch) / "cert.pem", Path(scratch) / "key.pem"
-            cert.write_bytes(self._tls[0])
-            key.write_bytes(self._tls[1])
-            context.load_cert_chain(cert, key)
-        return context
 
     async def stop(self) -> None:
         if self._runner is not None:
@@ -82,3 +70,15 @@ class AdminServer:
             {"status": "ready" if ready else "not ready", "detail": detail},
             status=200 if ready else 503,
         )
+
+
+def _ssl_context(tls: tuple[Path, Path] | None) -> ssl.SSLContext | None:
+    if tls is None:
+        return None
+    cert_file, key_file = tls
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(cert_file, key_file)
+    except OSError as error:  # ssl.SSLError is one too
+        raise ConfigError(f"cannot load TLS pair {cert_file}, {key_file}: {error}") from error
+    return context

@@ -15,7 +15,11 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from backends.base import Role
 from router.client import AsyncRouterClient, ChannelConfig
+from router.daemon import Daemon
+from router.errors import ConfigError
+from router.settings import BackendConfig, PoolConfig, Settings
 from tests.conftest import Cluster, start_cluster, stop_cluster
 
 
@@ -101,3 +105,20 @@ async def test_tls_and_bearer_tokens_guard_both_doors(tmp_path: Path) -> None:
                 assert reply.status == 200  # probes need no token
     finally:
         await stop_cluster(cluster)
+
+
+async def test_a_tls_pair_that_cannot_be_loaded_is_reported_before_anything_starts(
+    tmp_path: Path,
+) -> None:
+    _, key = self_signed(tmp_path)
+    (tmp_path / "other").mkdir()
+    other_cert, _ = self_signed(tmp_path / "other")
+    pool = PoolConfig(
+        backends=(BackendConfig(id="a", address="127.0.0.1:1", role=Role.BOTH, model="m"),)
+    )
+    mismatched = Settings(tls_cert_file=other_cert, tls_key_file=key)
+    with pytest.raises(ConfigError, match="cannot load TLS pair"):
+        Daemon(mismatched, pool)
+    missing = Settings(tls_cert_file=tmp_path / "missing.pem", tls_key_file=key)
+    with pytest.raises(ConfigError, match="cannot read TLS file"):
+        Daemon(missing, pool)
