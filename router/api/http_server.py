@@ -8,10 +8,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 from aiohttp import web
+from aiohttp.typedefs import Handler
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from router.api.openai_http import OpenAIRoutes
+from router.api.openai_http import OpenAIRoutes, error_response
 from router.errors import ConfigError
+from router.logging import get_logger
+
+log = get_logger(__name__)
 
 
 class AdminServer:
@@ -33,7 +37,7 @@ class AdminServer:
         self.port = 0
 
     def app(self) -> web.Application:
-        app = web.Application()
+        app = web.Application(middlewares=[self._catch_all])  # outermost: sees auth's errors too
         app.router.add_get("/metrics", self._metrics)
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/readyz", self._readyz)
@@ -57,6 +61,26 @@ class AdminServer:
         if self._runner is not None:
             await self._runner.cleanup()
 
+    @web.middleware
+    async def _catch_all(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """Anything unexpected: logged once here, a bare 500 to the client, never a trace."""
+        try:
+            return await handler(request)
+        except web.HTTPException:
+            raise  # aiohttp's own way to answer (404, 405, ...)
+        except Exception as error:  # the edge: nothing unexpected goes out as it is
+            log.error(
+                "http request failed unexpectedly",
+                path=request.path,
+                error_type=type(error).__name__,
+                exc_info=error,
+            )
+            if request.writer.output_size > 0 and request.transport is not None:
+                # The status line is out already: all that is left is to cut the stream,
+                # which the client sees as a truncated response.
+                request.transport.close()
+            return _error(request, 500, "internal error")
+
     async def _metrics(self, request: web.Request) -> web.Response:
         body = generate_latest(self._registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
@@ -70,6 +94,13 @@ class AdminServer:
             {"status": "ready" if ready else "not ready", "detail": detail},
             status=200 if ready else 503,
         )
+
+
+def _error(request: web.Request, status: int, message: str) -> web.Response:
+    """OpenAI's error JSON on the OpenAI routes, the probes' shape elsewhere."""
+    if request.path.startswith("/v1/"):
+        return error_response(status, message)
+    return web.json_response({"status": "error", "detail": message}, status=status)
 
 
 def _ssl_context(tls: tuple[Path, Path] | None) -> ssl.SSLContext | None:
