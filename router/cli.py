@@ -37,27 +37,23 @@ def _settings(options: argparse.Namespace) -> Settings:
 
 
 async def _serve(settings: Settings, pool_path: Path | None, embedded: bool,
-                 time_scale: float | None) -> None:  # fmt: skip
+                 time_scale: float | None) -> int:  # fmt: skip
 
     pool = load_pool(pool_path)
     if not embedded:
-        daemon = Daemon(settings, pool)
-        await daemon.start()
-        await daemon.serve_until_signalled()
-        return
+        return await Daemon(settings, pool).serve()
     async with embedded_devices(
         pool, ready_timeout_s=settings.device_ready_timeout_s, time_scale=time_scale
     ) as resolved:
-        daemon = Daemon(settings, resolved)
-        await daemon.start()
-        await daemon.serve_until_signalled()
+        return await Daemon(settings, resolved).serve()
 
 
 def cmd_serve(options: argparse.Namespace, embedded: bool = False) -> int:
     settings = _settings(options)
     configure(settings.log_level, settings.log_format)
-    uvloop.run(_serve(settings, settings.pool_file, embedded, getattr(options, "time_scale", None)))
-    return 0
+    return uvloop.run(
+        _serve(settings, settings.pool_file, embedded, getattr(options, "time_scale", None))
+    )
 
 
 def cmd_generate(options: argparse.Namespace) -> int:

@@ -1,15 +1,19 @@
-"""Lifecycle: start the pool and the servers, serve, drain on a signal, exit.
+"""Lifecycle: one path from configured to stopped, for both doors.
 
-One path: ``start`` -> serve until SIGINT/SIGTERM -> ``stop``. Stopping first
-reports NOT_SERVING (health and /readyz), then lets in-flight streams finish for
-``drain_grace_s`` before cancelling the rest. A second signal exits at once.
+``serve`` installs the SIGINT/SIGTERM handlers first, then starts (a step that
+fails stops again what the steps before it started), waits for a stop request
+and stops. Stopping marks both doors not ready (gRPC health NOT_SERVING, /readyz
+503) and stops them accepting, lets in-flight streams of either door finish for
+``drain_grace_s``, cancels the rest, then closes the pool. A second signal cuts
+the drain short: whatever still runs is cancelled at once.
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
+import contextlib
 import signal
+from collections.abc import Awaitable, Iterator
 
 from prometheus_client import CollectorRegistry
 
@@ -25,6 +29,8 @@ from router.scheduling.registry import build_scheduler
 from router.settings import PoolConfig, Settings
 
 log = get_logger(__name__)
+
+_EXIT_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 class Daemon:
@@ -60,8 +66,12 @@ class Daemon:
             OpenAIRoutes(settings, self.pool, self.dispatcher),
             tls=tls,
         )
+        self.started = asyncio.Event()  # set once start-up is complete
         self._draining = False
         self._stop_requested = asyncio.Event()
+        self._forced = asyncio.Event()
+        self._exit_signal: int | None = None
+        self._stopped: asyncio.Future[None] | None = None
 
     @property
     def grpc_port(self) -> int:
@@ -71,13 +81,27 @@ class Daemon:
     def http_port(self) -> int:
         return self.admin.port
 
+    async def serve(self) -> int:
+        """Start-up, main loop, shutdown; the exit status (128 + signal when forced)."""
+        with self._exit_signals_handled():
+            try:
+                await self.start()
+                await self._stop_requested.wait()
+            finally:
+                await self.stop()
+        if self._forced.is_set() and self._exit_signal is not None:
+            return 128 + self._exit_signal
+        return 0
+
     async def start(self) -> None:
-        await self.pool.start()
-        await self.health.check_all()  # ready as soon as we listen, if the backends are
-        self.health.start()
-        await self.front_door.start()
-        await self.admin.start()
-        await self.front_door.set_serving(True)
+        """Starts every part or none: when a step fails, what was started is stopped again."""
+        try:
+            await self._startup()
+        except BaseException as error:
+            log.error("start-up failed: stopping what started", error_type=type(error).__name__)
+            await self.stop()
+            raise
+        self.started.set()
         ready, detail = self.readiness()
         log.info(
             "router serving",
@@ -87,6 +111,14 @@ class Daemon:
             ready=ready,
             detail=detail,
         )
+
+    async def _startup(self) -> None:
+        await self.pool.start()
+        await self.health.check_all()  # ready as soon as we listen, if the backends are
+        self.health.start()
+        await self.front_door.start()
+        await self.admin.start()
+        await self.front_door.set_serving(True)
 
     def readiness(self) -> tuple[bool, str]:
         """Ready when every model has a way to be served (split or colocated)."""
@@ -105,33 +137,61 @@ class Daemon:
         return True, f"{healthy}/{len(snapshot.backends)} backends healthy"
 
     async def stop(self) -> None:
-        if self._draining:
-            return
+        """Drains and stops. Safe to call again, and at any point of start-up: each part
+        stops at once when it never started."""
+        self._stop_requested.set()
+        if self._stopped is None:
+            self._stopped = asyncio.ensure_future(self._shutdown())
+        # Shielded: a caller that gives up waiting must not leave the pool half-closed.
+        await asyncio.shield(self._stopped)
+
+    async def _shutdown(self) -> None:
         self._draining = True
         log.info("draining", grace_s=self.settings.drain_grace_s)
-        await self.front_door.set_serving(False)
-        await self.front_door.stop(self.settings.drain_grace_s)
-        await self.dispatcher.drain_background()
+        # Both doors stop accepting at once and drain against the same grace.
+        await self._unless_forced(self._stop_doors(self.settings.drain_grace_s))
+        if self._forced.is_set():
+            await self._stop_doors(0.0)
+        await self._unless_forced(self.dispatcher.drain_background())
         await self.health.stop()
-        await self.admin.stop()
         await self.pool.close()
         log.info("stopped")
 
-    async def serve_until_signalled(self) -> None:
-        loop = asyncio.get_running_loop()
-        signals = (signal.SIGINT, signal.SIGTERM)
-        for signum in signals:
-            loop.add_signal_handler(signum, self._on_signal, signum)
-        try:
-            await self._stop_requested.wait()
-            await self.stop()
-        finally:
-            for signum in signals:
-                loop.remove_signal_handler(signum)
+    async def _stop_doors(self, grace_s: float) -> None:
+        await asyncio.gather(self.front_door.stop(grace_s), self.admin.stop(grace_s))
 
-    def _on_signal(self, signum: int) -> None:
-        if self._stop_requested.is_set():
-            log.warning("second signal: exiting now", signal=signal.Signals(signum).name)
-            os._exit(128 + signum)
-        log.info("signal received", signal=signal.Signals(signum).name)
-        self._stop_requested.set()
+    async def _unless_forced(self, work: Awaitable[None]) -> None:
+        """Awaits ``work``, cancelling it when a second signal asks to exit at once."""
+        task = asyncio.ensure_future(work)
+        forced = asyncio.ensure_future(self._forced.wait())
+        try:
+            await asyncio.wait({task, forced}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            forced.cancel()
+            task.cancel()  # a no-op when it finished
+            await asyncio.wait({task})
+        if not task.cancelled():
+            task.result()  # its error, if it failed
+
+    def handle_exit(self, signum: int) -> None:
+        """SIGINT or SIGTERM: the first stops gracefully, a later one cuts the drain short."""
+        name = signal.Signals(signum).name
+        if not self._stop_requested.is_set():
+            log.info("signal received: draining", signal=name)
+            self._stop_requested.set()
+            return
+        if not self._forced.is_set():
+            log.warning("signal received while stopping: exiting now", signal=name)
+            self._exit_signal = signum
+            self._forced.set()
+
+    @contextlib.contextmanager
+    def _exit_signals_handled(self) -> Iterator[None]:
+        loop = asyncio.get_running_loop()
+        for signum in _EXIT_SIGNALS:
+            loop.add_signal_handler(signum, self.handle_exit, signum)
+        try:
+            yield
+        finally:
+            for signum in _EXIT_SIGNALS:
+                loop.remove_signal_handler(signum)

@@ -150,16 +150,26 @@ class FrontDoor:
             (SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
         )
         self.port = 0
+        self._accepting = False
 
     async def start(self) -> int:
-        if self._credentials is None:
-            self.port = self.server.add_insecure_port(self._address)
-        else:
-            self.port = self.server.add_secure_port(self._address, self._credentials)
+        try:
+            if self._credentials is None:
+                self.port = self.server.add_insecure_port(self._address)
+            else:
+                self.port = self.server.add_secure_port(self._address, self._credentials)
+        except RuntimeError as error:  # grpc's way to say the address is taken or invalid
+            raise OSError(f"cannot listen on {self._address} for gRPC: {error}") from error
         if self.port == 0:
             raise OSError(f"cannot listen on {self._address} for gRPC")
         await self.server.start()
+        self._accepting = True
         return self.port
+
+    @property
+    def accepting(self) -> bool:
+        """Taking new calls: from start until ``stop`` has reported NOT_SERVING."""
+        return self._accepting
 
     async def set_serving(self, serving: bool) -> None:
         status = (
@@ -170,7 +180,13 @@ class FrontDoor:
         for name in ("", SERVICE):
             await self.health.set(name, status)
 
-    async def stop(self, grace_s: float) -> None:
+    async def stop(self, grace_s: float = 0.0) -> None:
+        """Reports NOT_SERVING, refuses new calls (UNAVAILABLE), lets in-flight streams run
+        for up to ``grace_s``, then cancels them. A later call with a smaller grace cuts a
+        drain in progress short; a server never started stops at once."""
+        await self.set_serving(False)
+        # grpc refuses new calls before this await first yields, so the flag is exact.
+        self._accepting = False
         await self.server.stop(grace_s)
 
 

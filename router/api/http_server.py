@@ -1,8 +1,14 @@
 """The HTTP door: Prometheus /metrics, liveness /healthz, readiness /readyz, and the
-OpenAI-compatible API when one is given."""
+OpenAI-compatible API when one is given.
+
+It stops like the gRPC door: no new connections, requests on kept-alive ones
+refused with 503, in-flight requests (server-sent event streams too) given a
+grace period, then cancelled.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import ssl
 from collections.abc import Callable
 from pathlib import Path
@@ -16,6 +22,9 @@ from router.errors import ConfigError
 from router.logging import get_logger
 
 log = get_logger(__name__)
+
+# Answered while draining too: they are how an orchestrator watches the drain.
+_PROBES = frozenset({"/metrics", "/healthz", "/readyz"})
 
 
 class AdminServer:
@@ -34,10 +43,15 @@ class AdminServer:
         self._host, _, port = address.rpartition(":")
         self._port = int(port)
         self._runner: web.AppRunner | None = None
+        self._in_flight: set[asyncio.Task[object]] = set()
+        self._accepting = False
+        self._grace_over = asyncio.Event()
+        self._stopped: asyncio.Future[None] | None = None
         self.port = 0
 
     def app(self) -> web.Application:
-        app = web.Application(middlewares=[self._catch_all])  # outermost: sees auth's errors too
+        # Outermost first: the catch-all also sees what the drain gate and auth raise.
+        app = web.Application(middlewares=[self._catch_all, self._drain_gate])
         app.router.add_get("/metrics", self._metrics)
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/readyz", self._readyz)
@@ -52,14 +66,64 @@ class AdminServer:
         await self._runner.setup()
         site = web.TCPSite(self._runner, self._host, self._port, ssl_context=self._ssl_context)
         await site.start()
-        server = site._server  # the bound socket tells the port when 0 was asked
-        sockets = getattr(server, "sockets", None) or []
-        self.port = sockets[0].getsockname()[1] if sockets else self._port
+        self.port = self._runner.addresses[0][1]  # the bound port, also when 0 was asked
+        self._accepting = True
         return self.port
 
-    async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
+    @property
+    def accepting(self) -> bool:
+        """Listening and taking requests: from start until ``stop`` is called."""
+        return self._accepting
+
+    async def stop(self, grace_s: float = 0.0) -> None:
+        """Stops accepting at once, lets in-flight requests run for up to ``grace_s``,
+        then cancels them. As with grpc.aio's ``Server.stop``, a later call with a
+        smaller grace cuts a drain in progress short."""
+        self._accepting = False  # from now on a kept-alive connection's request gets 503
+        if self._runner is None:
+            return
+        for site in list(self._runner.sites):
+            await site.stop()  # closes the listening socket; open connections stay
+        timer = asyncio.get_running_loop().call_later(grace_s, self._grace_over.set)
+        if self._stopped is None:
+            self._stopped = asyncio.ensure_future(self._drain(self._runner))
+        try:
+            # Shielded: a caller that gives up waiting must not abandon the drain half-way.
+            await asyncio.shield(self._stopped)
+        finally:
+            timer.cancel()
+
+    async def _drain(self, runner: web.AppRunner) -> None:
+        in_flight = set(self._in_flight)
+        if in_flight:
+            log.info("draining http requests", in_flight=len(in_flight))
+            finished = asyncio.ensure_future(asyncio.wait(in_flight))
+            grace_over = asyncio.ensure_future(self._grace_over.wait())
+            await asyncio.wait({finished, grace_over}, return_when=asyncio.FIRST_COMPLETED)
+            finished.cancel()
+            grace_over.cancel()
+        if self._in_flight:
+            log.info("cancelling http requests past the grace", cancelled=len(self._in_flight))
+            for task in self._in_flight:
+                task.cancel()
+            await asyncio.wait(set(self._in_flight))
+        await runner.cleanup()
+
+    @web.middleware
+    async def _drain_gate(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """Counts requests in flight; refuses new ones once the door is stopping."""
+        if not self._accepting and request.path not in _PROBES:
+            response = _error(request, 503, "the router is shutting down")
+            response.force_close()
+            return response
+        task = asyncio.current_task()
+        if task is None:  # aiohttp runs every handler in a task; nothing to track otherwise
+            return await handler(request)
+        self._in_flight.add(task)
+        try:
+            return await handler(request)
+        finally:
+            self._in_flight.discard(task)
 
     @web.middleware
     async def _catch_all(self, request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -89,7 +153,7 @@ class AdminServer:
         return web.json_response({"status": "ok"})
 
     async def _readyz(self, request: web.Request) -> web.Response:
-        ready, detail = self._readiness()
+        ready, detail = self._readiness() if self._accepting else (False, "draining")
         return web.json_response(
             {"status": "ready" if ready else "not ready", "detail": detail},
             status=200 if ready else 503,

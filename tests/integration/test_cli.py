@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -142,4 +143,27 @@ def test_a_broken_pool_file_is_reported_without_a_traceback(tmp_path: Path) -> N
     )
     assert result.returncode == 2
     assert "address must be host:port" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("door", ["--grpc-address", "--http-address"])
+def test_a_port_in_use_is_reported_without_a_traceback(tmp_path: Path, door: str) -> None:
+    pool = tmp_path / "pool.yaml"
+    pool.write_text("backends: [{id: a, address: '127.0.0.1:1', role: both, model: m}]")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        addresses = {"--grpc-address": "127.0.0.1:0", "--http-address": "127.0.0.1:0"}
+        addresses[door] = f"127.0.0.1:{taken.getsockname()[1]}"
+        result = subprocess.run(
+            cli(
+                "serve", "--pool", str(pool), *(part for pair in addresses.items() for part in pair)
+            ),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    assert result.returncode == 2
+    assert "start-up failed: stopping what started" in result.stderr
     assert "Traceback" not in result.stderr
