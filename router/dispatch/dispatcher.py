@@ -25,9 +25,10 @@ from router.handoff.relay import relay
 from router.logging import get_logger
 from router.metrics import RouterMetrics
 from router.pool.registry import Pool
-from router.scheduling.plan import Disaggregation, Mode, Plan, RequestFeatures, Slo
+from router.scheduling.plan import Disaggregation, Mode, Plan, RequestFeatures
 from router.scheduling.scheduler import Scheduler
 from router.scheduling.service_level import DEFAULT_SERVICE, DEFAULT_SLO_CLASS, ServiceLevel
+from router.scheduling.slo import Slo
 from router.settings import Settings
 
 log = get_logger(__name__)

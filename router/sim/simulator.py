@@ -33,13 +33,13 @@ from backends.errors import OverloadedError, ServingError
 from backends.perf.batching import LOAD_PREFIX_HASHES, MAX_PREFILL_BATCH_TOKENS
 from backends.prefix import MAX_BLOCKS
 from router.errors import NoHealthyBackendError
-from router.scheduling.plan import Disaggregation, Mode, Plan, RequestFeatures, Slo
+from router.scheduling.plan import Disaggregation, Mode, Plan, RequestFeatures
 from router.scheduling.prefix import DEFAULT_BLOCKS_PER_BACKEND, PrefixIndex
 from router.scheduling.service_level import DEFAULT_SERVICE, DEFAULT_SLO_CLASS, ServiceLevel
+from router.scheduling.slo import Slo
 from router.scheduling.snapshot import PoolSnapshot
 from router.sim.cluster import Cluster
 from router.sim.device import BLOCK_TOKENS, SimDevice, SimRequest
-from router.sim.metrics import SLO
 from router.sim.results import Outcome, SimResult
 from router.sim.workload import RequestSpec
 
@@ -139,7 +139,7 @@ class Simulator:
         self._progress_interval_s = progress_interval_s
         self._overhead_s = overhead_s
         self._handoff_s = handoff_s
-        self._watch: SLO | None = None
+        self._watch: Slo | None = None
         self._misses = 0
         self._done = 0
         self._ran = False
@@ -150,7 +150,7 @@ class Simulator:
         self,
         requests: Sequence[RequestSpec],
         *,
-        slo: SLO | None = None,
+        slo: Slo | None = None,
         stop_after_misses: int | None = None,
     ) -> SimResult:
         """Simulates every request to its end; once per simulator.
@@ -561,7 +561,12 @@ class Simulator:
 def _service_level(slo: Slo | None) -> ServiceLevel:
     if slo is None:
         return DEFAULT_SERVICE
-    return ServiceLevel(ttft_ms=round(slo.ttft_s * 1000), tpot_ms=round(slo.tpot_s * 1000))
+    return ServiceLevel(ttft_ms=_whole_ms(slo.ttft_s), tpot_ms=_whole_ms(slo.tpot_s))
+
+
+def _whole_ms(limit_s: float | None) -> int | None:
+    """A limit as the daemon's requests carry it (None: the SLO class's default)."""
+    return None if limit_s is None else round(limit_s * 1000)
 
 
 def _requests(specs: Sequence[RequestSpec]) -> list[SimRequest]:

@@ -31,9 +31,10 @@ from router.errors import ConfigError
 from router.metrics import RouterMetrics
 from router.pool.health import HealthChecker
 from router.pool.registry import Pool
-from router.scheduling.plan import Disaggregation, Plan, RequestFeatures, Slo
+from router.scheduling.plan import Disaggregation, Plan, RequestFeatures
 from router.scheduling.registry import build_scheduler
 from router.scheduling.service_level import ServiceLevel
+from router.scheduling.slo import Slo
 from router.scheduling.snapshot import BackendView
 from router.settings import BackendConfig, PoolConfig, Settings, parse_pool
 
