@@ -19,7 +19,7 @@ import grpc
 
 from backends._gen.hetero.device.v1 import device_pb2
 from backends._gen.hetero.router.v1 import router_pb2
-from bench.workloads import prompt_text
+from bench.prompts import prompt_text
 from router.client import GENERATE_METHOD
 from router.sim.metrics import RequestRecord
 from router.sim.workload import RequestSpec
