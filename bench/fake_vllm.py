@@ -1,5 +1,8 @@
 """A fake vLLM OpenAI-compatible server with NixlConnector, on 127.0.0.1, port 0.
 
+The vLLM adapter's contract tests run against it, and the benchmarks run it as a
+zero-cost engine (bench/fake_engine.py).
+
 It answers like the real engine and checks what the real engine relies on:
 
 - a prefill leg (``kv_transfer_params.do_remote_decode``) must carry exactly vLLM's
