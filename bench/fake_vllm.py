@@ -222,8 +222,9 @@ class FakeVllm:
             await response.write(event)
             await asyncio.sleep(self.chunk_delay_s)
         if drop:  # the connection dies mid-body, as when an engine process is killed
-            assert request.transport is not None
-            request.transport.abort()
+            transport = request.transport
+            if transport is not None:  # None: the client has already gone
+                transport.abort()
             return response
         await response.write_eof()
         return response
