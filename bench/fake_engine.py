@@ -1,7 +1,7 @@
 """A zero-cost fake vLLM server as a process, for benchmarks: python -m bench.fake_engine.
 
 Prints ``READY host:port`` once it serves, and exits when stdin closes. It is the
-contract tests' fake (tests/contract/fake_vllm.py), which answers instantly.
+fake the vLLM adapter's contract tests use (bench/fake_vllm.py), which answers instantly.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import sys
 
 import uvloop
 
-from tests.contract.fake_vllm import FakeVllm
+from bench.fake_vllm import FakeVllm
 
 
 async def serve() -> None:

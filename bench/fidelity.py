@@ -73,12 +73,12 @@ from backends._gen.hetero.router.v1 import router_pb2
 from bench.loadgen import open_loop, send
 from bench.processes import cluster
 from bench.progress import Progress
-from bench.stats import Distribution, RequestRecord
-from bench.workloads import RequestSpec, generate
 from router.client import GENERATE_METHOD
 from router.scheduling.perf import DevicePerf
 from router.sim import Cluster, Simulator, parse_cluster, resolve_policy
+from router.sim.metrics import Distribution, RequestRecord
 from router.sim.results import Outcome, SimResult
+from router.sim.workload import RequestSpec, generate
 
 MODEL = "llama-3.1-70b"
 PROFILE = "h100"

@@ -29,9 +29,10 @@ from bench.loadgen import (
     open_loop,
 )
 from bench.progress import Progress
-from bench.stats import SLO_PRESETS, summarize
-from bench.workloads import WORKLOADS, RequestSpec, generate, load_trace
 from router.client import DEFAULT_ADDRESS
+from router.scheduling.slo import SLO_PRESETS
+from router.sim.metrics import summarize
+from router.sim.workload import WORKLOADS, RequestSpec, generate, load_trace
 
 
 def _parser() -> argparse.ArgumentParser:

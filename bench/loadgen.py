@@ -19,9 +19,10 @@ import grpc
 
 from backends._gen.hetero.device.v1 import device_pb2
 from backends._gen.hetero.router.v1 import router_pb2
-from bench.stats import RequestRecord
-from bench.workloads import RequestSpec, prompt_text
+from bench.prompts import prompt_text
 from router.client import GENERATE_METHOD
+from router.sim.metrics import RequestRecord
+from router.sim.workload import RequestSpec
 
 _OPTIONS = [("grpc.max_receive_message_length", 16 << 20)]
 

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from router.scheduling.registry import load_policy, parse_policy
+from router.scheduling.slo import Slo
 from router.sim.cluster import Cluster, parse_cluster
-from router.sim.metrics import SLO
 from router.sim.policy import resolve_policy
 from router.sim.simulator import SchedulerLike, Simulator
 from router.sim.workload import PrefixSharing, RequestSpec, generate
@@ -29,7 +29,7 @@ TARGET_ATTAINMENT = 0.9
 # "interactive" preset, as a mean per request. Tight for Llama-3.1-70B on H100: one
 # TP4 deployment's own decode step is 14 ms, so a single 50 ms prefill stall every few
 # tokens breaks it.
-TIGHT = SLO(
+TIGHT = Slo(
     name="tight-tpot",
     ttft_s=1.0,
     tpot_s=0.025,
@@ -70,7 +70,7 @@ def max_goodput(
     cluster: Cluster,
     policy: Policy,
     requests: Callable[[float], Sequence[RequestSpec]],
-    slo: SLO,
+    slo: Slo,
     *,
     start_rate: float = 1.0,
     precision: float = 0.03,
@@ -152,7 +152,7 @@ def split_vs_colocated(
     model: str,
     deployments: int,
     requests: Callable[[float], Sequence[RequestSpec]],
-    slo: SLO,
+    slo: Slo,
     *,
     link_gbps: float | None = None,
 ) -> dict[str, Any]:
@@ -192,7 +192,7 @@ def hetero_per_dollar(
     model: str,
     decode_profile: str,
     requests: Callable[[float], Sequence[RequestSpec]],
-    slo: SLO,
+    slo: Slo,
     prefill_counts: Sequence[int] = (1, 2, 4),
 ) -> dict[str, Any]:
     """Goodput per dollar-hour of H100 prefill + one ``decode_profile`` decode deployment,
@@ -232,7 +232,7 @@ def hetero_per_dollar(
 def policy_comparison(
     cluster: Cluster,
     requests: Callable[[float], Sequence[RequestSpec]],
-    slo: SLO,
+    slo: Slo,
     policies: dict[str, Policy],
 ) -> dict[str, float]:
     return {

@@ -24,8 +24,8 @@ from bench import plots
 from bench.processes import router_process
 from bench.progress import Progress
 from bench.report import check, machine, write_result
-from bench.stats import percentile
 from router.settings import parse_pool
+from router.sim.metrics import percentile
 
 QUICK, FULL = 300, 1500
 BODY = {"model": "fake", "prompt": "Hello " * 40, "max_tokens": 16, "stream": True}

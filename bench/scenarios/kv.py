@@ -18,8 +18,8 @@ from typing import Any
 
 from backends.base import GenerationRequest, SamplingParams
 from backends.mock.adapter import MockBackend
+from bench.prompts import prompt_text
 from bench.report import check, machine, write_result
-from bench.workloads import prompt_text
 from router.cluster import embedded_devices
 from router.handoff.relay import RelayStats, relay
 from router.settings import parse_pool

@@ -20,9 +20,9 @@ from bench.loadgen import DeviceTarget, RouterTarget, Target, closed_loop, open_
 from bench.processes import cluster
 from bench.progress import Progress
 from bench.report import check, machine, write_result
-from bench.stats import RequestRecord, percentile
-from bench.workloads import RequestSpec, fixed, poisson_arrivals
 from router.scheduling.registry import load_policy
+from router.sim.metrics import RequestRecord, percentile
+from router.sim.workload import RequestSpec, fixed, poisson_arrivals
 
 PROMPT_TOKENS = 64
 STREAMS = 100

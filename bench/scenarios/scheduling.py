@@ -40,11 +40,11 @@ from bench.studies import (
     split_vs_colocated,
     workload,
 )
-from router.sim.metrics import SLO, SLO_PRESETS
+from router.scheduling.slo import SLO_PRESETS, Slo
 from router.sim.workload import PrefixSharing
 
 # The packaged policy's default SLO class (router/defaults/policy.yaml).
-DEFAULT_CLASS = SLO(name="default-class", ttft_s=1.0, tpot_s=0.05, source="policy.yaml default")
+DEFAULT_CLASS = Slo(name="default-class", ttft_s=1.0, tpot_s=0.05, source="policy.yaml default")
 # Chat behind 128 shared 2048-token prefixes (system prompts, few-shot templates) for 80%
 # of requests; 20% summarization with nothing shared.
 SHARED = PrefixSharing(fraction=0.8, groups=128, prefix_tokens=2048)

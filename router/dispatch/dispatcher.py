@@ -25,9 +25,11 @@ from router.handoff.relay import relay
 from router.logging import get_logger
 from router.metrics import RouterMetrics
 from router.pool.registry import Pool
-from router.scheduling.plan import Disaggregation, Mode, Plan, RequestFeatures, Slo
+from router.scheduling.handoff import NextStep, after_failed_leg, after_prefill
+from router.scheduling.plan import Disaggregation, Mode, Plan, RequestFeatures
 from router.scheduling.scheduler import Scheduler
 from router.scheduling.service_level import DEFAULT_SERVICE, DEFAULT_SLO_CLASS, ServiceLevel
+from router.scheduling.slo import Slo
 from router.settings import Settings
 
 log = get_logger(__name__)
@@ -197,7 +199,8 @@ class Dispatcher:
             try:
                 prefill = await self._prefill(request, plan.prefill_backend)
             except BackendError as error:
-                if not error.retryable:
+                step = after_failed_leg(retryable=error.retryable, client_has_tokens=False)
+                if step is NextStep.FAIL:
                     raise
                 async with contextlib.aclosing(
                     self._instead_colocated(request, plan, error, "prefill")
@@ -211,44 +214,59 @@ class Dispatcher:
                 # The first token goes to the client now; it does not wait for the KV to move.
                 yield route + prefill.first_frame
                 route = b""
-            if prefill.finished or prefill.handle is None:
+            handle = prefill.handle
+            step = after_prefill(
+                plan,
+                finished=prefill.finished or handle is None,
+                layouts_compatible=self._pool.layouts_compatible(
+                    plan.prefill_backend, plan.decode_backend
+                ),
+            )
+            # Without a handle the step is FINISHED; testing it again tells the type checker.
+            if step is NextStep.FINISHED or handle is None:
                 if route:  # nothing was sent yet: the client still gets its route
                     yield route + prefill.first_frame
                 done.set()
                 return
-            handle = prefill.handle
-            # Relayed when asked for, or when the pair's layouts differ: the decode
-            # side can only pull a KV laid out as its own.
-            if plan.relay or not self._pool.layouts_compatible(
-                plan.prefill_backend, plan.decode_backend
-            ):
+            if step is NextStep.RELAY_THEN_DECODE:
                 handle = await self._relay(request, plan, handle)
-            try:
-                with (
-                    self._pool.outstanding(plan.decode_backend) as decoder,
-                    self._pool.decoding(plan.decode_backend, _context_tokens(request)),
-                ):
-                    decode = decoder.decode(
-                        request,
-                        handle,
-                        prefill.first_token_id,
-                        self._settings.decode_timeout_s,
-                    )
-                    async with contextlib.aclosing(decode) as frames:
-                        async for frame in frames:
-                            yield route + frame if route else frame
-                            route = b""
-            except BackendError as error:
-                # Once the client has a token, a restart would repeat it: only a decode
-                # leg that failed before sending anything is served again.
-                if not (route and error.retryable):
-                    raise
-                async with contextlib.aclosing(
-                    self._instead_colocated(request, plan, error, "decode")
-                ) as frames:
-                    async for frame in frames:
-                        yield frame
+            async with contextlib.aclosing(
+                self._decode_leg(request, plan, handle, prefill.first_token_id, route)
+            ) as frames:
+                async for frame in frames:
+                    yield frame
             done.set()
+
+    async def _decode_leg(
+        self,
+        request: GenerationRequest,
+        plan: Plan,
+        handle: KVHandle,
+        first_token_id: int,
+        route: bytes,
+    ) -> AsyncGenerator[bytes, None]:
+        """Streams the decode; ``route`` is what still goes before its first frame."""
+        try:
+            with (
+                self._pool.outstanding(plan.decode_backend) as decoder,
+                self._pool.decoding(plan.decode_backend, _context_tokens(request)),
+            ):
+                decode = decoder.decode(
+                    request, handle, first_token_id, self._settings.decode_timeout_s
+                )
+                async with contextlib.aclosing(decode) as frames:
+                    async for frame in frames:
+                        yield route + frame if route else frame
+                        route = b""
+        except BackendError as error:
+            step = after_failed_leg(retryable=error.retryable, client_has_tokens=not route)
+            if step is NextStep.FAIL:
+                raise
+            async with contextlib.aclosing(
+                self._instead_colocated(request, plan, error, "decode")
+            ) as frames:
+                async for frame in frames:
+                    yield frame
 
     async def _relay(self, request: GenerationRequest, plan: Plan, handle: KVHandle) -> KVHandle:
         """Moves the KV to the decode backend; on failure the decode side pulls it itself."""

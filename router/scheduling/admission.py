@@ -59,12 +59,16 @@ class SloGuard:
         if lateness(predicted, slo) <= self.slack:
             return
         # The queue ahead of it must drain by the excess before the SLO is reachable.
-        excess = max(predicted.ttft_s - slo.ttft_s, 0.0)
+        excess = max(predicted.ttft_s - slo.ttft_s, 0.0) if slo.ttft_s is not None else 0.0
         retry = min(max(excess, MIN_RETRY_S), MAX_RETRY_S)
         raise OverloadedError(
             f"predicted TTFT {predicted.ttft_s * 1000:.0f} ms and TPOT "
-            f"{predicted.tpot_s * 1000:.1f} ms miss the SLO ({slo.ttft_s * 1000:.0f} ms, "
-            f"{slo.tpot_s * 1000:.1f} ms) by more than {self.slack:g}x on every backend; "
+            f"{predicted.tpot_s * 1000:.1f} ms miss the SLO ({_ms(slo.ttft_s, 0)}, "
+            f"{_ms(slo.tpot_s, 1)}) by more than {self.slack:g}x on every backend; "
             f"retry in {retry:.2f} s or relax the SLO",
             retry_after_s=retry,
         )
+
+
+def _ms(limit_s: float | None, digits: int) -> str:
+    return "no limit" if limit_s is None else f"{limit_s * 1000:.{digits}f} ms"

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from router.scheduling.plan import RequestFeatures, Slo
+from router.scheduling.plan import RequestFeatures
+from router.scheduling.slo import Slo
 from router.scheduling.snapshot import BackendView, PoolSnapshot
 
 _NO_MATCHES: Mapping[str, int] = {}

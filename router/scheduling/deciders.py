@@ -13,7 +13,8 @@ from collections.abc import Callable
 from typing import ClassVar, Protocol
 
 from router.scheduling.context import Context
-from router.scheduling.plan import Mode, Plan, Prediction, Slo
+from router.scheduling.plan import Mode, Plan, Prediction
+from router.scheduling.slo import Slo
 
 Build = Callable[[Mode], Plan | None]
 
@@ -70,8 +71,15 @@ class PromptLengthDecider:
 
 
 def lateness(predicted: Prediction, slo: Slo) -> float:
-    """How far past its SLO a prediction is, as the worse of the two ratios (<= 1: met)."""
-    return max(predicted.ttft_s / slo.ttft_s, predicted.tpot_s / slo.tpot_s)
+    """How far past its SLO a prediction is, as the worse of the two ratios (<= 1: met).
+
+    A limit the SLO leaves unset is never late.
+    """
+    return max(_share(predicted.ttft_s, slo.ttft_s), _share(predicted.tpot_s, slo.tpot_s))
+
+
+def _share(predicted_s: float, limit_s: float | None) -> float:
+    return 0.0 if limit_s is None else predicted_s / limit_s
 
 
 class CostModelDecider:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import enum
-import math
 from dataclasses import dataclass
+
+from router.scheduling.service_level import DEFAULT_SLO_CLASS
+from router.scheduling.slo import Slo
 
 
 class Disaggregation(enum.Enum):
@@ -16,22 +18,6 @@ class Disaggregation(enum.Enum):
 class Mode(enum.Enum):
     SPLIT = "split"
     COLOCATED = "colocated"
-
-
-@dataclass(frozen=True)
-class Slo:
-    """Latency targets of one request: time to first token and time per output token."""
-
-    ttft_s: float
-    tpot_s: float
-
-    def __post_init__(self) -> None:
-        for name, value in (("ttft_s", self.ttft_s), ("tpot_s", self.tpot_s)):
-            if not (math.isfinite(value) and value > 0):
-                raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
-
-    def met_by(self, ttft_s: float, tpot_s: float) -> bool:
-        return ttft_s <= self.ttft_s and tpot_s <= self.tpot_s
 
 
 @dataclass(frozen=True)
@@ -48,7 +34,7 @@ class RequestFeatures:
     # Larger is more urgent. Admission sheds lower priorities first.
     priority: int = 0
     # Which policy profile serves it (a name from the policy file).
-    slo_class: str = "default"
+    slo_class: str = DEFAULT_SLO_CLASS
     # Chained hashes of the prompt's leading blocks (backends.prefix).
     prefix_hashes: tuple[int, ...] = ()
     # Prompt tokens one hashed block covers (its bytes over bytes per token).

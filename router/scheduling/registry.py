@@ -43,7 +43,6 @@ from router.scheduling.pickers import (
     PowerOfTwoPicker,
     RoundRobinPicker,
 )
-from router.scheduling.plan import Slo
 from router.scheduling.scheduler import Profile, Scheduler
 from router.scheduling.scorers import (
     CostScorer,
@@ -54,6 +53,7 @@ from router.scheduling.scorers import (
     RunningRequestsScorer,
     Scorer,
 )
+from router.scheduling.slo import Slo
 from router.settings import Settings, read_yaml
 
 DEFAULT_POLICY_PATH = Path(__file__).resolve().parent.parent / "defaults" / "policy.yaml"

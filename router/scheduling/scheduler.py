@@ -19,8 +19,10 @@ from router.scheduling.deciders import Decider
 from router.scheduling.filters import Filter
 from router.scheduling.legs import Leg
 from router.scheduling.pickers import Picker, mix
-from router.scheduling.plan import Disaggregation, Mode, Plan, RequestFeatures, Slo
+from router.scheduling.plan import Disaggregation, Mode, Plan, RequestFeatures
 from router.scheduling.scorers import Scorer
+from router.scheduling.service_level import DEFAULT_SLO_CLASS
+from router.scheduling.slo import Slo
 from router.scheduling.snapshot import BackendView, PoolSnapshot
 
 
@@ -46,12 +48,12 @@ class Profile:
 
 class Scheduler:
     def __init__(self, profiles: Mapping[str, Profile]) -> None:
-        if "default" not in profiles:
-            raise ValueError("a policy needs a profile named 'default'")
+        if DEFAULT_SLO_CLASS not in profiles:
+            raise ValueError(f"a policy needs a profile named {DEFAULT_SLO_CLASS!r}")
         self.profiles = dict(profiles)
         self.slo_classes = frozenset(self.profiles)
 
-    def default_slo(self, slo_class: str = "default") -> Slo:
+    def default_slo(self, slo_class: str = DEFAULT_SLO_CLASS) -> Slo:
         return self.profiles[slo_class].slo
 
     def schedule(self, features: RequestFeatures, snapshot: PoolSnapshot, now: float) -> Plan:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from router.scheduling.plan import Slo
+from router.scheduling.slo import Slo
 
 DEFAULT_SLO_CLASS = "default"
 MAX_PRIORITY = 9
@@ -52,7 +52,7 @@ class ServiceLevel:
         """
         own = self.own_slo(class_default)
         held_to = own or class_default
-        if waited_s <= 0 or held_to is None:
+        if waited_s <= 0 or held_to is None or held_to.ttft_s is None:
             return own
         return Slo(max(held_to.ttft_s - waited_s, MIN_TTFT_BUDGET_S), held_to.tpot_s)
 

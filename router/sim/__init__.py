@@ -7,7 +7,6 @@ cheapest within an SLO.
 """
 
 from router.sim.cluster import Cluster, DeviceGroup, DeviceSpec, load_cluster, parse_cluster
-from router.sim.metrics import SLO, SLO_PRESETS
 from router.sim.planner import PlanResult, PlanTrial, plan_cluster
 from router.sim.policy import resolve_policy
 from router.sim.results import Outcome, SimResult, SimSummary
@@ -24,8 +23,6 @@ from router.sim.workload import (
 )
 
 __all__ = [
-    "SLO",
-    "SLO_PRESETS",
     "WORKLOADS",
     "Bursts",
     "Cluster",

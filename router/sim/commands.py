@@ -16,9 +16,9 @@ from typing import Any
 import yaml
 
 from router.errors import ConfigError
+from router.scheduling.slo import SLO_PRESETS, Slo
 from router.settings import Settings
 from router.sim.cluster import load_cluster
-from router.sim.metrics import SLO, SLO_PRESETS
 from router.sim.planner import PlanTrial, plan_cluster
 from router.sim.policy import resolve_policy
 from router.sim.report import (
@@ -303,7 +303,7 @@ def _requests(options: argparse.Namespace) -> list[RequestSpec]:
     )
 
 
-def _slo(options: argparse.Namespace) -> SLO | None:
+def _slo(options: argparse.Namespace) -> Slo | None:
     preset = SLO_PRESETS.get(options.slo or ("" if options.trace else options.workload))
     if options.slo_ttft_ms is None and options.slo_tpot_ms is None:
         return preset
@@ -312,10 +312,10 @@ def _slo(options: argparse.Namespace) -> SLO | None:
     if preset is not None:
         ttft = preset.ttft_s if ttft is None else ttft
         tpot = preset.tpot_s if tpot is None else tpot
-    return SLO(name="custom", ttft_s=ttft, tpot_s=tpot)
+    return Slo(ttft, tpot, name="custom")
 
 
-def _slo_meta(slo: SLO) -> dict[str, Any]:
+def _slo_meta(slo: Slo) -> dict[str, Any]:
     return {"name": slo.name, "ttft_s": slo.ttft_s, "tpot_s": slo.tpot_s, "itl_s": slo.itl_s}
 
 

@@ -14,6 +14,7 @@ from collections import deque
 
 from backends.base import HandoffMode
 from backends.prefix import BLOCK_BYTES, PrefixCache
+from router.scheduling.plan import Plan
 from router.scheduling.snapshot import BackendView
 from router.sim.cluster import DeviceSpec
 from router.sim.results import DeviceStats, Outcome
@@ -43,6 +44,7 @@ class SimRequest:
         "missed",
         "needed",
         "outcome",
+        "plan",
         "prefill",
         "prompt",
         "relay",
@@ -56,6 +58,7 @@ class SimRequest:
         self.max_tokens = spec.output_tokens
         self.hashes = hashes
         self.split = False
+        self.plan: Plan | None = None  # what the policy decided for it
         self.relay = False  # the router moves its KV (else the decode device pulls it)
         self.prefill: SimDevice | None = None
         self.decode: SimDevice | None = None

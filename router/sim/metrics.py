@@ -1,4 +1,4 @@
-"""What was measured and what it means: per-request timings, SLOs, run summaries.
+"""What was measured and what it means: per-request timings, whether they met an SLO, summaries.
 
 Latency distributions describe the requests that completed; SLO attainment and
 goodput are over *every* request sent, because a request the system shed or
@@ -18,12 +18,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import numpy.typing as npt
 
+from router.scheduling.slo import Slo
+
 FloatArray = npt.NDArray[np.float64]
 BoolArray = npt.NDArray[np.bool_]
 
 __all__ = [
-    "SLO",
-    "SLO_PRESETS",
     "Distribution",
     "RequestRecord",
     "RunSummary",
@@ -82,26 +82,8 @@ class RequestRecord:
         """
         return [later - earlier for earlier, later in itertools.pairwise(self.token_times_s)]
 
-
-@dataclass(frozen=True)
-class SLO:
-    """Per-request latency limits, in seconds; a limit left at None is not checked."""
-
-    name: str
-    ttft_s: float | None = None
-    tpot_s: float | None = None
-    itl_s: float | None = None
-    e2e_s: float | None = None
-    source: str = ""
-
-    def __post_init__(self) -> None:
-        for key in ("ttft_s", "tpot_s", "itl_s", "e2e_s"):
-            limit: float | None = getattr(self, key)
-            if limit is not None and not (math.isfinite(limit) and limit > 0):
-                raise ValueError(f"SLO {self.name!r}: {key} must be finite and > 0, got {limit}")
-
-    def met_by(self, record: RequestRecord) -> bool:
-        """Whether ``record`` is a good request: every set limit holds, inclusively.
+    def meets(self, slo: Slo) -> bool:
+        """Whether this is a good request: it succeeded and every set limit holds.
 
         Mirrors vLLM's benchmark_serving ``--goodput ttft:..,tpot:..,e2el:..``: a
         request counts only if it succeeded and meets every limit at once, and a
@@ -109,99 +91,14 @@ class SLO:
         vLLM does not offer, applies to every single gap: one stall a reader notices
         is a miss even when the average pace is fine.
         """
-        ttft = record.ttft_s
-        if record.outcome != OK or ttft is None:
+        ttft = self.ttft_s
+        if self.outcome != OK or ttft is None:
             return False
-        if self.ttft_s is not None and ttft > self.ttft_s:
+        e2e = self.e2e_s
+        # Without an end time the request cannot show it finished in time.
+        if e2e is None and slo.e2e_s is not None:
             return False
-        if self.tpot_s is not None:
-            tpot = record.tpot_s
-            if tpot is not None and tpot > self.tpot_s:
-                return False
-        if self.itl_s is not None:
-            limit = self.itl_s
-            if any(gap > limit for gap in record.itls_s()):
-                return False
-        if self.e2e_s is not None:
-            e2e = record.e2e_s
-            # Without an end time the request cannot show it finished in time.
-            if e2e is None or e2e > self.e2e_s:
-                return False
-        return True
-
-    def met_by_arrays(
-        self,
-        *,
-        ok: BoolArray,
-        ttft_s: FloatArray,
-        tpot_s: FloatArray,
-        max_itl_s: FloatArray,
-        e2e_s: FloatArray,
-    ) -> BoolArray:
-        """:meth:`met_by` over many requests at once, one array element per request.
-
-        A NaN TPOT or largest gap means the request had one output token, which has
-        none to violate (as in :meth:`met_by`); ``ok`` is False for every request that
-        did not complete.
-        """
-        good = ok.copy()
-        with np.errstate(invalid="ignore"):
-            if self.ttft_s is not None:
-                good &= ttft_s <= self.ttft_s
-            if self.tpot_s is not None:
-                good &= ~(tpot_s > self.tpot_s)
-            if self.itl_s is not None:
-                good &= ~(max_itl_s > self.itl_s)
-            if self.e2e_s is not None:
-                good &= e2e_s <= self.e2e_s
-        return good
-
-
-_DISTSERVE = (
-    "DistServe (Zhong et al., OSDI'24), Table 1 SLOs, "
-    "set from the vLLM/OPT latency of each workload"
-)
-
-SLO_PRESETS: dict[str, SLO] = {
-    "chatbot": SLO(
-        name="chatbot",
-        ttft_s=0.25,
-        tpot_s=0.1,
-        source=f"{_DISTSERVE}: chatbot, OPT-13B on ShareGPT (TTFT 0.25 s, TPOT 0.1 s)",
-    ),
-    "code": SLO(
-        name="code",
-        ttft_s=0.125,
-        tpot_s=0.2,
-        source=f"{_DISTSERVE}: code completion, OPT-66B on HumanEval (TTFT 0.125 s, TPOT 0.2 s)",
-    ),
-    "summarization": SLO(
-        name="summarization",
-        ttft_s=15.0,
-        tpot_s=0.15,
-        source=f"{_DISTSERVE}: summarization, OPT-66B on LongBench (TTFT 15 s, TPOT 0.15 s)",
-    ),
-    "interactive": SLO(
-        name="interactive",
-        ttft_s=0.2,
-        itl_s=0.025,
-        source=(
-            "this project's target for streaming chat: first token within 200 ms (the "
-            "DistServe authors' example of a chatbot's fast initial response) and no gap over "
-            "25 ms, i.e. a steady 40 tokens/s or better, faster than people read"
-        ),
-    ),
-    "sram-decode": SLO(
-        name="sram-decode",
-        ttft_s=0.5,
-        tpot_s=0.005,
-        source=(
-            "this project's own target, not from a paper: decode at 200 tokens/s per stream "
-            "(5 ms TPOT), the pace that justifies routing decode to SRAM-class devices, with "
-            "500 ms allowed for prefill on another device and the KV handoff"
-        ),
-    ),
-}
+        return slo.met_by(ttft, self.tpot_s, max_itl_s=max(self.itls_s(), default=None), e2e_s=e2e)
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -300,7 +197,7 @@ class RunSummary:
 
 
 def summarize(
-    records: Sequence[RequestRecord], duration_s: float, slo: SLO | None = None
+    records: Sequence[RequestRecord], duration_s: float, slo: Slo | None = None
 ) -> RunSummary:
     """One run's figures.
 
@@ -321,7 +218,7 @@ def summarize(
     attainment: float | None = None
     goodput: float | None = None
     if slo is not None:
-        good = sum(1 for r in records if slo.met_by(r))
+        good = sum(1 for r in records if r.meets(slo))
         attainment = good / len(records) if records else math.nan
         goodput = good / duration_s
 

@@ -24,8 +24,8 @@ from typing import Literal
 from backends.base import Role
 from backends.perf.roofline import load_catalog
 from router.scheduling.perf import perf_for
+from router.scheduling.slo import Slo
 from router.sim.cluster import Cluster, uniform_cluster
-from router.sim.metrics import SLO
 from router.sim.simulator import SchedulerLike, Simulator
 from router.sim.workload import RequestSpec
 
@@ -110,7 +110,7 @@ class PlanTrial:
 @dataclass(frozen=True)
 class PlanResult:
     model: str
-    slo: SLO
+    slo: Slo
     target_attainment: float
     best: PlanTrial | None
     trials: tuple[PlanTrial, ...]
@@ -137,7 +137,7 @@ TrialCallback = Callable[[int, PlanTrial], None]  # (runs so far, the trial)
 def plan_cluster(
     model: str,
     requests: Sequence[RequestSpec],
-    slo: SLO,
+    slo: Slo,
     policy: PolicyFactory,
     *,
     profiles: Sequence[str] | None = None,
@@ -222,7 +222,7 @@ class _Search:
         *,
         model: str,
         requests: Sequence[RequestSpec],
-        slo: SLO,
+        slo: Slo,
         policy: PolicyFactory,
         target: float,
         allowed_misses: int,

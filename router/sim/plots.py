@@ -1,4 +1,8 @@
-"""Plots of a simulated run (PNG). Needs matplotlib, the ``bench`` extra."""
+"""Plots of a simulated run (PNG). Needs matplotlib, the ``plots`` extra.
+
+Only ``router.sim.report`` loads this module, when it writes a run's results: the
+daemon and the rest of the simulator never import matplotlib.
+"""
 
 from __future__ import annotations
 

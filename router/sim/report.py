@@ -18,6 +18,7 @@ RESULTS_FILE = "results.json"
 REQUESTS_FILE = "requests.csv"
 PLAN_FILE = "plan.json"
 PLAN_CLUSTER_FILE = "recommended-cluster.yaml"
+PLOTS_INSTALL = "pip install 'hetero-router[plots]'"
 
 
 def format_summary(summary: SimSummary) -> str:
@@ -99,9 +100,12 @@ def write_results(
     (out / RESULTS_FILE).write_text(json.dumps(document, indent=2, allow_nan=False) + "\n")
     write_requests_csv(out / REQUESTS_FILE, result)
     try:
-        from router.sim import plots  # noqa: PLC0415 (matplotlib is an optional extra)
-    except ImportError:
-        return ["plots skipped: matplotlib is not installed (pip install 'hetero-router[bench]')"]
+        # Loaded only here: matplotlib is an optional extra, and nothing else needs it.
+        from router.sim import plots  # noqa: PLC0415 (the import is what may fail)
+    except ModuleNotFoundError as error:
+        if error.name is None or error.name.partition(".")[0] != "matplotlib":
+            raise
+        return [f"plots skipped: matplotlib is not installed ({PLOTS_INSTALL})"]
     plots.write_all(out, result, summary)
     return []
 

@@ -17,8 +17,9 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from router.scheduling.slo import Slo
 from router.sim.cluster import Cluster
-from router.sim.metrics import SLO, BoolArray, Distribution, FloatArray
+from router.sim.metrics import BoolArray, Distribution, FloatArray
 
 IntArray = npt.NDArray[np.int64]
 
@@ -105,20 +106,29 @@ class SimResult:
         served: BoolArray = self.outcome == Outcome.OK.value
         return served
 
-    def good(self, slo: SLO) -> BoolArray:
-        return slo.met_by_arrays(
-            ok=self.ok,
-            ttft_s=self.ttft_s,
-            tpot_s=self.tpot_s,
-            max_itl_s=self.max_itl_s,
-            e2e_s=self.e2e_s,
-        )
+    def good(self, slo: Slo) -> BoolArray:
+        """:meth:`Slo.met_by` of every request at once; one that did not complete misses.
 
-    def attainment(self, slo: SLO) -> float:
+        A NaN TPOT or largest gap means the request had one output token, which has
+        none to violate.
+        """
+        good = self.ok.copy()
+        with np.errstate(invalid="ignore"):
+            if slo.ttft_s is not None:
+                good &= self.ttft_s <= slo.ttft_s
+            if slo.tpot_s is not None:
+                good &= ~(self.tpot_s > slo.tpot_s)
+            if slo.itl_s is not None:
+                good &= ~(self.max_itl_s > slo.itl_s)
+            if slo.e2e_s is not None:
+                good &= self.e2e_s <= slo.e2e_s
+        return good
+
+    def attainment(self, slo: Slo) -> float:
         """Share of every request sent that met ``slo`` (NaN for an empty run)."""
         return float(self.good(slo).mean()) if self.requests else math.nan
 
-    def summary(self, slo: SLO | None = None) -> SimSummary:
+    def summary(self, slo: Slo | None = None) -> SimSummary:
         return SimSummary.of(self, slo)
 
 
@@ -163,7 +173,7 @@ class SimSummary:
         return sum(n for outcome, n in self.outcomes.items() if outcome != Outcome.OK.value)
 
     @classmethod
-    def of(cls, result: SimResult, slo: SLO | None) -> SimSummary:
+    def of(cls, result: SimResult, slo: Slo | None) -> SimSummary:
         ok = result.ok
         duration = result.makespan_s
         rate = (lambda count: count / duration) if duration > 0 else (lambda count: math.nan)

@@ -7,7 +7,9 @@ running sequence, each as long as the device's roofline says. The router side
 replays the dispatcher: the scheduling policy is called with a snapshot built from
 the same load accounting the daemon keeps, a split request's first token comes from
 its prefill device, its KV is leased there until the decode device has pulled it
-over the modelled link, and decoding continues there.
+over the modelled link (or the router has relayed it), and decoding continues there.
+What follows a prefill is decided by the dispatcher's own rule
+(``router.scheduling.handoff``).
 
 Speed comes from never touching a sequence between its first and last token. A
 running sequence's context grows by one per step, so a device keeps only the sum of
@@ -33,13 +35,14 @@ from backends.errors import OverloadedError, ServingError
 from backends.perf.batching import LOAD_PREFIX_HASHES, MAX_PREFILL_BATCH_TOKENS
 from backends.prefix import MAX_BLOCKS
 from router.errors import NoHealthyBackendError
-from router.scheduling.plan import Disaggregation, Mode, Plan, RequestFeatures, Slo
+from router.scheduling.handoff import NextStep, after_prefill
+from router.scheduling.plan import Disaggregation, Mode, Plan, RequestFeatures
 from router.scheduling.prefix import DEFAULT_BLOCKS_PER_BACKEND, PrefixIndex
 from router.scheduling.service_level import DEFAULT_SERVICE, DEFAULT_SLO_CLASS, ServiceLevel
+from router.scheduling.slo import Slo
 from router.scheduling.snapshot import PoolSnapshot
 from router.sim.cluster import Cluster
 from router.sim.device import BLOCK_TOKENS, SimDevice, SimRequest
-from router.sim.metrics import SLO
 from router.sim.results import Outcome, SimResult
 from router.sim.workload import RequestSpec
 
@@ -139,7 +142,7 @@ class Simulator:
         self._progress_interval_s = progress_interval_s
         self._overhead_s = overhead_s
         self._handoff_s = handoff_s
-        self._watch: SLO | None = None
+        self._watch: Slo | None = None
         self._misses = 0
         self._done = 0
         self._ran = False
@@ -150,7 +153,7 @@ class Simulator:
         self,
         requests: Sequence[RequestSpec],
         *,
-        slo: SLO | None = None,
+        slo: Slo | None = None,
         stop_after_misses: int | None = None,
     ) -> SimResult:
         """Simulates every request to its end; once per simulator.
@@ -258,11 +261,11 @@ class Simulator:
         prefill.outstanding += 1
         prefill.queued_prefill_tokens += request.prompt
         self._mark(prefill)
+        request.plan = plan
         request.prefill = prefill
         request.decode = decode
         if plan.mode is Mode.SPLIT:
             request.split = True
-            request.relay = plan.relay
             self._submit(prefill, request, request.prompt + 1, now)
         else:
             self._submit(prefill, request, request.prompt + request.max_tokens, now)
@@ -487,11 +490,19 @@ class Simulator:
         device.queued_prefill_tokens -= request.prompt
         self._mark(device)
         self._first_token(request, now)
-        if request.max_tokens <= 1:
+        plan, decode = request.plan, request.decode
+        assert plan is not None
+        assert decode is not None
+        step = after_prefill(
+            plan,
+            finished=request.max_tokens <= 1,
+            layouts_compatible=self._shapes[device.id] == self._shapes[decode.id],
+        )
+        if step is NextStep.FINISHED:
             device.kv_used -= request.needed
             device.outstanding -= 1
             self._end(request, Outcome.OK, now)
-        elif not request.split:
+        elif step is NextStep.DECODE_IN_PLACE:
             self._join(device, request)
             device.router_running += 1
             device.router_context += request.prompt + request.max_tokens
@@ -499,8 +510,7 @@ class Simulator:
             # The prefill's reservation ends; its KV stays, leased, until pulled.
             device.kv_used += request.prompt - request.needed
             device.outstanding -= 1
-            decode = request.decode
-            assert decode is not None
+            request.relay = step is NextStep.RELAY_THEN_DECODE
             if not request.relay:  # the decode leg is sent now and pulls the KV itself
                 self._decode_leg(decode, request)
             wire_s = (
@@ -561,7 +571,12 @@ class Simulator:
 def _service_level(slo: Slo | None) -> ServiceLevel:
     if slo is None:
         return DEFAULT_SERVICE
-    return ServiceLevel(ttft_ms=round(slo.ttft_s * 1000), tpot_ms=round(slo.tpot_s * 1000))
+    return ServiceLevel(ttft_ms=_whole_ms(slo.ttft_s), tpot_ms=_whole_ms(slo.tpot_s))
+
+
+def _whole_ms(limit_s: float | None) -> int | None:
+    """A limit as the daemon's requests carry it (None: the SLO class's default)."""
+    return None if limit_s is None else round(limit_s * 1000)
 
 
 def _requests(specs: Sequence[RequestSpec]) -> list[SimRequest]:

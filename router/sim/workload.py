@@ -171,7 +171,7 @@ class LengthDistribution:
 
 
 # Means are the dataset averages DistServe reports for the workloads it evaluates
-# (its SLO table is mirrored in router.sim.metrics.SLO_PRESETS). Sigmas and bounds are
+# (its SLO table is mirrored in router.scheduling.slo.SLO_PRESETS). Sigmas and bounds are
 # ours: ShareGPT is long-tailed, HumanEval prompts are narrow, LongBench is all long
 # inputs. Maxima stay within an 8192-token context and 2048 output tokens.
 WORKLOADS: dict[str, LengthDistribution] = {

@@ -17,13 +17,13 @@ from backends.base import ChatMessage, GenerationRequest, KVHandle, Role, Sampli
 from backends.errors import BackendError
 from backends.http_common import SSEEvent, iter_sse
 from backends.vllm import KV_USAGE_SCALE, VllmBackend
+from bench.fake_vllm import PREFILL_KV_REQUEST, FakeVllm
 from router.dispatch.dispatcher import Dispatcher
 from router.metrics import RouterMetrics
 from router.pool.registry import Pool
 from router.scheduling.plan import Disaggregation
 from router.scheduling.registry import build_scheduler
 from router.settings import BackendConfig, PoolConfig, Settings
-from tests.contract.fake_vllm import PREFILL_KV_REQUEST, FakeVllm
 
 SERVED_MODEL = "meta-llama/Llama-3.1-8B-Instruct"
 SAMPLING = SamplingParams(max_tokens=16, temperature=0.7, top_p=0.9, seed=42, stop=("\n\n",))

@@ -11,9 +11,9 @@ from backends._gen.hetero.router.v1 import router_pb2
 from bench import fidelity
 from bench.fidelity import PathOverhead, Replay, RoutedTarget, Served
 from bench.loadgen import send
-from bench.stats import RequestRecord
-from bench.workloads import RequestSpec
+from router.sim.metrics import RequestRecord
 from router.sim.results import SimResult
+from router.sim.workload import RequestSpec
 from tests.conftest import Cluster
 
 

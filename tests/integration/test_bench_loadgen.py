@@ -8,8 +8,8 @@ import grpc
 
 from bench import load
 from bench.loadgen import DeviceTarget, HttpTarget, RouterTarget, closed_loop, open_loop, send
-from bench.stats import summarize
-from bench.workloads import RequestSpec, fixed, save_trace
+from router.sim.metrics import summarize
+from router.sim.workload import RequestSpec, fixed, save_trace
 from tests.conftest import Cluster
 
 

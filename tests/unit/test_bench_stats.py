@@ -7,7 +7,10 @@ import math
 
 import pytest
 
-from bench.stats import SLO, SLO_PRESETS, Distribution, RequestRecord, percentile, summarize
+from router.scheduling.deciders import lateness
+from router.scheduling.plan import Prediction
+from router.scheduling.slo import SLO_PRESETS, Slo
+from router.sim.metrics import Distribution, RequestRecord, percentile, summarize
 
 
 def _record(
@@ -111,48 +114,63 @@ GOOD = _record(0.0, [0.1, 0.12, 0.14, 0.19, 0.2], end=0.21)
 @pytest.mark.parametrize(
     ("slo", "met"),
     [
-        (SLO("ttft", ttft_s=0.1), True),  # limits are inclusive
-        (SLO("ttft", ttft_s=0.099), False),
-        (SLO("tpot", tpot_s=0.025), True),
-        (SLO("tpot", tpot_s=0.024), False),
+        (Slo(name="ttft", ttft_s=0.1), True),  # limits are inclusive
+        (Slo(name="ttft", ttft_s=0.099), False),
+        (Slo(name="tpot", tpot_s=0.025), True),
+        (Slo(name="tpot", tpot_s=0.024), False),
         # The average pace is fine, but the 50 ms stall breaks a 40 ms per-gap limit.
-        (SLO("itl", itl_s=0.04), False),
-        (SLO("itl", itl_s=0.05), True),
-        (SLO("e2e", e2e_s=0.21), True),
-        (SLO("e2e", e2e_s=0.2), False),
-        (SLO("all", ttft_s=0.1, tpot_s=0.03, itl_s=0.06, e2e_s=0.3), True),
-        (SLO("one-miss", ttft_s=0.1, tpot_s=0.02, itl_s=0.06, e2e_s=0.3), False),
-        (SLO("none"), True),
+        (Slo(name="itl", itl_s=0.04), False),
+        (Slo(name="itl", itl_s=0.05), True),
+        (Slo(name="e2e", e2e_s=0.21), True),
+        (Slo(name="e2e", e2e_s=0.2), False),
+        (Slo(name="all", ttft_s=0.1, tpot_s=0.03, itl_s=0.06, e2e_s=0.3), True),
+        (Slo(name="one-miss", ttft_s=0.1, tpot_s=0.02, itl_s=0.06, e2e_s=0.3), False),
+        (Slo(name="none"), True),
     ],
 )
-def test_slo_met_by(slo: SLO, met: bool) -> None:
-    assert slo.met_by(GOOD) is met
+def test_slo_met_by(slo: Slo, met: bool) -> None:
+    assert GOOD.meets(slo) is met
 
 
 def test_failed_requests_never_meet_an_slo() -> None:
-    lenient = SLO("lenient", ttft_s=100.0, tpot_s=100.0, itl_s=100.0, e2e_s=100.0)
+    lenient = Slo(name="lenient", ttft_s=100.0, tpot_s=100.0, itl_s=100.0, e2e_s=100.0)
     failed_fast = _record(0.0, [0.01, 0.02], outcome="UNAVAILABLE")
     no_first_token = RequestRecord(start_s=0.0, end_s=0.01)
-    assert not lenient.met_by(failed_fast)
-    assert not lenient.met_by(no_first_token)
-    assert not SLO("empty").met_by(failed_fast)
+    assert not failed_fast.meets(lenient)
+    assert not no_first_token.meets(lenient)
+    assert not failed_fast.meets(Slo(name="empty"))
 
 
 def test_single_token_answer_meets_tpot_and_itl_limits() -> None:
     one_token = _record(0.0, [0.05])
-    assert SLO("tight", ttft_s=0.1, tpot_s=0.001, itl_s=0.001).met_by(one_token)
+    assert one_token.meets(Slo(name="tight", ttft_s=0.1, tpot_s=0.001, itl_s=0.001))
 
 
 def test_e2e_limit_needs_an_end_time() -> None:
     unfinished = RequestRecord(start_s=0.0, first_token_s=0.01, token_times_s=[0.01])
-    assert not SLO("e2e", e2e_s=10.0).met_by(unfinished)
-    assert SLO("ttft", ttft_s=10.0).met_by(unfinished)
+    assert not unfinished.meets(Slo(name="e2e", e2e_s=10.0))
+    assert unfinished.meets(Slo(name="ttft", ttft_s=10.0))
+
+
+def test_slo_met_by_latencies_as_the_dispatcher_measures_them() -> None:
+    slo = Slo(0.5, 0.05)
+    assert slo.met_by(0.5, 0.05)  # inclusive
+    assert not slo.met_by(0.51, 0.01)
+    assert not slo.met_by(0.1, 0.051)
+    assert slo.met_by(0.1, None)  # one output token: no TPOT to miss
+    assert Slo(ttft_s=0.5).met_by(0.5, 100.0, max_itl_s=100.0, e2e_s=100.0)
+
+
+def test_unset_limits_are_never_late() -> None:
+    predicted = Prediction(ttft_s=1.0, tpot_s=10.0)
+    assert lateness(predicted, Slo(ttft_s=0.5)) == 2.0
+    assert lateness(predicted, Slo()) == 0.0
 
 
 @pytest.mark.parametrize("limit", [0.0, -1.0, float("inf"), float("nan")])
 def test_slo_rejects_meaningless_limits(limit: float) -> None:
     with pytest.raises(ValueError, match="ttft_s"):
-        SLO("bad", ttft_s=limit)
+        Slo(name="bad", ttft_s=limit)
 
 
 @pytest.mark.parametrize(
@@ -188,7 +206,7 @@ def _mixed() -> list[RequestRecord]:
 
 
 def test_summarize_a_mixed_run() -> None:
-    summary = summarize(_mixed(), duration_s=5.0, slo=SLO("chat", ttft_s=0.25, tpot_s=0.1))
+    summary = summarize(_mixed(), duration_s=5.0, slo=Slo(name="chat", ttft_s=0.25, tpot_s=0.1))
     assert (summary.requests, summary.completed, summary.failed) == (5, 3, 2)
     assert summary.request_throughput == pytest.approx(3 / 5.0)
     assert summary.output_token_throughput == pytest.approx(9 / 5.0)
@@ -210,7 +228,7 @@ def test_summarize_a_mixed_run() -> None:
 
 
 def test_shedding_load_cannot_raise_attainment() -> None:
-    slo = SLO("chat", ttft_s=0.25, tpot_s=0.1)
+    slo = Slo(name="chat", ttft_s=0.25, tpot_s=0.1)
     good = _record(0.0, [0.1, 0.15, 0.2], end=0.3)
     served = summarize([good, good], duration_s=1.0, slo=slo)
     with_shed = summarize(
@@ -246,7 +264,7 @@ def test_summarize_rejects_a_non_positive_duration() -> None:
 
 
 def test_to_dict_is_json_in_milliseconds() -> None:
-    summary = summarize(_mixed(), duration_s=5.0, slo=SLO("chat", ttft_s=0.25, tpot_s=0.1))
+    summary = summarize(_mixed(), duration_s=5.0, slo=Slo(name="chat", ttft_s=0.25, tpot_s=0.1))
     data = summary.to_dict()
     decoded = json.loads(json.dumps(data, allow_nan=False))
     assert decoded["ttft_ms"]["p50"] == pytest.approx(200.0)

@@ -14,11 +14,11 @@ from bench.studies import (
     workload,
 )
 from router.scheduling.registry import load_policy
-from router.sim.metrics import SLO
+from router.scheduling.slo import Slo
 from router.sim.simulator import Simulator
 from router.sim.workload import PrefixSharing
 
-LOOSE = SLO(name="loose", ttft_s=2.0, tpot_s=0.05)
+LOOSE = Slo(name="loose", ttft_s=2.0, tpot_s=0.05)
 
 
 def test_max_goodput_is_met_at_the_rate_it_reports_and_missed_well_above() -> None:

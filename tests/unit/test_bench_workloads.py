@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bench.workloads import (
+from bench.prompts import prompt_text
+from router.sim.workload import (
     WORKLOADS,
     LengthDistribution,
     RequestSpec,
@@ -16,7 +17,6 @@ from bench.workloads import (
     generate,
     load_trace,
     poisson_arrivals,
-    prompt_text,
     save_trace,
 )
 

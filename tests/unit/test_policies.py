@@ -12,10 +12,11 @@ from backends.errors import OverloadedError
 from backends.prefix import block_hashes
 from router.errors import ConfigError, InvalidRequestError
 from router.scheduling.perf import perf_for
-from router.scheduling.plan import Disaggregation, Mode, RequestFeatures, Slo
+from router.scheduling.plan import Disaggregation, Mode, RequestFeatures
 from router.scheduling.prefix import PrefixIndex
 from router.scheduling.registry import load_policy, parse_policy
 from router.scheduling.scheduler import Scheduler
+from router.scheduling.slo import Slo
 from router.scheduling.snapshot import BackendView, PoolSnapshot
 
 MODEL = "llama-3.1-70b"

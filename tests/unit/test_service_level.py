@@ -9,8 +9,8 @@ from router.api.validation import validate_service
 from router.cli import build_parser
 from router.client import build_request
 from router.errors import InvalidRequestError
-from router.scheduling.plan import Slo
 from router.scheduling.service_level import FALLBACK_SLO, ServiceLevel
+from router.scheduling.slo import Slo
 
 CLASSES = frozenset({"default", "interactive", "batch"})
 

@@ -5,10 +5,12 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
 
+import router.sim
 from router.cli import main
 from router.sim.cluster import load_cluster
 from router.sim.workload import RequestSpec, save_trace
@@ -56,6 +58,23 @@ def test_simulate_prints_the_figures_and_writes_results(
     if importlib.util.find_spec("matplotlib") is not None:
         assert (out / "latency.png").stat().st_size > 0
         assert (out / "timeline.png").stat().st_size > 0
+
+
+def test_simulate_without_matplotlib_writes_the_rest_and_says_how_to_plot(
+    cluster_file: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # None: an import of it fails
+    monkeypatch.delitem(sys.modules, "router.sim.plots", raising=False)
+    monkeypatch.delattr(router.sim, "plots", raising=False)
+    out = tmp_path / "out"
+    assert simulate(cluster_file, "--rate", "4", "--requests", "10", "--out", str(out)) == 0
+    assert "pip install 'hetero-router[plots]'" in capsys.readouterr().err
+    assert (out / "results.json").exists()
+    assert (out / "requests.csv").exists()
+    assert not list(out.glob("*.png"))
 
 
 def test_simulate_is_deterministic_per_seed(cluster_file: Path, tmp_path: Path) -> None:

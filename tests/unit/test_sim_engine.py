@@ -14,9 +14,9 @@ from backends.errors import OverloadedError
 from router.errors import NoHealthyBackendError
 from router.scheduling.perf import DevicePerf, perf_for
 from router.scheduling.plan import Mode, Plan, RequestFeatures
+from router.scheduling.slo import Slo
 from router.scheduling.snapshot import BackendView, PoolSnapshot
 from router.sim.cluster import Cluster, DeviceSpec
-from router.sim.metrics import SLO
 from router.sim.simulator import SimulationError, Simulator
 from router.sim.workload import RequestSpec, generate
 
@@ -394,7 +394,7 @@ class Refusing:
 def test_refused_requests_are_counted_and_never_served(error: Exception, outcome: str) -> None:
     result = Simulator(cluster(device("d0")), Refusing(error)).run(requests((0.0, 10, 5)))
     assert result.outcome.tolist() == [outcome]
-    summary = result.summary(SLO("any", ttft_s=1.0))
+    summary = result.summary(Slo(name="any", ttft_s=1.0))
     assert summary.slo_attainment == 0.0
     assert summary.not_served == 1
     assert summary.shed == (1 if outcome == "shed" else 0)
@@ -473,7 +473,7 @@ def test_the_same_seed_gives_the_same_run() -> None:
 
 def test_a_run_stops_early_once_the_slo_cannot_be_met() -> None:
     specs = generate("summarization", 200, rate_per_s=200.0, seed=1)
-    slo = SLO("tight", ttft_s=0.05, tpot_s=0.05)
+    slo = Slo(name="tight", ttft_s=0.05, tpot_s=0.05)
     result = Simulator(cluster(device("d0")), FixedScheduler(colocated="d0")).run(
         specs, slo=slo, stop_after_misses=10
     )
@@ -513,7 +513,7 @@ def test_summary_figures() -> None:
     spec = device("d0")
     specs = generate("code", 200, rate_per_s=20.0, seed=5)
     result = Simulator(cluster(spec), FixedScheduler(colocated="d0")).run(specs)
-    slo = SLO("loose", ttft_s=10.0, tpot_s=1.0)
+    slo = Slo(name="loose", ttft_s=10.0, tpot_s=1.0)
     summary = result.summary(slo)
     assert summary.slo_attainment == 1.0
     assert summary.goodput == pytest.approx(200 / result.makespan_s)

@@ -7,8 +7,8 @@ import pytest
 from backends.base import Role
 from router.scheduling.perf import perf_for
 from router.scheduling.plan import Mode, Plan, RequestFeatures
+from router.scheduling.slo import Slo
 from router.scheduling.snapshot import PoolSnapshot
-from router.sim.metrics import SLO
 from router.sim.planner import Candidate, plan_cluster
 from router.sim.workload import generate
 
@@ -42,7 +42,7 @@ def price(profile: str) -> float:
 
 def test_the_cheaper_of_two_configurations_that_both_meet_the_slo_wins() -> None:
     requests = generate("code", 60, rate_per_s=2.0, seed=1)
-    loose = SLO("loose", ttft_s=5.0, tpot_s=1.0)
+    loose = Slo(name="loose", ttft_s=5.0, tpot_s=1.0)
     result = plan_cluster(
         MODEL,
         requests,
@@ -63,7 +63,7 @@ def test_the_cheaper_of_two_configurations_that_both_meet_the_slo_wins() -> None
 
 def test_a_configuration_that_misses_is_passed_over_for_a_larger_one() -> None:
     requests = generate("code", 400, rate_per_s=150.0, seed=2)
-    tight = SLO("tight", ttft_s=0.1, tpot_s=0.03)
+    tight = Slo(name="tight", ttft_s=0.1, tpot_s=0.03)
     seen: list[str] = []
     result = plan_cluster(
         MODEL,
@@ -96,7 +96,7 @@ def test_covered_configurations_are_skipped() -> None:
 
 def test_nothing_meets_an_impossible_slo() -> None:
     requests = generate("summarization", 30, rate_per_s=5.0, seed=3)
-    impossible = SLO("impossible", ttft_s=1e-6, tpot_s=1e-6)
+    impossible = Slo(name="impossible", ttft_s=1e-6, tpot_s=1e-6)
     result = plan_cluster(
         MODEL,
         requests,
@@ -115,7 +115,7 @@ def test_nothing_meets_an_impossible_slo() -> None:
 
 def test_unknown_profiles_and_models_are_refused() -> None:
     requests = generate("code", 5, rate_per_s=1.0, seed=0)
-    slo = SLO("x", ttft_s=1.0)
+    slo = Slo(name="x", ttft_s=1.0)
     with pytest.raises(ValueError, match="unknown profile"):
         plan_cluster(MODEL, requests, slo, LeastBusy, profiles=["nope"])
     with pytest.raises(ValueError, match="unknown model"):

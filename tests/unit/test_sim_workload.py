@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bench import workloads as bench_workloads
 from router.sim import workload
 from router.sim.workload import (
     Bursts,
@@ -21,12 +20,6 @@ from router.sim.workload import (
     load_trace,
     save_trace,
 )
-
-
-def test_the_bench_reads_the_same_workloads() -> None:
-    assert bench_workloads.generate is workload.generate
-    assert bench_workloads.WORKLOADS is workload.WORKLOADS
-    assert bench_workloads.RequestSpec is RequestSpec
 
 
 def test_bursty_arrivals_keep_the_mean_rate_and_start_at_zero() -> None:

@@ -1,5 +1,8 @@
 """A fake vLLM OpenAI-compatible server with NixlConnector, on 127.0.0.1, port 0.
 
+The vLLM adapter's contract tests run against it, and the benchmarks run it as a
+zero-cost engine (bench/fake_engine.py).
+
 It answers like the real engine and checks what the real engine relies on:
 
 - a prefill leg (``kv_transfer_params.do_remote_decode``) must carry exactly vLLM's
@@ -219,8 +222,9 @@ class FakeVllm:
             await response.write(event)
             await asyncio.sleep(self.chunk_delay_s)
         if drop:  # the connection dies mid-body, as when an engine process is killed
-            assert request.transport is not None
-            request.transport.abort()
+            transport = request.transport
+            if transport is not None:  # None: the client has already gone
+                transport.abort()
             return response
         await response.write_eof()
         return response

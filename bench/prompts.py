@@ -1,44 +1,12 @@
-"""What the benchmark sends: request lengths, arrival times, traces and prompt text.
+"""Prompt text of a given length for live runs: seeded, so a seed gives the same prompt.
 
-Everything here is pure and seeded, so two runs with the same seed send the same
-requests at the same offsets; only the system under test differs. Lengths, arrivals
-and traces live in router.sim.workload, shared with the simulator; this module adds
-the prompt text a live run needs.
+The lengths and arrivals of what the benchmark sends come from router.sim.workload,
+shared with the simulator; a live run also needs the words.
 """
 
 from __future__ import annotations
 
 import numpy as np
-
-from router.sim.workload import (
-    WORKLOADS,
-    Bursts,
-    LengthDistribution,
-    PrefixSharing,
-    RequestSpec,
-    bursty_arrivals,
-    fixed,
-    generate,
-    load_trace,
-    poisson_arrivals,
-    save_trace,
-)
-
-__all__ = [
-    "WORKLOADS",
-    "Bursts",
-    "LengthDistribution",
-    "PrefixSharing",
-    "RequestSpec",
-    "bursty_arrivals",
-    "fixed",
-    "generate",
-    "load_trace",
-    "poisson_arrivals",
-    "prompt_text",
-    "save_trace",
-]
-
 
 # Short, common words so the text looks like prose to anything that inspects it, and
 # pure lowercase ASCII so one character is one byte is one token for the mock model.

@@ -1,0 +1,50 @@
+"""The step after a prefill, or after a failed leg, that the dispatcher and simulator share."""
+
+from __future__ import annotations
+
+import pytest
+
+from router.scheduling.handoff import NextStep, after_failed_leg, after_prefill
+from router.scheduling.plan import Mode, Plan
+
+SPLIT = Plan(Mode.SPLIT, "p", "d")
+SPLIT_RELAYED = Plan(Mode.SPLIT, "p", "d", relay=True)
+COLOCATED = Plan(Mode.COLOCATED, "c", "c")
+
+
+@pytest.mark.parametrize(
+    ("plan", "finished", "layouts_compatible", "step"),
+    [
+        # The first token was the last: nothing moves, whatever the plan.
+        (SPLIT, True, True, NextStep.FINISHED),
+        (SPLIT_RELAYED, True, False, NextStep.FINISHED),
+        (COLOCATED, True, True, NextStep.FINISHED),
+        # One backend does both legs: no handoff, even with layouts that differ.
+        (COLOCATED, False, True, NextStep.DECODE_IN_PLACE),
+        (COLOCATED, False, False, NextStep.DECODE_IN_PLACE),
+        (Plan(Mode.COLOCATED, "c", "c", relay=True), False, True, NextStep.DECODE_IN_PLACE),
+        # A split pulls unless a relay is asked for or the layouts differ.
+        (SPLIT, False, True, NextStep.DECODE_PULLS),
+        (SPLIT_RELAYED, False, True, NextStep.RELAY_THEN_DECODE),
+        (SPLIT, False, False, NextStep.RELAY_THEN_DECODE),
+        (SPLIT_RELAYED, False, False, NextStep.RELAY_THEN_DECODE),
+    ],
+)
+def test_after_prefill(
+    plan: Plan, finished: bool, layouts_compatible: bool, step: NextStep
+) -> None:
+    assert after_prefill(plan, finished=finished, layouts_compatible=layouts_compatible) is step
+
+
+@pytest.mark.parametrize(
+    ("retryable", "client_has_tokens", "step"),
+    [
+        (True, False, NextStep.SERVE_COLOCATED),
+        # A restart would send the client tokens it already has.
+        (True, True, NextStep.FAIL),
+        (False, False, NextStep.FAIL),
+        (False, True, NextStep.FAIL),
+    ],
+)
+def test_after_failed_leg(retryable: bool, client_has_tokens: bool, step: NextStep) -> None:
+    assert after_failed_leg(retryable=retryable, client_has_tokens=client_has_tokens) is step
