@@ -1,9 +1,9 @@
 """Discrete-event simulation of a cluster of mock devices behind the router.
 
 Each device replays the compute loop of ``backends.mock.engine.DeviceEngine``, one
-event per iteration: prefill first (FCFS admission, no overtaking, KV reserved up
-front, at most 16384 prompt tokens a batch), otherwise one decode step for every
-running sequence, each as long as the device's roofline says. The router side
+event per iteration: prefill first (the engine's own batching decision from
+``backends.perf.batching``: FCFS, KV reserved up front), otherwise one decode step
+for every running sequence, each as long as the device's roofline says. The router side
 replays the dispatcher: the scheduling policy is called with a snapshot built from
 the same load accounting the daemon keeps, a split request's first token comes from
 its prefill device, its KV is leased there until the decode device has pulled it
@@ -32,7 +32,7 @@ import numpy as np
 import numpy.typing as npt
 
 from backends.errors import OverloadedError, ServingError
-from backends.perf.batching import LOAD_PREFIX_HASHES, MAX_PREFILL_BATCH_TOKENS
+from backends.perf.batching import LOAD_PREFIX_HASHES, prefill_batch_size
 from backends.prefix import MAX_BLOCKS
 from router.errors import NoHealthyBackendError
 from router.scheduling.handoff import NextStep, after_prefill
@@ -420,24 +420,16 @@ class Simulator:
 
     @staticmethod
     def _admit(device: SimDevice) -> list[SimRequest]:
-        """First come, first served: the first that does not fit stops the batch."""
+        """The engine's own batching decision (backends.perf.batching)."""
         waiting = device.waiting
-        batch: list[SimRequest] = []
-        used = device.kv_used
-        capacity = device.capacity
-        tokens = 0
-        while waiting:
-            request = waiting[0]
-            if used + request.needed > capacity:
-                break
-            if batch and tokens + request.prompt > MAX_PREFILL_BATCH_TOKENS:
-                break
-            waiting.popleft()
-            used += request.needed
-            tokens += request.prompt
-            batch.append(request)
-        device.kv_used = used
-        device.kv_peak = max(device.kv_peak, used)
+        count = prefill_batch_size(
+            ((request.prompt, request.needed) for request in waiting),
+            device.kv_used,
+            device.capacity,
+        )
+        batch = [waiting.popleft() for _ in range(count)]
+        device.kv_used += sum(request.needed for request in batch)
+        device.kv_peak = max(device.kv_peak, device.kv_used)
         return batch
 
     @staticmethod
