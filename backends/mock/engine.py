@@ -15,24 +15,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
-import zlib
 from collections import OrderedDict
-from collections.abc import AsyncGenerator
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import AsyncGenerator, Container
+from dataclasses import dataclass
+from itertools import islice
 
-import numpy as np
-from numpy.typing import NDArray
-
-from backends import kvlayout
-from backends._gen.hetero.router.v1 import router_pb2
 from backends.base import KVLayout, SamplingParams
-from backends.mock.dataplane import segment_checksums
-from backends.mock.model import EOS_ID, KVCache, TinyTransformer, encode
-from backends.mock.sampling import sample_token
-from backends.mock.textstream import TextStream
-from backends.perf.batching import MAX_PREFILL_BATCH_TOKENS
+from backends.mock.clock import LoopClock, next_deadline
+from backends.mock.errors import DeviceError
+from backends.mock.lease import Checksums, Lease, Leases, checksums_of, wire_form
+from backends.mock.model import KVCache, TinyTransformer, encode
+from backends.mock.sequence import PrefillOutcome, Sequence
+from backends.perf.batching import prefill_batch_size
 from backends.perf.roofline import TimingModel
 from backends.prefix import PrefixCache
 
@@ -42,66 +36,6 @@ _INLINE_PREFILL_TOKENS = 512
 _FLUSH_YIELDS = 3
 
 
-class DeviceError(Exception):
-    """A request the device cannot serve; ``code`` is a gRPC status name."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-
-@dataclass(frozen=True)
-class PrefillOutcome:
-    first_token_id: int
-    first_frame: bytes
-    finished: bool
-    prompt_tokens: int
-    lease: Lease | None  # the KV, held on the engine until fetched, released or expired
-
-
-@dataclass(eq=False)
-class _Sequence:
-    request_id: str
-    prompt_ids: list[int]
-    sampling: SamplingParams
-    needed_tokens: int  # KV positions to reserve before it may start
-    prefill_only: bool = False
-    prefix_hashes: tuple[int, ...] = ()  # of its prompt's blocks; empty without a prefix cache
-    charged_tokens: int = 0  # KV positions it holds of the device's capacity
-    text: TextStream = field(init=False)
-    frames: asyncio.Queue[bytes | None] = field(default_factory=asyncio.Queue)
-    outcome: asyncio.Future[PrefillOutcome] | None = None
-    cache: KVCache | None = None
-    last_token: int = -1
-    generated: int = 0
-    aborted: bool = False
-    # A prefill-only sequence's KV in wire form with its checksums (whole, per segment),
-    # made while the modelled prefill runs so that leasing it costs no time after.
-    wire: tuple[bytes | bytearray, tuple[int, tuple[int, ...]]] | None = None
-
-    def __post_init__(self) -> None:
-        self.text = TextStream(self.sampling.stop)
-
-
-@dataclass
-class Lease:
-    """A prefilled KV cache waiting for its decode device, in wire form."""
-
-    cache: KVCache
-    payload: bytes | bytearray
-    checksum: int
-    # CRC-32 of each data plane segment, made with the payload so a transfer
-    # sends them without another pass over it.
-    segment_checksums: tuple[int, ...]
-    expires_at: float  # Unix time
-    timer: asyncio.TimerHandle
-
-    @property
-    def num_tokens(self) -> int:
-        return self.cache.length
-
-
 @dataclass(frozen=True)
 class EngineLoad:
     waiting: int
@@ -109,31 +43,6 @@ class EngineLoad:
     kv_tokens_used: int
     kv_tokens_capacity: int
     kv_leases: int
-
-
-def next_deadline(previous: float | None, now: float, duration: float) -> float:
-    """When an iteration of ``duration`` seconds that starts ``now`` ends.
-
-    ``previous`` is the deadline of the iteration just before, when the engine ran them
-    back to back (None after it idled). The new one then ends ``duration`` after that
-    deadline, not after now, so a timer that woke late (libuv timers tick in
-    milliseconds) makes one step late once rather than every step of a stream late. An
-    anchor more than one iteration away from now (compute overran the model) is dropped:
-    the iteration starts now rather than bursting to catch up.
-    """
-    if previous is None or abs(now - previous) > duration:
-        return now + duration
-    return previous + duration
-
-
-class LoopClock:
-    """The event loop's clock, which paces iterations; tests put a virtual one in its place."""
-
-    def time(self) -> float:
-        return asyncio.get_running_loop().time()
-
-    async def sleep_until(self, deadline: float) -> None:
-        await asyncio.sleep(max(deadline - self.time(), 0.0))
 
 
 class DeviceEngine:
@@ -162,20 +71,19 @@ class DeviceEngine:
         # A fixed decode step paces every stream at 1/decode_step_s tokens per second
         # whatever the batch: benchmarks use it to hold the device's rate constant.
         self.decode_step_s = decode_step_s
-        self.kv_lease_s = kv_lease_s
         self.kv_capacity_tokens = kv_capacity_tokens or timing.kv_capacity_tokens
-        self._waiting: OrderedDict[str, _Sequence] = OrderedDict()
-        self._prefilling: dict[str, _Sequence] = {}
-        self._running: OrderedDict[str, _Sequence] = OrderedDict()
-        self._leases: dict[str, Lease] = {}
-        self._kv_used = 0
+        self._waiting: OrderedDict[str, Sequence] = OrderedDict()
+        self._prefilling: dict[str, Sequence] = {}
+        self._running: OrderedDict[str, Sequence] = OrderedDict()
+        self._wake = asyncio.Event()
+        self._leases = Leases(kv_lease_s, self._wake.set)
+        self._charged_tokens = 0  # KV positions reserved by sequences (leases count apart)
         self.prefix_cache = PrefixCache(prefix_cache_blocks)
         # Prompt tokens whose prefill the prefix cache spared, since the start.
         self.prefix_hit_tokens = 0
-        self._clock = clock or LoopClock()
+        self.clock = clock or LoopClock()
         # The deadline of the last iteration while iterations run back to back.
         self._paced_until: float | None = None
-        self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
     # -- lifecycle -------------------------------------------------------------
@@ -230,7 +138,7 @@ class DeviceEngine:
         reserved = len(prompt_ids) + sampling.max_tokens
         self._check_fits(reserved)
         self._claim_id(request_id)
-        sequence = _Sequence(request_id, prompt_ids, sampling, reserved)
+        sequence = Sequence(request_id, prompt_ids, sampling, reserved)
         self._charge(sequence)
         cache.ensure_capacity(reserved)
         sequence.cache = cache
@@ -268,7 +176,7 @@ class DeviceEngine:
         request_id: str,
         cache: KVCache,
         payload: bytes | bytearray,
-        checksums: tuple[int, tuple[int, ...]] | None = None,
+        checksums: Checksums | None = None,
     ) -> Lease:
         """Holds a KV made elsewhere (pushed by a relay) as if this device had prefilled it.
 
@@ -278,16 +186,10 @@ class DeviceEngine:
         """
         self._claim_id(request_id)
         self._check_fits(cache.length)
-        return self._lease(request_id, cache, payload, checksums)
+        return self._leases.hold(request_id, cache, payload, checksums or checksums_of(payload))
 
     def release_lease(self, request_id: str) -> bool:
-        lease = self._leases.pop(request_id, None)
-        if lease is None:
-            return False
-        lease.timer.cancel()
-        self._kv_used -= lease.num_tokens
-        self._wake.set()
-        return True
+        return self._leases.release(request_id)
 
     def load(self) -> EngineLoad:
         return EngineLoad(
@@ -300,11 +202,15 @@ class DeviceEngine:
 
     # -- internals -------------------------------------------------------------
 
+    @property
+    def _kv_used(self) -> int:
+        return self._charged_tokens + self._leases.tokens
+
     def _claim_id(self, request_id: str) -> None:
         if any(request_id in held for held in self._holders()):
             raise DeviceError("ALREADY_EXISTS", f"request {request_id} is already on this device")
 
-    def _holders(self) -> tuple[dict[str, _Sequence] | dict[str, Lease], ...]:
+    def _holders(self) -> tuple[Container[str], ...]:
         return (self._waiting, self._prefilling, self._running, self._leases)
 
     def _check_fits(self, tokens: int) -> None:
@@ -317,12 +223,12 @@ class DeviceEngine:
 
     def _submit(
         self, request_id: str, prompt: str, sampling: SamplingParams, prefill_only: bool
-    ) -> _Sequence:
+    ) -> Sequence:
         prompt_ids = encode(prompt)
         reserved = len(prompt_ids) + (1 if prefill_only else sampling.max_tokens)
         self._check_fits(reserved)
         self._claim_id(request_id)
-        sequence = _Sequence(
+        sequence = Sequence(
             request_id,
             prompt_ids,
             sampling,
@@ -334,7 +240,7 @@ class DeviceEngine:
         self._wake.set()
         return sequence
 
-    async def _drain(self, sequence: _Sequence) -> AsyncGenerator[bytes, None]:
+    async def _drain(self, sequence: Sequence) -> AsyncGenerator[bytes, None]:
         try:
             while (frame := await sequence.frames.get()) is not None:
                 yield frame
@@ -361,24 +267,20 @@ class DeviceEngine:
             for _ in range(_FLUSH_YIELDS):
                 await asyncio.sleep(0)
 
-    def _admit(self) -> list[_Sequence]:
-        batch: list[_Sequence] = []
-        batch_tokens = 0
-        for sequence in list(self._waiting.values()):
-            fits_memory = self._kv_used + sequence.needed_tokens <= self.kv_capacity_tokens
-            fits_batch = not batch or batch_tokens + len(sequence.prompt_ids) <= (
-                MAX_PREFILL_BATCH_TOKENS
-            )
-            if not (fits_memory and fits_batch):
-                break  # first come, first served: no overtaking
+    def _admit(self) -> list[Sequence]:
+        count = prefill_batch_size(
+            ((len(s.prompt_ids), s.needed_tokens) for s in self._waiting.values()),
+            self._kv_used,
+            self.kv_capacity_tokens,
+        )
+        batch = list(islice(self._waiting.values(), count))
+        for sequence in batch:
             del self._waiting[sequence.request_id]
             self._prefilling[sequence.request_id] = sequence
             self._charge(sequence)
-            batch.append(sequence)
-            batch_tokens += len(sequence.prompt_ids)
         return batch
 
-    async def _prefill_step(self, batch: list[_Sequence]) -> None:
+    async def _prefill_step(self, batch: list[Sequence]) -> None:
         lengths = [len(s.prompt_ids) for s in batch]
         cached = [
             self.prefix_cache.cached_tokens(s.prefix_hashes, length)
@@ -391,22 +293,22 @@ class DeviceEngine:
             first_tokens = await asyncio.to_thread(self._compute_prefill, batch)
         else:
             first_tokens = self._compute_prefill(batch)
-        await self._clock.sleep_until(deadline)
+        await self.clock.sleep_until(deadline)
         for sequence in batch:
             self.prefix_cache.record(sequence.prefix_hashes)
         for sequence, token in zip(batch, first_tokens, strict=True):
             if self._prefilling.pop(sequence.request_id, None) is sequence:
                 self._emit_first(sequence, token)
 
-    def _compute_prefill(self, batch: list[_Sequence]) -> list[int]:
+    def _compute_prefill(self, batch: list[Sequence]) -> list[int]:
         first_tokens = []
         for sequence in batch:
             capacity = len(sequence.prompt_ids) + sequence.sampling.max_tokens
             sequence.cache, logits = self.model.prefill(sequence.prompt_ids, capacity)
-            first_tokens.append(self._sample(logits, sequence, position=0))
+            first_tokens.append(sequence.sample(logits, position=0))
             if sequence.prefill_only:
-                payload = self._encode(sequence.cache)
-                sequence.wire = (payload, (zlib.crc32(payload), segment_checksums(payload)))
+                payload = wire_form(sequence.cache, self.kv_layout, self.filler_bytes_per_token)
+                sequence.wire = (payload, checksums_of(payload))
         return first_tokens
 
     async def _decode_step(self) -> None:
@@ -421,27 +323,16 @@ class DeviceEngine:
         # One batched step: a sequence's logits do not depend on its neighbours.
         logits = self.model.decode_batch(caches, [s.last_token for s in batch])
         tokens = [
-            self._sample(row, sequence, position=sequence.generated)
+            sequence.sample(row, position=sequence.generated)
             for row, sequence in zip(logits, batch, strict=True)
         ]
-        await self._clock.sleep_until(deadline)
+        await self.clock.sleep_until(deadline)
         for sequence, token in zip(batch, tokens, strict=True):
             if not sequence.aborted:
                 self._emit(sequence, token)
 
-    @staticmethod
-    def _sample(logits: NDArray[np.floating[Any]], sequence: _Sequence, position: int) -> int:
-        sampling = sequence.sampling
-        return sample_token(
-            logits,
-            temperature=sampling.temperature,
-            top_p=sampling.top_p,
-            seed=sampling.seed,
-            position=position,
-        )
-
-    def _emit_first(self, sequence: _Sequence, token: int) -> None:
-        frame, finished = self._advance(sequence, token)
+    def _emit_first(self, sequence: Sequence, token: int) -> None:
+        frame, finished = sequence.advance(token)
         if not sequence.prefill_only:
             sequence.frames.put_nowait(frame)
             if finished:
@@ -452,90 +343,37 @@ class DeviceEngine:
         assert sequence.outcome is not None
         assert sequence.cache is not None
         self._finish(sequence)
-        payload, checksums = sequence.wire or (None, None)
-        sequence.wire = None
-        lease = (
-            None
-            if finished
-            else self._lease(sequence.request_id, sequence.cache, payload, checksums)
-        )
+        lease = None if finished else self._lease_prefilled(sequence, sequence.cache)
         sequence.outcome.set_result(
             PrefillOutcome(token, frame, finished, len(sequence.prompt_ids), lease)
         )
 
-    def _emit(self, sequence: _Sequence, token: int) -> None:
-        frame, finished = self._advance(sequence, token)
+    def _lease_prefilled(self, sequence: Sequence, cache: KVCache) -> Lease:
+        if sequence.wire is None:
+            encoded = wire_form(cache, self.kv_layout, self.filler_bytes_per_token)
+            sequence.wire = (encoded, checksums_of(encoded))
+        payload, checksums = sequence.wire
+        sequence.wire = None
+        return self._leases.hold(sequence.request_id, cache, payload, checksums)
+
+    def _emit(self, sequence: Sequence, token: int) -> None:
+        frame, finished = sequence.advance(token)
         sequence.frames.put_nowait(frame)
         if finished:
             self._running.pop(sequence.request_id, None)
             self._finish(sequence)
 
-    def _advance(self, sequence: _Sequence, token: int) -> tuple[bytes, bool]:
-        """Records one sampled token; returns its encoded frame and whether it ends the sequence."""
-        sequence.generated += 1
-        sequence.last_token = token
-        text = sequence.text.push(token)
-        response = router_pb2.GenerateResponse(text=text)
-        if token != EOS_ID:
-            response.token_ids.append(token)
-        if sequence.text.stopped:
-            response.finish_reason = router_pb2.FINISH_REASON_STOP
-        elif sequence.generated >= sequence.sampling.max_tokens:
-            response.text += sequence.text.flush()
-            response.finish_reason = router_pb2.FINISH_REASON_LENGTH
-        else:
-            return response.SerializeToString(), False
-        response.usage.prompt_tokens = len(sequence.prompt_ids)
-        response.usage.completion_tokens = sequence.generated - (token == EOS_ID)
-        return response.SerializeToString(), True
-
-    def _charge(self, sequence: _Sequence) -> None:
+    def _charge(self, sequence: Sequence) -> None:
         sequence.charged_tokens = sequence.needed_tokens
-        self._kv_used += sequence.charged_tokens
+        self._charged_tokens += sequence.charged_tokens
 
-    def _finish(self, sequence: _Sequence) -> None:
-        self._kv_used -= sequence.charged_tokens
+    def _finish(self, sequence: Sequence) -> None:
+        self._charged_tokens -= sequence.charged_tokens
         sequence.charged_tokens = 0
         sequence.frames.put_nowait(None)
         self._wake.set()
 
-    def _lease(
-        self,
-        request_id: str,
-        cache: KVCache,
-        payload: bytes | bytearray | None = None,
-        checksums: tuple[int, tuple[int, ...]] | None = None,
-    ) -> Lease:
-        if payload is None:
-            payload = self._encode(cache)
-        whole, segments = checksums or (zlib.crc32(payload), segment_checksums(payload))
-        timer = asyncio.get_running_loop().call_later(
-            self.kv_lease_s, self.release_lease, request_id
-        )
-        lease = Lease(
-            cache=cache,
-            payload=payload,
-            checksum=whole,
-            segment_checksums=segments,
-            expires_at=time.time() + self.kv_lease_s,
-            timer=timer,
-        )
-        self._leases[request_id] = lease
-        self._kv_used += lease.num_tokens
-        return lease
-
-    def _encode(self, cache: KVCache) -> bytes:
-        n = cache.length
-        payload = (
-            kvlayout.encode(cache.keys[:, :, :n], cache.values[:, :, :n], self.kv_layout)
-            if self.kv_layout is not None
-            else cache.to_bytes()
-        )
-        if self.filler_bytes_per_token:
-            payload += np.random.default_rng(n).bytes(n * self.filler_bytes_per_token)
-        return payload
-
     def _deadline(self, duration_s: float) -> float:
         """The end of an iteration lasting ``duration_s`` (already scaled) that starts now."""
-        self._paced_until = next_deadline(self._paced_until, self._clock.time(), duration_s)
+        self._paced_until = next_deadline(self._paced_until, self.clock.time(), duration_s)
         return self._paced_until

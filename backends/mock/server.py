@@ -23,7 +23,9 @@ from backends._gen.hetero.device.v1 import device_pb2
 from backends.base import KVLayout, Role, SamplingParams
 from backends.mock import dataplane, wire
 from backends.mock.dataplane import DataPlaneServer
-from backends.mock.engine import DeviceEngine, DeviceError, Lease
+from backends.mock.engine import DeviceEngine
+from backends.mock.errors import DeviceError
+from backends.mock.lease import Lease
 from backends.mock.model import KVCache, TinyConfig, TinyTransformer
 from backends.perf.batching import LOAD_PREFIX_HASHES
 from backends.perf.roofline import TimingModel, load_catalog

@@ -10,7 +10,8 @@ from typing import Any
 import pytest
 
 from backends.base import SamplingParams
-from backends.mock.engine import DeviceEngine, LoopClock, next_deadline
+from backends.mock.clock import LoopClock, next_deadline
+from backends.mock.engine import DeviceEngine
 from backends.mock.model import TinyTransformer, encode
 from backends.perf.roofline import TimingModel, load_catalog
 

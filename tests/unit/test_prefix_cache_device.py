@@ -9,7 +9,8 @@ import pytest
 
 from backends._gen.hetero.router.v1 import router_pb2
 from backends.base import Role, SamplingParams
-from backends.mock.engine import DeviceEngine, LoopClock
+from backends.mock.clock import LoopClock
+from backends.mock.engine import DeviceEngine
 from backends.mock.model import TinyTransformer, encode
 from backends.mock.server import DeviceConfig, DeviceServer
 from backends.perf.roofline import TimingModel, load_catalog
