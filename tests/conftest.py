@@ -8,7 +8,8 @@ from dataclasses import dataclass
 import pytest
 
 from backends.base import Role
-from backends.mock.server import DeviceConfig, DeviceServer
+from backends.mock.config import DeviceConfig
+from backends.mock.server import DeviceServer
 from router.client import AsyncRouterClient
 from router.daemon import Daemon
 from router.settings import BackendConfig, PoolConfig, Settings

@@ -20,7 +20,7 @@ from backends.base import (
     Role,
 )
 from backends.errors import BackendError, LayoutMismatchError, OverloadedError
-from backends.mock.server import CHANNEL_OPTIONS, SERVICE, layout_from_proto
+from backends.mock.protocol import CHANNEL_OPTIONS, SERVICE, layout_from_proto
 from backends.mock.session import DeviceSession, SessionStreamError
 from backends.mock.transfer import DeviceKVTransfer, handle_from_proto, handle_to_proto
 

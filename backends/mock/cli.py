@@ -7,8 +7,8 @@ import argparse
 import uvloop
 
 from backends.base import Role
+from backends.mock.config import DeviceConfig
 from backends.mock.process import run_device
-from backends.mock.server import DeviceConfig
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -7,7 +7,8 @@ import contextlib
 import signal
 import sys
 
-from backends.mock.server import DeviceConfig, DeviceServer
+from backends.mock.config import DeviceConfig
+from backends.mock.server import DeviceServer
 
 READY_PREFIX = "READY "
 

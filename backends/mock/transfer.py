@@ -16,7 +16,7 @@ from backends._gen.hetero.device.v1 import device_pb2
 from backends.base import KVHandle
 from backends.errors import BackendError, LayoutMismatchError
 from backends.mock import dataplane
-from backends.mock.server import PUSH_HANDLE_KEY, SERVICE, layout_from_proto, layout_to_proto
+from backends.mock.protocol import PUSH_HANDLE_KEY, SERVICE, layout_from_proto, layout_to_proto
 from backends.transfer import DirectCopy, KVChunk, KVTransfer
 
 # Small enough that a relay holds a few in flight, large enough to stream at speed.

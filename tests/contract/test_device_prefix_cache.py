@@ -9,7 +9,9 @@ import pytest
 
 from backends._gen.hetero.device.v1 import device_pb2
 from backends.base import Role
-from backends.mock.server import SERVICE, DeviceConfig, DeviceServer
+from backends.mock.config import DeviceConfig
+from backends.mock.protocol import SERVICE
+from backends.mock.server import DeviceServer
 from backends.prefix import block_hashes
 
 PROMPT = "A system prompt every request of this tenant begins with. " * 5

@@ -14,7 +14,10 @@ from backends._gen.hetero.router.v1 import router_pb2
 from backends.base import KVHandle, KVLayout, Role
 from backends.errors import LayoutMismatchError
 from backends.mock.adapter import MockBackend
-from backends.mock.server import SERVICE, DeviceConfig, DeviceServer, modelled_wire_s
+from backends.mock.config import DeviceConfig
+from backends.mock.kv_handoff import modelled_wire_s
+from backends.mock.protocol import SERVICE
+from backends.mock.server import DeviceServer
 from tests.helpers import eventually
 
 GREEDY = device_pb2.Sampling(max_tokens=12, temperature=0.0, top_p=1.0, seed=7)

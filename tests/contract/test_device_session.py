@@ -14,7 +14,8 @@ from backends.errors import BackendError, ServingError
 from backends.frames import coalesce
 from backends.mock import wire
 from backends.mock.adapter import MockBackend
-from backends.mock.server import DeviceConfig, DeviceServer
+from backends.mock.config import DeviceConfig
+from backends.mock.server import DeviceServer
 from tests.helpers import eventually
 
 

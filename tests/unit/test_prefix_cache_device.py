@@ -10,9 +10,10 @@ import pytest
 from backends._gen.hetero.router.v1 import router_pb2
 from backends.base import Role, SamplingParams
 from backends.mock.clock import LoopClock
+from backends.mock.config import DeviceConfig
 from backends.mock.engine import DeviceEngine
 from backends.mock.model import TinyTransformer, encode
-from backends.mock.server import DeviceConfig, DeviceServer
+from backends.mock.server import DeviceServer
 from backends.perf.roofline import TimingModel, load_catalog
 from backends.prefix import PrefixCache, block_hashes
 from router.cli import build_parser
