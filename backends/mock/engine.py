@@ -22,6 +22,7 @@ from itertools import islice
 
 from backends.base import KVLayout, SamplingParams
 from backends.mock.clock import LoopClock, next_deadline
+from backends.mock.detached import run_detached
 from backends.mock.errors import DeviceError
 from backends.mock.lease import Checksums, Lease, Leases, checksums_of, wire_form
 from backends.mock.model import KVCache, TinyTransformer, encode
@@ -290,7 +291,9 @@ class DeviceEngine:
         deadline = self._deadline(self.timing.prefill_seconds(lengths, cached) * self.time_scale)
         # The whole prompt is computed even so: the tokens must not depend on the cache.
         if sum(lengths) > _INLINE_PREFILL_TOKENS:
-            first_tokens = await asyncio.to_thread(self._compute_prefill, batch)
+            first_tokens = await run_detached(
+                lambda: self._compute_prefill(batch), name="device-prefill"
+            )
         else:
             first_tokens = self._compute_prefill(batch)
         await self.clock.sleep_until(deadline)
@@ -301,8 +304,12 @@ class DeviceEngine:
                 self._emit_first(sequence, token)
 
     def _compute_prefill(self, batch: list[Sequence]) -> list[int]:
+        """The first token of each (-1 for one aborted before its turn, never emitted)."""
         first_tokens = []
         for sequence in batch:
+            if sequence.aborted:  # an engine stopping aborts all: the rest are skipped
+                first_tokens.append(-1)
+                continue
             capacity = len(sequence.prompt_ids) + sequence.sampling.max_tokens
             sequence.cache, logits = self.model.prefill(sequence.prompt_ids, capacity)
             first_tokens.append(sequence.sample(logits, position=0))
