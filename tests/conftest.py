@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import pytest
 
 from backends.base import Role
+from backends.mock.clock import LoopClock
 from backends.mock.config import DeviceConfig
 from backends.mock.server import DeviceServer
 from router.client import AsyncRouterClient
@@ -59,6 +60,7 @@ async def start_cluster(
     device_options: dict[str, object] | None = None,
     handoff: str = "direct",
     per_device: dict[str, dict[str, object]] | None = None,
+    clocks: dict[str, LoopClock] | None = None,
     **settings: object,
 ) -> Cluster:
     devices: dict[str, DeviceServer] = {}
@@ -73,7 +75,8 @@ async def start_cluster(
                 time_scale=time_scale,
                 **(device_options or {}),  # type: ignore[arg-type]  # tests pass any field
                 **(per_device or {}).get(backend_id, {}),  # type: ignore[arg-type]  # same
-            )
+            ),
+            clock=(clocks or {}).get(backend_id),
         )
         await device.start("127.0.0.1:0")
         devices[backend_id] = device

@@ -13,6 +13,7 @@ from backends._gen.hetero.router.v1 import router_pb2
 from backends.base import GenerationRequest, KVHandle, KVLayout, Role, SamplingParams
 from backends.errors import LayoutMismatchError
 from backends.mock.adapter import MockBackend
+from backends.mock.clock import LoopClock
 from backends.mock.transfer import DeviceKVTransfer
 from backends.transfer import DirectCopy, KVTransfer
 from router.handoff.relay import RelayStats, relay
@@ -138,18 +139,47 @@ async def test_a_decode_device_gone_before_it_pulls_leaves_nothing_held() -> Non
         await stop_cluster(cluster)
 
 
+class HeldClock(LoopClock):
+    """Time that stands still: whatever a device paces or models waits until cancelled."""
+
+    def __init__(self) -> None:
+        self.waiting = 0
+
+    def time(self) -> float:
+        return 0.0
+
+    async def sleep_until(self, deadline: float) -> None:
+        self.waiting += 1
+        try:
+            await asyncio.Event().wait()
+        finally:
+            self.waiting -= 1
+
+
 async def test_cancelling_during_a_relay_frees_both_devices() -> None:
-    # A slow link (modelled wire time at time scale 1) keeps the relay in flight.
-    cluster = await start_cluster(handoff="relay", time_scale=1.0)
+    # The decode devices take relayed KV over PushKV (no data plane) and model its wire
+    # time on a clock that never moves: the relay stays in flight until it is cancelled.
+    held = HeldClock()
+    decode_only = {"kv_data_plane": False}
+    cluster = await start_cluster(
+        handoff="relay",
+        time_scale=1.0,
+        per_device={"groq-0": decode_only, "groq-1": decode_only},
+        clocks={"groq-0": held, "groq-1": held},
+    )
     try:
         task = asyncio.create_task(
-            collect(cluster.client, "cancel me " * 600, max_tokens=50, disaggregation="split")
+            collect(cluster.client, "cancel me " * 60, max_tokens=50, disaggregation="split")
         )
-        await eventually(lambda: any(leases for _, leases in cluster.kv_in_use().values()))
+        await eventually(lambda: held.waiting == 1)
+        in_use = cluster.kv_in_use()
+        assert in_use["groq-0"] == in_use["groq-1"] == (0, 0)  # nothing taken yet
+        assert sum(leases for _, leases in in_use.values()) == 1  # the prefill's KV, leased
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
         await eventually(lambda: all(v == (0, 0) for v in cluster.kv_in_use().values()))
+        assert held.waiting == 0  # the relay's push was cancelled with it
     finally:
         await stop_cluster(cluster)
 
