@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import socket
-import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -251,27 +250,26 @@ async def test_a_stream_broken_mid_way_fails_after_the_frames_it_gave(
 
 
 async def test_a_slow_prefill_times_out_quickly(fake: FakeVllm, backend: VllmBackend) -> None:
-    fake.prefill_delay_s = 5
-    started_at = time.monotonic()
+    fake.prefill_delay_s = 3600  # it never answers: only the leg's own deadline ends it
     with pytest.raises(BackendError, match=r"no answer within 0\.2 s") as caught:
         await backend.prefill(completion(), timeout_s=0.2)
-    assert time.monotonic() - started_at < 1
     assert caught.value.retryable
     await fake.wait_for(lambda: "r1" in fake.disconnected)  # the engine was told
 
 
 async def test_a_silent_stream_times_out_on_the_idle_limit(fake: FakeVllm) -> None:
-    fake.chunk_delay_s = 5
+    # The engine goes silent for longer than the test may run and the leg's total
+    # deadline is as far: only the idle limit can end the stream.
+    fake.chunk_delay_s = 3600
     adapter = await started(fake.address, timeout_idle_s=0.2)
-    started_at = time.monotonic()
     try:
-        frames = adapter.generate(completion(), timeout_s=30)
+        frames = adapter.generate(completion(), timeout_s=3600)
         assert router_pb2.GenerateResponse.FromString(await anext(frames)).text == "Hello"
         with pytest.raises(BackendError, match="timed out") as caught:
             await anext(frames)
     finally:
         await adapter.close()
-    assert time.monotonic() - started_at < 1
+    assert "no answer within 3600 s" not in caught.value.message
     assert caught.value.retryable
 
 
