@@ -25,7 +25,7 @@ async def run_detached(function: Callable[[], T], name: str) -> T:
             return
         try:
             done.set_result(function())
-        except BaseException as error:  # handed to the caller, whatever it is
+        except BaseException as error:  # noqa: BLE001  # raised again in the caller
             done.set_exception(error)
 
     threading.Thread(target=work, name=name, daemon=True).start()

@@ -320,8 +320,7 @@ class DeviceEngine:
 
     async def _decode_step(self) -> None:
         batch = list(self._running.values())
-        caches = [s.cache for s in batch if s.cache is not None]
-        assert len(caches) == len(batch)
+        caches = [s.kv for s in batch]
         if self.decode_step_s is not None:
             deadline = self._deadline(self.decode_step_s)
         else:
@@ -340,20 +339,17 @@ class DeviceEngine:
 
     def _emit_first(self, sequence: Sequence, token: int) -> None:
         frame, finished = sequence.advance(token)
-        if not sequence.prefill_only:
+        outcome = sequence.outcome
+        if outcome is None:  # not a prefill only: its stream goes on here
             sequence.frames.put_nowait(frame)
             if finished:
                 self._finish(sequence)
             else:
                 self._running[sequence.request_id] = sequence
             return
-        assert sequence.outcome is not None
-        assert sequence.cache is not None
         self._finish(sequence)
-        lease = None if finished else self._lease_prefilled(sequence, sequence.cache)
-        sequence.outcome.set_result(
-            PrefillOutcome(token, frame, finished, len(sequence.prompt_ids), lease)
-        )
+        lease = None if finished else self._lease_prefilled(sequence, sequence.kv)
+        outcome.set_result(PrefillOutcome(token, frame, finished, len(sequence.prompt_ids), lease))
 
     def _lease_prefilled(self, sequence: Sequence, cache: KVCache) -> Lease:
         if sequence.wire is None:

@@ -49,6 +49,13 @@ class Sequence:
     def __post_init__(self) -> None:
         self.text = TextStream(self.sampling.stop)
 
+    @property
+    def kv(self) -> KVCache:
+        """Its KV cache, which it has from its prefill on."""
+        if self.cache is None:
+            raise RuntimeError(f"sequence {self.request_id} has no KV before its prefill")
+        return self.cache
+
     def sample(self, logits: NDArray[np.floating[Any]], position: int) -> int:
         sampling = self.sampling
         return sample_token(

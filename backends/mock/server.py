@@ -103,5 +103,6 @@ class DeviceServer:
         await self.kv.close()
 
     async def wait_for_termination(self) -> None:
-        assert self._server is not None
+        if self._server is None:
+            raise RuntimeError(f"device {self.config.backend_id}: start() first")
         await self._server.wait_for_termination()

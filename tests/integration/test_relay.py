@@ -160,7 +160,7 @@ async def test_cancelling_during_a_relay_frees_both_devices() -> None:
     # The decode devices take relayed KV over PushKV (no data plane) and model its wire
     # time on a clock that never moves: the relay stays in flight until it is cancelled.
     held = HeldClock()
-    decode_only = {"kv_data_plane": False}
+    decode_only: dict[str, object] = {"kv_data_plane": False}
     cluster = await start_cluster(
         handoff="relay",
         time_scale=1.0,
