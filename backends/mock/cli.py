@@ -8,6 +8,7 @@ import uvloop
 
 from backends.base import Role
 from backends.mock.config import DeviceConfig
+from backends.mock.lease import DEFAULT_KV_LEASE_S
 from backends.mock.process import run_device
 
 
@@ -18,7 +19,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--roles", default="prefill,decode", help="comma list: prefill,decode")
     parser.add_argument("--listen", default="127.0.0.1:0")
     parser.add_argument("--time-scale", type=float, default=1.0, help="0 disables waiting")
-    parser.add_argument("--kv-lease-s", type=float, default=30.0)
+    parser.add_argument("--kv-lease-s", type=float, default=DEFAULT_KV_LEASE_S)
     parser.add_argument("--seed", type=int, default=0, help="weights seed of the tiny model")
     parser.add_argument(
         "--decode-step-ms",

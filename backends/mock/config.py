@@ -8,6 +8,7 @@ from typing import Literal
 from backends import kvlayout
 from backends.base import KVLayout, Role
 from backends.mock.errors import DeviceError
+from backends.mock.lease import DEFAULT_KV_LEASE_S
 from backends.mock.model import TinyConfig
 from backends.perf.roofline import TimingModel, load_catalog
 
@@ -21,7 +22,7 @@ class DeviceConfig:
     model: str
     roles: tuple[Role, ...] = (Role.PREFILL, Role.DECODE)
     time_scale: float = 1.0
-    kv_lease_s: float = 30.0
+    kv_lease_s: float = DEFAULT_KV_LEASE_S
     kv_capacity_tokens: int | None = None  # None: what the emulated hardware holds
     decode_step_s: float | None = None  # fixed pace instead of the roofline step
     # Prompt blocks (64 tokens) a prefix cache remembers; a prefill of a cached head is

@@ -22,7 +22,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-SEGMENT_BYTES = 1 << 20
+from backends.mock.protocol import KV_CHUNK_BYTES
+
+SEGMENT_BYTES = KV_CHUNK_BYTES
 _OK, _NOT_FOUND, _OUT_OF_RANGE, _REFUSED = 0, 1, 2, 3
 _STATUS_CODES = {_NOT_FOUND: "NOT_FOUND", _OUT_OF_RANGE: "OUT_OF_RANGE"}
 

@@ -24,7 +24,14 @@ from backends.base import KVLayout, SamplingParams
 from backends.mock.clock import LoopClock, next_deadline
 from backends.mock.detached import run_detached
 from backends.mock.errors import DeviceError
-from backends.mock.lease import Checksums, Lease, Leases, checksums_of, wire_form
+from backends.mock.lease import (
+    DEFAULT_KV_LEASE_S,
+    Checksums,
+    Lease,
+    Leases,
+    checksums_of,
+    wire_form,
+)
 from backends.mock.model import KVCache, TinyTransformer, encode
 from backends.mock.sequence import PrefillOutcome, Sequence
 from backends.perf.batching import prefill_batch_size
@@ -53,7 +60,7 @@ class DeviceEngine:
         timing: TimingModel,
         *,
         time_scale: float = 1.0,
-        kv_lease_s: float = 30.0,
+        kv_lease_s: float = DEFAULT_KV_LEASE_S,
         kv_capacity_tokens: int | None = None,
         decode_step_s: float | None = None,
         kv_layout: KVLayout | None = None,

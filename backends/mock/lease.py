@@ -15,6 +15,9 @@ from backends.base import KVLayout
 from backends.mock.dataplane import segment_checksums
 from backends.mock.model import KVCache
 
+# How long a prefilled KV waits for its decode device before it is freed.
+DEFAULT_KV_LEASE_S = 30.0
+
 # (CRC-32 of the whole payload, CRC-32 of each data plane segment)
 Checksums = tuple[int, tuple[int, ...]]
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 from backends._gen.hetero.device.v1 import device_pb2
 from backends.base import KVLayout, SamplingParams
 
-SERVICE = "hetero.device.v1.Device"
+SERVICE: str = device_pb2.DESCRIPTOR.services_by_name["Device"].full_name
 # PushKV's metadata: the KV's handle on the device that made it, encoded.
 PUSH_HANDLE_KEY = "x-kv-handle-bin"
+# KV moves in pieces of this size: FetchKV/PushKV chunks and data plane segments.
 KV_CHUNK_BYTES = 1 << 20
 # KV chunks of 1 MiB plus protobuf framing must fit a message.
 CHANNEL_OPTIONS = [

@@ -16,11 +16,14 @@ from backends._gen.hetero.device.v1 import device_pb2
 from backends.base import KVHandle
 from backends.errors import BackendError, LayoutMismatchError
 from backends.mock import dataplane
-from backends.mock.protocol import PUSH_HANDLE_KEY, SERVICE, layout_from_proto, layout_to_proto
+from backends.mock.protocol import (
+    KV_CHUNK_BYTES,
+    PUSH_HANDLE_KEY,
+    SERVICE,
+    layout_from_proto,
+    layout_to_proto,
+)
 from backends.transfer import DirectCopy, KVChunk, KVTransfer
-
-# Small enough that a relay holds a few in flight, large enough to stream at speed.
-RELAY_CHUNK_BYTES = 1 << 20
 
 # transport_params keys of a device's handle.
 LINK_GBPS = "link_gbps"  # the holder's interconnect, for the modelled wire time
@@ -81,7 +84,7 @@ class DeviceKVTransfer(KVTransfer):
     ) -> None:
         self.backend_id = backend_id
         self._channel = channel
-        self._chunk_bytes = int(options.get("relay_chunk_bytes", RELAY_CHUNK_BYTES))
+        self._chunk_bytes = int(options.get("relay_chunk_bytes", KV_CHUNK_BYTES))
         self._data_address = data_address  # learned from health checks; empty: none
         self._translate = translate
 

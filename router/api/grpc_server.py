@@ -17,6 +17,7 @@ from grpc_reflection.v1alpha import reflection
 from backends._gen.hetero.router.v1 import router_pb2
 from backends.errors import ServingError
 from router.api.validation import validate_generate, validate_service
+from router.client import ROUTER_SERVICE
 from router.dispatch.dispatcher import Dispatcher
 from router.errors import ConfigError
 from router.logging import bind_request, get_logger, unbind_request
@@ -25,7 +26,7 @@ from router.settings import Settings
 
 log = get_logger(__name__)
 
-SERVICE: str = router_pb2.DESCRIPTOR.services_by_name["Router"].full_name
+
 _ROLES = {
     "prefill": router_pb2.BACKEND_ROLE_PREFILL,
     "decode": router_pb2.BACKEND_ROLE_DECODE,
@@ -52,7 +53,7 @@ class RouterService:
 
     def handler(self) -> grpc.GenericRpcHandler:
         return grpc.method_handlers_generic_handler(
-            SERVICE,
+            ROUTER_SERVICE,
             {
                 "Generate": grpc.unary_stream_rpc_method_handler(
                     self.generate,
@@ -147,7 +148,7 @@ class FrontDoor:
         self.server.add_generic_rpc_handlers((service.handler(),))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
-            (SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
+            (ROUTER_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
         )
         self.port = 0
         self._accepting = False
@@ -177,7 +178,7 @@ class FrontDoor:
             if serving
             else health_pb2.HealthCheckResponse.NOT_SERVING
         )
-        for name in ("", SERVICE):
+        for name in ("", ROUTER_SERVICE):
             await self.health.set(name, status)
 
     async def stop(self, grace_s: float = 0.0) -> None:

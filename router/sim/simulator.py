@@ -435,7 +435,8 @@ class Simulator:
     @staticmethod
     def _longest(device: SimDevice) -> int:
         heap = device.longest
-        assert heap is not None  # kept for pipelined parts only
+        if heap is None:  # kept for pipelined parts only
+            raise SimulationError(f"device {device.id} keeps no longest-context heap")
         while heap and heap[0][2].outcome is not Outcome.PENDING:
             heapq.heappop(heap)
         if len(heap) > 2 * device.running + 64:  # drop what finished deep in the heap
@@ -483,8 +484,8 @@ class Simulator:
         self._mark(device)
         self._first_token(request, now)
         plan, decode = request.plan, request.decode
-        assert plan is not None
-        assert decode is not None
+        if plan is None or decode is None:
+            raise SimulationError(f"request {request.index} prefilled before it was routed")
         step = after_prefill(
             plan,
             finished=request.max_tokens <= 1,
@@ -533,8 +534,8 @@ class Simulator:
     def _kv_arrived(self, request: SimRequest, now: float) -> None:
         """The decode device has the KV: the holder frees its lease, decoding begins."""
         holder, decode = request.prefill, request.decode
-        assert holder is not None
-        assert decode is not None
+        if holder is None or decode is None:
+            raise SimulationError(f"request {request.index}'s KV arrived before it was routed")
         holder.kv_used -= request.prompt
         if holder.waiting:
             self._wake_at(holder, now)  # the freed lease may let a prefill in
