@@ -30,19 +30,13 @@ from backends.mock.protocol import (
     layout_to_proto,
     sampling_from_proto,
 )
-from backends.perf.roofline import TimingModel
+from backends.perf.roofline import TimingModel, wire_seconds
 
 log: structlog.typing.FilteringBoundLogger = structlog.get_logger(__name__)
 
 KV_PULL_ATTEMPTS = 3
 # KV failures a local prefill can make good; a wrong layout or role cannot.
 _RECOVERABLE = frozenset({"NOT_FOUND", "DATA_LOSS", "UNAVAILABLE", "DEADLINE_EXCEEDED"})
-
-
-def modelled_wire_s(nbytes: int, *links_gbps: float) -> float:
-    """Seconds to move ``nbytes`` over the slowest of the links (Gbit/s; 0 = unknown)."""
-    known = [link for link in links_gbps if link > 0]
-    return nbytes * 8 / (min(known) * 1e9) if known and nbytes else 0.0
 
 
 class KVHandoff:
@@ -215,7 +209,7 @@ class KVHandoff:
         """Waits out what moving the emulated model's KV would take over the slower link."""
         if self._engine.time_scale == 0:
             return
-        wire_s = modelled_wire_s(
+        wire_s = wire_seconds(
             handle.num_tokens * handle.emulated_bytes_per_token,
             self._timing.profile.interconnect_gbps,
             handle.link_gbps,

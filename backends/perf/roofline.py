@@ -239,11 +239,6 @@ class TimingModel:
         free = self.chips * self.profile.memory_capacity_bytes - self.weight_bytes
         return max(0, int(free * self.profile.kv_usable_fraction // self._kv_bytes))
 
-    def transfer_seconds(self, nbytes: int) -> float:
-        """Moving ``nbytes`` over the profile's interconnect at its published rate."""
-        size = _non_negative(nbytes, "nbytes")
-        return size * 8.0 / (self.profile.interconnect_gbps * 1e9)
-
     def single_stream_tokens_per_second(self, context_length: int = 1024) -> float:
         return 1.0 / self.decode_step_seconds([context_length])
 
@@ -297,6 +292,15 @@ class TimingModel:
                 f"({chips * self.profile.memory_capacity_bytes / 1e9:.0f} GB)"
             )
         return chips
+
+
+def wire_seconds(nbytes: int, *links_gbps: float) -> float:
+    """Moving ``nbytes`` over the slowest of the links at its published rate (Gbit/s; a
+    link of 0 is unknown and skipped; none known: 0). The mock devices pace transfers by
+    it and the scheduler and the simulator predict them with it."""
+    size = _non_negative(nbytes, "nbytes")
+    known = [link for link in links_gbps if link > 0]
+    return size * 8 / (min(known) * 1e9) if known and size else 0.0
 
 
 def _non_negative(value: int, what: str) -> int:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
-from backends.perf.roofline import TimingModel, load_catalog
+from backends.perf.roofline import TimingModel, load_catalog, wire_seconds
 
 SECONDS_PER_HOUR = 3600.0
 
@@ -48,8 +48,7 @@ class DevicePerf:
 
     def transfer_s(self, tokens: int, to: DevicePerf) -> float:
         """Moving the KV of ``tokens`` prompt tokens to ``to`` over the slower of both links."""
-        gbps = min(self.link_gbps, to.link_gbps)
-        return tokens * self.kv_bytes_per_token * 8.0 / (gbps * 1e9)
+        return wire_seconds(tokens * self.kv_bytes_per_token, self.link_gbps, to.link_gbps)
 
 
 @functools.lru_cache(maxsize=256)

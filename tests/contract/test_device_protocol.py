@@ -15,7 +15,6 @@ from backends.base import KVHandle, KVLayout, Role
 from backends.errors import LayoutMismatchError
 from backends.mock.adapter import MockBackend
 from backends.mock.config import DeviceConfig
-from backends.mock.kv_handoff import modelled_wire_s
 from backends.mock.protocol import SERVICE
 from backends.mock.server import DeviceServer
 from tests.helpers import eventually
@@ -316,15 +315,6 @@ async def test_a_damaged_chunk_is_recomputed_under_the_default_policy() -> None:
     finally:
         await prefill_device.stop(0)
         await decode_device.stop(0)
-
-
-def test_modelled_wire_time_uses_the_slower_link() -> None:
-    # A 4k-token Llama-3.1-70B prompt is 1.25 GiB of BF16 KV.
-    nbytes = 4096 * 327680
-    assert modelled_wire_s(nbytes, 7200.0, 400.0) == pytest.approx(nbytes * 8 / 400e9)
-    assert modelled_wire_s(nbytes, 400.0, 0.0) == pytest.approx(nbytes * 8 / 400e9)
-    assert modelled_wire_s(0, 400.0) == 0.0
-    assert modelled_wire_s(nbytes) == 0.0
 
 
 async def test_handles_carry_the_holder_link_and_the_emulated_kv_size(pair: Any) -> None:

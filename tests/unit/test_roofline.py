@@ -19,6 +19,7 @@ from backends.perf.roofline import (
     ModelSpec,
     TimingModel,
     load_catalog,
+    wire_seconds,
 )
 
 GPU_PROFILES = ("h100", "h200", "b200", "mi300x", "trainium2", "inferentia2")
@@ -189,10 +190,15 @@ def test_more_chips_decode_faster(catalog: Catalog) -> None:
     assert eight == pytest.approx(four / 2)
 
 
-def test_transfer_seconds_uses_the_interconnect_rate(catalog: Catalog) -> None:
-    deployment = timing(catalog, "h100", "llama-3.1-8b")
-    assert deployment.transfer_seconds(1_000_000_000) == pytest.approx(8e9 / 7200e9)
-    assert deployment.transfer_seconds(0) == 0.0
+def test_wire_time_is_the_slowest_known_link(catalog: Catalog) -> None:
+    nvlink = catalog.profiles["h100"].interconnect_gbps
+    assert wire_seconds(1_000_000_000, nvlink) == pytest.approx(8e9 / 7200e9)
+    assert wire_seconds(1_000_000_000, nvlink, 400.0) == pytest.approx(8e9 / 400e9)
+    assert wire_seconds(1_000_000_000, 400.0, 0.0) == pytest.approx(8e9 / 400e9)
+    assert wire_seconds(0, 400.0) == 0.0
+    assert wire_seconds(1_000_000_000) == 0.0  # no link known: not modelled
+    with pytest.raises(ValueError, match="nbytes"):
+        wire_seconds(-1, 400.0)
 
 
 def test_single_stream_is_the_inverse_of_one_decode_step(catalog: Catalog) -> None:
@@ -216,7 +222,6 @@ def test_empty_and_zero_inputs(catalog: Catalog) -> None:
     [
         lambda t: t.prefill_seconds([16, -1]),
         lambda t: t.decode_step_seconds([5, -2]),
-        lambda t: t.transfer_seconds(-1),
         lambda t: t.single_stream_tokens_per_second(-10),
         lambda t: t.model.prefill_flops(-3),
     ],
