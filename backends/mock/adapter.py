@@ -20,23 +20,17 @@ from backends.base import (
     Role,
 )
 from backends.errors import BackendError, LayoutMismatchError, OverloadedError
-from backends.mock.protocol import CHANNEL_OPTIONS, SERVICE, layout_from_proto
+from backends.mock.protocol import (
+    CHANNEL_OPTIONS,
+    SERVICE,
+    layout_from_proto,
+    sampling_to_proto,
+)
 from backends.mock.session import DeviceSession, SessionStreamError
 from backends.mock.transfer import DeviceKVTransfer, handle_from_proto, handle_to_proto
 
 # Statuses that mean the request itself can never succeed on any device.
 _NOT_RETRYABLE = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION}
-
-
-def _sampling(request: GenerationRequest) -> device_pb2.Sampling:
-    sampling = request.sampling
-    return device_pb2.Sampling(
-        max_tokens=sampling.max_tokens,
-        temperature=sampling.temperature,
-        top_p=sampling.top_p,
-        seed=sampling.seed,
-        stop=sampling.stop,
-    )
 
 
 class MockBackend(Backend):
@@ -115,7 +109,9 @@ class MockBackend(Backend):
 
     async def prefill(self, request: GenerationRequest, timeout_s: float) -> PrefillResult:
         message = device_pb2.PrefillRequest(
-            request_id=request.request_id, prompt=request.prompt, sampling=_sampling(request)
+            request_id=request.request_id,
+            prompt=request.prompt,
+            sampling=sampling_to_proto(request.sampling),
         )
         response = await self._invoke("Prefill", message, timeout_s)
         return PrefillResult(
@@ -132,7 +128,7 @@ class MockBackend(Backend):
         message = device_pb2.DecodeRequest(
             request_id=request.request_id,
             prompt=request.prompt,
-            sampling=_sampling(request),
+            sampling=sampling_to_proto(request.sampling),
             handle=handle_to_proto(handle),
             first_token_id=first_token_id,
         )
@@ -143,7 +139,9 @@ class MockBackend(Backend):
         self, request: GenerationRequest, timeout_s: float
     ) -> AsyncGenerator[bytes, None]:
         message = device_pb2.DeviceGenerateRequest(
-            request_id=request.request_id, prompt=request.prompt, sampling=_sampling(request)
+            request_id=request.request_id,
+            prompt=request.prompt,
+            sampling=sampling_to_proto(request.sampling),
         )
         async for frame in self._stream("generate", message, timeout_s):
             yield frame

@@ -39,6 +39,16 @@ def layout_from_proto(message: device_pb2.KVLayout) -> KVLayout:
     )
 
 
+def sampling_to_proto(sampling: SamplingParams) -> device_pb2.Sampling:
+    return device_pb2.Sampling(
+        max_tokens=sampling.max_tokens,
+        temperature=sampling.temperature,
+        top_p=sampling.top_p,
+        seed=sampling.seed,
+        stop=sampling.stop,
+    )
+
+
 def sampling_from_proto(message: device_pb2.Sampling) -> SamplingParams:
     return SamplingParams(
         max_tokens=message.max_tokens,
