@@ -85,7 +85,8 @@ class Daemon:
         """Start-up, main loop, shutdown; the exit status (128 + signal when forced)."""
         with self._exit_signals_handled():
             try:
-                await self.start()
+                # A second signal during start-up stops it, as it cuts a drain short.
+                await self._unless_forced(self.start())
                 await self._stop_requested.wait()
             finally:
                 await self.stop()

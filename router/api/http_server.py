@@ -78,12 +78,14 @@ class AdminServer:
     async def stop(self, grace_s: float = 0.0) -> None:
         """Stops accepting at once, lets in-flight requests run for up to ``grace_s``,
         then cancels them. As with grpc.aio's ``Server.stop``, a later call with a
-        smaller grace cuts a drain in progress short."""
-        self._accepting = False  # from now on a kept-alive connection's request gets 503
+        smaller grace cuts a drain in progress short.
+
+        The socket listens until the drain is over: an orchestrator's probes, which
+        open a connection each, read 503 "draining" from /readyz meanwhile, and every
+        other request gets a 503 and a closed connection."""
+        self._accepting = False
         if self._runner is None:
             return
-        for site in list(self._runner.sites):
-            await site.stop()  # closes the listening socket; open connections stay
         timer = asyncio.get_running_loop().call_later(grace_s, self._grace_over.set)
         if self._stopped is None:
             self._stopped = asyncio.ensure_future(self._drain(self._runner))

@@ -128,11 +128,17 @@ async def test_streams_in_flight_on_both_doors_finish_while_new_requests_are_ref
             stopping = asyncio.create_task(cluster.daemon.stop())
             await eventually(lambda: doors_closed(cluster.daemon))
 
-            assert refuses_connections(cluster.daemon.http_port)
+            completions = f"{cluster.admin_url}/v1/completions"
+            async with aiohttp.ClientSession() as probe:  # a new connection, as a kubelet
+                async with probe.get(f"{cluster.admin_url}/readyz") as reply:
+                    assert reply.status == 503
+                    assert (await reply.json())["detail"] == "draining"
+                async with probe.post(completions, json=COMPLETION) as reply:
+                    assert reply.status == 503
+                    assert (await reply.json())["error"]["type"] == "unavailable"
             async with kept_alive.get(f"{cluster.admin_url}/readyz") as reply:
                 assert reply.status == 503
                 assert (await reply.json())["detail"] == "draining"
-            completions = f"{cluster.admin_url}/v1/completions"
             async with kept_alive.post(completions, json=COMPLETION) as reply:
                 assert reply.status == 503
                 assert (await reply.json())["error"]["type"] == "unavailable"
