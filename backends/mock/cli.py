@@ -7,7 +7,7 @@ import argparse
 import uvloop
 
 from backends.base import Role
-from backends.mock.config import DeviceConfig
+from backends.mock.config import BLOCK_SIZE, DeviceConfig
 from backends.mock.lease import DEFAULT_KV_LEASE_S
 from backends.mock.process import run_device
 
@@ -36,7 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--tensor-parallel", type=int, default=1, help="ranks the KV heads split over (1, 2, 4)"
     )
-    parser.add_argument("--block-size", type=int, default=16, help="KV tokens per block")
+    parser.add_argument("--block-size", type=int, default=BLOCK_SIZE, help="KV tokens per block")
     parser.add_argument(
         "--emulate-kv-size",
         action="store_true",

@@ -304,8 +304,9 @@ class DeviceEngine:
         else:
             first_tokens = self._compute_prefill(batch)
         await self.clock.sleep_until(deadline)
-        for sequence in batch:
-            self.prefix_cache.record(sequence.prefix_hashes)
+        for sequence, token in zip(batch, first_tokens, strict=True):
+            if token >= 0:  # computed: a sequence aborted before its turn left no KV
+                self.prefix_cache.record(sequence.prefix_hashes)
         for sequence, token in zip(batch, first_tokens, strict=True):
             if self._prefilling.pop(sequence.request_id, None) is sequence:
                 self._emit_first(sequence, token)

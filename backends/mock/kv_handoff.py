@@ -18,7 +18,7 @@ from backends._gen.hetero.device.v1 import device_pb2
 from backends.base import KVLayout, Role
 from backends.mock import dataplane, kv_bytes
 from backends.mock.clock import LoopClock
-from backends.mock.config import BLOCK_SIZE, DeviceConfig, check_layout, check_role
+from backends.mock.config import DeviceConfig, check_layout, check_role
 from backends.mock.engine import DeviceEngine
 from backends.mock.errors import DeviceError
 from backends.mock.kv_pull import KVPuller
@@ -75,7 +75,7 @@ class KVHandoff:
             backend_id=self._config.backend_id,
             address=self.address,
             request_id=request_id,
-            block_ids=range(math.ceil(lease.num_tokens / BLOCK_SIZE)),
+            block_ids=range(math.ceil(lease.num_tokens / self._layout.block_size)),
             layout=layout_to_proto(self._layout),
             num_tokens=lease.num_tokens,
             byte_length=len(lease.payload),

@@ -27,6 +27,10 @@ class KVPuller:
         self.attempts = 0
 
     async def close(self) -> None:
+        # Releases still on their way die with the channels; the holders' leases expire.
+        for task in self._background:
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
         for channel in self._peers.values():
             await channel.close()
 
