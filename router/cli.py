@@ -14,7 +14,7 @@ from pydantic import ValidationError
 
 from backends import registry as adapters
 from backends._gen.hetero.router.v1 import router_pb2
-from router import __version__
+from router import __version__, defaults
 from router.client import DEFAULT_ADDRESS, RouterClient
 from router.cluster import embedded_devices
 from router.daemon import Daemon
@@ -113,7 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
             "--pool", type=Path, help="pool file (YAML); default: the packaged one"
         )
         command.add_argument("--grpc-address", help=f"gRPC front door (default {DEFAULT_ADDRESS})")
-        command.add_argument("--http-address", help="HTTP admin port (default 127.0.0.1:8080)")
+        command.add_argument(
+            "--http-address",
+            help=f"HTTP door: OpenAI routes, metrics, probes (default {defaults.HTTP_ADDRESS})",
+        )
 
     serve = commands.add_parser("serve", help="run the router over the backends of a pool file")
     router_flags(serve)

@@ -27,7 +27,7 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="HETERO_ROUTER_", extra="ignore")
 
     grpc_address: str = defaults.GRPC_ADDRESS
-    http_address: str = "127.0.0.1:8080"
+    http_address: str = defaults.HTTP_ADDRESS
     pool_file: Path | None = Field(
         default=None, description="Pool file (YAML); the packaged default cluster when unset."
     )

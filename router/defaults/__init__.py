@@ -6,3 +6,5 @@ scheduling policy when none is named.
 
 # The gRPC front door (HETERO_ROUTER_GRPC_ADDRESS), where the SDK and CLI look first.
 GRPC_ADDRESS = "127.0.0.1:50051"
+# The HTTP door: OpenAI-compatible routes, metrics and probes (HETERO_ROUTER_HTTP_ADDRESS).
+HTTP_ADDRESS = "127.0.0.1:8080"

@@ -56,13 +56,8 @@ async def relay(
     queue: asyncio.Queue[bytes] = asyncio.Queue(maxsize=depth)
 
     def produced() -> AsyncGenerator[bytes, None]:
-        if target_layout is None or handle.layout in (None, target_layout):
-            chunks = reader_side.read(handle, timeout_s)
-            return (
-                chunks
-                if _same_transport(reader_side, writer_side)
-                else _recoded(chunks, reader_side, writer_side)
-            )
+        if same_layout or target_layout is None:  # (the second tells the type checker)
+            return _for_sink(reader_side.read(handle, timeout_s), reader_side, writer_side)
         return _converted(reader_side, writer_side, handle, target_layout, timeout_s)
 
     async def read() -> None:
@@ -103,9 +98,11 @@ def _transfer_of(backend: Backend) -> KVTransfer:
     return transfer
 
 
-def _same_transport(source: KVTransfer, sink: KVTransfer) -> bool:
-    """Chunks of one transport's encoding can go to the other as they are."""
-    return type(source) is type(sink)
+def _for_sink(
+    chunks: AsyncGenerator[bytes, None], source: KVTransfer, sink: KVTransfer
+) -> AsyncGenerator[bytes, None]:
+    """The chunks as ``sink`` reads them: as they are between two ends of one transport."""
+    return chunks if type(source) is type(sink) else _recoded(chunks, source, sink)
 
 
 async def _recoded(
@@ -146,8 +143,7 @@ async def _converted(
     real = handle.num_tokens * kvlayout.token_bytes(handle.layout)
     if handle.byte_length > real:
         pad = source.read(handle, timeout_s, real, handle.byte_length - real)
-        if not _same_transport(source, sink):
-            pad = _recoded(pad, source, sink)
+        pad = _for_sink(pad, source, sink)
         async with contextlib.aclosing(pad) as chunks:
             async for encoded in chunks:  # offsets are the same in every layout
                 yield encoded

@@ -10,6 +10,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
+from numpy.typing import NDArray
+
 
 @dataclass(frozen=True)
 class Slo:
@@ -48,6 +51,28 @@ class Slo:
             and _within(max_itl_s, self.itl_s)
             and _within(e2e_s, self.e2e_s)
         )
+
+    def met_by_arrays(
+        self,
+        ttft_s: NDArray[np.float64],
+        tpot_s: NDArray[np.float64],
+        max_itl_s: NDArray[np.float64],
+        e2e_s: NDArray[np.float64],
+    ) -> NDArray[np.bool_]:
+        """:meth:`met_by` of many requests at once. A NaN TPOT or largest gap was not
+        measured (one output token) and cannot violate its limit; a NaN TTFT or
+        end-to-end latency (no answer) violates every limit set on it."""
+        met = np.ones(len(ttft_s), dtype=np.bool_)
+        with np.errstate(invalid="ignore"):
+            if self.ttft_s is not None:
+                met &= ttft_s <= self.ttft_s
+            if self.tpot_s is not None:
+                met &= ~(tpot_s > self.tpot_s)
+            if self.itl_s is not None:
+                met &= ~(max_itl_s > self.itl_s)
+            if self.e2e_s is not None:
+                met &= e2e_s <= self.e2e_s
+        return met
 
 
 def _within(value: float | None, limit: float | None) -> bool:

@@ -107,22 +107,11 @@ class SimResult:
         return served
 
     def good(self, slo: Slo) -> BoolArray:
-        """:meth:`Slo.met_by` of every request at once; one that did not complete misses.
-
-        A NaN TPOT or largest gap means the request had one output token, which has
-        none to violate.
-        """
-        good = self.ok.copy()
-        with np.errstate(invalid="ignore"):
-            if slo.ttft_s is not None:
-                good &= self.ttft_s <= slo.ttft_s
-            if slo.tpot_s is not None:
-                good &= ~(self.tpot_s > slo.tpot_s)
-            if slo.itl_s is not None:
-                good &= ~(self.max_itl_s > slo.itl_s)
-            if slo.e2e_s is not None:
-                good &= self.e2e_s <= slo.e2e_s
-        return good
+        """:meth:`Slo.met_by` of every request at once; one that did not complete misses."""
+        met: BoolArray = self.ok & slo.met_by_arrays(
+            self.ttft_s, self.tpot_s, self.max_itl_s, self.e2e_s
+        )
+        return met
 
     def attainment(self, slo: Slo) -> float:
         """Share of every request sent that met ``slo`` (NaN for an empty run)."""
