@@ -137,7 +137,7 @@ class KVHandoff:
         )
         if checksum != handle.checksum:
             raise DeviceError("DATA_LOSS", "relayed KV failed its checksum; not used")
-        await self._model_wire_time(handle, self._clock.time() - started)
+        await self._model_wire_time(handle, started)
         lease = self._engine.adopt(handle.request_id, cache, buffer)
         return self.handle(handle.request_id, lease)
 
@@ -190,7 +190,7 @@ class KVHandoff:
                     raise
                 log.warning("KV transfer damaged; pulling again", attempt=attempt)
         self._puller.release(handle)
-        await self._model_wire_time(handle, self._clock.time() - started)
+        await self._model_wire_time(handle, started)
         return self.cache_from(buffer, handle.num_tokens)
 
     async def _recompute(self, request: device_pb2.DecodeRequest) -> KVCache:
@@ -205,8 +205,9 @@ class KVHandoff:
         self._engine.release_lease(local_id)
         return outcome.lease.cache
 
-    async def _model_wire_time(self, handle: device_pb2.KVHandle, spent_s: float) -> None:
-        """Waits out what moving the emulated model's KV would take over the slower link."""
+    async def _model_wire_time(self, handle: device_pb2.KVHandle, started: float) -> None:
+        """Waits until what moving the emulated model's KV over the slower link would take,
+        counted from ``started`` (the transfer's start on this device's clock)."""
         if self._engine.time_scale == 0:
             return
         wire_s = wire_seconds(
@@ -214,8 +215,7 @@ class KVHandoff:
             self._timing.profile.interconnect_gbps,
             handle.link_gbps,
         )
-        now = self._clock.time()
-        await self._clock.sleep_until(now + max(0.0, wire_s * self._engine.time_scale - spent_s))
+        await self._clock.sleep_until(started + wire_s * self._engine.time_scale)
 
 
 def _checksum_as(cache: KVCache, layout: KVLayout, pad: memoryview) -> int:

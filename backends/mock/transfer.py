@@ -100,7 +100,7 @@ class DeviceKVTransfer(KVTransfer):
         )
         request = device_pb2.FetchKVRequest(
             request_id=handle.request_id,
-            expected_layout=handle_to_proto(handle).layout,
+            expected_layout=layout_to_proto(handle.layout) if handle.layout else None,
             chunk_bytes=self._chunk_bytes,
             offset=offset,
             length=length,
