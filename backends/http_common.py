@@ -2,7 +2,9 @@
 
 Each helper is protocol-level and knows nothing of one engine:
 
-- connection set-up: :func:`read_api_key`, :func:`new_session`, :func:`client_timeout`;
+- connection set-up: :func:`reject_inline_key`, :func:`read_api_key` and
+  :class:`Secret` (the key, redacted wherever it is shown), :func:`new_session`,
+  :func:`client_timeout`;
 - errors: :func:`status_error` and :func:`transport_error` turn an HTTP status or an
   aiohttp failure into the router's :class:`~router.errors.BackendError`;
 - cancellation: :class:`OpenExchanges` closes a request's HTTP exchanges on abort
@@ -46,8 +48,18 @@ T = TypeVar("T")
 # An engine's error text is for an operator's eyes: a few lines, never a whole page.
 _MAX_ERROR_CHARS = 500
 
+_REDACTED = "<redacted>"
+
 
 # --- connection set-up -------------------------------------------------------------------
+
+
+def reject_inline_key(options: Mapping[str, Any]) -> None:
+    """A key written into the pool file would end up in version control and config dumps."""
+    if "api_key" in options:
+        raise ValueError(
+            "api_key does not belong in the pool file: use api_key_env or api_key_file"
+        )
 
 
 def read_api_key(options: Mapping[str, Any]) -> str | None:
@@ -108,6 +120,39 @@ def client_timeout(
         sock_connect=min(connect_s, total_s),
         sock_read=min(idle_s, total_s) if idle_s is not None else None,
     )
+
+
+class Secret:
+    """An API key that does not show itself: its repr and str are redacted."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str | None) -> None:
+        self._value = value
+
+    def __repr__(self) -> str:
+        return f"Secret({_REDACTED if self._value else None})"
+
+    __str__ = __repr__
+
+    def reveal(self) -> str | None:
+        """The key itself, for the one place that sends it."""
+        return self._value
+
+    def headers(self) -> dict[str, str] | None:
+        return {"Authorization": f"Bearer {self._value}"} if self._value else None
+
+    def scrub(self, error: BackendError) -> BackendError:
+        """The same error with every occurrence of the key replaced (some engines and
+        providers quote the key they refused)."""
+        if not self._value or self._value not in error.message:
+            return error
+        prefix = f"backend {error.backend_id}: "
+        detail = error.message.removeprefix(prefix).replace(self._value, _REDACTED)
+        return BackendError(error.backend_id, detail, retryable=error.retryable)
+
+    def clean(self, text: str) -> str:
+        return text.replace(self._value, _REDACTED) if self._value else text
 
 
 # --- errors ------------------------------------------------------------------------------

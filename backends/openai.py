@@ -43,9 +43,11 @@ from backends.errors import BackendError
 from backends.http_common import (
     ExchangeAborted,
     OpenExchanges,
+    Secret,
     client_timeout,
     openai_frames,
     read_api_key,
+    reject_inline_key,
     status_error,
     transport_error,
 )
@@ -53,25 +55,6 @@ from backends.http_common import (
 # What a failed exchange can raise besides an HTTP status: aiohttp's connection and
 # timeout errors, and ValueError from an SSE line past iter_sse's size cap.
 _TRANSPORT_ERRORS = (aiohttp.ClientError, TimeoutError, ValueError)
-
-_REDACTED = "<redacted>"
-
-
-def reject_inline_key(options: Mapping[str, Any]) -> None:
-    """A key written into the pool file would end up in version control and config dumps."""
-    if "api_key" in options:
-        raise ValueError(
-            "api_key does not belong in the pool file: use api_key_env or api_key_file"
-        )
-
-
-def scrub(error: BackendError, secret: str | None) -> BackendError:
-    """The same error with every occurrence of the secret replaced."""
-    if not secret or secret not in error.message:
-        return error
-    prefix = f"backend {error.backend_id}: "
-    detail = error.message.removeprefix(prefix).replace(secret, _REDACTED)
-    return BackendError(error.backend_id, detail, retryable=error.retryable)
 
 
 def openai_body(request: GenerationRequest, model: str) -> tuple[str, dict[str, Any]]:
@@ -237,33 +220,6 @@ class OpenAIBackend(Backend):
         if self._session is None:
             raise BackendError(self.id, "adapter not started", retryable=True)
         return self._session
-
-
-class Secret:
-    """An API key that does not show itself: its repr and str are redacted."""
-
-    __slots__ = ("_value",)
-
-    def __init__(self, value: str | None) -> None:
-        self._value = value
-
-    def __repr__(self) -> str:
-        return f"Secret({_REDACTED if self._value else None})"
-
-    __str__ = __repr__
-
-    def reveal(self) -> str | None:
-        """The key itself, for the one place that sends it."""
-        return self._value
-
-    def headers(self) -> dict[str, str] | None:
-        return {"Authorization": f"Bearer {self._value}"} if self._value else None
-
-    def scrub(self, error: BackendError) -> BackendError:
-        return scrub(error, self._value)
-
-    def clean(self, text: str) -> str:
-        return text.replace(self._value, _REDACTED) if self._value else text
 
 
 async def _response_of(request: Any) -> aiohttp.ClientResponse:

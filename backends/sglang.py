@@ -84,6 +84,7 @@ from backends.http_common import (
     ExchangeAborted,
     OpenAIStream,
     OpenExchanges,
+    Secret,
     client_timeout,
     drain_body,
     error_text,
@@ -93,10 +94,11 @@ from backends.http_common import (
     new_session,
     parse_prometheus,
     read_api_key,
+    reject_inline_key,
     status_error,
     transport_error,
 )
-from backends.openai import Secret, openai_body, reject_inline_key
+from backends.openai import openai_body
 
 log: structlog.typing.FilteringBoundLogger = structlog.get_logger(__name__)
 

@@ -23,7 +23,10 @@ Options (the pool file's ``options`` of a ``kind: vllm`` backend):
 ``model``
     served model name sent in the body; default: the request's model.
 ``api_key_env`` / ``api_key_file``
-    where to read the bearer token (vLLM's ``--api-key``); the key is never logged.
+    where to read the bearer token (vLLM's ``--api-key``); an inline ``api_key`` is
+    refused, so that no key sits in the pool file. The key is held as a
+    :class:`~backends.http_common.Secret` (redacted in every repr) and scrubbed from
+    every error message, in case the engine or a proxy in front of it echoes it.
 ``timeout_connect_s`` (5)
     TCP connect deadline, within each leg's own deadline.
 ``timeout_idle_s`` (60)
@@ -62,6 +65,7 @@ from backends.http_common import (
     ExchangeAborted,
     OpenExchanges,
     Sample,
+    Secret,
     choice_content,
     client_timeout,
     finish_reason,
@@ -69,6 +73,7 @@ from backends.http_common import (
     openai_frames,
     parse_prometheus,
     read_api_key,
+    reject_inline_key,
     status_error,
     transport_error,
     usage_message,
@@ -121,6 +126,7 @@ class VllmBackend(Backend):
         self, backend_id: str, address: str, options: Mapping[str, Any] | None = None
     ) -> None:
         super().__init__(backend_id, address, options)
+        reject_inline_key(self.options)
         unknown = sorted(set(self.options) - set(_DEFAULTS))
         if unknown:
             known = ", ".join(sorted(_DEFAULTS))
@@ -131,9 +137,13 @@ class VllmBackend(Backend):
         self._idle_timeout_s = _positive(settings, "timeout_idle_s")
         self._max_connections = int(_positive(settings, "max_connections"))
         self._return_token_ids = bool(settings["return_token_ids"])
-        self._api_key = read_api_key(self.options)
+        # Read now so that a missing secret fails at start-up, naming the option.
+        self._key = Secret(read_api_key(self.options))
         self._session: aiohttp.ClientSession | None = None
         self._open = OpenExchanges()
+
+    def __repr__(self) -> str:
+        return f"VllmBackend(id={self.id!r}, address={self.address!r})"
 
     @property
     def capabilities(self) -> Capabilities:
@@ -144,7 +154,7 @@ class VllmBackend(Backend):
 
     async def start(self) -> None:
         self._session = new_session(
-            self.address, api_key=self._api_key, max_connections=self._max_connections
+            self.address, api_key=self._key.reveal(), max_connections=self._max_connections
         )
 
     async def close(self) -> None:
@@ -159,9 +169,9 @@ class VllmBackend(Backend):
                 if response.status == 200:
                     return HealthStatus(serving=True)
                 body = await response.content.read(_ERROR_BODY_BYTES)
-                error = status_error(self.id, response.status, body)
+                error = self._key.scrub(status_error(self.id, response.status, body))
         except (aiohttp.ClientError, TimeoutError) as failure:
-            error = transport_error(self.id, failure, timeout_s)
+            error = self._key.scrub(transport_error(self.id, failure, timeout_s))
             return HealthStatus(
                 serving=False, detail=error.message, timed_out=isinstance(failure, TimeoutError)
             )
@@ -181,9 +191,9 @@ class VllmBackend(Backend):
             async with self._client.get("/metrics", timeout=self._timeout(timeout_s)) as response:
                 body = await response.read()
                 if response.status != 200:
-                    raise status_error(self.id, response.status, body)
+                    raise self._key.scrub(status_error(self.id, response.status, body))
         except (aiohttp.ClientError, TimeoutError) as failure:
-            raise transport_error(self.id, failure, timeout_s) from None
+            raise self._key.scrub(transport_error(self.id, failure, timeout_s)) from None
         samples = parse_prometheus(body.decode("utf-8", errors="replace"), _LOAD_METRICS)
         used, capacity = _kv_tokens(samples)
         return BackendLoad(
@@ -295,7 +305,7 @@ class VllmBackend(Backend):
             payload = await response.content.read(_ERROR_BODY_BYTES)
         finally:
             response.release()
-        raise status_error(self.id, response.status, payload)
+        raise self._key.scrub(status_error(self.id, response.status, payload))
 
     async def _abortable(
         self,
@@ -310,7 +320,7 @@ class VllmBackend(Backend):
         except ExchangeAborted:
             raise self._aborted(request) from None
         except (aiohttp.ClientError, TimeoutError) as failure:
-            raise transport_error(self.id, failure, timeout_s) from None
+            raise self._key.scrub(transport_error(self.id, failure, timeout_s)) from None
 
     async def _exchange(
         self, request: GenerationRequest, body: Mapping[str, Any], timeout_s: float
@@ -366,10 +376,10 @@ class VllmBackend(Backend):
         if aborted:  # whatever closing the connection made the read raise
             return self._aborted(request)
         if isinstance(failure, BackendError):
-            return failure
+            return self._key.scrub(failure)
         if isinstance(failure, ValueError):
             return BackendError(self.id, f"malformed stream: {failure}")
-        return transport_error(self.id, failure, timeout_s)
+        return self._key.scrub(transport_error(self.id, failure, timeout_s))
 
     def _aborted(self, request: GenerationRequest) -> BackendError:
         return BackendError(self.id, f"request {request.request_id} aborted", retryable=False)

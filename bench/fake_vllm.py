@@ -60,6 +60,8 @@ class Recorded:
 @dataclass
 class FakeVllm:
     api_key: str | None = None
+    # A 401 that quotes the key it refused, as some proxies in front of an engine do.
+    refusal_quotes_key: bool = False
     tokens: list[str] = field(default_factory=lambda: ["Hello", ",", " world", "!"])
     prompt_tokens: int = 7
     # Prefill behaviour.
@@ -146,10 +148,9 @@ class FakeVllm:
         await self._record(request, body)
         request_id = request.headers.get("X-Request-Id", "")
         chat = request.path.endswith("/chat/completions")
-        if self.api_key is not None and request.headers.get("Authorization") != (
-            f"Bearer {self.api_key}"
-        ):
-            return web.json_response({"error": "Unauthorized"}, status=401)
+        refusal = self._refusal(request)
+        if refusal is not None:
+            return refusal
         try:
             if (body.get("kv_transfer_params") or {}).get("do_remote_decode"):
                 return await self._prefill(request_id, body, chat)
@@ -158,6 +159,14 @@ class FakeVllm:
             self.disconnected.add(request_id)
             await asyncio.shield(self._notify())
             raise
+
+    def _refusal(self, request: web.Request) -> web.Response | None:
+        """vLLM's answer to a wrong or missing key (``--api-key``), None when it is right."""
+        presented = request.headers.get("Authorization", "")
+        if self.api_key is None or presented == f"Bearer {self.api_key}":
+            return None
+        message = f"Unauthorized: {presented}" if self.refusal_quotes_key else "Unauthorized"
+        return web.json_response({"error": message}, status=401)
 
     def _refuse(self, rule: str) -> web.Response:
         self.violations.append(rule)

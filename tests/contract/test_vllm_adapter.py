@@ -445,9 +445,36 @@ async def test_the_dispatcher_splits_a_request_across_two_vllm_engines() -> None
     assert prefill_engine.violations == decode_engine.violations == []
 
 
+async def test_a_key_quoted_back_never_shows_in_errors_reprs_or_logs(
+    fake: FakeVllm, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    key = "sk-secret-0123456789"
+    monkeypatch.setenv("VLLM_TEST_KEY", key)
+    fake.api_key, fake.refusal_quotes_key = "another-key", True  # the 401 quotes our key
+    adapter = await started(fake.address, api_key_env="VLLM_TEST_KEY")
+    try:
+        with structlog.testing.capture_logs() as logs:
+            with pytest.raises(BackendError) as prefill:
+                await adapter.prefill(completion(), timeout_s=5)
+            with pytest.raises(BackendError) as stream:
+                await collect(adapter.generate(completion("g1"), timeout_s=5))
+        shown = [str(prefill.value), repr(prefill.value), str(stream.value), str(logs)]
+        shown += [repr(adapter), str(adapter), repr(vars(adapter)), str(adapter.options)]
+    finally:
+        await adapter.close()
+
+    assert "HTTP 401" in prefill.value.message
+    assert "<redacted>" in prefill.value.message  # the quote is kept, the key is not
+    assert all(key not in text for text in shown)
+    assert fake.legs("r1")[0].headers["Authorization"] == f"Bearer {key}"  # it was sent
+
+
 def test_options_are_checked_at_construction(monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(ValueError, match="use api_key_env or api_key_file") as inline:
+        VllmBackend("v", "h:1", {"api_key": "sk-inline-key"})
+    assert "sk-inline-key" not in str(inline.value)
     with pytest.raises(ValueError, match="unknown vllm option"):
-        VllmBackend("v", "h:1", {"api_key": "inline keys are not options"})
+        VllmBackend("v", "h:1", {"api_key_name": "a typo"})
     monkeypatch.delenv("VLLM_MISSING_KEY", raising=False)
     with pytest.raises(ValueError, match="VLLM_MISSING_KEY is not set"):
         VllmBackend("v", "h:1", {"api_key_env": "VLLM_MISSING_KEY"})
