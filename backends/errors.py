@@ -41,6 +41,22 @@ class BackendError(ServingError):
         self.retryable = retryable
 
 
+class BackendRejectedError(BackendError):
+    """The engine refused the request as invalid (a prompt over its context length, a
+    parameter it does not take): the client's fault, not the backend's.
+
+    Any backend would refuse it alike, so it is never retried, neither by the router
+    (no colocated fallback) nor by clients (INVALID_ARGUMENT, not UNAVAILABLE); the
+    message keeps the engine's own words.
+    """
+
+    grpc_status = "INVALID_ARGUMENT"
+    http_status = 400
+
+    def __init__(self, backend_id: str, message: str) -> None:
+        super().__init__(backend_id, message, retryable=False)
+
+
 class LayoutMismatchError(ServingError):
     """Prefill and decode devices do not share a KV layout; no byte was moved."""
 

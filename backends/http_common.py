@@ -6,7 +6,9 @@ Each helper is protocol-level and knows nothing of one engine:
   :class:`Secret` (the key, redacted wherever it is shown), :func:`new_session`,
   :func:`client_timeout`;
 - errors: :func:`status_error` and :func:`transport_error` turn an HTTP status or an
-  aiohttp failure into the router's :class:`~router.errors.BackendError`;
+  aiohttp failure into a :class:`~backends.errors.BackendError`, or a
+  :class:`~backends.errors.BackendRejectedError` when the engine refused the request
+  as invalid;
 - cancellation: :class:`OpenExchanges` closes a request's HTTP exchanges on abort
   (OpenAI-compatible servers abort a request when its connection closes);
 - streams: :func:`iter_sse` splits a Server-Sent Events body into events,
@@ -41,7 +43,7 @@ import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
 from backends._gen.hetero.router.v1 import router_pb2
-from backends.errors import BackendError
+from backends.errors import BackendError, BackendRejectedError
 
 T = TypeVar("T")
 
@@ -149,6 +151,8 @@ class Secret:
             return error
         prefix = f"backend {error.backend_id}: "
         detail = error.message.removeprefix(prefix).replace(self._value, _REDACTED)
+        if isinstance(error, BackendRejectedError):
+            return BackendRejectedError(error.backend_id, detail)
         return BackendError(error.backend_id, detail, retryable=error.retryable)
 
     def clean(self, text: str) -> str:
@@ -188,10 +192,23 @@ def error_text(body: bytes) -> str:
     return str(message)[:_MAX_ERROR_CHARS]
 
 
+# What an engine answers a request it will not take as it is: 400 for a bad parameter or
+# a prompt over the context length (vLLM, SGLang), 413 for a body over a size limit (a
+# proxy), 422 for a body FastAPI could not validate.
+_REJECTED_STATUSES = frozenset({400, 413, 422})
+
+
+def engine_error(backend_id: str, status: int | None, message: str) -> BackendError:
+    """The error for an engine's refusal with an HTTP status (or an error event's ``code``;
+    None when it has none): :class:`BackendRejectedError` when the request is at fault."""
+    if status in _REJECTED_STATUSES:
+        return BackendRejectedError(backend_id, message)
+    retryable = status is None or is_retryable_status(status)
+    return BackendError(backend_id, message, retryable=retryable)
+
+
 def status_error(backend_id: str, status: int, body: bytes) -> BackendError:
-    return BackendError(
-        backend_id, f"HTTP {status}: {error_text(body)}", retryable=is_retryable_status(status)
-    )
+    return engine_error(backend_id, status, f"HTTP {status}: {error_text(body)}")
 
 
 def transport_error(backend_id: str, error: BaseException, timeout_s: float) -> BackendError:
@@ -475,9 +492,9 @@ class OpenAIStream:
         error = chunk.get("error")
         if error:
             code = error.get("code") if isinstance(error, dict) else None
-            retryable = not isinstance(code, int) or is_retryable_status(code)
             message = error_text(json.dumps(chunk).encode())
-            raise BackendError(self._backend_id, f"engine error: {message}", retryable=retryable)
+            status = code if isinstance(code, int) else None
+            raise engine_error(self._backend_id, status, f"engine error: {message}")
         return chunk
 
 

@@ -79,7 +79,7 @@ from backends.base import (
     PrefillResult,
     Role,
 )
-from backends.errors import BackendError
+from backends.errors import BackendError, BackendRejectedError
 from backends.http_common import (
     ExchangeAborted,
     OpenAIStream,
@@ -87,9 +87,9 @@ from backends.http_common import (
     Secret,
     client_timeout,
     drain_body,
+    engine_error,
     error_text,
     finish_reason,
-    is_retryable_status,
     iter_sse,
     new_session,
     parse_prometheus,
@@ -675,10 +675,8 @@ def _parse_event(backend_id: str, data: str) -> dict[str, Any]:
     error = chunk.get("error")
     if error:
         code = error.get("code") if isinstance(error, dict) else None
-        retryable = not isinstance(code, int) or is_retryable_status(code)
-        raise BackendError(
-            backend_id, f"engine error: {error_text(data.encode())}", retryable=retryable
-        )
+        status = code if isinstance(code, int) else None
+        raise engine_error(backend_id, status, f"engine error: {error_text(data.encode())}")
     return chunk
 
 
@@ -718,11 +716,10 @@ def _prefill_failed(leg: _PrefillLeg) -> BackendError:
     if failure is None:
         raise RuntimeError(f"backend {leg.backend_id}: the prefill leg has not failed")
     detail = failure.message.removeprefix(f"backend {leg.backend_id}: ")
-    return BackendError(
-        leg.backend_id,
-        f"prefill leg failed, decode leg aborted: {detail}",
-        retryable=failure.retryable,
-    )
+    message = f"prefill leg failed, decode leg aborted: {detail}"
+    if isinstance(failure, BackendRejectedError):  # the request's fault, on either engine
+        return BackendRejectedError(leg.backend_id, message)
+    return BackendError(leg.backend_id, message, retryable=failure.retryable)
 
 
 async def _response_of(request: Any) -> aiohttp.ClientResponse:

@@ -14,7 +14,10 @@ It answers like the real engine and checks what the real engine relies on:
 - both legs must send ``X-Request-Id``.
 
 A request breaking a rule gets a 400, as vLLM would refuse it, and the rule goes to
-``violations`` so a test can assert there are none. Every request is recorded, and the
+``violations`` so a test can assert there are none. Like vLLM, it also refuses (400,
+vLLM's words, not a violation) a request whose prompt does not fit ``max_model_len``
+with its ``max_tokens``; its tokenizer makes one token of each whitespace-separated
+word (of the prompt, or of every message's role and content). Every request is recorded, and the
 ids whose client went away (vLLM's abort) go to ``disconnected``. The failure modes
 are plain attributes, set by a test before it sends.
 """
@@ -79,6 +82,8 @@ class FakeVllm:
     # A decode leg's kv_transfer_params must be ones this server issued; off when
     # the prefill engine is another process (benchmarks with two fakes).
     verify_issued: bool = True
+    # The context length: prompt tokens + max_tokens beyond it are refused.
+    max_model_len: int = 131072
     # Probes.
     health_status: int = 200
     metrics_text: str = ""
@@ -151,6 +156,9 @@ class FakeVllm:
         refusal = self._refusal(request)
         if refusal is not None:
             return refusal
+        too_long = self._too_long(body)
+        if too_long:
+            return _error(400, too_long)
         try:
             if (body.get("kv_transfer_params") or {}).get("do_remote_decode"):
                 return await self._prefill(request_id, body, chat)
@@ -167,6 +175,23 @@ class FakeVllm:
             return None
         message = f"Unauthorized: {presented}" if self.refusal_quotes_key else "Unauthorized"
         return web.json_response({"error": message}, status=401)
+
+    def _too_long(self, body: dict[str, Any]) -> str | None:
+        """vLLM's refusal of a request that does not fit the context length, if it does not."""
+        tokens, limit = count_tokens(body), self.max_model_len
+        if tokens >= limit:
+            return (
+                f"This model's maximum context length is {limit} tokens. However, your "
+                f"request has {tokens} input tokens. Please reduce the length of the input."
+            )
+        max_tokens = body.get("max_completion_tokens") or body.get("max_tokens") or 0
+        if tokens + max_tokens > limit:
+            return (
+                f"'max_tokens' or 'max_completion_tokens' is too large: {max_tokens}. This "
+                f"model's maximum context length is {limit} tokens and your request has "
+                f"{tokens} input tokens ({max_tokens} > {limit} - {tokens})."
+            )
+        return None
 
     def _refuse(self, rule: str) -> web.Response:
         self.violations.append(rule)
@@ -278,6 +303,15 @@ def _chunk(
     if token_ids is not None:
         choice["token_ids"] = token_ids
     return {"id": "cmpl-x", "object": "chunk", "choices": [choice]}
+
+
+def count_tokens(body: dict[str, Any]) -> int:
+    """The fake tokenizer: one token per whitespace-separated word of the prompt, or of
+    each message's role and content (its chat template adds nothing else)."""
+    if "messages" in body:
+        words = (f"{m.get('role', '')} {m.get('content', '')}" for m in body["messages"])
+        return sum(len(text.split()) for text in words)
+    return len(str(body.get("prompt", "")).split())
 
 
 def _error(status: int, message: str) -> web.Response:

@@ -33,7 +33,9 @@ class FakeOpenAI:
     models: tuple[str, ...] = (MODEL, "llama-3.3-70b-versatile")
     finish_reason: str = "stop"
     status: int = 200
+    error_message: str = "overloaded"  # the message of a non-200 answer
     error_after_chunks: int | None = None  # an error event after this many tokens
+    error_event_code: int = 500  # the code of that event
     hold_after_chunks: int | None = None  # stop sending after this many tokens, stay open
     received: list[Received] = field(default_factory=list)
     disconnected: int = 0  # streams whose client left before the end
@@ -97,7 +99,8 @@ class FakeOpenAI:
         if refusal is not None:
             return refusal
         if self.status != 200:
-            return web.json_response({"error": {"message": "overloaded"}}, status=self.status)
+            error = {"message": self.error_message, "code": self.status}
+            return web.json_response({"error": error}, status=self.status)
         chat = request.path.endswith("/chat/completions")
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
@@ -106,7 +109,8 @@ class FakeOpenAI:
                 await _send(response, _chunk({"delta": {"role": "assistant", "content": ""}}))
             for index, text in enumerate(TOKENS):
                 if index == self.error_after_chunks:
-                    await _send(response, {"error": {"message": "internal error", "code": 500}})
+                    error = {"message": "internal error", "code": self.error_event_code}
+                    await _send(response, {"error": error})
                     await response.write_eof()
                     return response
                 if index == self.hold_after_chunks:

@@ -41,7 +41,8 @@ class Rooms:
 
 @dataclass
 class Knobs:
-    status: int = 200  # of generation requests, answered after the room is joined (prefill)
+    # of generation requests, answered after the room is joined (prefill) or at once
+    status: int = 200
     fail_at_once: bool = False  # prefill: answer ``status`` without waiting for the decode
     hang: bool = False  # never answer (until the connection closes)
     finish_abort: bool = False  # prefill: 200, but the request finishes with "abort"
@@ -132,6 +133,10 @@ class FakeSglang:
                 response = await self._open_stream(request)
                 await filled.wait()
                 return await self._stream_tokens(request, response, body)
+            if self.knobs.status != 200:
+                return web.json_response(
+                    {"error": {"message": "request refused"}}, status=self.knobs.status
+                )
             return await self._stream_tokens(request, await self._open_stream(request), body)
         except asyncio.CancelledError:
             self.disconnected.append(rid)

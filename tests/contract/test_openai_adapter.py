@@ -19,7 +19,7 @@ from backends.base import (
     Role,
     SamplingParams,
 )
-from backends.errors import BackendError
+from backends.errors import BackendError, BackendRejectedError
 from backends.openai import OpenAIBackend
 from tests.contract.fake_openai import MODEL, PROMPT_TOKENS, FakeOpenAI
 from tests.helpers import eventually
@@ -201,6 +201,31 @@ async def test_server_errors_are_retryable(provider: FakeOpenAI, backend: OpenAI
         [f async for f in backend.generate(request(), 5.0)]
     assert caught.value.retryable
     assert caught.value.backend_id == "groq-0"
+    assert not isinstance(caught.value, BackendRejectedError)
+
+
+@pytest.mark.parametrize("status", [400, 413, 422])
+async def test_a_request_the_provider_refuses_as_invalid_is_the_clients_fault(
+    provider: FakeOpenAI, backend: OpenAIBackend, status: int
+) -> None:
+    provider.status = status
+    provider.error_message = "This model's maximum context length is 8192 tokens."
+    with pytest.raises(BackendRejectedError) as caught:
+        [f async for f in backend.generate(request(), 5.0)]
+    assert (caught.value.grpc_status, caught.value.http_status) == ("INVALID_ARGUMENT", 400)
+    assert not caught.value.retryable
+    assert f"HTTP {status}: This model's maximum context length is 8192" in caught.value.message
+
+
+@pytest.mark.parametrize(("code", "rejected"), [(400, True), (500, False)])
+async def test_an_error_event_says_whose_fault_it_was_by_its_code(
+    provider: FakeOpenAI, backend: OpenAIBackend, code: int, rejected: bool
+) -> None:
+    provider.error_after_chunks, provider.error_event_code = 0, code
+    with pytest.raises(BackendError) as caught:
+        [f async for f in backend.generate(request(), 5.0)]
+    assert isinstance(caught.value, BackendRejectedError) is rejected
+    assert caught.value.retryable is not rejected
 
 
 async def test_an_error_event_mid_stream_raises(

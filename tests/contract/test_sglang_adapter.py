@@ -18,7 +18,7 @@ from backends.base import (
     Role,
     SamplingParams,
 )
-from backends.errors import BackendError
+from backends.errors import BackendError, BackendRejectedError
 from backends.sglang import _ROOMS, SglangBackend
 from tests.contract.fake_sglang import PROMPT_TOKENS, FakeSglang, Knobs, Rooms
 from tests.helpers import eventually
@@ -327,10 +327,39 @@ async def test_decode_refused_cancels_the_prefill_leg_waiting_for_it(pair: Pair)
 
 async def test_decode_client_error_is_not_retryable(pair: Pair) -> None:
     pair.decode_engine.knobs.status = 400
-    with pytest.raises(BackendError) as caught:
+    with pytest.raises(BackendRejectedError) as caught:
         await split(pair, request())
     assert caught.value.backend_id == "d0"
     assert not caught.value.retryable
+    assert caught.value.grpc_status == "INVALID_ARGUMENT"
+    assert "HTTP 400: decode refused" in caught.value.message
+
+
+@pytest.mark.parametrize("status", [400, 413, 422])
+async def test_a_prefill_refused_as_invalid_fails_the_split_as_the_clients_fault(
+    pair: Pair, status: int
+) -> None:
+    pair.prefill_engine.knobs = Knobs(status=status, fail_at_once=True)
+    with pytest.raises(BackendRejectedError) as caught:
+        await asyncio.wait_for(split(pair, request()), PROMPTLY_S)
+    assert caught.value.backend_id == "p0"
+    assert (caught.value.grpc_status, caught.value.http_status) == ("INVALID_ARGUMENT", 400)
+    assert f"HTTP {status}: prefill broke" in caught.value.message
+
+
+async def test_colocated_refused_as_invalid_is_the_clients_fault() -> None:
+    engine = FakeSglang("null", knobs=Knobs(status=400))
+    await engine.start()
+    backend = SglangBackend("s0", engine.address)
+    await backend.start()
+    try:
+        with pytest.raises(BackendRejectedError) as caught:
+            _ = [frame async for frame in backend.generate(request(), 5.0)]
+    finally:
+        await backend.close()
+        await engine.stop()
+    assert not caught.value.retryable
+    assert "HTTP 400: request refused" in caught.value.message
 
 
 async def test_decode_deadline(pair: Pair) -> None:

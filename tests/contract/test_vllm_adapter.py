@@ -13,7 +13,7 @@ from prometheus_client import CollectorRegistry
 
 from backends._gen.hetero.router.v1 import router_pb2
 from backends.base import ChatMessage, GenerationRequest, KVHandle, Role, SamplingParams
-from backends.errors import BackendError
+from backends.errors import BackendError, BackendRejectedError
 from backends.http_common import SSEEvent, iter_sse
 from backends.vllm import KV_USAGE_SCALE, VllmBackend
 from bench.fake_vllm import PREFILL_KV_REQUEST, FakeVllm
@@ -187,6 +187,35 @@ async def test_a_refused_prefill_says_whether_another_engine_may_serve_it(
     assert caught.value.retryable is retryable
     assert f"HTTP {status}" in caught.value.message
     assert "prefill engine failed" in caught.value.message
+    assert isinstance(caught.value, BackendRejectedError) is (status == 400)
+
+
+@pytest.mark.parametrize("status", [400, 413, 422])
+async def test_a_request_the_engine_refuses_as_invalid_is_the_clients_fault(
+    fake: FakeVllm, backend: VllmBackend, status: int
+) -> None:
+    fake.prefill_status = status
+    with pytest.raises(BackendRejectedError) as caught:
+        await backend.prefill(completion(), timeout_s=5)
+    assert (caught.value.grpc_status, caught.value.http_status) == ("INVALID_ARGUMENT", 400)
+    assert not caught.value.retryable
+    assert f"HTTP {status}: prefill engine failed" in caught.value.message
+
+
+async def test_the_engines_own_length_refusal_keeps_its_words(
+    fake: FakeVllm, backend: VllmBackend
+) -> None:
+    # The adapter has not learnt the limit here: the engine's 400 is all there is.
+    fake.max_model_len = 8  # the prompt is 4 tokens: 4 + 1 fits the prefill, 4 + 16 does not
+    prefill = await backend.prefill(completion(), timeout_s=5)
+    assert prefill.handle is not None
+    with pytest.raises(BackendRejectedError, match="maximum context length is 8 tokens"):
+        await collect(backend.decode(completion(), prefill.handle, -1, timeout_s=5))
+    with pytest.raises(BackendRejectedError, match=r"'max_tokens' .* is too large: 16"):
+        await collect(backend.generate(completion("g1"), timeout_s=5))
+    fake.max_model_len = 4
+    with pytest.raises(BackendRejectedError, match="your request has 4 input tokens"):
+        await backend.prefill(completion("r2"), timeout_s=5)
 
 
 async def test_without_kv_params_the_decode_leg_prefills_locally(

@@ -1,0 +1,136 @@
+"""The router's two doors in front of fake vLLM engines: what an engine refuses as invalid
+reaches the client as the client's fault, once, with the engine's own words."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import grpc
+import pytest
+
+from backends.base import Role
+from bench.fake_vllm import FakeVllm, Recorded
+from router.client import AsyncRouterClient
+from router.daemon import Daemon
+from router.settings import BackendConfig, PoolConfig, Settings
+
+MODEL = "llama-3.1-8b"
+SERVED_MODEL = "meta-llama/Llama-3.1-8B-Instruct"
+SIX_WORDS = "one two three four five six"  # six tokens to the fake's tokenizer
+
+
+@dataclass
+class Router:
+    daemon: Daemon
+    client: AsyncRouterClient
+    prefill_engine: FakeVllm
+    decode_engine: FakeVllm
+
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.daemon.http_port}"
+
+
+@pytest.fixture
+async def router() -> AsyncIterator[Router]:
+    """A prefill and a decode engine; the decode one also serves colocated requests."""
+    issued: dict[str, dict[str, Any]] = {}  # the decode engine reads the prefill engine's KV
+    engines = FakeVllm(issued=issued), FakeVllm(issued=issued)
+    for engine in engines:
+        await engine.start()
+    backends = tuple(
+        BackendConfig(
+            id=backend_id,
+            kind="vllm",
+            address=engine.address,
+            role=role,
+            model=MODEL,
+            options={"model": SERVED_MODEL},
+        )
+        for backend_id, role, engine in zip(
+            ("p", "d"), (Role.PREFILL, Role.DECODE), engines, strict=True
+        )
+    )
+    settings = Settings(grpc_address="127.0.0.1:0", http_address="127.0.0.1:0", drain_grace_s=0)
+    daemon = Daemon(settings, PoolConfig(backends=backends))
+    await daemon.start()
+    client = AsyncRouterClient(f"127.0.0.1:{daemon.grpc_port}", timeout_s=30)  # retries on
+    try:
+        yield Router(daemon, client, *engines)
+    finally:
+        await client.close()
+        await daemon.stop()
+        for engine in engines:
+            await engine.stop()
+
+
+def generation_legs(engine: FakeVllm) -> list[Recorded]:
+    return [r for r in engine.requests if r.path.endswith("/completions")]
+
+
+async def grpc_failure(router: Router, prompt: str, **options: Any) -> grpc.aio.AioRpcError:
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        _ = [response async for response in router.client.generate(prompt, **options)]
+    return raised.value
+
+
+@pytest.mark.parametrize("disaggregation", ["split", "colocated"])
+async def test_an_engine_refusing_the_request_is_invalid_argument_and_never_retried(
+    router: Router, disaggregation: str
+) -> None:
+    for engine in (router.prefill_engine, router.decode_engine):
+        engine.max_model_len = 6  # the prompt alone fills it: vLLM answers 400
+
+    error = await grpc_failure(router, SIX_WORDS, max_tokens=4, disaggregation=disaggregation)
+
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "maximum context length is 6 tokens" in (error.details() or "")
+    assert "6 input tokens" in (error.details() or "")
+    refusing, other = (
+        (router.prefill_engine, router.decode_engine)
+        if disaggregation == "split"
+        else (router.decode_engine, router.prefill_engine)
+    )
+    # Sent once: neither the client's retries nor a colocated fallback sent it again.
+    assert len(generation_legs(refusing)) == 1
+    assert generation_legs(other) == []
+
+
+async def test_an_engine_failure_is_still_unavailable_and_retried(router: Router) -> None:
+    # The other side of the rule above, and the proof that the client does retry.
+    router.decode_engine.decode_status = 503
+    error = await grpc_failure(router, SIX_WORDS, max_tokens=4, disaggregation="colocated")
+    assert error.code() == grpc.StatusCode.UNAVAILABLE
+    assert len(generation_legs(router.decode_engine)) == 3  # the client's max_attempts
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("disaggregation", ["split", "colocated"])
+async def test_http_clients_get_a_400_with_the_engines_message(
+    router: Router, disaggregation: str, stream: bool
+) -> None:
+    for engine in (router.prefill_engine, router.decode_engine):
+        engine.max_model_len = 8  # the prompt fits, the prompt and max_tokens do not
+    body = {
+        "model": MODEL,
+        "prompt": SIX_WORDS,
+        "max_tokens": 4,
+        "stream": stream,
+        "disaggregation": disaggregation,
+    }
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(f"{router.http_url}/v1/completions", json=body) as reply,
+    ):
+        assert reply.status == 400
+        error = (await reply.json())["error"]
+
+    assert error["type"] == "invalid_request_error"
+    assert "'max_tokens' or 'max_completion_tokens' is too large: 4" in error["message"]
+    assert "maximum context length is 8 tokens" in error["message"]
+    legs = generation_legs(router.prefill_engine) + generation_legs(router.decode_engine)
+    # A split's prefill leg asks for one token and fits; its decode leg is the one refused.
+    assert len(legs) == (2 if disaggregation == "split" else 1)
