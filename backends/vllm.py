@@ -10,18 +10,44 @@ the router's dispatcher, with one request id (header ``X-Request-Id``) on both l
 2. Decode: the client's body restored (stream, token limit) plus those parameters; the
    decode engine pulls the blocks over NIXL, recomputes the first token and streams.
 
-The engines run with ``--kv-transfer-config '{"kv_connector":"NixlConnector",
-"kv_role":"kv_both"}'``; every instance can take either leg, so one adapter serves both
-roles and colocated requests (a plain streaming completion).
+The engines run with the NixlConnector (``--kv-transfer-config``; the prefill engine
+as ``kv_producer``, the decode engine as ``kv_consumer``, see deploy/examples/vllm-pd).
+A request without ``kv_transfer_params`` is a plain completion on either, so one
+adapter serves both roles and colocated requests (a plain streaming completion).
 
 vLLM has no abort endpoint: it aborts a request when its connection closes, so
 ``abort`` closes the request's open connections. KV blocks a finished prefill still
 holds are freed by the prefill engine itself, when read or when their lease expires.
 
+The context length
+------------------
+vLLM refuses (HTTP 400) a request whose prompt tokens reach its ``max_model_len`` or,
+with ``max_tokens``, exceed it. A split request would learn that only from its decode
+leg, after a whole prefill, so the adapter checks before the first leg it sends: in
+``prefill``, and in ``generate`` (colocated); not in ``decode``, whose prefill has
+passed the check. The limit is read from ``GET /v1/models`` (its ``max_model_len``)
+on every passing health check, which the router runs for each backend during its
+start-up before it serves; until a read succeeds it is unknown and nothing is checked.
+A failed read keeps the last value.
+
+The check costs no round trip while a cheap upper bound of the prompt's tokens plus
+``max_tokens`` fits: the prompt's UTF-8 bytes (byte-level BPE gives at most one token
+per byte) and a few special tokens, or for chat every message's role and content
+bytes plus an allowance per message and one for the whole template. Beyond that
+bound the adapter asks ``POST /tokenize`` (the messages with the chat template
+applied) for the exact count, and refuses a request that does not fit with a
+:class:`~backends.errors.BackendRejectedError` naming the limit, before any leg. A
+failed ``/tokenize`` does not fail the request: it is logged and the leg is sent,
+and the engine's own 400 (like every 400, 413 and 422 it answers: INVALID_ARGUMENT,
+never retried) is the backstop. The count waits at most 5 s, and its time comes out
+of the leg's deadline; an ``abort`` during it sends no leg.
+
 Options (the pool file's ``options`` of a ``kind: vllm`` backend):
 
 ``model``
-    served model name sent in the body; default: the request's model.
+    served model name sent in the body (and to ``/tokenize``), and the ``/v1/models``
+    entry whose ``max_model_len`` counts; default: the request's model, and the
+    smallest limit listed.
 ``api_key_env`` / ``api_key_file``
     where to read the bearer token (vLLM's ``--api-key``); an inline ``api_key`` is
     refused, so that no key sits in the pool file. The key is held as a
@@ -40,10 +66,11 @@ Options (the pool file's ``options`` of a ``kind: vllm`` backend):
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
-from typing import Any, TypeVar
+from typing import Any, TypeGuard, TypeVar
 
 import aiohttp
 import structlog
@@ -60,7 +87,7 @@ from backends.base import (
     PrefillResult,
     Role,
 )
-from backends.errors import BackendError
+from backends.errors import BackendError, BackendRejectedError
 from backends.http_common import (
     ExchangeAborted,
     OpenExchanges,
@@ -107,6 +134,16 @@ _PREFILL_KV_PARAMS: Mapping[str, Any] = {
 # An error answer is read this far: enough for any engine message, bounded for a proxy's page.
 _ERROR_BODY_BYTES = 64 * 1024
 
+# The cheap upper bound of a prompt's tokens (see the module docstring): what a
+# tokenizer adds to a plain prompt (BOS, EOS), and what a chat template adds per
+# message besides its role and content (markers, separators) and once (a default
+# system prompt, the generation prompt).
+_SPECIAL_TOKENS = 8
+_TEMPLATE_TOKENS_PER_MESSAGE = 16
+_TEMPLATE_TOKENS = 256
+# The longest wait for /tokenize, within the leg's deadline: it only counts tokens.
+_TOKENIZE_TIMEOUT_S = 5.0
+
 # vLLM validates ``seed`` as a signed 64-bit integer; the router's seeds are unsigned.
 _SEED_MASK = (1 << 63) - 1
 
@@ -141,6 +178,7 @@ class VllmBackend(Backend):
         self._key = Secret(read_api_key(self.options))
         self._session: aiohttp.ClientSession | None = None
         self._open = OpenExchanges()
+        self._max_model_len: int | None = None  # from /v1/models; None: unknown
 
     def __repr__(self) -> str:
         return f"VllmBackend(id={self.id!r}, address={self.address!r})"
@@ -163,19 +201,52 @@ class VllmBackend(Backend):
             await self._session.close()
             self._session = None
 
+    @property
+    def max_model_len(self) -> int | None:
+        """The engine's context length as last read from ``/v1/models``; None: unknown."""
+        return self._max_model_len
+
     async def check_health(self, timeout_s: float) -> HealthStatus:
+        """``GET /health``; when it passes, the context length is read again, within the
+        same deadline (a failed read does not make the engine unhealthy)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
         try:
             async with self._client.get("/health", timeout=self._timeout(timeout_s)) as response:
-                if response.status == 200:
-                    return HealthStatus(serving=True)
-                body = await response.content.read(_ERROR_BODY_BYTES)
-                error = self._key.scrub(status_error(self.id, response.status, body))
+                serving = response.status == 200
+                if not serving:
+                    body = await response.content.read(_ERROR_BODY_BYTES)
+                    error = self._key.scrub(status_error(self.id, response.status, body))
         except (aiohttp.ClientError, TimeoutError) as failure:
             error = self._key.scrub(transport_error(self.id, failure, timeout_s))
             return HealthStatus(
                 serving=False, detail=error.message, timed_out=isinstance(failure, TimeoutError)
             )
-        return HealthStatus(serving=False, detail=error.message)
+        if not serving:
+            return HealthStatus(serving=False, detail=error.message)
+        await self._read_max_model_len(deadline - loop.time())
+        return HealthStatus(serving=True)
+
+    async def _read_max_model_len(self, timeout_s: float) -> None:
+        """Best effort: on any failure the last value stays."""
+        if timeout_s <= 0:
+            return
+        try:
+            async with self._client.get("/v1/models", timeout=self._timeout(timeout_s)) as response:
+                if response.status != 200:
+                    log.debug("max_model_len not read", backend=self.id, status=response.status)
+                    return
+                listing = await response.json(content_type=None)
+        except (aiohttp.ClientError, TimeoutError, ValueError) as failure:
+            detail = self._key.clean(str(failure) or type(failure).__name__)
+            log.debug("max_model_len not read", backend=self.id, error=detail)
+            return
+        self._learn_max_model_len(_listed_max_model_len(listing, self._served_model))
+
+    def _learn_max_model_len(self, value: int | None) -> None:
+        if value != self._max_model_len:
+            log.info("backend context length", backend=self.id, max_model_len=value)
+            self._max_model_len = value
 
     async def load(self, timeout_s: float) -> BackendLoad:
         """Queue depth and KV use from ``/metrics``, summed over the server's engines.
@@ -213,6 +284,7 @@ class VllmBackend(Backend):
         engine started without the NIXL connector) the decode leg is sent without KV
         parameters and the decode engine prefills locally: slower, still correct.
         """
+        timeout_s = await self._check_length(request, timeout_s)
         body = {**self._body(request), "kv_transfer_params": dict(_PREFILL_KV_PARAMS)}
         body.update(stream=False, max_tokens=1)  # stream_options / min_tokens never set
         if request.messages:
@@ -247,7 +319,7 @@ class VllmBackend(Backend):
         return self._stream(request, body, timeout_s)
 
     def generate(self, request: GenerationRequest, timeout_s: float) -> AsyncGenerator[bytes, None]:
-        return self._stream(request, self._streaming_body(request), timeout_s)
+        return self._stream(request, self._streaming_body(request), timeout_s, check_length=True)
 
     async def abort(self, request_id: str, timeout_s: float) -> None:
         # Closing the connection is vLLM's abort; it needs no round trip to wait for.
@@ -262,13 +334,18 @@ class VllmBackend(Backend):
     def _timeout(self, timeout_s: float, idle_s: float | None = None) -> aiohttp.ClientTimeout:
         return client_timeout(timeout_s, self._connect_timeout_s, idle_s)
 
-    def _body(self, request: GenerationRequest) -> dict[str, Any]:
-        sampling = request.sampling
+    def _prompt_body(self, request: GenerationRequest) -> dict[str, Any]:
+        """The model and the prompt (or messages): what a leg and ``/tokenize`` both send."""
         body: dict[str, Any] = {"model": self._served_model or request.model}
         if request.messages:
             body["messages"] = [{"role": m.role, "content": m.content} for m in request.messages]
         else:
             body["prompt"] = request.prompt
+        return body
+
+    def _body(self, request: GenerationRequest) -> dict[str, Any]:
+        sampling = request.sampling
+        body = self._prompt_body(request)
         body.update(
             max_tokens=sampling.max_tokens,
             temperature=sampling.temperature,
@@ -340,9 +417,74 @@ class VllmBackend(Backend):
             raise BackendError(self.id, f"malformed answer: {payload[:80]!r}")
         return reply
 
+    async def _check_length(self, request: GenerationRequest, timeout_s: float) -> float:
+        """Refuses a request the engine's context cannot hold (see the module docstring);
+        returns what is left of the leg's deadline ``timeout_s``."""
+        limit = self._max_model_len
+        max_tokens = request.sampling.max_tokens
+        if limit is None or _fits(_prompt_token_bound(request), max_tokens, limit):
+            return timeout_s
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        tokens = await self._count_tokens(request, min(timeout_s, _TOKENIZE_TIMEOUT_S))
+        limit = self._max_model_len  # the count's answer may have refreshed it
+        if tokens is not None and limit is not None and not _fits(tokens, max_tokens, limit):
+            raise BackendRejectedError(
+                self.id,
+                f"prompt is {tokens} tokens + max_tokens {max_tokens} > max_model_len {limit}",
+            )
+        left = timeout_s - (loop.time() - started)
+        if left <= 0:
+            raise transport_error(self.id, TimeoutError(), timeout_s)
+        return left
+
+    async def _count_tokens(self, request: GenerationRequest, timeout_s: float) -> int | None:
+        """The prompt's tokens by ``POST /tokenize``; None (logged) when it cannot say."""
+        try:
+            status, payload = await self._open.run(
+                request.request_id, self._tokenize(request, timeout_s)
+            )
+        except ExchangeAborted:
+            raise self._aborted(request) from None
+        except (aiohttp.ClientError, TimeoutError) as failure:
+            problem = transport_error(self.id, failure, timeout_s).message
+        else:
+            reply = _json_object(payload) if status == 200 else None
+            count = reply.get("count") if reply is not None else None
+            if _is_count(count):
+                limit = reply.get("max_model_len") if reply is not None else None
+                if _is_count(limit) and limit > 0:
+                    self._learn_max_model_len(limit)
+                return count
+            problem = (
+                status_error(self.id, status, payload).message
+                if status != 200
+                else f"malformed /tokenize answer: {payload[:80]!r}"
+            )
+        log.warning(
+            "prompt not counted; the leg is sent unchecked",
+            backend=self.id,
+            request=request.request_id,
+            error=self._key.clean(problem),
+        )
+        return None
+
+    async def _tokenize(self, request: GenerationRequest, timeout_s: float) -> tuple[int, bytes]:
+        body = self._prompt_body(request)
+        deadlines = self._timeout(timeout_s)
+        async with self._client.post("/tokenize", json=body, timeout=deadlines) as response:
+            return response.status, await response.read()
+
     async def _stream(
-        self, request: GenerationRequest, body: Mapping[str, Any], timeout_s: float
+        self,
+        request: GenerationRequest,
+        body: Mapping[str, Any],
+        timeout_s: float,
+        *,
+        check_length: bool = False,
     ) -> AsyncGenerator[bytes, None]:
+        if check_length:
+            timeout_s = await self._check_length(request, timeout_s)
         post = self._post(request, body, self._timeout(timeout_s, self._idle_timeout_s))
         response = await self._abortable(request, post, timeout_s, discard=_close)
         aborted = False
@@ -387,6 +529,52 @@ class VllmBackend(Backend):
 
 def _close(response: aiohttp.ClientResponse) -> None:
     response.close()
+
+
+def _prompt_token_bound(request: GenerationRequest) -> int:
+    """At least as many tokens as the engine will count for the request's prompt, with no
+    tokenizer: byte-level BPE (and SentencePiece with byte fallback) makes at most one
+    token per UTF-8 byte; the allowances cover special tokens and the chat template."""
+    if not request.messages:
+        return len(request.prompt.encode()) + _SPECIAL_TOKENS
+    per_message = (
+        len(m.role.encode()) + len(m.content.encode()) + _TEMPLATE_TOKENS_PER_MESSAGE
+        for m in request.messages
+    )
+    return sum(per_message) + _TEMPLATE_TOKENS
+
+
+def _fits(prompt_tokens: int, max_tokens: int, max_model_len: int) -> bool:
+    """vLLM's own rule: the prompt leaves room for a token, and for all of max_tokens."""
+    return prompt_tokens < max_model_len and prompt_tokens + max_tokens <= max_model_len
+
+
+def _is_count(value: Any) -> TypeGuard[int]:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _json_object(payload: bytes) -> dict[str, Any] | None:
+    try:
+        value = json.loads(payload)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _listed_max_model_len(listing: Any, served_model: str) -> int | None:
+    """``max_model_len`` of a ``/v1/models`` listing: the served model's entry if it is
+    listed, else the smallest (aliases and LoRA adapters of one engine share it)."""
+    entries = listing.get("data") if isinstance(listing, dict) else None
+    if not isinstance(entries, list):
+        return None
+    limits: dict[str, int] = {}
+    for entry in entries:
+        limit = entry.get("max_model_len") if isinstance(entry, dict) else None
+        if _is_count(limit) and limit > 0:
+            limits[str(entry.get("id"))] = limit
+    if served_model in limits:
+        return limits[served_model]
+    return min(limits.values(), default=None)
 
 
 def _positive(settings: Mapping[str, Any], name: str) -> float:

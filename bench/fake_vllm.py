@@ -17,7 +17,9 @@ A request breaking a rule gets a 400, as vLLM would refuse it, and the rule goes
 ``violations`` so a test can assert there are none. Like vLLM, it also refuses (400,
 vLLM's words, not a violation) a request whose prompt does not fit ``max_model_len``
 with its ``max_tokens``; its tokenizer makes one token of each whitespace-separated
-word (of the prompt, or of every message's role and content). Every request is recorded, and the
+word (of the prompt, or of every message's role and content). ``GET /v1/models``
+lists the served models with their ``max_model_len`` and ``POST /tokenize`` counts a
+prompt's (or messages') tokens, as vLLM's do. Every request is recorded, and the
 ids whose client went away (vLLM's abort) go to ``disconnected``. The failure modes
 are plain attributes, set by a test before it sends.
 """
@@ -55,6 +57,10 @@ class Recorded:
         return self.headers.get("X-Request-Id", "")
 
     @property
+    def is_generation(self) -> bool:
+        return self.path in ("/v1/completions", "/v1/chat/completions")
+
+    @property
     def is_prefill(self) -> bool:
         params = (self.body or {}).get("kv_transfer_params") or {}
         return bool(params.get("do_remote_decode"))
@@ -86,6 +92,12 @@ class FakeVllm:
     max_model_len: int = 131072
     # Probes.
     health_status: int = 200
+    model_ids: tuple[str, ...] = ("meta-llama/Llama-3.1-8B-Instruct",)  # /v1/models lists
+    models_status: int = 200
+    list_max_model_len: bool = True  # off: /v1/models entries without it (an older build)
+    tokenize_status: int = 200
+    tokenize_reply: Any = None  # answered instead of the count
+    tokenize_delay_s: float = 0.0
     metrics_text: str = ""
 
     requests: list[Recorded] = field(default_factory=list)
@@ -108,6 +120,8 @@ class FakeVllm:
         app.router.add_post("/v1/chat/completions", self._completions)
         app.router.add_get("/health", self._health)
         app.router.add_get("/metrics", self._metrics)
+        app.router.add_get("/v1/models", self._models)
+        app.router.add_post("/tokenize", self._tokenize)
         # Like vLLM, stop a handler whose client went away: that is how abort works.
         self._runner = web.AppRunner(
             app, handler_cancellation=True, access_log=None, shutdown_timeout=0.1
@@ -127,7 +141,11 @@ class FakeVllm:
             await self._changed.wait_for(condition)
 
     def legs(self, request_id: str) -> list[Recorded]:
-        return [r for r in self.requests if r.request_id == request_id and r.body is not None]
+        """The generation legs of one request (completions, chat completions)."""
+        return [r for r in self.requests if r.request_id == request_id and r.is_generation]
+
+    def calls(self, path: str) -> list[Recorded]:
+        return [r for r in self.requests if r.path == path]
 
     async def _notify(self) -> None:
         async with self._changed:
@@ -140,6 +158,35 @@ class FakeVllm:
     async def _metrics(self, request: web.Request) -> web.Response:
         await self._record(request, None)
         return web.Response(text=self.metrics_text, content_type="text/plain")
+
+    async def _models(self, request: web.Request) -> web.Response:
+        await self._record(request, None)
+        refusal = self._refusal(request)  # vLLM's --api-key guards every /v1 path
+        if refusal is not None:
+            return refusal
+        if self.models_status != 200:
+            return _error(self.models_status, "models listing failed")
+        entries = []
+        for model_id in self.model_ids:
+            entry: dict[str, Any] = {"id": model_id, "object": "model", "owned_by": "vllm"}
+            if self.list_max_model_len:
+                entry["max_model_len"] = self.max_model_len
+            entries.append(entry)
+        return web.json_response({"object": "list", "data": entries})
+
+    async def _tokenize(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        await self._record(request, body)
+        await asyncio.sleep(self.tokenize_delay_s)
+        if self.tokenize_reply is not None:
+            return web.json_response(self.tokenize_reply)
+        if self.tokenize_status != 200:
+            return _error(self.tokenize_status, "tokenizer failed")
+        if ("messages" in body) == ("prompt" in body):
+            return _error(400, "tokenize takes a prompt or messages")
+        count = count_tokens(body)
+        reply = {"count": count, "max_model_len": self.max_model_len, "tokens": list(range(count))}
+        return web.json_response(reply)
 
     async def _record(self, request: web.Request, body: dict[str, Any] | None) -> None:
         headers = CIMultiDict(request.headers)

@@ -15,7 +15,7 @@ from backends._gen.hetero.router.v1 import router_pb2
 from backends.base import ChatMessage, GenerationRequest, KVHandle, Role, SamplingParams
 from backends.errors import BackendError, BackendRejectedError
 from backends.http_common import SSEEvent, iter_sse
-from backends.vllm import KV_USAGE_SCALE, VllmBackend
+from backends.vllm import KV_USAGE_SCALE, VllmBackend, _listed_max_model_len
 from bench.fake_vllm import PREFILL_KV_REQUEST, FakeVllm
 from router.dispatch.dispatcher import Dispatcher
 from router.metrics import RouterMetrics
@@ -509,6 +509,173 @@ def test_options_are_checked_at_construction(monkeypatch: pytest.MonkeyPatch) ->
         VllmBackend("v", "h:1", {"api_key_env": "VLLM_MISSING_KEY"})
     with pytest.raises(ValueError, match="timeout_idle_s must be positive"):
         VllmBackend("v", "h:1", {"timeout_idle_s": 0})
+
+
+async def knowing_the_limit(fake: FakeVllm, backend: VllmBackend, max_model_len: int) -> None:
+    """Sets the engine's context length and lets the adapter read it, as a health check does."""
+    fake.max_model_len = max_model_len
+    assert (await backend.check_health(timeout_s=30)).serving
+    assert backend.max_model_len == max_model_len
+
+
+async def test_the_context_length_is_read_on_every_passing_health_check(
+    fake: FakeVllm, backend: VllmBackend
+) -> None:
+    assert backend.max_model_len is None  # nothing read yet: nothing is checked
+    await knowing_the_limit(fake, backend, 2048)
+    await knowing_the_limit(fake, backend, 4096)
+    fake.models_status = 500
+    assert (await backend.check_health(timeout_s=30)).serving  # a failed read is no illness
+    assert backend.max_model_len == 4096  # and keeps what was known
+    fake.models_status, fake.list_max_model_len = 200, False  # an engine that does not say
+    await backend.check_health(timeout_s=30)
+    assert backend.max_model_len is None
+    reads = len(fake.calls("/v1/models"))
+    fake.health_status = 503
+    assert not (await backend.check_health(timeout_s=30)).serving
+    assert len(fake.calls("/v1/models")) == reads  # only a passing check reads it
+
+
+def test_the_listing_names_the_served_models_limit() -> None:
+    listing = {
+        "object": "list",
+        "data": [
+            {"id": "base", "max_model_len": 8192},
+            {"id": "lora-a", "max_model_len": 4096},
+            {"id": "no-limit"},
+            "junk",
+        ],
+    }
+    assert _listed_max_model_len(listing, "base") == 8192
+    assert _listed_max_model_len(listing, "") == 4096  # not named: the smallest
+    assert _listed_max_model_len(listing, "unlisted") == 4096
+    assert _listed_max_model_len({"data": [{"id": "m", "max_model_len": True}]}, "m") is None
+    assert _listed_max_model_len({"error": "nope"}, "m") is None
+
+
+async def test_a_request_well_within_the_limit_costs_no_tokenize(
+    fake: FakeVllm, backend: VllmBackend
+) -> None:
+    await knowing_the_limit(fake, backend, 2048)
+    prefill = await backend.prefill(completion(), timeout_s=5)
+    assert prefill.handle is not None
+    await collect(backend.decode(completion(), prefill.handle, -1, timeout_s=5))
+    await backend.prefill(chat(), timeout_s=5)
+    await collect(backend.generate(completion("g1"), timeout_s=5))
+    assert fake.calls("/tokenize") == []
+    assert len(fake.legs("r1") + fake.legs("c1") + fake.legs("g1")) == 4
+
+
+@pytest.mark.parametrize(
+    ("request_", "max_model_len", "counted"),
+    [
+        # 20 bytes + 8 + max_tokens 16 = 44 may not fit 32; 4 tokens + 16 do.
+        (completion(), 32, {"model": SERVED_MODEL, "prompt": "Tell me about Kermit"}),
+        # 2 messages of 15 and 18 bytes + 16 each + 256 + 16 may not fit 300; 7 + 16 do.
+        (
+            chat(),
+            300,
+            {
+                "model": SERVED_MODEL,
+                "messages": [
+                    {"role": "system", "content": "Be brief."},
+                    {"role": "user", "content": "Who is Kermit?"},
+                ],
+            },
+        ),
+    ],
+    ids=["completion", "chat"],
+)
+async def test_a_request_near_the_limit_is_counted_and_sent_when_it_fits(
+    fake: FakeVllm,
+    backend: VllmBackend,
+    request_: GenerationRequest,
+    max_model_len: int,
+    counted: dict[str, Any],
+) -> None:
+    await knowing_the_limit(fake, backend, max_model_len)
+    result = await backend.prefill(request_, timeout_s=5)
+    assert result.handle is not None
+    assert [call.body for call in fake.calls("/tokenize")] == [counted]
+    assert len(fake.legs(request_.request_id)) == 1
+    assert fake.violations == []
+
+
+@pytest.mark.parametrize("leg", ["prefill", "generate"])
+@pytest.mark.parametrize(
+    ("request_", "tokens"), [(completion(), 4), (chat(), 7)], ids=["completion", "chat"]
+)
+async def test_a_request_over_the_limit_is_refused_before_any_leg(
+    fake: FakeVllm, backend: VllmBackend, leg: str, request_: GenerationRequest, tokens: int
+) -> None:
+    await knowing_the_limit(fake, backend, 16)
+
+    async def send() -> object:
+        if leg == "prefill":
+            return await backend.prefill(request_, timeout_s=5)
+        return await collect(backend.generate(request_, timeout_s=5))
+
+    with pytest.raises(BackendRejectedError) as caught:
+        await send()
+    message = f"backend vllm-0: prompt is {tokens} tokens + max_tokens 16 > max_model_len 16"
+    assert caught.value.message == message
+    assert (caught.value.grpc_status, caught.value.http_status) == ("INVALID_ARGUMENT", 400)
+    assert len(fake.calls("/tokenize")) == 1
+    assert fake.legs(request_.request_id) == []  # the engine never saw it
+
+
+async def test_the_limit_a_count_reports_is_the_one_checked(
+    fake: FakeVllm, backend: VllmBackend
+) -> None:
+    await knowing_the_limit(fake, backend, 32)
+    fake.max_model_len = 16  # restarted with a shorter context since the last health check
+    with pytest.raises(BackendRejectedError, match="> max_model_len 16"):
+        await backend.prefill(completion(), timeout_s=5)
+    assert backend.max_model_len == 16
+
+
+@pytest.mark.parametrize(
+    ("tokenize_status", "tokenize_reply"), [(500, None), (200, {"tokens": []})]
+)
+async def test_a_failed_count_sends_the_leg_unchecked(
+    fake: FakeVllm, backend: VllmBackend, tokenize_status: int, tokenize_reply: Any
+) -> None:
+    await knowing_the_limit(fake, backend, 16)
+    fake.tokenize_status, fake.tokenize_reply = tokenize_status, tokenize_reply
+    with (
+        structlog.testing.capture_logs() as logs,
+        pytest.raises(BackendRejectedError, match="maximum context length is 16 tokens"),
+    ):
+        await collect(backend.generate(completion("g1"), timeout_s=5))
+    assert len(fake.legs("g1")) == 1  # sent: the engine's own 400 was the backstop
+    (warning,) = [e for e in logs if e["event"] == "prompt not counted; the leg is sent unchecked"]
+    assert warning["log_level"] == "warning"
+    assert warning["request"] == "g1"
+
+
+async def test_decode_is_never_checked(fake: FakeVllm, backend: VllmBackend) -> None:
+    # Its prefill passed the check; the decode leg goes out as it is.
+    await knowing_the_limit(fake, backend, 16)
+    handle = KVHandle("vllm-0", "r1")
+    with pytest.raises(BackendRejectedError, match="maximum context length is 16 tokens"):
+        await collect(backend.decode(completion(), handle, -1, timeout_s=5))
+    assert fake.calls("/tokenize") == []
+    assert len(fake.legs("r1")) == 1
+
+
+async def test_abort_stops_a_count_in_flight_and_no_leg_follows(
+    fake: FakeVllm, backend: VllmBackend
+) -> None:
+    await knowing_the_limit(fake, backend, 16)
+    fake.tokenize_delay_s = 5
+    prefill = asyncio.create_task(backend.prefill(completion("a3"), timeout_s=5))
+    await fake.wait_for(lambda: bool(fake.calls("/tokenize")))
+
+    await backend.abort("a3", timeout_s=1)
+
+    with pytest.raises(BackendError, match="aborted"):
+        await prefill
+    assert fake.legs("a3") == []
 
 
 async def test_sse_events_survive_any_chunking() -> None:

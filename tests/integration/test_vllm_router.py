@@ -1,5 +1,6 @@
-"""The router's two doors in front of fake vLLM engines: what an engine refuses as invalid
-reaches the client as the client's fault, once, with the engine's own words."""
+"""The router's two doors in front of fake vLLM engines: a request over an engine's
+context length is refused before any leg is sent, and what an engine refuses as invalid
+anyway reaches the client as the client's fault, once, with the engine's own words."""
 
 from __future__ import annotations
 
@@ -77,23 +78,86 @@ async def grpc_failure(router: Router, prompt: str, **options: Any) -> grpc.aio.
     return raised.value
 
 
+async def http_failure(router: Router, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(f"{router.http_url}/v1/completions", json={"model": MODEL, **body}) as reply,
+    ):
+        error: dict[str, Any] = (await reply.json())["error"]
+        return reply.status, error
+
+
+def shrink_context(router: Router, max_model_len: int) -> None:
+    """Engines restarted with a shorter context. The adapters read 131072 at the router's
+    start-up and learn the new value only at the next health check: until then only the
+    engines know."""
+    for engine in (router.prefill_engine, router.decode_engine):
+        engine.max_model_len = max_model_len
+
+
+def serving_engines(router: Router, disaggregation: str) -> tuple[FakeVllm, FakeVllm]:
+    """The engine a request's first leg goes to, and the other one."""
+    if disaggregation == "split":
+        return router.prefill_engine, router.decode_engine
+    return router.decode_engine, router.prefill_engine  # the decode backend colocates
+
+
+@pytest.mark.parametrize("disaggregation", ["split", "colocated"])
+async def test_a_prompt_over_the_context_is_refused_before_any_leg_over_grpc(
+    router: Router, disaggregation: str
+) -> None:
+    shrink_context(router, 8)
+    await router.daemon.health.check_all()  # the adapters read the new limit
+
+    error = await grpc_failure(router, SIX_WORDS, max_tokens=4, disaggregation=disaggregation)
+
+    first, other = serving_engines(router, disaggregation)
+    backend_id = "p" if first is router.prefill_engine else "d"
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error.details() == (
+        f"backend {backend_id}: prompt is 6 tokens + max_tokens 4 > max_model_len 8"
+    )
+    assert len(first.calls("/tokenize")) == 1  # counted once: the client did not retry
+    assert generation_legs(first) == generation_legs(other) == []
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("disaggregation", ["split", "colocated"])
+async def test_a_prompt_over_the_context_is_refused_before_any_leg_over_http(
+    router: Router, disaggregation: str, stream: bool
+) -> None:
+    shrink_context(router, 8)
+    await router.daemon.health.check_all()
+    body = {"prompt": SIX_WORDS, "max_tokens": 4, "stream": stream}
+
+    status, error = await http_failure(router, {**body, "disaggregation": disaggregation})
+
+    assert status == 400
+    assert error["type"] == "invalid_request_error"
+    assert error["message"].endswith("prompt is 6 tokens + max_tokens 4 > max_model_len 8")
+    legs = generation_legs(router.prefill_engine) + generation_legs(router.decode_engine)
+    assert legs == []
+
+
+async def test_a_prompt_that_fits_is_served_without_a_count(router: Router) -> None:
+    responses = [r async for r in router.client.generate(SIX_WORDS, disaggregation="split")]
+    assert "".join(r.text for r in responses) == "Hello, world!"
+    assert router.prefill_engine.calls("/tokenize") == router.decode_engine.calls("/tokenize")
+    assert router.prefill_engine.calls("/tokenize") == []
+
+
 @pytest.mark.parametrize("disaggregation", ["split", "colocated"])
 async def test_an_engine_refusing_the_request_is_invalid_argument_and_never_retried(
     router: Router, disaggregation: str
 ) -> None:
-    for engine in (router.prefill_engine, router.decode_engine):
-        engine.max_model_len = 6  # the prompt alone fills it: vLLM answers 400
+    shrink_context(router, 6)  # the prompt alone fills it: vLLM answers 400
 
     error = await grpc_failure(router, SIX_WORDS, max_tokens=4, disaggregation=disaggregation)
 
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "maximum context length is 6 tokens" in (error.details() or "")
     assert "6 input tokens" in (error.details() or "")
-    refusing, other = (
-        (router.prefill_engine, router.decode_engine)
-        if disaggregation == "split"
-        else (router.decode_engine, router.prefill_engine)
-    )
+    refusing, other = serving_engines(router, disaggregation)
     # Sent once: neither the client's retries nor a colocated fallback sent it again.
     assert len(generation_legs(refusing)) == 1
     assert generation_legs(other) == []
@@ -112,22 +176,12 @@ async def test_an_engine_failure_is_still_unavailable_and_retried(router: Router
 async def test_http_clients_get_a_400_with_the_engines_message(
     router: Router, disaggregation: str, stream: bool
 ) -> None:
-    for engine in (router.prefill_engine, router.decode_engine):
-        engine.max_model_len = 8  # the prompt fits, the prompt and max_tokens do not
-    body = {
-        "model": MODEL,
-        "prompt": SIX_WORDS,
-        "max_tokens": 4,
-        "stream": stream,
-        "disaggregation": disaggregation,
-    }
-    async with (
-        aiohttp.ClientSession() as session,
-        session.post(f"{router.http_url}/v1/completions", json=body) as reply,
-    ):
-        assert reply.status == 400
-        error = (await reply.json())["error"]
+    shrink_context(router, 8)  # the prompt fits, the prompt and max_tokens do not
+    body = {"prompt": SIX_WORDS, "max_tokens": 4, "stream": stream}
 
+    status, error = await http_failure(router, {**body, "disaggregation": disaggregation})
+
+    assert status == 400
     assert error["type"] == "invalid_request_error"
     assert "'max_tokens' or 'max_completion_tokens' is too large: 4" in error["message"]
     assert "maximum context length is 8 tokens" in error["message"]
