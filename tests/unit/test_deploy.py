@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 
 from backends import registry
@@ -57,6 +60,29 @@ def test_the_kustomize_pool_validates_with_known_adapters() -> None:
     pool = load_pool(DEPLOY / "kubernetes" / "base" / "pool.yaml")
     for backend in pool.backends:
         registry.create(backend.kind, backend.id, backend.address, backend.options)
+
+
+def test_the_vllm_example_pool_validates_with_known_adapters(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("VLLM_API_KEY", "sk-example")  # the variable its decode entry names
+    pool = load_pool(DEPLOY / "examples" / "vllm-pd" / "pool.yaml")
+    assert {backend.kind for backend in pool.backends} == {"vllm"}
+    for backend in pool.backends:
+        registry.create(backend.kind, backend.id, backend.address, backend.options)
+
+
+def test_the_vllm_example_runs_a_kv_producer_and_a_consumer_with_a_lease() -> None:
+    readme = (DEPLOY / "examples" / "vllm-pd" / "README.md").read_text()
+    configs = [json.loads(c) for c in re.findall(r"--kv-transfer-config '([^']*)'", readme)]
+    assert [config["kv_role"] for config in configs] == ["kv_producer", "kv_consumer"]
+    for config in configs:
+        assert config["kv_connector"] == "NixlConnector"
+        assert config["kv_load_failure_policy"] == "recompute"
+        # Longer than the router's prefill deadline: a prefill answered at its deadline
+        # still leaves the decode leg time to queue and read the blocks.
+        lease = config["kv_connector_extra_config"]["kv_lease_duration"]
+        assert lease > Settings().prefill_timeout_s
 
 
 def test_the_dockerfile_copies_what_exists() -> None:
