@@ -8,7 +8,7 @@ PY := $(BIN)/python
 INSTALLED := $(VENV)/.installed
 BENCH_INSTALLED := $(VENV)/.installed-bench
 
-.PHONY: install run test lint format proto proto-check bench bench-quick clean
+.PHONY: install run test test-engines lint format proto proto-check bench bench-quick clean
 
 install: $(INSTALLED)
 
@@ -27,6 +27,13 @@ run: install
 
 test: install
 	$(PY) -m pytest -q
+
+# Real vLLM (CPU build) behind the router. The first run installs the engine
+# environment into ~/.cache/hetero-router/engines (about 6 minutes, 4 GB) and builds
+# a tiny model there; see "Real engines" in the README.
+test-engines: install
+	$(PY) -m bench.engines.env
+	$(PY) -m pytest -q -m engines tests/engines
 
 lint: $(BENCH_INSTALLED)
 	$(BIN)/ruff check .

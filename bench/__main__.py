@@ -13,13 +13,14 @@ from typing import Any
 import uvloop
 
 from bench.report import RESULTS_DIR
-from bench.scenarios import http_pd, kv, overhead, scheduling
+from bench.scenarios import engines, http_pd, kv, overhead, scheduling
 
 SCENARIOS: dict[str, Callable[[bool, Path], Coroutine[Any, Any, dict[str, Any]]]] = {
     "overhead": overhead.run,
     "http_pd": http_pd.run,
     "kv": kv.run,
     "scheduling": scheduling.run,
+    "engines": engines.run,
 }
 
 

@@ -1,0 +1,51 @@
+"""Engines that restart or die: the client sees a clean, documented outcome.
+
+These run last (conftest orders them): they restart and kill the session's engines.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+
+from tests.engines.conftest import Engines, StartRouter, direct, via_grpc
+from tests.engines.test_split import long_prompt, pd_backends
+
+
+async def test_split_after_the_prefill_engine_restarted(
+    engines: Engines, router_for: StartRouter
+) -> None:
+    router = await router_for(pd_backends(engines))
+    prompt = long_prompt("restart")
+    expected = await direct(engines.decode, prompt, 16)
+    first, _route = await via_grpc(router, prompt, 16, "split")
+    assert first == expected
+
+    await asyncio.to_thread(engines.restart, engines.prefill)
+    text, route = await via_grpc(router, long_prompt("restart-2"), 16, "split")
+    assert text == await direct(engines.decode, long_prompt("restart-2"), 16)
+    assert route.decode_backend == "decode-0"
+
+
+async def test_decode_engine_killed_mid_stream_ends_the_call_with_unavailable(
+    engines: Engines, router_for: StartRouter
+) -> None:
+    router = await router_for(pd_backends(engines))
+    frames = router.client.generate(
+        long_prompt("kill"), max_tokens=800, temperature=0.0, disaggregation="split"
+    )
+
+    async def read_then_kill() -> None:
+        received = 0
+        async for message in frames:
+            received += 1
+            assert not message.finish_reason, "finished before the engine was killed"
+            if received == 3:
+                engines.decode.kill()
+
+    with pytest.raises(grpc.aio.AioRpcError) as failed:
+        await read_then_kill()
+    assert failed.value.code() is grpc.StatusCode.UNAVAILABLE
+    assert "decode-0" in (failed.value.details() or "")
