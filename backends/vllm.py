@@ -21,17 +21,20 @@ holds are freed by the prefill engine itself, when read or when their lease expi
 
 The context length
 ------------------
-vLLM refuses (HTTP 400) a request whose prompt tokens reach its ``max_model_len`` or,
-with ``max_tokens``, exceed it. A split request would learn that only from its decode
-leg, after a whole prefill, so the adapter checks before the first leg it sends: in
+vLLM (0.32) refuses (HTTP 400) a request whose prompt tokens reach its
+``max_model_len`` (no room is left for one output token) or whose ``max_tokens`` is
+above it; a prompt that fits with fewer than ``max_tokens`` tokens left is served and
+stops at the context length (finish reason ``length``). A split request would learn
+of a refusal only from its decode leg, after a whole prefill, so the adapter checks
+before the first leg it sends: in
 ``prefill``, and in ``generate`` (colocated); not in ``decode``, whose prefill has
 passed the check. The limit is read from ``GET /v1/models`` (its ``max_model_len``)
 on every passing health check, which the router runs for each backend during its
 start-up before it serves; until a read succeeds it is unknown and nothing is checked.
 A failed read keeps the last value.
 
-The check costs no round trip while a cheap upper bound of the prompt's tokens plus
-``max_tokens`` fits: the prompt's UTF-8 bytes (byte-level BPE gives at most one token
+The check costs no round trip while a cheap upper bound of the prompt's tokens stays
+below the limit: the prompt's UTF-8 bytes (byte-level BPE gives at most one token
 per byte) and a few special tokens, or for chat every message's role and content
 bytes plus an allowance per message and one for the whole template. Beyond that
 bound the adapter asks ``POST /tokenize`` (the messages with the chat template
@@ -422,16 +425,18 @@ class VllmBackend(Backend):
         returns what is left of the leg's deadline ``timeout_s``."""
         limit = self._max_model_len
         max_tokens = request.sampling.max_tokens
-        if limit is None or _fits(_prompt_token_bound(request), max_tokens, limit):
+        if limit is not None and max_tokens > limit:
+            raise BackendRejectedError(self.id, f"max_tokens {max_tokens} > max_model_len {limit}")
+        if limit is None or _fits(_prompt_token_bound(request), limit):
             return timeout_s
         loop = asyncio.get_running_loop()
         started = loop.time()
         tokens = await self._count_tokens(request, min(timeout_s, _TOKENIZE_TIMEOUT_S))
         limit = self._max_model_len  # the count's answer may have refreshed it
-        if tokens is not None and limit is not None and not _fits(tokens, max_tokens, limit):
+        if tokens is not None and limit is not None and not _fits(tokens, limit):
             raise BackendRejectedError(
                 self.id,
-                f"prompt is {tokens} tokens + max_tokens {max_tokens} > max_model_len {limit}",
+                f"prompt is {tokens} tokens, max_model_len is {limit}: no room for an output token",
             )
         left = timeout_s - (loop.time() - started)
         if left <= 0:
@@ -544,9 +549,9 @@ def _prompt_token_bound(request: GenerationRequest) -> int:
     return sum(per_message) + _TEMPLATE_TOKENS
 
 
-def _fits(prompt_tokens: int, max_tokens: int, max_model_len: int) -> bool:
-    """vLLM's own rule: the prompt leaves room for a token, and for all of max_tokens."""
-    return prompt_tokens < max_model_len and prompt_tokens + max_tokens <= max_model_len
+def _fits(prompt_tokens: int, max_model_len: int) -> bool:
+    """vLLM's own rule: the prompt leaves room for one output token."""
+    return prompt_tokens < max_model_len
 
 
 def _is_count(value: Any) -> TypeGuard[int]:

@@ -3,7 +3,9 @@
 The vLLM adapter's contract tests run against it, and the benchmarks run it as a
 zero-cost engine (bench/fake_engine.py).
 
-It answers like the real engine and checks what the real engine relies on:
+It answers like the real engine, in the shapes a real vLLM 0.32 P/D pair answered
+(``engines/recorded/``, re-recorded by ``python -m bench.engines.record_shapes``), and
+checks what the real engine relies on:
 
 - a prefill leg (``kv_transfer_params.do_remote_decode``) must carry exactly vLLM's
   remote-decode request, ``stream: false``, a one-token limit, no ``stream_options``
@@ -27,12 +29,20 @@ are plain attributes, set by a test before it sends.
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 from multidict import CIMultiDict
+
+# What a real vLLM P/D pair answered (python -m bench.engines.record_shapes): the fake's
+# answers are these, with the fields a test cares about replaced.
+RECORDED: dict[str, Any] = json.loads(
+    (Path(__file__).resolve().parent / "engines" / "recorded" / "vllm-0.32.0.json").read_text()
+)
 
 PREFILL_KV_REQUEST = {
     "do_remote_decode": True,
@@ -224,19 +234,24 @@ class FakeVllm:
         return web.json_response({"error": message}, status=401)
 
     def _too_long(self, body: dict[str, Any]) -> str | None:
-        """vLLM's refusal of a request that does not fit the context length, if it does not."""
+        """vLLM 0.32's refusal of a request its context cannot hold, in its words
+        (bench/engines/recorded/); a prompt that fits with fewer than max_tokens left
+        is served."""
         tokens, limit = count_tokens(body), self.max_model_len
-        if tokens >= limit:
+        max_tokens = body.get("max_completion_tokens") or body.get("max_tokens") or 0
+        if tokens > limit:
             return (
                 f"This model's maximum context length is {limit} tokens. However, your "
-                f"request has {tokens} input tokens. Please reduce the length of the input."
+                f"prompt contains at least {limit + 1} input tokens, which exceeds this "
+                "limit even without any output tokens. Please reduce the length of the "
+                f"input prompt. (parameter=input_tokens, value={limit + 1})"
             )
-        max_tokens = body.get("max_completion_tokens") or body.get("max_tokens") or 0
-        if tokens + max_tokens > limit:
+        if tokens == limit:
+            return "max_tokens must be at least 1, got 0. (parameter=max_tokens, value=0)"
+        if max_tokens > limit:
             return (
-                f"'max_tokens' or 'max_completion_tokens' is too large: {max_tokens}. This "
-                f"model's maximum context length is {limit} tokens and your request has "
-                f"{tokens} input tokens ({max_tokens} > {limit} - {tokens})."
+                f"max_tokens={max_tokens} cannot be greater than max_model_len={limit}. "
+                f"Please request fewer output tokens. (parameter=max_tokens, value={max_tokens})"
             )
         return None
 
@@ -254,35 +269,30 @@ class FakeVllm:
         remote_request_id = f"cmpl-{request_id}-0"
         params = None
         if self.prefill_kv:
-            params = {
-                "do_remote_prefill": True,
-                "do_remote_decode": False,
-                "remote_block_ids": [3, 4, 5],
-                "remote_engine_id": "engine-p0",
-                "remote_request_id": remote_request_id,
-                "remote_host": "10.0.0.7",
-                "remote_port": 5600,
-                "tp_size": 1,
-                "a_field_of_a_newer_build": {"kept": True},
-            }
+            # vLLM's own keys, remote_block_ids a list (per KV group) of lists.
+            params = _recorded("prefill_completion")["kv_transfer_params"]
+            params.update(
+                remote_block_ids=[[3, 4, 5]],
+                remote_engine_id="engine-p0",
+                remote_request_id=remote_request_id,
+                remote_port=5600,
+                remote_num_tokens=self.prompt_tokens,
+            )
             self.issued[remote_request_id] = params
         first = self.tokens[0] if self.prefill_finish_reason == "length" else ""
-        choice: dict[str, Any] = {"index": 0, "finish_reason": self.prefill_finish_reason}
-        choice.update(
-            {"message": {"role": "assistant", "content": first}} if chat else {"text": first}
-        )
+        answer = _recorded("prefill_chat" if chat else "prefill_completion")
+        (choice,) = answer["choices"]
+        choice["finish_reason"] = self.prefill_finish_reason
+        if chat:
+            choice["message"]["content"] = first
+        else:
+            choice["text"] = first
         usage = {"prompt_tokens": self.prompt_tokens, "completion_tokens": 1}
         usage["total_tokens"] = self.prompt_tokens + 1
-        return web.json_response(
-            {
-                "id": remote_request_id,
-                "object": "chat.completion" if chat else "text_completion",
-                "model": body["model"],
-                "choices": [choice],
-                "usage": usage,
-                "kv_transfer_params": params,
-            }
+        answer.update(
+            id=remote_request_id, model=body["model"], usage=usage, kv_transfer_params=params
         )
+        return web.json_response(answer)
 
     async def _decode(
         self, request: web.Request, request_id: str, body: dict[str, Any], chat: bool
@@ -331,7 +341,12 @@ class FakeVllm:
         if (body.get("stream_options") or {}).get("include_usage"):
             completion_tokens = len(self.tokens)
             usage = {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion_tokens}
-            events.append(_sse({"id": "x", "choices": [], "usage": usage}))
+            usage["total_tokens"] = self.prompt_tokens + completion_tokens
+            final = _recorded_event(
+                "decode_chat_stream" if chat else "decode_completion_stream", -2
+            )
+            final.update(id="cmpl-x", usage=usage)
+            events.append(_sse(final))
         return [*events, _DONE], False
 
 
@@ -345,11 +360,27 @@ def _sse(payload: dict[str, Any]) -> bytes:
 def _chunk(
     chat: bool, content: Any, finish: str | None, token_ids: list[int] | None
 ) -> dict[str, Any]:
-    choice: dict[str, Any] = {"index": 0, "finish_reason": finish}
-    choice["delta" if chat else "text"] = content
-    if token_ids is not None:
-        choice["token_ids"] = token_ids
-    return {"id": "cmpl-x", "object": "chunk", "choices": [choice]}
+    """A stream event shaped as vLLM's (``token_ids`` null unless asked for)."""
+    if chat:
+        chunk = _recorded_event("decode_chat_stream", 1)
+        chunk["choices"][0]["delta"] = content
+    else:
+        chunk = _recorded_event("decode_completion_stream", 0)
+        chunk["choices"][0]["text"] = content
+    chunk["choices"][0].update(finish_reason=finish, token_ids=token_ids)
+    chunk["id"] = "cmpl-x"
+    return chunk
+
+
+def _recorded(name: str) -> dict[str, Any]:
+    """A fresh copy of a recorded answer's body."""
+    body: dict[str, Any] = copy.deepcopy(RECORDED[name]["body"])
+    return body
+
+
+def _recorded_event(name: str, index: int) -> dict[str, Any]:
+    event: dict[str, Any] = copy.deepcopy(RECORDED[name]["events"][index])
+    return event
 
 
 def count_tokens(body: dict[str, Any]) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import socket
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -206,16 +207,14 @@ async def test_the_engines_own_length_refusal_keeps_its_words(
     fake: FakeVllm, backend: VllmBackend
 ) -> None:
     # The adapter has not learnt the limit here: the engine's 400 is all there is.
-    fake.max_model_len = 8  # the prompt is 4 tokens: 4 + 1 fits the prefill, 4 + 16 does not
-    prefill = await backend.prefill(completion(), timeout_s=5)
-    assert prefill.handle is not None
-    with pytest.raises(BackendRejectedError, match="maximum context length is 8 tokens"):
-        await collect(backend.decode(completion(), prefill.handle, -1, timeout_s=5))
-    with pytest.raises(BackendRejectedError, match=r"'max_tokens' .* is too large: 16"):
+    fake.max_model_len = 16  # the prompt is 4 tokens: 4 + 16 is over, and still served
+    await collect(backend.generate(completion("g0"), timeout_s=5))
+    fake.max_model_len = 8  # max_tokens 16 is beyond the context
+    with pytest.raises(BackendRejectedError, match="max_tokens=16 cannot be greater"):
         await collect(backend.generate(completion("g1"), timeout_s=5))
-    fake.max_model_len = 4
-    with pytest.raises(BackendRejectedError, match="your request has 4 input tokens"):
-        await backend.prefill(completion("r2"), timeout_s=5)
+    fake.max_model_len = 3
+    with pytest.raises(BackendRejectedError, match="maximum context length is 3 tokens"):
+        await backend.prefill(completion("r2", max_tokens=2), timeout_s=5)
 
 
 async def test_without_kv_params_the_decode_leg_prefills_locally(
@@ -569,9 +568,9 @@ async def test_a_request_well_within_the_limit_costs_no_tokenize(
 @pytest.mark.parametrize(
     ("request_", "max_model_len", "counted"),
     [
-        # 20 bytes + 8 + max_tokens 16 = 44 may not fit 32; 4 tokens + 16 do.
-        (completion(), 32, {"model": SERVED_MODEL, "prompt": "Tell me about Kermit"}),
-        # 2 messages of 15 and 18 bytes + 16 each + 256 + 16 may not fit 300; 7 + 16 do.
+        # 20 bytes + 8 = 28 may not leave room in 28; 4 tokens do.
+        (completion(), 28, {"model": SERVED_MODEL, "prompt": "Tell me about Kermit"}),
+        # 2 messages of 15 and 18 bytes + 16 each + 256 = 321 may not fit 300; 7 tokens do.
         (
             chat(),
             300,
@@ -603,12 +602,15 @@ async def test_a_request_near_the_limit_is_counted_and_sent_when_it_fits(
 
 @pytest.mark.parametrize("leg", ["prefill", "generate"])
 @pytest.mark.parametrize(
-    ("request_", "tokens"), [(completion(), 4), (chat(), 7)], ids=["completion", "chat"]
+    ("request_", "tokens"),
+    [(completion(max_tokens=2), 4), (chat(), 7)],
+    ids=["completion", "chat"],
 )
-async def test_a_request_over_the_limit_is_refused_before_any_leg(
+async def test_a_prompt_filling_the_context_is_refused_before_any_leg(
     fake: FakeVllm, backend: VllmBackend, leg: str, request_: GenerationRequest, tokens: int
 ) -> None:
-    await knowing_the_limit(fake, backend, 16)
+    await knowing_the_limit(fake, backend, tokens)  # no room left for one output token
+    request_ = replace(request_, sampling=replace(request_.sampling, max_tokens=2))
 
     async def send() -> object:
         if leg == "prefill":
@@ -617,21 +619,43 @@ async def test_a_request_over_the_limit_is_refused_before_any_leg(
 
     with pytest.raises(BackendRejectedError) as caught:
         await send()
-    message = f"backend vllm-0: prompt is {tokens} tokens + max_tokens 16 > max_model_len 16"
+    message = (
+        f"backend vllm-0: prompt is {tokens} tokens, max_model_len is {tokens}: "
+        "no room for an output token"
+    )
     assert caught.value.message == message
     assert (caught.value.grpc_status, caught.value.http_status) == ("INVALID_ARGUMENT", 400)
     assert len(fake.calls("/tokenize")) == 1
     assert fake.legs(request_.request_id) == []  # the engine never saw it
 
 
+async def test_max_tokens_beyond_the_context_is_refused_without_a_count(
+    fake: FakeVllm, backend: VllmBackend
+) -> None:
+    await knowing_the_limit(fake, backend, 8)
+    with pytest.raises(BackendRejectedError, match="max_tokens 16 > max_model_len 8"):
+        await backend.prefill(completion(), timeout_s=5)
+    assert fake.calls("/tokenize") == []
+    assert fake.legs("r1") == []
+
+
+async def test_a_prompt_that_fits_is_sent_though_max_tokens_will_not(
+    fake: FakeVllm, backend: VllmBackend
+) -> None:
+    # vLLM serves it and stops at the context length: not the router's to refuse.
+    await knowing_the_limit(fake, backend, 16)
+    await collect(backend.generate(completion("g1"), timeout_s=5))  # 4 tokens + 16 > 16
+    assert len(fake.legs("g1")) == 1
+
+
 async def test_the_limit_a_count_reports_is_the_one_checked(
     fake: FakeVllm, backend: VllmBackend
 ) -> None:
-    await knowing_the_limit(fake, backend, 32)
-    fake.max_model_len = 16  # restarted with a shorter context since the last health check
-    with pytest.raises(BackendRejectedError, match="> max_model_len 16"):
-        await backend.prefill(completion(), timeout_s=5)
-    assert backend.max_model_len == 16
+    await knowing_the_limit(fake, backend, 28)
+    fake.max_model_len = 4  # restarted with a shorter context since the last health check
+    with pytest.raises(BackendRejectedError, match="max_model_len is 4"):
+        await backend.prefill(completion(max_tokens=2), timeout_s=5)
+    assert backend.max_model_len == 4
 
 
 @pytest.mark.parametrize(
@@ -640,13 +664,13 @@ async def test_the_limit_a_count_reports_is_the_one_checked(
 async def test_a_failed_count_sends_the_leg_unchecked(
     fake: FakeVllm, backend: VllmBackend, tokenize_status: int, tokenize_reply: Any
 ) -> None:
-    await knowing_the_limit(fake, backend, 16)
+    await knowing_the_limit(fake, backend, 3)
     fake.tokenize_status, fake.tokenize_reply = tokenize_status, tokenize_reply
     with (
         structlog.testing.capture_logs() as logs,
-        pytest.raises(BackendRejectedError, match="maximum context length is 16 tokens"),
+        pytest.raises(BackendRejectedError, match="maximum context length is 3 tokens"),
     ):
-        await collect(backend.generate(completion("g1"), timeout_s=5))
+        await collect(backend.generate(completion("g1", max_tokens=2), timeout_s=5))
     assert len(fake.legs("g1")) == 1  # sent: the engine's own 400 was the backstop
     (warning,) = [e for e in logs if e["event"] == "prompt not counted; the leg is sent unchecked"]
     assert warning["log_level"] == "warning"
@@ -655,10 +679,10 @@ async def test_a_failed_count_sends_the_leg_unchecked(
 
 async def test_decode_is_never_checked(fake: FakeVllm, backend: VllmBackend) -> None:
     # Its prefill passed the check; the decode leg goes out as it is.
-    await knowing_the_limit(fake, backend, 16)
+    await knowing_the_limit(fake, backend, 3)
     handle = KVHandle("vllm-0", "r1")
-    with pytest.raises(BackendRejectedError, match="maximum context length is 16 tokens"):
-        await collect(backend.decode(completion(), handle, -1, timeout_s=5))
+    with pytest.raises(BackendRejectedError, match="maximum context length is 3 tokens"):
+        await collect(backend.decode(completion(max_tokens=2), handle, -1, timeout_s=5))
     assert fake.calls("/tokenize") == []
     assert len(fake.legs("r1")) == 1
 
@@ -668,7 +692,7 @@ async def test_abort_stops_a_count_in_flight_and_no_leg_follows(
 ) -> None:
     await knowing_the_limit(fake, backend, 16)
     fake.tokenize_delay_s = 5
-    prefill = asyncio.create_task(backend.prefill(completion("a3"), timeout_s=5))
+    prefill = asyncio.create_task(backend.prefill(completion("a3", max_tokens=2), timeout_s=5))
     await fake.wait_for(lambda: bool(fake.calls("/tokenize")))
 
     await backend.abort("a3", timeout_s=1)

@@ -106,7 +106,7 @@ def serving_engines(router: Router, disaggregation: str) -> tuple[FakeVllm, Fake
 async def test_a_prompt_over_the_context_is_refused_before_any_leg_over_grpc(
     router: Router, disaggregation: str
 ) -> None:
-    shrink_context(router, 8)
+    shrink_context(router, 6)  # the prompt leaves no room for an output token
     await router.daemon.health.check_all()  # the adapters read the new limit
 
     error = await grpc_failure(router, SIX_WORDS, max_tokens=4, disaggregation=disaggregation)
@@ -115,7 +115,7 @@ async def test_a_prompt_over_the_context_is_refused_before_any_leg_over_grpc(
     backend_id = "p" if first is router.prefill_engine else "d"
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert error.details() == (
-        f"backend {backend_id}: prompt is 6 tokens + max_tokens 4 > max_model_len 8"
+        f"backend {backend_id}: prompt is 6 tokens, max_model_len is 6: no room for an output token"
     )
     assert len(first.calls("/tokenize")) == 1  # counted once: the client did not retry
     assert generation_legs(first) == generation_legs(other) == []
@@ -126,7 +126,7 @@ async def test_a_prompt_over_the_context_is_refused_before_any_leg_over_grpc(
 async def test_a_prompt_over_the_context_is_refused_before_any_leg_over_http(
     router: Router, disaggregation: str, stream: bool
 ) -> None:
-    shrink_context(router, 8)
+    shrink_context(router, 6)
     await router.daemon.health.check_all()
     body = {"prompt": SIX_WORDS, "max_tokens": 4, "stream": stream}
 
@@ -134,7 +134,9 @@ async def test_a_prompt_over_the_context_is_refused_before_any_leg_over_http(
 
     assert status == 400
     assert error["type"] == "invalid_request_error"
-    assert error["message"].endswith("prompt is 6 tokens + max_tokens 4 > max_model_len 8")
+    assert error["message"].endswith(
+        "prompt is 6 tokens, max_model_len is 6: no room for an output token"
+    )
     legs = generation_legs(router.prefill_engine) + generation_legs(router.decode_engine)
     assert legs == []
 
@@ -150,13 +152,13 @@ async def test_a_prompt_that_fits_is_served_without_a_count(router: Router) -> N
 async def test_an_engine_refusing_the_request_is_invalid_argument_and_never_retried(
     router: Router, disaggregation: str
 ) -> None:
-    shrink_context(router, 6)  # the prompt alone fills it: vLLM answers 400
+    shrink_context(router, 5)  # the prompt alone is over it: vLLM answers 400
 
     error = await grpc_failure(router, SIX_WORDS, max_tokens=4, disaggregation=disaggregation)
 
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "maximum context length is 6 tokens" in (error.details() or "")
-    assert "6 input tokens" in (error.details() or "")
+    assert "maximum context length is 5 tokens" in (error.details() or "")
+    assert "at least 6 input tokens" in (error.details() or "")
     refusing, other = serving_engines(router, disaggregation)
     # Sent once: neither the client's retries nor a colocated fallback sent it again.
     assert len(generation_legs(refusing)) == 1
@@ -176,15 +178,14 @@ async def test_an_engine_failure_is_still_unavailable_and_retried(router: Router
 async def test_http_clients_get_a_400_with_the_engines_message(
     router: Router, disaggregation: str, stream: bool
 ) -> None:
-    shrink_context(router, 8)  # the prompt fits, the prompt and max_tokens do not
-    body = {"prompt": SIX_WORDS, "max_tokens": 4, "stream": stream}
+    shrink_context(router, 8)  # the prompt fits; max_tokens is beyond the context
+    body = {"prompt": SIX_WORDS, "max_tokens": 9, "stream": stream}
 
     status, error = await http_failure(router, {**body, "disaggregation": disaggregation})
 
     assert status == 400
     assert error["type"] == "invalid_request_error"
-    assert "'max_tokens' or 'max_completion_tokens' is too large: 4" in error["message"]
-    assert "maximum context length is 8 tokens" in error["message"]
+    assert "max_tokens=9 cannot be greater than max_model_len=8" in error["message"]
     legs = generation_legs(router.prefill_engine) + generation_legs(router.decode_engine)
     # A split's prefill leg asks for one token and fits; its decode leg is the one refused.
     assert len(legs) == (2 if disaggregation == "split" else 1)
