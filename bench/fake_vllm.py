@@ -92,6 +92,9 @@ class FakeVllm:
     decode_status: int = 200
     decode_finish_reason: str = "length"
     chunk_delay_s: float = 0.0  # before each chunk after the first
+    # A decode leg with kv_transfer_params waits this long before its first event: a
+    # KV read stalled (a NIXL handshake to a restarted prefill engine).
+    handoff_stall_s: float = 0.0
     drop_after: int | None = None  # cut the connection after this many chunks
     end_after: int | None = None  # end the body cleanly (no finish, no [DONE]) after this many
     error_after: int | None = None  # send vLLM's {"error": ...} event after this many
@@ -308,6 +311,8 @@ class FakeVllm:
             return _error(self.decode_status, "decode engine unavailable")
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
+        if params is not None:
+            await asyncio.sleep(self.handoff_stall_s)
         events, drop = self._events(body, chat)
         for event in events:
             await response.write(event)

@@ -72,6 +72,10 @@ class Settings(BaseSettings):
     # stuck backend fails one request promptly instead of hanging it.
     prefill_timeout_s: float = Field(default=30.0, gt=0)
     decode_timeout_s: float = Field(default=600.0, gt=0)
+    # A split whose decode leg sends no token this long after the prefill answered (a
+    # stalled KV read, a NIXL handshake to a restarted engine) is served colocated on
+    # the decode backend instead; only while no token has reached the client.
+    handoff_timeout_s: float = Field(default=15.0, gt=0)
     abort_timeout_s: float = Field(default=2.0, gt=0)
 
     # Admission: at most max_in_flight requests are served at once; the others wait

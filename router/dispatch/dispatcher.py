@@ -255,9 +255,14 @@ class Dispatcher:
                     request, handle, first_token_id, self._settings.decode_timeout_s
                 )
                 async with contextlib.aclosing(decode) as frames:
-                    async for frame in frames:
-                        yield route + frame if route else frame
+                    if route:  # no token has reached the client: a stalled handoff can fall back
+                        first = await self._first_in_time(frames, plan.decode_backend)
+                        if first is None:
+                            return
+                        yield route + first
                         route = b""
+                    async for frame in frames:
+                        yield frame
         except BackendError as error:
             step = after_failed_leg(retryable=error.retryable, client_has_tokens=not route)
             if step is NextStep.FAIL:
@@ -267,6 +272,21 @@ class Dispatcher:
             ) as frames:
                 async for frame in frames:
                     yield frame
+
+    async def _first_in_time(
+        self, frames: AsyncGenerator[bytes, None], backend_id: str
+    ) -> bytes | None:
+        """The decode leg's first frame (None: it ended without one), within the
+        handoff deadline; past it a retryable BackendError, so that the request is
+        served colocated (closing the leg aborts it on the engine)."""
+        limit = self._settings.handoff_timeout_s
+        try:
+            async with asyncio.timeout(limit):
+                return await anext(frames, None)
+        except TimeoutError:
+            raise BackendError(
+                backend_id, f"no token within {limit:g} s of the prefill: the KV handoff stalled"
+            ) from None
 
     async def _relay(self, request: GenerationRequest, plan: Plan, handle: KVHandle) -> KVHandle:
         """Moves the KV to the decode backend; on failure the decode side pulls it itself."""

@@ -133,7 +133,9 @@ async def router_for() -> AsyncIterator[StartRouter]:
             # A busy CPU engine answers /health late; one slow answer is not a failure.
             health_timeout_s=10.0,
             health_unhealthy_threshold=5,
-            **settings,
+            # The split tests check that the KV moved: a slow first token on a busy
+            # machine must not turn a split colocated. Fault tests set their own.
+            **{"handoff_timeout_s": 300.0, **settings},
         )
         daemon = Daemon(config, PoolConfig(backends=tuple(backends), default_model=SERVED_MODEL))
         await daemon.start()
