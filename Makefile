@@ -49,7 +49,9 @@ format: install
 bench-quick: $(BENCH_INSTALLED)
 	$(PY) -m bench --quick
 
+# The engines scenario needs the real-engine environment: installed first if absent.
 bench: $(BENCH_INSTALLED)
+	$(PY) -m bench.engines.env
 	$(PY) -m bench
 
 proto: install

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import tempfile
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -89,6 +89,17 @@ def _engine_pair(engine_logs: Path) -> Iterator[Engines]:
 def engines(_engine_pair: Engines) -> Engines:
     _engine_pair.ensure()
     return _engine_pair
+
+
+@pytest.fixture
+def report(capsys: pytest.CaptureFixture[str]) -> Callable[[str], None]:
+    """``report(line)``: prints a measured figure into the run's output, uncaptured."""
+
+    def write(line: str) -> None:
+        with capsys.disabled():
+            print(f"\n  [figure] {line}", flush=True)
+
+    return write
 
 
 @dataclass

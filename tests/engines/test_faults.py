@@ -6,6 +6,7 @@ These run last (conftest orders them): they restart and kill the session's engin
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 import grpc
 import pytest
@@ -15,7 +16,7 @@ from tests.engines.test_split import long_prompt, pd_backends
 
 
 async def test_split_after_the_prefill_engine_restarted(
-    engines: Engines, router_for: StartRouter
+    engines: Engines, router_for: StartRouter, report: Callable[[str], None]
 ) -> None:
     """The decode engine's first KV read from the new prefill engine may wait on a NIXL
     handshake for tens of seconds; past the handoff deadline the router serves the
@@ -27,9 +28,13 @@ async def test_split_after_the_prefill_engine_restarted(
     assert first == expected
 
     await asyncio.to_thread(engines.restart, engines.prefill)
+    # Until a health check passes, a forced split is refused (UNAVAILABLE: no healthy
+    # prefill backend); the router's checker runs every second, this one at once.
+    await router.daemon.health.check_all()
     text, route = await via_grpc(router, long_prompt("restart-2"), 16, "split")
     assert text == await direct(engines.decode, long_prompt("restart-2"), 16)
     assert route.decode_backend == "decode-0"
+    report(f"first split after the prefill restart: {route.prefill_backend} -> decode-0")
 
 
 async def test_decode_engine_killed_mid_stream_ends_the_call_with_unavailable(

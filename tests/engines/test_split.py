@@ -10,6 +10,7 @@ those of a colocated run.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 from bench.engines.servers import VllmServer
 from router.settings import BackendConfig
@@ -50,7 +51,7 @@ def pd_backends(engines: Engines) -> list[BackendConfig]:
 
 
 async def test_split_output_is_colocated_and_decode_read_the_kv(
-    engines: Engines, router_for: StartRouter
+    engines: Engines, router_for: StartRouter, report: Callable[[str], None]
 ) -> None:
     router = await router_for(pd_backends(engines))
     prompt = long_prompt("a")
@@ -61,6 +62,7 @@ async def test_split_output_is_colocated_and_decode_read_the_kv(
 
     assert (route.prefill_backend, route.decode_backend) == ("prefill-0", "decode-0")
     on_decode, on_prefill = delta(before_d, after_d), delta(before_p, after_p)
+    report(f"split of a {tokens}-token prompt: prefill {on_prefill}, decode {on_decode}")
     assert on_prefill[LOCAL] == tokens
     assert tokens - BLOCK_TOKENS <= on_decode[EXTERNAL] <= tokens
     assert on_decode[LOCAL] <= BLOCK_TOKENS
@@ -80,7 +82,7 @@ async def test_split_over_http_streams_the_colocated_tokens(
 
 
 async def test_concurrent_splits_each_read_their_kv(
-    engines: Engines, router_for: StartRouter
+    engines: Engines, router_for: StartRouter, report: Callable[[str], None]
 ) -> None:
     router = await router_for(pd_backends(engines))
     prompts = [long_prompt(f"c{i}", lines=30 + 7 * i) for i in range(4)]
@@ -88,6 +90,7 @@ async def test_concurrent_splits_each_read_their_kv(
     before = counters(engines.decode)
     answers = await asyncio.gather(*(via_grpc(router, p, MAX_TOKENS, "split") for p in prompts))
     moved = delta(before, counters(engines.decode))
+    report(f"4 concurrent splits, {total} prompt tokens in all: decode {moved}")
     assert total - len(prompts) * BLOCK_TOKENS <= moved[EXTERNAL] <= total
     assert moved[LOCAL] <= len(prompts) * BLOCK_TOKENS
     for prompt, (text, route) in zip(prompts, answers, strict=True):
