@@ -1,8 +1,8 @@
 """The real-engine environment: a virtual environment with vLLM's CPU build, cached
 outside the repository and keyed by what it pins.
 
-``python -m bench.engines.env`` installs it on first use (about 6 minutes and
-3.5 GB) and prints its Python; later calls find it at once. The cache lives in
+``python -m bench.engines.env`` installs it on first use (about 4-6 minutes and
+4 GB) and prints its Python; later calls find it at once. The cache lives in
 ``$HETERO_ROUTER_ENGINES_CACHE``, by default ``~/.cache/hetero-router/engines``:
 
 - ``venv-<key>/``: the environment, complete once ``venv-<key>/.complete`` exists
@@ -66,7 +66,7 @@ def python() -> Path:
     if not (venv / COMPLETE).exists():
         raise EngineEnvMissingError(
             f"no engine environment at {venv}: run `make test-engines` (or "
-            "`python -m bench.engines.env`) to install it (about 6 minutes, 3.5 GB)"
+            "`python -m bench.engines.env`) to install it (about 4-6 minutes, 4 GB)"
         )
     return venv / "bin" / "python"
 
@@ -90,7 +90,7 @@ def install() -> Path:
         print(f"removing the incomplete environment {venv}", flush=True)
         shutil.rmtree(venv)
     started = time.monotonic()
-    print(f"installing the engine environment into {venv} (about 6 minutes, 3.5 GB)", flush=True)
+    print(f"installing the engine environment into {venv} (about 4-6 minutes, 4 GB)", flush=True)
     venv.parent.mkdir(parents=True, exist_ok=True)
     _run([sys.executable, "-m", "venv", venv])
     py = venv / "bin" / "python"
