@@ -21,17 +21,10 @@ from typing import Any
 
 from bench.engines import env, servers
 from bench.engines.servers import SERVED_MODEL, VllmServer
+from bench.fake_vllm import PREFILL_KV_REQUEST
 
 HERE = Path(__file__).resolve().parent
 PROMPT = "def handler(request):\n    return request.json()\n" * 12
-PREFILL_KV_REQUEST = {
-    "do_remote_decode": True,
-    "do_remote_prefill": False,
-    "remote_engine_id": None,
-    "remote_block_ids": None,
-    "remote_host": None,
-    "remote_port": None,
-}
 
 
 def post(server: VllmServer, path: str, body: dict[str, Any], request_id: str) -> Any:

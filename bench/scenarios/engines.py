@@ -19,12 +19,10 @@ within a run compare. Needs the engine environment: ``make bench`` installs it;
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import sys
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +30,7 @@ import aiohttp
 
 from bench import plots
 from bench.engines import env, servers
-from bench.engines.servers import SERVED_MODEL, Server
+from bench.engines.servers import SERVED_MODEL
 from bench.processes import router_process
 from bench.progress import Progress
 from bench.report import machine, write_result
@@ -68,17 +66,6 @@ async def _ttft_ms(session: aiohttp.ClientSession, url: str, extra: dict[str, An
     return (first - started) * 1000
 
 
-@contextlib.asynccontextmanager
-async def _started(*started: Server) -> AsyncIterator[None]:
-    with contextlib.ExitStack() as stack:
-        for server in started:
-            server.start()
-            stack.callback(server.stop)
-        for server in started:
-            await asyncio.to_thread(server.wait_ready)
-        yield
-
-
 async def run(quick: bool, out_dir: Path) -> dict[str, Any]:
     try:
         model = await asyncio.to_thread(env.ensure_model)
@@ -109,27 +96,27 @@ async def run(quick: bool, out_dir: Path) -> dict[str, Any]:
             "HETERO_ROUTER_HEALTH_TIMEOUT_S": "10",
             "HETERO_ROUTER_HEALTH_UNHEALTHY_THRESHOLD": "5",
         }
-        async with (
-            _started(prefill, decode),
-            _started(peer),
-            router_process(pool, settings, http=True) as router_http,
-            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as session,
-        ):
-            paths = {
-                "direct": (f"{decode.url}/v1/completions", {}),
-                "router": (f"http://{router_http}/v1/completions", {"disaggregation": "split"}),
-                "vllm-router": (f"{peer.url}/v1/completions", {}),
-            }
-            for _ in range(WARM_UP):  # NIXL handshakes and connections on every hop
-                for url, extra in paths.values():
-                    await _ttft_ms(session, url, extra)
-            samples: dict[str, list[float]] = {name: [] for name in paths}
-            progress = Progress("engines sequential", count)
-            for _ in range(count):
-                for name, (url, extra) in paths.items():
-                    samples[name].append(await _ttft_ms(session, url, extra))
-                progress.advance()
-            progress.close()
+        # Start-up blocks the loop while it polls the servers' health: nothing else runs yet.
+        with servers.running(prefill, decode), servers.running(peer):
+            async with (
+                router_process(pool, settings, http=True) as router_http,
+                aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as session,
+            ):
+                paths = {
+                    "direct": (f"{decode.url}/v1/completions", {}),
+                    "router": (f"http://{router_http}/v1/completions", {"disaggregation": "split"}),
+                    "vllm-router": (f"{peer.url}/v1/completions", {}),
+                }
+                for _ in range(WARM_UP):  # NIXL handshakes and connections on every hop
+                    for url, extra in paths.values():
+                        await _ttft_ms(session, url, extra)
+                samples: dict[str, list[float]] = {name: [] for name in paths}
+                progress = Progress("engines sequential", count)
+                for _ in range(count):
+                    for name, (url, extra) in paths.items():
+                        samples[name].append(await _ttft_ms(session, url, extra))
+                    progress.advance()
+                progress.close()
     figures: dict[str, float] = {}
     for name, values in samples.items():
         figures[f"{name}_ttft_p50_ms"] = percentile(values, 50)

@@ -10,6 +10,7 @@ timings: on a busy 2-core machine tokens/s swings tenfold.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import tempfile
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
@@ -163,6 +164,27 @@ async def router_for() -> AsyncIterator[StartRouter]:
         await router.client.close()
         await router.http.close()
         await router.daemon.stop()
+
+
+def pd_backends(engines: Engines) -> list[BackendConfig]:
+    """The session's pair as the router's prefill and decode backends."""
+    return [
+        backend("prefill-0", engines.prefill, "prefill"),
+        backend("decode-0", engines.decode, "decode"),
+    ]
+
+
+def long_prompt(tag: str, lines: int = 60) -> str:
+    """About 15 tokens a line; ``tag`` makes it unlike any prompt cached before."""
+    return "\n".join(f"def handler_{tag}_{i}(request): return request.json()" for i in range(lines))
+
+
+async def prompt_tokens(server: VllmServer, prompt: str) -> int:
+    """The prompt's tokens, counted by the engine's own tokenizer."""
+    reply = await asyncio.to_thread(
+        server.post_json, "/tokenize", {"model": SERVED_MODEL, "prompt": prompt}
+    )
+    return int(reply["count"])
 
 
 async def direct(server: VllmServer, prompt: str, max_tokens: int, *, chat: bool = False) -> str:

@@ -8,7 +8,7 @@ import time
 import pytest
 
 from bench.engines.servers import SERVED_MODEL, VllmServer
-from tests.engines.conftest import Engines, StartRouter, backend
+from tests.engines.conftest import Engines, StartRouter, backend, pd_backends
 
 RUNNING = "vllm:num_requests_running"
 ABORT_WITHIN_S = 2.0
@@ -34,12 +34,7 @@ async def idle_within(servers: list[VllmServer], within_s: float) -> bool:
 async def test_grpc_cancel_aborts_the_engine(
     mode: str, engines: Engines, router_for: StartRouter
 ) -> None:
-    router = await router_for(
-        [
-            backend("prefill-0", engines.prefill, "prefill"),
-            backend("decode-0", engines.decode, "decode"),
-        ]
-    )
+    router = await router_for(pd_backends(engines))
     frames = router.client.generate(
         "def main():", max_tokens=LONG, temperature=0.0, disaggregation=mode
     )

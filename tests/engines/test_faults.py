@@ -11,8 +11,7 @@ from collections.abc import Callable
 import grpc
 import pytest
 
-from tests.engines.conftest import Engines, StartRouter, direct, via_grpc
-from tests.engines.test_split import long_prompt, pd_backends
+from tests.engines.conftest import Engines, StartRouter, direct, long_prompt, pd_backends, via_grpc
 
 
 async def test_split_after_the_prefill_engine_restarted(

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
-import asyncio
-
 import grpc
 import pytest
 
 from bench.engines.servers import MAX_MODEL_LEN, VllmServer
-from tests.engines.conftest import Engines, StartRouter, backend, via_grpc
+from tests.engines.conftest import (
+    Engines,
+    StartRouter,
+    backend,
+    pd_backends,
+    prompt_tokens,
+    via_grpc,
+)
 
 REQUESTS_TOTAL = "vllm:request_success_total"
 
@@ -23,25 +28,13 @@ def engine_requests(server: VllmServer) -> float:
     return sum(v for k, v in server.metrics().items() if k.startswith(REQUESTS_TOTAL))
 
 
-async def count_tokens(server: VllmServer, prompt: str) -> int:
-    reply = await asyncio.to_thread(
-        server.post_json, "/tokenize", {"model": "tiny-llama", "prompt": prompt}
-    )
-    return int(reply["count"])
-
-
 @pytest.mark.parametrize("mode", ["split", "colocated"])
 async def test_over_long_prompt_is_refused_before_any_leg(
     mode: str, engines: Engines, router_for: StartRouter
 ) -> None:
     prompt = over_long_prompt()
-    assert await count_tokens(engines.decode, prompt) > MAX_MODEL_LEN
-    router = await router_for(
-        [
-            backend("prefill-0", engines.prefill, "prefill"),
-            backend("decode-0", engines.decode, "decode"),
-        ]
-    )
+    assert await prompt_tokens(engines.decode, prompt) > MAX_MODEL_LEN
+    router = await router_for(pd_backends(engines))
     before = engine_requests(engines.prefill) + engine_requests(engines.decode)
     with pytest.raises(grpc.aio.AioRpcError) as refused:
         await via_grpc(router, prompt, 16, mode)

@@ -10,8 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from bench.engines.servers import VllmServer
-from tests.engines.conftest import Engines, Router, StartRouter, backend, via_grpc
-from tests.engines.test_split import long_prompt
+from tests.engines.conftest import Engines, Router, StartRouter, backend, long_prompt, via_grpc
 
 HITS = "vllm:prefix_cache_hits_total"
 QUERIES = "vllm:prefix_cache_queries_total"

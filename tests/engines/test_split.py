@@ -13,18 +13,21 @@ import asyncio
 from collections.abc import Callable
 
 from bench.engines.servers import VllmServer
-from router.settings import BackendConfig
-from tests.engines.conftest import Engines, StartRouter, backend, direct, via_grpc, via_http
+from tests.engines.conftest import (
+    Engines,
+    StartRouter,
+    direct,
+    long_prompt,
+    pd_backends,
+    prompt_tokens,
+    via_grpc,
+    via_http,
+)
 
 BLOCK_TOKENS = 128  # vLLM's CPU block size
 EXTERNAL = 'vllm:prompt_tokens_by_source_total{source="external_kv_transfer"}'
 LOCAL = 'vllm:prompt_tokens_by_source_total{source="local_compute"}'
 MAX_TOKENS = 24
-
-
-def long_prompt(tag: str, lines: int = 60) -> str:
-    """About 15 tokens a line; ``tag`` makes it unlike any prompt cached before."""
-    return "\n".join(f"def handler_{tag}_{i}(request): return request.json()" for i in range(lines))
 
 
 def counters(server: VllmServer) -> dict[str, float]:
@@ -34,20 +37,6 @@ def counters(server: VllmServer) -> dict[str, float]:
 
 def delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
     return {name: after[name] - before[name] for name in before}
-
-
-async def prompt_tokens(server: VllmServer, prompt: str) -> int:
-    reply = await asyncio.to_thread(
-        server.post_json, "/tokenize", {"model": "tiny-llama", "prompt": prompt}
-    )
-    return int(reply["count"])
-
-
-def pd_backends(engines: Engines) -> list[BackendConfig]:
-    return [
-        backend("prefill-0", engines.prefill, "prefill"),
-        backend("decode-0", engines.decode, "decode"),
-    ]
 
 
 async def test_split_output_is_colocated_and_decode_read_the_kv(
