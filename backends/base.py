@@ -40,6 +40,9 @@ class HandoffMode(enum.StrEnum):
 class Capabilities:
     roles: frozenset[Role]
     handoff_modes: frozenset[HandoffMode]
+    # ``generate`` continues a sequence from ``GenerationRequest.generated_ids`` (the
+    # router resumes a stream whose backend failed mid-way on such a backend).
+    resume: bool = False
 
 
 @dataclass(frozen=True)
@@ -70,6 +73,14 @@ class GenerationRequest:
     # rendering (what mock devices read); engine adapters send the messages and
     # let the engine apply the model's template.
     messages: tuple[ChatMessage, ...] = ()
+    # A resumed request: the tokens its client already has, in order. The sequence
+    # is the prompt followed by them, the token at sampling position
+    # ``len(generated_ids)`` comes next, ``sampling.max_tokens`` counts only the
+    # tokens still to come, and stop strings see the text of these tokens too.
+    # Frames carry only the new tokens; usage counts prompt and new tokens alone
+    # (the router adds the resumed ones). Sent only to backends whose capabilities
+    # say ``resume``.
+    generated_ids: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
