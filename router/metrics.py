@@ -82,7 +82,35 @@ class RouterMetrics:
         )
         self.backend_failures = Counter(
             "hetero_router_backend_failures",
-            "Failed legs by backend and phase (prefill, decode, generate)",
+            "Failed legs by backend and phase (prefill, decode, generate, relay, handoff)",
             ["backend", "phase"],
+            registry=registry,
+        )
+        self.backend_ejected = Gauge(
+            "hetero_router_backend_ejected",
+            "1 while the backend is ejected by passive outlier detection",
+            ["backend"],
+            registry=registry,
+        )
+        self.outlier_ejections = Counter(
+            "hetero_router_outlier_ejections",
+            "Times the backend was ejected for failing requests in a row",
+            ["backend"],
+            registry=registry,
+        )
+        self.retries = Counter(
+            "hetero_router_retries",
+            "Attempts after a failed one, by kind: retry (no token had reached the client), "
+            "migration (resumed on another backend after the client's tokens), colocated "
+            "(a stalled KV handoff served on the decode backend alone)",
+            ["kind"],
+            registry=registry,
+        )
+        self.retries_refused = Counter(
+            "hetero_router_retries_refused",
+            "Failed attempts not tried again, by reason: attempts (max_attempts reached), "
+            "budget (the retry budget was spent), no_backend (no other backend could take "
+            "it), migration_off (the client had tokens and migration is off)",
+            ["reason"],
             registry=registry,
         )

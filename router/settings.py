@@ -77,6 +77,29 @@ class Settings(BaseSettings):
     # the decode backend instead; only while no token has reached the client.
     handoff_timeout_s: float = Field(default=15.0, gt=0)
     abort_timeout_s: float = Field(default=2.0, gt=0)
+    # Stalls: a stream whose backend sends nothing for the larger of stall_timeout_s and
+    # stall_step_multiple predicted decode steps, or whose first token is later than the
+    # larger of stall_timeout_s and prefill_deadline_multiple predicted times to first
+    # token (at most prefill_timeout_s), has failed on that backend.
+    stall_timeout_s: float = Field(default=5.0, gt=0)
+    stall_step_multiple: float = Field(default=50.0, gt=0)
+    prefill_deadline_multiple: float = Field(default=4.0, gt=0)
+
+    # Failures: an attempt that fails before any token reached the client is tried again
+    # on other backends, at most max_attempts in all; after tokens, the request resumes on
+    # another backend from them (migration; off: the client gets the error). Retries in
+    # progress stay within retry_budget_percent of the requests in flight (at least
+    # retry_budget_min), so that failures do not multiply the load.
+    max_attempts: int = Field(default=3, ge=1)
+    migration: bool = True
+    retry_budget_percent: float = Field(default=20.0, ge=0, le=100)
+    retry_budget_min: int = Field(default=3, ge=0)
+    # Passive outlier detection: this many failed requests in a row eject a backend for
+    # outlier_base_ejection_s times the ejections so far (at most 10x), never more than
+    # outlier_max_ejected_percent of the backends of one role and model at once.
+    outlier_consecutive_failures: int = Field(default=5, ge=1)
+    outlier_base_ejection_s: float = Field(default=30.0, ge=0)
+    outlier_max_ejected_percent: float = Field(default=50.0, ge=0, le=100)
 
     # Admission: at most max_in_flight requests are served at once; the others wait
     # in a FIFO per priority (at most queue_limit each), the most urgent admitted

@@ -51,6 +51,7 @@ class MockBackend(Backend):
         return Capabilities(
             roles=frozenset({Role.PREFILL, Role.DECODE, Role.BOTH}),
             handoff_modes=frozenset({HandoffMode.SEQUENTIAL, HandoffMode.RELAY}),
+            resume=True,
         )
 
     async def start(self) -> None:
@@ -142,6 +143,7 @@ class MockBackend(Backend):
             request_id=request.request_id,
             prompt=request.prompt,
             sampling=sampling_to_proto(request.sampling),
+            generated_ids=request.generated_ids,
         )
         async for frame in self._stream("generate", message, timeout_s):
             yield frame

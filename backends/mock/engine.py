@@ -122,9 +122,16 @@ class DeviceEngine:
             raise
 
     async def generate(
-        self, request_id: str, prompt: str, sampling: SamplingParams
+        self,
+        request_id: str,
+        prompt: str,
+        sampling: SamplingParams,
+        generated_ids: tuple[int, ...] = (),
     ) -> AsyncGenerator[bytes, None]:
-        sequence = self._submit(request_id, prompt, sampling, prefill_only=False)
+        """Prefill and decode here. With ``generated_ids`` (a request resumed after its
+        first device failed) the prefill covers them too and the stream goes on after
+        them: the same tokens, drawn at the same positions, as one device would have made."""
+        sequence = self._submit(request_id, prompt, sampling, False, generated_ids)
         async for frame in self._drain(sequence):
             yield frame
 
@@ -230,10 +237,16 @@ class DeviceEngine:
             )
 
     def _submit(
-        self, request_id: str, prompt: str, sampling: SamplingParams, prefill_only: bool
+        self,
+        request_id: str,
+        prompt: str,
+        sampling: SamplingParams,
+        prefill_only: bool,
+        generated_ids: tuple[int, ...] = (),
     ) -> Sequence:
         prompt_ids = encode(prompt)
-        reserved = len(prompt_ids) + (1 if prefill_only else sampling.max_tokens)
+        reserved = len(prompt_ids) + len(generated_ids)
+        reserved += 1 if prefill_only else sampling.max_tokens
         self._check_fits(reserved)
         self._claim_id(request_id)
         sequence = Sequence(
@@ -244,6 +257,8 @@ class DeviceEngine:
             prefill_only,
             prefix_hashes=self.prefix_cache.hashes_of(prompt),
         )
+        if generated_ids:
+            sequence.resume_after(generated_ids)
         self._waiting[request_id] = sequence
         self._wake.set()
         return sequence
@@ -320,7 +335,7 @@ class DeviceEngine:
                 continue
             capacity = len(sequence.prompt_ids) + sequence.sampling.max_tokens
             sequence.cache, logits = self.model.prefill(sequence.prompt_ids, capacity)
-            first_tokens.append(sequence.sample(logits, position=0))
+            first_tokens.append(sequence.sample(logits, position=sequence.position))
             if sequence.prefill_only:
                 payload = wire_form(sequence.cache, self.kv_layout, self.filler_bytes_per_token)
                 sequence.wire = (payload, checksums_of(payload))
@@ -337,7 +352,7 @@ class DeviceEngine:
         # One batched step: a sequence's logits do not depend on its neighbours.
         logits = self.model.decode_batch(caches, [s.last_token for s in batch])
         tokens = [
-            sequence.sample(row, position=sequence.generated)
+            sequence.sample(row, position=sequence.position)
             for row, sequence in zip(logits, batch, strict=True)
         ]
         await self.clock.sleep_until(deadline)

@@ -40,7 +40,10 @@ class Sequence:
     outcome: asyncio.Future[PrefillOutcome] | None = None
     cache: KVCache | None = None
     last_token: int = -1
-    generated: int = 0
+    generated: int = 0  # tokens this device generated for it
+    # Tokens generated before it came here (a resumed request): the first this device
+    # samples is at position ``resumed``, and ``prompt_ids`` ends with them.
+    resumed: int = 0
     aborted: bool = False
     # A prefill-only sequence's KV in wire form with its checksums, made while the
     # modelled prefill runs so that leasing it costs no time after.
@@ -55,6 +58,20 @@ class Sequence:
         if self.cache is None:
             raise RuntimeError(f"sequence {self.request_id} has no KV before its prefill")
         return self.cache
+
+    @property
+    def position(self) -> int:
+        """The sampling position of its next token: tokens generated so far, anywhere."""
+        return self.resumed + self.generated
+
+    def resume_after(self, generated_ids: tuple[int, ...]) -> None:
+        """Continues after tokens generated elsewhere: they join the prompt, and their
+        text goes through the stop strings unseen (the client has it already), so what
+        follows is released exactly as one device would have released it."""
+        self.prompt_ids = [*self.prompt_ids, *generated_ids]
+        self.resumed = len(generated_ids)
+        for token in generated_ids:
+            self.text.push(token)
 
     def sample(self, logits: NDArray[np.floating[Any]], position: int) -> int:
         sampling = self.sampling

@@ -163,7 +163,10 @@ class DeviceService(device_pb2_grpc.DeviceServicer):
         self.requests_received += 1
         check_role(self._config, Role.DECODE)
         frames = self._engine.generate(
-            request.request_id, request.prompt, sampling_from_proto(request.sampling)
+            request.request_id,
+            request.prompt,
+            sampling_from_proto(request.sampling),
+            tuple(request.generated_ids),
         )
         async with contextlib.aclosing(frames):
             async for frame in frames:

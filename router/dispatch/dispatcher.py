@@ -1,26 +1,42 @@
-"""Runs one request's plan and streams its frames.
+"""Runs one request's plan and streams its frames; tries again when a backend fails.
 
 Frames are bytes encoded as ``GenerateResponse`` by the backend. The router adds
 the route to the first one by prepending an encoded ``GenerateResponse(route=...)``:
-concatenated protobuf messages merge, so no frame is ever decoded and re-encoded.
-Only the last frame is parsed, once, for its usage.
+concatenated protobuf messages merge, so a frame goes out as the bytes it came in
+as. Each is parsed once, to count its tokens against ``max_tokens`` and to remember
+their ids; only a frame the router must change (the last of a resumed request, whose
+usage it corrects, or one past ``max_tokens``) is encoded again.
+
+Failures. Every leg waits for its backend under a deadline: the first token within
+a multiple of its predicted time to first token, every later one within a multiple
+of the predicted decode step (both at least ``stall_timeout_s``), and at once when
+the backend leaves service (a failed health check, an ejection). A leg that fails
+counts against its backend (passive outlier detection) and the request is tried
+again, within ``max_attempts`` and the retry budget: planned again away from the
+failed backend when no token reached the client yet, else resumed on a backend that
+can continue from the tokens the client has (``generated_ids``), so that the
+client's stream simply goes on, with no token lost or repeated.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn, TypeVar
+
+from google.protobuf.message import DecodeError
 
 from backends._gen.hetero.router.v1 import router_pb2
 from backends.base import GenerationRequest, KVHandle, PrefillResult
 from backends.errors import BackendError, LayoutMismatchError, OverloadedError, ServingError
 from backends.prefix import BLOCK_BYTES, block_hashes
 from router.dispatch.admission import AdmissionGate
+from router.dispatch.retry import RetryBudget
 from router.handoff.relay import relay
 from router.logging import get_logger
 from router.metrics import RouterMetrics
@@ -38,6 +54,7 @@ _ROUTE_MODE = {
     Mode.SPLIT: router_pb2.ROUTE_MODE_SPLIT,
     Mode.COLOCATED: router_pb2.ROUTE_MODE_COLOCATED,
 }
+_T = TypeVar("_T")
 
 
 @dataclass
@@ -51,6 +68,144 @@ class _Progress:
     first_frame_at: float | None = None
     last_frame_at: float = 0.0
     last_frame: bytes = b""
+
+
+class _HandoffFailedError(BackendError):
+    """The decode leg of a split failed, or sent nothing in time, before its first
+    frame: the KV did not arrive (a stalled or failed read, a handshake to a restarted
+    engine). Both backends may be fine, so neither is blamed: the request is served by
+    one backend alone (a decode backend that is down fails that attempt in turn)."""
+
+
+class _Sent:
+    """What the client was sent: tokens counted against ``max_tokens``, their ids kept
+    for a resume, and whether the stream is over."""
+
+    __slots__ = (
+        "aborting",
+        "cut",
+        "finished",
+        "ids_known",
+        "max_tokens",
+        "phase",
+        "prompt_tokens",
+        "resumed",
+        "token_ids",
+    )
+
+    def __init__(self, max_tokens: int, prompt_tokens: int) -> None:
+        self.max_tokens = max_tokens
+        self.prompt_tokens = prompt_tokens  # the estimate, for a usage the router makes
+        self.token_ids: list[int] = []
+        # False once a frame had text but no ids (an adapter without token ids):
+        # what the client has can then not be resumed from.
+        self.ids_known = True
+        self.resumed = 0  # tokens the current attempt continues after
+        self.finished = False  # the last frame (with a finish reason) was taken
+        self.cut = False  # the router ended the stream: the backend must be aborted
+        self.phase = "generate"  # the leg running now, for metrics
+        # Aborts of a failed attempt still on their way, by backend.
+        self.aborting: dict[str, asyncio.Task[None]] = {}
+
+    @property
+    def tokens(self) -> int:
+        return len(self.token_ids)
+
+    def take(self, frame: bytes, backend_id: str) -> bytes:
+        """Checks one frame from ``backend_id``; returns what goes to the client."""
+        try:
+            message = router_pb2.GenerateResponse.FromString(frame)
+        except DecodeError:
+            raise BackendError(backend_id, "sent a frame that is not a GenerateResponse") from None
+        if self.finished:  # a backend streaming on after its last frame
+            self.cut = True
+            return b""
+        ids = message.token_ids
+        count = len(ids) if ids else (1 if message.text else 0)
+        left = self.max_tokens - self.tokens
+        rewrite = False
+        if count > left:
+            # The backend runs past max_tokens: what fits goes out and the stream ends.
+            # Text cannot be split by token, so a frame cut in two loses its text.
+            del ids[left:]
+            message.text = ""
+            message.finish_reason = router_pb2.FINISH_REASON_LENGTH
+            count = left
+            self.cut = True
+            rewrite = True
+        if ids:
+            self.token_ids.extend(ids)
+        elif count:
+            self.token_ids.append(-1)  # a token of unknown id: counted, not resumable
+            self.ids_known = False
+        if message.finish_reason:
+            self.finished = True
+            if self.resumed or self.cut:
+                # Usage of the whole request: the resumed attempt's backend counted the
+                # tokens it continued after as prompt.
+                reported = message.usage.prompt_tokens - self.resumed
+                message.usage.prompt_tokens = reported if reported > 0 else self.prompt_tokens
+                message.usage.completion_tokens = self.tokens
+                rewrite = True
+        return message.SerializeToString() if rewrite else frame
+
+
+class _Watch:
+    """One leg's deadline on what it waits for next, cut short when its backend leaves
+    service (a failed health check, an ejection)."""
+
+    __slots__ = ("_timeout", "backend_id", "left")
+
+    def __init__(self, backend_id: str) -> None:
+        self.backend_id = backend_id
+        self.left = False
+        self._timeout: asyncio.Timeout | None = None
+
+    def leave(self) -> None:
+        self.left = True
+        if self._timeout is not None:
+            self._timeout.reschedule(-1.0)  # fires at once
+
+    async def wait(
+        self,
+        work: Awaitable[_T],
+        limit_s: float,
+        stalled: Callable[[str, float], BackendError],
+    ) -> _T:
+        if self.left:
+            if isinstance(work, Coroutine):
+                work.close()
+            raise self._left_error()
+        timeout = asyncio.timeout(limit_s)
+        try:
+            async with timeout:
+                self._timeout = timeout
+                return await work
+        except TimeoutError:
+            if not timeout.expired():
+                raise  # the backend's own deadline, not this one
+            if self.left:
+                raise self._left_error() from None
+            raise stalled(self.backend_id, limit_s) from None
+        finally:
+            self._timeout = None
+
+    def _left_error(self) -> BackendError:
+        return BackendError(self.backend_id, "left service mid-request (failed health checks)")
+
+
+def _no_first_token(backend_id: str, limit_s: float) -> BackendError:
+    return BackendError(backend_id, f"no first token within {limit_s:.3g} s: stalled")
+
+
+def _no_next_token(backend_id: str, limit_s: float) -> BackendError:
+    return BackendError(backend_id, f"no token for {limit_s:.3g} s mid-stream: stalled")
+
+
+def _handoff_stalled(backend_id: str, limit_s: float) -> BackendError:
+    return _HandoffFailedError(
+        backend_id, f"no token within {limit_s:g} s of the prefill: the KV handoff stalled"
+    )
 
 
 class Dispatcher:
@@ -73,6 +228,7 @@ class Dispatcher:
         self.admission = AdmissionGate(
             settings.max_in_flight, settings.queue_limit, metrics, clock=clock
         )
+        self.retry_budget = RetryBudget(settings.retry_budget_percent, settings.retry_budget_min)
         # Prompt tokens one hashed prefix block stands for (its bytes over bytes per token).
         self._block_tokens = BLOCK_BYTES / settings.bytes_per_token
 
@@ -117,18 +273,14 @@ class Dispatcher:
                 prefix_block_tokens=self._block_tokens,
             )
             plan = self._schedule(features, now)
-            # Both backends of the plan end up holding the prompt's KV.
-            self._pool.record_prefix(plan.prefill_backend, features.prefix_hashes)
-            if plan.decode_backend != plan.prefill_backend:
-                self._pool.record_prefix(plan.decode_backend, features.prefix_hashes)
             progress = _Progress(
                 plan.mode, arrived, service.effective_slo(class_slo), service.slo_class
             )
             outcome = "error"
             self._metrics.in_flight.inc()
             try:
-                run = self._split if plan.mode is Mode.SPLIT else self._colocated
-                async with contextlib.aclosing(run(request, plan)) as frames:
+                attempts = self._attempts(request, features, plan, progress)
+                async with contextlib.aclosing(attempts) as frames:
                     async for frame in frames:
                         progress.last_frame_at = self._clock()
                         if progress.first_frame_at is None:
@@ -161,81 +313,231 @@ class Dispatcher:
             self.count_rejected(_outcome(error))
             raise
 
+    # -- attempts ----------------------------------------------------------------
+
+    async def _attempts(
+        self, request: GenerationRequest, features: RequestFeatures, plan: Plan, progress: _Progress
+    ) -> AsyncGenerator[bytes, None]:
+        """Runs the plan, then as many further attempts as failures call for and allow."""
+        sent = _Sent(request.sampling.max_tokens, request.prompt_tokens)
+        excluded: set[str] = set()  # backends this request failed on
+        attempt, attempts = request, 1
+        # Holds the retry budget's share from a retry's start to the request's end.
+        retrying = contextlib.ExitStack()
+        with retrying:
+            while True:
+                progress.mode = plan.mode
+                legs = {plan.prefill_backend, plan.decode_backend}
+                # Both backends of the plan end up holding the prompt's KV.
+                self._pool.record_prefix(plan.prefill_backend, features.prefix_hashes)
+                if plan.decode_backend != plan.prefill_backend:
+                    self._pool.record_prefix(plan.decode_backend, features.prefix_hashes)
+                route = b"" if progress.first_frame_at is not None else _route_frame(request, plan)
+                # The request id is the same on every attempt: an abort of an earlier one
+                # must not land on this one.
+                pending = [sent.aborting.pop(b) for b in legs if b in sent.aborting]
+                if pending:
+                    await asyncio.wait(pending)
+                try:
+                    run = self._split if plan.mode is Mode.SPLIT else self._colocated
+                    async with contextlib.aclosing(run(attempt, plan, sent)) as frames:
+                        async for frame in frames:
+                            if frame or route:
+                                yield route + frame
+                                route = b""
+                            if sent.cut:
+                                break  # leaving aborts the backend's stream
+                    for backend_id in legs:
+                        self._pool.record_success(backend_id)
+                    return
+                except BackendError as error:
+                    step, plan = self._after_failure(error, sent, features, excluded, attempts)
+                    attempts += 1
+                    attempt = request
+                    if step is NextStep.RESUME:
+                        sent.resumed = sent.tokens
+                        sampling = dataclasses.replace(
+                            request.sampling, max_tokens=request.sampling.max_tokens - sent.tokens
+                        )
+                        attempt = dataclasses.replace(
+                            request, generated_ids=tuple(sent.token_ids), sampling=sampling
+                        )
+                    kind = {NextStep.RESUME: "migration", NextStep.SERVE_COLOCATED: "colocated"}
+                    self._metrics.retries.labels(kind.get(step, "retry")).inc()
+                    log.warning(
+                        "attempt failed: trying again",
+                        backend=error.backend_id,
+                        error=error.message,
+                        step=step.value,
+                        attempt=attempts,
+                        tokens_sent=sent.tokens,
+                        prefill=plan.prefill_backend,
+                        decode=plan.decode_backend,
+                    )
+                    retrying.close()  # a request holds one share at most
+                    retrying.enter_context(self.retry_budget.held())
+
+    def _after_failure(
+        self,
+        error: BackendError,
+        sent: _Sent,
+        features: RequestFeatures,
+        excluded: set[str],
+        attempts: int,
+    ) -> tuple[NextStep, Plan]:
+        """The next attempt's step and plan; raises ``error`` when there is none."""
+        handoff = isinstance(error, _HandoffFailedError)
+        if error.retryable:
+            self._metrics.backend_failures.labels(error.backend_id, sent.phase).inc()
+            if not handoff:
+                excluded.add(error.backend_id)
+                self._pool.record_failure(error.backend_id)
+        step = after_failed_leg(
+            retryable=error.retryable,
+            client_has_tokens=sent.tokens > 0,
+            handoff=handoff,
+            attempts_left=attempts < self._settings.max_attempts,
+            migration=self._settings.migration,
+        )
+        if step is NextStep.FAIL:
+            if not error.retryable:
+                raise error
+            if sent.tokens and not self._settings.migration:
+                self._refuse(
+                    error, "migration_off", f"after {sent.tokens} tokens; migration is off"
+                )
+            self._refuse(error, "attempts", f"after {attempts} attempts")
+        if step is NextStep.RESUME and not sent.ids_known:
+            self._refuse(error, "no_backend", "the backend's frames carry no token ids to resume")
+        if not self.retry_budget.allows(self.admission.in_flight):
+            self._refuse(error, "budget", "the retry budget is spent")
+        try:
+            return step, self._replan(features, sent, excluded, step)
+        except ServingError:
+            why = "no other backend can resume it" if sent.tokens else "no other backend"
+            self._refuse(error, "no_backend", why)
+
+    def _refuse(self, error: BackendError, reason: str, why: str) -> NoReturn:
+        """Ends the request with ``error``, saying why it was not tried again."""
+        self._metrics.retries_refused.labels(reason).inc()
+        error.message = f"{error.message} (not tried again: {why})"
+        error.args = (error.message,)
+        raise error
+
+    def _replan(
+        self, features: RequestFeatures, sent: _Sent, excluded: set[str], step: NextStep
+    ) -> Plan:
+        avoid: set[str] = set(excluded)
+        disaggregation = features.disaggregation
+        if step is not NextStep.RETRY:
+            disaggregation = Disaggregation.COLOCATED
+        if step is NextStep.RESUME:
+            avoid.update(
+                backend_id
+                for backend_id, endpoint in self._pool.endpoints.items()
+                if not endpoint.backend.capabilities.resume
+            )
+        again = dataclasses.replace(
+            features,
+            prompt_tokens=features.prompt_tokens + sent.tokens,
+            max_tokens=features.max_tokens - sent.tokens,
+            disaggregation=disaggregation,
+            sequence=next(self._arrivals),
+        )
+        snapshot = self._pool.snapshot().without(avoid)
+        try:
+            return self._scheduler.schedule(again, snapshot, self._clock(), admit=False)
+        except ServingError:
+            if disaggregation is Disaggregation.COLOCATED:
+                raise
+            # A split it asked for cannot be had without the failed backend: one
+            # backend serves it alone rather than not at all.
+            colocated = dataclasses.replace(again, disaggregation=Disaggregation.COLOCATED)
+            return self._scheduler.schedule(colocated, snapshot, self._clock(), admit=False)
+
+    # -- legs --------------------------------------------------------------------
+
     async def _colocated(
-        self, request: GenerationRequest, plan: Plan
+        self, request: GenerationRequest, plan: Plan, sent: _Sent
     ) -> AsyncGenerator[bytes, None]:
         backend_id = plan.prefill_backend
-        route = _route_frame(request, Mode.COLOCATED, backend_id, backend_id)
+        sent.phase = "generate"
+        watch = _Watch(backend_id)
         with (
             self._pool.outstanding(backend_id) as backend,
+            self._pool.watching(backend_id, watch.leave),
             contextlib.ExitStack() as load,
         ):
             prefilling = load.enter_context(
                 self._pool.prefilling(backend_id, request.prompt_tokens)
             )
             async with (
-                self._aborting_on_exit(request.request_id, [backend_id]) as done,
+                self._aborting_on_exit(request.request_id, [backend_id], sent) as done,
                 contextlib.aclosing(
                     backend.generate(request, self._settings.decode_timeout_s)
                 ) as frames,
             ):
-                first = True
-                async for frame in frames:
-                    if first:
-                        # The prefill is done with the first token; decoding starts.
-                        prefilling.release()
-                        load.enter_context(
-                            self._pool.decoding(backend_id, _context_tokens(request))
-                        )
-                        yield route + frame
-                        first = False
-                    else:
-                        yield frame
-                done.set()
+                first = await watch.wait(
+                    anext(frames, None), self._first_token_limit(plan), _no_first_token
+                )
+                if first is None:
+                    done.set()
+                    return
+                # The prefill is done with the first token; decoding starts.
+                prefilling.release()
+                load.enter_context(self._pool.decoding(backend_id, _context_tokens(request)))
+                yield sent.take(first, backend_id)
+                async for frame in self._rest(frames, watch, plan, sent):
+                    yield frame
+                if not sent.cut:
+                    done.set()
 
-    async def _split(self, request: GenerationRequest, plan: Plan) -> AsyncGenerator[bytes, None]:
-        legs = [plan.prefill_backend, plan.decode_backend]
-        async with self._aborting_on_exit(request.request_id, legs) as done:
-            try:
-                prefill = await self._prefill(request, plan.prefill_backend)
-            except BackendError as error:
-                step = after_failed_leg(retryable=error.retryable, client_has_tokens=False)
-                if step is NextStep.FAIL:
-                    raise
-                async with contextlib.aclosing(
-                    self._instead_colocated(request, plan, error, "prefill")
-                ) as frames:
-                    async for frame in frames:
-                        yield frame
-                done.set()
+    async def _rest(
+        self, frames: AsyncGenerator[bytes, None], watch: _Watch, plan: Plan, sent: _Sent
+    ) -> AsyncGenerator[bytes, None]:
+        """The frames after a leg's first, each within the idle limit."""
+        idle_s = self._idle_limit(plan)
+        while not sent.cut:
+            frame = await watch.wait(anext(frames, None), idle_s, _no_next_token)
+            if frame is None:
                 return
-            route = _route_frame(request, Mode.SPLIT, plan.prefill_backend, plan.decode_backend)
-            if prefill.first_frame:
-                # The first token goes to the client now; it does not wait for the KV to move.
-                yield route + prefill.first_frame
-                route = b""
+            yield sent.take(frame, watch.backend_id)
+
+    async def _split(
+        self, request: GenerationRequest, plan: Plan, sent: _Sent
+    ) -> AsyncGenerator[bytes, None]:
+        legs = [plan.prefill_backend, plan.decode_backend]
+        async with self._aborting_on_exit(request.request_id, legs, sent) as done:
+            sent.phase = "prefill"
+            prefill = await self._prefill(request, plan)
             handle = prefill.handle
+            finished = prefill.finished or handle is None
+            if prefill.first_frame or finished:
+                # The first token goes to the client now; it does not wait for the KV to
+                # move. (An empty frame still carries the route of a finished request.)
+                yield sent.take(prefill.first_frame, plan.prefill_backend)
             step = after_prefill(
                 plan,
-                finished=prefill.finished or handle is None,
+                finished=finished,
                 layouts_compatible=self._pool.layouts_compatible(
                     plan.prefill_backend, plan.decode_backend
                 ),
             )
             # Without a handle the step is FINISHED; testing it again tells the type checker.
             if step is NextStep.FINISHED or handle is None:
-                if route:  # nothing was sent yet: the client still gets its route
-                    yield route + prefill.first_frame
                 done.set()
                 return
             if step is NextStep.RELAY_THEN_DECODE:
+                sent.phase = "relay"
                 handle = await self._relay(request, plan, handle)
+            sent.phase = "decode"
             async with contextlib.aclosing(
-                self._decode_leg(request, plan, handle, prefill.first_token_id, route)
+                self._decode_leg(request, plan, handle, prefill.first_token_id, sent)
             ) as frames:
                 async for frame in frames:
                     yield frame
-            done.set()
+            if not sent.cut:
+                done.set()
 
     async def _decode_leg(
         self,
@@ -243,50 +545,62 @@ class Dispatcher:
         plan: Plan,
         handle: KVHandle,
         first_token_id: int,
-        route: bytes,
+        sent: _Sent,
     ) -> AsyncGenerator[bytes, None]:
-        """Streams the decode; ``route`` is what still goes before its first frame."""
-        try:
-            with (
-                self._pool.outstanding(plan.decode_backend) as decoder,
-                self._pool.decoding(plan.decode_backend, _context_tokens(request)),
-            ):
-                decode = decoder.decode(
-                    request, handle, first_token_id, self._settings.decode_timeout_s
-                )
-                async with contextlib.aclosing(decode) as frames:
-                    if route:  # no token has reached the client: a stalled handoff can fall back
-                        first = await self._first_in_time(frames, plan.decode_backend)
-                        if first is None:
-                            return
-                        yield route + first
-                        route = b""
-                    async for frame in frames:
-                        yield frame
-        except BackendError as error:
-            step = after_failed_leg(retryable=error.retryable, client_has_tokens=not route)
-            if step is NextStep.FAIL:
-                raise
-            async with contextlib.aclosing(
-                self._instead_colocated(request, plan, error, "decode")
-            ) as frames:
-                async for frame in frames:
+        backend_id = plan.decode_backend
+        watch = _Watch(backend_id)
+        with (
+            self._pool.outstanding(backend_id) as decoder,
+            self._pool.watching(backend_id, watch.leave),
+            self._pool.decoding(backend_id, _context_tokens(request)),
+        ):
+            decode = decoder.decode(
+                request, handle, first_token_id, self._settings.decode_timeout_s
+            )
+            async with contextlib.aclosing(decode) as frames:
+                # Its first frame waits for the KV to arrive: past the handoff limit the
+                # request is served by one backend instead.
+                limit = self._settings.handoff_timeout_s
+                try:
+                    first = await watch.wait(anext(frames, None), limit, _handoff_stalled)
+                except _HandoffFailedError:
+                    raise
+                except BackendError as error:
+                    if not error.retryable or watch.left:
+                        raise
+                    raise _HandoffFailedError(backend_id, error.message) from error
+                if first is None:
+                    return
+                yield sent.take(first, backend_id)
+                async for frame in self._rest(frames, watch, plan, sent):
                     yield frame
 
-    async def _first_in_time(
-        self, frames: AsyncGenerator[bytes, None], backend_id: str
-    ) -> bytes | None:
-        """The decode leg's first frame (None: it ended without one), within the
-        handoff deadline; past it a retryable BackendError, so that the request is
-        served colocated (closing the leg aborts it on the engine)."""
-        limit = self._settings.handoff_timeout_s
-        try:
-            async with asyncio.timeout(limit):
-                return await anext(frames, None)
-        except TimeoutError:
-            raise BackendError(
-                backend_id, f"no token within {limit:g} s of the prefill: the KV handoff stalled"
-            ) from None
+    async def _prefill(self, request: GenerationRequest, plan: Plan) -> PrefillResult:
+        backend_id = plan.prefill_backend
+        watch = _Watch(backend_id)
+        limit = self._first_token_limit(plan)
+        with (
+            self._pool.outstanding(backend_id) as backend,
+            self._pool.watching(backend_id, watch.leave),
+            self._pool.prefilling(backend_id, request.prompt_tokens),
+        ):
+            return await watch.wait(backend.prefill(request, limit), limit, _no_first_token)
+
+    def _first_token_limit(self, plan: Plan) -> float:
+        """How long a leg may take to its first token: a multiple of the predicted time
+        to first token, at least ``stall_timeout_s``, at most ``prefill_timeout_s``."""
+        settings = self._settings
+        if plan.predicted is None:
+            return settings.prefill_timeout_s
+        expected = settings.prefill_deadline_multiple * plan.predicted.ttft_s
+        return min(settings.prefill_timeout_s, max(settings.stall_timeout_s, expected))
+
+    def _idle_limit(self, plan: Plan) -> float:
+        """How long a stream may go without a token: a multiple of the predicted time per
+        output token, at least ``stall_timeout_s``."""
+        settings = self._settings
+        step = plan.predicted.tpot_s if plan.predicted is not None else 0.0
+        return max(settings.stall_timeout_s, settings.stall_step_multiple * step)
 
     async def _relay(self, request: GenerationRequest, plan: Plan, handle: KVHandle) -> KVHandle:
         """Moves the KV to the decode backend; on failure the decode side pulls it itself."""
@@ -309,34 +623,16 @@ class Dispatcher:
         self._in_background(self._abort(plan.prefill_backend, request.request_id))  # frees it
         return moved
 
-    async def _instead_colocated(
-        self, request: GenerationRequest, plan: Plan, error: BackendError, phase: str
-    ) -> AsyncGenerator[bytes, None]:
-        """Serves a request whose split failed on the decode backend alone (local prefill)."""
-        log.warning(
-            f"{phase} failed; serving colocated", backend=error.backend_id, error=str(error)
-        )
-        self._metrics.backend_failures.labels(error.backend_id, phase).inc()
-        fallback = Plan(Mode.COLOCATED, plan.decode_backend, plan.decode_backend)
-        async with contextlib.aclosing(self._colocated(request, fallback)) as frames:
-            async for frame in frames:
-                yield frame
-
-    async def _prefill(self, request: GenerationRequest, backend_id: str) -> PrefillResult:
-        with (
-            self._pool.outstanding(backend_id) as backend,
-            self._pool.prefilling(backend_id, request.prompt_tokens),
-        ):
-            return await backend.prefill(request, self._settings.prefill_timeout_s)
-
     @contextlib.asynccontextmanager
     async def _aborting_on_exit(
-        self, request_id: str, backend_ids: list[str]
+        self, request_id: str, backend_ids: list[str], sent: _Sent
     ) -> AsyncIterator[asyncio.Event]:
         """Aborts the request on every backend unless the block sets the event (clean finish).
 
         Covers a client that goes away, a failed leg and a KV lease nobody will fetch.
-        The aborts run in the background so a cancelled request returns at once.
+        The aborts run in the background so a cancelled request returns at once; a
+        later attempt on one of these backends waits for its abort first, since it
+        reuses the request id.
         """
         done = asyncio.Event()
         try:
@@ -344,12 +640,14 @@ class Dispatcher:
         finally:
             if not done.is_set():
                 for backend_id in dict.fromkeys(backend_ids):
-                    self._in_background(self._abort(backend_id, request_id))
+                    task = self._in_background(self._abort(backend_id, request_id))
+                    sent.aborting[backend_id] = task
 
-    def _in_background(self, work: Coroutine[Any, Any, None]) -> None:
+    def _in_background(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task = asyncio.create_task(work)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+        return task
 
     async def _abort(self, backend_id: str, request_id: str) -> None:
         try:
@@ -398,13 +696,11 @@ def _outcome(error: ServingError) -> str:
     return type(error).__name__.removesuffix("Error").lower()
 
 
-def _route_frame(
-    request: GenerationRequest, mode: Mode, prefill_backend: str, decode_backend: str
-) -> bytes:
+def _route_frame(request: GenerationRequest, plan: Plan) -> bytes:
     route = router_pb2.Route(
-        mode=_ROUTE_MODE[mode],
-        prefill_backend=prefill_backend,
-        decode_backend=decode_backend,
+        mode=_ROUTE_MODE[plan.mode],
+        prefill_backend=plan.prefill_backend,
+        decode_backend=plan.decode_backend,
         request_id=request.request_id,
         seed=request.sampling.seed,
     )

@@ -39,6 +39,7 @@ class HealthChecker:
         self._no_load: set[str] = set()
 
     async def check_all(self) -> None:
+        self._pool.end_ejections()
         await asyncio.gather(*(self._check(e) for e in self._pool.endpoints.values()))
 
     def start(self) -> None:

@@ -10,19 +10,26 @@ from types import TracebackType
 from backends import registry as adapters
 from backends.base import Backend, BackendLoad, KVLayout
 from router.errors import ConfigError
+from router.logging import get_logger
 from router.metrics import RouterMetrics
+from router.pool.outlier import OutlierDetector
 from router.scheduling.perf import DevicePerf, perf_for
 from router.scheduling.prefix import DEFAULT_BLOCKS_PER_BACKEND, PrefixIndex
 from router.scheduling.snapshot import BackendView, PoolSnapshot
 from router.settings import BackendConfig, PoolConfig
+
+log = get_logger(__name__)
 
 
 @dataclass
 class Endpoint:
     config: BackendConfig
     backend: Backend
-    healthy: bool = False
+    healthy: bool = False  # as the health checks say
     detail: str = "not checked yet"
+    # Out of service for failing requests in a row (passive outlier detection), whatever
+    # the health checks say, until its ejection is over.
+    ejected: bool = False
     outstanding: int = 0
     layout: KVLayout | None = None
     # Load as this router sees it (see BackendView).
@@ -42,9 +49,11 @@ class Endpoint:
             role=self.config.role,
             model=self.config.model,
             profile=self.config.profile,
-            healthy=self.healthy,
+            healthy=self.healthy and not self.ejected,
             outstanding=self.outstanding,
-            detail=self.detail,
+            detail=f"ejected: failed requests in a row ({self.detail})"
+            if self.ejected
+            else self.detail,
             handoff=self.backend.capabilities.handoff_modes,
             wants_relay=self.config.handoff == "relay",
             kv_shape=(
@@ -115,7 +124,10 @@ class Pool:
         metrics: RouterMetrics,
         *,
         prefix_index_blocks_per_backend: int = DEFAULT_BLOCKS_PER_BACKEND,
+        outliers: Callable[[Iterable[tuple[str, tuple[str, str]]]], OutlierDetector] | None = None,
     ) -> None:
+        """``outliers`` builds the outlier detector from (backend id, (role, model)) pairs;
+        None: Envoy's defaults."""
         self.config = config
         self._metrics = metrics
         self.endpoints: dict[str, Endpoint] = {}
@@ -144,6 +156,11 @@ class Pool:
         self._views = {backend_id: e.view() for backend_id, e in self.endpoints.items()}
         self._stale: set[str] = set()
         self._snapshot: PoolSnapshot | None = None
+        groups = [(b.id, (b.role.value, b.model)) for b in config.backends]
+        self.outliers = (outliers or OutlierDetector)(groups)
+        # Called when a backend leaves service (a failed health check, an ejection): the
+        # legs in flight on it fail over at once instead of waiting for a deadline.
+        self._leaving: dict[str, set[Callable[[], None]]] = {b.id: set() for b in config.backends}
 
     @property
     def models(self) -> list[str]:
@@ -177,13 +194,69 @@ class Pool:
         self, backend_id: str, healthy: bool, detail: str, layout: KVLayout | None
     ) -> None:
         endpoint = self.endpoints[backend_id]
-        if endpoint.healthy and not healthy:
+        leaving = endpoint.healthy and not healthy
+        if leaving:
             # Whatever it cached may be gone when it comes back (a restart).
             self.prefix_index.forget(backend_id)
         if (endpoint.healthy, endpoint.detail, endpoint.layout) != (healthy, detail, layout):
             endpoint.healthy, endpoint.detail, endpoint.layout = healthy, detail, layout
             self._changed(backend_id)
         self._metrics.backend_healthy.labels(backend_id, endpoint.config.role.value).set(healthy)
+        if leaving and not endpoint.ejected:
+            self._left_service(backend_id)
+
+    # -- passive outlier detection ---------------------------------------------------
+
+    def record_success(self, backend_id: str) -> None:
+        """A leg on the backend served its request."""
+        self.outliers.succeeded(backend_id)
+
+    def record_failure(self, backend_id: str) -> None:
+        """A leg on the backend failed (an error, a stall): enough in a row eject it."""
+        duration = self.outliers.failed(backend_id)
+        if duration is None:
+            return
+        endpoint = self.endpoints[backend_id]
+        log.warning(
+            "backend ejected: requests failed in a row",
+            backend=backend_id,
+            failures=self.outliers.consecutive_failures,
+            ejection_s=duration,
+        )
+        self._metrics.outlier_ejections.labels(backend_id).inc()
+        self._metrics.backend_ejected.labels(backend_id).set(1)
+        was_serving = endpoint.healthy and not endpoint.ejected
+        endpoint.ejected = True
+        self._changed(backend_id)
+        if was_serving:
+            self._left_service(backend_id)
+
+    def end_ejections(self) -> None:
+        """Returns the backends whose ejection is over to service (the health checker
+        calls it on every round)."""
+        for backend_id in self.outliers.returning():
+            log.info("backend ejection over", backend=backend_id)
+            self.endpoints[backend_id].ejected = False
+            self._metrics.backend_ejected.labels(backend_id).set(0)
+            self._changed(backend_id)
+
+    @contextlib.contextmanager
+    def watching(self, backend_id: str, on_leave: Callable[[], None]) -> Iterator[None]:
+        """Calls ``on_leave`` if the backend leaves service while the block runs."""
+        callbacks = self._leaving[backend_id]
+        callbacks.add(on_leave)
+        try:
+            yield
+        finally:
+            callbacks.discard(on_leave)
+
+    def in_service(self, backend_id: str) -> bool:
+        endpoint = self.endpoints[backend_id]
+        return endpoint.healthy and not endpoint.ejected
+
+    def _left_service(self, backend_id: str) -> None:
+        for callback in list(self._leaving[backend_id]):
+            callback()
 
     def set_load(self, backend_id: str, load: BackendLoad) -> None:
         """What the backend reports: KV use, and the prefix blocks it holds cached."""

@@ -16,7 +16,9 @@ class NextStep(enum.Enum):
     DECODE_IN_PLACE = "decode-in-place"  # colocated: the backend that prefilled decodes on
     DECODE_PULLS = "decode-pulls"  # the decode leg is sent now and fetches the KV itself
     RELAY_THEN_DECODE = "relay-then-decode"  # the router moves the KV, then sends the decode leg
-    SERVE_COLOCATED = "serve-colocated"  # served again by the decode backend alone
+    RETRY = "retry"  # planned again, away from the failed backend: no token reached the client
+    RESUME = "resume"  # continued on another backend after the tokens the client has
+    SERVE_COLOCATED = "serve-colocated"  # the handoff failed: served by one backend alone
     FAIL = "fail"  # the error reaches the client
 
 
@@ -36,13 +38,25 @@ def after_prefill(plan: Plan, *, finished: bool, layouts_compatible: bool) -> Ne
     return NextStep.DECODE_PULLS
 
 
-def after_failed_leg(*, retryable: bool, client_has_tokens: bool) -> NextStep:
-    """The step after a split's prefill or decode leg failed.
+def after_failed_leg(
+    *,
+    retryable: bool,
+    client_has_tokens: bool,
+    handoff: bool = False,
+    attempts_left: bool = True,
+    migration: bool = True,
+) -> NextStep:
+    """The step after a leg failed (the dispatcher then checks the retry budget and
+    that another backend can take it).
 
-    Once the client has a token, serving the request again would repeat it; before
-    that, a retryable failure is served colocated on the decode backend (a local
-    prefill there).
+    A failure that any backend would repeat (bad input) fails. Otherwise, within the
+    attempts: a stalled KV handoff between two working backends is served by one
+    alone; before any token reached the client the request is simply planned again,
+    away from the failed backend; after tokens it resumes elsewhere from them, so
+    that none is lost or repeated, unless migration is off.
     """
-    if retryable and not client_has_tokens:
-        return NextStep.SERVE_COLOCATED
-    return NextStep.FAIL
+    if not retryable or not attempts_left:
+        return NextStep.FAIL
+    if client_has_tokens:
+        return NextStep.RESUME if migration else NextStep.FAIL
+    return NextStep.SERVE_COLOCATED if handoff else NextStep.RETRY

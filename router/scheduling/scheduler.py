@@ -56,10 +56,13 @@ class Scheduler:
     def default_slo(self, slo_class: str = DEFAULT_SLO_CLASS) -> Slo:
         return self.profiles[slo_class].slo
 
-    def schedule(self, features: RequestFeatures, snapshot: PoolSnapshot, now: float) -> Plan:
+    def schedule(
+        self, features: RequestFeatures, snapshot: PoolSnapshot, now: float, *, admit: bool = True
+    ) -> Plan:
         """The plan for ``features``; raises NoHealthyBackendError when no backend can take
         it, OverloadedError when admission sheds it, InvalidRequestError for an unknown
-        SLO class."""
+        SLO class. ``admit=False`` skips admission: a request already admitted, tried
+        again after a failure, is not shed half-served."""
         profile = self.profiles.get(features.slo_class)
         if profile is None:
             raise InvalidRequestError(
@@ -85,7 +88,8 @@ class Scheduler:
             plan = profile.decider.choose(ctx, build)
         if plan is None:
             raise self._unservable(wanted, features, snapshot)
-        profile.admission.admit(plan, ctx)
+        if admit:
+            profile.admission.admit(plan, ctx)
         return plan
 
     # -- building a plan for one mode ---------------------------------------------

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Collection
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from backends.base import HandoffMode, Role
@@ -87,6 +88,15 @@ class PoolSnapshot:
     _candidates: dict[tuple[str | int, ...], Any] = field(
         default_factory=dict, init=False, repr=False, compare=False
     )
+
+    def without(self, backend_ids: Collection[str]) -> PoolSnapshot:
+        """This view with ``backend_ids`` out of service: where a retried request failed."""
+        if not backend_ids:
+            return self
+        backends = tuple(
+            replace(b, healthy=False) if b.id in backend_ids else b for b in self.backends
+        )
+        return PoolSnapshot(backends, self.prefix_index)
 
     def serving(self, model: str) -> tuple[BackendView, ...]:
         return tuple(b for b in self.backends if b.healthy and b.model == model)

@@ -37,14 +37,37 @@ def test_after_prefill(
 
 
 @pytest.mark.parametrize(
-    ("retryable", "client_has_tokens", "step"),
+    ("retryable", "client_has_tokens", "handoff", "attempts_left", "migration", "step"),
     [
-        (True, False, NextStep.SERVE_COLOCATED),
-        # A restart would send the client tokens it already has.
-        (True, True, NextStep.FAIL),
-        (False, False, NextStep.FAIL),
-        (False, True, NextStep.FAIL),
+        (True, False, False, True, True, NextStep.RETRY),
+        (True, False, True, True, True, NextStep.SERVE_COLOCATED),
+        # A restart would send the client tokens it already has: resume after them.
+        (True, True, False, True, True, NextStep.RESUME),
+        (True, True, True, True, True, NextStep.RESUME),
+        (True, True, False, True, False, NextStep.FAIL),
+        # Before a token, migration does not matter.
+        (True, False, False, True, False, NextStep.RETRY),
+        (True, False, False, False, True, NextStep.FAIL),
+        (True, True, False, False, True, NextStep.FAIL),
+        (False, False, False, True, True, NextStep.FAIL),
+        (False, True, False, True, True, NextStep.FAIL),
     ],
 )
-def test_after_failed_leg(retryable: bool, client_has_tokens: bool, step: NextStep) -> None:
-    assert after_failed_leg(retryable=retryable, client_has_tokens=client_has_tokens) is step
+def test_after_failed_leg(
+    retryable: bool,
+    client_has_tokens: bool,
+    handoff: bool,
+    attempts_left: bool,
+    migration: bool,
+    step: NextStep,
+) -> None:
+    assert (
+        after_failed_leg(
+            retryable=retryable,
+            client_has_tokens=client_has_tokens,
+            handoff=handoff,
+            attempts_left=attempts_left,
+            migration=migration,
+        )
+        is step
+    )

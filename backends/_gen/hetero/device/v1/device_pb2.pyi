@@ -384,20 +384,29 @@ class DeviceGenerateRequest(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     PROMPT_FIELD_NUMBER: _builtins.int
     SAMPLING_FIELD_NUMBER: _builtins.int
+    GENERATED_IDS_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     prompt: _builtins.str
     @_builtins.property
     def sampling(self) -> Global___Sampling: ...
+    @_builtins.property
+    def generated_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """A resumed request: the tokens already generated (and delivered) elsewhere.
+        The sequence is the prompt followed by them; sampling.max_tokens counts the
+        tokens still to come, and only those are streamed.
+        """
+
     def __init__(
         self,
         *,
         request_id: _builtins.str = ...,
         prompt: _builtins.str = ...,
         sampling: Global___Sampling | None = ...,
+        generated_ids: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["sampling", b"sampling"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["prompt", b"prompt", "request_id", b"request_id", "sampling", b"sampling"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["generated_ids", b"generated_ids", "prompt", b"prompt", "request_id", b"request_id", "sampling", b"sampling"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
