@@ -83,6 +83,7 @@ class _Sent:
 
     __slots__ = (
         "aborting",
+        "backend",
         "cut",
         "finished",
         "ids_known",
@@ -104,6 +105,7 @@ class _Sent:
         self.finished = False  # the last frame (with a finish reason) was taken
         self.cut = False  # the router ended the stream: the backend must be aborted
         self.phase = "generate"  # the leg running now, for metrics
+        self.backend = ""  # and its backend: what a failure is put down to
         # Aborts of a failed attempt still on their way, by backend.
         self.aborting: dict[str, asyncio.Task[None]] = {}
 
@@ -366,7 +368,7 @@ class Dispatcher:
                     self._metrics.retries.labels(kind.get(step, "retry")).inc()
                     log.warning(
                         "attempt failed: trying again",
-                        backend=error.backend_id,
+                        backend=sent.backend,
                         error=error.message,
                         step=step.value,
                         attempt=attempts,
@@ -388,10 +390,10 @@ class Dispatcher:
         """The next attempt's step and plan; raises ``error`` when there is none."""
         handoff = isinstance(error, _HandoffFailedError)
         if error.retryable:
-            self._metrics.backend_failures.labels(error.backend_id, sent.phase).inc()
+            self._metrics.backend_failures.labels(sent.backend, sent.phase).inc()
             if not handoff:
-                excluded.add(error.backend_id)
-                self._pool.record_failure(error.backend_id)
+                excluded.add(sent.backend)
+                self._pool.record_failure(sent.backend)
         step = after_failed_leg(
             retryable=error.retryable,
             client_has_tokens=sent.tokens > 0,
@@ -412,6 +414,14 @@ class Dispatcher:
         if not self.retry_budget.allows(self.admission.in_flight):
             self._refuse(error, "budget", "the retry budget is spent")
         try:
+            # After a failed handoff the decode backend may be fine, or down: another
+            # one is preferred, it serves when it is the only one.
+            avoid = {sent.backend} if handoff else set()
+            try:
+                return step, self._replan(features, sent, excluded | avoid, step)
+            except ServingError:
+                if not avoid:
+                    raise
             return step, self._replan(features, sent, excluded, step)
         except ServingError:
             why = "no other backend can resume it" if sent.tokens else "no other backend"
@@ -461,7 +471,7 @@ class Dispatcher:
         self, request: GenerationRequest, plan: Plan, sent: _Sent
     ) -> AsyncGenerator[bytes, None]:
         backend_id = plan.prefill_backend
-        sent.phase = "generate"
+        sent.phase, sent.backend = "generate", backend_id
         watch = _Watch(backend_id)
         with (
             self._pool.outstanding(backend_id) as backend,
@@ -508,7 +518,7 @@ class Dispatcher:
     ) -> AsyncGenerator[bytes, None]:
         legs = [plan.prefill_backend, plan.decode_backend]
         async with self._aborting_on_exit(request.request_id, legs, sent) as done:
-            sent.phase = "prefill"
+            sent.phase, sent.backend = "prefill", plan.prefill_backend
             prefill = await self._prefill(request, plan)
             handle = prefill.handle
             finished = prefill.finished or handle is None
@@ -528,9 +538,9 @@ class Dispatcher:
                 done.set()
                 return
             if step is NextStep.RELAY_THEN_DECODE:
-                sent.phase = "relay"
+                sent.phase, sent.backend = "relay", plan.decode_backend
                 handle = await self._relay(request, plan, handle)
-            sent.phase = "decode"
+            sent.phase, sent.backend = "decode", plan.decode_backend
             async with contextlib.aclosing(
                 self._decode_leg(request, plan, handle, prefill.first_token_id, sent)
             ) as frames:
@@ -568,7 +578,8 @@ class Dispatcher:
                 except BackendError as error:
                     if not error.retryable or watch.left:
                         raise
-                    raise _HandoffFailedError(backend_id, error.message) from error
+                    reason = error.message.removeprefix(f"backend {backend_id}: ")
+                    raise _HandoffFailedError(backend_id, reason) from error
                 if first is None:
                     return
                 yield sent.take(first, backend_id)

@@ -146,8 +146,9 @@ async def router_for() -> AsyncIterator[StartRouter]:
             health_timeout_s=10.0,
             health_unhealthy_threshold=5,
             # The split tests check that the KV moved: a slow first token on a busy
-            # machine must not turn a split colocated. Fault tests set their own.
-            **{"handoff_timeout_s": 300.0, **settings},
+            # machine must not turn a split colocated, nor a CPU engine busy with
+            # another prompt's prefill count as stalled. Fault tests set their own.
+            **{"handoff_timeout_s": 300.0, "stall_timeout_s": 120.0, **settings},
         )
         daemon = Daemon(config, PoolConfig(backends=tuple(backends), default_model=SERVED_MODEL))
         await daemon.start()

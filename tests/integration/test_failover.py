@@ -65,13 +65,13 @@ class Stream:
 
 async def reference(client: AsyncRouterClient, **sampling: object) -> Stream:
     stream = Stream()
-    async for message in client.generate(PROMPT, **sampling):  # type: ignore[arg-type]  # test kwargs
+    async for message in client.generate(PROMPT, **sampling):
         stream.messages.append(message)
     return stream
 
 
 async def consume(client: AsyncRouterClient, stream: Stream, **sampling: object) -> None:
-    async for message in client.generate(PROMPT, **sampling):  # type: ignore[arg-type]  # test kwargs
+    async for message in client.generate(PROMPT, **sampling):
         stream.messages.append(message)
 
 
@@ -89,7 +89,7 @@ async def interrupted(
     while len(stream.token_ids) < after:
         clocks[victim].step()
         count = len(stream.token_ids)
-        await eventually(lambda: len(stream.token_ids) > count)
+        await eventually(lambda count=count: len(stream.token_ids) > count)  # type: ignore[misc]  # bound default
     await cluster.devices[victim].stop(grace_s=0)
     for clock in clocks.values():
         clock.open()
@@ -123,9 +123,9 @@ async def test_a_decode_device_dying_mid_stream_is_resumed_with_the_same_tokens(
         for clock in decode_clocks.values():
             clock.open()
         expected = await reference(cluster.client, **sampling)
-        for name in decode_clocks:
-            decode_clocks[name] = GatedClock()
-            cluster.devices[name].engine.clock = decode_clocks[name]
+        for name, clock in list(decode_clocks.items()):
+            clock.open()
+            decode_clocks[name] = cluster.devices[name].engine.clock = GatedClock()
         got, victim = await interrupted(cluster, decode_clocks, after=9, **sampling)
 
         assert got.token_ids == expected.token_ids  # none lost, none repeated
@@ -139,9 +139,7 @@ async def test_a_decode_device_dying_mid_stream_is_resumed_with_the_same_tokens(
         # Nothing is left held on the devices still up.
         await eventually(
             lambda: all(
-                used == (0, 0)
-                for name, used in cluster.kv_in_use().items()
-                if name != victim
+                used == (0, 0) for name, used in cluster.kv_in_use().items() if name != victim
             )
         )
     finally:
@@ -183,14 +181,12 @@ async def test_a_device_dead_before_the_first_token_is_retried_on_another() -> N
                     cluster.client, max_tokens=12, temperature=0, disaggregation=mode
                 )
                 assert got.token_ids == expected.token_ids, mode
-                assert {got.route.prefill_backend, got.route.decode_backend} <= {
-                    "h100-1",
-                    "groq-1",
-                }
+                assert got.last.finish_reason == router_pb2.FINISH_REASON_LENGTH
         retries = cluster.daemon.registry.get_sample_value(
             "hetero_router_retries_total", {"kind": "retry"}
         )
-        assert retries is not None and retries >= 1
+        assert retries is not None
+        assert retries >= 1
     finally:
         await stop_cluster(cluster)
 

@@ -53,7 +53,7 @@ def test_after_prefill(
         (False, True, False, True, True, NextStep.FAIL),
     ],
 )
-def test_after_failed_leg(
+def test_after_failed_leg(  # noqa: PLR0917  # one parameter per column of the table
     retryable: bool,
     client_has_tokens: bool,
     handoff: bool,
