@@ -24,6 +24,7 @@ from router.dispatch.dispatcher import Dispatcher
 from router.logging import get_logger
 from router.metrics import RouterMetrics
 from router.pool.health import HealthChecker
+from router.pool.outlier import OutlierDetector
 from router.pool.registry import Pool
 from router.scheduling.registry import build_scheduler
 from router.settings import PoolConfig, Settings
@@ -47,6 +48,13 @@ class Daemon:
             pool_config,
             self.metrics,
             prefix_index_blocks_per_backend=settings.prefix_index_blocks_per_backend,
+            outliers=lambda groups: OutlierDetector(
+                groups,
+                consecutive_failures=settings.outlier_consecutive_failures,
+                base_ejection_s=settings.outlier_base_ejection_s,
+                max_ejection_s=10 * settings.outlier_base_ejection_s,
+                max_ejected_fraction=settings.outlier_max_ejected_percent / 100,
+            ),
         )
         self.health = HealthChecker(
             self.pool,

@@ -3,8 +3,8 @@
 Envoy's consecutive-errors detection, with its defaults: a backend whose last
 ``consecutive_failures`` requests (5) failed is ejected for ``base_ejection_s`` (30 s)
 times the number of times it was ejected (so a backend that keeps failing stays out
-longer, up to ``max_ejection_s``); every ``base_ejection_s`` without an ejection takes
-one off that count. At most ``max_ejected_fraction`` (half) of the backends of one
+longer, up to ``max_ejection_s``, 300 s); every ``base_ejection_s`` without an
+ejection takes one off that count. At most ``max_ejected_fraction`` (half) of the backends of one
 role and model are ejected at once, so that a fault everywhere (a bad model push, the
 router's own network) degrades service instead of emptying the pool. Health checks
 run besides: an ejected backend passing them stays out until its time is up.
