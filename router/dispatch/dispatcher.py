@@ -154,19 +154,66 @@ class _Sent:
 
 class _Watch:
     """One leg's deadline on what it waits for next, cut short when its backend leaves
-    service (a failed health check, an ejection)."""
+    service (a failed health check, an ejection).
 
-    __slots__ = ("_timeout", "backend_id", "left")
+    One timer per leg, not per frame: each wait only moves the deadline, and a timer
+    that fires early (the deadline moved on since) re-arms itself. ``asyncio.timeout``
+    per frame would cost a timer heap push and pop for every token.
+    """
+
+    __slots__ = (
+        "_armed_for",
+        "_deadline",
+        "_expired",
+        "_handle",
+        "_loop",
+        "_task",
+        "_waiting",
+        "backend_id",
+        "left",
+    )
 
     def __init__(self, backend_id: str) -> None:
         self.backend_id = backend_id
         self.left = False
-        self._timeout: asyncio.Timeout | None = None
+        self._loop = asyncio.get_running_loop()
+        # A leg runs in the task of the request it serves, from its first wait to its last.
+        self._task = asyncio.current_task()
+        self._deadline = 0.0
+        self._handle: asyncio.TimerHandle | None = None
+        self._armed_for = 0.0  # when the timer fires
+        self._waiting = False
+        self._expired = False
+
+    def __enter__(self) -> _Watch:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
 
     def leave(self) -> None:
         self.left = True
-        if self._timeout is not None:
-            self._timeout.reschedule(-1.0)  # fires at once
+        self._interrupt()
+
+    def _interrupt(self) -> None:
+        if self._waiting and not self._expired and self._task is not None:
+            self._expired = True
+            self._task.cancel()  # delivered at the await below: the task waits there
+
+    def _on_timer(self) -> None:
+        self._handle = None
+        if not self._waiting:
+            return  # between waits: the next one arms the timer again
+        if self._loop.time() >= self._deadline:
+            self._interrupt()
+        else:
+            self._arm()
+
+    def _arm(self) -> None:
+        self._armed_for = self._deadline
+        self._handle = self._loop.call_at(self._deadline, self._on_timer)
 
     async def wait(
         self,
@@ -178,19 +225,23 @@ class _Watch:
             if isinstance(work, Coroutine):
                 work.close()
             raise self._left_error()
-        timeout = asyncio.timeout(limit_s)
+        self._deadline = self._loop.time() + limit_s
+        if self._handle is None:
+            self._arm()
+        elif self._armed_for > self._deadline:  # a shorter limit than the last one
+            self._handle.cancel()
+            self._arm()
+        self._waiting, self._expired = True, False
         try:
-            async with timeout:
-                self._timeout = timeout
-                return await work
-        except TimeoutError:
-            if not timeout.expired():
-                raise  # the backend's own deadline, not this one
+            return await work
+        except asyncio.CancelledError:
+            if not self._expired or self._task is None or self._task.uncancel() > 0:
+                raise  # cancelled from outside (the client went away)
             if self.left:
                 raise self._left_error() from None
             raise stalled(self.backend_id, limit_s) from None
         finally:
-            self._timeout = None
+            self._waiting = False
 
     def _left_error(self) -> BackendError:
         return BackendError(self.backend_id, "left service mid-request (failed health checks)")
@@ -472,8 +523,8 @@ class Dispatcher:
     ) -> AsyncGenerator[bytes, None]:
         backend_id = plan.prefill_backend
         sent.phase, sent.backend = "generate", backend_id
-        watch = _Watch(backend_id)
         with (
+            _Watch(backend_id) as watch,
             self._pool.outstanding(backend_id) as backend,
             self._pool.watching(backend_id, watch.leave),
             contextlib.ExitStack() as load,
@@ -558,8 +609,8 @@ class Dispatcher:
         sent: _Sent,
     ) -> AsyncGenerator[bytes, None]:
         backend_id = plan.decode_backend
-        watch = _Watch(backend_id)
         with (
+            _Watch(backend_id) as watch,
             self._pool.outstanding(backend_id) as decoder,
             self._pool.watching(backend_id, watch.leave),
             self._pool.decoding(backend_id, _context_tokens(request)),
@@ -588,9 +639,9 @@ class Dispatcher:
 
     async def _prefill(self, request: GenerationRequest, plan: Plan) -> PrefillResult:
         backend_id = plan.prefill_backend
-        watch = _Watch(backend_id)
         limit = self._first_token_limit(plan)
         with (
+            _Watch(backend_id) as watch,
             self._pool.outstanding(backend_id) as backend,
             self._pool.watching(backend_id, watch.leave),
             self._pool.prefilling(backend_id, request.prompt_tokens),
