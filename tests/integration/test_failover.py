@@ -250,3 +250,35 @@ async def test_a_stalled_stream_is_resumed_after_the_idle_limit() -> None:
         for clock in decode_clocks.values():
             clock.open()
         await stop_cluster(cluster)
+
+
+async def test_a_hung_prefill_is_left_after_its_predicted_deadline_not_a_flat_30_s() -> None:
+    # Both prefill devices hang (their clocks never move); the first one picked is let go
+    # only if the request comes back to it. The deadline is derived from the prediction
+    # for the plan (milliseconds for an H100), so the floor applies: well under 30 s.
+    prefill_clocks = {"h100-0": GatedClock(), "h100-1": GatedClock()}
+    cluster = await start_cluster(
+        clocks=dict(prefill_clocks), stall_timeout_s=0.3, picker="round-robin"
+    )
+    try:
+        stream = Stream()
+        task = asyncio.create_task(
+            consume(cluster.client, stream, max_tokens=4, temperature=0, disaggregation="split")
+        )
+        await eventually(lambda: sum(d.requests_received for d in cluster.devices.values()) >= 1)
+        hung = next(n for n in prefill_clocks if cluster.devices[n].requests_received)
+        other = next(n for n in prefill_clocks if n != hung)
+        prefill_clocks[other].open()
+        await asyncio.wait_for(task, 30)
+        assert len(stream.token_ids) == 4
+        assert stream.route.prefill_backend == other
+        failures = cluster.daemon.registry.get_sample_value(
+            "hetero_router_backend_failures_total", {"backend": hung, "phase": "prefill"}
+        )
+        assert failures == 1
+        # The hung device was told to drop the request.
+        await eventually(lambda: cluster.kv_in_use()[hung] == (0, 0))
+    finally:
+        for clock in prefill_clocks.values():
+            clock.open()
+        await stop_cluster(cluster)
