@@ -93,8 +93,12 @@ async def embedded_devices(
     ready_timeout_s: float,
     time_scale: float | None = None,
     extra_args: Sequence[str] = (),
+    pids: dict[str, int] | None = None,
 ) -> AsyncIterator[PoolConfig]:
-    """Starts the pool's mock devices; yields the pool with their real addresses."""
+    """Starts the pool's mock devices; yields the pool with their real addresses.
+
+    ``pids``, when given, receives each device's process id by backend id (fault
+    tests signal them)."""
     mocks = [b for b in pool.backends if b.kind == "mock"]
     for backend in mocks:
         if not backend.profile:
@@ -112,6 +116,8 @@ async def embedded_devices(
                 start_new_session=True,
             )
             devices.append(DeviceProcess(backend, process))
+            if pids is not None:
+                pids[backend.id] = process.pid
         await asyncio.wait_for(
             asyncio.gather(*(_await_ready(d) for d in devices)), timeout=ready_timeout_s
         )

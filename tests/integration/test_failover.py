@@ -4,6 +4,8 @@ or leaves service; the client's stream goes on with no token lost or repeated.""
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 from dataclasses import dataclass, field
 
 import grpc
@@ -13,6 +15,9 @@ from backends._gen.hetero.router.v1 import router_pb2
 from backends.base import Role
 from backends.mock.clock import LoopClock
 from router.client import AsyncRouterClient
+from router.cluster import embedded_devices
+from router.daemon import Daemon
+from router.settings import BackendConfig, PoolConfig, Settings
 from tests.conftest import Cluster, start_cluster, stop_cluster
 from tests.helpers import eventually
 
@@ -282,3 +287,41 @@ async def test_a_hung_prefill_is_left_after_its_predicted_deadline_not_a_flat_30
         for clock in prefill_clocks.values():
             clock.open()
         await stop_cluster(cluster)
+
+
+async def test_a_device_process_killed_mid_stream_is_resumed_on_another() -> None:
+    # Real processes and a real SIGKILL: the device's sockets close under the stream.
+    pool = PoolConfig(
+        backends=tuple(
+            BackendConfig(
+                id=f"groq-{i}", address="127.0.0.1:0", role=Role.DECODE,
+                model="llama-3.1-8b", profile="groq-lpu",
+            )
+            for i in range(2)
+        )
+    )  # fmt: skip
+    pids: dict[str, int] = {}
+    # 25 ms a token: the stream outlasts the kill by far.
+    pace = ["--decode-step-ms", "25"]
+    async with embedded_devices(pool, ready_timeout_s=60, extra_args=pace, pids=pids) as live:
+        settings = Settings(grpc_address="127.0.0.1:0", http_address="127.0.0.1:0")
+        daemon = Daemon(settings, live)
+        await daemon.start()
+        try:
+            async with AsyncRouterClient(f"127.0.0.1:{daemon.grpc_port}") as client:
+                sampling: dict[str, object] = {"max_tokens": 60, "temperature": 0.7, "seed": 3}
+                expected = await reference(client, **sampling)
+                stream = Stream()
+                task = asyncio.create_task(consume(client, stream, **sampling))
+                await eventually(lambda: len(stream.token_ids) >= 10, timeout_s=30)
+                os.kill(pids[stream.route.decode_backend], signal.SIGKILL)
+                await asyncio.wait_for(task, 60)
+            assert stream.token_ids == expected.token_ids
+            assert stream.text == expected.text
+            assert stream.last.usage == expected.last.usage
+            migrated = daemon.registry.get_sample_value(
+                "hetero_router_retries_total", {"kind": "migration"}
+            )
+            assert migrated == 1
+        finally:
+            await daemon.stop()
