@@ -11,10 +11,19 @@ Each helper is protocol-level and knows nothing of one engine:
   as invalid;
 - cancellation: :class:`OpenExchanges` closes a request's HTTP exchanges on abort
   (OpenAI-compatible servers abort a request when its connection closes);
-- streams: :func:`iter_sse` splits a Server-Sent Events body into events,
-  :class:`OpenAIStream` turns the chunks of a streaming ``/v1/completions`` or
-  ``/v1/chat/completions`` reply into token frames (encoded ``GenerateResponse``), and
-  :func:`openai_frames` does both for an aiohttp response;
+- what engines answer: nothing an engine sends is trusted. Bodies are read with
+  :func:`read_body`, bounded (:data:`MAX_BODY_BYTES` for an answer,
+  :data:`MAX_PAGE_BYTES` for a listing, a metrics page or a token list); every field is
+  type-checked (:class:`ShapeError` from :func:`json_object`, :func:`field_list`,
+  :func:`field_object`, :func:`field_text`, :func:`field_count`, :func:`field_ids`),
+  and :func:`malformed` turns a bad shape into a retryable
+  :class:`~backends.errors.BackendError` quoting the start of the reply;
+- streams: :func:`iter_sse` splits a Server-Sent Events body into events (each at most
+  :data:`MAX_EVENT_BYTES`, giving the event loop a turn every
+  :data:`YIELD_EVERY_STEPS` events or reads), :class:`OpenAIStream` turns the chunks
+  of a streaming ``/v1/completions`` or ``/v1/chat/completions`` reply into token
+  frames (encoded ``GenerateResponse``), and :func:`openai_frames` does both for an
+  aiohttp response;
 - load: :func:`parse_prometheus` reads the samples of a ``/metrics`` page with
   prometheus_client's parser.
 """
@@ -49,6 +58,26 @@ T = TypeVar("T")
 
 # An engine's error text is for an operator's eyes: a few lines, never a whole page.
 _MAX_ERROR_CHARS = 500
+
+# The largest SSE event (all its data lines) and JSON answer an adapter reads. A
+# completion chunk or a one-token answer is a few hundred bytes: far past that is a
+# broken engine, and a reply to refuse rather than to buffer.
+MAX_EVENT_BYTES = 1 << 20
+MAX_BODY_BYTES = 1 << 20
+# Model listings, metrics pages and token lists grow with the deployment or the prompt.
+MAX_PAGE_BYTES = 16 << 20
+# What one token id takes in a JSON list ("123456, "), generously: a reply that echoes the
+# prompt's ids (vLLM's ``return_token_ids``) is allowed this much more per prompt token.
+ID_BYTES = 12
+# The SSE reader gives the event loop a turn after this many events or reads: data aiohttp
+# has buffered is read without suspending, so an engine streaming as fast as it can
+# would otherwise keep health checks and every other stream waiting.
+YIELD_EVERY_STEPS = 16
+
+# Token ids and counts travel as uint32 in frames.
+_MAX_UINT32 = 2**32 - 1
+# How much of a malformed reply an error quotes.
+_EXCERPT_CHARS = 120
 
 _REDACTED = "<redacted>"
 
@@ -222,6 +251,119 @@ def transport_error(backend_id: str, error: BaseException, timeout_s: float) -> 
     return BackendError(backend_id, f"connection failed: {detail}", retryable=True)
 
 
+# --- what engines answer -----------------------------------------------------------------
+
+
+class ShapeError(Exception):
+    """A reply is not the shape the adapter reads; :func:`malformed` makes it a BackendError."""
+
+
+def excerpt(raw: bytes | str) -> str:
+    """The start of a reply, quoted, for an error message."""
+    text = raw.decode("utf-8", errors="replace") if isinstance(raw, bytes) else raw
+    if len(text) > _EXCERPT_CHARS:
+        return f"{text[:_EXCERPT_CHARS]!r}..."
+    return repr(text)
+
+
+def malformed(
+    backend_id: str, what: str, problem: ShapeError | str, raw: bytes | str
+) -> BackendError:
+    """The error for a reply of the wrong shape: retryable, since another engine (or this
+    one, restarted) answers properly."""
+    return BackendError(backend_id, malformed_detail(what, problem, raw))
+
+
+def malformed_detail(what: str, problem: ShapeError | str, raw: bytes | str) -> str:
+    return f"malformed {what} ({problem}): {excerpt(raw)}"
+
+
+async def read_body(
+    backend_id: str, response: aiohttp.ClientResponse, limit: int, what: str = "answer"
+) -> bytes:
+    """The whole body, or a BackendError as soon as it outgrows ``limit`` bytes (decoded:
+    a compressed body is bounded by what it expands to)."""
+    declared = response.content_length
+    if declared is not None and declared > limit:
+        raise BackendError(backend_id, f"{what} of {declared} bytes is over the {limit} byte limit")
+    body = bytearray()
+    while chunk := await response.content.readany():
+        body += chunk
+        if len(body) > limit:
+            raise BackendError(backend_id, f"{what} is over the {limit} byte limit")
+    return bytes(body)
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    return "an array" if isinstance(value, list) else "an object"
+
+
+def json_object(raw: bytes | str) -> dict[str, Any]:
+    """A JSON object, or ShapeError."""
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        raise ShapeError("not JSON") from None
+    if not isinstance(value, dict):
+        raise ShapeError(f"{_json_type(value)}, not an object")
+    return value
+
+
+def field_list(value: Any, name: str) -> list[Any]:
+    """An array field; absent or null is empty."""
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise ShapeError(f"{name} is {_json_type(value)}, not an array")
+    return value
+
+
+def field_object(value: Any, name: str) -> dict[str, Any] | None:
+    """An object field; absent or null is None."""
+    if value is None or isinstance(value, dict):
+        return value
+    raise ShapeError(f"{name} is {_json_type(value)}, not an object")
+
+
+def field_text(value: Any, name: str) -> str:
+    """A string field; absent or null is empty."""
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise ShapeError(f"{name} is {_json_type(value)}, not a string")
+    return value
+
+
+def field_count(value: Any, name: str) -> int:
+    """A token count (a uint32); absent or null is 0."""
+    if value is None:
+        return 0
+    if not _is_uint32(value):
+        raise ShapeError(f"{name} is {value!r:.40}, not a token count")
+    return int(value)
+
+
+def field_ids(value: Any, name: str) -> list[int]:
+    """Token ids (uint32 each); absent or null is none."""
+    ids = field_list(value, name)
+    for token in ids:
+        if not _is_uint32(token):
+            raise ShapeError(f"{name} holds {token!r:.40}, not a token id")
+    return ids
+
+
+def _is_uint32(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= _MAX_UINT32
+
+
 # --- cancellation ------------------------------------------------------------------------
 
 
@@ -308,7 +450,7 @@ class SSEEvent:
 
 
 async def iter_sse(
-    chunks: AsyncIterable[bytes], *, max_line_bytes: int = 16 * 1024 * 1024
+    chunks: AsyncIterable[bytes], backend_id: str, *, max_event_bytes: int = MAX_EVENT_BYTES
 ) -> AsyncGenerator[SSEEvent, None]:
     """The events of an SSE body, whatever the chunk boundaries.
 
@@ -316,21 +458,40 @@ async def iter_sse(
     join with LF; a line starting with ``:`` is a comment; an event ends at a blank
     line, and one cut off by the end of the body is dropped. aiohttp's own line reader
     is not used because it caps a line at its read buffer size, which one long
-    completion chunk can exceed. ``ValueError`` if a line outgrows ``max_line_bytes``.
+    completion chunk can exceed. An event (or a line) over ``max_event_bytes`` is a
+    BackendError, before it is buffered any further. Every
+    :data:`YIELD_EVERY_STEPS` events or reads it gives the event loop a turn.
     """
-    parser = _SSEParser(max_line_bytes)
-    async for chunk in chunks:
-        for event in parser.feed(chunk):
+    parser = _SSEParser(max_event_bytes)
+    steps = 0
+    try:
+        async for chunk in chunks:
+            steps += 1
+            for event in parser.feed(chunk):
+                yield event
+                steps += 1
+                if steps >= YIELD_EVERY_STEPS:
+                    steps = 0
+                    await asyncio.sleep(0)
+            if steps >= YIELD_EVERY_STEPS:
+                steps = 0
+                await asyncio.sleep(0)
+        for event in parser.feed(b"", at_end=True):
             yield event
-    for event in parser.feed(b"", at_end=True):
-        yield event
+    except _OversizedEventError as error:
+        raise BackendError(backend_id, str(error)) from None
+
+
+class _OversizedEventError(Exception):
+    pass
 
 
 class _SSEParser:
-    def __init__(self, max_line_bytes: int) -> None:
-        self._max_line_bytes = max_line_bytes
+    def __init__(self, max_event_bytes: int) -> None:
+        self._max_event_bytes = max_event_bytes
         self._buffer = bytearray()
         self._data: list[str] = []
+        self._data_bytes = 0  # of the event being read
         self._event = ""
 
     def feed(self, chunk: bytes, *, at_end: bool = False) -> list[SSEEvent]:
@@ -341,17 +502,17 @@ class _SSEParser:
             end, following = line_end
             # Split as bytes, decode per line: no UTF-8 sequence contains a CR or LF byte.
             line = self._buffer[position:end].decode("utf-8", errors="replace")
-            position = following
+            size, position = end - position, following
             if line:
-                self._apply(line)
+                self._apply(line, size)
             elif self._data:
                 events.append(SSEEvent("\n".join(self._data), self._event or "message"))
-                self._data, self._event = [], ""
+                self._data, self._data_bytes, self._event = [], 0, ""
             else:
                 self._event = ""
         del self._buffer[:position]
-        if len(self._buffer) > self._max_line_bytes:
-            raise ValueError(f"SSE line longer than {self._max_line_bytes} bytes")
+        if len(self._buffer) + self._data_bytes > self._max_event_bytes:
+            raise _OversizedEventError(f"stream event over the {self._max_event_bytes} byte limit")
         return events
 
     def _line_end(self, position: int, at_end: bool) -> tuple[int, int] | None:
@@ -367,13 +528,17 @@ class _SSEParser:
         # A CR at the very end may be the first half of a CRLF still in flight.
         return (cr, cr + 1) if at_end else None
 
-    def _apply(self, line: str) -> None:
+    def _apply(self, line: str, size: int) -> None:
         if line.startswith(":"):
             return  # a comment (servers send them as keep-alives)
         name, _, value = line.partition(":")
         value = value.removeprefix(" ")
         if name == "data":
             self._data.append(value)
+            self._data_bytes += size
+            if self._data_bytes > self._max_event_bytes:
+                limit = self._max_event_bytes
+                raise _OversizedEventError(f"stream event over the {limit} byte limit")
         elif name == "event":
             self._event = value
         # "id" and "retry" matter only to browsers reconnecting.
@@ -396,19 +561,45 @@ def finish_reason(reason: str) -> router_pb2.FinishReason.ValueType:
 def choice_content(choice: Mapping[str, Any]) -> tuple[str, list[int]]:
     """Text and token ids of one choice: completions carry ``text``; chat carries
     ``delta.content`` when streamed and ``message.content`` otherwise. Token ids are
-    present only when the engine returns them (vLLM: ``return_token_ids``)."""
-    text = choice.get("text")
-    if text is None:
-        message = choice.get("delta") or choice.get("message") or {}
-        text = message.get("content") if isinstance(message, dict) else None
-    token_ids = choice.get("token_ids") or []
-    return str(text or ""), [int(token) for token in token_ids]
+    present only when the engine returns them (vLLM: ``return_token_ids``). ShapeError
+    for a field of the wrong type."""
+    if choice.get("text") is not None:
+        text = field_text(choice["text"], "text")
+    else:
+        key = "delta" if "delta" in choice else "message"
+        message = field_object(choice.get(key), key) or {}
+        text = field_text(message.get("content"), f"{key}.content")
+    return text, field_ids(choice.get("token_ids"), "token_ids")
 
 
-def usage_message(usage: Mapping[str, Any]) -> router_pb2.Usage:
+def choice_finish(choice: Mapping[str, Any]) -> str:
+    """A choice's ``finish_reason``, empty while it runs; ShapeError unless a string."""
+    return field_text(choice.get("finish_reason"), "finish_reason")
+
+
+def first_choice(reply: Mapping[str, Any]) -> dict[str, Any] | None:
+    """Choice 0 of a completion (the adapters never ask for ``n > 1``); None when the
+    reply has none (a usage chunk); ShapeError for choices of the wrong shape."""
+    choices = field_list(reply.get("choices"), "choices")
+    if not choices:
+        return None
+    choice = field_object(choices[0], "choices[0]")
+    if choice is None:
+        raise ShapeError("choices[0] is null, not an object")
+    return choice
+
+
+def usage_message(usage: Any, *, resumed_tokens: int = 0) -> router_pb2.Usage:
+    """An OpenAI ``usage`` object (absent or null: zeros); ShapeError for the wrong shape.
+
+    ``resumed_tokens`` generated tokens were sent back as part of the prompt (a resumed
+    request): they are not the prompt's, and the router counts them itself.
+    """
+    fields = field_object(usage, "usage") or {}
+    prompt_tokens = field_count(fields.get("prompt_tokens"), "usage.prompt_tokens")
     return router_pb2.Usage(
-        prompt_tokens=int(usage.get("prompt_tokens") or 0),
-        completion_tokens=int(usage.get("completion_tokens") or 0),
+        prompt_tokens=max(prompt_tokens - resumed_tokens, 0),
+        completion_tokens=field_count(fields.get("completion_tokens"), "usage.completion_tokens"),
     )
 
 
@@ -419,11 +610,14 @@ class OpenAIStream:
     ``stream_options.include_usage`` is set) or ``[DONE]`` arrives, so that the last
     frame carries both the finish reason and the usage. Only choice 0 is read: the
     adapters never ask for ``n > 1``. An ``{"error": ...}`` event (how vLLM reports a
-    failure after the 200 is sent) raises; so does a stream that ends unfinished.
+    failure after the 200 is sent) raises; so do a chunk of the wrong shape (a
+    retryable BackendError quoting it) and a stream that ends unfinished. Frames carry
+    what the engine sent and nothing else.
     """
 
-    def __init__(self, backend_id: str) -> None:
+    def __init__(self, backend_id: str, *, resumed_tokens: int = 0) -> None:
         self._backend_id = backend_id
+        self._resumed_tokens = resumed_tokens
         self._usage: router_pb2.Usage | None = None
         self._final: router_pb2.GenerateResponse | None = None  # the held finish frame
         self._final_sent = False
@@ -434,11 +628,14 @@ class OpenAIStream:
         if data.strip() == "[DONE]":
             self.done = True
             return self._release_final()
-        chunk = self._parse(data)
-        usage = chunk.get("usage")
-        if isinstance(usage, dict):
-            self._usage = usage_message(usage)
-        frame = self._frame(chunk)
+        try:
+            chunk = json_object(data)
+            self._raise_engine_error(chunk)
+            if chunk.get("usage") is not None:
+                self._usage = usage_message(chunk["usage"], resumed_tokens=self._resumed_tokens)
+            frame = self._frame(chunk)
+        except ShapeError as problem:
+            raise malformed(self._backend_id, "stream chunk", problem, data) from None
         if frame is not None:
             return frame
         if self._final is not None and self._usage is not None:
@@ -450,20 +647,19 @@ class OpenAIStream:
         return self._release_final()
 
     def _frame(self, chunk: Mapping[str, Any]) -> bytes | None:
-        choices = chunk.get("choices") or []
-        if not choices or not isinstance(choices[0], dict):
+        choice = first_choice(chunk)
+        if choice is None:
             return None
-        choice = choices[0]
         text, token_ids = choice_content(choice)
+        reason = choice_finish(choice)
         if self._final is not None:
             # Content after the finish is not expected; keep it, in order, in the last frame.
             self._final.text += text
             self._final.token_ids.extend(token_ids)
             return None
-        reason = choice.get("finish_reason")
         if reason:
             self._final = router_pb2.GenerateResponse(
-                text=text, token_ids=token_ids, finish_reason=finish_reason(str(reason))
+                text=text, token_ids=token_ids, finish_reason=finish_reason(reason)
             )
             return None
         if not text and not token_ids:
@@ -480,22 +676,13 @@ class OpenAIStream:
         self._final_sent = True
         return self._final.SerializeToString()
 
-    def _parse(self, data: str) -> dict[str, Any]:
-        try:
-            chunk = json.loads(data)
-        except ValueError:
-            raise BackendError(
-                self._backend_id, f"malformed stream chunk: {data[:80]!r}", retryable=True
-            ) from None
-        if not isinstance(chunk, dict):
-            raise BackendError(self._backend_id, "malformed stream chunk", retryable=True)
+    def _raise_engine_error(self, chunk: Mapping[str, Any]) -> None:
         error = chunk.get("error")
         if error:
             code = error.get("code") if isinstance(error, dict) else None
             message = error_text(json.dumps(chunk).encode())
             status = code if isinstance(code, int) else None
             raise engine_error(self._backend_id, status, f"engine error: {message}")
-        return chunk
 
 
 async def drain_body(response: aiohttp.ClientResponse, timeout_s: float = 0.5) -> bool:
@@ -516,17 +703,22 @@ async def drain_body(response: aiohttp.ClientResponse, timeout_s: float = 0.5) -
 
 
 async def openai_frames(
-    backend_id: str, response: aiohttp.ClientResponse
+    backend_id: str,
+    response: aiohttp.ClientResponse,
+    *,
+    max_event_bytes: int = MAX_EVENT_BYTES,
+    resumed_tokens: int = 0,
 ) -> AsyncGenerator[bytes, None]:
     """The frames of a streaming OpenAI-compatible answer (see :class:`OpenAIStream`).
 
     After ``[DONE]`` it reads the body to its end so that the caller's ``release()``
     returns the connection to the pool. Raises ``BackendError`` for what the engine
-    said, and lets aiohttp's errors and ``ValueError`` (an overlong line) through for
-    the caller to translate.
+    said or sent wrong (an event over ``max_event_bytes`` too), and lets aiohttp's
+    errors through for the caller to translate.
     """
-    stream = OpenAIStream(backend_id)
-    async with contextlib.aclosing(iter_sse(response.content.iter_any())) as events:
+    stream = OpenAIStream(backend_id, resumed_tokens=resumed_tokens)
+    events = iter_sse(response.content.iter_any(), backend_id, max_event_bytes=max_event_bytes)
+    async with contextlib.aclosing(events):
         async for event in events:
             frame = stream.feed(event.data)
             if frame is not None:

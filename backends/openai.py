@@ -23,6 +23,7 @@ Options: ``base_url`` (full URL up to the version, e.g.
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from typing import Any
 
@@ -41,20 +42,22 @@ from backends.base import (
 )
 from backends.errors import BackendError
 from backends.http_common import (
+    MAX_PAGE_BYTES,
     ExchangeAborted,
     OpenExchanges,
     Secret,
     client_timeout,
+    malformed_detail,
     openai_frames,
     read_api_key,
+    read_body,
     reject_inline_key,
     status_error,
     transport_error,
 )
 
-# What a failed exchange can raise besides an HTTP status: aiohttp's connection and
-# timeout errors, and ValueError from an SSE line past iter_sse's size cap.
-_TRANSPORT_ERRORS = (aiohttp.ClientError, TimeoutError, ValueError)
+# What a failed exchange can raise besides an HTTP status or a BackendError.
+_TRANSPORT_ERRORS = (aiohttp.ClientError, TimeoutError)
 
 
 def openai_body(request: GenerationRequest, model: str) -> tuple[str, dict[str, Any]]:
@@ -135,7 +138,7 @@ class OpenAIBackend(Backend):
                     return HealthStatus(
                         serving=False, detail=f"GET /models: HTTP {response.status}"
                     )
-                listing = await response.json(content_type=None)
+                body = await read_body(self.id, response, MAX_PAGE_BYTES, "/models listing")
         except _TRANSPORT_ERRORS as error:
             failure = transport_error(self.id, error, timeout_s)
             return HealthStatus(
@@ -143,6 +146,13 @@ class OpenAIBackend(Backend):
                 detail=self._key.clean(failure.message),
                 timed_out=isinstance(error, TimeoutError),
             )
+        except BackendError as error:
+            return HealthStatus(serving=False, detail=self._key.clean(error.message))
+        try:
+            listing = json.loads(body)
+        except ValueError:
+            detail = malformed_detail("/models listing", "not JSON", body)
+            return HealthStatus(serving=False, detail=self._key.clean(detail))
         offered = _model_ids(listing)
         if self._model and offered and self._model not in offered:
             return HealthStatus(serving=False, detail=f"model {self._model!r} is not offered")

@@ -58,7 +58,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import json
 import secrets
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
@@ -81,19 +80,31 @@ from backends.base import (
 )
 from backends.errors import BackendError, BackendRejectedError
 from backends.http_common import (
+    MAX_EVENT_BYTES,
+    MAX_PAGE_BYTES,
     ExchangeAborted,
     OpenAIStream,
     OpenExchanges,
     Secret,
+    ShapeError,
     client_timeout,
     drain_body,
     engine_error,
     error_text,
+    field_count,
+    field_ids,
+    field_list,
+    field_object,
+    field_text,
     finish_reason,
     iter_sse,
+    json_object,
+    malformed,
+    malformed_detail,
     new_session,
     parse_prometheus,
     read_api_key,
+    read_body,
     reject_inline_key,
     status_error,
     transport_error,
@@ -107,7 +118,7 @@ DEFAULT_BOOTSTRAP_PORT = 8998  # sglang ServerArgs.disaggregation_bootstrap_port
 # How long a failed prefill leg waits for its decode leg to notice before it is forgotten.
 _FAILED_LEG_TTL_S = 60.0
 
-_TRANSPORT_ERRORS = (aiohttp.ClientError, TimeoutError, ValueError)
+_TRANSPORT_ERRORS = (aiohttp.ClientError, TimeoutError)
 
 # sglang/srt/metrics/collector.py. Gauges carry one series per scheduler (DP rank), so
 # each is summed. The PD queues hold requests that wait for a bootstrap, a KV transfer
@@ -210,6 +221,8 @@ class SglangBackend(Backend):
             raise ValueError(f"api must be 'native' or 'openai', got {self._api!r}")
         self._model = str(self.options["model"]) if self.options.get("model") else None
         self._incremental = bool(self.options.get("incremental_output", False))
+        # Without incremental output every event repeats the whole output so far.
+        self._max_event_bytes = MAX_EVENT_BYTES if self._incremental else MAX_PAGE_BYTES
         self._health_path = str(self.options.get("health_path", "/health"))
         self._max_connections = int(self.options.get("max_connections", 1024))
         self._connect_timeout_s = float(self.options.get("connect_timeout_s", 5.0))
@@ -280,12 +293,14 @@ class SglangBackend(Backend):
                 "/metrics", timeout=client_timeout(timeout_s, self._connect_timeout_s)
             ) as response:
                 if response.status != 200:
-                    error = status_error(self.id, response.status, await response.read())
+                    error = status_error(
+                        self.id, response.status, await response.content.read(4096)
+                    )
                     raise self._key.scrub(error)
-                text = await response.text()
+                body = await read_body(self.id, response, MAX_PAGE_BYTES, "metrics page")
         except _TRANSPORT_ERRORS as error:
             raise transport_error(self.id, error, timeout_s) from None
-        samples = parse_prometheus(text, _METRICS)
+        samples = parse_prometheus(body.decode("utf-8", errors="replace"), _METRICS)
 
         def total(*names: str) -> float:
             return sum(sample.value for name in names for sample in samples.get(name, ()))
@@ -411,7 +426,8 @@ class SglangBackend(Backend):
                 if response.status >= 300:
                     raw = await response.content.read(4096)
                     raise status_error(self.id, response.status, raw)
-                async with contextlib.aclosing(iter_sse(response.content.iter_any())) as events:
+                events = iter_sse(response.content.iter_any(), self.id)
+                async with contextlib.aclosing(events):
                     async for event in events:
                         problem = _prefill_problem(event.data)
                         if problem is not None:
@@ -473,7 +489,11 @@ class SglangBackend(Backend):
         try:
             async with (
                 self._open(send, timeout_s) as response,
-                contextlib.aclosing(iter_sse(response.content.iter_any())) as events,
+                contextlib.aclosing(
+                    iter_sse(
+                        response.content.iter_any(), self.id, max_event_bytes=self._max_event_bytes
+                    )
+                ) as events,
             ):
                 async for event in events:
                     if watched is not None:
@@ -626,16 +646,21 @@ class _NativeStream:
         if data.strip() == "[DONE]":
             self.done = True
             return None
-        chunk = _parse_event(self._backend_id, data)
+        try:
+            return self._frame(_parse_event(self._backend_id, data))
+        except ShapeError as problem:
+            raise malformed(self._backend_id, "stream event", problem, data) from None
+
+    def _frame(self, chunk: Mapping[str, Any]) -> bytes | None:
         if self._finished:
             return None
-        text = str(chunk.get("text") or "")
-        ids = [int(token) for token in chunk.get("output_ids") or ()]
+        text = field_text(chunk.get("text"), "text")
+        ids = field_ids(chunk.get("output_ids"), "output_ids")
         if not self._incremental:
             text, self._text_seen = text[self._text_seen :], max(self._text_seen, len(text))
             ids, self._ids_seen = ids[self._ids_seen :], max(self._ids_seen, len(ids))
         self._pending_ids.extend(ids)
-        meta = chunk.get("meta_info") or {}
+        meta = field_object(chunk.get("meta_info"), "meta_info") or {}
         reason = _finish_type(meta.get("finish_reason"))
         if reason is None and not text:
             return None
@@ -644,8 +669,10 @@ class _NativeStream:
         if reason is not None:
             self._finished = True
             frame.finish_reason = finish_reason(reason)
-            frame.usage.prompt_tokens = int(meta.get("prompt_tokens") or 0)
-            frame.usage.completion_tokens = int(meta.get("completion_tokens") or 0)
+            frame.usage.prompt_tokens = field_count(meta.get("prompt_tokens"), "prompt_tokens")
+            frame.usage.completion_tokens = field_count(
+                meta.get("completion_tokens"), "completion_tokens"
+            )
         return frame.SerializeToString()
 
     def end(self) -> bytes | None:
@@ -655,23 +682,18 @@ class _NativeStream:
 
 
 def _finish_type(reason: Any) -> str | None:
-    """``{"type": "stop", "matched": ...}`` in current builds, a bare string in old ones."""
+    """``{"type": "stop", "matched": ...}`` in current builds, a bare string in old ones;
+    ShapeError for anything else."""
     if isinstance(reason, Mapping):
-        kind = reason.get("type")
-        return str(kind) if kind else None
-    return str(reason) if reason else None
+        kind = field_text(reason.get("type"), "finish_reason.type")
+        return kind or None
+    return field_text(reason, "finish_reason") or None
 
 
 def _parse_event(backend_id: str, data: str) -> dict[str, Any]:
-    """One event as a dict; an ``{"error": ...}`` event (SGLang's failure after the 200) raises."""
-    try:
-        chunk = json.loads(data)
-    except ValueError:
-        raise BackendError(
-            backend_id, f"malformed stream event: {data[:80]!r}", retryable=True
-        ) from None
-    if not isinstance(chunk, dict):
-        raise BackendError(backend_id, "malformed stream event", retryable=True)
+    """One event as a dict; an ``{"error": ...}`` event (SGLang's failure after the 200)
+    raises; ShapeError for an event that is not a JSON object."""
+    chunk = json_object(data)
     error = chunk.get("error")
     if error:
         code = error.get("code") if isinstance(error, dict) else None
@@ -684,29 +706,26 @@ def _prefill_problem(data: str) -> str | None:
     """Why a prefill reply event means the prefill failed, if it does.
 
     A prefill engine ends a good request with finish ``length`` (its one token); an
-    error event or an ``abort`` finish means no KV cache will reach the decode engine.
+    error event, an ``abort`` finish or an event of the wrong shape means no KV cache
+    will reach the decode engine.
     """
     if data.strip() == "[DONE]":
         return None
     try:
-        chunk = json.loads(data)
-    except ValueError:
-        return f"malformed prefill event: {data[:80]!r}"
-    if not isinstance(chunk, dict):
-        return "malformed prefill event"
-    if chunk.get("error"):
-        return f"engine error: {error_text(data.encode())}"
-    meta = chunk.get("meta_info")
-    if isinstance(meta, dict) and _finish_type(meta.get("finish_reason")) == "abort":
-        message = (
-            meta["finish_reason"].get("message")
-            if isinstance(meta["finish_reason"], dict)
-            else None
-        )
-        return f"prefill aborted: {message or 'no reason given'}"
-    for choice in chunk.get("choices") or ():
-        if isinstance(choice, dict) and choice.get("finish_reason") == "abort":
-            return "prefill aborted"
+        chunk = json_object(data)
+        if chunk.get("error"):
+            return f"engine error: {error_text(data.encode())}"
+        meta = field_object(chunk.get("meta_info"), "meta_info") or {}
+        reason = meta.get("finish_reason")
+        if _finish_type(reason) == "abort":
+            message = reason.get("message") if isinstance(reason, Mapping) else None
+            return f"prefill aborted: {message or 'no reason given'}"
+        for index, choice in enumerate(field_list(chunk.get("choices"), "choices")):
+            fields = field_object(choice, f"choices[{index}]") or {}
+            if field_text(fields.get("finish_reason"), "finish_reason") == "abort":
+                return "prefill aborted"
+    except ShapeError as problem:
+        return malformed_detail("prefill event", problem, data)
     return None
 
 

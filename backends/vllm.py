@@ -62,9 +62,44 @@ Options (the pool file's ``options`` of a ``kind: vllm`` backend):
     longest silence allowed between two reads of a stream (queueing included).
 ``max_connections`` (1024)
     connection pool size; each streaming leg holds one connection.
-``return_token_ids`` (false)
-    ask the engine for token ids (``return_token_ids``, recent vLLM) so frames carry
-    them; off by default because older engines warn on unknown fields.
+``return_token_ids`` (true)
+    ask the engine for token ids (``return_token_ids``, vLLM 0.10.2 and later) so
+    frames carry them: the router counts tokens by them, and resumes only streams
+    whose ids it has (``Capabilities.resume`` follows this option). vLLM then echoes
+    the prompt's ids in a stream's first event (about 7 bytes a token, which the
+    router parses); turn it off for an older engine, which warns on the field.
+
+What the engine answers
+-----------------------
+Every field read from an answer is type-checked, and a reply of the wrong shape
+(``choices`` not a list, a token id that is not one, a usage count that is a list)
+is a retryable :class:`~backends.errors.BackendError` quoting its start. A stream
+event may be at most ``MAX_EVENT_BYTES`` (1 MiB) and a one-token answer at most
+``MAX_BODY_BYTES`` (1 MiB), each plus ``ID_BYTES`` (12) per prompt token when the
+prompt's ids are echoed; listings, metrics pages and token lists at most
+``MAX_PAGE_BYTES`` (16 MiB) (all in :mod:`backends.http_common`). Past that the leg
+fails rather than buffer more.
+
+Resume
+------
+A request with ``generated_ids`` (the router resuming a stream whose backend failed
+after those tokens) is sent to ``/v1/completions`` as token ids: the prompt's own ids
+from ``POST /tokenize`` (for chat, the messages with the chat template and its
+generation prompt, which is what the chat endpoint generates from) followed by the
+generated ids, with ``max_tokens`` the tokens still to come. The engine's
+detokenizer, primed with that prompt, makes the same text for the new tokens as an
+uninterrupted run. Under greedy decoding the output is exactly that run's; a seeded
+sample draws afresh from the resume on (vLLM seeds a request's generator at its
+start). Usage counts the prompt without the generated ids. ``prefill`` and
+``decode`` take no ``generated_ids``: a resumed request runs colocated.
+
+Stop strings are applied by the adapter, not the engine, on a resumed request: the
+engine would not see a stop string that begins in the text before the resume. The
+adapter reads that text (``POST /detokenize``) and holds text back as vLLM does (the
+longest stop string less one character), so the characters the interrupted stream
+held back go out first and a stop string across the boundary ends the stream with
+finish ``stop``, cut before it. This assumes the interrupted stream came from a vLLM
+engine (another engine may hold back a different amount).
 """
 
 from __future__ import annotations
@@ -92,17 +127,30 @@ from backends.base import (
 )
 from backends.errors import BackendError, BackendRejectedError
 from backends.http_common import (
+    ID_BYTES,
+    MAX_BODY_BYTES,
+    MAX_EVENT_BYTES,
+    MAX_PAGE_BYTES,
     ExchangeAborted,
     OpenExchanges,
     Sample,
     Secret,
+    ShapeError,
     choice_content,
+    choice_finish,
     client_timeout,
+    field_ids,
+    field_object,
+    field_text,
     finish_reason,
+    first_choice,
+    json_object,
+    malformed,
     new_session,
     openai_frames,
     parse_prometheus,
     read_api_key,
+    read_body,
     reject_inline_key,
     status_error,
     transport_error,
@@ -120,7 +168,7 @@ _DEFAULTS: Mapping[str, Any] = {
     "timeout_connect_s": 5.0,
     "timeout_idle_s": 60.0,
     "max_connections": 1024,
-    "return_token_ids": False,
+    "return_token_ids": True,
 }
 
 # The prefill leg's request for a remote decode: vLLM's NixlConnector keys, the remote
@@ -188,9 +236,12 @@ class VllmBackend(Backend):
 
     @property
     def capabilities(self) -> Capabilities:
+        # The router resumes a stream from the token ids its frames carried: only
+        # frames with ids can be resumed, and a resumed stream must carry them too.
         return Capabilities(
             roles=frozenset({Role.PREFILL, Role.DECODE, Role.BOTH}),
             handoff_modes=frozenset({HandoffMode.SEQUENTIAL}),
+            resume=self._return_token_ids,
         )
 
     async def start(self) -> None:
@@ -239,8 +290,9 @@ class VllmBackend(Backend):
                 if response.status != 200:
                     log.debug("max_model_len not read", backend=self.id, status=response.status)
                     return
-                listing = await response.json(content_type=None)
-        except (aiohttp.ClientError, TimeoutError, ValueError) as failure:
+                body = await read_body(self.id, response, MAX_PAGE_BYTES, "/v1/models listing")
+            listing = json.loads(body)
+        except (aiohttp.ClientError, TimeoutError, ValueError, BackendError) as failure:
             detail = self._key.clean(str(failure) or type(failure).__name__)
             log.debug("max_model_len not read", backend=self.id, error=detail)
             return
@@ -263,9 +315,10 @@ class VllmBackend(Backend):
         """
         try:
             async with self._client.get("/metrics", timeout=self._timeout(timeout_s)) as response:
-                body = await response.read()
                 if response.status != 200:
+                    body = await response.content.read(_ERROR_BODY_BYTES)
                     raise self._key.scrub(status_error(self.id, response.status, body))
+                body = await read_body(self.id, response, MAX_PAGE_BYTES, "metrics page")
         except (aiohttp.ClientError, TimeoutError) as failure:
             raise self._key.scrub(transport_error(self.id, failure, timeout_s)) from None
         samples = parse_prometheus(body.decode("utf-8", errors="replace"), _LOAD_METRICS)
@@ -287,19 +340,27 @@ class VllmBackend(Backend):
         engine started without the NIXL connector) the decode leg is sent without KV
         parameters and the decode engine prefills locally: slower, still correct.
         """
+        _refuse_resume_in_a_split(self.id, request)
         timeout_s = await self._check_length(request, timeout_s)
         body = {**self._body(request), "kv_transfer_params": dict(_PREFILL_KV_PARAMS)}
         body.update(stream=False, max_tokens=1)  # stream_options / min_tokens never set
         if request.messages:
             body["max_completion_tokens"] = 1
-        reply = await self._exchange(request, body, timeout_s)
-        usage = usage_message(reply.get("usage") or {})
-        kv_params = reply.get("kv_transfer_params")
-        if isinstance(kv_params, dict) and kv_params:
+        payload = await self._exchange(request, body, timeout_s)
+        try:
+            return self._prefill_result(request, json_object(payload))
+        except ShapeError as problem:
+            raise malformed(self.id, "prefill answer", problem, payload) from None
+
+    def _prefill_result(self, request: GenerationRequest, reply: dict[str, Any]) -> PrefillResult:
+        """What a prefill answer says; ShapeError for a field of the wrong type."""
+        usage = usage_message(reply.get("usage"))
+        kv_params = field_object(reply.get("kv_transfer_params"), "kv_transfer_params")
+        if kv_params:
             handle = KVHandle(self.id, request.request_id, transport_params=kv_params)
             return PrefillResult(b"", -1, usage.prompt_tokens, finished=False, handle=handle)
-        choice = (reply.get("choices") or [{}])[0]
-        if isinstance(choice, dict) and choice.get("finish_reason") == "stop":
+        choice = first_choice(reply)
+        if choice is not None and choice_finish(choice) == "stop":
             text, token_ids = choice_content(choice)
             answer = router_pb2.GenerateResponse(
                 text=text,
@@ -316,12 +377,15 @@ class VllmBackend(Backend):
     def decode(
         self, request: GenerationRequest, handle: KVHandle, first_token_id: int, timeout_s: float
     ) -> AsyncGenerator[bytes, None]:
+        _refuse_resume_in_a_split(self.id, request)
         body = self._streaming_body(request)
         if handle.transport_params:
             body["kv_transfer_params"] = dict(handle.transport_params)
         return self._stream(request, body, timeout_s)
 
     def generate(self, request: GenerationRequest, timeout_s: float) -> AsyncGenerator[bytes, None]:
+        if request.generated_ids:
+            return self._resume(request, timeout_s)
         return self._stream(request, self._streaming_body(request), timeout_s, check_length=True)
 
     async def abort(self, request_id: str, timeout_s: float) -> None:
@@ -373,11 +437,18 @@ class VllmBackend(Backend):
         return {"X-Request-Id": request.request_id}
 
     async def _post(
-        self, request: GenerationRequest, body: Mapping[str, Any], deadlines: aiohttp.ClientTimeout
+        self,
+        request: GenerationRequest,
+        body: Mapping[str, Any],
+        deadlines: aiohttp.ClientTimeout,
+        path: str | None = None,
     ) -> aiohttp.ClientResponse:
         """POSTs one leg; returns the response once the engine has accepted it (2xx)."""
         response = await self._client.post(
-            self._path(request), json=body, headers=self._headers(request), timeout=deadlines
+            path or self._path(request),
+            json=body,
+            headers=self._headers(request),
+            timeout=deadlines,
         )
         if 200 <= response.status < 300:
             return response
@@ -404,21 +475,20 @@ class VllmBackend(Backend):
 
     async def _exchange(
         self, request: GenerationRequest, body: Mapping[str, Any], timeout_s: float
-    ) -> dict[str, Any]:
-        """Runs a non-streaming leg and returns its JSON answer."""
+    ) -> bytes:
+        """Runs a non-streaming leg and returns its answer's body, bounded."""
+        limit = MAX_BODY_BYTES + self._echo_bytes(_prompt_token_bound(request))
 
         async def post_and_read() -> bytes:
             async with await self._post(request, body, self._timeout(timeout_s)) as response:
-                return await response.read()
+                return await read_body(self.id, response, limit)
 
-        payload = await self._abortable(request, post_and_read(), timeout_s)
-        try:
-            reply = json.loads(payload)
-        except ValueError:
-            reply = None
-        if not isinstance(reply, dict):
-            raise BackendError(self.id, f"malformed answer: {payload[:80]!r}")
-        return reply
+        return await self._abortable(request, post_and_read(), timeout_s)
+
+    def _echo_bytes(self, prompt_tokens: int) -> int:
+        """How much longer than usual an answer may be: with ``return_token_ids`` vLLM
+        echoes the prompt's ids (in the first event of a stream)."""
+        return ID_BYTES * prompt_tokens if self._return_token_ids else 0
 
     async def _check_length(self, request: GenerationRequest, timeout_s: float) -> float:
         """Refuses a request the engine's context cannot hold (see the module docstring);
@@ -453,6 +523,8 @@ class VllmBackend(Backend):
             raise self._aborted(request) from None
         except (aiohttp.ClientError, TimeoutError) as failure:
             problem = transport_error(self.id, failure, timeout_s).message
+        except BackendError as failure:  # an answer over the size limit
+            problem = failure.message
         else:
             reply = _json_object(payload) if status == 200 else None
             count = reply.get("count") if reply is not None else None
@@ -475,10 +547,113 @@ class VllmBackend(Backend):
         return None
 
     async def _tokenize(self, request: GenerationRequest, timeout_s: float) -> tuple[int, bytes]:
+        """``POST /tokenize`` of the prompt, or of the messages with the chat template and
+        its generation prompt applied (what the chat endpoint does before it generates)."""
         body = self._prompt_body(request)
+        if request.messages:
+            body["add_generation_prompt"] = True
         deadlines = self._timeout(timeout_s)
         async with self._client.post("/tokenize", json=body, timeout=deadlines) as response:
-            return response.status, await response.read()
+            if response.status != 200:
+                return response.status, await response.content.read(_ERROR_BODY_BYTES)
+            return response.status, await read_body(self.id, response, MAX_PAGE_BYTES)
+
+    async def _detokenize(
+        self, request: GenerationRequest, token_ids: list[int], timeout_s: float
+    ) -> str:
+        """``POST /detokenize``: the text of ``token_ids``; BackendError when it fails."""
+
+        async def post_and_read() -> bytes:
+            body = {"model": self._served_model or request.model, "tokens": token_ids}
+            deadlines = self._timeout(timeout_s)
+            async with self._client.post("/detokenize", json=body, timeout=deadlines) as response:
+                if response.status != 200:
+                    payload = await response.content.read(_ERROR_BODY_BYTES)
+                    raise self._key.scrub(status_error(self.id, response.status, payload))
+                return await read_body(self.id, response, MAX_PAGE_BYTES)
+
+        payload = await self._abortable(request, post_and_read(), timeout_s)
+        try:
+            return field_text(json_object(payload).get("prompt"), "prompt")
+        except ShapeError as problem:
+            raise malformed(self.id, "/detokenize answer", problem, payload) from None
+
+    # --- resume -------------------------------------------------------------------------
+
+    async def _resume(
+        self, request: GenerationRequest, timeout_s: float
+    ) -> AsyncGenerator[bytes, None]:
+        """Continues a sequence from ``request.generated_ids`` (see the module docstring)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        generated = list(request.generated_ids)
+        prompt_ids = await self._prompt_ids(request, timeout_s)
+        sequence = [*prompt_ids, *generated]
+        self._check_resumed_length(request, len(sequence))
+        stops = tuple(stop for stop in request.sampling.stop if stop)
+        prior_text = ""
+        if stops:
+            prior_text = await self._generated_text(
+                request, prompt_ids, generated, deadline - loop.time()
+            )
+        body = {**self._body(request), "prompt": sequence}
+        body.pop("messages", None)
+        body.pop("stop", None)  # checked here, over the text before the resume too
+        body.update(stream=True, stream_options={"include_usage": True})
+        left = deadline - loop.time()
+        if left <= 0:
+            raise transport_error(self.id, TimeoutError(), timeout_s)
+        frames = self._stream(
+            request,
+            body,
+            left,
+            path="/v1/completions",
+            prompt_tokens=len(sequence),
+            resumed_tokens=len(generated),
+        )
+        if stops:
+            frames = _stopped_across_resume(frames, stops, prior_text, len(prompt_ids))
+        async with contextlib.aclosing(frames):
+            async for frame in frames:
+                yield frame
+
+    async def _prompt_ids(self, request: GenerationRequest, timeout_s: float) -> list[int]:
+        """The prompt's token ids as the engine's own endpoint would make them."""
+        status, payload = await self._abortable(
+            request, self._tokenize(request, timeout_s), timeout_s
+        )
+        if status != 200:
+            raise self._key.scrub(status_error(self.id, status, payload))
+        try:
+            return field_ids(json_object(payload).get("tokens"), "tokens")
+        except ShapeError as problem:
+            raise malformed(self.id, "/tokenize answer", problem, payload) from None
+
+    def _check_resumed_length(self, request: GenerationRequest, tokens: int) -> None:
+        limit = self._max_model_len
+        if limit is not None and not _fits(tokens, limit):
+            raise BackendRejectedError(
+                self.id,
+                f"prompt and generated tokens are {tokens}, max_model_len is {limit}: "
+                "no room for another token",
+            )
+
+    async def _generated_text(
+        self,
+        request: GenerationRequest,
+        prompt_ids: list[int],
+        generated: list[int],
+        timeout_s: float,
+    ) -> str:
+        """The text of the generated tokens as the engine's incremental detokenizer made
+        it: decoded after the prompt (a token's leading space depends on what precedes it)."""
+        prompt_text, whole = await asyncio.gather(
+            self._detokenize(request, prompt_ids, timeout_s),
+            self._detokenize(request, [*prompt_ids, *generated], timeout_s),
+        )
+        if whole.startswith(prompt_text):
+            return whole[len(prompt_text) :]
+        return await self._detokenize(request, generated, timeout_s)
 
     async def _stream(
         self,
@@ -487,10 +662,16 @@ class VllmBackend(Backend):
         timeout_s: float,
         *,
         check_length: bool = False,
+        path: str | None = None,
+        prompt_tokens: int | None = None,
+        resumed_tokens: int = 0,
     ) -> AsyncGenerator[bytes, None]:
+        """Streams one leg; ``prompt_tokens`` (default: the prompt's byte bound) sizes the
+        largest event accepted, ``resumed_tokens`` come off the prompt's usage."""
         if check_length:
             timeout_s = await self._check_length(request, timeout_s)
-        post = self._post(request, body, self._timeout(timeout_s, self._idle_timeout_s))
+        deadlines = self._timeout(timeout_s, self._idle_timeout_s)
+        post = self._post(request, body, deadlines, path)
         response = await self._abortable(request, post, timeout_s, discard=_close)
         aborted = False
 
@@ -499,14 +680,22 @@ class VllmBackend(Backend):
             aborted = True
             response.close()
 
+        if prompt_tokens is None:
+            prompt_tokens = _prompt_token_bound(request)
+        frames = openai_frames(
+            self.id,
+            response,
+            max_event_bytes=MAX_EVENT_BYTES + self._echo_bytes(prompt_tokens),
+            resumed_tokens=resumed_tokens,
+        )
         complete = False
         try:
             with self._open.track(request.request_id, abort):
-                async with contextlib.aclosing(openai_frames(self.id, response)) as frames:
+                async with contextlib.aclosing(frames):
                     async for frame in frames:
                         yield frame
             complete = True
-        except (aiohttp.ClientError, TimeoutError, ValueError, BackendError) as failure:
+        except (aiohttp.ClientError, TimeoutError, BackendError) as failure:
             raise self._stream_error(request, failure, timeout_s, aborted) from None
         finally:
             # A finished stream hands its connection back to the pool; any other exit
@@ -524,8 +713,6 @@ class VllmBackend(Backend):
             return self._aborted(request)
         if isinstance(failure, BackendError):
             return self._key.scrub(failure)
-        if isinstance(failure, ValueError):
-            return BackendError(self.id, f"malformed stream: {failure}")
         return self._key.scrub(transport_error(self.id, failure, timeout_s))
 
     def _aborted(self, request: GenerationRequest) -> BackendError:
@@ -534,6 +721,53 @@ class VllmBackend(Backend):
 
 def _close(response: aiohttp.ClientResponse) -> None:
     response.close()
+
+
+def _refuse_resume_in_a_split(backend_id: str, request: GenerationRequest) -> None:
+    if request.generated_ids:
+        raise BackendError(
+            backend_id, "a resumed request runs colocated (generate), not split", retryable=False
+        )
+
+
+async def _stopped_across_resume(
+    frames: AsyncGenerator[bytes, None],
+    stops: tuple[str, ...],
+    prior_text: str,
+    prompt_tokens: int,
+) -> AsyncGenerator[bytes, None]:
+    """The frames of a resumed stream with its stop strings applied here, over the text
+    before the resume too (the engine sees only token ids there).
+
+    Text is held back as vLLM holds it (the longest stop string less one character), so
+    the interrupted stream held back the last of ``prior_text``: it goes out first. On a
+    match the stream ends with finish ``stop`` (the text cut before the stop string, the
+    ids up to the token completing it) and the engine's request is closed.
+    """
+    hold = max(len(stop) for stop in stops) - 1
+    pending = prior_text[len(prior_text) - hold :] if hold else ""
+    new_tokens = 0
+    async with contextlib.aclosing(frames):
+        async for raw in frames:
+            frame = router_pb2.GenerateResponse.FromString(raw)
+            new_tokens += len(frame.token_ids)
+            window = pending + frame.text
+            cut = min((i for i in (window.find(stop) for stop in stops) if i >= 0), default=-1)
+            if cut >= 0:
+                frame.text = window[:cut]
+                frame.finish_reason = router_pb2.FINISH_REASON_STOP
+                frame.usage.CopyFrom(
+                    router_pb2.Usage(prompt_tokens=prompt_tokens, completion_tokens=new_tokens)
+                )
+                yield frame.SerializeToString()
+                return
+            if frame.finish_reason:
+                frame.text, pending = window, ""
+            else:
+                released = max(len(window) - hold, 0)
+                frame.text, pending = window[:released], window[released:]
+            if frame.text or frame.token_ids or frame.finish_reason:
+                yield frame.SerializeToString()
 
 
 def _prompt_token_bound(request: GenerationRequest) -> int:

@@ -20,10 +20,22 @@ A request breaking a rule gets a 400, as vLLM would refuse it, and the rule goes
 vLLM's words, not a violation) a request whose prompt does not fit ``max_model_len``
 with its ``max_tokens``; its tokenizer makes one token of each whitespace-separated
 word (of the prompt, or of every message's role and content). ``GET /v1/models``
-lists the served models with their ``max_model_len`` and ``POST /tokenize`` counts a
-prompt's (or messages') tokens, as vLLM's do. Every request is recorded, and the
-ids whose client went away (vLLM's abort) go to ``disconnected``. The failure modes
-are plain attributes, set by a test before it sends.
+lists the served models with their ``max_model_len``, ``POST /tokenize`` gives a
+prompt's (or messages') token ids and ``POST /detokenize`` the text of ids, as vLLM's
+do. Every request is recorded, and the ids whose client went away (vLLM's abort) go
+to ``disconnected``. The failure modes are plain attributes, set by a test before it
+sends.
+
+Its "model" is greedy and exact: the answer to any prompt is ``tokens`` (ids 100,
+101, ...), at most ``max_tokens`` of them. A prompt given as token ids (vLLM takes
+them) that ends with the first k of those ids continues from token k, so a resumed
+request gets exactly the rest of the uninterrupted answer. With ``return_token_ids``
+chunks carry their ids and the first one the prompt's ids, as vLLM's do.
+
+For the adapters' checks of what engines send, ``stream_override`` replaces a stream's
+events, ``prefill_reply`` the prefill answer and ``models_reply`` the listing (any
+JSON value, or raw bytes), and ``runaway_chunks`` streams that many chunks in one
+write, past ``max_tokens``, as a runaway engine would.
 """
 
 from __future__ import annotations
@@ -31,6 +43,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -112,6 +125,11 @@ class FakeVllm:
     tokenize_reply: Any = None  # answered instead of the count
     tokenize_delay_s: float = 0.0
     metrics_text: str = ""
+    # Replies of the wrong shape: see the module docstring.
+    stream_override: list[Any] | None = None
+    prefill_reply: Any = None
+    models_reply: Any = None
+    runaway_chunks: int = 0
 
     requests: list[Recorded] = field(default_factory=list)
     violations: list[str] = field(default_factory=list)
@@ -119,6 +137,7 @@ class FakeVllm:
     issued: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        self._vocabulary: dict[int, str] = {}  # prompt word ids seen, for /detokenize
         self._changed = asyncio.Condition()
         self._runner: web.AppRunner | None = None
         self.port = 0
@@ -135,6 +154,7 @@ class FakeVllm:
         app.router.add_get("/metrics", self._metrics)
         app.router.add_get("/v1/models", self._models)
         app.router.add_post("/tokenize", self._tokenize)
+        app.router.add_post("/detokenize", self._detokenize)
         # Like vLLM, stop a handler whose client went away: that is how abort works.
         self._runner = web.AppRunner(
             app, handler_cancellation=True, access_log=None, shutdown_timeout=0.1
@@ -179,6 +199,8 @@ class FakeVllm:
             return refusal
         if self.models_status != 200:
             return _error(self.models_status, "models listing failed")
+        if self.models_reply is not None:
+            return _reply(self.models_reply)
         entries = []
         for model_id in self.model_ids:
             entry: dict[str, Any] = {"id": model_id, "object": "model", "owned_by": "vllm"}
@@ -197,9 +219,40 @@ class FakeVllm:
             return _error(self.tokenize_status, "tokenizer failed")
         if ("messages" in body) == ("prompt" in body):
             return _error(400, "tokenize takes a prompt or messages")
-        count = count_tokens(body)
-        reply = {"count": count, "max_model_len": self.max_model_len, "tokens": list(range(count))}
+        tokens = self._token_ids(body)
+        reply = {"count": len(tokens), "max_model_len": self.max_model_len, "tokens": tokens}
         return web.json_response(reply)
+
+    async def _detokenize(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        await self._record(request, body)
+        tokens = body.get("tokens")
+        if not isinstance(tokens, list) or not all(isinstance(t, int) for t in tokens):
+            return _error(400, "tokens must be a list of token ids")
+        return web.json_response({"prompt": "".join(self._piece(t) for t in tokens)})
+
+    def _token_ids(self, body: dict[str, Any]) -> list[int]:
+        """The fake tokenizer: one id per word (see ``count_tokens``)."""
+        if "messages" in body:
+            words = [
+                word
+                for m in body["messages"]
+                for word in f"{m.get('role', '')} {m.get('content', '')}".split()
+            ]
+        else:
+            words = str(body.get("prompt", "")).split()
+        ids = []
+        for word in words:
+            token = _WORD_IDS + zlib.crc32(word.encode()) % _WORD_ID_SPAN
+            self._vocabulary[token] = word
+            ids.append(token)
+        return ids
+
+    def _piece(self, token: int) -> str:
+        if token in self._vocabulary:
+            return self._vocabulary[token] + " "
+        index = token - _OUTPUT_IDS
+        return self.tokens[index] if 0 <= index < len(self.tokens) else f"<{token}>"
 
     async def _record(self, request: web.Request, body: dict[str, Any] | None) -> None:
         headers = CIMultiDict(request.headers)
@@ -269,6 +322,8 @@ class FakeVllm:
         await asyncio.sleep(self.prefill_delay_s)
         if self.prefill_status != 200:
             return _error(self.prefill_status, "prefill engine failed")
+        if self.prefill_reply is not None:
+            return _reply(self.prefill_reply)
         remote_request_id = f"cmpl-{request_id}-0"
         params = None
         if self.prefill_kv:
@@ -313,6 +368,11 @@ class FakeVllm:
         await response.prepare(request)
         if params is not None:
             await asyncio.sleep(self.handoff_stall_s)
+        if self.runaway_chunks:  # everything at once, as fast as the socket takes it
+            chunk = _sse(_chunk(chat, " x", None, [_OUTPUT_IDS]))
+            await response.write(chunk * self.runaway_chunks + self._final_events(body, chat, 0))
+            await response.write_eof()
+            return response
         events, drop = self._events(body, chat)
         for event in events:
             await response.write(event)
@@ -327,11 +387,16 @@ class FakeVllm:
 
     def _events(self, body: dict[str, Any], chat: bool) -> tuple[list[bytes], bool]:
         """The SSE events of one stream, and whether the connection drops after them."""
+        if self.stream_override is not None:
+            return [_override(event) for event in self.stream_override], False
         events: list[bytes] = []
         if chat:  # vLLM's first chat chunk names the role and has no content
             events.append(_sse(_chunk(chat, {"role": "assistant", "content": ""}, None, None)))
-        last = len(self.tokens) - 1
-        for index, token in enumerate(self.tokens):
+        prompt = body.get("prompt")
+        start = _resumed_from(prompt, len(self.tokens)) if isinstance(prompt, list) else 0
+        limit = body.get("max_completion_tokens") or body.get("max_tokens") or len(self.tokens)
+        answer = self.tokens[start : start + limit]
+        for index, token in enumerate(answer):
             if index == self.drop_after:
                 return events, True
             if index == self.end_after:
@@ -340,19 +405,64 @@ class FakeVllm:
                 # vLLM reports a failure after the 200 as an error event, then [DONE].
                 error = {"message": "engine core died", "type": "InternalServerError", "code": 500}
                 return [*events, _sse({"error": error}), _DONE], False
-            ids = [100 + index] if body.get("return_token_ids") else None
-            finish = self.decode_finish_reason if index == last else None
-            events.append(_sse(_chunk(chat, {"content": token} if chat else token, finish, ids)))
+            ids = [_OUTPUT_IDS + start + index] if body.get("return_token_ids") else None
+            finish = None
+            if index == len(answer) - 1:
+                cut = start + len(answer) < len(self.tokens)
+                finish = "length" if cut else self.decode_finish_reason
+            chunk = _chunk(chat, {"content": token} if chat else token, finish, ids)
+            if index == 0 and body.get("return_token_ids"):
+                chunk["choices"][0]["prompt_token_ids"] = self._prompt_ids(body)
+            events.append(_sse(chunk))
+        return [*events, self._final_events(body, chat, len(answer))], False
+
+    def _prompt_ids(self, body: dict[str, Any]) -> list[int]:
+        prompt = body.get("prompt")
+        return list(prompt) if isinstance(prompt, list) else self._token_ids(body)
+
+    def _final_events(self, body: dict[str, Any], chat: bool, completion_tokens: int) -> bytes:
+        """The usage chunk (when asked for) and ``[DONE]``."""
+        events = b""
         if (body.get("stream_options") or {}).get("include_usage"):
-            completion_tokens = len(self.tokens)
-            usage = {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion_tokens}
-            usage["total_tokens"] = self.prompt_tokens + completion_tokens
+            prompt = body.get("prompt")
+            prompt_tokens = len(prompt) if isinstance(prompt, list) else self.prompt_tokens
+            usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens}
+            usage["total_tokens"] = prompt_tokens + completion_tokens
             final = _recorded_event(
                 "decode_chat_stream" if chat else "decode_completion_stream", -2
             )
             final.update(id="cmpl-x", usage=usage)
-            events.append(_sse(final))
-        return [*events, _DONE], False
+            events = _sse(final)
+        return events + _DONE
+
+
+# The fake tokenizer's ids: the answer's tokens from 100, prompt words from 1000.
+_OUTPUT_IDS = 100
+_WORD_IDS = 1000
+_WORD_ID_SPAN = 1_000_000
+
+
+def _resumed_from(prompt: list[Any], answer_length: int) -> int:
+    """How many of the answer's first ids end a token-id prompt: the longest k for which
+    it ends with [100, 101, ..., 100 + k - 1]."""
+    for k in range(min(len(prompt), answer_length), 0, -1):
+        if prompt[len(prompt) - k :] == list(range(_OUTPUT_IDS, _OUTPUT_IDS + k)):
+            return k
+    return 0
+
+
+def _override(event: Any) -> bytes:
+    """One event of ``stream_override``: bytes as they are, anything else as JSON data."""
+    if isinstance(event, bytes):
+        return event
+    return f"data: {json.dumps(event)}\n\n".encode()
+
+
+def _reply(value: Any) -> web.Response:
+    """A 200 answer of exactly ``value``: raw bytes, or any JSON value."""
+    if isinstance(value, bytes):
+        return web.Response(body=value, content_type="application/json")
+    return web.json_response(value)
 
 
 _DONE = b"data: [DONE]\n\n"
@@ -390,7 +500,10 @@ def _recorded_event(name: str, index: int) -> dict[str, Any]:
 
 def count_tokens(body: dict[str, Any]) -> int:
     """The fake tokenizer: one token per whitespace-separated word of the prompt, or of
-    each message's role and content (its chat template adds nothing else)."""
+    each message's role and content (its chat template adds nothing else); a prompt of
+    token ids is as long as its list."""
+    if isinstance(body.get("prompt"), list):
+        return len(body["prompt"])
     if "messages" in body:
         words = (f"{m.get('role', '')} {m.get('content', '')}" for m in body["messages"])
         return sum(len(text.split()) for text in words)

@@ -79,6 +79,7 @@ def base_body(**changes: Any) -> dict[str, Any]:
         "top_p": 0.9,
         "seed": 42,
         "stop": ["\n\n"],
+        "return_token_ids": True,
     }
     return {**body, **changes}
 
@@ -580,6 +581,7 @@ async def test_a_request_well_within_the_limit_costs_no_tokenize(
                     {"role": "system", "content": "Be brief."},
                     {"role": "user", "content": "Who is Kermit?"},
                 ],
+                "add_generation_prompt": True,  # what the chat endpoint generates from
             },
         ),
     ],
@@ -709,5 +711,5 @@ async def test_sse_events_survive_any_chunking() -> None:
         for index in range(len(body)):
             yield body[index : index + 1]
 
-    events = [event async for event in iter_sse(one_byte_at_a_time())]
+    events = [event async for event in iter_sse(one_byte_at_a_time(), "vllm-0")]
     assert events == [SSEEvent('{"a":\n1}'), SSEEvent("é", "x")]  # the cut-off event is dropped
