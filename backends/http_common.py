@@ -339,6 +339,11 @@ def field_text(value: Any, name: str) -> str:
         return ""
     if not isinstance(value, str):
         raise ShapeError(f"{name} is {_json_type(value)}, not a string")
+    if not value.isascii():
+        try:
+            value.encode()
+        except UnicodeEncodeError:  # a lone surrogate escape ("\ud800") frames cannot carry
+            raise ShapeError(f"{name} is not valid Unicode") from None
     return value
 
 

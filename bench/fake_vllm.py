@@ -369,8 +369,12 @@ class FakeVllm:
         if params is not None:
             await asyncio.sleep(self.handoff_stall_s)
         if self.runaway_chunks:  # everything at once, as fast as the socket takes it
-            chunk = _sse(_chunk(chat, " x", None, [_OUTPUT_IDS]))
-            await response.write(chunk * self.runaway_chunks + self._final_events(body, chat, 0))
+            content = {"content": " x"} if chat else " x"
+            chunk = _sse(_chunk(chat, content, None, [_OUTPUT_IDS]))
+            last = _sse(_chunk(chat, content, "length", [_OUTPUT_IDS]))
+            chunks = self.runaway_chunks
+            final = self._final_events(body, chat, chunks)
+            await response.write(chunk * (chunks - 1) + last + final)
             await response.write_eof()
             return response
         events, drop = self._events(body, chat)

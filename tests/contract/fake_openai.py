@@ -3,6 +3,8 @@
 Bearer authentication like the hosted APIs (a 401 whose message quotes the key it
 refused, as some providers do), ``/models``, and streaming chat and text completions
 that end with a usage chunk when ``stream_options.include_usage`` is set.
+``stream_override`` replaces a stream's events and ``models_reply`` the listing, for
+the adapter's checks of what providers send.
 """
 
 from __future__ import annotations
@@ -37,6 +39,9 @@ class FakeOpenAI:
     error_after_chunks: int | None = None  # an error event after this many tokens
     error_event_code: int = 500  # the code of that event
     hold_after_chunks: int | None = None  # stop sending after this many tokens, stay open
+    # Each event as it is (bytes) or as JSON data, instead of the stream's own.
+    stream_override: list[Any] | None = None
+    models_reply: bytes | None = None  # the raw body of /models instead of the listing
     received: list[Received] = field(default_factory=list)
     disconnected: int = 0  # streams whose client left before the end
     first_chunk_sent: asyncio.Event = field(default_factory=asyncio.Event)
@@ -88,6 +93,8 @@ class FakeOpenAI:
         refusal = self._refusal(request)
         if refusal is not None:
             return refusal
+        if self.models_reply is not None:
+            return web.Response(body=self.models_reply, content_type="application/json")
         return web.json_response(
             {"object": "list", "data": [{"id": m, "object": "model"} for m in self.models]}
         )
@@ -104,6 +111,13 @@ class FakeOpenAI:
         chat = request.path.endswith("/chat/completions")
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
+        if self.stream_override is not None:
+            for event in self.stream_override:
+                await (
+                    response.write(event) if isinstance(event, bytes) else _send(response, event)
+                )
+            await response.write_eof()
+            return response
         try:
             if chat:  # chat streams open with a role-only delta
                 await _send(response, _chunk({"delta": {"role": "assistant", "content": ""}}))

@@ -56,6 +56,9 @@ class Knobs:
     incremental: bool = False  # --incremental-streaming-output
     health_status: int = 200
     metrics: str | None = None  # None: /metrics is 404, as without --enable-metrics
+    # Events (bytes as they are, anything else as JSON data) sent instead of the stream's
+    # own: by a decode or colocated engine, or by a prefill engine as its reply.
+    stream_override: list[Any] | None = None
 
 
 @dataclass
@@ -166,6 +169,9 @@ class FakeSglang:
         if knobs.status != 200:
             return web.json_response({"error": {"message": "prefill broke"}}, status=knobs.status)
         response = await self._open_stream(request)
+        if knobs.stream_override is not None:
+            self.rooms.filled[body["bootstrap_room"]].set()
+            return await self._send_override(response)
         if knobs.finish_abort:
             finish: dict[str, Any] = {"type": "abort", "message": "KV transfer failed"}
         else:
@@ -197,6 +203,8 @@ class FakeSglang:
         self, request: web.Request, response: web.StreamResponse, body: dict[str, Any]
     ) -> web.StreamResponse:
         knobs = self.knobs
+        if knobs.stream_override is not None:
+            return await self._send_override(response)
         chat = request.path == "/v1/chat/completions"
         text_so_far, ids_so_far = "", []
         for index, (text, ids) in enumerate(TOKENS):
@@ -236,6 +244,12 @@ class FakeSglang:
         await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
         self.replied += 1
+        return response
+
+    async def _send_override(self, response: web.StreamResponse) -> web.StreamResponse:
+        for event in self.knobs.stream_override or ():
+            await (response.write(event) if isinstance(event, bytes) else _send(response, event))
+        await response.write_eof()
         return response
 
     async def _abort(self, request: web.Request) -> web.Response:
