@@ -13,6 +13,11 @@ redacted, and sent as the session's default ``Authorization`` header; every erro
 message is scrubbed of it in case a provider echoes it back (some quote the key
 they rejected).
 
+What the provider answers is type-checked and size-capped as in
+:mod:`backends.http_common`: a malformed chunk is a retryable ``BackendError`` quoting
+it. Streams are not resumed (``Capabilities.resume`` is false): hosted APIs take no
+token ids.
+
 Options: ``base_url`` (full URL up to the version, e.g.
 ``https://api.groq.com/openai/v1``; default ``http://{address}/v1``), ``model``
 (the provider's name for the model; default the request's), ``api_key_env`` or

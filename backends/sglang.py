@@ -44,6 +44,13 @@ Aborts: every leg carries ``rid`` = request id, ``-``, 16 hex digits (the room, 
 random nonce for colocated requests). It is unique per request and engine, and fixed
 width because SGLang's scheduler matches abort rids by prefix.
 
+What the engine answers is type-checked field by field (a malformed event is a retryable
+``BackendError`` quoting it) and size-capped (``MAX_EVENT_BYTES`` an event with
+``incremental_output``, ``MAX_PAGE_BYTES`` without it, since each event then repeats the
+whole output; see :mod:`backends.http_common`). The adapter does not resume streams
+(``Capabilities.resume`` is false): ``/generate`` takes ``input_ids``, but building
+them for a chat needs the engine's template applied as its chat endpoint applies it.
+
 Options: ``bootstrap_port`` (8998), ``bootstrap_host`` (default: this backend's host),
 ``model`` (name sent on the OpenAI paths; default the request's), ``api`` (``native``:
 prompts go to ``/generate``; ``openai``: to ``/v1/completions``; chat requests always go
