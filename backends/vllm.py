@@ -631,6 +631,9 @@ class VllmBackend(Backend):
 
     def _check_resumed_length(self, request: GenerationRequest, tokens: int) -> None:
         limit = self._max_model_len
+        max_tokens = request.sampling.max_tokens
+        if limit is not None and max_tokens > limit:
+            raise BackendRejectedError(self.id, f"max_tokens {max_tokens} > max_model_len {limit}")
         if limit is not None and not _fits(tokens, limit):
             raise BackendRejectedError(
                 self.id,
