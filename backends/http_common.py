@@ -594,16 +594,11 @@ def first_choice(reply: Mapping[str, Any]) -> dict[str, Any] | None:
     return choice
 
 
-def usage_message(usage: Any, *, resumed_tokens: int = 0) -> router_pb2.Usage:
-    """An OpenAI ``usage`` object (absent or null: zeros); ShapeError for the wrong shape.
-
-    ``resumed_tokens`` generated tokens were sent back as part of the prompt (a resumed
-    request): they are not the prompt's, and the router counts them itself.
-    """
+def usage_message(usage: Any) -> router_pb2.Usage:
+    """An OpenAI ``usage`` object (absent or null: zeros); ShapeError for the wrong shape."""
     fields = field_object(usage, "usage") or {}
-    prompt_tokens = field_count(fields.get("prompt_tokens"), "usage.prompt_tokens")
     return router_pb2.Usage(
-        prompt_tokens=max(prompt_tokens - resumed_tokens, 0),
+        prompt_tokens=field_count(fields.get("prompt_tokens"), "usage.prompt_tokens"),
         completion_tokens=field_count(fields.get("completion_tokens"), "usage.completion_tokens"),
     )
 
@@ -620,9 +615,8 @@ class OpenAIStream:
     what the engine sent and nothing else.
     """
 
-    def __init__(self, backend_id: str, *, resumed_tokens: int = 0) -> None:
+    def __init__(self, backend_id: str) -> None:
         self._backend_id = backend_id
-        self._resumed_tokens = resumed_tokens
         self._usage: router_pb2.Usage | None = None
         self._final: router_pb2.GenerateResponse | None = None  # the held finish frame
         self._final_sent = False
@@ -637,7 +631,7 @@ class OpenAIStream:
             chunk = json_object(data)
             self._raise_engine_error(chunk)
             if chunk.get("usage") is not None:
-                self._usage = usage_message(chunk["usage"], resumed_tokens=self._resumed_tokens)
+                self._usage = usage_message(chunk["usage"])
             frame = self._frame(chunk)
         except ShapeError as problem:
             raise malformed(self._backend_id, "stream chunk", problem, data) from None
@@ -712,7 +706,6 @@ async def openai_frames(
     response: aiohttp.ClientResponse,
     *,
     max_event_bytes: int = MAX_EVENT_BYTES,
-    resumed_tokens: int = 0,
 ) -> AsyncGenerator[bytes, None]:
     """The frames of a streaming OpenAI-compatible answer (see :class:`OpenAIStream`).
 
@@ -721,7 +714,7 @@ async def openai_frames(
     said or sent wrong (an event over ``max_event_bytes`` too), and lets aiohttp's
     errors through for the caller to translate.
     """
-    stream = OpenAIStream(backend_id, resumed_tokens=resumed_tokens)
+    stream = OpenAIStream(backend_id)
     events = iter_sse(response.content.iter_any(), backend_id, max_event_bytes=max_event_bytes)
     async with contextlib.aclosing(events):
         async for event in events:

@@ -90,7 +90,8 @@ generated ids, with ``max_tokens`` the tokens still to come. The engine's
 detokenizer, primed with that prompt, makes the same text for the new tokens as an
 uninterrupted run. Under greedy decoding the output is exactly that run's; a seeded
 sample draws afresh from the resume on (vLLM seeds a request's generator at its
-start). Usage counts the prompt without the generated ids. ``prefill`` and
+start). Usage counts the generated ids as prompt tokens, as the engine does (the
+router takes them off and counts them as completion tokens). ``prefill`` and
 ``decode`` take no ``generated_ids``: a resumed request runs colocated.
 
 Stop strings are applied by the adapter, not the engine, on a resumed request: the
@@ -609,10 +610,9 @@ class VllmBackend(Backend):
             left,
             path="/v1/completions",
             prompt_tokens=len(sequence),
-            resumed_tokens=len(generated),
         )
         if stops:
-            frames = _stopped_across_resume(frames, stops, prior_text, len(prompt_ids))
+            frames = _stopped_across_resume(frames, stops, prior_text, len(sequence))
         async with contextlib.aclosing(frames):
             async for frame in frames:
                 yield frame
@@ -667,10 +667,9 @@ class VllmBackend(Backend):
         check_length: bool = False,
         path: str | None = None,
         prompt_tokens: int | None = None,
-        resumed_tokens: int = 0,
     ) -> AsyncGenerator[bytes, None]:
         """Streams one leg; ``prompt_tokens`` (default: the prompt's byte bound) sizes the
-        largest event accepted, ``resumed_tokens`` come off the prompt's usage."""
+        largest event accepted."""
         if check_length:
             timeout_s = await self._check_length(request, timeout_s)
         deadlines = self._timeout(timeout_s, self._idle_timeout_s)
@@ -689,7 +688,6 @@ class VllmBackend(Backend):
             self.id,
             response,
             max_event_bytes=MAX_EVENT_BYTES + self._echo_bytes(prompt_tokens),
-            resumed_tokens=resumed_tokens,
         )
         complete = False
         try:
@@ -737,7 +735,7 @@ async def _stopped_across_resume(
     frames: AsyncGenerator[bytes, None],
     stops: tuple[str, ...],
     prior_text: str,
-    prompt_tokens: int,
+    sequence_tokens: int,
 ) -> AsyncGenerator[bytes, None]:
     """The frames of a resumed stream with its stop strings applied here, over the text
     before the resume too (the engine sees only token ids there).
@@ -745,7 +743,8 @@ async def _stopped_across_resume(
     Text is held back as vLLM holds it (the longest stop string less one character), so
     the interrupted stream held back the last of ``prior_text``: it goes out first. On a
     match the stream ends with finish ``stop`` (the text cut before the stop string, the
-    ids up to the token completing it) and the engine's request is closed.
+    ids up to the token completing it; usage as the engine counts it, the resumed
+    sequence of ``sequence_tokens`` as prompt) and the engine's request is closed.
     """
     hold = max(len(stop) for stop in stops) - 1
     pending = prior_text[len(prior_text) - hold :] if hold else ""
@@ -760,7 +759,7 @@ async def _stopped_across_resume(
                 frame.text = window[:cut]
                 frame.finish_reason = router_pb2.FINISH_REASON_STOP
                 frame.usage.CopyFrom(
-                    router_pb2.Usage(prompt_tokens=prompt_tokens, completion_tokens=new_tokens)
+                    router_pb2.Usage(prompt_tokens=sequence_tokens, completion_tokens=new_tokens)
                 )
                 yield frame.SerializeToString()
                 return

@@ -13,15 +13,24 @@ from dataclasses import replace
 from typing import Any
 
 import pytest
+from prometheus_client import CollectorRegistry
 
 from backends._gen.hetero.router.v1 import router_pb2
-from backends.base import ChatMessage, GenerationRequest, KVHandle, SamplingParams
+from backends.base import ChatMessage, GenerationRequest, KVHandle, Role, SamplingParams
 from backends.errors import BackendError, BackendRejectedError
 from backends.vllm import VllmBackend
 from bench.fake_vllm import FakeVllm
+from router.dispatch.dispatcher import Dispatcher
+from router.metrics import RouterMetrics
+from router.pool.registry import Pool
+from router.scheduling.plan import Disaggregation
+from router.scheduling.registry import build_scheduler
+from router.settings import BackendConfig, PoolConfig, Settings
 
 SERVED_MODEL = "tiny"
+MODEL = "llama-3.1-8b"
 PROMPT = "Tell me about Kermit"
+SAMPLING = SamplingParams(max_tokens=16, temperature=0.0, top_p=1.0, seed=3)
 
 
 def completion(
@@ -97,9 +106,9 @@ async def test_a_resumed_completion_continues_exactly_where_the_stream_broke(
     assert leg.body["max_tokens"] == 16 - interrupted_after
     assert leg.body["return_token_ids"] is True
     assert "stop" not in leg.body
-    # Usage counts the prompt alone and the new tokens; the router adds the resumed ones.
+    # Usage as the engine counts it: the resumed ids were prompt, the new ones completion.
     assert (rest[-1].usage.prompt_tokens, rest[-1].usage.completion_tokens) == (
-        4,
+        4 + interrupted_after,
         4 - interrupted_after,
     )
 
@@ -158,7 +167,7 @@ async def test_stop_strings_see_the_text_before_the_resume(
     assert text_of(rest) == expected
     assert rest[-1].finish_reason == finish
     assert all(frame.finish_reason == 0 for frame in rest[:-1])
-    assert rest[-1].usage.prompt_tokens == 4
+    assert rest[-1].usage.prompt_tokens == 4 + 2
     assert rest[-1].usage.completion_tokens == len(ids_of(rest))
     (leg,) = fake.legs("s1")
     assert leg.body is not None
@@ -234,3 +243,42 @@ async def test_a_split_takes_no_generated_ids(backend: VllmBackend) -> None:
         await run(backend.decode(request, handle, -1, timeout_s=5))
     assert not prefill.value.retryable
     assert not decode.value.retryable
+
+
+async def test_the_dispatcher_resumes_a_broken_stream_on_another_vllm_engine() -> None:
+    # Both engines break off after two tokens: whichever serves first, the other
+    # continues from the two ids the client has, with the two tokens still to come.
+    engines = [FakeVllm(drop_after=2), FakeVllm(drop_after=2)]
+    for engine in engines:
+        await engine.start()
+    configs = tuple(
+        BackendConfig(id=f"v{i}", kind="vllm", address=e.address, role=Role.BOTH, model=MODEL)
+        for i, e in enumerate(engines)
+    )
+    metrics = RouterMetrics(CollectorRegistry())
+    pool = Pool(PoolConfig(backends=configs), metrics)
+    await pool.start()
+    try:
+        for config in configs:
+            pool.set_health(config.id, True, "", None)
+        settings = Settings()
+        dispatcher = Dispatcher(pool, build_scheduler(settings), settings, metrics)
+        request = replace(completion("m1"), model=MODEL, sampling=replace(SAMPLING, max_tokens=4))
+        got = await run(dispatcher.generate(request, Disaggregation.COLOCATED))
+    finally:
+        await pool.close()
+        for engine in engines:
+            await engine.stop()
+
+    assert ids_of(got) == [100, 101, 102, 103]
+    assert text_of(got) == "Hello, world!"
+    assert got[-1].finish_reason == router_pb2.FINISH_REASON_LENGTH
+    assert (got[-1].usage.prompt_tokens, got[-1].usage.completion_tokens) == (4, 4)
+    prompts = sorted(
+        ((leg.body or {}).get("prompt") for engine in engines for leg in engine.legs("m1")),
+        key=lambda prompt: isinstance(prompt, list),
+    )
+    text, ids = prompts
+    assert text == PROMPT  # the first attempt sends the text
+    assert isinstance(ids, list)
+    assert ids[-2:] == [100, 101]  # the resume: the prompt's ids, then the two sent
