@@ -77,9 +77,10 @@ class GenerationRequest:
     # is the prompt followed by them, the token at sampling position
     # ``len(generated_ids)`` comes next, ``sampling.max_tokens`` counts only the
     # tokens still to come, and stop strings see the text of these tokens too.
-    # Frames carry only the new tokens; usage counts prompt and new tokens alone
-    # (the router adds the resumed ones). Sent only to backends whose capabilities
-    # say ``resume``.
+    # Frames carry only the new tokens; usage may count the resumed tokens as
+    # prompt, as an engine given them as its prompt does: the router rewrites the
+    # last frame's usage for the whole request. Sent only to backends whose
+    # capabilities say ``resume``.
     generated_ids: tuple[int, ...] = ()
 
 
