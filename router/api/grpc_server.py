@@ -173,6 +173,8 @@ class FrontDoor:
         return self._accepting
 
     async def set_serving(self, serving: bool) -> None:
+        """Reports SERVING or NOT_SERVING for "" and the Router service, to ``Check`` and
+        to every ``Watch`` stream; ignored once ``stop`` has begun."""
         status = (
             health_pb2.HealthCheckResponse.SERVING
             if serving
@@ -185,7 +187,8 @@ class FrontDoor:
         """Reports NOT_SERVING, refuses new calls (UNAVAILABLE), lets in-flight streams run
         for up to ``grace_s``, then cancels them. A later call with a smaller grace cuts a
         drain in progress short; a server never started stops at once."""
-        await self.set_serving(False)
+        # NOT_SERVING for good: a status set later (readiness recovering) is ignored.
+        await self.health.enter_graceful_shutdown()
         # grpc refuses new calls before this await first yields, so the flag is exact.
         self._accepting = False
         await self.server.stop(grace_s)
