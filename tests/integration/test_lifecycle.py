@@ -149,6 +149,7 @@ async def test_streams_in_flight_on_both_doors_finish_while_new_requests_are_ref
                     assert (await reply.json())["detail"] == "draining"
                 async with probe.post(completions, json=COMPLETION) as reply:
                     assert reply.status == 503
+                    assert reply.headers["Retry-After"] == "1"
                     assert (await reply.json())["error"]["type"] == "unavailable"
             async with kept_alive.get(f"{cluster.admin_url}/readyz") as reply:
                 assert reply.status == 503
