@@ -136,7 +136,7 @@ class Daemon:
         self.health.start()
         # gRPC health tells the truth from the first call on, and follows from here.
         self._serving = self.readiness()[0]
-        await self._publish_serving()
+        await self._publish()
         await self.front_door.start()
         await self.admin.start()
 
@@ -169,11 +169,16 @@ class Daemon:
             return
         self._serving = ready
         log.info("readiness changed", ready=ready, detail=detail)
-        if self._publisher is None or self._publisher.done():
-            self._publisher = asyncio.ensure_future(self._publish_serving())
+        self._publish()
 
-    async def _publish_serving(self) -> None:
-        """Sets gRPC health to the wanted status, in order, until it is the latest one."""
+    def _publish(self) -> asyncio.Future[None]:
+        """Has gRPC health report ``_serving``: one task at a time sets each status in
+        turn until the latest is reported (setting one can wait on a Watch stream)."""
+        if self._publisher is None or self._publisher.done():
+            self._publisher = asyncio.ensure_future(self._publishing())
+        return self._publisher
+
+    async def _publishing(self) -> None:
         while self._serving is not None and self._serving_published != self._serving:
             serving = self._serving
             await self.front_door.set_serving(serving)
