@@ -15,7 +15,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from router.client import ROUTER_SERVICE
 from router.daemon import Daemon
 from router.settings import Settings
-from tests.conftest import Cluster
+from tests.conftest import Cluster, start_cluster, stop_cluster
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -115,6 +115,7 @@ async def test_grpc_health_follows_readiness_as_decode_backends_go_and_come_back
     cluster: Cluster,
 ) -> None:
     pool = cluster.daemon.pool
+    await cluster.daemon.health.stop()  # health changes only as the test says
     with structlog.testing.capture_logs() as logs:
         async with watching(cluster.address) as health:
             assert await health.next_watched() == [SERVING, SERVING]
@@ -149,3 +150,21 @@ async def test_a_daemon_that_starts_without_decode_backends_is_not_serving(
             assert await health.next_watched() == [NOT_SERVING, NOT_SERVING]
     finally:
         await daemon.stop()
+
+
+async def test_grpc_health_follows_ejections_too() -> None:
+    cluster = await start_cluster(outlier_consecutive_failures=1, outlier_base_ejection_s=0.0)
+    pool = cluster.daemon.pool
+    await cluster.daemon.health.stop()  # health changes only as the test says
+    try:
+        async with watching(cluster.address) as health:
+            assert await health.next_watched() == [SERVING, SERVING]
+            pool.record_failure("groq-0")  # ejected: half of the decode backends, the most
+            assert not pool.in_service("groq-0")
+            pool.set_health("groq-1", False, "connection refused", None)
+            assert await health.next_watched() == [NOT_SERVING, NOT_SERVING]
+            pool.end_ejections()  # its (zero-length) ejection is over: groq-0 serves again
+            assert await health.next_watched() == [SERVING, SERVING]
+            assert await health.check() == [SERVING, SERVING]
+    finally:
+        await stop_cluster(cluster)

@@ -117,6 +117,7 @@ async def test_retryable_refusals_carry_a_hint_on_both_doors_and_others_none(
 
 
 async def test_no_healthy_backend_is_unavailable_with_a_hint(cluster: Cluster) -> None:
+    await cluster.daemon.health.stop()  # health changes only as the test says
     for name in ("groq-0", "groq-1"):
         cluster.daemon.pool.set_health(name, False, "connection refused", None)
     _, refused = await grpc_refusal(cluster)
