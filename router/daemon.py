@@ -6,6 +6,10 @@ and stops. Stopping marks both doors not ready (gRPC health NOT_SERVING, /readyz
 503) and stops them accepting, lets in-flight streams of either door finish for
 ``drain_grace_s``, cancels the rest, then closes the pool. A second signal cuts
 the drain short: whatever still runs is cancelled at once.
+
+While serving, gRPC health follows readiness, as /readyz does: the pool tells the
+daemon of every change of a backend's health, and the daemon publishes a changed
+readiness to grpc.health.v1 (which streams it to ``Watch`` callers).
 """
 
 from __future__ import annotations
@@ -76,6 +80,11 @@ class Daemon:
         )
         self.started = asyncio.Event()  # set once start-up is complete
         self._draining = False
+        # Readiness as gRPC health should report it, and as it last did (None: not yet).
+        self._serving: bool | None = None
+        self._serving_published: bool | None = None
+        self._publisher: asyncio.Task[None] | None = None
+        self.pool.on_health_change(self.update_serving)
         self._stop_requested = asyncio.Event()
         self._forced = asyncio.Event()
         self._exit_signal: int | None = None
@@ -125,9 +134,11 @@ class Daemon:
         await self.pool.start()
         await self.health.check_all()  # ready as soon as we listen, if the backends are
         self.health.start()
+        # gRPC health tells the truth from the first call on, and follows from here.
+        self._serving = self.readiness()[0]
+        await self._publish()
         await self.front_door.start()
         await self.admin.start()
-        await self.front_door.set_serving(True)
 
     def readiness(self) -> tuple[bool, str]:
         """Ready when every model has a way to be served (split or colocated)."""
@@ -144,6 +155,34 @@ class Daemon:
             return False, f"no healthy backends for: {', '.join(missing)}"
         healthy = sum(1 for view in snapshot.backends if view.healthy)
         return True, f"{healthy}/{len(snapshot.backends)} backends healthy"
+
+    def update_serving(self) -> None:
+        """Recomputes readiness and, when it changed, logs it and has gRPC health follow.
+
+        The pool calls it on every change of a backend's health; any other input of
+        readiness calls it when it changes. Nothing happens before start-up has
+        published the first status, nor once draining: NOT_SERVING is then final."""
+        if self._serving is None or self._draining:
+            return
+        ready, detail = self.readiness()
+        if ready == self._serving:
+            return
+        self._serving = ready
+        log.info("readiness changed", ready=ready, detail=detail)
+        self._publish()
+
+    def _publish(self) -> asyncio.Future[None]:
+        """Has gRPC health report ``_serving``: one task at a time sets each status in
+        turn until the latest is reported (setting one can wait on a Watch stream)."""
+        if self._publisher is None or self._publisher.done():
+            self._publisher = asyncio.ensure_future(self._publishing())
+        return self._publisher
+
+    async def _publishing(self) -> None:
+        while self._serving is not None and self._serving_published != self._serving:
+            serving = self._serving
+            await self.front_door.set_serving(serving)
+            self._serving_published = serving
 
     async def stop(self) -> None:
         """Drains and stops. Safe to call again, and at any point of start-up: each part
@@ -162,6 +201,9 @@ class Daemon:
         if self._forced.is_set():
             await self._stop_doors(0.0)
         await self._unless_forced(self.dispatcher.drain_background())
+        if self._publisher is not None:  # done by now but for a Watch that held it up
+            self._publisher.cancel()
+            await asyncio.wait({self._publisher})
         await self.health.stop()
         await self.pool.close()
         log.info("stopped")

@@ -28,5 +28,20 @@ class NoHealthyBackendError(ServingError):
     http_status = 503
 
 
+# The retry hint of a retryable error that carries none: one health check interval
+# (the default ``health_interval_s``), the earliest a lost backend can be back.
+DEFAULT_RETRY_AFTER_S = 1.0
+_RETRYABLE = frozenset({"RESOURCE_EXHAUSTED", "UNAVAILABLE"})
+
+
+def retry_hint_s(error: ServingError) -> float | None:
+    """When the client may try again, in seconds: the error's own hint, else
+    DEFAULT_RETRY_AFTER_S; None for an error a retry cannot fix (bad input, a KV layout
+    mismatch, an internal error)."""
+    if error.grpc_status not in _RETRYABLE:
+        return None
+    return DEFAULT_RETRY_AFTER_S if error.retry_after_s is None else error.retry_after_s
+
+
 class ConfigError(Exception):
     """A settings or pool file problem, reported at start-up with the file and field."""

@@ -19,7 +19,7 @@ from backends.errors import ServingError
 from router.api.validation import validate_generate, validate_service
 from router.client import ROUTER_SERVICE
 from router.dispatch.dispatcher import Dispatcher
-from router.errors import ConfigError
+from router.errors import ConfigError, retry_hint_s
 from router.logging import bind_request, get_logger, unbind_request
 from router.pool.registry import Pool
 from router.settings import Settings
@@ -127,10 +127,15 @@ class RouterService:
 
 
 async def _abort(context: grpc.aio.ServicerContext, error: ServingError) -> None:
-    """Ends the call with the error's status; a retry hint rides as ``retry-after-ms``."""
+    """Ends the call with the error's status. A retryable one (RESOURCE_EXHAUSTED,
+    UNAVAILABLE) carries its retry hint twice in the trailing metadata: as
+    ``retry-after-ms`` for the router's clients, and as ``grpc-retry-pushback-ms``, the
+    delay gRPC's own retry policy waits before its next attempt (gRFC A6)."""
     trailing: tuple[tuple[str, str], ...] = ()
-    if error.retry_after_s is not None:
-        trailing = (("retry-after-ms", str(max(1, round(error.retry_after_s * 1000)))),)
+    retry_after_s = retry_hint_s(error)
+    if retry_after_s is not None:
+        milliseconds = str(max(1, round(retry_after_s * 1000)))
+        trailing = (("retry-after-ms", milliseconds), ("grpc-retry-pushback-ms", milliseconds))
     code = grpc.StatusCode[error.grpc_status]
     await context.abort(code, error.message, trailing_metadata=trailing)
 
@@ -173,6 +178,8 @@ class FrontDoor:
         return self._accepting
 
     async def set_serving(self, serving: bool) -> None:
+        """Reports SERVING or NOT_SERVING for "" and the Router service, to ``Check`` and
+        to every ``Watch`` stream; ignored once ``stop`` has begun."""
         status = (
             health_pb2.HealthCheckResponse.SERVING
             if serving
@@ -185,7 +192,8 @@ class FrontDoor:
         """Reports NOT_SERVING, refuses new calls (UNAVAILABLE), lets in-flight streams run
         for up to ``grace_s``, then cancels them. A later call with a smaller grace cuts a
         drain in progress short; a server never started stops at once."""
-        await self.set_serving(False)
+        # NOT_SERVING for good: a status set later (readiness recovering) is ignored.
+        await self.health.enter_graceful_shutdown()
         # grpc refuses new calls before this await first yields, so the flag is exact.
         self._accepting = False
         await self.server.stop(grace_s)

@@ -17,8 +17,8 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from router.api.openai_http import OpenAIRoutes, error_response
-from router.errors import ConfigError
+from router.api.openai_http import OpenAIRoutes, error_response, retry_after_header
+from router.errors import DEFAULT_RETRY_AFTER_S, ConfigError
 from router.logging import get_logger
 
 log = get_logger(__name__)
@@ -115,7 +115,10 @@ class AdminServer:
     async def _drain_gate(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         """Counts requests in flight; refuses new ones once the door is stopping."""
         if not self._accepting and request.path not in _PROBES:
-            response = _error(request, 503, "the router is shutting down")
+            # Retry soon: behind a load balancer the next try reaches another replica.
+            response = _error(
+                request, 503, "the router is shutting down", retry_after_s=DEFAULT_RETRY_AFTER_S
+            )
             response.force_close()
             return response
         task = asyncio.current_task()
@@ -162,11 +165,17 @@ class AdminServer:
         )
 
 
-def _error(request: web.Request, status: int, message: str) -> web.Response:
+def _error(
+    request: web.Request, status: int, message: str, retry_after_s: float | None = None
+) -> web.Response:
     """OpenAI's error JSON on the OpenAI routes, the probes' shape elsewhere."""
     if request.path.startswith("/v1/"):
-        return error_response(status, message)
-    return web.json_response({"status": "error", "detail": message}, status=status)
+        return error_response(status, message, retry_after_s=retry_after_s)
+    return web.json_response(
+        {"status": "error", "detail": message},
+        status=status,
+        headers=retry_after_header(retry_after_s),
+    )
 
 
 def _ssl_context(tls: tuple[Path, Path] | None) -> ssl.SSLContext | None:

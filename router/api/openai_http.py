@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -24,7 +25,7 @@ from aiohttp.typedefs import Handler
 
 from backends._gen.hetero.router.v1 import router_pb2
 from backends.base import ChatMessage, GenerationRequest
-from backends.errors import OverloadedError, ServingError
+from backends.errors import ServingError
 from router.api import chat_template
 from router.api.openai_models import (
     ChatCompletionRequest,
@@ -34,7 +35,7 @@ from router.api.openai_models import (
 )
 from router.api.validation import service_level, validate_generate
 from router.dispatch.dispatcher import Dispatcher
-from router.errors import InvalidRequestError
+from router.errors import InvalidRequestError, retry_hint_s
 from router.logging import bind_request, get_logger, unbind_request
 from router.pool.registry import Pool
 from router.scheduling.plan import Disaggregation
@@ -68,9 +69,9 @@ _ERROR_TYPES = {
 }
 
 
-def error_response(status: int, message: str, *, param: str | None = None,
-                   retry_after_s: float | None = None) -> web.Response:  # fmt: skip
-    body = {
+def error_body(status: int, message: str, param: str | None = None) -> dict[str, Any]:
+    """OpenAI's error JSON, as a status answer's body and as a stream's error event."""
+    return {
         "error": {
             "message": message,
             "type": _ERROR_TYPES.get(status, "server_error"),
@@ -78,8 +79,21 @@ def error_response(status: int, message: str, *, param: str | None = None,
             "code": None,
         }
     }
-    headers = {"Retry-After": str(max(1, round(retry_after_s)))} if retry_after_s else None
-    return web.json_response(body, status=status, headers=headers)
+
+
+def error_response(status: int, message: str, *, param: str | None = None,
+                   retry_after_s: float | None = None) -> web.Response:  # fmt: skip
+    """The error answer, with ``Retry-After`` when there is a retry hint."""
+    body = error_body(status, message, param)
+    return web.json_response(body, status=status, headers=retry_after_header(retry_after_s))
+
+
+def retry_after_header(retry_after_s: float | None) -> dict[str, str]:
+    """``Retry-After`` in whole seconds, at least 1 and rounded up (never earlier than
+    the hint); none without a hint."""
+    if retry_after_s is None:
+        return {}
+    return {"Retry-After": str(max(1, math.ceil(retry_after_s)))}
 
 
 @dataclasses.dataclass
@@ -272,13 +286,11 @@ class OpenAIRoutes:
                 await _send(response, {**head, "choices": [choice]})
                 if finish is not None and parsed.include_usage:
                     await _send(response, {**head, "choices": [], "usage": _usage(message.usage)})
-        except ServingError as error:
-            if response is None:
-                return _router_error(error)
-            await _send(response, {"error": {"message": error.message, "type": "server_error"}})
         except ConnectionResetError:
             log.info("client went away mid-stream")  # leaving the loop aborted the backends
             raise
+        except Exception as error:  # noqa: BLE001  # the stream's edge: every failure ends it alike
+            return await _stream_failed(http, response, error)
         if response is None:
             response = await self._open_stream(http, request.request_id, "")
         await response.write(b"data: [DONE]\n\n")
@@ -303,12 +315,37 @@ async def _send(response: web.StreamResponse, payload: dict[str, Any]) -> None:
     await response.write(b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n")
 
 
+async def _stream_failed(
+    http: web.Request, response: web.StreamResponse | None, error: Exception
+) -> web.StreamResponse:
+    """Before the first token, an error is a real status (the catch-all's 500 for an
+    unexpected one). Once the headers are out, an error event in OpenAI's shape ends the
+    stream, with no ``[DONE]``: the openai SDK raises an APIError on an event with an
+    ``error`` key, where ``[DONE]`` would tell it the stream completed. An unexpected
+    error is logged, and its event says no more than the catch-all's 500 would."""
+    if isinstance(error, ServingError):
+        if response is None:
+            return _router_error(error)
+        log.info("stream failed", status=error.http_status, reason=error.message)
+        body = error_body(error.http_status, error.message)
+    elif response is None:
+        raise error
+    else:
+        log.error(
+            "http request failed unexpectedly",
+            path=http.path,
+            error_type=type(error).__name__,
+            exc_info=error,
+        )
+        body = error_body(500, "internal error")
+    await _send(response, body)
+    await response.write_eof()
+    return response
+
+
 def _router_error(error: ServingError) -> web.Response:
-    status = error.http_status
-    retry = error.retry_after_s if isinstance(error, OverloadedError) else None
-    return error_response(
-        status, error.message, retry_after_s=retry or (1.0 if status == 429 else None)
-    )
+    """The status answer; 429, 502 and 503 (retryable) carry ``Retry-After``."""
+    return error_response(error.http_status, error.message, retry_after_s=retry_hint_s(error))
 
 
 def _route_header(response: router_pb2.GenerateResponse) -> str:

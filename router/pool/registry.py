@@ -161,6 +161,7 @@ class Pool:
         # Called when a backend leaves service (a failed health check, an ejection): the
         # legs in flight on it fail over at once instead of waiting for a deadline.
         self._leaving: dict[str, set[Callable[[], None]]] = {b.id: set() for b in config.backends}
+        self._health_listeners: list[Callable[[], None]] = []
 
     @property
     def models(self) -> list[str]:
@@ -186,6 +187,15 @@ class Pool:
             self._snapshot = PoolSnapshot(tuple(self._views.values()), self.prefix_index)
         return self._snapshot
 
+    def on_health_change(self, listener: Callable[[], None]) -> None:
+        """``listener()`` runs after each change of a backend's health (detail and KV
+        layout included) or ejection."""
+        self._health_listeners.append(listener)
+
+    def _health_changed(self) -> None:
+        for listener in self._health_listeners:
+            listener()
+
     def _changed(self, backend_id: str) -> None:
         self._stale.add(backend_id)
         self._snapshot = None
@@ -201,6 +211,7 @@ class Pool:
         if (endpoint.healthy, endpoint.detail, endpoint.layout) != (healthy, detail, layout):
             endpoint.healthy, endpoint.detail, endpoint.layout = healthy, detail, layout
             self._changed(backend_id)
+            self._health_changed()
         self._metrics.backend_healthy.labels(backend_id, endpoint.config.role.value).set(healthy)
         if leaving and not endpoint.ejected:
             self._left_service(backend_id)
@@ -228,6 +239,7 @@ class Pool:
         was_serving = endpoint.healthy and not endpoint.ejected
         endpoint.ejected = True
         self._changed(backend_id)
+        self._health_changed()
         if was_serving:
             self._left_service(backend_id)
 
@@ -239,6 +251,7 @@ class Pool:
             self.endpoints[backend_id].ejected = False
             self._metrics.backend_ejected.labels(backend_id).set(0)
             self._changed(backend_id)
+            self._health_changed()
 
     @contextlib.contextmanager
     def watching(self, backend_id: str, on_leave: Callable[[], None]) -> Iterator[None]:

@@ -17,9 +17,10 @@ from typing import Any
 import aiohttp
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from backends._gen.hetero.router.v1 import router_pb2
-from router.client import AsyncRouterClient
+from router.client import ROUTER_SERVICE, AsyncRouterClient
 from router.daemon import Daemon
 from router.dispatch.dispatcher import Dispatcher
 from router.settings import Settings
@@ -86,6 +87,19 @@ def sigterm_caught_outside_the_daemon() -> Iterator[list[int]]:
         signal.signal(signal.SIGTERM, previous)
 
 
+async def statuses_until_the_end(
+    watch: grpc.aio.UnaryStreamCall[Any, health_pb2.HealthCheckResponse],
+) -> tuple[list[int], grpc.StatusCode]:
+    """What a Watch stream sends until it ends, and the status it ends with."""
+    statuses: list[int] = []
+    try:
+        while (reply := await watch.read()) is not grpc.aio.EOF:
+            statuses.append(reply.status)
+    except grpc.aio.AioRpcError as error:
+        return statuses, error.code()
+    return statuses, await watch.code()
+
+
 async def serving(daemon: Daemon) -> asyncio.Task[int]:
     """``daemon.serve()`` in a task, once its start-up is complete."""
     task = asyncio.create_task(daemon.serve())
@@ -135,6 +149,7 @@ async def test_streams_in_flight_on_both_doors_finish_while_new_requests_are_ref
                     assert (await reply.json())["detail"] == "draining"
                 async with probe.post(completions, json=COMPLETION) as reply:
                     assert reply.status == 503
+                    assert reply.headers["Retry-After"] == "1"
                     assert (await reply.json())["error"]["type"] == "unavailable"
             async with kept_alive.get(f"{cluster.admin_url}/readyz") as reply:
                 assert reply.status == 503
@@ -266,4 +281,41 @@ async def test_a_second_signal_cancels_the_drain_at_once(
             with pytest.raises(grpc.aio.AioRpcError) as cut:
                 await anext(grpc_stream)
             assert cut.value.code() == grpc.StatusCode.UNAVAILABLE  # grpc: "Cancelling all calls"
+    assert leaked == []
+
+
+async def test_sigterm_reports_not_serving_before_the_listener_closes_and_for_good(
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    daemon = second_daemon(cluster)
+    serving_status = health_pb2.HealthCheckResponse.SERVING
+    not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
+    with sigterm_caught_outside_the_daemon() as leaked:
+        served = await serving(daemon)
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{daemon.grpc_port}") as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            watch = health.Watch(health_pb2.HealthCheckRequest(service=ROUTER_SERVICE))
+            assert (await watch.read()).status == serving_status
+            checked_before_close: list[int] = []
+            close = daemon.front_door.server.stop
+
+            async def checked_then_closed(grace_s: float) -> None:
+                # The listener still takes calls here: what a probe reads just before it closes.
+                for name in ("", ROUTER_SERVICE):
+                    reply = await health.Check(health_pb2.HealthCheckRequest(service=name))
+                    checked_before_close.append(reply.status)
+                await close(grace_s)
+
+            monkeypatch.setattr(daemon.front_door.server, "stop", checked_then_closed)
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert (await watch.read()).status == not_serving
+            # Draining: neither a backend recovering nor a direct call turns it back.
+            daemon.pool.set_health("groq-0", False, "down", None)
+            await daemon.health.check_all()
+            await daemon.front_door.set_serving(True)
+            later, ended = await statuses_until_the_end(watch)
+            assert await served == 0
+    assert checked_before_close == [not_serving, not_serving]
+    assert later == []
+    assert ended == grpc.StatusCode.UNAVAILABLE  # cancelled once the grace is over
     assert leaked == []

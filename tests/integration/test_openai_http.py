@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import contextlib
+import json
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 import aiohttp
 import openai
 import pytest
 
+from backends.base import Role
+from backends.errors import BackendError
 from tests.conftest import Cluster, start_cluster, stop_cluster
 from tests.helpers import eventually
 
@@ -199,3 +203,68 @@ async def test_a_request_no_device_can_hold_is_400_before_any_device_sees_it() -
         assert all(d.requests_received == 0 for d in cluster.devices.values())
     finally:
         await stop_cluster(cluster)
+
+
+def events(body: str) -> list[Any]:
+    """The payloads of a server-sent event stream, ``[DONE]`` as the string it is."""
+    payloads = [event.removeprefix("data: ") for event in body.split("\n\n") if event]
+    return [payload if payload == "[DONE]" else json.loads(payload) for payload in payloads]
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+async def test_a_stream_failing_after_its_first_token_ends_with_an_error_event_not_done(
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch, path: str
+) -> None:
+    real = cluster.daemon.dispatcher.generate
+
+    async def fails_after_a_frame(*args: Any, **kwargs: Any) -> AsyncGenerator[bytes, None]:
+        async with contextlib.aclosing(real(*args, **kwargs)) as frames:
+            yield await anext(frames)
+        raise BackendError("groq-0", "connection lost")
+
+    monkeypatch.setattr(cluster.daemon.dispatcher, "generate", fails_after_a_frame)
+    body: dict[str, Any] = {"max_tokens": 8, "temperature": 0, "stream": True}
+    if path == "/v1/chat/completions":
+        body["messages"] = [{"role": "user", "content": "fail me"}]
+    else:
+        body["prompt"] = "fail me"
+    response = await post(cluster, path, body)
+    assert response.status == 200
+    first, *rest = events(await response.text())
+    assert first["choices"]
+    assert rest == [
+        {
+            "error": {
+                "message": "backend groq-0: connection lost",
+                "type": "server_error",
+                "param": None,
+                "code": None,
+            }
+        }
+    ]
+
+
+async def test_the_sdk_raises_on_a_stream_whose_decode_device_dies() -> None:
+    cluster = await start_cluster([("groq-0", Role.DECODE, "groq-lpu")], time_scale=1.0)
+    sdk = openai.AsyncOpenAI(base_url=f"{cluster.admin_url}/v1", api_key="unused", max_retries=0)
+    received: list[str] = []
+
+    async def read_while_the_device_dies() -> None:
+        stream = await sdk.completions.create(
+            model="llama-3.1-8b", prompt="die midway", max_tokens=4000, stream=True
+        )
+        async for chunk in stream:
+            if not received:
+                await cluster.devices["groq-0"].stop(grace_s=0)
+            received.append(chunk.choices[0].text)
+
+    try:
+        with pytest.raises(openai.APIError) as raised:
+            await read_while_the_device_dies()
+    finally:
+        await sdk.close()
+        await stop_cluster(cluster)
+    assert 1 <= len(received) < 4000
+    assert type(raised.value) is openai.APIError  # an error event, not a cut connection
+    assert "groq-0" in raised.value.message
+    assert raised.value.type == "server_error"
