@@ -95,22 +95,16 @@ class ChannelConfig:
     max_attempts: int = 3
 
     def service_config(self) -> str:
-        return json.dumps(
-            {
-                "methodConfig": [
-                    {
-                        "name": [{"service": ROUTER_SERVICE}],
-                        "retryPolicy": {
-                            "maxAttempts": self.max_attempts,
-                            "initialBackoff": "0.1s",
-                            "maxBackoff": "1s",
-                            "backoffMultiplier": 2,
-                            "retryableStatusCodes": ["UNAVAILABLE"],
-                        },
-                    }
-                ]
+        method: dict[str, Any] = {"name": [{"service": ROUTER_SERVICE}]}
+        if self.max_attempts > 1:  # gRPC refuses a retry policy of fewer than 2 attempts
+            method["retryPolicy"] = {
+                "maxAttempts": self.max_attempts,
+                "initialBackoff": "0.1s",
+                "maxBackoff": "1s",
+                "backoffMultiplier": 2,
+                "retryableStatusCodes": ["UNAVAILABLE"],
             }
-        )
+        return json.dumps({"methodConfig": [method]})
 
     def options(self) -> list[tuple[str, Any]]:
         return [

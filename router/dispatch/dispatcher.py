@@ -37,6 +37,7 @@ from backends.errors import BackendError, LayoutMismatchError, OverloadedError, 
 from backends.prefix import BLOCK_BYTES, block_hashes
 from router.dispatch.admission import AdmissionGate
 from router.dispatch.retry import RetryBudget
+from router.errors import NoHealthyBackendError
 from router.handoff.relay import relay
 from router.logging import get_logger
 from router.metrics import RouterMetrics
@@ -363,6 +364,9 @@ class Dispatcher:
             self.count_rejected(_outcome(error))
             raise
         except ServingError as error:
+            if isinstance(error, NoHealthyBackendError) and error.retry_after_s is None:
+                # A backend may be back by the next health check.
+                error.retry_after_s = self._settings.health_interval_s
             self.count_rejected(_outcome(error))
             raise
 
