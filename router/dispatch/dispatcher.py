@@ -234,15 +234,29 @@ class _Watch:
             self._arm()
         self._waiting, self._expired = True, False
         try:
-            return await work
+            result = await work
         except asyncio.CancelledError:
             if not self._expired or self._task is None or self._task.uncancel() > 0:
                 raise  # cancelled from outside (the client went away)
-            if self.left:
-                raise self._left_error() from None
-            raise stalled(self.backend_id, limit_s) from None
+            raise self._expiry(stalled, limit_s) from None
+        except BaseException as error:
+            if self._expired and self._task is not None:
+                # The backend's code turned the cancel into its own error.
+                self._task.uncancel()
+                raise self._expiry(stalled, limit_s) from error
+            raise
         finally:
             self._waiting = False
+        if self._expired and self._task is not None:
+            # The backend's code swallowed the cancel and answered.
+            self._task.uncancel()
+            raise self._expiry(stalled, limit_s)
+        return result
+
+    def _expiry(
+        self, stalled: Callable[[str, float], BackendError], limit_s: float
+    ) -> BackendError:
+        return self._left_error() if self.left else stalled(self.backend_id, limit_s)
 
     def _left_error(self) -> BackendError:
         return BackendError(self.backend_id, "left service mid-request (failed health checks)")

@@ -401,3 +401,29 @@ def test_an_ejected_backend_is_out_of_service_until_its_time_is_up() -> None:
     now[0] = 31.0
     pool.end_ejections()
     assert pool.snapshot().backends[0].healthy
+
+
+async def test_a_backend_turning_the_stall_cancel_into_its_own_error_leaves_no_cancel_behind() -> (
+    None
+):
+    dispatcher, _, _ = build(stall_timeout_s=0.05)
+
+    def converting(req: GenerationRequest) -> AsyncGenerator[bytes, None]:
+        async def frames() -> AsyncGenerator[bytes, None]:
+            yield frame(100)
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                raise BackendError("?", "request aborted") from None  # as adapters do
+            yield frame(101)
+
+        return frames()
+
+    script_first_call(converting)
+    responses = await run(dispatcher)
+    assert ids(responses) == [100, 101, 102, 103, 104, 105]
+    task = asyncio.current_task()
+    assert task is not None
+    assert task.cancelling() == 0  # a later timeout in this task still works
+    async with asyncio.timeout(5):
+        await asyncio.sleep(0)
