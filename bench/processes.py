@@ -52,6 +52,13 @@ async def router_process(
     pool: PoolConfig, env: dict[str, str], *, http: bool = False
 ) -> AsyncIterator[str]:
     """A router serving ``pool``; yields its gRPC address, or its HTTP one with ``http``."""
+    async with router_addresses(pool, env) as (grpc_address, http_address):
+        yield http_address if http else grpc_address
+
+
+@contextlib.asynccontextmanager
+async def router_addresses(pool: PoolConfig, env: dict[str, str]) -> AsyncIterator[tuple[str, str]]:
+    """A router serving ``pool``; yields its gRPC and its HTTP address."""
     with tempfile.TemporaryDirectory() as scratch:
         pool_file = Path(scratch) / "pool.yaml"
         pool_file.write_text(yaml.safe_dump(pool.model_dump(mode="json")))
@@ -70,13 +77,10 @@ async def router_process(
             env={**os.environ, "HETERO_ROUTER_LOG_FORMAT": "json", **env},
         )
         try:
-            grpc_address, http_address = await asyncio.wait_for(
-                _serving_address(process), timeout=60
-            )
-            address = http_address if http else grpc_address
+            addresses = await asyncio.wait_for(_serving_address(process), timeout=60)
             drain = asyncio.create_task(_drain(process))
             try:
-                yield address
+                yield addresses
             finally:
                 drain.cancel()
         finally:

@@ -1,0 +1,1 @@
+"""The chaos scenario's parts: fault plans, restartable devices, the injector, verdicts."""

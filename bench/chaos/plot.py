@@ -1,0 +1,144 @@
+"""The chaos run's figure: throughput and failures over time, faults marked, devices' lanes.
+
+Drawn from the result's JSON alone (``timeline``, ``faults.records``), so a committed
+result can be drawn again without running anything.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.axes import Axes
+from matplotlib.lines import Line2D
+
+KIND_COLORS = {"kill": "tab:red", "stop": "tab:orange", "restart": "tab:purple"}
+ENDING_COLORS = {
+    "complete": "tab:green",
+    "error_before_first_token": "tab:red",
+    "error_after_first_token": "tab:orange",
+    "lost": "black",
+}
+
+
+def draw(path: Path, result: Mapping[str, Any]) -> None:
+    timeline = result["timeline"]
+    records = [r for r in result["faults"]["records"] if r["applied_s"] is not None]
+    width = timeline["bin_s"]
+    figure, axes = plt.subplots(
+        4, 1, figsize=(12, 12), sharex=True, gridspec_kw={"height_ratios": [3, 3, 3, 2]}
+    )
+    tokens, requests, ttft, lanes = axes
+
+    _steps(tokens, timeline["tokens_per_s"]["fault_free"], width, "fault-free run", "grey")
+    _steps(tokens, timeline["tokens_per_s"]["chaos"], width, "chaos run", "tab:blue")
+    tokens.set_ylabel("tokens/s delivered")
+
+    _steps(
+        requests, timeline["completed_per_s"]["fault_free"], width, "completed, fault-free", "grey"
+    )
+    _steps(requests, timeline["completed_per_s"]["chaos"], width, "completed, chaos", "tab:green")
+    starts = np.arange(len(timeline["errors_per_s"])) * width
+    requests.bar(
+        starts,
+        timeline["errors_per_s"],
+        width,
+        align="edge",
+        color="tab:red",
+        alpha=0.7,
+        label="errors, chaos",
+    )
+    requests.bar(
+        starts,
+        timeline["lost_per_s"],
+        width,
+        align="edge",
+        color="black",
+        bottom=timeline["errors_per_s"],
+        label="lost, chaos",
+    )
+    requests.set_ylabel("requests/s (by end time)")
+
+    for ending, color in ENDING_COLORS.items():
+        rows = [(s, t, e) for s, t, e, how in timeline["requests"] if how == ending]
+        with_token = [(s, t * 1000) for s, t, _ in rows if t is not None]
+        without = [(s, e * 1000) for s, t, e in rows if t is None]
+        label = ending.replace("_", " ")
+        if with_token:
+            ttft.scatter(*zip(*with_token, strict=True), s=6, color=color, label=label)
+        if without:  # no token at all: marked where the request ended
+            ttft.scatter(
+                *zip(*without, strict=True),
+                s=18,
+                color=color,
+                marker="x",
+                label=f"{label} (time to the end)",
+            )
+    ttft.set_yscale("log")
+    ttft.set_ylabel("TTFT ms (by send time)")
+
+    _lanes(lanes, result, records, timeline)
+    for axis in (tokens, requests, ttft):
+        for record in records:
+            axis.axvline(record["applied_s"], color=KIND_COLORS[record["kind"]], lw=0.8, alpha=0.6)
+        axis.grid(alpha=0.3)
+    handles = [Line2D([], [], color=c, label=f"{k} (fault)") for k, c in KIND_COLORS.items()]
+    tokens.legend(
+        handles=[*tokens.get_legend_handles_labels()[0], *handles],
+        fontsize=8,
+        loc="upper right",
+        ncol=2,
+    )
+    requests.legend(fontsize=8, loc="upper right")
+    ttft.legend(fontsize=8, loc="upper right", ncol=2)
+    lanes.set_xlabel("seconds since the load started")
+    figures = result["figures"]
+    figure.suptitle(
+        f"Chaos ({result['mode']}): {figures['faults_injected']} faults, "
+        f"{figures['requests']} requests; lost {figures['requests_lost']}, tokens differ "
+        f"{figures['tokens_differ']}, errors before/after first token "
+        f"{figures['errors_before_first_token']}/{figures['errors_after_first_token']}, "
+        f"goodput drop {figures['goodput_drop']:.1%}",
+        fontsize=10,
+    )
+    figure.tight_layout()
+    figure.savefig(path, dpi=90)
+    plt.close(figure)
+
+
+def _steps(axis: Axes, values: list[float], width: float, label: str, color: str) -> None:
+    if values:
+        edges = np.arange(len(values) + 1) * width
+        axis.stairs(values, edges, label=label, color=color)
+
+
+def _lanes(
+    axis: Axes,
+    result: Mapping[str, Any],
+    records: list[Mapping[str, Any]],
+    timeline: Mapping[str, Any],
+) -> None:
+    """One lane per device: when the bench held it down, and below when the router
+    counted it unhealthy."""
+    devices = [entry["id"] for entry in result["cluster"]]
+    end = len(timeline["tokens_per_s"]["chaos"]) * timeline["bin_s"]
+    for lane, device in enumerate(devices):
+        for record in (r for r in records if r["device"] == device):
+            back = record["back_s"] if record["back_s"] is not None else end
+            span = max(back - record["applied_s"], 0.2)
+            axis.broken_barh(
+                [(record["applied_s"], span)], (lane + 0.1, 0.5), color=KIND_COLORS[record["kind"]]
+            )
+        unhealthy = [(s, max(e - s, 0.1)) for s, e in timeline["router_unhealthy"].get(device, [])]
+        axis.broken_barh(unhealthy, (lane - 0.3, 0.25), color="black")
+    roles = {entry["id"]: entry["role"] for entry in result["cluster"]}
+    axis.set_yticks(range(len(devices)))
+    axis.set_yticklabels([f"{d} ({roles[d]})" for d in devices], fontsize=8)
+    axis.set_ylim(-0.5, len(devices))
+    axis.set_title("devices: fault held (colour) / router saw unhealthy (black)", fontsize=9)
