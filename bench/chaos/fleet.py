@@ -70,7 +70,10 @@ class Fleet:
         return {device_id: device.config.role for device_id, device in self.devices.items()}
 
     def up(self, device_id: str) -> bool:
-        return self.devices[device_id].state == "up"
+        """Serving as far as the bench knows: started, not stopped, not exited since."""
+        device = self.devices[device_id]
+        alive = device.process is not None and device.process.returncode is None
+        return device.state == "up" and alive
 
     async def start_all(self) -> PoolConfig:
         """Starts every device; the pool with their real addresses."""
@@ -93,7 +96,8 @@ class Fleet:
                 stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=log,
-                env=device_environment(),
+                # A device that crashes leaves its Python traceback in its log.
+                env={**device_environment(), "PYTHONFAULTHANDLER": "1"},
                 start_new_session=True,  # signals to the bench reach it alone
             )
         device.process = process
@@ -106,7 +110,7 @@ class Fleet:
             await self._reap(device)
             reason = "did not serve in time" if isinstance(error, TimeoutError) else str(error)
             raise DeviceStartError(
-                f"device {device_id} {reason}; its log ends: {self.log_tail(device_id)!r}"
+                f"device {device_id} {reason}; its log ends: {self.log_tail(device_id, 12)!r}"
             ) from None
         device.port = int(announced.rpartition(":")[2])
         device.state = "up"
@@ -130,9 +134,13 @@ class Fleet:
             device.state = "up"
 
     async def terminate(self, device_id: str, grace_s: float = 10.0) -> None:
-        """SIGTERM (the device drains and exits); SIGKILL after ``grace_s``."""
+        """SIGTERM with stdin closed, as ``hetero-router up`` stops a device: it drains and
+        exits (with stdin held open its stdin watcher would keep the process alive);
+        SIGKILL after ``grace_s``."""
         device = self.devices[device_id]
         self._signal(device, signal.SIGTERM)
+        if device.process is not None and device.process.stdin is not None:
+            device.process.stdin.close()
         await self._reap(device, grace_s)
 
     async def load(self, device_id: str, timeout_s: float = 2.0) -> DeviceLoad | None:

@@ -19,6 +19,7 @@ from bench.chaos.fleet import DeviceStartError
 from bench.chaos.schedule import FAULT_KINDS, Fault, FaultPlan
 
 RESTART_ATTEMPTS = 3
+RESTART_TIMEOUT_S = 20.0  # a device starts in 1-3 s on an idle machine
 RESTART_BACKOFF_S = 1.0
 
 
@@ -44,6 +45,9 @@ class FaultRecord:
     back_s: float | None = None  # serving again (announced, or resumed)
     restart_attempts: int = 0
     detail: str = ""
+    # What the router made of it (from polls of its backends; None: it never saw).
+    router_down_after_s: float | None = None
+    router_up_after_s: float | None = None
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -56,6 +60,8 @@ class FaultRecord:
             "back_s": _rounded(self.back_s),
             "restart_attempts": self.restart_attempts,
             "detail": self.detail,
+            "router_down_after_s": _rounded(self.router_down_after_s),
+            "router_up_after_s": _rounded(self.router_up_after_s),
         }
 
 
@@ -150,7 +156,7 @@ class Injector:
         for attempt in range(1, RESTART_ATTEMPTS + 1):
             record.restart_attempts = attempt
             try:
-                await self._fleet.start(record.fault.device)
+                await self._fleet.start(record.fault.device, RESTART_TIMEOUT_S)
             except DeviceStartError as error:
                 record.detail = str(error)
                 await asyncio.sleep(self._restart_backoff_s * attempt)

@@ -257,3 +257,18 @@ def unhealthy_spans(
     for backend, start in since.items():
         spans.setdefault(backend, []).append([round(start, 2), round(end_s, 2)])
     return spans
+
+
+def router_saw(
+    spans: Sequence[Sequence[float]], applied_s: float, back_s: float | None, poll_s: float
+) -> tuple[float | None, float | None]:
+    """How long after a fault the router counted the device unhealthy, and how long after
+    the device served again it counted it healthy; None where it never did (a short
+    stop can pass unnoticed) or the device never came back."""
+    for start, end in spans:
+        if end < applied_s:
+            continue
+        if back_s is not None and start > back_s + poll_s:
+            break  # a later outage: this fault went unnoticed
+        return max(0.0, start - applied_s), None if back_s is None else max(0.0, end - back_s)
+    return None, None

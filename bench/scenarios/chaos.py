@@ -21,6 +21,7 @@ import asyncio
 import json
 import os
 import shlex
+import statistics
 import sys
 import tempfile
 import time
@@ -45,6 +46,7 @@ from bench.chaos.verdicts import (
     lease_tally,
     per_bin,
     reference_tokens,
+    router_saw,
     tally,
     unhealthy_spans,
 )
@@ -108,6 +110,17 @@ def pool() -> PoolConfig:
     return parse_pool({"backends": entries}, source="chaos pool")
 
 
+def _command() -> str:
+    """This process's command line, as a module run from the repository's root."""
+    script = Path(sys.argv[0]).resolve()
+    try:
+        parts = script.relative_to(Path(__file__).resolve().parents[2]).with_suffix("").parts
+    except ValueError:
+        return shlex.join(["python", *sys.argv])
+    module = ".".join(parts[:-1] if parts[-1] == "__main__" else parts)
+    return shlex.join(["python", "-m", module, *sys.argv[1:]])
+
+
 def _say(message: str) -> None:
     print(f"  {message}", file=sys.stderr, flush=True)
 
@@ -162,7 +175,7 @@ async def run_chaos(sizes: Sizes, out_dir: Path, mode: str) -> dict[str, Any]:
         mix=mix,
         seed=sizes.seed + 1,
     )
-    command = shlex.join([Path(sys.executable).name, "-m", "bench", *sys.argv[1:]])
+    command = _command()
     _say(f"command: {command}")
     _say(
         f"reproduce: {sizes.reproduce()} (workload seed {sizes.seed}, fault seed {sizes.seed + 1})"
@@ -232,7 +245,7 @@ async def _drive(
                 await asyncio.wait_for(injecting, timeout=30.0)
             except TimeoutError:
                 error = "the injector had not applied every fault when the load ended"
-            await injector.finish(timeout_s=60.0)
+            await injector.finish(timeout_s=90.0)
         ended = time.monotonic()
         if not await _until_all_healthy(client, len(fleet.devices), timeout_s=30.0):
             error = f"{error}; not every backend was healthy after the load".strip("; ")
@@ -382,6 +395,17 @@ def _result(
     fault_counts = injector.counts() if injector else {}
     injected = sum(sum(fault_counts.get(o, {}).values()) for o in ("applied", "restart_failed"))
     idle = chaos.leases["at_idle"]
+    for record in injector.records if injector else []:
+        if record.outcome == "applied" and record.applied_s is not None:
+            record.router_down_after_s, record.router_up_after_s = router_saw(
+                chaos.router_unhealthy.get(record.fault.device, []),
+                record.applied_s,
+                record.back_s,
+                HEALTH_POLL_S,
+            )
+    records = [r.to_dict() for r in injector.records] if injector else []
+    applied = [r for r in injector.records if r.outcome == "applied"] if injector else []
+    readmits = [r.router_up_after_s for r in applied if r.router_up_after_s is not None]
     figures: dict[str, Any] = {
         "requests": len(requests),
         "requests_lost": verdict.endings["lost"],
@@ -401,6 +425,10 @@ def _result(
         "token_goodput_fault_free": token_goodput["fault-free"],
         "token_goodput_chaos": token_goodput["chaos"],
         "faults_injected": injected,
+        "faults_unnoticed_by_router": sum(1 for r in applied if r.router_down_after_s is None),
+        # From a device serving again to the router counting it healthy.
+        "router_readmit_s_median": statistics.median(readmits) if readmits else None,
+        "router_readmit_s_max": max(readmits) if readmits else None,
         "restart_failures": sum(fault_counts.get("restart_failed", {}).values()),
         "fault_free_failures": summaries["fault-free"].failed,
         "unverified": verdict.unverified,
@@ -478,7 +506,7 @@ def _result(
                 plan.faults, {b.id: b.role for b in cluster.backends}
             ),
             "injected": fault_counts,
-            "records": [r.to_dict() for r in injector.records] if injector else [],
+            "records": records,
         },
         "leases": {"fault_free": baseline.leases, "chaos": chaos.leases},
         "reference": {

@@ -20,6 +20,7 @@ from bench.chaos.verdicts import (
     lease_tally,
     per_bin,
     reference_tokens,
+    router_saw,
     tally,
     unhealthy_spans,
 )
@@ -370,3 +371,13 @@ def test_the_workload_is_seeded_capped_and_mixed() -> None:
     assert kinds == {("split", True), ("split", False), ("colocated", True), ("colocated", False)}
     assert all(r.temperature == 0 and r.top_p == 1 for r in requests if not r.sampled)
     assert len({r.seed for r in requests}) > len(requests) * 0.99
+
+
+def test_what_the_router_saw_of_a_fault() -> None:
+    spans = [[10.2, 16.0], [30.5, 31.0]]
+    # Killed at 10, serving again at 14: seen down 0.2 s later, up 2 s after it was back.
+    assert router_saw(spans, 10.0, 14.0, 0.5) == pytest.approx((0.2, 2.0))
+    # A short stop at 20 the router never noticed: the next span is another outage.
+    assert router_saw(spans, 20.0, 21.0, 0.5) == (None, None)
+    assert router_saw(spans, 30.0, None, 0.5) == pytest.approx((0.5, None))
+    assert router_saw([], 1.0, 2.0, 0.5) == (None, None)
