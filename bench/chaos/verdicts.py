@@ -11,6 +11,7 @@ wrong. Pure: no I/O, no clock.
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -260,15 +261,23 @@ def unhealthy_spans(
 
 
 def router_saw(
-    spans: Sequence[Sequence[float]], applied_s: float, back_s: float | None, poll_s: float
+    spans: Sequence[Sequence[float]],
+    applied_s: float,
+    back_s: float | None,
+    poll_s: float,
+    next_fault_s: float = math.inf,
 ) -> tuple[float | None, float | None]:
-    """How long after a fault the router counted the device unhealthy, and how long after
-    the device served again it counted it healthy; None where it never did (a short
-    stop can pass unnoticed) or the device never came back."""
+    """How long after a fault the router counted the device unhealthy (0: it already
+    did), and how long after the device served again it counted it healthy. None where
+    it never did (a short stop can pass unnoticed), the device never came back, or the
+    device's next fault (``next_fault_s``) came first."""
     for start, end in spans:
         if end < applied_s:
             continue
         if back_s is not None and start > back_s + poll_s:
             break  # a later outage: this fault went unnoticed
-        return max(0.0, start - applied_s), None if back_s is None else max(0.0, end - back_s)
+        down = max(0.0, start - applied_s)
+        if back_s is None or end > next_fault_s:
+            return down, None
+        return down, max(0.0, end - back_s)
     return None, None

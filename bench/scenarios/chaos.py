@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import shlex
 import statistics
@@ -395,16 +396,25 @@ def _result(
     fault_counts = injector.counts() if injector else {}
     injected = sum(sum(fault_counts.get(o, {}).values()) for o in ("applied", "restart_failed"))
     idle = chaos.leases["at_idle"]
-    for record in injector.records if injector else []:
-        if record.outcome == "applied" and record.applied_s is not None:
-            record.router_down_after_s, record.router_up_after_s = router_saw(
-                chaos.router_unhealthy.get(record.fault.device, []),
-                record.applied_s,
-                record.back_s,
-                HEALTH_POLL_S,
-            )
-    records = [r.to_dict() for r in injector.records] if injector else []
     applied = [r for r in injector.records if r.outcome == "applied"] if injector else []
+    for record in applied:
+        if record.applied_s is None:
+            continue
+        later = [
+            other.applied_s
+            for other in applied
+            if other.fault.device == record.fault.device
+            and other.applied_s is not None
+            and other.applied_s > record.applied_s
+        ]
+        record.router_down_after_s, record.router_up_after_s = router_saw(
+            chaos.router_unhealthy.get(record.fault.device, []),
+            record.applied_s,
+            record.back_s,
+            HEALTH_POLL_S,
+            next_fault_s=min(later, default=math.inf),
+        )
+    records = [r.to_dict() for r in injector.records] if injector else []
     readmits = [r.router_up_after_s for r in applied if r.router_up_after_s is not None]
     figures: dict[str, Any] = {
         "requests": len(requests),

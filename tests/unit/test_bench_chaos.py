@@ -381,3 +381,7 @@ def test_what_the_router_saw_of_a_fault() -> None:
     assert router_saw(spans, 20.0, 21.0, 0.5) == (None, None)
     assert router_saw(spans, 30.0, None, 0.5) == pytest.approx((0.5, None))
     assert router_saw([], 1.0, 2.0, 0.5) == (None, None)
+    # Stopped again at 15 before the router took it back: no readmission delay to give.
+    assert router_saw(spans, 10.0, 14.0, 0.5, next_fault_s=15.0) == pytest.approx((0.2, None))
+    # Already counted unhealthy (an earlier fault's outage) when this one came.
+    assert router_saw(spans, 12.0, 14.0, 0.5) == pytest.approx((0.0, 2.0))
