@@ -1,9 +1,11 @@
 """Replays a fault plan on a fleet of device processes, in real time.
 
 Each fault is checked again when it is due: the device must be up and its role must
-keep another device up (a restart can take longer than the plan allowed for), else
-the fault is skipped and says why. Bringing a device back runs as a task of its own,
-so faults overlap as planned; a restart that fails is tried again, then reported.
+keep another device that is up and that the router counts healthy (a restart can
+take longer than the plan allowed for, and the router takes a while to take a
+device back), else the fault is skipped and says why. Bringing a device back runs as
+a task of its own, so faults overlap as planned; a restart that fails is tried
+again, then reported.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -72,9 +74,13 @@ class Injector:
         plan: FaultPlan,
         started: float,
         *,
+        routed: Callable[[str], bool] = lambda _device_id: True,
         restart_backoff_s: float = RESTART_BACKOFF_S,
     ) -> None:
         self._fleet = fleet
+        # Whether the router counts a device healthy: one that serves again but is not
+        # taken back yet leaves its role as short as one that is down.
+        self._routed = routed
         self._restart_backoff_s = restart_backoff_s
         self._roles = fleet.roles()
         self._started = started  # time.monotonic() of the load's start
@@ -132,12 +138,12 @@ class Injector:
         if not self._fleet.up(device_id):
             return f"{device_id} is not up"
         role = self._roles[device_id]
-        others_up = [
-            other
-            for other, other_role in self._roles.items()
-            if other != device_id and other_role == role and self._fleet.up(other)
-        ]
-        return "" if others_up else f"{device_id} is the last {role} device up"
+        others = [d for d, r in self._roles.items() if d != device_id and r == role]
+        if not any(self._fleet.up(other) for other in others):
+            return f"{device_id} is the last {role} device up"
+        if not any(self._fleet.up(other) and self._routed(other) for other in others):
+            return f"{device_id} is the last {role} device the router counts healthy"
+        return ""
 
     async def _bring_back(self, record: FaultRecord) -> None:
         fault = record.fault

@@ -222,10 +222,14 @@ async def _drive(
     await _until_all_healthy(client, len(fleet.devices), timeout_s=30.0)
     await _warm_up(client)
     started = time.monotonic()
-    injector = Injector(fleet, plan, started) if plan is not None else None
-    injecting = asyncio.create_task(injector.run()) if injector else None
     health: list[tuple[float, dict[str, tuple[bool, int]]]] = []
     polling = asyncio.create_task(_poll_health(client, started, health))
+
+    def routed(device_id: str) -> bool:  # as of the last poll (at most HEALTH_POLL_S old)
+        return not health or health[-1][1].get(device_id, (False, 0))[0]
+
+    injector = Injector(fleet, plan, started, routed=routed) if plan is not None else None
+    injecting = asyncio.create_task(injector.run()) if injector else None
     progress = Progress(f"{name} requests", len(work.requests))
 
     async def one(request: ChaosRequest) -> Delivery:

@@ -176,6 +176,18 @@ async def test_a_fault_that_would_empty_a_role_is_skipped_when_due() -> None:
     await injector.finish(timeout_s=0)  # cancels the pending resume
 
 
+async def test_a_fault_is_skipped_when_the_router_counts_no_other_device_of_the_role() -> None:
+    fleet = FakeFleet({"d0": "decode", "d1": "decode", "d2": "decode"})
+    routed = {"d0": True, "d1": False, "d2": False}  # d1, d2 serve but are not taken back
+    plan = FaultPlan((Fault(0, "d0", "kill", 1000), Fault(0, "d1", "kill", 1000)), 0)
+    injector = Injector(fleet, plan, time.monotonic(), routed=routed.__getitem__)
+    await injector.run()
+    assert [r.outcome for r in injector.records] == ["skipped", "applied"]
+    assert "the router counts healthy" in injector.records[0].detail
+    assert fleet.calls == [("kill", "d1")]
+    await injector.finish(timeout_s=0)
+
+
 async def test_a_device_that_is_not_up_is_not_faulted_again() -> None:
     fleet = FakeFleet(ROLES)
     fleet.state["d0"] = "down"
