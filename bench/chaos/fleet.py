@@ -4,6 +4,12 @@ The first start binds port 0 and keeps the port the device announces; every rest
 listens there again, so the router's pool file stays valid. Each device's stderr goes
 to a log file of its own (appended across restarts), whose tail is quoted when a
 start fails. Every wait is bounded.
+
+Devices are spawned with ``posix_spawn`` (``subprocess.Popen`` without
+``close_fds`` or a new session), never with ``fork``: this process is busy with
+gRPC threads while it restarts devices, and a child forked then could crash with
+SIGSEGV before it ran the device (gRPC's and the event loop's fork handlers). Its
+pipes are read and its exit awaited in threads.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+import subprocess
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -39,7 +46,7 @@ class Device:
     config: BackendConfig
     log_path: Path
     port: int = 0
-    process: asyncio.subprocess.Process | None = None
+    process: subprocess.Popen[bytes] | None = None
     state: State = "down"
     starts: int = 0
 
@@ -72,7 +79,7 @@ class Fleet:
     def up(self, device_id: str) -> bool:
         """Serving as far as the bench knows: started, not stopped, not exited since."""
         device = self.devices[device_id]
-        alive = device.process is not None and device.process.returncode is None
+        alive = device.process is not None and device.process.poll() is None
         return device.state == "up" and alive
 
     async def start_all(self) -> PoolConfig:
@@ -90,16 +97,7 @@ class Fleet:
         """Starts the device (on its port, once it has one) and waits for it to serve."""
         device = self.devices[device_id]
         config = device.config.model_copy(update={"address": device.address})
-        with device.log_path.open("ab") as log:
-            process = await asyncio.create_subprocess_exec(
-                *device_command(config, None, self._extra_args),
-                stdin=asyncio.subprocess.PIPE,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=log,
-                # A device that crashes leaves its Python traceback in its log.
-                env={**device_environment(), "PYTHONFAULTHANDLER": "1"},
-                start_new_session=True,  # signals to the bench reach it alone
-            )
+        process = _spawn(device_command(config, None, self._extra_args), device.log_path)
         device.process = process
         device.starts += 1
         try:
@@ -107,6 +105,8 @@ class Fleet:
                 _announcement(process), timeout_s or self.start_timeout_s
             )
         except (TimeoutError, DeviceStartError) as error:
+            if process.poll() is None:
+                process.kill()
             await self._reap(device)
             reason = "did not serve in time" if isinstance(error, TimeoutError) else str(error)
             raise DeviceStartError(
@@ -180,7 +180,7 @@ class Fleet:
 
     async def _close_one(self, device: Device) -> None:
         process = device.process
-        if process is None or process.returncode is not None:
+        if process is None or process.poll() is not None:
             device.state = "down"
             return
         if process.stdin is not None:
@@ -190,7 +190,7 @@ class Fleet:
 
     def _signal(self, device: Device, signum: signal.Signals) -> None:
         process = device.process
-        if process is None or process.returncode is not None:
+        if process is None or process.poll() is not None:
             raise ProcessLookupError(f"device {device.config.id} is not running")
         process.send_signal(signum)
 
@@ -201,20 +201,37 @@ class Fleet:
         if process is None:
             return
         try:
-            await asyncio.wait_for(process.wait(), grace_s)
-        except TimeoutError:
+            await asyncio.to_thread(process.wait, grace_s)
+        except subprocess.TimeoutExpired:
             with contextlib.suppress(ProcessLookupError):
                 process.send_signal(signal.SIGCONT)  # a stopped process dies only once resumed
                 process.kill()
-            await asyncio.wait_for(process.wait(), _EXIT_WAIT_S)
-        if process.stdin is not None:
-            process.stdin.close()
+            await asyncio.to_thread(process.wait, _EXIT_WAIT_S)
+        for pipe in (process.stdin, process.stdout):
+            if pipe is not None:
+                pipe.close()
 
 
-async def _announcement(process: asyncio.subprocess.Process) -> str:
+def _spawn(command: list[str], log_path: Path) -> subprocess.Popen[bytes]:
+    """Starts a device (posix_spawn takes a millisecond: no need to leave the loop)."""
+    with log_path.open("ab") as log:
+        return subprocess.Popen(
+            command,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=log,
+            # A device that crashes leaves its Python traceback in its log.
+            env={**device_environment(), "PYTHONFAULTHANDLER": "1"},
+            close_fds=False,  # with the other defaults, posix_spawn (see above)
+        )
+
+
+async def _announcement(process: subprocess.Popen[bytes]) -> str:
+    """The address a device prints once it serves (read in a thread: a pipe of Popen)."""
     if process.stdout is None:
         raise RuntimeError("the device was started without stdout=PIPE")
-    line = (await process.stdout.readline()).decode().strip()
+    line = (await asyncio.to_thread(process.stdout.readline)).decode().strip()
     if not line.startswith(DEVICE_READY_PREFIX):
-        raise DeviceStartError(f"exited with {await process.wait()} before serving")
+        code = await asyncio.to_thread(process.wait, _EXIT_WAIT_S)
+        raise DeviceStartError(f"exited with {code} before serving")
     return line.removeprefix(DEVICE_READY_PREFIX)

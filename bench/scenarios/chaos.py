@@ -400,7 +400,8 @@ def _result(
     fault_counts = injector.counts() if injector else {}
     injected = sum(sum(fault_counts.get(o, {}).values()) for o in ("applied", "restart_failed"))
     idle = chaos.leases["at_idle"]
-    applied = [r for r in injector.records if r.outcome == "applied"] if injector else []
+    # Faults that were applied (whether or not the device came back).
+    applied = [r for r in injector.records if r.applied_s is not None] if injector else []
     for record in applied:
         if record.applied_s is None:
             continue
