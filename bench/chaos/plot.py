@@ -1,12 +1,15 @@
 """The chaos run's figure: throughput and failures over time, faults marked, devices' lanes.
 
-Drawn from the result's JSON alone (``timeline``, ``faults.records``), so a committed
-result can be drawn again without running anything.
+Drawn from the result's JSON (``faults.records``, ``timeline.router_unhealthy``) and
+its timeline, so a committed result can be drawn again without running anything:
+``python -m bench.chaos.plot bench/results``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import json
+import sys
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +21,8 @@ import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.lines import Line2D
 
+from bench.chaos.timeline import Timeline
+
 KIND_COLORS = {"kill": "tab:red", "stop": "tab:orange", "restart": "tab:purple"}
 ENDING_COLORS = {
     "complete": "tab:green",
@@ -27,27 +32,24 @@ ENDING_COLORS = {
 }
 
 
-def draw(path: Path, result: Mapping[str, Any]) -> None:
-    timeline = result["timeline"]
+def draw(path: Path, result: Mapping[str, Any], timeline: Timeline) -> None:
     records = [r for r in result["faults"]["records"] if r["applied_s"] is not None]
-    width = timeline["bin_s"]
+    width, series = timeline.bin_s, timeline.series
     figure, axes = plt.subplots(
         4, 1, figsize=(12, 12), sharex=True, gridspec_kw={"height_ratios": [3, 3, 3, 2]}
     )
     tokens, requests, ttft, lanes = axes
 
-    _steps(tokens, timeline["tokens_per_s"]["fault_free"], width, "fault-free run", "grey")
-    _steps(tokens, timeline["tokens_per_s"]["chaos"], width, "chaos run", "tab:blue")
+    _steps(tokens, series["tokens_fault_free"], width, "fault-free run", "grey")
+    _steps(tokens, series["tokens_chaos"], width, "chaos run", "tab:blue")
     tokens.set_ylabel("tokens/s delivered")
 
-    _steps(
-        requests, timeline["completed_per_s"]["fault_free"], width, "completed, fault-free", "grey"
-    )
-    _steps(requests, timeline["completed_per_s"]["chaos"], width, "completed, chaos", "tab:green")
-    starts = np.arange(len(timeline["errors_per_s"])) * width
+    _steps(requests, series["completed_fault_free"], width, "completed, fault-free", "grey")
+    _steps(requests, series["completed_chaos"], width, "completed, chaos", "tab:green")
+    starts = np.arange(len(series["errors_chaos"])) * width
     requests.bar(
         starts,
-        timeline["errors_per_s"],
+        series["errors_chaos"],
         width,
         align="edge",
         color="tab:red",
@@ -56,19 +58,19 @@ def draw(path: Path, result: Mapping[str, Any]) -> None:
     )
     requests.bar(
         starts,
-        timeline["lost_per_s"],
+        series["lost_chaos"],
         width,
         align="edge",
         color="black",
-        bottom=timeline["errors_per_s"],
+        bottom=series["errors_chaos"],
         label="lost, chaos",
     )
     requests.set_ylabel("requests/s (by end time)")
 
     for ending, color in ENDING_COLORS.items():
-        rows = [(s, t, e) for s, t, e, how in timeline["requests"] if how == ending]
-        with_token = [(s, t * 1000) for s, t, _ in rows if t is not None]
-        without = [(s, e * 1000) for s, t, e in rows if t is None]
+        points = [p for p in timeline.requests if p.ending == ending]
+        with_token = [(p.start_s, p.ttft_s * 1000) for p in points if p.ttft_s is not None]
+        without = [(p.start_s, p.elapsed_s * 1000) for p in points if p.ttft_s is None]
         label = ending.replace("_", " ")
         if with_token:
             ttft.scatter(*zip(*with_token, strict=True), s=6, color=color, label=label)
@@ -83,7 +85,7 @@ def draw(path: Path, result: Mapping[str, Any]) -> None:
     ttft.set_yscale("log")
     ttft.set_ylabel("TTFT ms (by send time)")
 
-    _lanes(lanes, result, records, timeline)
+    _lanes(lanes, result, records, timeline.span_s)
     for axis in (tokens, requests, ttft):
         for record in records:
             axis.axvline(record["applied_s"], color=KIND_COLORS[record["kind"]], lw=0.8, alpha=0.6)
@@ -112,7 +114,7 @@ def draw(path: Path, result: Mapping[str, Any]) -> None:
     plt.close(figure)
 
 
-def _steps(axis: Axes, values: list[float], width: float, label: str, color: str) -> None:
+def _steps(axis: Axes, values: Sequence[float], width: float, label: str, color: str) -> None:
     if values:
         edges = np.arange(len(values) + 1) * width
         axis.stairs(values, edges, label=label, color=color)
@@ -122,12 +124,11 @@ def _lanes(
     axis: Axes,
     result: Mapping[str, Any],
     records: list[Mapping[str, Any]],
-    timeline: Mapping[str, Any],
+    end: float,
 ) -> None:
     """One lane per device: when the bench held it down, and below when the router
     counted it unhealthy."""
     devices = [entry["id"] for entry in result["cluster"]]
-    end = len(timeline["tokens_per_s"]["chaos"]) * timeline["bin_s"]
     for lane, device in enumerate(devices):
         for record in (r for r in records if r["device"] == device):
             back = record["back_s"] if record["back_s"] is not None else end
@@ -135,10 +136,21 @@ def _lanes(
             axis.broken_barh(
                 [(record["applied_s"], span)], (lane + 0.1, 0.5), color=KIND_COLORS[record["kind"]]
             )
-        unhealthy = [(s, max(e - s, 0.1)) for s, e in timeline["router_unhealthy"].get(device, [])]
+        unhealthy = [
+            (s, max(e - s, 0.1)) for s, e in result["timeline"]["router_unhealthy"].get(device, [])
+        ]
         axis.broken_barh(unhealthy, (lane - 0.3, 0.25), color="black")
     roles = {entry["id"]: entry["role"] for entry in result["cluster"]}
     axis.set_yticks(range(len(devices)))
     axis.set_yticklabels([f"{d} ({roles[d]})" for d in devices], fontsize=8)
     axis.set_ylim(-0.5, len(devices))
     axis.set_title("devices: fault held (colour) / router saw unhealthy (black)", fontsize=9)
+
+
+if __name__ == "__main__":
+    results = Path(sys.argv[1] if len(sys.argv) > 1 else "bench/results")
+    draw(
+        results / "chaos.png",
+        json.loads((results / "chaos.json").read_text()),
+        Timeline.read(results),
+    )

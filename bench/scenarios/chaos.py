@@ -40,12 +40,12 @@ from bench.chaos.client import ChaosClient
 from bench.chaos.fleet import DeviceStartError, Fleet
 from bench.chaos.injector import Injector
 from bench.chaos.schedule import FaultMix, FaultPlan, most_out_by_role, plan_faults
+from bench.chaos.timeline import PER_SECOND, REQUESTS, timeline_of
 from bench.chaos.verdicts import (
     Delivery,
     DeviceLoad,
     compare,
     lease_tally,
-    per_bin,
     reference_tokens,
     router_saw,
     tally,
@@ -190,7 +190,11 @@ async def run_chaos(sizes: Sizes, out_dir: Path, mode: str) -> dict[str, Any]:
     _say("chaos run")
     chaos = await _phase("chaos", work, plan)
     result = _result(work, mode, command, plan, mix, baseline=baseline, chaos=chaos)
-    plot.draw(out_dir / "chaos.png", result)
+    timeline = timeline_of(
+        baseline.deliveries, baseline.started, chaos.deliveries, chaos.started, BIN_S
+    )
+    timeline.write(out_dir)
+    plot.draw(out_dir / "chaos.png", result, timeline)
     write_result("chaos", result, out_dir)
     return result
 
@@ -448,51 +452,6 @@ def _result(
         "fault_free_failures": summaries["fault-free"].failed,
         "unverified": verdict.unverified,
     }
-    started = chaos.started
-    span = max(
-        (d.end_s or d.start_s) - phase.started
-        for phase in (baseline, chaos)
-        for d in phase.deliveries
-    )
-    timeline = {
-        "bin_s": BIN_S,
-        "tokens_per_s": {
-            phase.name.replace("-", "_"): per_bin(
-                [t - phase.started for d in phase.deliveries for t in d.token_times_s], span, BIN_S
-            )
-            for phase in (baseline, chaos)
-        },
-        "completed_per_s": {
-            phase.name.replace("-", "_"): per_bin(
-                [
-                    (d.end_s or 0) - phase.started
-                    for d in phase.deliveries
-                    if d.ending == "complete"
-                ],
-                span,
-                BIN_S,
-            )
-            for phase in (baseline, chaos)
-        },
-        "errors_per_s": per_bin(
-            [(d.end_s or 0) - started for d in chaos.deliveries if d.ending.startswith("error")],
-            span,
-            BIN_S,
-        ),
-        "lost_per_s": per_bin(
-            [(d.end_s or 0) - started for d in chaos.deliveries if d.ending == "lost"], span, BIN_S
-        ),
-        "router_unhealthy": chaos.router_unhealthy,
-        "requests": [
-            [
-                round(d.start_s - started, 3),
-                None if d.first_token_s is None else round(d.first_token_s - d.start_s, 4),
-                round((d.end_s or d.start_s) - d.start_s, 4),
-                d.ending,
-            ]
-            for d in chaos.deliveries
-        ],
-    }
     return {
         "scenario": "chaos",
         "mode": mode,
@@ -537,7 +496,11 @@ def _result(
             "chaos": chaos.load_s,
             "after": os.getloadavg(),
         },
-        "timeline": timeline,
+        "timeline": {
+            "bin_s": BIN_S,
+            "files": [PER_SECOND, REQUESTS],
+            "router_unhealthy": chaos.router_unhealthy,
+        },
         "targets": {
             "requests_lost": check(figures["requests_lost"], at_most=0),
             "tokens_differ": check(figures["tokens_differ"], at_most=0),

@@ -4,12 +4,14 @@ lease accounting and the workload."""
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pytest
 
 from bench.chaos.fleet import DeviceStartError
 from bench.chaos.injector import Injector
 from bench.chaos.schedule import Fault, FaultMix, FaultPlan, most_out_by_role, plan_faults
+from bench.chaos.timeline import Timeline, timeline_of
 from bench.chaos.verdicts import (
     DEADLINE,
     STREAM_CLOSED,
@@ -366,6 +368,39 @@ def test_unhealthy_spans_follow_the_polls_and_close_at_the_end() -> None:
         (1.5, {"d0": (True, 0), "d1": (False, 0)}),
     ]
     assert unhealthy_spans(polls, 9.0) == {"d0": [[0.5, 1.5]], "d1": [[1.0, 9.0]]}
+
+
+def test_a_timeline_bins_both_runs_from_their_own_start_and_survives_its_csv(
+    tmp_path: Path,
+) -> None:
+    fault_free = [_delivery(0, [1, 2], finish_reason=1)]
+    fault_free[0].token_times_s = [100.2, 101.5]
+    fault_free[0].end_s = 101.6
+    chaos = [
+        _delivery(0, [1], status="UNAVAILABLE"),
+        _delivery(1, [], status=DEADLINE),
+    ]
+    for delivery, start in zip(chaos, (200.0, 200.5), strict=True):
+        delivery.start_s, delivery.end_s = start, start + 2.2
+    chaos[0].token_times_s, chaos[0].first_token_s = [200.3], 200.3
+    timeline = timeline_of(fault_free, 100.0, chaos, 200.0, 1.0)
+    assert timeline.series["tokens_fault_free"] == [1, 1, 0]
+    assert timeline.series["completed_fault_free"] == [0, 1, 0]
+    assert timeline.series["tokens_chaos"] == [1, 0, 0]
+    assert timeline.series["errors_chaos"] == [0, 0, 1]
+    assert timeline.series["lost_chaos"] == [0, 0, 1]
+    first = timeline.requests[0]
+    assert (first.start_s, first.ending) == (0.0, "error_after_first_token")
+    assert (first.ttft_s, first.elapsed_s) == pytest.approx((0.3, 2.2))
+    assert timeline.requests[1].ttft_s is None
+    timeline.write(tmp_path)
+    again = Timeline.read(tmp_path)
+    assert again.series == timeline.series
+    assert again.bin_s == 1.0
+    assert [(p.ending, p.ttft_s is None) for p in again.requests] == [
+        ("error_after_first_token", False),
+        ("lost", True),
+    ]
 
 
 # ---------------------------------------------------------------- the workload
