@@ -88,8 +88,9 @@ class Settings(BaseSettings):
     # Failures: an attempt that fails before any token reached the client is tried again
     # on other backends, at most max_attempts in all; after tokens, the request resumes on
     # another backend from them (migration; off: the client gets the error). Retries in
-    # progress stay within retry_budget_percent of the requests in flight (at least
-    # retry_budget_min), so that failures do not multiply the load.
+    # progress (until their first frame) stay within retry_budget_percent of the requests
+    # in flight (at least retry_budget_min), so that failures do not multiply the load;
+    # one over budget waits up to stall_timeout_s for a share.
     max_attempts: int = Field(default=3, ge=1)
     migration: bool = True
     retry_budget_percent: float = Field(default=20.0, ge=0, le=100)

@@ -296,7 +296,11 @@ class Dispatcher:
         self.admission = AdmissionGate(
             settings.max_in_flight, settings.queue_limit, metrics, clock=clock
         )
-        self.retry_budget = RetryBudget(settings.retry_budget_percent, settings.retry_budget_min)
+        self.retry_budget = RetryBudget(
+            lambda: self.admission.in_flight,
+            settings.retry_budget_percent,
+            settings.retry_budget_min,
+        )
         # Prompt tokens one hashed prefix block stands for (its bytes over bytes per token).
         self._block_tokens = BLOCK_BYTES / settings.bytes_per_token
 
@@ -393,9 +397,10 @@ class Dispatcher:
         sent = _Sent(request.sampling.max_tokens, request.prompt_tokens)
         excluded: set[str] = set()  # backends this request failed on
         attempt, attempts = request, 1
-        # Holds the retry budget's share from a retry's start to the request's end.
-        retrying = contextlib.ExitStack()
-        with retrying:
+        # Holds the retry budget's share from a retry's start to its first frame.
+        retrying = contextlib.AsyncExitStack()
+        retried = False
+        async with retrying:
             while True:
                 progress.mode = plan.mode
                 legs = {plan.prefill_backend, plan.decode_backend}
@@ -413,6 +418,9 @@ class Dispatcher:
                     run = self._split if plan.mode is Mode.SPLIT else self._colocated
                     async with contextlib.aclosing(run(attempt, plan, sent)) as frames:
                         async for frame in frames:
+                            if retried:
+                                await retrying.aclose()  # the retry is placed
+                                retried = False
                             if frame or route:
                                 yield route + frame
                                 route = b""
@@ -422,7 +430,13 @@ class Dispatcher:
                         self._pool.record_success(backend_id)
                     return
                 except BackendError as error:
-                    step, plan = self._after_failure(error, sent, features, excluded, attempts)
+                    step = self._after_failure(error, sent, excluded, attempts)
+                    await retrying.aclose()
+                    wait_s = self._settings.stall_timeout_s
+                    if not await retrying.enter_async_context(self.retry_budget.held(wait_s)):
+                        self._refuse(error, "budget", "the retry budget is spent")
+                    retried = True
+                    plan = self._next_plan(error, step, sent, features, excluded)
                     attempts += 1
                     attempt = request
                     if step is NextStep.RESUME:
@@ -445,18 +459,11 @@ class Dispatcher:
                         prefill=plan.prefill_backend,
                         decode=plan.decode_backend,
                     )
-                    retrying.close()  # a request holds one share at most
-                    retrying.enter_context(self.retry_budget.held())
 
     def _after_failure(
-        self,
-        error: BackendError,
-        sent: _Sent,
-        features: RequestFeatures,
-        excluded: set[str],
-        attempts: int,
-    ) -> tuple[NextStep, Plan]:
-        """The next attempt's step and plan; raises ``error`` when there is none."""
+        self, error: BackendError, sent: _Sent, excluded: set[str], attempts: int
+    ) -> NextStep:
+        """The next attempt's step; raises ``error`` when there is none."""
         handoff = isinstance(error, _HandoffFailedError)
         if error.retryable:
             self._metrics.backend_failures.labels(sent.backend, sent.phase).inc()
@@ -480,18 +487,28 @@ class Dispatcher:
             self._refuse(error, "attempts", f"after {attempts} attempts")
         if step is NextStep.RESUME and not sent.ids_known:
             self._refuse(error, "no_backend", "the backend's frames carry no token ids to resume")
-        if not self.retry_budget.allows(self.admission.in_flight):
-            self._refuse(error, "budget", "the retry budget is spent")
+        return step
+
+    def _next_plan(
+        self,
+        error: BackendError,
+        step: NextStep,
+        sent: _Sent,
+        features: RequestFeatures,
+        excluded: set[str],
+    ) -> Plan:
+        """Where the next attempt goes; raises ``error`` when no backend can take it."""
+        handoff = isinstance(error, _HandoffFailedError)
         try:
             # After a failed handoff the decode backend may be fine, or down: another
             # one is preferred, it serves when it is the only one.
             avoid = {sent.backend} if handoff else set()
             try:
-                return step, self._replan(features, sent, excluded | avoid, step)
+                return self._replan(features, sent, excluded | avoid, step)
             except ServingError:
                 if not avoid:
                     raise
-            return step, self._replan(features, sent, excluded, step)
+            return self._replan(features, sent, excluded, step)
         except ServingError:
             why = "no other backend can resume it" if sent.tokens else "no other backend"
             self._refuse(error, "no_backend", why)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncGenerator, Callable, Mapping
 from typing import Any, ClassVar
 
@@ -248,20 +249,33 @@ async def test_no_other_backend_says_so() -> None:
 
 
 async def test_a_spent_retry_budget_ends_the_request() -> None:
-    dispatcher, _, metrics = build(retry_budget_min=0, retry_budget_percent=0)
+    dispatcher, _, metrics = build(retry_budget_min=0, retry_budget_percent=0, stall_timeout_s=0.05)
     script_first_call(failing_after(0))
     with pytest.raises(BackendError, match="retry budget"):
         await run(dispatcher)
     assert value(metrics, "hetero_router_retries_refused_total", reason="budget") == 1
 
 
-def test_the_retry_budget_is_a_share_of_the_requests_in_flight() -> None:
-    budget = RetryBudget(percent=20, minimum=3)
-    with budget.held(), budget.held(), budget.held():
-        assert not budget.allows(in_flight=10)  # 20% of 10 is 2 < the minimum 3
-        assert budget.allows(in_flight=20)  # 20% of 20 is 4
-        with budget.held():
-            assert not budget.allows(in_flight=20)
+async def test_the_retry_budget_is_a_share_of_the_requests_in_flight() -> None:
+    in_flight = [10]
+    budget = RetryBudget(lambda: in_flight[0], percent=20, minimum=3)
+    async with contextlib.AsyncExitStack() as held:
+        for _ in range(3):  # 20% of 10 is 2, below the minimum 3
+            assert await held.enter_async_context(budget.held(1.0))
+        assert not await held.enter_async_context(budget.held(0.01))  # waited, none came
+        in_flight[0] = 20  # 20% of 20 is 4
+        assert await held.enter_async_context(budget.held(1.0))
+        assert budget.active == 4
+
+        # Over the limit a retry waits for one in progress to end, then starts.
+        async def later() -> bool:
+            async with budget.held(5.0) as granted:
+                return granted
+
+        waiting = asyncio.create_task(later())
+        await eventually(lambda: budget.waiting == 1)
+        await held.aclose()
+        assert await waiting
     assert budget.active == 0
 
 
