@@ -47,18 +47,32 @@ async def cluster(
         yield RunningCluster(resolved, address)
 
 
+@dataclass(frozen=True)
+class RouterProcess:
+    grpc_address: str
+    http_address: str
+    pid: int
+
+
 @contextlib.asynccontextmanager
 async def router_process(
     pool: PoolConfig, env: dict[str, str], *, http: bool = False
 ) -> AsyncIterator[str]:
     """A router serving ``pool``; yields its gRPC address, or its HTTP one with ``http``."""
-    async with router_addresses(pool, env) as (grpc_address, http_address):
-        yield http_address if http else grpc_address
+    async with router_server(pool, env) as router:
+        yield router.http_address if http else router.grpc_address
 
 
 @contextlib.asynccontextmanager
 async def router_addresses(pool: PoolConfig, env: dict[str, str]) -> AsyncIterator[tuple[str, str]]:
     """A router serving ``pool``; yields its gRPC and its HTTP address."""
+    async with router_server(pool, env) as router:
+        yield router.grpc_address, router.http_address
+
+
+@contextlib.asynccontextmanager
+async def router_server(pool: PoolConfig, env: dict[str, str]) -> AsyncIterator[RouterProcess]:
+    """A router serving ``pool``: both its addresses and its process id."""
     with tempfile.TemporaryDirectory() as scratch:
         pool_file = Path(scratch) / "pool.yaml"
         pool_file.write_text(yaml.safe_dump(pool.model_dump(mode="json")))
@@ -77,10 +91,12 @@ async def router_addresses(pool: PoolConfig, env: dict[str, str]) -> AsyncIterat
             env={**os.environ, "HETERO_ROUTER_LOG_FORMAT": "json", **env},
         )
         try:
-            addresses = await asyncio.wait_for(_serving_address(process), timeout=60)
+            grpc_address, http_address = await asyncio.wait_for(
+                _serving_address(process), timeout=60
+            )
             drain = asyncio.create_task(_drain(process))
             try:
-                yield addresses
+                yield RouterProcess(grpc_address, http_address, process.pid)
             finally:
                 drain.cancel()
         finally:

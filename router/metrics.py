@@ -57,8 +57,30 @@ class RouterMetrics:
         self.shed = Counter(
             "hetero_router_shed",
             "Requests refused RESOURCE_EXHAUSTED, by reason: queue_full (the admission "
-            "queue of their priority was full), slo (predicted to miss their SLO)",
+            "queue of their priority was full), queue_time (the wait for admission would "
+            "miss their time to first token), client_cap (their client had the most open "
+            "streams one client may), slo (predicted to miss their SLO)",
             ["reason"],
+            registry=registry,
+        )
+        self.concurrency_limit = Gauge(
+            "hetero_router_concurrency_limit",
+            "Requests the router serves at once now: the adaptive limit (at most "
+            "max_in_flight), or max_in_flight when the limit is fixed",
+            registry=registry,
+        )
+        self.concurrency_latency = Gauge(
+            "hetero_router_concurrency_latency_seconds",
+            "Time from admission to the first token the adaptive limit follows: the last "
+            "window's (sample) and the lowest window's of the baseline period (baseline)",
+            ["window"],
+            registry=registry,
+        )
+        self.write_stalls = Counter(
+            "hetero_router_write_stalls",
+            "Streams cancelled because their reader took nothing for write_stall_timeout_s, "
+            "by door (grpc, http)",
+            ["door"],
             registry=registry,
         )
         self.slo_requests = Counter(

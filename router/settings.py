@@ -18,6 +18,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from backends.base import Role
 from router import defaults
 from router.errors import ConfigError
+from router.scheduling.concurrency_limit import LimitConfig
 from router.scheduling.prefix import DEFAULT_BLOCKS_PER_BACKEND
 
 
@@ -102,11 +103,31 @@ class Settings(BaseSettings):
     outlier_base_ejection_s: float = Field(default=30.0, ge=0)
     outlier_max_ejected_percent: float = Field(default=50.0, ge=0, le=100)
 
-    # Admission: at most max_in_flight requests are served at once; the others wait
-    # in a FIFO per priority (at most queue_limit each), the most urgent admitted
-    # first, and a request finding its queue full is shed (RESOURCE_EXHAUSTED).
+    # Admission: at most `limit` requests are served at once; the others wait in a
+    # FIFO per priority (at most queue_limit each), the most urgent admitted first, and
+    # a request finding its queue full, or whose wait would miss its time to first
+    # token, is shed (RESOURCE_EXHAUSTED). The limit adapts to the time from admission
+    # to the first token (router.scheduling.concurrency_limit.py); max_in_flight is its
+    # ceiling, and the limit itself with adaptive_concurrency off.
     max_in_flight: int = Field(default=1024, ge=1)
     queue_limit: int = Field(default=256, ge=0)
+    adaptive_concurrency: bool = True
+    concurrency_initial_limit: int = Field(default=LimitConfig.initial, ge=1)
+    concurrency_min_limit: int = Field(default=LimitConfig.minimum, ge=1)
+    # A window of first-token latencies lasts this long (and holds at least 8).
+    concurrency_window_s: float = Field(default=LimitConfig.interval_s, gt=0)
+    # Latency within baseline * (1 + buffer) + tolerance is no congestion.
+    concurrency_latency_buffer: float = Field(default=LimitConfig.buffer, ge=0)
+    concurrency_latency_tolerance_s: float = Field(default=LimitConfig.tolerance_s, ge=0)
+    # The baseline is the lowest window latency of this last stretch.
+    concurrency_baseline_window_s: float = Field(default=LimitConfig.baseline_window_s, gt=0)
+    # Streams one client (its bearer token with auth on, else its address) may have
+    # open at once, queued or served; 0: no cap. Behind a proxy every client has the
+    # proxy's address: raise it, or give clients tokens.
+    max_streams_per_client: int = Field(default=128, ge=0)
+    # A stream whose reader has taken nothing for this long is cancelled (the
+    # backends abort its work and free its KV).
+    write_stall_timeout_s: float = Field(default=30.0, gt=0)
     # Prompt block hashes remembered per backend for prefix-cache affinity.
     prefix_index_blocks_per_backend: int = Field(default=DEFAULT_BLOCKS_PER_BACKEND, ge=1)
 
@@ -140,6 +161,20 @@ class Settings(BaseSettings):
         if not tokens:
             raise ConfigError(f"auth_token_file {self.auth_token_file} holds no token")
         return tokens
+
+    def concurrency_limit(self) -> LimitConfig | None:
+        """The adaptive limit's configuration; None when the limit is max_in_flight."""
+        if not self.adaptive_concurrency:
+            return None
+        return LimitConfig(
+            initial=self.concurrency_initial_limit,
+            minimum=min(self.concurrency_min_limit, self.max_in_flight),
+            maximum=self.max_in_flight,
+            interval_s=self.concurrency_window_s,
+            buffer=self.concurrency_latency_buffer,
+            tolerance_s=self.concurrency_latency_tolerance_s,
+            baseline_window_s=self.concurrency_baseline_window_s,
+        )
 
     def tls_files(self) -> tuple[Path, Path] | None:
         """The PEM certificate and key files both doors serve TLS with; None without TLS."""

@@ -1,11 +1,14 @@
 """The gRPC front door: hetero.router.v1.Router, health checking and reflection.
 
-Generate is registered with an identity response serializer: the handler yields
-frames as the backends encoded them, and grpc writes those bytes as they are.
+Generate is registered with an identity response serializer: the handler writes
+frames as the backends encoded them, and grpc sends those bytes as they are. Each
+write waits on the reader's flow-control window; one that waits longer than
+``write_stall_timeout_s`` cancels the call (CANCELLED) and aborts its backends.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -16,7 +19,9 @@ from grpc_reflection.v1alpha import reflection
 
 from backends._gen.hetero.router.v1 import router_pb2
 from backends.errors import ServingError
+from router.api.door import grpc_peer_client, through_the_door, token_client
 from router.api.validation import validate_generate, validate_service
+from router.api.write_stall import StallGuard, WriteStalledError
 from router.client import ROUTER_SERVICE
 from router.dispatch.dispatcher import Dispatcher
 from router.errors import ConfigError, retry_hint_s
@@ -70,7 +75,7 @@ class RouterService:
 
     async def generate(
         self, message: router_pb2.GenerateRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[bytes]:
+    ) -> None:
         await self._authorize(context)
         try:
             request, disaggregation = validate_generate(
@@ -86,8 +91,15 @@ class RouterService:
             return
         bind_request(request.request_id)
         try:
-            async for frame in self._dispatcher.generate(request, disaggregation, service):
-                yield frame
+            with through_the_door(self._dispatcher, self._settings, self._client(context), service):
+                frames = self._dispatcher.generate(request, disaggregation, service)
+                # Closing the frames (a stalled reader, a cancelled call) aborts the backends.
+                async with contextlib.aclosing(frames):
+                    await self._write_all(context, frames)
+        except WriteStalledError as stall:
+            log.info("client stopped reading", reason=str(stall))
+            self._dispatcher.admission.count_write_stall("grpc")
+            await context.abort(grpc.StatusCode.CANCELLED, str(stall))
         except ServingError as error:
             log.info("request failed", status=error.grpc_status, reason=error.message)
             await _abort(context, error)
@@ -98,6 +110,25 @@ class RouterService:
             )
         finally:
             unbind_request()
+
+    def _client(self, context: grpc.aio.ServicerContext) -> str:
+        """Who the per-client cap counts the call against: its token, else its address."""
+        if self._tokens:
+            metadata = dict(context.invocation_metadata() or ())
+            return token_client(str(metadata.get("authorization", "")))
+        return grpc_peer_client(context.peer())
+
+    async def _write_all(
+        self, context: grpc.aio.ServicerContext, frames: AsyncIterator[bytes]
+    ) -> None:
+        """Writes each frame as it comes; a write grpc holds back (the reader's flow-control
+        window is full) for ``write_stall_timeout_s`` raises WriteStalledError."""
+        guard = StallGuard(self._settings.write_stall_timeout_s)
+        try:
+            async for frame in frames:
+                await guard.write(context.write(frame))
+        finally:
+            guard.close()
 
     async def list_backends(
         self, message: router_pb2.ListBackendsRequest, context: grpc.aio.ServicerContext

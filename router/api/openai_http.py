@@ -17,16 +17,18 @@ import dataclasses
 import json
 import math
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
+from aiohttp.abc import AbstractStreamWriter
 from aiohttp.typedefs import Handler
 
 from backends._gen.hetero.router.v1 import router_pb2
 from backends.base import ChatMessage, GenerationRequest
 from backends.errors import ServingError
 from router.api import chat_template
+from router.api.door import http_peer_client, through_the_door, token_client
 from router.api.openai_models import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -34,6 +36,7 @@ from router.api.openai_models import (
     parse_body,
 )
 from router.api.validation import service_level, validate_generate
+from router.api.write_stall import StallGuard, WriteStalledError
 from router.dispatch.dispatcher import Dispatcher
 from router.errors import InvalidRequestError, retry_hint_s
 from router.logging import bind_request, get_logger, unbind_request
@@ -158,16 +161,26 @@ class OpenAIRoutes:
             return error_response(400, error.message, param=error.param)
         bind_request(parsed.request.request_id)
         try:
-            # Closing the frames, also when the client went away, aborts the backends.
-            generation = self._dispatcher.generate(
-                parsed.request, parsed.disaggregation, parsed.service
-            )
-            async with contextlib.aclosing(generation) as frames:
-                if parsed.stream:
-                    return await self._stream(http, parsed, frames)
-                return await self._complete(parsed, frames)
+            client = self._client(http)
+            with through_the_door(self._dispatcher, self._settings, client, parsed.service):
+                # Closing the frames, also when the client went away, aborts the backends.
+                generation = self._dispatcher.generate(
+                    parsed.request, parsed.disaggregation, parsed.service
+                )
+                async with contextlib.aclosing(generation) as frames:
+                    if parsed.stream:
+                        return await self._stream(http, parsed, frames)
+                    return await self._complete(parsed, frames)
+        except OverloadedError as error:  # refused at the door, before any frame
+            return _router_error(error)
         finally:
             unbind_request()
+
+    def _client(self, http: web.Request) -> str:
+        """Who the per-client cap counts the request against: its token, else its address."""
+        if self._settings.auth_token_file is not None:
+            return token_client(http.headers.get("Authorization", ""))
+        return http_peer_client(http.remote)
 
     # -- request -------------------------------------------------------------
 
@@ -297,18 +310,66 @@ class OpenAIRoutes:
         await response.write_eof()
         return response
 
-    @staticmethod
-    async def _open_stream(http: web.Request, request_id: str, route: str) -> web.StreamResponse:
-        response = web.StreamResponse(
+    async def _open_stream(
+        self, http: web.Request, request_id: str, route: str
+    ) -> web.StreamResponse:
+        response = _StallBoundResponse(
+            self._settings.write_stall_timeout_s,
+            lambda: self._dispatcher.admission.count_write_stall("http"),
             headers={
                 "Content-Type": "text/event-stream",
                 "Cache-Control": "no-cache",
                 "X-Request-Id": request_id,
                 "X-Hetero-Route": route,
-            }
+            },
         )
         await response.prepare(http)
         return response
+
+
+class _StallBoundResponse(web.StreamResponse):
+    """An event stream whose every write is bounded: one the reader holds back (the
+    socket's buffer is full) for the write-stall timeout cuts the connection and raises
+    WriteStalledError, which ends the request and so aborts its backends."""
+
+    def __init__(
+        self, stall_timeout_s: float, on_stall: Callable[[], None], *, headers: dict[str, str]
+    ) -> None:
+        super().__init__(headers=headers)
+        self._stall_timeout_s = stall_timeout_s
+        self._on_stall = on_stall
+        self._guard: StallGuard | None = None
+        self._stream_request: web.BaseRequest | None = None
+
+    async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
+        self._guard = StallGuard(self._stall_timeout_s)
+        self._stream_request = request
+        return await super().prepare(request)
+
+    async def write(self, data: bytes | bytearray | memoryview) -> None:
+        await self._bounded(super().write(data))
+
+    async def write_eof(self, data: bytes = b"") -> None:
+        try:
+            await self._bounded(super().write_eof(data))
+        finally:
+            if self._guard is not None:
+                self._guard.close()
+
+    async def _bounded(self, write: Awaitable[None]) -> None:
+        if self._guard is None:
+            await write
+            return
+        try:
+            await self._guard.write(write)
+        except WriteStalledError:
+            self._guard.close()
+            transport = self._stream_request.transport if self._stream_request else None
+            if transport is not None:
+                transport.close()  # nothing more goes out on it
+            log.info("client stopped reading", timeout_s=self._stall_timeout_s)
+            self._on_stall()
+            raise
 
 
 async def _send(response: web.StreamResponse, payload: dict[str, Any]) -> None:

@@ -1,31 +1,101 @@
-"""Admission: a bound on the requests served at once, and a bounded queue per priority.
+"""Admission: an adaptive bound on the requests served at once, a bounded fair queue
+per priority, and the checks the doors make before a request may queue at all.
 
-Up to ``max_in_flight`` requests are served at once. A request beyond that waits in
-the FIFO of its priority (0..9, larger is more urgent); each freed slot goes to the
-head of the most urgent non-empty queue, so urgent requests overtake but equals
-never do. A request whose queue already holds ``queue_limit`` is shed at once with
-``OverloadedError`` (RESOURCE_EXHAUSTED / 429) and a retry hint: how long the
-requests ahead of it take to be admitted at the recent completion rate.
+Up to ``limit`` requests are served at once. The limit adapts to the time from
+admission to the first token the backends deliver
+(router/scheduling/concurrency_limit.py, a gradient controller); ``max_in_flight``
+is its ceiling, and with the adaptive limit off the limit itself.
+
+A request beyond the limit waits in the queue of its priority (0..9, larger is
+more urgent). Each freed slot goes to the most urgent non-empty queue; within one,
+clients take turns (one request each, round robin) and each client's requests keep
+their order, so urgent requests overtake, equals of one client never do, and a
+client with hundreds waiting delays another's request by one of its own at most.
+A request whose queue already holds ``queue_limit`` is shed at once with
+``OverloadedError`` (RESOURCE_EXHAUSTED / 429) and a retry hint.
+
+Before a request reaches the queue, its door calls ``check_door``: a client
+already holding its cap of open streams is refused, and so is a request that would
+wait longer than its TTFT target allows, at once rather than after waiting to be
+late. The wait is estimated from how fast slots free up: by Little's law a slot is
+held for the busy slot-seconds over the releases of the last ``_HOLD_WINDOW``
+completions, so with ``n`` in flight one frees every ``hold / n`` seconds; a queue
+that has not moved for longer than that is taken at its word (a stuck backend
+makes every estimate longer).
+
+The door names the client once, in ``client_stream``; the client rides from there
+to ``acquire`` in a context variable, across the dispatcher, which need not know it.
+
+``saturation`` says, cheaply, whether every slot is taken: readiness reports it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
+import dataclasses
 import time
-from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections import OrderedDict, deque
+from collections.abc import AsyncIterator, Callable, Iterator
 
 from backends.errors import OverloadedError
 from router.metrics import RouterMetrics
+from router.scheduling.concurrency_limit import GradientLimit, LimitConfig
 
 PRIORITIES = 10  # priority levels: 0 (least urgent) .. 9 (most urgent)
 RETRY_AFTER_MIN_S = 0.05
 RETRY_AFTER_MAX_S = 30.0
 # The hint when nothing finished recently to measure a rate with.
 RETRY_AFTER_UNKNOWN_S = 1.0
-# Completions the rate is measured over.
-_RATE_WINDOW = 64
+# Completions the time a slot is held is measured over.
+_HOLD_WINDOW = 64
+# Weight of each new first-token latency in the running estimate the door adds to
+# the queue wait.
+_SERVICE_WEIGHT = 0.1
+# A request's client, set by the door (client_stream); "" when no door named one.
+_CLIENT: contextvars.ContextVar[str] = contextvars.ContextVar("admission_client", default="")
+
+
+class _FairQueue:
+    """The waiters of one priority: FIFO per client, clients served in turn."""
+
+    def __init__(self) -> None:
+        self._clients: OrderedDict[str, deque[asyncio.Future[None]]] = OrderedDict()
+        self._size = 0
+
+    def __len__(self) -> int:
+        return self._size
+
+    def push(self, client: str, waiter: asyncio.Future[None]) -> None:
+        self._clients.setdefault(client, deque()).append(waiter)
+        self._size += 1
+
+    def pop(self) -> asyncio.Future[None]:
+        """The next waiter in turn; its client goes to the back of the rotation."""
+        client, waiters = next(iter(self._clients.items()))
+        waiter = waiters.popleft()
+        if waiters:
+            self._clients.move_to_end(client)
+        else:
+            del self._clients[client]
+        self._size -= 1
+        return waiter
+
+    def remove(self, client: str, waiter: asyncio.Future[None]) -> None:
+        waiters = self._clients.get(client)
+        if waiters is None or waiter not in waiters:
+            return
+        waiters.remove(waiter)
+        if not waiters:
+            del self._clients[client]
+        self._size -= 1
+
+    def ahead_of(self, client: str) -> int:
+        """Waiters served before a request of ``client`` that joined now (at most)."""
+        own = len(self._clients.get(client, ()))
+        others = sum(min(len(w), own + 1) for c, w in self._clients.items() if c != client)
+        return own + others
 
 
 class AdmissionGate:
@@ -36,6 +106,7 @@ class AdmissionGate:
         metrics: RouterMetrics,
         *,
         clock: Callable[[], float] = time.monotonic,
+        adaptive: LimitConfig | None = None,
     ) -> None:
         if max_in_flight < 1:
             raise ValueError("max_in_flight must be >= 1")
@@ -45,13 +116,32 @@ class AdmissionGate:
         self.queue_limit = queue_limit
         self._metrics = metrics
         self._clock = clock
+        self._limiter: GradientLimit | None = None
+        if adaptive is not None:
+            ceiling = min(adaptive.maximum, max_in_flight)
+            config = dataclasses.replace(
+                adaptive, maximum=ceiling, minimum=min(adaptive.minimum, ceiling)
+            )
+            self._limiter = GradientLimit(config, clock())
         self._in_flight = 0
-        self._queues: tuple[deque[asyncio.Future[None]], ...] = tuple(
-            deque() for _ in range(PRIORITIES)
-        )
-        self._released_at: deque[float] = deque(maxlen=_RATE_WINDOW)
+        self._queues = tuple(_FairQueue() for _ in range(PRIORITIES))
+        # Slot-seconds since start (the integral of in_flight over time), when it was
+        # last brought up to date, and its value at each recent release.
+        self._busy = 0.0
+        self._busy_at = clock()
+        self._busy_at_release: deque[float] = deque(maxlen=_HOLD_WINDOW)
+        # When the queue last moved: a release, or the moment every slot was taken.
+        self._progress_at = self._busy_at
+        self._service_s: float | None = None  # running first-token latency after admission
+        self._client_streams: dict[str, int] = {}
         for priority in range(PRIORITIES):
             self._depth_changed(priority)
+        self._metrics.concurrency_limit.set(self.limit)
+
+    @property
+    def limit(self) -> int:
+        """Requests served at once: the adaptive limit, else ``max_in_flight``."""
+        return self.max_in_flight if self._limiter is None else self._limiter.limit
 
     @property
     def in_flight(self) -> int:
@@ -63,6 +153,76 @@ class AdmissionGate:
         if priority is None:
             return sum(len(queue) for queue in self._queues)
         return len(self._queues[priority])
+
+    def saturation(self) -> str | None:
+        """``saturated: limit 37, 37 in flight, 12 queued`` while every slot is taken."""
+        if self._in_flight < self.limit:
+            return None
+        queued = self.waiting()
+        return f"saturated: limit {self.limit}, {self._in_flight} in flight, {queued} queued"
+
+    # -- the doors ------------------------------------------------------------
+
+    def check_door(
+        self, client: str, priority: int, ttft_target_s: float | None, client_cap: int
+    ) -> None:
+        """Refuses (OverloadedError) a request that should not even queue: its client
+        holds ``client_cap`` open streams (0: no cap), or the queue ahead of it would
+        take longer than its TTFT target (None: no target) allows."""
+        open_streams = self._client_streams.get(client, 0)
+        if client_cap and open_streams >= client_cap:
+            self._metrics.shed.labels("client_cap").inc()
+            hold = self._hold_s()
+            raise OverloadedError(
+                f"{_who(client)} has {open_streams} streams open, the most one client may "
+                f"(max_streams_per_client {client_cap}); retry when one of them ends",
+                retry_after_s=_bounded(hold / open_streams if hold else RETRY_AFTER_UNKNOWN_S),
+            )
+        if ttft_target_s is None:
+            return
+        wait = self.expected_wait_s(priority, client)
+        if not wait or wait + (self._service_s or 0.0) <= ttft_target_s:
+            return  # a slot is free, nothing to estimate with, or in time
+        self._metrics.shed.labels("queue_time").inc()
+        raise OverloadedError(
+            f"the router is at capacity ({self._in_flight} requests in flight, limit "
+            f"{self.limit}, {self.waiting()} queued): the wait for admission, about "
+            f"{wait * 1000:.0f} ms, would miss the {ttft_target_s * 1000:.0f} ms time to "
+            "first token",
+            retry_after_s=_bounded(wait),
+        )
+
+    @contextlib.contextmanager
+    def client_stream(self, client: str) -> Iterator[None]:
+        """Counts an open stream of ``client`` while the block runs; the block's
+        requests queue as ``client``'s."""
+        self._client_streams[client] = self._client_streams.get(client, 0) + 1
+        token = _CLIENT.set(client)
+        try:
+            yield
+        finally:
+            _CLIENT.reset(token)
+            left = self._client_streams[client] - 1
+            if left:
+                self._client_streams[client] = left
+            else:
+                del self._client_streams[client]  # memory follows the clients present
+
+    def expected_wait_s(self, priority: int, client: str = "") -> float | None:
+        """Seconds a request of ``priority`` and ``client`` arriving now would wait for
+        a slot: 0 when one is free, None when no completion was seen to estimate from."""
+        ahead = sum(len(queue) for queue in self._queues[priority + 1 :])
+        ahead += self._queues[priority].ahead_of(client)
+        releases_needed = self._in_flight - self.limit + ahead + 1
+        if releases_needed <= 0:
+            return 0.0
+        hold = self._hold_s()
+        if hold is None or self._in_flight == 0:
+            return None
+        gap = max(hold / self._in_flight, self._clock() - self._progress_at)
+        return releases_needed * gap
+
+    # -- the dispatcher -------------------------------------------------------
 
     @contextlib.asynccontextmanager
     async def admitted(self, priority: int) -> AsyncIterator[bool]:
@@ -81,19 +241,23 @@ class AdmissionGate:
         """
         if not 0 <= priority < PRIORITIES:
             raise ValueError(f"priority must be between 0 and {PRIORITIES - 1}, got {priority}")
-        if self._in_flight < self.max_in_flight:
-            self._in_flight += 1
-            return False
+        if self._in_flight < self.limit:
+            self._admit_waiters()  # those before it first (none, unless one is leaving)
+            if self._in_flight < self.limit:
+                self._take_slot()
+                return False
         queue = self._queues[priority]
         if len(queue) >= self.queue_limit:
             self._metrics.shed.labels("queue_full").inc()
             raise OverloadedError(
-                f"the router is at capacity ({self.max_in_flight} requests in flight) and "
-                f"the queue for priority {priority} is full ({len(queue)} waiting)",
+                f"the router is at capacity ({self._in_flight} requests in flight, limit "
+                f"{self.limit}) and the queue for priority {priority} is full "
+                f"({len(queue)} waiting)",
                 retry_after_s=self.retry_after_s(priority),
             )
+        client = _CLIENT.get()
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        queue.append(waiter)
+        queue.push(client, waiter)
         self._depth_changed(priority)
         try:
             await waiter
@@ -101,38 +265,89 @@ class AdmissionGate:
             if waiter.done() and not waiter.cancelled():
                 self.release()  # the slot arrived as the caller left: pass it on
             else:
-                with contextlib.suppress(ValueError):
-                    queue.remove(waiter)
+                queue.remove(client, waiter)
                 self._depth_changed(priority)
             raise
         return True
 
     def release(self) -> None:
-        """Frees a slot: to the head of the most urgent queue, else back to the pool."""
-        self._released_at.append(self._clock())
+        """Frees a slot: to the next waiter of the most urgent queue, else to the pool."""
+        self._account_busy()
+        self._busy_at_release.append(self._busy)
+        self._progress_at = self._busy_at
+        self._in_flight -= 1
+        self._admit_waiters()
+
+    def observe_first_token(self, latency_s: float) -> None:
+        """The time from a request's admission to its first frame: the limit's signal."""
+        if self._service_s is None:
+            self._service_s = latency_s
+        else:
+            self._service_s += _SERVICE_WEIGHT * (latency_s - self._service_s)
+        limiter = self._limiter
+        if limiter is None or not limiter.observe(latency_s, self._clock(), self._in_flight):
+            return
+        self._metrics.concurrency_limit.set(limiter.limit)
+        if limiter.sample_s is not None and limiter.baseline_s is not None:
+            self._metrics.concurrency_latency.labels("sample").set(limiter.sample_s)
+            self._metrics.concurrency_latency.labels("baseline").set(limiter.baseline_s)
+        self._admit_waiters()  # a higher limit lets waiters in now
+
+    def count_write_stall(self, door: str) -> None:
+        """A stream of ``door`` was cut because its reader stopped reading."""
+        self._metrics.write_stalls.labels(door).inc()
+
+    def retry_after_s(self, priority: int) -> float:
+        """Seconds until a request of ``priority`` arriving now would likely be admitted."""
+        wait = self.expected_wait_s(priority, _CLIENT.get())
+        return RETRY_AFTER_UNKNOWN_S if wait is None else _bounded(wait)
+
+    # -- inside ---------------------------------------------------------------
+
+    def _take_slot(self) -> None:
+        self._account_busy()
+        self._in_flight += 1
+        if self._in_flight == self.limit:
+            self._progress_at = self._busy_at  # saturated from now: the queue starts here
+        if self._limiter is not None:
+            self._limiter.admitted(self._in_flight)
+
+    def _admit_waiters(self) -> None:
+        """Hands free slots to the next waiters of the most urgent queues."""
         for priority in range(PRIORITIES - 1, -1, -1):
             queue = self._queues[priority]
             if not queue:
                 continue
-            while queue:
-                waiter = queue.popleft()
+            while queue and self._in_flight < self.limit:
+                waiter = queue.pop()
                 if not waiter.done():  # a cancelled waiter's future is done already
+                    self._take_slot()
                     waiter.set_result(None)
-                    self._depth_changed(priority)
-                    return  # the slot moves to the waiter: in_flight stays the same
             self._depth_changed(priority)
-        self._in_flight -= 1
+            if self._in_flight >= self.limit:
+                return
 
-    def retry_after_s(self, priority: int) -> float:
-        """Seconds until a request of ``priority`` arriving now would likely be admitted."""
-        ahead = sum(len(queue) for queue in self._queues[priority:]) + 1
-        if len(self._released_at) < 2:
-            return RETRY_AFTER_UNKNOWN_S
-        # Completions since the oldest one remembered, over the time since it: a rate
-        # that falls when completions stop.
-        span = max(self._clock() - self._released_at[0], 1e-3)
-        rate = (len(self._released_at) - 1) / span
-        return min(max(ahead / rate, RETRY_AFTER_MIN_S), RETRY_AFTER_MAX_S)
+    def _account_busy(self) -> None:
+        now = self._clock()
+        self._busy += self._in_flight * (now - self._busy_at)
+        self._busy_at = now
+
+    def _hold_s(self) -> float | None:
+        """Mean seconds a slot is held, over the recent releases (None: fewer than two)."""
+        releases = self._busy_at_release
+        if len(releases) < 2:
+            return None
+        return (releases[-1] - releases[0]) / (len(releases) - 1)
 
     def _depth_changed(self, priority: int) -> None:
         self._metrics.admission_queue_depth.labels(str(priority)).set(len(self._queues[priority]))
+
+
+def _bounded(retry_after_s: float) -> float:
+    return min(max(retry_after_s, RETRY_AFTER_MIN_S), RETRY_AFTER_MAX_S)
+
+
+def _who(client: str) -> str:
+    """How a refusal names the client: never a token, only where it comes from."""
+    kind, _, name = client.partition(":")
+    return f"client {name}" if kind == "peer" else "this token"

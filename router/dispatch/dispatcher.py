@@ -294,7 +294,11 @@ class Dispatcher:
         self._background: set[asyncio.Task[None]] = set()
         self._clock = clock  # what latencies are measured with
         self.admission = AdmissionGate(
-            settings.max_in_flight, settings.queue_limit, metrics, clock=clock
+            settings.max_in_flight,
+            settings.queue_limit,
+            metrics,
+            clock=clock,
+            adaptive=settings.concurrency_limit(),
         )
         self.retry_budget = RetryBudget(
             lambda: self.admission.in_flight,
@@ -357,6 +361,7 @@ class Dispatcher:
                         progress.last_frame_at = self._clock()
                         if progress.first_frame_at is None:
                             progress.first_frame_at = progress.last_frame_at
+                            self.admission.observe_first_token(progress.first_frame_at - now)
                         progress.last_frame = frame
                         yield frame
                 outcome = "ok"

@@ -142,10 +142,10 @@ async def test_a_slot_handed_to_a_request_cancelled_at_that_moment_passes_on() -
     assert admission.in_flight == 0
 
 
-async def test_the_retry_hint_follows_the_completion_rate_within_bounds() -> None:
+async def test_the_retry_hint_follows_how_fast_slots_free_within_bounds() -> None:
     clock = Clock()
     admission = gate(max_in_flight=1, queue_limit=10, clock=clock)
-    # Ten completions over 5 s: 2 per second.
+    # Ten requests of 0.5 s each, one at a time: a slot frees every 0.5 s.
     for _ in range(10):
         await admission.acquire(0)
         clock.now += 0.5
@@ -153,19 +153,21 @@ async def test_the_retry_hint_follows_the_completion_rate_within_bounds() -> Non
     await admission.acquire(0)
     waiters = [asyncio.create_task(admission.acquire(4)) for _ in range(3)]
     await settle()
-    # Three waiting ahead at priority 4 or above, plus the newcomer: 4 at 2 per second.
+    # Three waiting ahead at priority 4 or above, plus the newcomer: 4 releases, 0.5 s each.
     assert admission.retry_after_s(4) == pytest.approx(2.0)
     assert admission.retry_after_s(5) == pytest.approx(0.5)  # nothing ahead of priority 5
     assert admission.retry_after_s(0) == pytest.approx(2.0)
-    clock.now += 1000  # completions stopped: the rate decays, the hint is capped
+    clock.now += 1000  # the queue stopped moving: the hint grows, and is capped
     assert admission.retry_after_s(0) == RETRY_AFTER_MAX_S
-    clock.now = 105.0
-    for _ in range(64):  # a burst of completions at one instant
-        admission._released_at.append(clock.now)
-    assert admission.retry_after_s(9) == RETRY_AFTER_MIN_S
     for task in waiters:
         task.cancel()
     await asyncio.gather(*waiters, return_exceptions=True)
+    admission.release()
+    for _ in range(64):  # requests that take no time at all: the hint's floor
+        await admission.acquire(0)
+        admission.release()
+    await admission.acquire(0)
+    assert admission.retry_after_s(9) == RETRY_AFTER_MIN_S
 
 
 async def test_admitted_holds_a_slot_for_the_block_whatever_ends_it() -> None:
