@@ -13,7 +13,7 @@ from typing import Any
 import uvloop
 
 from bench.report import RESULTS_DIR
-from bench.scenarios import chaos, engines, http_pd, kv, overhead, scheduling
+from bench.scenarios import chaos, engines, http_pd, kv, overhead, overload, scheduling
 
 SCENARIOS: dict[str, Callable[[bool, Path], Coroutine[Any, Any, dict[str, Any]]]] = {
     "overhead": overhead.run,
@@ -22,6 +22,7 @@ SCENARIOS: dict[str, Callable[[bool, Path], Coroutine[Any, Any, dict[str, Any]]]
     "scheduling": scheduling.run,
     "engines": engines.run,
     "chaos": chaos.run,
+    "overload": overload.run,
 }
 
 

@@ -71,9 +71,10 @@ class RouterMetrics:
         )
         self.concurrency_latency = Gauge(
             "hetero_router_concurrency_latency_seconds",
-            "Time from admission to the first token the adaptive limit follows: the last "
-            "window's (sample) and the lowest window's of the baseline period (baseline)",
-            ["window"],
+            "Latencies the adaptive limit follows, by signal (first_token: admission to "
+            "first token; per_token: time per output token) and window (sample: the last "
+            "window's; baseline: the lowest window's of the baseline period)",
+            ["signal", "window"],
             registry=registry,
         )
         self.write_stalls = Counter(

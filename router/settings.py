@@ -116,9 +116,11 @@ class Settings(BaseSettings):
     concurrency_min_limit: int = Field(default=LimitConfig.minimum, ge=1)
     # A window of first-token latencies lasts this long (and holds at least 8).
     concurrency_window_s: float = Field(default=LimitConfig.interval_s, gt=0)
-    # Latency within baseline * (1 + buffer) + tolerance is no congestion.
+    # A first token within baseline * (1 + buffer) + tolerance is no congestion.
     concurrency_latency_buffer: float = Field(default=LimitConfig.buffer, ge=0)
     concurrency_latency_tolerance_s: float = Field(default=LimitConfig.tolerance_s, ge=0)
+    # Time per output token within baseline * (1 + this) is batching, not congestion.
+    concurrency_tpot_buffer: float = Field(default=LimitConfig.tpot_buffer, ge=0)
     # The baseline is the lowest window latency of this last stretch.
     concurrency_baseline_window_s: float = Field(default=LimitConfig.baseline_window_s, gt=0)
     # Streams one client (its bearer token with auth on, else its address) may have
@@ -173,6 +175,7 @@ class Settings(BaseSettings):
             interval_s=self.concurrency_window_s,
             buffer=self.concurrency_latency_buffer,
             tolerance_s=self.concurrency_latency_tolerance_s,
+            tpot_buffer=self.concurrency_tpot_buffer,
             baseline_window_s=self.concurrency_baseline_window_s,
         )
 

@@ -16,12 +16,17 @@ A request whose queue already holds ``queue_limit`` is shed at once with
 
 Before a request reaches the queue, its door calls ``check_door``: a client
 already holding its cap of open streams is refused, and so is a request that would
-wait longer than its TTFT target allows, at once rather than after waiting to be
-late. The wait is estimated from how fast slots free up: by Little's law a slot is
-held for the busy slot-seconds over the releases of the last ``_HOLD_WINDOW``
-completions, so with ``n`` in flight one frees every ``hold / n`` seconds; a queue
-that has not moved for longer than that is taken at its word (a stuck backend
-makes every estimate longer).
+wait longer than half of what its TTFT target leaves after the backends' usual
+first token, at once rather than after waiting to be late. The wait is estimated
+from how fast slots free up: by Little's law a slot is held for the busy
+slot-seconds over the releases of the last ``_HOLD_WINDOW`` completions, so with
+``n`` in flight one frees every ``hold / n`` seconds; a queue that has not moved for
+longer than that is taken at its word (a stuck backend makes every estimate
+longer). Before anything has finished (a router just
+started) nothing tells how long the queue takes, and a request finding every slot
+taken is refused, as Envoy's filter refuses all above its limit. A request the door
+let queue is admitted within the limit it queued under: a cut of the limit while
+it waits does not strand it behind the excess.
 
 The door names the client once, in ``client_stream``; the client rides from there
 to ``acquire`` in a context variable, across the dispatcher, which need not know it.
@@ -41,7 +46,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 
 from backends.errors import OverloadedError
 from router.metrics import RouterMetrics
-from router.scheduling.concurrency_limit import GradientLimit, LimitConfig
+from router.scheduling.concurrency_limit import GradientLimit, LimitConfig, Signal
 
 PRIORITIES = 10  # priority levels: 0 (least urgent) .. 9 (most urgent)
 RETRY_AFTER_MIN_S = 0.05
@@ -50,28 +55,44 @@ RETRY_AFTER_MAX_S = 30.0
 RETRY_AFTER_UNKNOWN_S = 1.0
 # Completions the time a slot is held is measured over.
 _HOLD_WINDOW = 64
-# Weight of each new first-token latency in the running estimate the door adds to
-# the queue wait.
+# Weight of each new first-token latency in the running estimate of what the backends
+# take after admission.
 _SERVICE_WEIGHT = 0.1
+# The share of what a TTFT target leaves after the backends' first token that the
+# queue may take: the rest absorbs the estimate's error (a wait of k release gaps
+# varies by about 1/sqrt(k)), so that what queues is rarely late after all.
+_QUEUE_SHARE = 0.5
 # A request's client, set by the door (client_stream); "" when no door named one.
 _CLIENT: contextvars.ContextVar[str] = contextvars.ContextVar("admission_client", default="")
+
+
+@dataclasses.dataclass
+class _Waiter:
+    future: asyncio.Future[None]
+    # The limit when it queued: the door let it in on the wait that limit gave, so a
+    # later cut does not strand it (it is admitted while fewer than this are in flight).
+    promised_limit: int
 
 
 class _FairQueue:
     """The waiters of one priority: FIFO per client, clients served in turn."""
 
     def __init__(self) -> None:
-        self._clients: OrderedDict[str, deque[asyncio.Future[None]]] = OrderedDict()
+        self._clients: OrderedDict[str, deque[_Waiter]] = OrderedDict()
         self._size = 0
 
     def __len__(self) -> int:
         return self._size
 
-    def push(self, client: str, waiter: asyncio.Future[None]) -> None:
+    def push(self, client: str, waiter: _Waiter) -> None:
         self._clients.setdefault(client, deque()).append(waiter)
         self._size += 1
 
-    def pop(self) -> asyncio.Future[None]:
+    def peek(self) -> _Waiter:
+        """The next waiter in turn (the queue is not empty)."""
+        return next(iter(self._clients.values()))[0]
+
+    def pop(self) -> _Waiter:
         """The next waiter in turn; its client goes to the back of the rotation."""
         client, waiters = next(iter(self._clients.items()))
         waiter = waiters.popleft()
@@ -82,7 +103,7 @@ class _FairQueue:
         self._size -= 1
         return waiter
 
-    def remove(self, client: str, waiter: asyncio.Future[None]) -> None:
+    def remove(self, client: str, waiter: _Waiter) -> None:
         waiters = self._clients.get(client)
         if waiters is None or waiter not in waiters:
             return
@@ -181,12 +202,19 @@ class AdmissionGate:
         if ttft_target_s is None:
             return
         wait = self.expected_wait_s(priority, client)
-        if not wait or wait + (self._service_s or 0.0) <= ttft_target_s:
-            return  # a slot is free, nothing to estimate with, or in time
+        allowed_s = _QUEUE_SHARE * (ttft_target_s - (self._service_s or 0.0))
+        if wait == 0.0 or (wait is not None and wait <= allowed_s):
+            return  # a slot is free, or the wait leaves time for the first token
         self._metrics.shed.labels("queue_time").inc()
+        state = f"{self._in_flight} requests in flight, limit {self.limit}, {self.waiting()} queued"
+        if wait is None:  # just started: refused as Envoy refuses all above its limit
+            raise OverloadedError(
+                f"the router is at capacity ({state}) and no request has finished yet to "
+                "tell how long the queue takes",
+                retry_after_s=RETRY_AFTER_UNKNOWN_S,
+            )
         raise OverloadedError(
-            f"the router is at capacity ({self._in_flight} requests in flight, limit "
-            f"{self.limit}, {self.waiting()} queued): the wait for admission, about "
+            f"the router is at capacity ({state}): the wait for admission, about "
             f"{wait * 1000:.0f} ms, would miss the {ttft_target_s * 1000:.0f} ms time to "
             "first token",
             retry_after_s=_bounded(wait),
@@ -210,7 +238,7 @@ class AdmissionGate:
 
     def expected_wait_s(self, priority: int, client: str = "") -> float | None:
         """Seconds a request of ``priority`` and ``client`` arriving now would wait for
-        a slot: 0 when one is free, None when no completion was seen to estimate from."""
+        a slot: 0 when one is free, None when nothing has finished yet to tell."""
         ahead = sum(len(queue) for queue in self._queues[priority + 1 :])
         ahead += self._queues[priority].ahead_of(client)
         releases_needed = self._in_flight - self.limit + ahead + 1
@@ -219,8 +247,8 @@ class AdmissionGate:
         hold = self._hold_s()
         if hold is None or self._in_flight == 0:
             return None
-        gap = max(hold / self._in_flight, self._clock() - self._progress_at)
-        return releases_needed * gap
+        stalled_s = self._clock() - self._progress_at  # no slot freed for this long
+        return releases_needed * max(hold / self._in_flight, stalled_s)
 
     # -- the dispatcher -------------------------------------------------------
 
@@ -256,13 +284,13 @@ class AdmissionGate:
                 retry_after_s=self.retry_after_s(priority),
             )
         client = _CLIENT.get()
-        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        waiter = _Waiter(asyncio.get_running_loop().create_future(), self.limit)
         queue.push(client, waiter)
         self._depth_changed(priority)
         try:
-            await waiter
+            await waiter.future
         except asyncio.CancelledError:
-            if waiter.done() and not waiter.cancelled():
+            if waiter.future.done() and not waiter.future.cancelled():
                 self.release()  # the slot arrived as the caller left: pass it on
             else:
                 queue.remove(client, waiter)
@@ -279,18 +307,31 @@ class AdmissionGate:
         self._admit_waiters()
 
     def observe_first_token(self, latency_s: float) -> None:
-        """The time from a request's admission to its first frame: the limit's signal."""
+        """The time from a request's admission to its first frame: the limit's signal,
+        and what the door adds to the queue wait."""
         if self._service_s is None:
             self._service_s = latency_s
         else:
             self._service_s += _SERVICE_WEIGHT * (latency_s - self._service_s)
+        self._observe(Signal.FIRST_TOKEN, latency_s)
+
+    def observe_time_per_token(self, latency_s: float) -> None:
+        """A completed request's time per output token: the limit's decode-side signal."""
+        self._observe(Signal.PER_TOKEN, latency_s)
+
+    def _observe(self, signal: Signal, latency_s: float) -> None:
         limiter = self._limiter
-        if limiter is None or not limiter.observe(latency_s, self._clock(), self._in_flight):
+        if limiter is None:
+            return
+        moved = limiter.observe(signal, latency_s, self._clock(), self._in_flight)
+        if not moved:
             return
         self._metrics.concurrency_limit.set(limiter.limit)
-        if limiter.sample_s is not None and limiter.baseline_s is not None:
-            self._metrics.concurrency_latency.labels("sample").set(limiter.sample_s)
-            self._metrics.concurrency_latency.labels("baseline").set(limiter.baseline_s)
+        for kind, latency in limiter.signals.items():
+            if latency.sample_s is not None and latency.baseline_s is not None:
+                gauge = self._metrics.concurrency_latency
+                gauge.labels(kind.value, "sample").set(latency.sample_s)
+                gauge.labels(kind.value, "baseline").set(latency.baseline_s)
         self._admit_waiters()  # a higher limit lets waiters in now
 
     def count_write_stall(self, door: str) -> None:
@@ -313,19 +354,22 @@ class AdmissionGate:
             self._limiter.admitted(self._in_flight)
 
     def _admit_waiters(self) -> None:
-        """Hands free slots to the next waiters of the most urgent queues."""
+        """Hands free slots to the next waiters of the most urgent queues, each within
+        the limit it queued under."""
         for priority in range(PRIORITIES - 1, -1, -1):
             queue = self._queues[priority]
             if not queue:
                 continue
-            while queue and self._in_flight < self.limit:
-                waiter = queue.pop()
-                if not waiter.done():  # a cancelled waiter's future is done already
-                    self._take_slot()
-                    waiter.set_result(None)
+            while queue:
+                if queue.peek().future.done():  # cancelled, its caller still leaving
+                    queue.pop()
+                    continue
+                if self._in_flight >= max(self.limit, queue.peek().promised_limit):
+                    self._depth_changed(priority)
+                    return
+                self._take_slot()
+                queue.pop().future.set_result(None)
             self._depth_changed(priority)
-            if self._in_flight >= self.limit:
-                return
 
     def _account_busy(self) -> None:
         now = self._clock()

@@ -781,6 +781,7 @@ class Dispatcher:
         if tokens > 1:
             tpot = (progress.last_frame_at - progress.first_frame_at) / (tokens - 1)
             self._metrics.time_per_output_token.labels(mode).observe(tpot)
+            self.admission.observe_time_per_token(tpot)
         if progress.slo is not None:
             met = progress.slo.met_by(ttft, tpot)
             self._metrics.slo_requests.labels(

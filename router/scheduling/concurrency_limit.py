@@ -1,52 +1,63 @@
-"""An adaptive concurrency limit: a gradient controller fed by the time to first token.
+"""An adaptive concurrency limit: a gradient controller on LLM latency.
 
 The shape is Envoy's adaptive concurrency filter (its gradient controller), with
-two lessons from Netflix concurrency-limits' Gradient2. Latency samples are
-collected over a window (``interval_s``, and at least ``min_samples``); at its
-end the window's ``percentile`` is the *sample* latency, compared with the
-*baseline*, the latency when nothing queues::
+two lessons from Netflix concurrency-limits' Gradient2. Latencies are collected
+over a window (``interval_s``, and at least ``min_samples`` first tokens); at its
+end each signal's ``percentile`` over the window is its *sample*, compared with
+its *baseline*, the latency when nothing queues::
 
-    gradient  = clamp((baseline * (1 + buffer) + tolerance_s) / sample, 0.5, 2.0)
+    gradient  = clamp((baseline * (1 + buffer) + tolerance) / sample, 0.5, 2.0)
     new limit = limit * gradient + sqrt(limit * gradient)      # the burst headroom
 
-clamped to ``[minimum, maximum]``. Latency near the baseline lets the limit grow
-by its headroom (and up to twice as much when latency falls); a queue building in
-the backends makes samples exceed the buffered baseline and the limit falls, at
-most by half per window.
+with the smaller gradient of the two signals, clamped to ``[minimum, maximum]``.
+Latency near the baseline lets the limit grow by its headroom; queues building in
+the backends push samples past the buffered baseline and the limit falls, at most
+by half per window. Until the first window that finds congestion the gradient may
+exceed 1 (up to Envoy's bound of 2), after it at most 1 (Gradient2's bound: growth
+by the headroom alone), as TCP leaves slow start at its first loss. An LLM request
+holds its slot for a whole generation, so the limit's effect on latency lags it by
+seconds; a limit that kept multiplying into that lag would overshoot and swing.
 
-The signal is the time from admission to the first frame, for these reasons:
+The two signals, and why these:
 
-- whole-request latency is mostly decode and scales with the answer's length (1 to
-  4096 tokens): a window of long answers would read as congestion, one of short
-  answers as spare capacity. The first token does not depend on the answer.
-- From admission on, it holds all that concurrency does to a request in the
-  backends: their prefill queues, waiting for KV memory, prefills interleaved with
-  a growing decode batch. It leaves out the wait in the router's own queue, which
-  the limit causes rather than suffers: fed back, a low limit would lengthen the
-  queue and so lower itself.
-- It is not divided by the prompt's length: the congestion signal, queueing delay,
-  does not depend on a request's own prompt (dividing would inflate the queueing
-  of short prompts), and the window's percentile averages over the prompt mix.
-  Prefill itself is a small part of the first token once backends queue.
+- **Time to first token, from admission to the first frame.** It holds what
+  concurrency does to a request before it streams: the engines' prefill queues,
+  waiting for KV memory, prefills interleaved with a growing decode batch. Unlike
+  whole-request latency, which is mostly decode and scales with the answer's
+  length (1 to 4096 tokens), it does not depend on the answer. It leaves out the
+  wait in the router's own queue, which the limit causes rather than suffers: fed
+  back, a low limit would lengthen the queue and so lower itself. It is not
+  divided by the prompt's length: the congestion it shows, queueing delay, does
+  not depend on a request's own prompt, and the window's percentile averages over
+  the prompt mix.
+- **Time per output token**, (last frame - first frame) / (tokens - 1) of each
+  completed request: whole-request latency normalised by the answer's length. In
+  a split, the first token comes from the prefill backend, so a congested decode
+  backend (a batch so large each step crawls) never shows in the first token; it
+  shows here. It arrives only as requests finish, a request's length late, so it
+  joins a window once it has ``min_samples`` of its own (fewer carry over). A
+  decode batch slows every sequence as it grows, by design of batching, so its
+  buffer is wider: ``tpot_buffer``, the slowdown per token that still counts as
+  batching rather than congestion.
 
 Where this departs from the models, and why:
 
 - Envoy measures its baseline (minRTT) every minute by dropping the limit to 3
-  until 50 requests complete. An LLM request holds its slot for a whole generation
-  (seconds to minutes), so that window would drain the cluster and last as long.
-  Here the baseline is the lowest window sample of the last ``baseline_window_s``
-  (a windowed minimum, as TCP BBR keeps its minimum RTT): it falls at once when
-  latency does and rises as old windows age out, following a change of workload
-  (longer prompts, another model) within the window.
-- ``tolerance_s`` adds an absolute allowance to Envoy's relative ``buffer``:
+  until 50 requests complete. An LLM request holds its slot for a whole
+  generation (seconds to minutes), so that window would drain the cluster and last
+  as long. Here each baseline is the lowest window sample of the last
+  ``baseline_window_s`` (a windowed minimum, as TCP BBR keeps its minimum RTT): it
+  falls at once when latency does and rises as old windows age out, following a
+  change of workload (longer prompts, another model) within the window.
+- ``tolerance_s`` adds an absolute allowance to the first token's relative buffer:
   backends that answer in a millisecond would otherwise read a few milliseconds of
-  scheduling noise as a doubling of latency, and TTFT targets are hundreds of
+  scheduling noise as a doubling of latency, where TTFT targets are hundreds of
   milliseconds.
-- From Gradient2: the limit does not grow while fewer than half its slots were
-  used in the window (a limit grown while idle would admit a burst the backends
-  cannot take), and it does not fall while more requests are in flight than the
-  limit: those were admitted under a higher limit, and the latency they report
-  is already acted on.
+- From Gradient2: the limit does not grow while fewer than half its slots were used
+  in the window (a limit grown while idle would admit a burst the backends cannot
+  take), and it does not fall while more requests are in flight than the limit:
+  those were admitted under a higher limit, and the latency they report is already
+  acted on.
 
 Pure: the time is an argument, so tests and simulations drive it with any clock.
 """
@@ -56,19 +67,25 @@ from __future__ import annotations
 import math
 from collections import deque
 from dataclasses import dataclass
+from enum import Enum
 
 # The gradient's bounds: the limit at most halves or doubles per window (Envoy's).
 MIN_GRADIENT = 0.5
 MAX_GRADIENT = 2.0
-# Samples one window holds at most: it closes early when full, so memory is bounded.
+# Samples one signal's window holds at most: it closes early when full (bounded memory).
 MAX_WINDOW_SAMPLES = 4096
-# Window samples the baseline is the minimum of, at most.
+# Window samples a baseline is the minimum of, at most.
 MAX_BASELINE_WINDOWS = 1024
+
+
+class Signal(Enum):
+    FIRST_TOKEN = "first_token"  # admission to first frame, s
+    PER_TOKEN = "per_token"  # time per output token after the first, s
 
 
 @dataclass(frozen=True)
 class LimitConfig:
-    initial: int = 32
+    initial: int = 16
     minimum: int = 4
     maximum: int = 1024
     interval_s: float = 1.0
@@ -76,6 +93,7 @@ class LimitConfig:
     percentile: float = 50.0
     buffer: float = 0.25
     tolerance_s: float = 0.05
+    tpot_buffer: float = 1.0
     baseline_window_s: float = 60.0
 
     def __post_init__(self) -> None:
@@ -85,22 +103,48 @@ class LimitConfig:
             raise ValueError("percentile must be in (0, 100]")
         if self.interval_s <= 0 or self.baseline_window_s <= 0 or self.min_samples < 1:
             raise ValueError("interval_s, baseline_window_s and min_samples must be positive")
-        if self.buffer < 0 or self.tolerance_s < 0:
-            raise ValueError("buffer and tolerance_s must be >= 0")
+        if self.buffer < 0 or self.tolerance_s < 0 or self.tpot_buffer < 0:
+            raise ValueError("buffers and tolerance_s must be >= 0")
+
+
+class _Latency:
+    """One signal: the window's samples and the recent window samples (the baseline)."""
+
+    def __init__(self, buffer: float, tolerance_s: float) -> None:
+        self.buffer = buffer
+        self.tolerance_s = tolerance_s
+        self.window: list[float] = []
+        self._windows: deque[tuple[float, float]] = deque(maxlen=MAX_BASELINE_WINDOWS)
+        self.sample_s: float | None = None
+        self.baseline_s: float | None = None
+
+    def close(self, now: float, percentile: float, horizon_s: float) -> float:
+        """Ends the window; its gradient (before clamping)."""
+        sample = _percentile(self.window, percentile)
+        self.window = []
+        self._windows.append((now, sample))
+        while self._windows[0][0] < now - horizon_s:
+            self._windows.popleft()
+        baseline = min(latency for _, latency in self._windows)
+        self.sample_s, self.baseline_s = sample, baseline
+        target = baseline * (1 + self.buffer) + self.tolerance_s
+        return MAX_GRADIENT if sample <= 0 else target / sample
 
 
 class GradientLimit:
-    """The current limit, moved once per window of first-token latencies."""
+    """The current limit, moved once per window of latencies."""
 
     def __init__(self, config: LimitConfig, now: float) -> None:
         self.config = config
         self._limit = min(max(config.initial, config.minimum), config.maximum)
-        self._window: list[float] = []
         self._window_started = now
         self._peak_in_flight = 0
-        self._windows: deque[tuple[float, float]] = deque(maxlen=MAX_BASELINE_WINDOWS)
-        self.sample_s: float | None = None  # the last window's latency
-        self.baseline_s: float | None = None
+        self.signals = {
+            Signal.FIRST_TOKEN: _Latency(config.buffer, config.tolerance_s),
+            Signal.PER_TOKEN: _Latency(config.tpot_buffer, 0.0),
+        }
+        self.gradient: float | None = None  # the last window's, clamped
+        self.slow_start = True  # no window has found congestion yet
 
     @property
     def limit(self) -> int:
@@ -110,13 +154,15 @@ class GradientLimit:
         """A request took a slot; ``in_flight`` counts it."""
         self._peak_in_flight = max(self._peak_in_flight, in_flight)
 
-    def observe(self, latency_s: float, now: float, in_flight: int) -> bool:
-        """One first-token latency; True when it closed a window and the limit moved."""
-        self._window.append(latency_s)
+    def observe(self, signal: Signal, latency_s: float, now: float, in_flight: int) -> bool:
+        """One latency of ``signal``; True when it closed a window and the limit moved."""
+        samples = self.signals[signal].window
+        samples.append(latency_s)
         self._peak_in_flight = max(self._peak_in_flight, in_flight)
-        full = len(self._window) >= MAX_WINDOW_SAMPLES
+        first_tokens = len(self.signals[Signal.FIRST_TOKEN].window)
+        full = len(samples) >= MAX_WINDOW_SAMPLES
         if not full and (
-            len(self._window) < self.config.min_samples
+            first_tokens < self.config.min_samples
             or now - self._window_started < self.config.interval_s
         ):
             return False
@@ -125,33 +171,37 @@ class GradientLimit:
         return self._limit != before
 
     def _close_window(self, now: float, in_flight: int) -> None:
-        sample = _percentile(self._window, self.config.percentile)
+        config = self.config
+        gradients = [
+            latency.close(now, config.percentile, config.baseline_window_s)
+            for latency in self.signals.values()
+            if len(latency.window) >= config.min_samples
+            or len(latency.window) >= MAX_WINDOW_SAMPLES
+        ]
         peak = self._peak_in_flight
-        self._window = []
         self._window_started = now
         self._peak_in_flight = in_flight
-        self._windows.append((now, sample))
-        while self._windows[0][0] < now - self.config.baseline_window_s:
-            self._windows.popleft()
-        baseline = min(latency for _, latency in self._windows)
-        self.sample_s, self.baseline_s = sample, baseline
-        self._limit = self.next_limit(self._limit, baseline, sample, peak, in_flight)
+        if not gradients:
+            return
+        gradient = min(gradients)
+        if gradient < 1:
+            self.slow_start = False
+        ceiling = MAX_GRADIENT if self.slow_start else 1.0
+        self.gradient = min(max(gradient, MIN_GRADIENT), ceiling)
+        self._limit = next_limit(config, self._limit, self.gradient, peak, in_flight)
 
-    def next_limit(
-        self, limit: int, baseline_s: float, sample_s: float, peak_in_flight: int, in_flight: int
-    ) -> int:
-        """The limit after a window whose latency was ``sample_s``."""
-        config = self.config
-        target = baseline_s * (1 + config.buffer) + config.tolerance_s
-        gradient = MAX_GRADIENT if sample_s <= 0 else target / sample_s
-        gradient = min(max(gradient, MIN_GRADIENT), MAX_GRADIENT)
-        scaled = limit * gradient
-        proposed = math.floor(scaled + math.sqrt(scaled))
-        if proposed > limit and peak_in_flight < limit / 2:
-            return limit  # not using what it has: no evidence more would do
-        if proposed < limit and in_flight > limit:
-            return limit  # still draining the excess of an earlier cut
-        return min(max(proposed, config.minimum), config.maximum)
+
+def next_limit(
+    config: LimitConfig, limit: int, gradient: float, peak_in_flight: int, in_flight: int
+) -> int:
+    """The limit after a window whose (clamped) gradient was ``gradient``."""
+    scaled = limit * gradient
+    proposed = math.floor(scaled + math.sqrt(scaled))
+    if proposed > limit and peak_in_flight < limit / 2:
+        return limit  # not using what it has: no evidence that more would do
+    if proposed < limit and in_flight > limit:
+        return limit  # still draining the excess of an earlier cut
+    return min(max(proposed, config.minimum), config.maximum)
 
 
 def _percentile(values: list[float], percentile: float) -> float:

@@ -1,4 +1,5 @@
-"""The admission gate: a bound on requests in flight, a bounded FIFO per priority."""
+"""The admission gate: an adaptive bound on requests in flight, a bounded fair queue per
+priority, and the door's checks (client caps, queue time)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from router.dispatch.admission import (
     AdmissionGate,
 )
 from router.metrics import RouterMetrics
+from router.scheduling.concurrency_limit import LimitConfig
 
 
 class Clock:
@@ -189,3 +191,206 @@ async def test_admitted_holds_a_slot_for_the_block_whatever_ends_it() -> None:
 async def test_an_out_of_range_priority_is_a_programming_error() -> None:
     with pytest.raises(ValueError, match="between 0 and 9"):
         await gate().acquire(10)
+
+
+# -- the adaptive limit ----------------------------------------------------------
+
+
+def adaptive_gate(clock: Clock, **config: object) -> AdmissionGate:
+    options: dict[str, object] = {
+        "initial": 2,
+        "minimum": 1,
+        "min_samples": 2,
+        "tolerance_s": 0.0,
+        **config,
+    }
+    return AdmissionGate(
+        64,
+        8,
+        RouterMetrics(CollectorRegistry()),
+        clock=clock,
+        adaptive=LimitConfig(**options),  # type: ignore[arg-type]  # test options
+    )
+
+
+def sample(admission: AdmissionGate, name: str, **labels: str) -> float | None:
+    return admission._metrics.registry.get_sample_value(name, labels)
+
+
+async def test_first_tokens_move_the_limit_and_a_higher_limit_admits_waiters() -> None:
+    clock = Clock()
+    admission = adaptive_gate(clock)
+    assert admission.limit == 2
+    assert sample(admission, "hetero_router_concurrency_limit") == 2
+    await admission.acquire(0)
+    await admission.acquire(0)
+    waiters = [asyncio.create_task(admission.acquire(0)) for _ in range(3)]
+    await settle()
+    assert admission.waiting() == 3
+    clock.now += 1.0
+    admission.observe_first_token(0.2)
+    admission.observe_first_token(0.2)  # a window: latency at its baseline, the limit grows
+    assert admission.limit == 4  # floor(2 * 1.25 + sqrt(2.5))
+    assert sample(admission, "hetero_router_concurrency_limit") == 4
+    assert (
+        sample(
+            admission,
+            "hetero_router_concurrency_latency_seconds",
+            signal="first_token",
+            window="baseline",
+        )
+        == 0.2
+    )
+    await settle()
+    assert (admission.in_flight, admission.waiting()) == (4, 1)  # two waiters let in at once
+    for task in waiters:
+        task.cancel()
+    await asyncio.gather(*waiters, return_exceptions=True)
+
+
+async def test_a_cut_does_not_strand_the_requests_already_queued() -> None:
+    clock = Clock()
+    admission = adaptive_gate(clock, initial=8)
+    for _ in range(3):
+        await admission.acquire(0)
+    clock.now += 1.0
+    admission.observe_first_token(0.1)
+    admission.observe_first_token(0.1)  # the baseline; 3 of 8 in use: no growth
+    assert admission.limit == 8
+    for _ in range(5):
+        await admission.acquire(0)
+    queued = asyncio.create_task(admission.acquire(0))  # queued under limit 8
+    await settle()
+    clock.now += 1.0
+    admission.observe_first_token(1.0)
+    admission.observe_first_token(1.0)  # congestion: the limit falls
+    assert admission.limit == 6  # floor(8 * 0.5 + sqrt(4))
+    admission.release()  # 7 in flight: more than the limit, fewer than it queued under
+    await settle()
+    assert queued.done()
+    late = asyncio.create_task(admission.acquire(0))  # queued under the new limit
+    await settle()
+    admission.release()
+    await settle()
+    assert not late.done()  # 7 in flight: it waits for the excess to drain
+    admission.release()
+    admission.release()
+    await settle()
+    assert late.done()
+    assert admission.in_flight == 6
+
+
+async def test_a_slow_decode_lowers_the_limit() -> None:
+    clock = Clock()
+    admission = adaptive_gate(clock, initial=8)
+    for _ in range(8):
+        await admission.acquire(0)
+    limits = []
+    for latency_per_token in (0.02, 0.08):  # first tokens as fast; each token 4x slower
+        clock.now += 1.0
+        admission.observe_time_per_token(latency_per_token)
+        admission.observe_time_per_token(latency_per_token)
+        admission.observe_first_token(0.1)
+        admission.observe_first_token(0.1)
+        limits.append(admission.limit)
+    assert limits[1] < limits[0]
+
+
+# -- fair turns ---------------------------------------------------------------------
+
+
+async def test_clients_take_turns_and_each_keeps_its_order() -> None:
+    admission = gate(max_in_flight=1, queue_limit=10)
+    await admission.acquire(0)
+    order: list[str] = []
+
+    async def wait(name: str, client: str) -> None:
+        with admission.client_stream(client):
+            await admission.acquire(0)
+        order.append(name)
+
+    tasks = []
+    for name, client in [("a1", "peer:a"), ("a2", "peer:a"), ("a3", "peer:a"), ("b1", "peer:b")]:
+        tasks.append(asyncio.create_task(wait(name, client)))
+        await settle()
+    for _ in tasks:
+        admission.release()
+        await settle()
+    assert order == ["a1", "b1", "a2", "a3"]  # b waits for one of a's, not all three
+    await asyncio.gather(*tasks)
+
+
+# -- the door's checks ---------------------------------------------------------------
+
+
+async def test_a_client_over_its_cap_is_refused_and_its_count_follows_its_streams() -> None:
+    admission = gate(max_in_flight=8)
+    with admission.client_stream("peer:10.0.0.7"), admission.client_stream("peer:10.0.0.7"):
+        with pytest.raises(OverloadedError) as raised:
+            admission.check_door("peer:10.0.0.7", 0, 1.0, client_cap=2)
+        assert raised.value.message.startswith("client 10.0.0.7 has 2 streams open")
+        assert "max_streams_per_client 2" in raised.value.message
+        assert raised.value.retry_after_s == RETRY_AFTER_UNKNOWN_S
+        admission.check_door("peer:10.0.0.8", 0, 1.0, client_cap=2)  # another client passes
+        admission.check_door("peer:10.0.0.7", 0, 1.0, client_cap=0)  # 0: no cap
+    admission.check_door("peer:10.0.0.7", 0, 1.0, client_cap=2)  # its streams ended
+    assert admission._client_streams == {}  # nothing kept for clients gone
+    with pytest.raises(OverloadedError, match="this token has 1 streams"):
+        with admission.client_stream("token:abc"):
+            admission.check_door("token:abc", 0, None, client_cap=1)
+    shed = sample(admission, "hetero_router_shed_total", reason="client_cap")
+    assert shed == 2
+
+
+async def test_a_request_the_queue_would_make_late_is_refused_at_once() -> None:
+    clock = Clock()
+    admission = gate(max_in_flight=2, queue_limit=10, clock=clock)
+    for _ in range(4):  # slots held 1 s each: with 2 in flight, one frees every 0.5 s
+        await admission.acquire(0)
+        clock.now += 1.0
+        admission.release()
+    await admission.acquire(0)
+    await admission.acquire(0)
+    admission.observe_first_token(0.2)  # what the backends take after admission
+    with admission.client_stream("peer:x"):  # two of its requests wait
+        queued = [asyncio.create_task(admission.acquire(0)) for _ in range(2)]
+    await settle()
+    # Behind its own two: 3 releases, 0.5 s apart; another client's turn comes sooner.
+    assert admission.expected_wait_s(0, "peer:x") == pytest.approx(1.5)
+    assert admission.expected_wait_s(0, "peer:y") == pytest.approx(1.0)
+    # Half of what a 4 s target leaves after 0.2 s is 1.9 s: it may queue.
+    admission.check_door("peer:x", 0, 4.0, client_cap=0)
+    with pytest.raises(OverloadedError) as raised:  # half of 2.8 s is not enough
+        admission.check_door("peer:x", 0, 3.0, client_cap=0)
+    assert "about 1500 ms, would miss the 3000 ms time to first token" in raised.value.message
+    assert raised.value.retry_after_s == pytest.approx(1.5)
+    admission.check_door("peer:x", 9, 2.0, client_cap=0)  # nothing queued ahead of it: 0.5 s
+    admission.check_door("peer:x", 0, None, client_cap=0)  # no TTFT target: only the queue limit
+    clock.now += 10.0  # nothing freed for 10 s: the queue is stuck, every wait is long
+    with pytest.raises(OverloadedError):
+        admission.check_door("peer:x", 9, 60.0, client_cap=0)
+    assert sample(admission, "hetero_router_shed_total", reason="queue_time") == 2
+    for task in queued:
+        task.cancel()
+    await asyncio.gather(*queued, return_exceptions=True)
+
+
+async def test_before_anything_finished_a_full_router_refuses_rather_than_guess() -> None:
+    admission = gate(max_in_flight=1)
+    admission.check_door("peer:x", 0, 1.0, client_cap=0)  # a slot is free
+    await admission.acquire(0)
+    with pytest.raises(OverloadedError, match="no request has finished yet") as raised:
+        admission.check_door("peer:x", 0, 1.0, client_cap=0)
+    assert raised.value.retry_after_s == RETRY_AFTER_UNKNOWN_S
+
+
+async def test_saturation_says_limit_in_flight_and_queued() -> None:
+    admission = gate(max_in_flight=2)
+    await admission.acquire(0)
+    assert admission.saturation() is None
+    await admission.acquire(0)
+    waiter = asyncio.create_task(admission.acquire(3))
+    await settle()
+    assert admission.saturation() == "saturated: limit 2, 2 in flight, 1 queued"
+    waiter.cancel()
+    await asyncio.gather(waiter, return_exceptions=True)
