@@ -141,7 +141,13 @@ class Daemon:
         await self.admin.start()
 
     def readiness(self) -> tuple[bool, str]:
-        """Ready when every model has a way to be served (split or colocated)."""
+        """Ready when every model has a way to be served (split or colocated).
+
+        Saturation (every admission slot taken) is said in the detail but leaves the
+        router ready: a not-ready pod leaves its Service's endpoints, which for a
+        single replica is a total outage and for several moves their load onto the
+        others, as saturated as it was; admission already refuses the excess fast,
+        with a retry hint, and the saturation metrics are what autoscaling reads."""
         if self._draining:
             return False, "draining"
         snapshot = self.pool.snapshot()
@@ -154,7 +160,9 @@ class Daemon:
         if missing:
             return False, f"no healthy backends for: {', '.join(missing)}"
         healthy = sum(1 for view in snapshot.backends if view.healthy)
-        return True, f"{healthy}/{len(snapshot.backends)} backends healthy"
+        detail = f"{healthy}/{len(snapshot.backends)} backends healthy"
+        saturation = self.dispatcher.admission.saturation()
+        return True, detail if saturation is None else f"{detail}; {saturation}"
 
     def update_serving(self) -> None:
         """Recomputes readiness and, when it changed, logs it and has gRPC health follow.

@@ -335,9 +335,11 @@ async def test_a_client_over_its_cap_is_refused_and_its_count_follows_its_stream
         admission.check_door("peer:10.0.0.7", 0, 1.0, client_cap=0)  # 0: no cap
     admission.check_door("peer:10.0.0.7", 0, 1.0, client_cap=2)  # its streams ended
     assert admission._client_streams == {}  # nothing kept for clients gone
-    with pytest.raises(OverloadedError, match="this token has 1 streams"):
-        with admission.client_stream("token:abc"):
-            admission.check_door("token:abc", 0, None, client_cap=1)
+    with (
+        pytest.raises(OverloadedError, match="this token has 1 streams"),
+        admission.client_stream("token:abc"),
+    ):
+        admission.check_door("token:abc", 0, None, client_cap=1)
     shed = sample(admission, "hetero_router_shed_total", reason="client_cap")
     assert shed == 2
 

@@ -178,5 +178,5 @@ def test_the_window_percentile_is_the_nearest_rank() -> None:
     ],
 )
 def test_a_config_that_cannot_work_is_refused(bad: dict[str, float]) -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"must|needs"):
         LimitConfig(**bad)  # type: ignore[arg-type]  # test options
