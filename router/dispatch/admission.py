@@ -22,11 +22,9 @@ from how fast slots free up: by Little's law a slot is held for the busy
 slot-seconds over the releases of the last ``_HOLD_WINDOW`` completions, so with
 ``n`` in flight one frees every ``hold / n`` seconds; a queue that has not moved for
 longer than that is taken at its word (a stuck backend makes every estimate
-longer). Before anything has finished (a router just
-started) nothing tells how long the queue takes, and a request finding every slot
-taken is refused, as Envoy's filter refuses all above its limit. A request the door
-let queue is admitted within the limit it queued under: a cut of the limit while
-it waits does not strand it behind the excess.
+longer); before anything has finished (a router just started) that is all there
+is to go by. A request the door let queue is admitted within the limit it queued
+under: a cut of the limit while it waits does not strand it behind the excess.
 
 The door names the client once, in ``client_stream``; the client rides from there
 to ``acquire`` in a context variable, across the dispatcher, which need not know it.
@@ -203,18 +201,12 @@ class AdmissionGate:
             return
         wait = self.expected_wait_s(priority, client)
         allowed_s = _QUEUE_SHARE * (ttft_target_s - (self._service_s or 0.0))
-        if wait == 0.0 or (wait is not None and wait <= allowed_s):
+        if wait == 0.0 or wait <= allowed_s:
             return  # a slot is free, or the wait leaves time for the first token
         self._metrics.shed.labels("queue_time").inc()
-        state = f"{self._in_flight} requests in flight, limit {self.limit}, {self.waiting()} queued"
-        if wait is None:  # just started: refused as Envoy refuses all above its limit
-            raise OverloadedError(
-                f"the router is at capacity ({state}) and no request has finished yet to "
-                "tell how long the queue takes",
-                retry_after_s=RETRY_AFTER_UNKNOWN_S,
-            )
         raise OverloadedError(
-            f"the router is at capacity ({state}): the wait for admission, about "
+            f"the router is at capacity ({self._in_flight} requests in flight, limit "
+            f"{self.limit}, {self.waiting()} queued): the wait for admission, about "
             f"{wait * 1000:.0f} ms, would miss the {ttft_target_s * 1000:.0f} ms time to "
             "first token",
             retry_after_s=_bounded(wait),
@@ -236,18 +228,19 @@ class AdmissionGate:
             else:
                 del self._client_streams[client]  # memory follows the clients present
 
-    def expected_wait_s(self, priority: int, client: str = "") -> float | None:
+    def expected_wait_s(self, priority: int, client: str = "") -> float:
         """Seconds a request of ``priority`` and ``client`` arriving now would wait for
-        a slot: 0 when one is free, None when nothing has finished yet to tell."""
+        a slot: 0 when one is free."""
         ahead = sum(len(queue) for queue in self._queues[priority + 1 :])
         ahead += self._queues[priority].ahead_of(client)
         releases_needed = self._in_flight - self.limit + ahead + 1
         if releases_needed <= 0:
             return 0.0
+        stalled_s = self._clock() - self._progress_at  # no slot freed for this long
         hold = self._hold_s()
         if hold is None or self._in_flight == 0:
-            return None
-        stalled_s = self._clock() - self._progress_at  # no slot freed for this long
+            # Nothing finished yet (a router just started): only how long it has not moved.
+            return releases_needed * stalled_s
         return releases_needed * max(hold / self._in_flight, stalled_s)
 
     # -- the dispatcher -------------------------------------------------------
@@ -340,8 +333,9 @@ class AdmissionGate:
 
     def retry_after_s(self, priority: int) -> float:
         """Seconds until a request of ``priority`` arriving now would likely be admitted."""
-        wait = self.expected_wait_s(priority, _CLIENT.get())
-        return RETRY_AFTER_UNKNOWN_S if wait is None else _bounded(wait)
+        if self._hold_s() is None:
+            return RETRY_AFTER_UNKNOWN_S
+        return _bounded(self.expected_wait_s(priority, _CLIENT.get()))
 
     # -- inside ---------------------------------------------------------------
 

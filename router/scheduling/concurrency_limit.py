@@ -13,10 +13,13 @@ with the smaller gradient of the two signals, clamped to ``[minimum, maximum]``.
 Latency near the baseline lets the limit grow by its headroom; queues building in
 the backends push samples past the buffered baseline and the limit falls, at most
 by half per window. Until the first window that finds congestion the gradient may
-exceed 1 (up to Envoy's bound of 2), after it at most 1 (Gradient2's bound: growth
-by the headroom alone), as TCP leaves slow start at its first loss. An LLM request
-holds its slot for a whole generation, so the limit's effect on latency lags it by
-seconds; a limit that kept multiplying into that lag would overshoot and swing.
+exceed 1 (up to Envoy's bound of 2) and a window closes as soon as it holds
+``min_samples`` first tokens, so a router that starts small (``initial``) reaches
+what fast backends take within a few rounds of first tokens; after it the gradient
+is at most 1 (Gradient2's bound: growth by the headroom alone) and windows last
+``interval_s``, as TCP leaves slow start at its first loss. An LLM request holds its
+slot for a whole generation, so the limit's effect on latency lags it by seconds; a
+limit that kept multiplying into that lag would overshoot and swing.
 
 The two signals, and why these:
 
@@ -85,7 +88,7 @@ class Signal(Enum):
 
 @dataclass(frozen=True)
 class LimitConfig:
-    initial: int = 16
+    initial: int = 8
     minimum: int = 4
     maximum: int = 1024
     interval_s: float = 1.0
@@ -161,10 +164,9 @@ class GradientLimit:
         self._peak_in_flight = max(self._peak_in_flight, in_flight)
         first_tokens = len(self.signals[Signal.FIRST_TOKEN].window)
         full = len(samples) >= MAX_WINDOW_SAMPLES
-        if not full and (
-            first_tokens < self.config.min_samples
-            or now - self._window_started < self.config.interval_s
-        ):
+        # In slow start a window closes on its samples alone, as TCP grows per ACK.
+        timely = self.slow_start or now - self._window_started >= self.config.interval_s
+        if not full and (first_tokens < self.config.min_samples or not timely):
             return False
         before = self._limit
         self._close_window(now, in_flight)

@@ -377,13 +377,18 @@ async def test_a_request_the_queue_would_make_late_is_refused_at_once() -> None:
     await asyncio.gather(*queued, return_exceptions=True)
 
 
-async def test_before_anything_finished_a_full_router_refuses_rather_than_guess() -> None:
-    admission = gate(max_in_flight=1)
-    admission.check_door("peer:x", 0, 1.0, client_cap=0)  # a slot is free
+async def test_before_anything_finished_the_wait_is_how_long_nothing_moved() -> None:
+    clock = Clock()
+    admission = gate(max_in_flight=1, clock=clock)
     await admission.acquire(0)
-    with pytest.raises(OverloadedError, match="no request has finished yet") as raised:
+    admission.check_door("peer:x", 0, 1.0, client_cap=0)  # just filled: a burst may queue
+    clock.now += 0.4
+    assert admission.expected_wait_s(0) == pytest.approx(0.4)
+    admission.check_door("peer:x", 0, 1.0, client_cap=0)  # within half of the 1 s target
+    clock.now += 0.2
+    with pytest.raises(OverloadedError, match="about 600 ms"):
         admission.check_door("peer:x", 0, 1.0, client_cap=0)
-    assert raised.value.retry_after_s == RETRY_AFTER_UNKNOWN_S
+    assert admission.retry_after_s(0) == RETRY_AFTER_UNKNOWN_S  # no rate to tell it by
 
 
 async def test_saturation_says_limit_in_flight_and_queued() -> None:

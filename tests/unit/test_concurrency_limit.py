@@ -59,15 +59,20 @@ def test_latency_at_its_baseline_grows_the_limit_by_the_buffer_and_headroom() ->
     assert limit.gradient == pytest.approx(1.25)
 
 
-def test_a_window_needs_its_interval_and_enough_first_tokens() -> None:
-    limit = limiter(min_samples=3)
+def test_a_window_needs_enough_first_tokens_and_after_slow_start_its_interval() -> None:
+    limit = limiter(min_samples=3, initial=100)
     limit.admitted(100)
-    assert not limit.observe(FIRST, 0.1, 5.0, 100)
-    assert not limit.observe(FIRST, 0.1, 6.0, 100)  # two samples: not enough
-    assert limit.observe(FIRST, 0.1, 6.1, 100)
-    assert not limit.observe(FIRST, 0.1, 6.5, 100)  # enough samples, not enough time
-    assert not limit.observe(FIRST, 0.1, 6.9, 100)
-    assert limit.observe(FIRST, 0.1, 7.2, 100)
+    assert not limit.observe(FIRST, 0.1, 0.1, 100)
+    assert not limit.observe(FIRST, 0.1, 0.2, 100)  # two samples: not enough
+    assert limit.observe(FIRST, 0.1, 0.3, 100)  # slow start: enough samples close it
+    for at in (0.4, 0.5, 0.6):
+        limit.observe(FIRST, 1.0, at, 100)  # congestion: slow start is over
+    assert not limit.slow_start
+    before = limit.limit
+    for at in (0.7, 0.8, 0.9, 1.2):
+        limit.observe(FIRST, 0.1, at, 100)  # enough samples, not yet the interval
+    assert limit.limit == before
+    assert limit.observe(FIRST, 0.1, 1.7, 100)  # 1 s after the last window closed
 
 
 def test_queueing_cuts_the_limit_at_most_by_half_then_growth_is_additive() -> None:
