@@ -20,6 +20,7 @@ from router import defaults
 from router.errors import ConfigError
 from router.scheduling.concurrency_limit import LimitConfig
 from router.scheduling.prefix import DEFAULT_BLOCKS_PER_BACKEND
+from router.scheduling.slo import Slo
 
 
 class Settings(BaseSettings):
@@ -116,11 +117,14 @@ class Settings(BaseSettings):
     concurrency_min_limit: int = Field(default=LimitConfig.minimum, ge=1)
     # A window of first-token latencies lasts this long (and holds at least 8).
     concurrency_window_s: float = Field(default=LimitConfig.interval_s, gt=0)
-    # A first token within baseline * (1 + buffer) + tolerance is no congestion.
+    # A first token within baseline * (1 + buffer) is no congestion, nor one within
+    # this share of the default SLO class's TTFT target.
     concurrency_latency_buffer: float = Field(default=LimitConfig.buffer, ge=0)
-    concurrency_latency_tolerance_s: float = Field(default=LimitConfig.tolerance_s, ge=0)
-    # Time per output token within baseline * (1 + this) is batching, not congestion.
+    concurrency_ttft_slo_share: float = Field(default=0.25, ge=0, le=1)
+    # Time per output token within baseline * (1 + buffer) is batching, not
+    # congestion, nor within this share of the default class's TPOT target.
     concurrency_tpot_buffer: float = Field(default=LimitConfig.tpot_buffer, ge=0)
+    concurrency_tpot_slo_share: float = Field(default=0.5, ge=0, le=1)
     # The baseline is the lowest window latency of this last stretch.
     concurrency_baseline_window_s: float = Field(default=LimitConfig.baseline_window_s, gt=0)
     # Streams one client (its bearer token with auth on, else its address) may have
@@ -164,8 +168,9 @@ class Settings(BaseSettings):
             raise ConfigError(f"auth_token_file {self.auth_token_file} holds no token")
         return tokens
 
-    def concurrency_limit(self) -> LimitConfig | None:
-        """The adaptive limit's configuration; None when the limit is max_in_flight."""
+    def concurrency_limit(self, slo: Slo | None) -> LimitConfig | None:
+        """The adaptive limit's configuration, its floors a share of ``slo`` (the default
+        SLO class's targets); None when the limit is max_in_flight."""
         if not self.adaptive_concurrency:
             return None
         return LimitConfig(
@@ -174,8 +179,9 @@ class Settings(BaseSettings):
             maximum=self.max_in_flight,
             interval_s=self.concurrency_window_s,
             buffer=self.concurrency_latency_buffer,
-            tolerance_s=self.concurrency_latency_tolerance_s,
             tpot_buffer=self.concurrency_tpot_buffer,
+            ttft_floor_s=self.concurrency_ttft_slo_share * ((slo and slo.ttft_s) or 0.0),
+            tpot_floor_s=self.concurrency_tpot_slo_share * ((slo and slo.tpot_s) or 0.0),
             baseline_window_s=self.concurrency_baseline_window_s,
         )
 

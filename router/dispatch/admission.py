@@ -22,9 +22,11 @@ from how fast slots free up: by Little's law a slot is held for the busy
 slot-seconds over the releases of the last ``_HOLD_WINDOW`` completions, so with
 ``n`` in flight one frees every ``hold / n`` seconds; a queue that has not moved for
 longer than that is taken at its word (a stuck backend makes every estimate
-longer); before anything has finished (a router just started) that is all there
-is to go by. A request the door let queue is admitted within the limit it queued
-under: a cut of the limit while it waits does not strand it behind the excess.
+longer). Before anything has finished (a router just started) there is nothing to
+tell by, and only ``queue_limit`` bounds the queue: the limit's slow start lets a
+burst in as fast as the backends answer it. A request the door let queue is
+admitted within the limit it queued under: a cut of the limit while it waits does
+not strand it behind the excess.
 
 The door names the client once, in ``client_stream``; the client rides from there
 to ``acquire`` in a context variable, across the dispatcher, which need not know it.
@@ -201,8 +203,8 @@ class AdmissionGate:
             return
         wait = self.expected_wait_s(priority, client)
         allowed_s = _QUEUE_SHARE * (ttft_target_s - (self._service_s or 0.0))
-        if wait == 0.0 or wait <= allowed_s:
-            return  # a slot is free, or the wait leaves time for the first token
+        if wait is None or wait <= allowed_s:
+            return  # nothing to tell by yet (the queue limit holds), or in time
         self._metrics.shed.labels("queue_time").inc()
         raise OverloadedError(
             f"the router is at capacity ({self._in_flight} requests in flight, limit "
@@ -228,19 +230,18 @@ class AdmissionGate:
             else:
                 del self._client_streams[client]  # memory follows the clients present
 
-    def expected_wait_s(self, priority: int, client: str = "") -> float:
+    def expected_wait_s(self, priority: int, client: str = "") -> float | None:
         """Seconds a request of ``priority`` and ``client`` arriving now would wait for
-        a slot: 0 when one is free."""
+        a slot: 0 when one is free, None when nothing has finished yet to tell."""
         ahead = sum(len(queue) for queue in self._queues[priority + 1 :])
         ahead += self._queues[priority].ahead_of(client)
         releases_needed = self._in_flight - self.limit + ahead + 1
         if releases_needed <= 0:
             return 0.0
-        stalled_s = self._clock() - self._progress_at  # no slot freed for this long
         hold = self._hold_s()
         if hold is None or self._in_flight == 0:
-            # Nothing finished yet (a router just started): only how long it has not moved.
-            return releases_needed * stalled_s
+            return None
+        stalled_s = self._clock() - self._progress_at  # no slot freed for this long
         return releases_needed * max(hold / self._in_flight, stalled_s)
 
     # -- the dispatcher -------------------------------------------------------
@@ -333,9 +334,8 @@ class AdmissionGate:
 
     def retry_after_s(self, priority: int) -> float:
         """Seconds until a request of ``priority`` arriving now would likely be admitted."""
-        if self._hold_s() is None:
-            return RETRY_AFTER_UNKNOWN_S
-        return _bounded(self.expected_wait_s(priority, _CLIENT.get()))
+        wait = self.expected_wait_s(priority, _CLIENT.get())
+        return RETRY_AFTER_UNKNOWN_S if wait is None else _bounded(wait)
 
     # -- inside ---------------------------------------------------------------
 

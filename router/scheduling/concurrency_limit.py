@@ -6,7 +6,8 @@ over a window (``interval_s``, and at least ``min_samples`` first tokens); at it
 end each signal's ``percentile`` over the window is its *sample*, compared with
 its *baseline*, the latency when nothing queues::
 
-    gradient  = clamp((baseline * (1 + buffer) + tolerance) / sample, 0.5, 2.0)
+    target    = max(baseline * (1 + buffer), floor)
+    gradient  = clamp(target / sample, 0.5, 2.0)
     new limit = limit * gradient + sqrt(limit * gradient)      # the burst headroom
 
 with the smaller gradient of the two signals, clamped to ``[minimum, maximum]``.
@@ -43,6 +44,13 @@ The two signals, and why these:
   buffer is wider: ``tpot_buffer``, the slowdown per token that still counts as
   batching rather than congestion.
 
+Each signal has a *floor* (``ttft_floor_s``, ``tpot_floor_s``): a latency below it
+is never congestion. The daemon sets them to a share of the default SLO class's
+targets (a quarter of its TTFT, half of its TPOT). Without them, backends that
+answer in a millisecond read scheduling noise as a doubling of latency, and a
+CPU-bound backend whose tokens slow from 2 to 20 ms under a 50 ms target would be
+throttled for nothing: a queue the SLO affords is no reason to cut.
+
 Where this departs from the models, and why:
 
 - Envoy measures its baseline (minRTT) every minute by dropping the limit to 3
@@ -52,10 +60,8 @@ Where this departs from the models, and why:
   ``baseline_window_s`` (a windowed minimum, as TCP BBR keeps its minimum RTT): it
   falls at once when latency does and rises as old windows age out, following a
   change of workload (longer prompts, another model) within the window.
-- ``tolerance_s`` adds an absolute allowance to the first token's relative buffer:
-  backends that answer in a millisecond would otherwise read a few milliseconds of
-  scheduling noise as a doubling of latency, where TTFT targets are hundreds of
-  milliseconds.
+- The floors anchor the controller to what the traffic asks for, where Envoy's
+  buffer is relative only; the gradient still follows the baseline above them.
 - From Gradient2: the limit does not grow while fewer than half its slots were used
   in the window (a limit grown while idle would admit a burst the backends cannot
   take), and it does not fall while more requests are in flight than the limit:
@@ -95,8 +101,9 @@ class LimitConfig:
     min_samples: int = 8
     percentile: float = 50.0
     buffer: float = 0.25
-    tolerance_s: float = 0.05
-    tpot_buffer: float = 1.0
+    tpot_buffer: float = 0.5
+    ttft_floor_s: float = 0.0
+    tpot_floor_s: float = 0.0
     baseline_window_s: float = 60.0
 
     def __post_init__(self) -> None:
@@ -106,16 +113,16 @@ class LimitConfig:
             raise ValueError("percentile must be in (0, 100]")
         if self.interval_s <= 0 or self.baseline_window_s <= 0 or self.min_samples < 1:
             raise ValueError("interval_s, baseline_window_s and min_samples must be positive")
-        if self.buffer < 0 or self.tolerance_s < 0 or self.tpot_buffer < 0:
-            raise ValueError("buffers and tolerance_s must be >= 0")
+        if min(self.buffer, self.tpot_buffer, self.ttft_floor_s, self.tpot_floor_s) < 0:
+            raise ValueError("buffers and floors must be >= 0")
 
 
 class _Latency:
     """One signal: the window's samples and the recent window samples (the baseline)."""
 
-    def __init__(self, buffer: float, tolerance_s: float) -> None:
+    def __init__(self, buffer: float, floor_s: float) -> None:
         self.buffer = buffer
-        self.tolerance_s = tolerance_s
+        self.floor_s = floor_s
         self.window: list[float] = []
         self._windows: deque[tuple[float, float]] = deque(maxlen=MAX_BASELINE_WINDOWS)
         self.sample_s: float | None = None
@@ -130,7 +137,7 @@ class _Latency:
             self._windows.popleft()
         baseline = min(latency for _, latency in self._windows)
         self.sample_s, self.baseline_s = sample, baseline
-        target = baseline * (1 + self.buffer) + self.tolerance_s
+        target = max(baseline * (1 + self.buffer), self.floor_s)
         return MAX_GRADIENT if sample <= 0 else target / sample
 
 
@@ -143,8 +150,8 @@ class GradientLimit:
         self._window_started = now
         self._peak_in_flight = 0
         self.signals = {
-            Signal.FIRST_TOKEN: _Latency(config.buffer, config.tolerance_s),
-            Signal.PER_TOKEN: _Latency(config.tpot_buffer, 0.0),
+            Signal.FIRST_TOKEN: _Latency(config.buffer, config.ttft_floor_s),
+            Signal.PER_TOKEN: _Latency(config.tpot_buffer, config.tpot_floor_s),
         }
         self.gradient: float | None = None  # the last window's, clamped
         self.slow_start = True  # no window has found congestion yet

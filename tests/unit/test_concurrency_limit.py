@@ -25,7 +25,6 @@ def limiter(**config: object) -> GradientLimit:
         "interval_s": 1.0,
         "min_samples": 2,
         "buffer": 0.25,
-        "tolerance_s": 0.0,
         "tpot_buffer": 1.0,
         "baseline_window_s": 10.0,
         **config,
@@ -90,8 +89,8 @@ def test_queueing_cuts_the_limit_at_most_by_half_then_growth_is_additive() -> No
 
 
 def test_slow_start_lets_the_limit_double_until_the_first_congestion() -> None:
-    limit = limiter(tolerance_s=0.1)
-    # Latency well within its target (0.1 * 1.25 + 0.1): the gradient reaches its bound.
+    limit = limiter(ttft_floor_s=0.25)
+    # Latency well within its target (the floor, 0.25): the gradient reaches its bound.
     assert window(limit, 1.0, 0.1) == math.floor(16 * 2 + math.sqrt(16 * 2))
     assert limit.gradient == 2.0
     window(limit, 2.0, 0.5)  # congestion
@@ -156,12 +155,16 @@ def test_the_baseline_is_the_lowest_window_of_its_period_and_follows_a_change() 
     assert limit.signals[FIRST].baseline_s == pytest.approx(0.05)  # falls at once
 
 
-def test_the_tolerance_keeps_fast_backends_from_reading_noise_as_congestion() -> None:
-    limit = limiter(initial=100, tolerance_s=0.05)
-    window(limit, 1.0, 0.001, in_flight=1000)
+def test_latency_under_the_floor_is_never_congestion() -> None:
+    limit = limiter(initial=100, ttft_floor_s=0.25, tpot_floor_s=0.025)
+    window(limit, 1.0, 0.001, per_token_s=0.002, in_flight=1000)
     before = limit.limit
-    window(limit, 2.0, 0.004, in_flight=1000)  # four times the baseline, 3 ms more
+    # Twenty and ten times the baselines, still under the floors: the limit grows.
+    window(limit, 2.0, 0.02, per_token_s=0.02, in_flight=1000)
     assert limit.limit > before
+    grown = limit.limit
+    window(limit, 3.0, 0.02, per_token_s=0.05, in_flight=grown)  # tokens past their floor
+    assert limit.limit < grown
 
 
 def test_the_window_percentile_is_the_nearest_rank() -> None:
