@@ -43,16 +43,12 @@ def through_the_door(
     """Holds the client's share of open streams while the block runs; raises
     OverloadedError (counted as a refused request) when the gate turns it away."""
     slo = service.effective_slo(dispatcher.class_slo(service.slo_class))
+    ttft_target_s = None if slo is None else slo.ttft_s
     gate = dispatcher.admission
     try:
-        gate.check_door(
-            client,
-            service.priority,
-            None if slo is None else slo.ttft_s,
-            settings.max_streams_per_client,
-        )
+        gate.check_door(client, service.priority, ttft_target_s, settings.max_streams_per_client)
     except OverloadedError:
         dispatcher.count_rejected("overloaded")
         raise
-    with gate.client_stream(client):
+    with gate.client_stream(client, ttft_target_s):
         yield

@@ -25,11 +25,14 @@ longer than that is taken at its word (a stuck backend makes every estimate
 longer). Before anything has finished (a router just started) there is nothing to
 tell by, and only ``queue_limit`` bounds the queue: the limit's slow start lets a
 burst in as fast as the backends answer it. A request the door let queue is
-admitted within the limit it queued under: a cut of the limit while it waits does
-not strand it behind the excess.
+admitted within the limit it queued under (a cut of the limit while it waits does
+not strand it behind the excess), and refused once it has waited all its TTFT
+target leaves after the backends' first token (when the estimate was wrong, or
+there was none): nothing waits in the queue to be late.
 
-The door names the client once, in ``client_stream``; the client rides from there
-to ``acquire`` in a context variable, across the dispatcher, which need not know it.
+The door names the client and its TTFT target once, in ``client_stream``; they ride
+from there to ``acquire`` in a context variable, across the dispatcher, which need
+not know them.
 
 ``saturation`` says, cheaply, whether every slot is taken: readiness reports it.
 """
@@ -40,6 +43,7 @@ import asyncio
 import contextlib
 import contextvars
 import dataclasses
+import functools
 import time
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -62,8 +66,19 @@ _SERVICE_WEIGHT = 0.1
 # queue may take: the rest absorbs the estimate's error (a wait of k release gaps
 # varies by about 1/sqrt(k)), so that what queues is rarely late after all.
 _QUEUE_SHARE = 0.5
-# A request's client, set by the door (client_stream); "" when no door named one.
-_CLIENT: contextvars.ContextVar[str] = contextvars.ContextVar("admission_client", default="")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Entry:
+    """What the door knows of a request that the queue needs: whose it is, and how long
+    it may wait (None: as long as the queue limit lets it)."""
+
+    client: str = ""
+    max_wait_s: float | None = None
+
+
+# Set by the door (client_stream) for the requests of its block.
+_ENTRY: contextvars.ContextVar[_Entry] = contextvars.ContextVar("admission", default=_Entry())  # noqa: B039  # frozen: never mutated
 
 
 @dataclasses.dataclass
@@ -72,6 +87,7 @@ class _Waiter:
     # The limit when it queued: the door let it in on the wait that limit gave, so a
     # later cut does not strand it (it is admitted while fewer than this are in flight).
     promised_limit: int
+    expiry: asyncio.TimerHandle | None = None  # refuses it when its wait runs out
 
 
 class _FairQueue:
@@ -215,15 +231,19 @@ class AdmissionGate:
         )
 
     @contextlib.contextmanager
-    def client_stream(self, client: str) -> Iterator[None]:
+    def client_stream(self, client: str, ttft_target_s: float | None = None) -> Iterator[None]:
         """Counts an open stream of ``client`` while the block runs; the block's
-        requests queue as ``client``'s."""
+        requests queue as ``client``'s, and are refused if they wait so long that their
+        TTFT target (None: none) is out of reach."""
         self._client_streams[client] = self._client_streams.get(client, 0) + 1
-        token = _CLIENT.set(client)
+        max_wait_s = None
+        if ttft_target_s is not None:
+            max_wait_s = max(ttft_target_s - (self._service_s or 0.0), 0.0)
+        token = _ENTRY.set(_Entry(client, max_wait_s))
         try:
             yield
         finally:
-            _CLIENT.reset(token)
+            _ENTRY.reset(token)
             left = self._client_streams[client] - 1
             if left:
                 self._client_streams[client] = left
@@ -277,9 +297,13 @@ class AdmissionGate:
                 f"({len(queue)} waiting)",
                 retry_after_s=self.retry_after_s(priority),
             )
-        client = _CLIENT.get()
-        waiter = _Waiter(asyncio.get_running_loop().create_future(), self.limit)
-        queue.push(client, waiter)
+        entry = _ENTRY.get()
+        loop = asyncio.get_running_loop()
+        waiter = _Waiter(loop.create_future(), self.limit)
+        if entry.max_wait_s is not None:
+            expire = functools.partial(self._expire, priority, entry, waiter)
+            waiter.expiry = loop.call_later(entry.max_wait_s, expire)
+        queue.push(entry.client, waiter)
         self._depth_changed(priority)
         try:
             await waiter.future
@@ -287,10 +311,31 @@ class AdmissionGate:
             if waiter.future.done() and not waiter.future.cancelled():
                 self.release()  # the slot arrived as the caller left: pass it on
             else:
-                queue.remove(client, waiter)
+                queue.remove(entry.client, waiter)
                 self._depth_changed(priority)
             raise
+        finally:
+            if waiter.expiry is not None:
+                waiter.expiry.cancel()
         return True
+
+    def _expire(self, priority: int, entry: _Entry, waiter: _Waiter) -> None:
+        """A queued request whose wait has used up its TTFT target: refused now rather
+        than admitted late (the door's estimate was wrong, or nothing has finished yet
+        to estimate with)."""
+        if waiter.future.done():
+            return
+        self._queues[priority].remove(entry.client, waiter)
+        self._depth_changed(priority)
+        self._metrics.shed.labels("queue_time").inc()
+        waiter.future.set_exception(
+            OverloadedError(
+                f"the router is at capacity ({self._in_flight} requests in flight, limit "
+                f"{self.limit}): the request waited {entry.max_wait_s or 0.0:.2f} s for "
+                "admission, all its time to first token allowed",
+                retry_after_s=self.retry_after_s(priority),
+            )
+        )
 
     def release(self) -> None:
         """Frees a slot: to the next waiter of the most urgent queue, else to the pool."""
@@ -334,7 +379,7 @@ class AdmissionGate:
 
     def retry_after_s(self, priority: int) -> float:
         """Seconds until a request of ``priority`` arriving now would likely be admitted."""
-        wait = self.expected_wait_s(priority, _CLIENT.get())
+        wait = self.expected_wait_s(priority, _ENTRY.get().client)
         return RETRY_AFTER_UNKNOWN_S if wait is None else _bounded(wait)
 
     # -- inside ---------------------------------------------------------------

@@ -298,7 +298,7 @@ class Dispatcher:
             settings.queue_limit,
             metrics,
             clock=clock,
-            adaptive=settings.concurrency_limit(scheduler.default_slo()),
+            adaptive=settings.concurrency_limit(scheduler.default_slo(DEFAULT_SLO_CLASS)),
         )
         self.retry_budget = RetryBudget(
             lambda: self.admission.in_flight,
