@@ -26,7 +26,7 @@ from aiohttp.typedefs import Handler
 
 from backends._gen.hetero.router.v1 import router_pb2
 from backends.base import ChatMessage, GenerationRequest
-from backends.errors import ServingError
+from backends.errors import OverloadedError, ServingError
 from router.api import chat_template
 from router.api.door import http_peer_client, through_the_door, token_client
 from router.api.openai_models import (
