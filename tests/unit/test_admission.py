@@ -396,3 +396,20 @@ async def test_saturation_says_limit_in_flight_and_queued() -> None:
     assert admission.saturation() == "saturated: limit 2, 2 in flight, 1 queued"
     waiter.cancel()
     await asyncio.gather(waiter, return_exceptions=True)
+
+
+async def test_a_queued_request_is_refused_once_its_wait_used_up_its_target() -> None:
+    admission = gate(max_in_flight=1)
+    await admission.acquire(0)
+    with admission.client_stream("peer:x", ttft_target_s=0.05):  # 50 ms to its first token
+        late = asyncio.create_task(admission.acquire(0))
+    with admission.client_stream("peer:y"):  # no target: waits as long as it takes
+        patient = asyncio.create_task(admission.acquire(0))
+    with pytest.raises(OverloadedError, match="all its time to first token") as raised:
+        await asyncio.wait_for(late, timeout=5)
+    assert raised.value.retry_after_s is not None
+    assert admission.waiting() == 1
+    assert sample(admission, "hetero_router_shed_total", reason="queue_time") == 1
+    admission.release()
+    assert await asyncio.wait_for(patient, timeout=5) is True
+    assert admission.in_flight == 1
