@@ -219,8 +219,8 @@ class AdmissionGate:
             return
         wait = self.expected_wait_s(priority, client)
         allowed_s = _QUEUE_SHARE * (ttft_target_s - (self._service_s or 0.0))
-        if wait is None or wait <= allowed_s:
-            return  # nothing to tell by yet (the queue limit holds), or in time
+        if wait is None or wait == 0.0 or wait <= allowed_s:
+            return  # nothing to tell by yet (the queue limit holds), a free slot, in time
         self._metrics.shed.labels("queue_time").inc()
         raise OverloadedError(
             f"the router is at capacity ({self._in_flight} requests in flight, limit "

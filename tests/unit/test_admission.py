@@ -413,3 +413,18 @@ async def test_a_queued_request_is_refused_once_its_wait_used_up_its_target() ->
     admission.release()
     assert await asyncio.wait_for(patient, timeout=5) is True
     assert admission.in_flight == 1
+
+
+async def test_a_free_slot_is_taken_however_slow_the_backends_are() -> None:
+    clock = Clock()
+    admission = gate(max_in_flight=2, clock=clock)
+    for _ in range(3):
+        await admission.acquire(0)
+        clock.now += 1.0
+        admission.release()
+    admission.observe_first_token(5.0)  # the backends alone miss a 1 s target
+    admission.check_door("peer:x", 0, 1.0, client_cap=0)  # nothing to wait for: it goes
+    await admission.acquire(0)
+    await admission.acquire(0)
+    with pytest.raises(OverloadedError):  # but it may not queue for a first token that late
+        admission.check_door("peer:x", 0, 1.0, client_cap=0)
