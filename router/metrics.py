@@ -58,8 +58,9 @@ class RouterMetrics:
             "hetero_router_shed",
             "Requests refused RESOURCE_EXHAUSTED, by reason: queue_full (the admission "
             "queue of their priority was full), queue_time (the wait for admission would "
-            "miss their time to first token), client_cap (their client had the most open "
-            "streams one client may), slo (predicted to miss their SLO)",
+            "miss their time to first token), queue_expired (they waited all their time to "
+            "first token allowed), client_cap (their client had the most open streams one "
+            "client may), slo (predicted to miss their SLO)",
             ["reason"],
             registry=registry,
         )

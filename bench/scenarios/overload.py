@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import grpc
 
 from bench import plots
 from bench.loadgen import HttpTarget, RouterTarget, Target, open_loop, send, warm_prompts
@@ -120,6 +121,21 @@ async def _overload(target: Target, rate: float, duration_s: float) -> list[Requ
     records, _ = await open_loop(target, specs, timeout_s=DEADLINE_S, on_done=progress.advance)
     progress.close()
     return records
+
+
+async def _floor_probe(target: RouterTarget, stop: asyncio.Event) -> list[float]:
+    """Requests refused before admission (an empty prompt: INVALID_ARGUMENT), 20 a
+    second while the overload runs: what any answer takes to reach the client on this
+    machine at this load, the floor under the refusals' latency."""
+    latencies_ms: list[float] = []
+    while not stop.is_set():
+        started = time.monotonic()
+        with contextlib.suppress(grpc.aio.AioRpcError):
+            async for _ in target.stream("", 1, 0):
+                pass
+        latencies_ms.append((time.monotonic() - started) * 1000)
+        await asyncio.sleep(0.05)
+    return latencies_ms
 
 
 async def _burst(base_url: str) -> list[RequestRecord]:
@@ -219,7 +235,11 @@ async def run(quick: bool, out_dir: Path) -> dict[str, Any]:
         target = RouterTarget(router.grpc_address, "defaults")
         # As the fixed-limit router met its overload after the capacity run: warm.
         await _overload(target, capacity, sizes.warmup_s)
+        stop = asyncio.Event()
+        probe = asyncio.create_task(_floor_probe(target, stop))
         records = await _overload(target, rate, sizes.overload_s)
+        stop.set()
+        floor_ms = await probe
         await target.close()
         samples = await _metrics(router.http_address)
         shed, limit = _shed(samples), samples["hetero_router_concurrency_limit"]
@@ -242,7 +262,10 @@ async def run(quick: bool, out_dir: Path) -> dict[str, Any]:
         "admitted_ttft_p99_over_slo": defaults["admitted_ttft_p99_s"] / SLO_TTFT_S,
         "admitted_tpot_p99_ms": defaults["admitted_tpot_p99_ms"],
         "served_per_s": defaults["ok_per_s"],
+        "refusal_p50_ms": defaults["refusal_p50_ms"],
         "refusal_p99_ms": defaults["refusal_p99_ms"],
+        "invalid_request_p50_ms": percentile(floor_ms, 50),
+        "invalid_request_p99_ms": percentile(floor_ms, 99),
         "router_peak_rss_mib": rss,
         "burst_200": len(burst_ok),
         "burst_429": sum(1 for r in burst if r.outcome == "HTTP_429"),

@@ -327,7 +327,7 @@ class AdmissionGate:
             return
         self._queues[priority].remove(entry.client, waiter)
         self._depth_changed(priority)
-        self._metrics.shed.labels("queue_time").inc()
+        self._metrics.shed.labels("queue_expired").inc()
         waiter.future.set_exception(
             OverloadedError(
                 f"the router is at capacity ({self._in_flight} requests in flight, limit "

@@ -409,7 +409,7 @@ async def test_a_queued_request_is_refused_once_its_wait_used_up_its_target() ->
         await asyncio.wait_for(late, timeout=5)
     assert raised.value.retry_after_s is not None
     assert admission.waiting() == 1
-    assert sample(admission, "hetero_router_shed_total", reason="queue_time") == 1
+    assert sample(admission, "hetero_router_shed_total", reason="queue_expired") == 1
     admission.release()
     assert await asyncio.wait_for(patient, timeout=5) is True
     assert admission.in_flight == 1
