@@ -1,10 +1,10 @@
 """Admission: an adaptive bound on the requests served at once, a bounded fair queue
 per priority, and the checks the doors make before a request may queue at all.
 
-Up to ``limit`` requests are served at once. The limit adapts to the time from
-admission to the first token the backends deliver
-(router/scheduling/concurrency_limit.py, a gradient controller); ``max_in_flight``
-is its ceiling, and with the adaptive limit off the limit itself.
+Up to ``limit`` requests are served at once. The limit adapts to the latency the
+backends deliver, the time from admission to the first token and the time per
+output token (router/scheduling/concurrency_limit.py, a gradient controller);
+``max_in_flight`` is its ceiling, and with the adaptive limit off the limit itself.
 
 A request beyond the limit waits in the queue of its priority (0..9, larger is
 more urgent). Each freed slot goes to the most urgent non-empty queue; within one,
