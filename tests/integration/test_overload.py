@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import json
 import socket
-from collections.abc import AsyncGenerator, AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -24,58 +24,27 @@ from prometheus_client import CollectorRegistry
 from backends import registry
 from backends._gen.hetero.router.v1 import router_pb2
 from backends.base import (
-    Backend,
-    BackendLoad,
-    Capabilities,
     GenerationRequest,
-    HandoffMode,
-    HealthStatus,
-    KVHandle,
-    PrefillResult,
     Role,
 )
 from router.client import GENERATE_METHOD
 from router.daemon import Daemon
 from router.settings import BackendConfig, PoolConfig, Settings
 from tests.helpers import eventually
+from tests.stubs import StubBackend
 
 FRAME_TEXT = "x" * 16384
 # Without BDP probing a stream's window stays at 64 KiB: the server blocks soon.
 SMALL_WINDOWS = [("grpc.http2.bdp_probe", 0)]
 
 
-class Firehose(Backend):
+class Firehose(StubBackend):
     """Streams 16 KiB frames until aborted; a prompt starting "short" gets three small."""
 
     aborted: ClassVar[list[str]] = []
     started = 0  # endless streams begun
     streaming = 0  # endless streams running now
     peak = 0  # the most running at once
-
-    def __init__(self, backend_id: str, address: str, options: Mapping[str, Any]) -> None:
-        super().__init__(backend_id, address, options)
-
-    @property
-    def capabilities(self) -> Capabilities:
-        return Capabilities(frozenset(Role), frozenset({HandoffMode.SEQUENTIAL}))
-
-    async def start(self) -> None: ...
-    async def close(self) -> None: ...
-
-    async def check_health(self, timeout_s: float) -> HealthStatus:
-        return HealthStatus(serving=True)
-
-    async def load(self, timeout_s: float) -> BackendLoad:
-        return BackendLoad()
-
-    async def prefill(self, request: GenerationRequest, timeout_s: float) -> PrefillResult:
-        raise AssertionError("served colocated only")
-
-    async def decode(
-        self, request: GenerationRequest, handle: KVHandle, first_token_id: int, timeout_s: float
-    ) -> AsyncGenerator[bytes, None]:
-        raise AssertionError("served colocated only")
-        yield b""
 
     async def generate(
         self, request: GenerationRequest, timeout_s: float

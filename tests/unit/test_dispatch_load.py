@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncGenerator, Mapping
+from collections.abc import AsyncGenerator
 from typing import Any
 
 import pytest
@@ -13,15 +13,11 @@ from prometheus_client import CollectorRegistry
 from backends import registry
 from backends._gen.hetero.router.v1 import router_pb2
 from backends.base import (
-    Backend,
     BackendLoad,
-    Capabilities,
     GenerationRequest,
-    HandoffMode,
     HealthStatus,
     KVHandle,
     PrefillResult,
-    Role,
     SamplingParams,
 )
 from backends.errors import BackendError, OverloadedError
@@ -37,6 +33,7 @@ from router.scheduling.service_level import ServiceLevel
 from router.scheduling.slo import Slo
 from router.scheduling.snapshot import BackendView
 from router.settings import BackendConfig, PoolConfig, Settings, parse_pool
+from tests.stubs import StubBackend
 
 PROMPT = "a shared system prompt that is long enough for a few blocks " * 4  # 240 bytes
 REQUEST = GenerationRequest("r1", "m", PROMPT, SamplingParams(3, 0.0, 1.0, 1), 240)
@@ -58,7 +55,7 @@ def frame(*tokens: int, completion_tokens: int = 0) -> bytes:
     return message.SerializeToString()
 
 
-class Scripted(Backend):
+class Scripted(StubBackend):
     """A backend whose legs wait for the test, fail when told, and move a fake clock."""
 
     clock = Clock()
@@ -71,16 +68,6 @@ class Scripted(Backend):
     serving = True  # what health checks answer
     slow = True  # a failing check timed out (else it was refused)
     unhealthy = "slow"
-
-    def __init__(self, backend_id: str, address: str, options: Mapping[str, Any]) -> None:
-        super().__init__(backend_id, address, options)
-
-    @property
-    def capabilities(self) -> Capabilities:
-        return Capabilities(frozenset(Role), frozenset({HandoffMode.SEQUENTIAL}))
-
-    async def start(self) -> None: ...
-    async def close(self) -> None: ...
 
     async def check_health(self, timeout_s: float) -> HealthStatus:
         if Scripted.serving:
@@ -127,8 +114,6 @@ class Scripted(Backend):
         yield frame(1)
         async for item in self._rest("generate"):
             yield item
-
-    async def abort(self, request_id: str, timeout_s: float) -> None: ...
 
 
 class Shedding:

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, Mapping
-from typing import Any
+from collections.abc import AsyncGenerator
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -11,12 +10,7 @@ from prometheus_client import CollectorRegistry
 from backends import registry
 from backends._gen.hetero.router.v1 import router_pb2
 from backends.base import (
-    Backend,
-    BackendLoad,
-    Capabilities,
     GenerationRequest,
-    HandoffMode,
-    HealthStatus,
     KVHandle,
     KVLayout,
     PrefillResult,
@@ -31,6 +25,7 @@ from router.pool.registry import Pool
 from router.scheduling.plan import Disaggregation
 from router.scheduling.registry import build_scheduler
 from router.settings import BackendConfig, PoolConfig, Settings
+from tests.stubs import StubBackend
 
 
 def frame(*tokens: int, finish: int = 0) -> bytes:
@@ -41,27 +36,11 @@ def frame(*tokens: int, finish: int = 0) -> bytes:
     return message.SerializeToString()
 
 
-class EngineLike(Backend):
+class EngineLike(StubBackend):
     """Prefill shows no token (as engines whose decode recomputes it)."""
 
     finished_at_prefill = False
     decode_fails_after: int | None = None  # frames sent before the decode leg fails
-
-    def __init__(self, backend_id: str, address: str, options: Mapping[str, Any]) -> None:
-        super().__init__(backend_id, address, options)
-
-    @property
-    def capabilities(self) -> Capabilities:
-        return Capabilities(frozenset(Role), frozenset({HandoffMode.SEQUENTIAL}))
-
-    async def start(self) -> None: ...
-    async def close(self) -> None: ...
-
-    async def check_health(self, timeout_s: float) -> HealthStatus:
-        return HealthStatus(serving=True)
-
-    async def load(self, timeout_s: float) -> BackendLoad:
-        return BackendLoad()
 
     async def prefill(self, request: GenerationRequest, timeout_s: float) -> PrefillResult:
         handle = KVHandle(self.id, request.request_id, transport_params={"opaque": 1})
@@ -83,8 +62,6 @@ class EngineLike(Backend):
         self, request: GenerationRequest, timeout_s: float
     ) -> AsyncGenerator[bytes, None]:
         yield frame(9, finish=router_pb2.FINISH_REASON_STOP)
-
-    async def abort(self, request_id: str, timeout_s: float) -> None: ...
 
 
 @pytest.fixture

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncGenerator, Callable, Mapping
+from collections.abc import AsyncGenerator, Callable
 from typing import Any, ClassVar
 
 import pytest
@@ -13,14 +13,9 @@ from prometheus_client import CollectorRegistry
 from backends import registry
 from backends._gen.hetero.router.v1 import router_pb2
 from backends.base import (
-    Backend,
-    BackendLoad,
     Capabilities,
     GenerationRequest,
     HandoffMode,
-    HealthStatus,
-    KVHandle,
-    PrefillResult,
     Role,
     SamplingParams,
 )
@@ -34,6 +29,7 @@ from router.scheduling.plan import Disaggregation
 from router.scheduling.registry import build_scheduler
 from router.settings import BackendConfig, PoolConfig, Settings
 from tests.helpers import eventually
+from tests.stubs import StubBackend
 
 # What a scripted backend does with a generate call: an async generator of frames.
 Script = Callable[[GenerationRequest], AsyncGenerator[bytes, None]]
@@ -48,36 +44,16 @@ def frame(*tokens: int, finish: int = 0, prompt: int = 0, completion: int = 0) -
     return message.SerializeToString()
 
 
-class Scripted(Backend):
+class Scripted(StubBackend):
     """A colocated backend that follows the script the test gives its id."""
 
     scripts: ClassVar[dict[str, Script]] = {}
     calls: ClassVar[list[tuple[str, GenerationRequest]]] = []
     aborts: ClassVar[list[tuple[str, str]]] = []
 
-    def __init__(self, backend_id: str, address: str, options: Mapping[str, Any]) -> None:
-        super().__init__(backend_id, address, options)
-
     @property
     def capabilities(self) -> Capabilities:
         return Capabilities(frozenset(Role), frozenset({HandoffMode.SEQUENTIAL}), resume=True)
-
-    async def start(self) -> None: ...
-    async def close(self) -> None: ...
-
-    async def check_health(self, timeout_s: float) -> HealthStatus:
-        return HealthStatus(serving=True)
-
-    async def load(self, timeout_s: float) -> BackendLoad:
-        return BackendLoad()
-
-    async def prefill(self, request: GenerationRequest, timeout_s: float) -> PrefillResult:
-        raise NotImplementedError
-
-    def decode(
-        self, request: GenerationRequest, handle: KVHandle, first_token_id: int, timeout_s: float
-    ) -> AsyncGenerator[bytes, None]:
-        raise NotImplementedError
 
     def generate(self, request: GenerationRequest, timeout_s: float) -> AsyncGenerator[bytes, None]:
         Scripted.calls.append((self.id, request))
