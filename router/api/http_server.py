@@ -137,6 +137,8 @@ class AdminServer:
             return await handler(request)
         except web.HTTPException:
             raise  # aiohttp's own way to answer (404, 405, ...)
+        except ConnectionResetError:
+            raise  # the client left (or stopped reading): logged where it was seen, nothing to send
         except Exception as error:  # the edge: nothing unexpected goes out as it is
             log.error(
                 "http request failed unexpectedly",
