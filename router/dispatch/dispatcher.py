@@ -36,6 +36,7 @@ from backends.base import GenerationRequest, KVHandle, PrefillResult
 from backends.errors import BackendError, LayoutMismatchError, OverloadedError, ServingError
 from backends.prefix import BLOCK_BYTES, block_hashes
 from router.dispatch.admission import AdmissionGate
+from router.dispatch.deadline import Deadline, DeadlineExpiredError
 from router.dispatch.retry import RetryBudget
 from router.errors import NoHealthyBackendError
 from router.handoff.relay import relay
@@ -154,67 +155,28 @@ class _Sent:
 
 
 class _Watch:
-    """One leg's deadline on what it waits for next, cut short when its backend leaves
-    service (a failed health check, an ejection).
+    """One leg's deadline on what it waits for next (one lazy timer for the leg, see
+    ``router.dispatch.deadline``), cut short when its backend leaves service (a failed
+    health check, an ejection)."""
 
-    One timer per leg, not per frame: each wait only moves the deadline, and a timer
-    that fires early (the deadline moved on since) re-arms itself. ``asyncio.timeout``
-    per frame would cost a timer heap push and pop for every token.
-    """
-
-    __slots__ = (
-        "_armed_for",
-        "_deadline",
-        "_expired",
-        "_handle",
-        "_loop",
-        "_task",
-        "_waiting",
-        "backend_id",
-        "left",
-    )
+    __slots__ = ("_deadline", "backend_id")
 
     def __init__(self, backend_id: str) -> None:
         self.backend_id = backend_id
-        self.left = False
-        self._loop = asyncio.get_running_loop()
-        # A leg runs in the task of the request it serves, from its first wait to its last.
-        self._task = asyncio.current_task()
-        self._deadline = 0.0
-        self._handle: asyncio.TimerHandle | None = None
-        self._armed_for = 0.0  # when the timer fires
-        self._waiting = False
-        self._expired = False
+        self._deadline = Deadline()
 
     def __enter__(self) -> _Watch:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        if self._handle is not None:
-            self._handle.cancel()
-            self._handle = None
+        self._deadline.close()
+
+    @property
+    def left(self) -> bool:
+        return self._deadline.interrupted
 
     def leave(self) -> None:
-        self.left = True
-        self._interrupt()
-
-    def _interrupt(self) -> None:
-        if self._waiting and not self._expired and self._task is not None:
-            self._expired = True
-            self._task.cancel()  # delivered at the await below: the task waits there
-
-    def _on_timer(self) -> None:
-        self._handle = None
-        if not self._waiting:
-            return  # between waits: the next one arms the timer again
-        if self._loop.time() >= self._deadline:
-            self._interrupt()
-        else:
-            self._arm()
-
-    def _arm(self) -> None:
-        self._armed_for = self._deadline
-        self._handle = self._loop.call_at(self._deadline, self._on_timer)
+        self._deadline.interrupt()
 
     async def wait(
         self,
@@ -222,44 +184,14 @@ class _Watch:
         limit_s: float,
         stalled: Callable[[str, float], BackendError],
     ) -> _T:
-        if self.left:
-            if isinstance(work, Coroutine):
-                work.close()
-            raise self._left_error()
-        self._deadline = self._loop.time() + limit_s
-        if self._handle is None:
-            self._arm()
-        elif self._armed_for > self._deadline:  # a shorter limit than the last one
-            self._handle.cancel()
-            self._arm()
-        self._waiting, self._expired = True, False
         try:
-            result = await work
-        except asyncio.CancelledError:
-            if not self._expired or self._task is None or self._task.uncancel() > 0:
-                raise  # cancelled from outside (the client went away)
-            raise self._expiry(stalled, limit_s) from None
-        except BaseException as error:
-            if self._expired and self._task is not None:
-                # The backend's code turned the cancel into its own error.
-                self._task.uncancel()
-                raise self._expiry(stalled, limit_s) from error
-            raise
-        finally:
-            self._waiting = False
-        if self._expired and self._task is not None:
-            # The backend's code swallowed the cancel and answered.
-            self._task.uncancel()
-            raise self._expiry(stalled, limit_s)
-        return result
-
-    def _expiry(
-        self, stalled: Callable[[str, float], BackendError], limit_s: float
-    ) -> BackendError:
-        return self._left_error() if self.left else stalled(self.backend_id, limit_s)
-
-    def _left_error(self) -> BackendError:
-        return BackendError(self.backend_id, "left service mid-request (failed health checks)")
+            return await self._deadline.wait(work, limit_s)
+        except DeadlineExpiredError:
+            if self.left:
+                raise BackendError(
+                    self.backend_id, "left service mid-request (failed health checks)"
+                ) from None
+            raise stalled(self.backend_id, limit_s) from None
 
 
 def _no_first_token(backend_id: str, limit_s: float) -> BackendError:
