@@ -51,9 +51,6 @@ class OutlierDetector:
     def ejected(self, backend_id: str) -> bool:
         return self._records[backend_id].ejected_until is not None
 
-    def ejected_until(self, backend_id: str) -> float | None:
-        return self._records[backend_id].ejected_until
-
     def succeeded(self, backend_id: str) -> None:
         self._records[backend_id].failures = 0
 

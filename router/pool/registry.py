@@ -41,6 +41,10 @@ class Endpoint:
     kv_tokens_capacity: int = 0
     perf: DevicePerf | None = None
 
+    @property
+    def in_service(self) -> bool:
+        return self.healthy and not self.ejected
+
     def view(self) -> BackendView:
         return BackendView(
             id=self.config.id,
@@ -49,7 +53,7 @@ class Endpoint:
             role=self.config.role,
             model=self.config.model,
             profile=self.config.profile,
-            healthy=self.healthy and not self.ejected,
+            healthy=self.in_service,
             outstanding=self.outstanding,
             detail=f"ejected: failed requests in a row ({self.detail})"
             if self.ejected
@@ -236,11 +240,10 @@ class Pool:
         )
         self._metrics.outlier_ejections.labels(backend_id).inc()
         self._metrics.backend_ejected.labels(backend_id).set(1)
-        was_serving = endpoint.healthy and not endpoint.ejected
-        endpoint.ejected = True
+        endpoint.ejected = True  # (it was not: the detector never ejects twice)
         self._changed(backend_id)
         self._health_changed()
-        if was_serving:
+        if endpoint.healthy:
             self._left_service(backend_id)
 
     def end_ejections(self) -> None:
@@ -264,8 +267,7 @@ class Pool:
             callbacks.discard(on_leave)
 
     def in_service(self, backend_id: str) -> bool:
-        endpoint = self.endpoints[backend_id]
-        return endpoint.healthy and not endpoint.ejected
+        return self.endpoints[backend_id].in_service
 
     def _left_service(self, backend_id: str) -> None:
         for callback in list(self._leaving[backend_id]):
