@@ -55,37 +55,32 @@ def self_signed(directory: Path) -> tuple[Path, Path]:
     return cert_path, key_path
 
 
-async def test_unavailable_before_the_first_token_is_retried(cluster: Cluster) -> None:
+async def attempts_without_decode(cluster: Cluster, client: AsyncRouterClient) -> float | None:
+    """Stops every decode device, then makes one split call that must end UNAVAILABLE
+    before any token; how many attempts of it reached the router."""
     for name in ("groq-0", "groq-1"):
         await cluster.devices[name].stop(grace_s=0)
     await cluster.daemon.health.check_all()
-    # Scheduling fails before any token: UNAVAILABLE, which the client retries.
-    async with AsyncRouterClient(ChannelConfig(cluster.address, max_attempts=3)) as client:
-        with pytest.raises(grpc.aio.AioRpcError) as raised:
-            async for _ in client.generate("retry me", disaggregation="split"):
-                pass
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        async for _ in client.generate("retry me", disaggregation="split"):
+            pass
     assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
-    attempts = cluster.daemon.registry.get_sample_value(
+    return cluster.daemon.registry.get_sample_value(
         "hetero_router_requests_total", {"outcome": "nohealthybackend", "mode": "none"}
     )
-    assert attempts == 3
+
+
+async def test_unavailable_before_the_first_token_is_retried(cluster: Cluster) -> None:
+    # Scheduling fails before any token: UNAVAILABLE, which the client retries.
+    async with AsyncRouterClient(ChannelConfig(cluster.address, max_attempts=3)) as client:
+        assert await attempts_without_decode(cluster, client) == 3
 
 
 async def test_a_client_with_retries_off_is_not_retried(cluster: Cluster) -> None:
     async with AsyncRouterClient(ChannelConfig(cluster.address, max_attempts=1)) as client:
         served = [m async for m in client.generate("once", max_tokens=3)]
         assert served[-1].finish_reason
-        for name in ("groq-0", "groq-1"):
-            await cluster.devices[name].stop(grace_s=0)
-        await cluster.daemon.health.check_all()
-        with pytest.raises(grpc.aio.AioRpcError) as raised:
-            async for _ in client.generate("retry me", disaggregation="split"):
-                pass
-    assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
-    attempts = cluster.daemon.registry.get_sample_value(
-        "hetero_router_requests_total", {"outcome": "nohealthybackend", "mode": "none"}
-    )
-    assert attempts == 1
+        assert await attempts_without_decode(cluster, client) == 1
 
 
 async def test_tls_and_bearer_tokens_guard_both_doors(tmp_path: Path) -> None:
