@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import abc
 import enum
-from collections.abc import AsyncGenerator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import AsyncGenerator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -82,6 +82,17 @@ class GenerationRequest:
     # last frame's usage for the whole request. Sent only to backends whose
     # capabilities say ``resume``.
     generated_ids: tuple[int, ...] = ()
+
+    def resumed_after(self, token_ids: Sequence[int]) -> GenerationRequest:
+        """This request continued after ``token_ids`` (the tokens the client has, the
+        first ones of this request when it is itself resumed): what a backend that can
+        resume is sent."""
+        left = self.sampling.max_tokens - len(token_ids) + len(self.generated_ids)
+        return replace(
+            self,
+            generated_ids=tuple(token_ids),
+            sampling=replace(self.sampling, max_tokens=left),
+        )
 
 
 @dataclass(frozen=True)

@@ -378,12 +378,7 @@ class Dispatcher:
                     attempt = request
                     if step is NextStep.RESUME:
                         sent.resumed = sent.tokens
-                        sampling = dataclasses.replace(
-                            request.sampling, max_tokens=request.sampling.max_tokens - sent.tokens
-                        )
-                        attempt = dataclasses.replace(
-                            request, generated_ids=tuple(sent.token_ids), sampling=sampling
-                        )
+                        attempt = request.resumed_after(sent.token_ids)
                     kind = {NextStep.RESUME: "migration", NextStep.SERVE_COLOCATED: "colocated"}
                     self._metrics.retries.labels(kind.get(step, "retry")).inc()
                     log.warning(

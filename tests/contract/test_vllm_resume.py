@@ -47,8 +47,7 @@ def chat(request_id: str = "c1") -> GenerationRequest:
 
 def resumed(request: GenerationRequest, generated: list[int]) -> GenerationRequest:
     """What the router sends: the ids the client has, and the tokens still to come."""
-    sampling = replace(request.sampling, max_tokens=request.sampling.max_tokens - len(generated))
-    return replace(request, generated_ids=tuple(generated), sampling=sampling)
+    return request.resumed_after(generated)
 
 
 @pytest.fixture

@@ -64,12 +64,9 @@ def text_of(frames: list[router_pb2.GenerateResponse]) -> str:
 
 
 def resumed(request: GenerationRequest, delivered: list[int]) -> GenerationRequest:
-    sampling = replace(request.sampling, max_tokens=request.sampling.max_tokens - len(delivered))
     return replace(
-        request,
+        request.resumed_after(delivered),
         request_id=f"{request.request_id}-resumed",
-        generated_ids=tuple(delivered),
-        sampling=sampling,
     )
 
 
