@@ -9,16 +9,38 @@ from __future__ import annotations
 
 from backends.errors import ServingError
 
+# Echoed input is cut to this many characters: an error message must stay small
+# whatever the client sent (a 20 KB model name would not fit gRPC's status header).
+ECHO_LIMIT = 64
+
+
+def shown(value: object, limit: int = ECHO_LIMIT) -> str:
+    """``value`` as an error message quotes it: its repr, cut to ``limit`` characters."""
+    text = value if isinstance(value, str) else repr(value)
+    return repr(text if len(text) <= limit else text[:limit] + "...")
+
 
 class InvalidRequestError(ServingError):
-    """Bad input; nothing was sent to a backend. ``param`` names the field at fault, if one."""
+    """Bad input; nothing was sent to a backend. ``param`` names the field at fault, if
+    one; ``code`` is OpenAI's machine-readable error code, if one applies."""
 
     grpc_status = "INVALID_ARGUMENT"
     http_status = 400
 
-    def __init__(self, message: str, *, param: str | None = None) -> None:
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
         super().__init__(message)
         self.param = param
+        self.code = code
+
+
+class ModelNotFoundError(InvalidRequestError):
+    """The request names a model no backend serves: 404 ``model_not_found`` on HTTP, as
+    OpenAI answers; INVALID_ARGUMENT on gRPC."""
+
+    http_status = 404
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, param="model", code="model_not_found")
 
 
 class NoHealthyBackendError(ServingError):

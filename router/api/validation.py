@@ -9,7 +9,7 @@ from collections.abc import Collection, Mapping
 
 from backends._gen.hetero.router.v1 import router_pb2
 from backends.base import GenerationRequest, SamplingParams
-from router.errors import InvalidRequestError
+from router.errors import InvalidRequestError, ModelNotFoundError, shown
 from router.scheduling.plan import Disaggregation
 from router.scheduling.service_level import (
     DEFAULT_SLO_CLASS,
@@ -52,7 +52,7 @@ def validate_generate(
         )
     model = message.model or default_model
     if model not in models:
-        raise InvalidRequestError(f"unknown model {model!r}; served: {', '.join(models)}")
+        raise ModelNotFoundError(f"unknown model {shown(model)}; served: {', '.join(models)}")
     if not message.prompt:
         raise InvalidRequestError("prompt must not be empty")
     prompt_tokens = estimate_prompt_tokens(message.prompt, settings)
@@ -142,8 +142,8 @@ def service_level(
         )
     slo_class = slo_class or DEFAULT_SLO_CLASS
     if slo_class not in slo_classes:
-        shown = slo_class if len(slo_class) <= 64 else slo_class[:64] + "..."
         raise InvalidRequestError(
-            f"unknown {names['slo_class']} {shown!r}; known: {', '.join(sorted(slo_classes))}"
+            f"unknown {names['slo_class']} {shown(slo_class)}; "
+            f"known: {', '.join(sorted(slo_classes))}"
         )
     return ServiceLevel(ttft_ms=ttft_ms, tpot_ms=tpot_ms, priority=priority, slo_class=slo_class)
