@@ -62,7 +62,14 @@ class ChatMessage:
 
 @dataclass(frozen=True)
 class GenerationRequest:
-    """A validated request: every field is within limits and the seed is fixed."""
+    """A validated request: every field is within limits and the seed is fixed.
+
+    ``request_id`` is the router's own, unique among requests in flight: it is the
+    only id a backend ever sees, so that no client can name (and so abort or read)
+    another's work by sending the same id. ``client_request_id`` is the id the client
+    sent, or ``request_id`` when it sent none; logs, response headers and the Route
+    message show it.
+    """
 
     request_id: str
     model: str
@@ -82,6 +89,12 @@ class GenerationRequest:
     # last frame's usage for the whole request. Sent only to backends whose
     # capabilities say ``resume``.
     generated_ids: tuple[int, ...] = ()
+    client_request_id: str = ""
+
+    @property
+    def shown_id(self) -> str:
+        """The id a client knows the request by."""
+        return self.client_request_id or self.request_id
 
     def resumed_after(self, token_ids: Sequence[int]) -> GenerationRequest:
         """This request continued after ``token_ids`` (the tokens the client has, the

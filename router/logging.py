@@ -35,9 +35,13 @@ def get_logger(name: str) -> structlog.typing.FilteringBoundLogger:
     return logger
 
 
-def bind_request(request_id: str) -> None:
-    structlog.contextvars.bind_contextvars(request_id=request_id)
+def bind_request(request_id: str, backend_request_id: str) -> None:
+    """Every log line of the request names it: ``request_id`` as its client knows it,
+    ``backend_request_id`` as its backends do (the router's own, unique id)."""
+    structlog.contextvars.bind_contextvars(
+        request_id=request_id, backend_request_id=backend_request_id
+    )
 
 
 def unbind_request() -> None:
-    structlog.contextvars.unbind_contextvars("request_id")
+    structlog.contextvars.unbind_contextvars("request_id", "backend_request_id")

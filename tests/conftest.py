@@ -91,7 +91,9 @@ async def start_cluster(
                 handoff=handoff,  # type: ignore[arg-type]  # validated by pydantic
             )
         )
-    options: dict[str, object] = {"drain_grace_s": 0.5, **settings}
+    # The adaptive limit follows wall-clock latency: on a loaded machine it would shed
+    # the concurrent requests a test sends. Tests of the limit turn it on.
+    options: dict[str, object] = {"drain_grace_s": 0.5, "adaptive_concurrency": False, **settings}
     config = Settings(
         grpc_address="127.0.0.1:0",
         http_address="127.0.0.1:0",

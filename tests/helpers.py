@@ -5,6 +5,10 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from backends._gen.hetero.router.v1 import router_pb2
+from backends.mock.clock import LoopClock
 
 
 async def eventually(condition: Callable[[], bool], timeout_s: float = 5.0) -> None:
@@ -14,3 +18,53 @@ async def eventually(condition: Callable[[], bool], timeout_s: float = 5.0) -> N
         if time.monotonic() > deadline:
             raise AssertionError("condition not met within timeout")
         await asyncio.sleep(0.005)
+
+
+class GatedClock(LoopClock):
+    """Device time that advances one iteration per step the test lets through, until
+    opened: the test knows exactly how many tokens a stream has made."""
+
+    def __init__(self) -> None:
+        self._steps = asyncio.Semaphore(0)
+        self._open = False
+        self._waiting = 0
+
+    def step(self, count: int = 1) -> None:
+        for _ in range(count):
+            self._steps.release()
+
+    def open(self) -> None:
+        self._open = True
+        self.step(self._waiting)
+
+    async def sleep_until(self, deadline: float) -> None:
+        if self._open:
+            return
+        self._waiting += 1
+        try:
+            await self._steps.acquire()
+        finally:
+            self._waiting -= 1
+
+
+@dataclass
+class Stream:
+    """What one client got: every message, in order."""
+
+    messages: list[router_pb2.GenerateResponse] = field(default_factory=list)
+
+    @property
+    def token_ids(self) -> list[int]:
+        return [t for m in self.messages for t in m.token_ids]
+
+    @property
+    def text(self) -> str:
+        return "".join(m.text for m in self.messages)
+
+    @property
+    def route(self) -> router_pb2.Route:
+        return self.messages[0].route
+
+    @property
+    def last(self) -> router_pb2.GenerateResponse:
+        return self.messages[-1]

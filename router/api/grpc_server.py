@@ -89,7 +89,7 @@ class RouterService:
             self._dispatcher.count_rejected("invalid")
             await _abort(context, error)
             return
-        bind_request(request.request_id)
+        bind_request(request.shown_id, request.request_id)
         try:
             with through_the_door(self._dispatcher, self._settings, self._client(context), service):
                 frames = self._dispatcher.generate(request, disaggregation, service)
@@ -106,7 +106,7 @@ class RouterService:
         except Exception:
             log.exception("request failed unexpectedly")
             await context.abort(
-                grpc.StatusCode.INTERNAL, f"internal error (request_id {request.request_id})"
+                grpc.StatusCode.INTERNAL, f"internal error (request_id {request.shown_id})"
             )
         finally:
             unbind_request()

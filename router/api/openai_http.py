@@ -159,7 +159,7 @@ class OpenAIRoutes:
         except InvalidRequestError as error:
             self._dispatcher.count_rejected("invalid")
             return error_response(400, error.message, param=error.param)
-        bind_request(parsed.request.request_id)
+        bind_request(parsed.request.shown_id, parsed.request.request_id)
         try:
             client = self._client(http)
             with through_the_door(self._dispatcher, self._settings, client, parsed.service):
@@ -252,21 +252,21 @@ class OpenAIRoutes:
         choice["finish_reason"] = finish or None
         return web.json_response(
             {
-                "id": f"{'chatcmpl' if parsed.chat else 'cmpl'}-{request.request_id}",
+                "id": f"{'chatcmpl' if parsed.chat else 'cmpl'}-{request.shown_id}",
                 "object": "chat.completion" if parsed.chat else "text_completion",
                 "created": int(time.time()),
                 "model": request.model,
                 "choices": [choice],
                 "usage": _usage(usage),
             },
-            headers={"X-Hetero-Route": route, "X-Request-Id": request.request_id},
+            headers={"X-Hetero-Route": route, "X-Request-Id": request.shown_id},
         )
 
     async def _stream(
         self, http: web.Request, parsed: _Parsed, frames: AsyncIterator[bytes]
     ) -> web.StreamResponse:
         request = parsed.request
-        chunk_id = f"{'chatcmpl' if parsed.chat else 'cmpl'}-{request.request_id}"
+        chunk_id = f"{'chatcmpl' if parsed.chat else 'cmpl'}-{request.shown_id}"
         head = {
             "id": chunk_id,
             "object": "chat.completion.chunk" if parsed.chat else "text_completion",
@@ -284,7 +284,7 @@ class OpenAIRoutes:
                 if response is None:
                     # Headers go out with the first token, so an error before it is a real status.
                     response = await self._open_stream(
-                        http, request.request_id, _route_header(message)
+                        http, request.shown_id, _route_header(message)
                     )
                 choice: dict[str, Any] = {"index": 0, "finish_reason": finish}
                 if parsed.chat:
@@ -305,7 +305,7 @@ class OpenAIRoutes:
         except Exception as error:  # noqa: BLE001  # the stream's edge: every failure ends it alike
             return await _stream_failed(http, response, error)
         if response is None:
-            response = await self._open_stream(http, request.request_id, "")
+            response = await self._open_stream(http, request.shown_id, "")
         await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
         return response

@@ -45,11 +45,14 @@ def validate_generate(
     models: list[str],
     default_model: str,
 ) -> tuple[GenerationRequest, Disaggregation]:
-    request_id = message.request_id or uuid.uuid4().hex
-    if len(request_id) > _MAX_REQUEST_ID or not request_id.isprintable():
+    client_request_id = message.request_id
+    if len(client_request_id) > _MAX_REQUEST_ID or not client_request_id.isprintable():
         raise InvalidRequestError(
-            f"request_id must be at most {_MAX_REQUEST_ID} printable characters"
+            f"request_id must be at most {_MAX_REQUEST_ID} printable characters",
+            param="request_id",
         )
+    # Backends see only an id of the router's: a client's id may be anyone's.
+    request_id = uuid.uuid4().hex
     model = message.model or default_model
     if model not in models:
         raise ModelNotFoundError(f"unknown model {shown(model)}; served: {', '.join(models)}")
@@ -64,6 +67,7 @@ def validate_generate(
         raise InvalidRequestError(f"unknown disaggregation value {message.disaggregation}")
     request = GenerationRequest(
         request_id=request_id,
+        client_request_id=client_request_id or request_id,
         model=model,
         prompt=message.prompt,
         sampling=_sampling(message.sampling, settings),

@@ -731,7 +731,7 @@ def _route_frame(request: GenerationRequest, plan: Plan) -> bytes:
         mode=_ROUTE_MODE[plan.mode],
         prefill_backend=plan.prefill_backend,
         decode_backend=plan.decode_backend,
-        request_id=request.request_id,
+        request_id=request.shown_id,
         seed=request.sampling.seed,
     )
     return router_pb2.GenerateResponse(route=route).SerializeToString()

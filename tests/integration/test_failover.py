@@ -6,72 +6,20 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-from dataclasses import dataclass, field
 
 import grpc
 import pytest
 
 from backends._gen.hetero.router.v1 import router_pb2
 from backends.base import Role
-from backends.mock.clock import LoopClock
 from router.client import AsyncRouterClient
 from router.cluster import embedded_devices
 from router.daemon import Daemon
 from router.settings import BackendConfig, PoolConfig, Settings
 from tests.conftest import Cluster, start_cluster, stop_cluster
-from tests.helpers import eventually
+from tests.helpers import GatedClock, Stream, eventually
 
 PROMPT = "The quick brown fox jumps over the lazy dog. " * 3
-
-
-class GatedClock(LoopClock):
-    """Device time that advances one iteration per step the test lets through, until
-    opened: the test knows exactly how many tokens a stream has made."""
-
-    def __init__(self) -> None:
-        self._steps = asyncio.Semaphore(0)
-        self._open = False
-        self._waiting = 0
-
-    def step(self, count: int = 1) -> None:
-        for _ in range(count):
-            self._steps.release()
-
-    def open(self) -> None:
-        self._open = True
-        self.step(self._waiting)
-
-    async def sleep_until(self, deadline: float) -> None:
-        if self._open:
-            return
-        self._waiting += 1
-        try:
-            await self._steps.acquire()
-        finally:
-            self._waiting -= 1
-
-
-@dataclass
-class Stream:
-    """What one client got: every message, in order."""
-
-    messages: list[router_pb2.GenerateResponse] = field(default_factory=list)
-
-    @property
-    def token_ids(self) -> list[int]:
-        return [t for m in self.messages for t in m.token_ids]
-
-    @property
-    def text(self) -> str:
-        return "".join(m.text for m in self.messages)
-
-    @property
-    def route(self) -> router_pb2.Route:
-        return self.messages[0].route
-
-    @property
-    def last(self) -> router_pb2.GenerateResponse:
-        return self.messages[-1]
 
 
 async def reference(client: AsyncRouterClient, **sampling: object) -> Stream:

@@ -41,7 +41,8 @@ SMALL_WINDOWS = [("grpc.http2.bdp_probe", 0)]
 class Firehose(StubBackend):
     """Streams 16 KiB frames until aborted; a prompt starting "short" gets three small."""
 
-    aborted: ClassVar[list[str]] = []
+    aborted: ClassVar[list[str]] = []  # by the ids their clients sent
+    client_ids: ClassVar[dict[str, str]] = {}  # the router's id -> the client's
     started = 0  # endless streams begun
     streaming = 0  # endless streams running now
     peak = 0  # the most running at once
@@ -49,6 +50,7 @@ class Firehose(StubBackend):
     async def generate(
         self, request: GenerationRequest, timeout_s: float
     ) -> AsyncGenerator[bytes, None]:
+        Firehose.client_ids[request.request_id] = request.shown_id
         if request.prompt.startswith("short"):
             for index in range(3):
                 yield router_pb2.GenerateResponse(token_ids=[index], text="ok").SerializeToString()
@@ -68,11 +70,12 @@ class Firehose(StubBackend):
             Firehose.streaming -= 1
 
     async def abort(self, request_id: str, timeout_s: float) -> None:
-        Firehose.aborted.append(request_id)
+        Firehose.aborted.append(Firehose.client_ids.get(request_id, request_id))
 
 
 @contextlib.asynccontextmanager
 async def router(monkeypatch: pytest.MonkeyPatch, **settings: Any) -> AsyncIterator[Daemon]:
+    Firehose.client_ids = {}
     Firehose.aborted, Firehose.started, Firehose.streaming, Firehose.peak = [], 0, 0, 0
     monkeypatch.setattr(registry, "_ADAPTERS", {**registry._ADAPTERS, "firehose": Firehose})
     pool = PoolConfig(

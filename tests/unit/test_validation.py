@@ -57,7 +57,8 @@ def test_explicit_values_are_kept() -> None:
             sampling={"max_tokens": 100, "temperature": 0.0, "seed": 2**64 - 1, "stop": ["x"]},
         )
     )
-    assert (validated.request_id, mode) == ("abc", Disaggregation.SPLIT)
+    assert (validated.client_request_id, mode) == ("abc", Disaggregation.SPLIT)
+    assert validated.request_id != "abc"  # backends see the router's own id
     assert validated.sampling.max_tokens == 100
     assert validated.sampling.temperature == 0.0
     assert validated.sampling.seed == 2**64 - 1
