@@ -32,6 +32,7 @@ def _settings(options: argparse.Namespace) -> Settings:
         "pool_file": getattr(options, "pool", None),
         "grpc_address": getattr(options, "grpc_address", None),
         "http_address": getattr(options, "http_address", None),
+        "insecure": getattr(options, "insecure", None) or None,
     }
     return Settings(**{key: value for key, value in overrides.items() if value is not None})
 
@@ -50,6 +51,7 @@ async def _serve(settings: Settings, pool_path: Path | None, embedded: bool,
 
 def cmd_serve(options: argparse.Namespace, embedded: bool = False) -> int:
     settings = _settings(options)
+    settings.check_exposure()  # before anything starts (the Daemon checks again)
     configure(settings.log_level, settings.log_format)
     return uvloop.run(
         _serve(settings, settings.pool_file, embedded, getattr(options, "time_scale", None))
@@ -116,6 +118,11 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument(
             "--http-address",
             help=f"HTTP door: OpenAI routes, metrics, probes (default {defaults.HTTP_ADDRESS})",
+        )
+        command.add_argument(
+            "--insecure",
+            action="store_true",
+            help="serve doors beyond loopback with no token file and no mTLS (logged)",
         )
 
     serve = commands.add_parser("serve", help="run the router over the backends of a pool file")

@@ -89,10 +89,19 @@ class ChannelConfig:
     timeout_s: float | None = None  # deadline of each call
     tls: bool = False
     root_certificates: bytes | None = None  # PEM; None uses the system's roots
+    # mTLS: the client's certificate chain and private key (PEM), both or neither.
+    certificate_chain: bytes | None = None
+    private_key: bytes | None = None
     bearer_token: str | None = None
     # gRPC retries a call that fails UNAVAILABLE before its first response
     # message, i.e. before the first token: a stream is never replayed.
     max_attempts: int = 3
+
+    def __post_init__(self) -> None:
+        if (self.certificate_chain is None) != (self.private_key is None):
+            raise ValueError("certificate_chain and private_key go together")
+        if self.certificate_chain is not None and not self.tls:
+            raise ValueError("a client certificate needs tls=True")
 
     def service_config(self) -> str:
         method: dict[str, Any] = {"name": [{"service": ROUTER_SERVICE}]}
@@ -116,7 +125,11 @@ class ChannelConfig:
         return (("authorization", f"Bearer {self.bearer_token}"),) if self.bearer_token else ()
 
     def credentials(self) -> Any:
-        return grpc.ssl_channel_credentials(root_certificates=self.root_certificates)
+        return grpc.ssl_channel_credentials(
+            root_certificates=self.root_certificates,
+            private_key=self.private_key,
+            certificate_chain=self.certificate_chain,
+        )
 
 
 def _methods(channel: Any) -> tuple[Any, Any]:

@@ -21,6 +21,7 @@ from collections.abc import Awaitable, Iterator
 
 from prometheus_client import CollectorRegistry
 
+from router.api.door import BearerTokens
 from router.api.grpc_server import FrontDoor, RouterService
 from router.api.http_server import AdminServer
 from router.api.openai_http import OpenAIRoutes
@@ -67,9 +68,14 @@ class Daemon:
             settings.health_unhealthy_threshold,
         )
         self.dispatcher = Dispatcher(self.pool, build_scheduler(settings), settings, self.metrics)
+        settings.check_exposure()
         tls = settings.tls_files()
+        tokens = BearerTokens(settings.auth_tokens())
         self.front_door = FrontDoor(
-            RouterService(settings, self.pool, self.dispatcher), settings.grpc_address, tls
+            RouterService(settings, self.pool, self.dispatcher),
+            settings.grpc_address,
+            tls,
+            reflection_tokens=tokens if settings.auth_reflection else None,
         )
         self.admin = AdminServer(
             self.registry,
@@ -77,6 +83,9 @@ class Daemon:
             settings.http_address,
             OpenAIRoutes(settings, self.pool, self.dispatcher),
             tls=tls,
+            tls_reload_interval_s=settings.tls_reload_interval_s,
+            tokens=tokens,
+            auth_metrics=settings.auth_metrics,
         )
         self.started = asyncio.Event()  # set once start-up is complete
         self._draining = False
@@ -120,6 +129,7 @@ class Daemon:
             await self.stop()
             raise
         self.started.set()
+        self._warn_if_open()
         ready, detail = self.readiness()
         log.info(
             "router serving",
@@ -129,6 +139,18 @@ class Daemon:
             ready=ready,
             detail=detail,
         )
+
+    def _warn_if_open(self) -> None:
+        """Logs the doors served beyond loopback to anyone, as ``insecure`` allowed."""
+        settings = self.settings
+        if settings.auth_token_file is not None or settings.tls_client_ca_file is not None:
+            return
+        exposed = settings.exposed_doors()
+        if exposed:
+            log.warning(
+                "serving beyond loopback with no client authentication (insecure)",
+                doors={name: getattr(settings, name) for name in exposed},
+            )
 
     async def _startup(self) -> None:
         await self.pool.start()

@@ -59,8 +59,9 @@ class RouterMetrics:
             "Requests refused RESOURCE_EXHAUSTED, by reason: queue_full (the admission "
             "queue of their priority was full), queue_time (the wait for admission would "
             "miss their time to first token), queue_expired (they waited all their time to "
-            "first token allowed), client_cap (their client had the most open streams one "
-            "client may), slo (predicted to miss their SLO)",
+            "first token allowed), client_rate (their client was over its request rate), "
+            "client_cap (their client had the most open streams one client may), slo "
+            "(predicted to miss their SLO)",
             ["reason"],
             registry=registry,
         )

@@ -7,6 +7,9 @@ here, at start-up, with messages that name the field.
 
 from __future__ import annotations
 
+import dataclasses
+import ipaddress
+import math
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -36,9 +39,20 @@ class Settings(BaseSettings):
     # TLS for the gRPC front door and the HTTP door (PEM files); both or neither.
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None
+    # mTLS: with a CA bundle (PEM), both doors require a client certificate it signed.
+    tls_client_ca_file: Path | None = None
+    # Changed TLS files are picked up without a restart: by the gRPC door at its next
+    # handshake, by the HTTP door within this many seconds.
+    tls_reload_interval_s: float = Field(default=60.0, gt=0)
     # Bearer tokens clients must present (one per line) on Generate, ListBackends
-    # and /v1/*; health, reflection, /metrics, /healthz and /readyz stay open.
+    # and /v1/*; health, /healthz and /readyz stay open, and so do reflection and
+    # /metrics unless auth_reflection / auth_metrics.
     auth_token_file: Path | None = None
+    auth_reflection: bool = False
+    auth_metrics: bool = False
+    # A door listening beyond loopback needs auth_token_file or tls_client_ca_file;
+    # true serves it open anyway (logged as a warning at start).
+    insecure: bool = False
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["json", "console"] = "json"
 
@@ -131,6 +145,12 @@ class Settings(BaseSettings):
     # open at once, queued or served; 0: no cap. Behind a proxy every client has the
     # proxy's address: raise it, or give clients tokens.
     max_streams_per_client: int = Field(default=128, ge=0)
+    # Requests one client may start per second (a token bucket of
+    # client_request_burst requests, refilled at this rate), refused with
+    # RESOURCE_EXHAUSTED / 429 beyond it; 0: no rate limit. Counted like the cap above.
+    max_requests_per_s_per_client: float = Field(default=0.0, ge=0)
+    # The bucket's size: requests a client may start at once; 0: one second's worth.
+    client_request_burst: int = Field(default=0, ge=0)
     # A stream whose reader has taken nothing for this long is cancelled (the
     # backends abort its work and free its KV).
     write_stall_timeout_s: float = Field(default=30.0, gt=0)
@@ -151,7 +171,42 @@ class Settings(BaseSettings):
             raise ValueError("default_max_tokens must not exceed max_tokens_limit")
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
             raise ValueError("tls_cert_file and tls_key_file go together")
+        if self.tls_client_ca_file is not None and self.tls_cert_file is None:
+            raise ValueError("tls_client_ca_file needs tls_cert_file and tls_key_file")
+        if (self.auth_reflection or self.auth_metrics) and self.auth_token_file is None:
+            raise ValueError("auth_reflection and auth_metrics need auth_token_file")
         return self
+
+    def exposed_doors(self) -> list[str]:
+        """The address settings of the doors that listen beyond loopback."""
+        return [
+            name
+            for name, address in (
+                ("grpc_address", self.grpc_address),
+                ("http_address", self.http_address),
+            )
+            if not is_loopback(address)
+        ]
+
+    def check_exposure(self) -> None:
+        """Refuses (ConfigError) a door listening beyond loopback with no client
+        authentication, a token file or mTLS, unless ``insecure`` says to serve it open."""
+        if self.auth_token_file is not None or self.tls_client_ca_file is not None:
+            return
+        exposed = self.exposed_doors()
+        if exposed and not self.insecure:
+            name = exposed[0]
+            raise ConfigError(
+                f"{name} {getattr(self, name)} listens beyond loopback with no client "
+                "authentication: set auth_token_file or tls_client_ca_file, or "
+                "HETERO_ROUTER_INSECURE=true (--insecure) to serve it open"
+            )
+
+    def client_burst(self) -> int:
+        """The per-client token bucket's size (client_request_burst, or one second's worth)."""
+        if self.client_request_burst:
+            return self.client_request_burst
+        return max(1, math.ceil(self.max_requests_per_s_per_client))
 
     def auth_tokens(self) -> frozenset[str]:
         """The accepted bearer tokens; empty when no token file is configured."""
@@ -185,11 +240,42 @@ class Settings(BaseSettings):
             baseline_window_s=self.concurrency_baseline_window_s,
         )
 
-    def tls_files(self) -> tuple[Path, Path] | None:
-        """The PEM certificate and key files both doors serve TLS with; None without TLS."""
+    def tls_files(self) -> TlsFiles | None:
+        """The PEM files both doors serve TLS with (and verify clients by); None without TLS."""
         if self.tls_cert_file is None or self.tls_key_file is None:
             return None
-        return self.tls_cert_file, self.tls_key_file
+        return TlsFiles(self.tls_cert_file, self.tls_key_file, self.tls_client_ca_file)
+
+
+@dataclasses.dataclass(frozen=True)
+class TlsFiles:
+    """A door's TLS: its certificate chain and key, and the CA its clients' certificates
+    must be signed by (None: no client certificate asked for)."""
+
+    cert_file: Path
+    key_file: Path
+    client_ca_file: Path | None = None
+
+    @property
+    def paths(self) -> tuple[Path, ...]:
+        return (self.cert_file, self.key_file) + (
+            () if self.client_ca_file is None else (self.client_ca_file,)
+        )
+
+
+def is_loopback(address: str) -> bool:
+    """Whether a listening address (``host:port``, ``[v6]:port`` or ``unix:path``) is
+    reachable from this host only: 127.0.0.0/8, ::1, localhost or a unix socket. An
+    empty host, 0.0.0.0, :: and any other name are not."""
+    if address.startswith(("unix:", "unix-abstract:")):
+        return True
+    host = address.rpartition(":")[0].removeprefix("[").removesuffix("]")
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 class BackendConfig(BaseModel):

@@ -9,8 +9,7 @@ write waits on the reader's flow-control window; one that waits longer than
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
-from pathlib import Path
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -19,15 +18,16 @@ from grpc_reflection.v1alpha import reflection
 
 from backends._gen.hetero.router.v1 import router_pb2
 from backends.errors import ServingError
-from router.api.door import grpc_peer_client, through_the_door, token_client
+from router.api.door import BearerTokens, grpc_peer_client, through_the_door, token_client
+from router.api.tls import grpc_credentials
 from router.api.validation import validate_generate, validate_service
 from router.api.write_stall import StallGuard, WriteStalledError
 from router.client import ROUTER_SERVICE
 from router.dispatch.dispatcher import Dispatcher
-from router.errors import ConfigError, retry_hint_s
+from router.errors import retry_hint_s
 from router.logging import bind_request, get_logger, unbind_request
 from router.pool.registry import Pool
-from router.settings import Settings
+from router.settings import Settings, TlsFiles
 
 log = get_logger(__name__)
 
@@ -44,17 +44,11 @@ class RouterService:
         self._settings = settings
         self._pool = pool
         self._dispatcher = dispatcher
-        self._tokens = {f"Bearer {token}" for token in settings.auth_tokens()}
+        self._tokens = BearerTokens(settings.auth_tokens())
 
     async def _authorize(self, context: grpc.aio.ServicerContext) -> None:
-        if not self._tokens:
-            return
-        metadata = dict(context.invocation_metadata() or ())
-        if metadata.get("authorization") not in self._tokens:
-            await context.abort(
-                grpc.StatusCode.UNAUTHENTICATED,
-                "a valid 'authorization: Bearer <token>' is required",
-            )
+        if self._tokens and not self._tokens.allows(authorization(context.invocation_metadata())):
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED_MESSAGE)
 
     def handler(self) -> grpc.GenericRpcHandler:
         return grpc.method_handlers_generic_handler(
@@ -113,9 +107,8 @@ class RouterService:
 
     def _client(self, context: grpc.aio.ServicerContext) -> str:
         """Who the per-client cap counts the call against: its token, else its address."""
-        if self._tokens:
-            metadata = dict(context.invocation_metadata() or ())
-            return token_client(str(metadata.get("authorization", "")))
+        if self._tokens:  # authorized: exactly one authorization entry
+            return token_client(next(iter(authorization(context.invocation_metadata())), ""))
         return grpc_peer_client(context.peer())
 
     async def _write_all(
@@ -185,16 +178,56 @@ async def _cancel(context: grpc.aio.ServicerContext, reason: str) -> None:
         log.info("status of a stalled stream not sent", error_type=type(error).__name__)
 
 
+def authorization(metadata: Any) -> list[str]:
+    """Every ``authorization`` value of a call's metadata (grpc names keys in lower case)."""
+    return [str(value) for key, value in metadata or () if key == "authorization"]
+
+
+UNAUTHENTICATED_MESSAGE = "exactly one valid 'authorization: Bearer <token>' is required"
+
+
+class _GuardedReflection(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc.aio is untyped
+    """Refuses reflection calls without a valid bearer token (UNAUTHENTICATED)."""
+
+    def __init__(self, tokens: BearerTokens) -> None:
+        self._tokens = tokens
+        self._refused = grpc.stream_stream_rpc_method_handler(self._refuse)
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        method: str = details.method or ""
+        if method.startswith("/grpc.reflection.") and not self._tokens.allows(
+            authorization(details.invocation_metadata)
+        ):
+            return self._refused
+        return await continuation(details)
+
+    async def _refuse(self, requests: object, context: grpc.aio.ServicerContext) -> None:
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED_MESSAGE)
+
+
 class FrontDoor:
-    """The gRPC server with the Router service, grpc.health.v1 and reflection."""
+    """The gRPC server with the Router service, grpc.health.v1 and reflection.
+
+    ``tls``: serve TLS (mTLS with a client CA), taking changed files up at the next
+    handshake. ``reflection_tokens``: tokens reflection calls must carry (none: open).
+    """
 
     def __init__(
-        self, service: RouterService, address: str, tls: tuple[Path, Path] | None = None
+        self,
+        service: RouterService,
+        address: str,
+        tls: TlsFiles | None = None,
+        reflection_tokens: BearerTokens | None = None,
     ) -> None:
         self._address = address
-        self._credentials = _credentials(tls)
+        self._credentials = None if tls is None else grpc_credentials(tls)
         self.health = health.aio.HealthServicer()
-        self.server: Any = grpc.aio.server()
+        interceptors = [_GuardedReflection(reflection_tokens)] if reflection_tokens else []
+        self.server: Any = grpc.aio.server(interceptors=interceptors)
         self.server.add_generic_rpc_handlers((service.handler(),))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
@@ -242,15 +275,3 @@ class FrontDoor:
         # grpc refuses new calls before this await first yields, so the flag is exact.
         self._accepting = False
         await self.server.stop(grace_s)
-
-
-def _credentials(tls: tuple[Path, Path] | None) -> grpc.ServerCredentials | None:
-    """grpc takes the PEM pair as bytes, not as file names."""
-    if tls is None:
-        return None
-    cert_file, key_file = tls
-    try:
-        pair = (key_file.read_bytes(), cert_file.read_bytes())
-    except OSError as error:
-        raise ConfigError(f"cannot read TLS file: {error}") from error
-    return grpc.ssl_server_credentials([pair])

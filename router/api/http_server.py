@@ -1,6 +1,10 @@
 """The HTTP door: Prometheus /metrics, liveness /healthz, readiness /readyz, and the
 OpenAI-compatible API when one is given.
 
+With bearer tokens configured, every request needs exactly one valid
+``Authorization: Bearer <token>`` header (401 otherwise), except the probes
+(/healthz, /readyz, /health) and, unless ``auth_metrics``, /metrics.
+
 It stops like the gRPC door: no new connections, requests on kept-alive ones
 refused with 503, in-flight requests (server-sent event streams too) given a
 grace period, then cancelled.
@@ -9,22 +13,25 @@ grace period, then cancelled.
 from __future__ import annotations
 
 import asyncio
-import ssl
 from collections.abc import Callable
-from pathlib import Path
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from router.api.door import BearerTokens
 from router.api.openai_http import OpenAIRoutes, error_response, retry_after_header
-from router.errors import DEFAULT_RETRY_AFTER_S, ConfigError
+from router.api.tls import HttpTls
+from router.errors import DEFAULT_RETRY_AFTER_S
 from router.logging import get_logger
+from router.settings import TlsFiles
 
 log = get_logger(__name__)
 
 # Answered while draining too: they are how an orchestrator watches the drain.
 _PROBES = frozenset({"/metrics", "/healthz", "/readyz"})
+# Open without a token whatever the settings: an orchestrator's probes carry none.
+_OPEN = frozenset({"/healthz", "/readyz", "/health"})
 
 
 class AdminServer:
@@ -34,10 +41,18 @@ class AdminServer:
         readiness: Callable[[], tuple[bool, str]],
         address: str,
         openai: OpenAIRoutes | None = None,
-        tls: tuple[Path, Path] | None = None,
+        tls: TlsFiles | None = None,
+        *,
+        tls_reload_interval_s: float = 60.0,
+        tokens: BearerTokens | None = None,
+        auth_metrics: bool = False,
     ) -> None:
         self._openai = openai
-        self._ssl_context = _ssl_context(tls)
+        self._tls = None if tls is None else HttpTls(tls)
+        self._tls_reload_interval_s = tls_reload_interval_s
+        self._tls_reloads: asyncio.Task[None] | None = None
+        self._tokens = tokens or BearerTokens(())
+        self._open = _OPEN if auth_metrics else _OPEN | {"/metrics"}
         self._registry = registry
         self._readiness = readiness
         self._host, _, port = address.rpartition(":")
@@ -51,7 +66,7 @@ class AdminServer:
 
     def app(self) -> web.Application:
         # Outermost first: the catch-all also sees what the drain gate and auth raise.
-        app = web.Application(middlewares=[self._catch_all, self._drain_gate])
+        app = web.Application(middlewares=[self._catch_all, self._drain_gate, self._authorize])
         app.router.add_get("/metrics", self._metrics)
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/readyz", self._readyz)
@@ -64,11 +79,23 @@ class AdminServer:
         # aborts the request on the backends.
         self._runner = web.AppRunner(self.app(), access_log=None, handler_cancellation=True)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self._host, self._port, ssl_context=self._ssl_context)
+        context = None if self._tls is None else self._tls.context
+        site = web.TCPSite(self._runner, self._host, self._port, ssl_context=context)
         await site.start()
         self.port = self._runner.addresses[0][1]  # the bound port, also when 0 was asked
         self._accepting = True
+        if self._tls is not None:
+            self._tls_reloads = asyncio.create_task(self._reload_tls_every_interval())
         return self.port
+
+    def reload_tls(self) -> bool:
+        """Loads changed TLS files for the handshakes from now on; whether it did."""
+        return self._tls is not None and self._tls.reload_if_changed()
+
+    async def _reload_tls_every_interval(self) -> None:
+        while True:
+            await asyncio.sleep(self._tls_reload_interval_s)
+            self.reload_tls()
 
     @property
     def accepting(self) -> bool:
@@ -84,6 +111,8 @@ class AdminServer:
         open a connection each, read 503 "draining" from /readyz meanwhile, and every
         other request gets a 503 and a closed connection."""
         self._accepting = False
+        if self._tls_reloads is not None:
+            self._tls_reloads.cancel()
         if self._runner is None:
             return
         timer = asyncio.get_running_loop().call_later(grace_s, self._grace_over.set)
@@ -129,6 +158,19 @@ class AdminServer:
             return await handler(request)
         finally:
             self._in_flight.discard(task)
+
+    @web.middleware
+    async def _authorize(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """With tokens, everything but the open paths needs exactly one valid one."""
+        if not self._tokens or request.path in self._open:
+            return await handler(request)
+        if self._tokens.allows(request.headers.getall("Authorization", [])):
+            return await handler(request)
+        response = _error(
+            request, 401, "exactly one valid 'Authorization: Bearer <token>' header is required"
+        )
+        response.headers["WWW-Authenticate"] = "Bearer"
+        return response
 
     @web.middleware
     async def _catch_all(self, request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -178,15 +220,3 @@ def _error(
         status=status,
         headers=retry_after_header(retry_after_s),
     )
-
-
-def _ssl_context(tls: tuple[Path, Path] | None) -> ssl.SSLContext | None:
-    if tls is None:
-        return None
-    cert_file, key_file = tls
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    try:
-        context.load_cert_chain(cert_file, key_file)
-    except OSError as error:  # ssl.SSLError is one too
-        raise ConfigError(f"cannot load TLS pair {cert_file}, {key_file}: {error}") from error
-    return context

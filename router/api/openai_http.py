@@ -22,7 +22,6 @@ from typing import Any
 
 from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
-from aiohttp.typedefs import Handler
 
 from backends._gen.hetero.router.v1 import router_pb2
 from backends.base import ChatMessage, GenerationRequest
@@ -116,20 +115,7 @@ class OpenAIRoutes:
         self._dispatcher = dispatcher
 
     def register(self, app: web.Application) -> None:
-        tokens = {f"Bearer {token}" for token in self._settings.auth_tokens()}
-        if tokens:
-
-            @web.middleware
-            async def authorize(request: web.Request, handler: Handler) -> web.StreamResponse:
-                if request.path.startswith("/v1/") and (
-                    request.headers.get("Authorization") not in tokens
-                ):
-                    return error_response(
-                        401, "a valid 'Authorization: Bearer <token>' is required"
-                    )
-                return await handler(request)
-
-            app.middlewares.append(authorize)
+        """Adds the routes; the app's own middleware checks bearer tokens."""
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_post("/v1/chat/completions", self.chat_completions)
         app.router.add_get("/v1/models", self.models)

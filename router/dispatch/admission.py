@@ -14,8 +14,10 @@ client with hundreds waiting delays another's request by one of its own at most.
 A request whose queue already holds ``queue_limit`` is shed at once with
 ``OverloadedError`` (RESOURCE_EXHAUSTED / 429) and a retry hint.
 
-Before a request reaches the queue, its door calls ``check_door``: a client
-already holding its cap of open streams is refused, and so is a request that would
+Before a request reaches the queue, its door calls ``check_door``: a client over
+its request rate (a token bucket per client: ``burst`` requests at once, refilled at
+``per_s``; the refusal's retry hint is when the next request's token will be there)
+or already holding its cap of open streams is refused, and so is a request that would
 wait longer than half of what its TTFT target leaves after the backends' usual
 first token, at once rather than after waiting to be late. The wait is estimated
 from how fast slots free up: by Little's law a slot is held for the busy
@@ -66,6 +68,26 @@ _SERVICE_WEIGHT = 0.1
 # queue may take: the rest absorbs the estimate's error (a wait of k release gaps
 # varies by about 1/sqrt(k)), so that what queues is rarely late after all.
 _QUEUE_SHARE = 0.5
+
+
+@dataclasses.dataclass(frozen=True)
+class ClientRate:
+    """The request rate one client may start requests at: ``burst`` at once, then
+    ``per_s`` a second (0: no limit)."""
+
+    per_s: float = 0.0
+    burst: int = 1
+
+
+@dataclasses.dataclass
+class _Bucket:
+    tokens: float
+    at: float  # when ``tokens`` was counted
+
+
+# Buckets are swept of full ones (a full bucket is no different from none) whenever
+# there are this many more than after the last sweep.
+_BUCKET_SWEEP = 1024
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,6 +193,8 @@ class AdmissionGate:
         self._progress_at = self._busy_at
         self._service_s: float | None = None  # running first-token latency after admission
         self._client_streams: dict[str, int] = {}
+        self._buckets: dict[str, _Bucket] = {}
+        self._buckets_swept_at = 0  # how many buckets the last sweep left
         for priority in range(PRIORITIES):
             self._depth_changed(priority)
         self._metrics.concurrency_limit.set(self.limit)
@@ -201,11 +225,19 @@ class AdmissionGate:
     # -- the doors ------------------------------------------------------------
 
     def check_door(
-        self, client: str, priority: int, ttft_target_s: float | None, client_cap: int
+        self,
+        client: str,
+        priority: int,
+        ttft_target_s: float | None,
+        client_cap: int,
+        client_rate: ClientRate = ClientRate(),
     ) -> None:
-        """Refuses (OverloadedError) a request that should not even queue: its client
-        holds ``client_cap`` open streams (0: no cap), or the queue ahead of it would
-        take longer than its TTFT target (None: no target) allows."""
+        """Refuses (OverloadedError) a request that should not even queue: its client is
+        over ``client_rate``, or holds ``client_cap`` open streams (0: no cap), or the
+        queue ahead of it would take longer than its TTFT target (None: no target)
+        allows. A request let through takes one of its client's rate tokens."""
+        if client_rate.per_s > 0:
+            self._take_rate_token(client, client_rate)
         open_streams = self._client_streams.get(client, 0)
         if client_cap and open_streams >= client_cap:
             self._metrics.shed.labels("client_cap").inc()
@@ -229,6 +261,40 @@ class AdmissionGate:
             "first token",
             retry_after_s=_bounded(wait),
         )
+
+    def _take_rate_token(self, client: str, rate: ClientRate) -> None:
+        now = self._clock()
+        bucket = self._buckets.get(client)
+        if bucket is None:
+            self._sweep_buckets(rate, now)
+            bucket = self._buckets[client] = _Bucket(float(rate.burst), now)
+        else:
+            bucket.tokens = min(float(rate.burst), bucket.tokens + (now - bucket.at) * rate.per_s)
+            bucket.at = now
+        if bucket.tokens >= 1.0:
+            bucket.tokens -= 1.0
+            return
+        self._metrics.shed.labels("client_rate").inc()
+        refill_s = (1.0 - bucket.tokens) / rate.per_s
+        raise OverloadedError(
+            f"{_who(client)} is over its request rate (max_requests_per_s_per_client "
+            f"{rate.per_s:g}, bursts of {rate.burst}); retry in {refill_s * 1000:.0f} ms",
+            retry_after_s=max(refill_s, RETRY_AFTER_MIN_S),
+        )
+
+    def _sweep_buckets(self, rate: ClientRate, now: float) -> None:
+        """Forgets the clients whose buckets have refilled: memory follows the clients
+        that are sending, not all that ever sent."""
+        if len(self._buckets) < self._buckets_swept_at + _BUCKET_SWEEP:
+            return
+        full_after_s = {
+            client: (rate.burst - bucket.tokens) / rate.per_s - (now - bucket.at)
+            for client, bucket in self._buckets.items()
+        }
+        for client, left_s in full_after_s.items():
+            if left_s <= 0:
+                del self._buckets[client]
+        self._buckets_swept_at = len(self._buckets)
 
     @contextlib.contextmanager
     def client_stream(self, client: str, ttft_target_s: float | None = None) -> Iterator[None]:

@@ -14,6 +14,7 @@ from router.dispatch.admission import (
     RETRY_AFTER_MIN_S,
     RETRY_AFTER_UNKNOWN_S,
     AdmissionGate,
+    ClientRate,
 )
 from router.metrics import RouterMetrics
 from router.scheduling.concurrency_limit import LimitConfig
@@ -341,6 +342,47 @@ async def test_a_client_over_its_cap_is_refused_and_its_count_follows_its_stream
         admission.check_door("token:abc", 0, None, client_cap=1)
     shed = sample(admission, "hetero_router_shed_total", reason="client_cap")
     assert shed == 2
+
+
+def test_a_client_over_its_request_rate_is_refused_until_its_bucket_refills() -> None:
+    clock = Clock()
+    admission = gate(max_in_flight=8, clock=clock)
+    rate = ClientRate(per_s=2.0, burst=3)
+    for _ in range(3):  # a burst of three at once
+        admission.check_door("peer:10.0.0.7", 0, None, client_cap=0, client_rate=rate)
+    with pytest.raises(OverloadedError) as raised:
+        admission.check_door("peer:10.0.0.7", 0, None, client_cap=0, client_rate=rate)
+    assert raised.value.message.startswith("client 10.0.0.7 is over its request rate")
+    assert "max_requests_per_s_per_client 2" in raised.value.message
+    assert raised.value.retry_after_s == pytest.approx(0.5)  # one token at 2 a second
+    admission.check_door("peer:10.0.0.8", 0, None, client_cap=0, client_rate=rate)  # its own
+    clock.now += 0.4  # 0.8 of a token: not yet, and the hint says what is left
+    with pytest.raises(OverloadedError) as raised:
+        admission.check_door("peer:10.0.0.7", 0, None, client_cap=0, client_rate=rate)
+    assert raised.value.retry_after_s == pytest.approx(0.1)
+    clock.now += 0.1
+    admission.check_door("peer:10.0.0.7", 0, None, client_cap=0, client_rate=rate)
+    clock.now += 60.0  # a long pause refills the bucket to its size, not beyond
+    for _ in range(3):
+        admission.check_door("peer:10.0.0.7", 0, None, client_cap=0, client_rate=rate)
+    with pytest.raises(OverloadedError):
+        admission.check_door("peer:10.0.0.7", 0, None, client_cap=0, client_rate=rate)
+    admission.check_door("peer:10.0.0.7", 0, None, client_cap=0)  # per_s 0: no limit
+    assert sample(admission, "hetero_router_shed_total", reason="client_rate") == 3
+
+
+def test_rate_buckets_are_kept_for_the_clients_still_sending() -> None:
+    clock = Clock()
+    admission = gate(max_in_flight=8, clock=clock)
+    rate = ClientRate(per_s=1.0, burst=1)
+    for client in range(1500):
+        admission.check_door(f"peer:old-{client}", 0, None, client_cap=0, client_rate=rate)
+    assert len(admission._buckets) == 1500  # all drawn down: each one counts
+    clock.now += 1.0  # every one has refilled: the next sweep forgets them
+    for client in range(600):
+        admission.check_door(f"peer:new-{client}", 0, None, client_cap=0, client_rate=rate)
+    assert len(admission._buckets) == 600
+    assert all(client.startswith("peer:new-") for client in admission._buckets)
 
 
 async def test_a_request_the_queue_would_make_late_is_refused_at_once() -> None:
