@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from backends import registry
-from router.settings import Settings, load_pool
+from router.settings import Settings, is_loopback, load_pool
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 
@@ -44,16 +44,48 @@ def test_every_router_variable_the_manifests_set_is_a_setting() -> None:
         assert name.removeprefix("HETERO_ROUTER_").lower() in Settings.model_fields, name
 
 
+def routers() -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """Every router container, with the pod spec it runs in."""
+    found = []
+    for document in manifests():
+        spec = document.get("spec", {})
+        pod = spec.get("template", {}).get("spec", spec)
+        found += [(c, pod) for c in containers(document) if "hetero-router" in c["image"]]
+    assert found
+    return found
+
+
+def settings_of(container: dict[str, Any]) -> Settings:
+    env = {v["name"]: v["value"] for v in container.get("env", [])}
+    return Settings(**{k.removeprefix("HETERO_ROUTER_").lower(): v for k, v in env.items()})
+
+
 def test_router_containers_listen_where_their_ports_say() -> None:
-    routers = [c for d in manifests() for c in containers(d) if "hetero-router" in c["image"]]
-    assert routers
-    for container in routers:
-        env = {v["name"]: v["value"] for v in container.get("env", [])}
+    for container, _ in routers():
+        settings = settings_of(container)
         ports = {p["containerPort"] for p in container.get("ports", [])}
-        http_port = int(env["HETERO_ROUTER_HTTP_ADDRESS"].rpartition(":")[2])
-        assert http_port in ports
-        grpc_port = int(env["HETERO_ROUTER_GRPC_ADDRESS"].rpartition(":")[2])
-        assert grpc_port in ports or env["HETERO_ROUTER_GRPC_ADDRESS"].startswith("127.0.0.1")
+        for name in ("grpc_address", "http_address"):
+            address = getattr(settings, name)
+            # A door on loopback is for the pod's own containers: no port to declare.
+            assert int(address.rpartition(":")[2]) in ports or is_loopback(address), name
+
+
+def test_every_router_beyond_loopback_authenticates_its_clients_from_a_secret() -> None:
+    for container, pod in routers():
+        settings = settings_of(container)
+        assert not settings.insecure
+        settings.check_exposure()  # would refuse to start otherwise
+        if not settings.exposed_doors():
+            continue
+        # The token file (or the client CA) is mounted from a Secret, not baked in.
+        files = [f for f in (settings.auth_token_file, settings.tls_client_ca_file) if f]
+        volumes = {v["name"]: v for v in pod.get("volumes", [])}
+        for path in files:
+            mounts = [
+                m for m in container.get("volumeMounts", []) if path.is_relative_to(m["mountPath"])
+            ]
+            assert mounts, f"{path} is on no volume"
+            assert "secret" in volumes[mounts[0]["name"]], f"{path} is not from a Secret"
 
 
 def test_the_kustomize_pool_validates_with_known_adapters() -> None:
