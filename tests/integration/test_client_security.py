@@ -289,8 +289,7 @@ async def test_rewritten_certificate_files_are_served_to_new_connections(tmp_pat
         assert cluster.daemon.admin.reload_tls() is False  # nothing changed since
         assert await served_certificate(http_port, pki) == second
         # A new connection through the SDK is served under the new certificate.
-        config = dataclasses.replace(mtls_channel(cluster, pki, pki.client))
-        async with AsyncRouterClient(config) as client:
+        async with AsyncRouterClient(mtls_channel(cluster, pki, pki.client)) as client:
             assert len((await client.list_backends()).backends) == 4
 
         # A pair that does not load (a key rewritten with garbage) is not taken up.
