@@ -4,11 +4,17 @@ gRPC carries the control (Prefill, Decode, handles); a KV's bytes go over a plai
 TCP connection, as NIXL and Mooncake keep bulk transfers off their RPC layer: in
 Python a stream of 1 MiB gRPC messages reaches about a third of a socket's rate.
 
-A request is ``G``, the request id's length (2 bytes) and the id, then the byte
-offset and length (8 bytes each, big-endian). The answer is a status byte and a
-length (8 bytes); on success the bytes follow, then the count of 1 MiB segments
-(4 bytes) and the CRC-32 of each (4 bytes each), so a damaged segment is named;
-on failure a message follows (2-byte length, UTF-8). One request per connection.
+A request is ``G``, the request id's length (2 bytes) and the id (UTF-8), the
+lease token's length (1 byte) and the token (the handle's ``lease_token``, ASCII
+hex), then the byte offset and length (8 bytes each; every integer is big-endian).
+A KV is served only for its id and token together: a wrong or missing token is
+answered as an unknown id is, not found, and the message names neither. The
+answer is a status byte and a length (8 bytes); on success the CRC-32 of the whole
+payload (4 bytes; 0 for a range) and the bytes follow, then the count of 1 MiB
+segments (4 bytes) and the CRC-32 of each (4 bytes each), so a damaged segment is
+named; on failure a message follows (2-byte length, UTF-8). A push (``P``, below)
+is how a relay hands a KV to a decode device. Any other first byte closes the
+connection unanswered. One request per connection.
 """
 
 from __future__ import annotations
@@ -55,7 +61,11 @@ def segment_checksums(payload: bytes | bytearray) -> tuple[int, ...]:
     )
 
 
-Lookup = Callable[[str], Served | None]
+# (request id, lease token) -> the payload, or None when no lease has both
+Lookup = Callable[[str, bytes], Served | None]
+_GET, _PUSH = b"G", b"P"
+_MAX_ID_BYTES, _MAX_TOKEN_BYTES = 0xFFFF, 0xFF  # what their length fields can say
+_NOT_HELD = "no KV held under this request id and token (expired, released or never made)"
 
 
 class Sink(Protocol):
@@ -96,13 +106,15 @@ class DataPlaneServer:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             op = await reader.readexactly(1)
-            if op == b"P":
+            if op == _PUSH:
                 await self._take(reader, writer)
                 return
-            request_id, offset, length = await _read_request(reader)
-            served = self._lookup(request_id)
+            if op != _GET:
+                return
+            request_id, token, offset, length = await _read_request(reader)
+            served = self._lookup(request_id, token)
             if served is None:
-                await _refuse(writer, _NOT_FOUND, f"no KV held for request {request_id}")
+                await _refuse(writer, _NOT_FOUND, _NOT_HELD)
                 return
             size = len(served.payload)
             end = offset + length if length else size
@@ -176,11 +188,14 @@ def _compare(computed: list[int], expected: tuple[int, ...]) -> None:
         raise DataPlaneError("DATA_LOSS", "KV segment checksums do not match the bytes sent")
 
 
-async def _read_request(reader: asyncio.StreamReader) -> tuple[str, int, int]:
+async def _read_request(reader: asyncio.StreamReader) -> tuple[str, bytes, int, int]:
     (id_length,) = struct.unpack(">H", await reader.readexactly(2))
-    request_id = (await reader.readexactly(id_length)).decode()
+    # An id that is not UTF-8 names no lease: it is looked up, and not found, as it is.
+    request_id = (await reader.readexactly(id_length)).decode(errors="replace")
+    (token_length,) = struct.unpack(">B", await reader.readexactly(1))
+    token = await reader.readexactly(token_length)
     offset, length = struct.unpack(">QQ", await reader.readexactly(16))
-    return request_id, offset, length
+    return request_id, token, offset, length
 
 
 async def _refuse(writer: asyncio.StreamWriter, status: int, message: str) -> None:
@@ -212,7 +227,7 @@ def _checksum(segment: memoryview) -> int:
 
 
 async def fetch(
-    address: str, request_id: str, into: bytearray, offset: int = 0
+    address: str, request_id: str, token: str, into: bytearray, offset: int = 0
 ) -> tuple[int, tuple[int, ...]]:
     """Fills ``into`` with the payload's bytes from ``offset``, each segment checked.
 
@@ -224,7 +239,7 @@ async def fetch(
     loop = asyncio.get_running_loop()
     connection = await _connect(loop, address)
     try:
-        await loop.sock_sendall(connection, _get_request(request_id, offset, len(into)))
+        await loop.sock_sendall(connection, _get_request(request_id, token, offset, len(into)))
         length = await _answer(loop, connection)
         if length != len(into):
             raise DataPlaneError("DATA_LOSS", f"data plane sent {length} bytes, not {len(into)}")
@@ -260,10 +275,17 @@ async def _receive(loop: asyncio.AbstractEventLoop, connection: socket.socket, s
     return bytes(buffer)
 
 
-def _get_request(request_id: str, offset: int, length: int) -> bytes:
+def _get_request(request_id: str, token: str, offset: int, length: int) -> bytes:
     identifier = request_id.encode()
+    secret = token.encode()
+    if len(identifier) > _MAX_ID_BYTES or len(secret) > _MAX_TOKEN_BYTES:
+        raise DataPlaneError("INVALID_ARGUMENT", "request id or lease token too long to send")
     return (
-        struct.pack(">cH", b"G", len(identifier)) + identifier + struct.pack(">QQ", offset, length)
+        struct.pack(">cH", _GET, len(identifier))
+        + identifier
+        + struct.pack(">B", len(secret))
+        + secret
+        + struct.pack(">QQ", offset, length)
     )
 
 
@@ -297,9 +319,17 @@ async def _connect(loop: asyncio.AbstractEventLoop, address: str) -> socket.sock
 
 
 async def relay(
-    source: str, request_id: str, sink: str, handle: bytes, length: int, *, depth: int = 4
+    source: str,
+    request_id: str,
+    sink: str,
+    handle: bytes,
+    length: int,
+    *,
+    token: str,
+    depth: int = 4,
 ) -> bytes:
-    """Moves a KV from the data plane at ``source`` to the one at ``sink``.
+    """Moves a KV from the data plane at ``source`` (read with its lease ``token``) to the
+    one at ``sink``.
 
     The bytes go socket to socket through ``depth`` buffers of one segment, reused:
     received with ``recv_into``, sent from the same memory, never joined, never
@@ -314,14 +344,14 @@ async def relay(
         reader.close()
         raise
     try:
-        await loop.sock_sendall(reader, _get_request(request_id, 0, 0))
+        await loop.sock_sendall(reader, _get_request(request_id, token, 0, 0))
         size = await _answer(loop, reader)
         if size != length:
             raise DataPlaneError("DATA_LOSS", f"source holds {size} bytes, not {length}")
         whole = await _receive(loop, reader, 4)  # passed on for the sink to match its handle
         await loop.sock_sendall(
             writer,
-            b"P" + struct.pack(">I", len(handle)) + handle + struct.pack(">Q", length) + whole,
+            _PUSH + struct.pack(">I", len(handle)) + handle + struct.pack(">Q", length) + whole,
         )
         await _pipe(loop, reader, writer, length, depth)
         (count,) = struct.unpack(">I", await _receive(loop, reader, 4))

@@ -183,8 +183,9 @@ class DeviceEngine:
 
     # -- leases ----------------------------------------------------------------
 
-    def lease(self, request_id: str) -> Lease | None:
-        return self._leases.get(request_id)
+    def lease(self, request_id: str, token: str | bytes) -> Lease | None:
+        """The KV leased under ``request_id``, to the holder of its token only."""
+        return self._leases.get(request_id, token)
 
     def adopt(
         self,

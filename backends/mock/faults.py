@@ -25,8 +25,8 @@ class FaultyKVBytes:
         self._breaks_left = breaks
         self._corruptions_left = corruptions
 
-    def served(self, request_id: str) -> dataplane.Served | None:
-        served = self._inner.served(request_id)
+    def served(self, request_id: str, token: bytes) -> dataplane.Served | None:
+        served = self._inner.served(request_id, token)
         if served is None:
             return None
         if self._breaks_left > 0:

@@ -15,8 +15,9 @@ from backends.mock.lease import Lease
 class KVBytes(Protocol):
     """What serves the bytes of the KV a device holds, to its data plane and to FetchKV."""
 
-    def served(self, request_id: str) -> dataplane.Served | None:
-        """A lease's payload for the data plane; None when none is held."""
+    def served(self, request_id: str, token: bytes) -> dataplane.Served | None:
+        """A lease's payload for the data plane; None when none is held under the id
+        with that token."""
         ...
 
     def chunks(self, lease: Lease, start: int, end: int, size: int) -> Iterator[device_pb2.KVChunk]:
@@ -27,11 +28,11 @@ class KVBytes(Protocol):
 class LeaseBytes:
     """A lease's bytes as they are: memoryview slices of its payload, checksums made ahead."""
 
-    def __init__(self, lease: Callable[[str], Lease | None]) -> None:
+    def __init__(self, lease: Callable[[str, bytes], Lease | None]) -> None:
         self._lease = lease
 
-    def served(self, request_id: str) -> dataplane.Served | None:
-        lease = self._lease(request_id)
+    def served(self, request_id: str, token: bytes) -> dataplane.Served | None:
+        lease = self._lease(request_id, token)
         if lease is None:
             return None
         return dataplane.Served(lease.payload, lease.segment_checksums, lease.checksum)

@@ -37,6 +37,8 @@ log: structlog.typing.FilteringBoundLogger = structlog.get_logger(__name__)
 KV_PULL_ATTEMPTS = 3
 # KV failures a local prefill can make good; a wrong layout or role cannot.
 _RECOVERABLE = frozenset({"NOT_FOUND", "DATA_LOSS", "UNAVAILABLE", "DEADLINE_EXCEEDED"})
+# How much of a request id an error quotes: ids come from callers and may be long.
+_ECHOED_ID_CHARS = 64
 
 
 class KVHandoff:
@@ -84,17 +86,13 @@ class KVHandoff:
             link_gbps=self._timing.profile.interconnect_gbps,
             emulated_bytes_per_token=self._timing.model.kv_bytes_per_token,
             data_address=self.data_address,
+            lease_token=lease.token,
         )
 
     def fetch(self, request: device_pb2.FetchKVRequest) -> Iterator[device_pb2.KVChunk]:
         """FetchKV's chunks of a lease; the lease stays until its reader releases it."""
         self.fetches_served += 1
-        lease = self._engine.lease(request.request_id)
-        if lease is None:
-            raise DeviceError(
-                "NOT_FOUND",
-                f"no KV held for request {request.request_id} (expired, released or never made)",
-            )
+        lease = self._held(request.request_id, request.lease_token)
         check_layout(self._config, self._layout, layout_from_proto(request.expected_layout))
         size = len(lease.payload)
         end = request.offset + request.length if request.length else size
@@ -102,6 +100,12 @@ class KVHandoff:
             raise DeviceError("OUT_OF_RANGE", f"bytes {request.offset}..{end} of {size}")
         chunk = request.chunk_bytes or KV_CHUNK_BYTES
         return self._served.chunks(lease, request.offset, end, chunk)
+
+    def release(self, request: device_pb2.ReleaseKVRequest) -> bool:
+        """Frees a lease for the holder of its token; False, as for an unknown id, else."""
+        if self._engine.lease(request.request_id, request.lease_token) is None:
+            return False
+        return self._engine.release_lease(request.request_id)
 
     async def obtain(self, request: device_pb2.DecodeRequest) -> KVCache:
         """The KV a decode continues from, however it can be had."""
@@ -171,9 +175,7 @@ class KVHandoff:
     async def _take(self, handle: device_pb2.KVHandle) -> KVCache:
         """The KV of the handle: taken locally, or pulled from the device that holds it."""
         if handle.backend_id == self._config.backend_id:
-            lease = self._engine.lease(handle.request_id)
-            if lease is None:
-                raise DeviceError("NOT_FOUND", f"no KV held for request {handle.request_id}")
+            lease = self._held(handle.request_id, handle.lease_token)
             self._engine.release_lease(handle.request_id)
             return lease.cache
         attempts = KV_PULL_ATTEMPTS if self._config.kv_failure_policy == "retry" else 1
@@ -192,6 +194,18 @@ class KVHandoff:
         self._puller.release(handle)
         await self._model_wire_time(handle, started)
         return self.cache_from(buffer, handle.num_tokens)
+
+    def _held(self, request_id: str, token: str) -> Lease:
+        """The lease of ``request_id``, to the holder of its token; a wrong token is
+        refused in the words an unknown id is, so it tells nothing about the id."""
+        lease = self._engine.lease(request_id, token)
+        if lease is None:
+            raise DeviceError(
+                "NOT_FOUND",
+                f"no KV held for request {request_id[:_ECHOED_ID_CHARS]!r} with this token "
+                "(expired, released or never made)",
+            )
+        return lease
 
     async def _recompute(self, request: device_pb2.DecodeRequest) -> KVCache:
         """The prompt's KV computed on this device, through its own engine and timing."""

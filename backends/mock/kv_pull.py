@@ -51,7 +51,10 @@ class KVPuller:
 
         async def send() -> None:
             with contextlib.suppress(grpc.aio.AioRpcError):
-                await release(device_pb2.ReleaseKVRequest(request_id=handle.request_id), timeout=5)
+                message = device_pb2.ReleaseKVRequest(
+                    request_id=handle.request_id, lease_token=handle.lease_token
+                )
+                await release(message, timeout=5)
 
         task = asyncio.create_task(send())
         self._background.add(task)
@@ -61,7 +64,9 @@ class KVPuller:
         buffer = bytearray(handle.byte_length)
         try:
             # Checked segment by segment against the holder's own checksums...
-            whole, _ = await dataplane.fetch(handle.data_address, handle.request_id, buffer)
+            whole, _ = await dataplane.fetch(
+                handle.data_address, handle.request_id, handle.lease_token, buffer
+            )
         except dataplane.DataPlaneError as error:
             message = f"KV from {handle.backend_id}: {error.message}"
             raise DeviceError(error.code, message) from error
@@ -80,6 +85,7 @@ class KVPuller:
         call = fetch(
             device_pb2.FetchKVRequest(
                 request_id=handle.request_id,
+                lease_token=handle.lease_token,
                 expected_layout=handle.layout,
                 chunk_bytes=KV_CHUNK_BYTES,
             ),

@@ -1,8 +1,16 @@
-"""KV a device holds for another: leased in wire form until fetched, released or expired."""
+"""KV a device holds for another: leased in wire form until fetched, released or expired.
+
+Each lease has a token, a random secret minted with it and named in its handle: a
+reader finds a lease by its request id and token together, so knowing (or guessing)
+a request id is not enough to read or release another request's KV. A wrong token
+finds nothing, exactly as an unknown id does, and is compared in constant time.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import hmac
+import secrets
 import time
 import zlib
 from collections.abc import Callable, Iterator
@@ -21,6 +29,10 @@ DEFAULT_KV_LEASE_S = 30.0
 # (CRC-32 of the whole payload, CRC-32 of each data plane segment)
 Checksums = tuple[int, tuple[int, ...]]
 
+TOKEN_BYTES = 16  # a lease token's entropy; it travels as hex
+# Compared against when no lease has the id, so that a miss costs what a wrong token does.
+_DECOY_TOKEN = secrets.token_hex(TOKEN_BYTES).encode()
+
 
 @dataclass
 class Lease:
@@ -34,6 +46,7 @@ class Lease:
     segment_checksums: tuple[int, ...]
     expires_at: float  # Unix time
     timer: asyncio.TimerHandle
+    token: str  # the secret a reader must show (hex)
 
     @property
     def num_tokens(self) -> int:
@@ -76,8 +89,14 @@ class Leases:
     def __iter__(self) -> Iterator[str]:
         return iter(list(self._held))
 
-    def get(self, request_id: str) -> Lease | None:
-        return self._held.get(request_id)
+    def get(self, request_id: str, token: str | bytes) -> Lease | None:
+        """The lease of ``request_id`` if ``token`` is its token; None otherwise."""
+        lease = self._held.get(request_id)
+        expected = lease.token.encode() if lease is not None else _DECOY_TOKEN
+        shown = token if isinstance(token, bytes) else token.encode(errors="replace")
+        if not hmac.compare_digest(expected, shown) or lease is None:
+            return None
+        return lease
 
     def hold(
         self, request_id: str, cache: KVCache, payload: bytes | bytearray, checksums: Checksums
@@ -91,12 +110,15 @@ class Leases:
             segment_checksums=segments,
             expires_at=time.time() + self.lease_s,
             timer=timer,
+            token=secrets.token_hex(TOKEN_BYTES),
         )
         self._held[request_id] = lease
         self.tokens += lease.num_tokens
         return lease
 
     def release(self, request_id: str) -> bool:
+        """Frees a lease whatever its token: the device's own path (expiry, abort, a
+        decode that took the KV); a reader's release goes through :meth:`get` first."""
         lease = self._held.pop(request_id, None)
         if lease is None:
             return False

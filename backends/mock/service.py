@@ -85,7 +85,7 @@ class DeviceService(device_pb2_grpc.DeviceServicer):
     async def ReleaseKV(  # noqa: N802  # the generated servicer's method names
         self, request: device_pb2.ReleaseKVRequest, context: grpc.aio.ServicerContext
     ) -> device_pb2.ReleaseKVResponse:
-        return device_pb2.ReleaseKVResponse(released=self._engine.release_lease(request.request_id))
+        return device_pb2.ReleaseKVResponse(released=self._kv.release(request))
 
     async def Decode(  # noqa: N802  # the generated servicer's method names
         self, request: device_pb2.DecodeRequest, context: grpc.aio.ServicerContext

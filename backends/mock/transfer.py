@@ -1,7 +1,8 @@
 """The mock devices' KV transport: FetchKV / PushKV over gRPC, or socket to socket.
 
-Handles carry the holder's data plane address and its modelled link in
-``transport_params``; the router sees none of it (``backends.transfer``).
+Handles carry the holder's data plane address, its modelled link and the lease's
+token (the secret every read of the KV must show) in ``transport_params``; the
+router passes them on and reads none of it (``backends.transfer``).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from backends.transfer import DirectCopy, KVChunk, KVTransfer
 LINK_GBPS = "link_gbps"  # the holder's interconnect, for the modelled wire time
 EMULATED_BYTES_PER_TOKEN = "emulated_bytes_per_token"  # the emulated model's KV size
 DATA_ADDRESS = "data_address"  # the holder's data plane (empty: over gRPC only)
+LEASE_TOKEN = "lease_token"  # the holder's secret for this KV: no read without it
 
 
 def handle_to_proto(handle: KVHandle) -> device_pb2.KVHandle:
@@ -46,6 +48,7 @@ def handle_to_proto(handle: KVHandle) -> device_pb2.KVHandle:
         link_gbps=float(params.get(LINK_GBPS, 0.0)),
         emulated_bytes_per_token=int(params.get(EMULATED_BYTES_PER_TOKEN, 0)),
         data_address=str(params.get(DATA_ADDRESS, "")),
+        lease_token=str(params.get(LEASE_TOKEN, "")),
     )
 
 
@@ -64,6 +67,7 @@ def handle_from_proto(message: device_pb2.KVHandle) -> KVHandle:
             LINK_GBPS: message.link_gbps,
             EMULATED_BYTES_PER_TOKEN: message.emulated_bytes_per_token,
             DATA_ADDRESS: message.data_address,
+            LEASE_TOKEN: message.lease_token,
         },
     )
 
@@ -100,6 +104,7 @@ class DeviceKVTransfer(KVTransfer):
         )
         request = device_pb2.FetchKVRequest(
             request_id=handle.request_id,
+            lease_token=str(handle.transport_params.get(LEASE_TOKEN, "")),
             expected_layout=layout_to_proto(handle.layout) if handle.layout else None,
             chunk_bytes=self._chunk_bytes,
             offset=offset,
@@ -155,6 +160,7 @@ class DeviceKVTransfer(KVTransfer):
                 sink.data_address,
                 handle_to_proto(handle).SerializeToString(),
                 handle.byte_length,
+                token=str(handle.transport_params.get(LEASE_TOKEN, "")),
                 depth=depth,
             )
         except dataplane.DataPlaneError as error:

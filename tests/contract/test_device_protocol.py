@@ -107,7 +107,12 @@ async def test_prefill_leases_kv_that_fetch_returns_intact(pair: Any) -> None:
 
     payload = bytearray()
     async for chunk in prefill.fetch(
-        device_pb2.FetchKVRequest(request_id="r1", expected_layout=layout, chunk_bytes=100)
+        device_pb2.FetchKVRequest(
+            request_id="r1",
+            lease_token=handle.lease_token,
+            expected_layout=layout,
+            chunk_bytes=100,
+        )
     ):
         assert chunk.offset == len(payload)
         assert zlib.crc32(chunk.data) == chunk.checksum
@@ -116,7 +121,8 @@ async def test_prefill_leases_kv_that_fetch_returns_intact(pair: Any) -> None:
     assert zlib.crc32(payload) == handle.checksum
     # Still leased until the reader says it has every byte: a damaged read can be redone.
     assert (await prefill.load(device_pb2.LoadRequest())).kv_leases == 1
-    assert (await prefill.release(device_pb2.ReleaseKVRequest(request_id="r1"))).released
+    release = device_pb2.ReleaseKVRequest(request_id="r1", lease_token=handle.lease_token)
+    assert (await prefill.release(release)).released
     load = await prefill.load(device_pb2.LoadRequest())
     assert (load.kv_leases, load.kv_tokens_used) == (0, 0)
 

@@ -140,6 +140,6 @@ def test_a_handle_survives_the_adapter_round_trip_whole() -> None:
         layout=KVLayout(2, 4, 16, "float32", 16, 2), num_tokens=7, byte_length=7168,
         checksum=99, lease_expires_at=1.5, block_ids=(0,),
         transport_params={"link_gbps": 400.0, "emulated_bytes_per_token": 131072,
-                          "data_address": "h:2"},
+                          "data_address": "h:2", "lease_token": "9f" * 16},
     )  # fmt: skip
     assert handle_from_proto(handle_to_proto(handle)) == handle

@@ -106,6 +106,7 @@ class KVHandle(_message.Message):
     LINK_GBPS_FIELD_NUMBER: _builtins.int
     EMULATED_BYTES_PER_TOKEN_FIELD_NUMBER: _builtins.int
     DATA_ADDRESS_FIELD_NUMBER: _builtins.int
+    LEASE_TOKEN_FIELD_NUMBER: _builtins.int
     backend_id: _builtins.str
     address: _builtins.str
     """host:port of the device that holds the KV."""
@@ -127,6 +128,11 @@ class KVHandle(_message.Message):
     """host:port of the holder's data plane, a plain socket for the KV's bytes;
     empty: read them with FetchKV.
     """
+    lease_token: _builtins.str
+    """A secret the holder minted with the lease (random, 128 bits, hex): every
+    read or release of the KV must carry it, so knowing a request id is not
+    enough to read another request's KV.
+    """
     @_builtins.property
     def block_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
     @_builtins.property
@@ -146,10 +152,11 @@ class KVHandle(_message.Message):
         link_gbps: _builtins.float = ...,
         emulated_bytes_per_token: _builtins.int = ...,
         data_address: _builtins.str = ...,
+        lease_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["layout", b"layout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "backend_id", b"backend_id", "block_ids", b"block_ids", "byte_length", b"byte_length", "checksum", b"checksum", "data_address", b"data_address", "emulated_bytes_per_token", b"emulated_bytes_per_token", "layout", b"layout", "lease_expires_at", b"lease_expires_at", "link_gbps", b"link_gbps", "num_tokens", b"num_tokens", "request_id", b"request_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "backend_id", b"backend_id", "block_ids", b"block_ids", "byte_length", b"byte_length", "checksum", b"checksum", "data_address", b"data_address", "emulated_bytes_per_token", b"emulated_bytes_per_token", "layout", b"layout", "lease_expires_at", b"lease_expires_at", "lease_token", b"lease_token", "link_gbps", b"link_gbps", "num_tokens", b"num_tokens", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -227,6 +234,7 @@ class FetchKVRequest(_message.Message):
     CHUNK_BYTES_FIELD_NUMBER: _builtins.int
     OFFSET_FIELD_NUMBER: _builtins.int
     LENGTH_FIELD_NUMBER: _builtins.int
+    LEASE_TOKEN_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     chunk_bytes: _builtins.int
     offset: _builtins.int
@@ -234,6 +242,8 @@ class FetchKVRequest(_message.Message):
     length 0 reads to the end.
     """
     length: _builtins.int
+    lease_token: _builtins.str
+    """The handle's lease_token."""
     @_builtins.property
     def expected_layout(self) -> Global___KVLayout:
         """The layout the caller will read the bytes with; refused on mismatch
@@ -248,10 +258,11 @@ class FetchKVRequest(_message.Message):
         chunk_bytes: _builtins.int = ...,
         offset: _builtins.int = ...,
         length: _builtins.int = ...,
+        lease_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["expected_layout", b"expected_layout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk_bytes", b"chunk_bytes", "expected_layout", b"expected_layout", "length", b"length", "offset", b"offset", "request_id", b"request_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk_bytes", b"chunk_bytes", "expected_layout", b"expected_layout", "lease_token", b"lease_token", "length", b"length", "offset", b"offset", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -310,15 +321,19 @@ class ReleaseKVRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    LEASE_TOKEN_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
+    lease_token: _builtins.str
+    """The handle's lease_token."""
     def __init__(
         self,
         *,
         request_id: _builtins.str = ...,
+        lease_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["request_id", b"request_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["lease_token", b"lease_token", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -102,7 +102,8 @@ class DeviceServicer:
     def FetchKV(self, request, context):
         """Streams the KV of a handle in chunks (called by the decode device). The KV
         stays leased until the reader releases it (ReleaseKV), so a transfer that
-        failed its checksum can be read again.
+        failed its checksum can be read again. Only the holder of the lease's
+        token reads it: a wrong or missing token is NOT_FOUND, as for an unknown id.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -122,7 +123,8 @@ class DeviceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ReleaseKV(self, request, context):
-        """Releases the KV of a handle before its lease expires.
+        """Releases the KV of a handle before its lease expires; the lease's token
+        is required (a wrong one releases nothing).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
