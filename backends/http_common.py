@@ -3,7 +3,8 @@
 Each helper is protocol-level and knows nothing of one engine:
 
 - connection set-up: :func:`reject_inline_key`, :func:`read_api_key` and
-  :class:`Secret` (the key, redacted wherever it is shown), :func:`new_session`,
+  :class:`Secret` (the key, redacted wherever it is shown), :func:`new_session` and
+  :func:`connector` (HTTPS with the context ``backends.tls`` builds),
   :func:`client_timeout`;
 - errors: :func:`status_error` and :func:`transport_error` turn an HTTP status or an
   aiohttp failure into a :class:`~backends.errors.BackendError`, or a
@@ -53,6 +54,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from backends._gen.hetero.router.v1 import router_pb2
 from backends.errors import BackendError, BackendRejectedError
+from backends.tls import ClientTLS
 
 T = TypeVar("T")
 
@@ -120,22 +122,33 @@ def read_api_key(options: Mapping[str, Any]) -> str | None:
 
 
 def new_session(
-    address: str, *, api_key: str | None, max_connections: int
+    address: str,
+    *,
+    api_key: str | None,
+    max_connections: int,
+    tls: ClientTLS | None = None,
 ) -> aiohttp.ClientSession:
-    """A keep-alive session to one ``host:port``; creating it opens no connection.
+    """A keep-alive session to one ``host:port``, over HTTPS with ``tls`` (see
+    ``backends.tls``); creating it opens no connection.
 
     Every streaming leg holds one connection for its whole length, so the pool is sized
     for hundreds of concurrent streams instead of aiohttp's default of 100, past which
     new legs would queue silently behind old ones.
     """
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
-    connector = aiohttp.TCPConnector(limit=max_connections, limit_per_host=0)
     return aiohttp.ClientSession(
-        base_url=f"http://{address}",
-        connector=connector,
+        base_url=f"{'https' if tls else 'http'}://{address}",
+        connector=connector(max_connections, tls),
         headers=headers,
         raise_for_status=False,
     )
+
+
+def connector(max_connections: int, tls: ClientTLS | None) -> aiohttp.TCPConnector:
+    """A connection pool of ``max_connections``; ``tls`` for HTTPS (None: aiohttp's own
+    verification, the system's CAs, should a URL say https)."""
+    context = tls.context if tls is not None else True
+    return aiohttp.TCPConnector(limit=max_connections, limit_per_host=0, ssl=context)
 
 
 def client_timeout(
@@ -240,15 +253,27 @@ def status_error(backend_id: str, status: int, body: bytes) -> BackendError:
     return engine_error(backend_id, status, f"HTTP {status}: {error_text(body)}")
 
 
-def transport_error(backend_id: str, error: BaseException, timeout_s: float) -> BackendError:
-    """A connection failure or an expired deadline: always retryable."""
+def transport_error(
+    backend_id: str, error: BaseException, timeout_s: float, tls: ClientTLS | None = None
+) -> BackendError:
+    """A connection failure or an expired deadline: always retryable. With the
+    backend's ``tls``, a disconnect says what TLS may have had to do with it."""
     if isinstance(error, TimeoutError):
         # aiohttp's socket timeouts subclass it and say which one fired; the leg's
         # overall deadline arrives as a bare TimeoutError.
         detail = str(error) or f"no answer within {timeout_s:g} s"
         return BackendError(backend_id, f"timed out: {detail}", retryable=True)
-    detail = str(error) or type(error).__name__
-    return BackendError(backend_id, f"connection failed: {detail}", retryable=True)
+    if isinstance(error, aiohttp.ClientConnectorCertificateError):
+        reason = getattr(error.certificate_error, "verify_message", "") or error.certificate_error
+        return BackendError(
+            backend_id,
+            f"TLS: the engine's certificate did not verify (tls.ca_file): {reason}",
+            retryable=True,
+        )
+    if isinstance(error, aiohttp.ClientSSLError):
+        return BackendError(backend_id, f"TLS handshake failed: {error.os_error}", retryable=True)
+    detail = f"connection failed: {str(error) or type(error).__name__}"
+    return BackendError(backend_id, tls.explain(error, detail) if tls else detail, retryable=True)
 
 
 # --- what engines answer -----------------------------------------------------------------

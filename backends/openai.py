@@ -52,6 +52,7 @@ from backends.http_common import (
     OpenExchanges,
     Secret,
     client_timeout,
+    connector,
     malformed_detail,
     openai_frames,
     read_api_key,
@@ -60,6 +61,7 @@ from backends.http_common import (
     status_error,
     transport_error,
 )
+from backends.tls import client_tls
 
 # What a failed exchange can raise besides an HTTP status or a BackendError.
 _TRANSPORT_ERRORS = (aiohttp.ClientError, TimeoutError)
@@ -97,7 +99,11 @@ class OpenAIBackend(Backend):
     ) -> None:
         super().__init__(backend_id, address, options)
         reject_inline_key(self.options)
-        self._base_url = str(self.options.get("base_url") or f"http://{address}/v1").rstrip("/")
+        self._tls = client_tls(self.options)  # files read now, like the key
+        scheme = "https" if self._tls else "http"
+        self._base_url = str(self.options.get("base_url") or f"{scheme}://{address}/v1").rstrip("/")
+        if self._tls and not self._base_url.startswith("https://"):
+            raise ValueError(f"tls is set but base_url {self._base_url} is not https://")
         self._model = str(self.options["model"]) if self.options.get("model") else None
         self._max_connections = int(self.options.get("max_connections", 1024))
         self._connect_timeout_s = float(self.options.get("connect_timeout_s", 5.0))
@@ -119,7 +125,7 @@ class OpenAIBackend(Backend):
 
     async def start(self) -> None:
         self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=self._max_connections, limit_per_host=0),
+            connector=connector(self._max_connections, self._tls),
             headers=self._key.headers(),
         )
 
@@ -145,7 +151,7 @@ class OpenAIBackend(Backend):
                     )
                 body = await read_body(self.id, response, MAX_PAGE_BYTES, "/models listing")
         except _TRANSPORT_ERRORS as error:
-            failure = transport_error(self.id, error, timeout_s)
+            failure = transport_error(self.id, error, timeout_s, self._tls)
             return HealthStatus(
                 serving=False,
                 detail=self._key.clean(failure.message),

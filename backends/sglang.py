@@ -117,6 +117,7 @@ from backends.http_common import (
     transport_error,
 )
 from backends.openai import openai_body
+from backends.tls import client_tls
 
 log: structlog.typing.FilteringBoundLogger = structlog.get_logger(__name__)
 
@@ -237,6 +238,7 @@ class SglangBackend(Backend):
         self._idle_timeout_s = float(idle) if idle is not None else None
         self._abort_timeout_s = float(self.options.get("abort_timeout_s", 2.0))
         self._key = Secret(read_api_key(self.options))
+        self._tls = client_tls(self.options)  # files read now, like the key
         self._session: aiohttp.ClientSession | None = None
         self._exchanges = OpenExchanges()  # closes streams and cancels prefill legs on abort
         self._rids: dict[str, set[str]] = {}  # request id -> rids still live on this engine
@@ -255,7 +257,10 @@ class SglangBackend(Backend):
 
     async def start(self) -> None:
         self._session = new_session(
-            self._http_address, api_key=self._key.reveal(), max_connections=self._max_connections
+            self._http_address,
+            api_key=self._key.reveal(),
+            max_connections=self._max_connections,
+            tls=self._tls,
         )
 
     async def close(self) -> None:
@@ -284,7 +289,7 @@ class SglangBackend(Backend):
                 if response.status != 200:
                     return HealthStatus(serving=False, detail=f"HTTP {response.status}")
         except _TRANSPORT_ERRORS as error:
-            detail = transport_error(self.id, error, timeout_s).message
+            detail = transport_error(self.id, error, timeout_s, self._tls).message
             return HealthStatus(
                 serving=False,
                 detail=self._key.clean(detail),

@@ -157,6 +157,7 @@ from backends.http_common import (
     transport_error,
     usage_message,
 )
+from backends.tls import client_tls
 
 log: structlog.typing.FilteringBoundLogger = structlog.get_logger(__name__)
 
@@ -170,6 +171,7 @@ _DEFAULTS: Mapping[str, Any] = {
     "timeout_idle_s": 60.0,
     "max_connections": 1024,
     "return_token_ids": True,
+    "tls": None,  # see backends.tls
 }
 
 # The prefill leg's request for a remote decode: vLLM's NixlConnector keys, the remote
@@ -228,6 +230,7 @@ class VllmBackend(Backend):
         self._return_token_ids = bool(settings["return_token_ids"])
         # Read now so that a missing secret fails at start-up, naming the option.
         self._key = Secret(read_api_key(self.options))
+        self._tls = client_tls(self.options)  # files read now, like the key
         self._session: aiohttp.ClientSession | None = None
         self._open = OpenExchanges()
         self._max_model_len: int | None = None  # from /v1/models; None: unknown
@@ -247,7 +250,10 @@ class VllmBackend(Backend):
 
     async def start(self) -> None:
         self._session = new_session(
-            self.address, api_key=self._key.reveal(), max_connections=self._max_connections
+            self.address,
+            api_key=self._key.reveal(),
+            max_connections=self._max_connections,
+            tls=self._tls,
         )
 
     async def close(self) -> None:
@@ -273,7 +279,7 @@ class VllmBackend(Backend):
                     body = await response.content.read(_ERROR_BODY_BYTES)
                     error = self._key.scrub(status_error(self.id, response.status, body))
         except (aiohttp.ClientError, TimeoutError) as failure:
-            error = self._key.scrub(transport_error(self.id, failure, timeout_s))
+            error = self._key.scrub(transport_error(self.id, failure, timeout_s, self._tls))
             return HealthStatus(
                 serving=False, detail=error.message, timed_out=isinstance(failure, TimeoutError)
             )

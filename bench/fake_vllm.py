@@ -43,6 +43,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
+import ssl
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -130,6 +131,8 @@ class FakeVllm:
     prefill_reply: Any = None
     models_reply: Any = None
     runaway_chunks: int = 0
+    # Serves HTTPS with this context (its certificate, and clients it requires).
+    ssl_context: ssl.SSLContext | None = None
 
     requests: list[Recorded] = field(default_factory=list)
     violations: list[str] = field(default_factory=list)
@@ -160,7 +163,7 @@ class FakeVllm:
             app, handler_cancellation=True, access_log=None, shutdown_timeout=0.1
         )
         await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        site = web.TCPSite(self._runner, "127.0.0.1", 0, ssl_context=self.ssl_context)
         await site.start()
         self.port = self._runner.addresses[0][1]
 

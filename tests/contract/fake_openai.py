@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import ssl
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,6 +46,7 @@ class FakeOpenAI:
     received: list[Received] = field(default_factory=list)
     disconnected: int = 0  # streams whose client left before the end
     first_chunk_sent: asyncio.Event = field(default_factory=asyncio.Event)
+    ssl_context: ssl.SSLContext | None = None  # serves HTTPS with it
 
     def __post_init__(self) -> None:
         app = web.Application()
@@ -60,11 +62,12 @@ class FakeOpenAI:
 
     @property
     def base_url(self) -> str:
-        return f"http://{self.address}{self.prefix}"
+        scheme = "https" if self.ssl_context else "http"
+        return f"{scheme}://{self.address}{self.prefix}"
 
     async def start(self) -> None:
         await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        site = web.TCPSite(self._runner, "127.0.0.1", 0, ssl_context=self.ssl_context)
         await site.start()
         self.port = self._runner.addresses[0][1]
 
