@@ -142,7 +142,8 @@ class KVHandle:
     checksum: int = 0
     lease_expires_at: float = 0.0
     block_ids: tuple[int, ...] = ()
-    transport_params: Mapping[str, Any] = field(default_factory=dict)
+    # repr=False: it may hold a lease token, which must not reach a log line.
+    transport_params: Mapping[str, Any] = field(default_factory=dict, repr=False)
 
 
 @dataclass(frozen=True)
