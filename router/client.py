@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncGenerator, Iterator, Sequence
 from dataclasses import dataclass
+from importlib import resources
 from typing import Any, Literal
 
 import grpc
@@ -26,6 +27,8 @@ DisaggregationName = Literal["auto", "split", "colocated"]
 ROUTER_SERVICE: str = router_pb2.DESCRIPTOR.services_by_name["Router"].full_name
 GENERATE_METHOD = f"/{ROUTER_SERVICE}/Generate"
 DEFAULT_ADDRESS = defaults.GRPC_ADDRESS
+# The retry policy clients should use, published for every language (deploy/ has a copy).
+SERVICE_CONFIG_RESOURCE = "defaults/grpc-service-config.json"
 _DISAGGREGATION = {
     "auto": router_pb2.DISAGGREGATION_AUTO,
     "split": router_pb2.DISAGGREGATION_SPLIT,
@@ -94,7 +97,8 @@ class ChannelConfig:
     private_key: bytes | None = None
     bearer_token: str | None = None
     # gRPC retries a call that fails UNAVAILABLE before its first response
-    # message, i.e. before the first token: a stream is never replayed.
+    # message, i.e. before the first token: a stream is never replayed. Each retry
+    # waits the router's grpc-retry-pushback-ms, else the policy's backoff.
     max_attempts: int = 3
 
     def __post_init__(self) -> None:
@@ -104,16 +108,15 @@ class ChannelConfig:
             raise ValueError("a client certificate needs tls=True")
 
     def service_config(self) -> str:
-        method: dict[str, Any] = {"name": [{"service": ROUTER_SERVICE}]}
-        if self.max_attempts > 1:  # gRPC refuses a retry policy of fewer than 2 attempts
-            method["retryPolicy"] = {
-                "maxAttempts": self.max_attempts,
-                "initialBackoff": "0.1s",
-                "maxBackoff": "1s",
-                "backoffMultiplier": 2,
-                "retryableStatusCodes": ["UNAVAILABLE"],
-            }
-        return json.dumps({"methodConfig": [method]})
+        """The published service config (router/defaults/grpc-service-config.json) with
+        ``max_attempts``; no retry policy at all for one attempt."""
+        config = json.loads(service_config_json())
+        for method in config["methodConfig"]:
+            if self.max_attempts > 1:
+                method["retryPolicy"]["maxAttempts"] = self.max_attempts
+            else:  # gRPC refuses a retry policy of fewer than 2 attempts
+                del method["retryPolicy"]
+        return json.dumps(config)
 
     def options(self) -> list[tuple[str, Any]]:
         return [
@@ -130,6 +133,11 @@ class ChannelConfig:
             private_key=self.private_key,
             certificate_chain=self.certificate_chain,
         )
+
+
+def service_config_json() -> str:
+    """The service config the router publishes for its clients, as packaged."""
+    return resources.files("router").joinpath(SERVICE_CONFIG_RESOURCE).read_text()
 
 
 def _methods(channel: Any) -> tuple[Any, Any]:

@@ -1,9 +1,15 @@
 """The gRPC front door: hetero.router.v1.Router, health checking and reflection.
 
-Generate is registered with an identity response serializer: the handler writes
-frames as the backends encoded them, and grpc sends those bytes as they are. Each
-write waits on the reader's flow-control window; one that waits longer than
+Both methods are registered with an identity request deserializer: the handler
+parses the bytes itself, so a request that is not a valid message is INVALID_ARGUMENT
+with a reason, not UNKNOWN. Generate's response serializer is the identity too: the
+handler writes frames as the backends encoded them, and grpc sends those bytes as they
+are. Each write waits on the reader's flow-control window; one that waits longer than
 ``write_stall_timeout_s`` cancels the call (CANCELLED) and aborts its backends.
+
+Every error carries a ``google.rpc.Status`` in ``grpc-status-details-bin``: with a
+``BadRequest`` field violation when one field is at fault, and a ``RetryInfo`` when a
+retry can fix it.
 """
 
 from __future__ import annotations
@@ -13,18 +19,27 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
+from google.protobuf import any_pb2, duration_pb2
+from google.rpc.error_details_pb2 import BadRequest, RetryInfo
+from google.rpc.status_pb2 import Status
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_status import rpc_status
 
 from backends._gen.hetero.router.v1 import router_pb2
 from backends.errors import ServingError
+from router.api import reflection
 from router.api.door import BearerTokens, grpc_peer_client, through_the_door, token_client
 from router.api.tls import grpc_credentials
-from router.api.validation import validate_generate, validate_service
+from router.api.validation import (
+    GRPC_FIELD_NAMES,
+    parse_request,
+    validate_generate,
+    validate_service,
+)
 from router.api.write_stall import StallGuard, WriteStalledError
 from router.client import ROUTER_SERVICE
 from router.dispatch.dispatcher import Dispatcher
-from router.errors import retry_hint_s
+from router.errors import InvalidRequestError, retry_hint_s
 from router.logging import bind_request, get_logger, unbind_request
 from router.pool.registry import Pool
 from router.settings import Settings, TlsFiles
@@ -37,6 +52,12 @@ _ROLES = {
     "decode": router_pb2.BACKEND_ROLE_DECODE,
     "both": router_pb2.BACKEND_ROLE_BOTH,
 }
+# A call with less time left than this when it arrives cannot be served: it is refused
+# DEADLINE_EXCEEDED before admission, and no backend hears of it.
+MIN_TIME_LEFT_S = 0.001
+# Longer error messages are cut: the message travels in a header (twice, with its
+# details), and grpc clients refuse headers of more than 8 KiB.
+_MAX_MESSAGE_CHARS = 1024
 
 
 class RouterService:
@@ -56,32 +77,41 @@ class RouterService:
             {
                 "Generate": grpc.unary_stream_rpc_method_handler(
                     self.generate,
-                    request_deserializer=router_pb2.GenerateRequest.FromString,
+                    request_deserializer=None,  # parsed by the handler
                     response_serializer=None,  # frames are already encoded
                 ),
                 "ListBackends": grpc.unary_unary_rpc_method_handler(
                     self.list_backends,
-                    request_deserializer=router_pb2.ListBackendsRequest.FromString,
+                    request_deserializer=None,  # parsed by the handler
                     response_serializer=router_pb2.ListBackendsResponse.SerializeToString,
                 ),
             },
         )
 
-    async def generate(
-        self, message: router_pb2.GenerateRequest, context: grpc.aio.ServicerContext
-    ) -> None:
+    async def generate(self, data: bytes, context: grpc.aio.ServicerContext) -> None:
         await self._authorize(context)
         try:
+            message = parse_request(router_pb2.GenerateRequest, data)
             request, disaggregation = validate_generate(
                 message,
                 self._settings,
                 self._pool.models,
                 self._pool.config.resolved_default_model,
+                GRPC_FIELD_NAMES,
             )
             service = validate_service(message, self._dispatcher.slo_classes)
         except ServingError as error:
             self._dispatcher.count_rejected("invalid")
             await _abort(context, error)
+            return
+        time_left_s = context.time_remaining()
+        if time_left_s is not None and time_left_s < MIN_TIME_LEFT_S:
+            self._dispatcher.count_rejected("deadline")
+            await context.abort(
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                f"the call's deadline leaves {max(0.0, time_left_s) * 1000:.3f} ms, "
+                f"less than the {MIN_TIME_LEFT_S * 1000:g} ms a request needs to be scheduled",
+            )
             return
         bind_request(request.shown_id, request.request_id)
         try:
@@ -124,9 +154,13 @@ class RouterService:
             guard.close()
 
     async def list_backends(
-        self, message: router_pb2.ListBackendsRequest, context: grpc.aio.ServicerContext
+        self, data: bytes, context: grpc.aio.ServicerContext
     ) -> router_pb2.ListBackendsResponse:
         await self._authorize(context)
+        try:
+            parse_request(router_pb2.ListBackendsRequest, data)
+        except InvalidRequestError as error:
+            await _abort(context, error)
         return router_pb2.ListBackendsResponse(
             backends=[
                 router_pb2.BackendStatus(
@@ -151,17 +185,36 @@ class RouterService:
 
 
 async def _abort(context: grpc.aio.ServicerContext, error: ServingError) -> None:
-    """Ends the call with the error's status. A retryable one (RESOURCE_EXHAUSTED,
-    UNAVAILABLE) carries its retry hint twice in the trailing metadata: as
-    ``retry-after-ms`` for the router's clients, and as ``grpc-retry-pushback-ms``, the
-    delay gRPC's own retry policy waits before its next attempt (gRFC A6)."""
-    trailing: tuple[tuple[str, str], ...] = ()
+    """Ends the call with the error's status and its ``google.rpc.Status``. A retryable
+    one (RESOURCE_EXHAUSTED, UNAVAILABLE) carries its retry hint three times: as
+    ``retry-after-ms`` for the router's clients, as ``grpc-retry-pushback-ms``, the delay
+    gRPC's own retry policy waits before its next attempt (gRFC A6), and as RetryInfo."""
+    code = grpc.StatusCode[error.grpc_status]
+    message = error.message
+    if len(message) > _MAX_MESSAGE_CHARS:
+        message = message[:_MAX_MESSAGE_CHARS] + "..."
+    trailing: list[tuple[str, str | bytes]] = []
+    details: list[BadRequest | RetryInfo] = []
+    if isinstance(error, InvalidRequestError) and error.param is not None:
+        violation = BadRequest.FieldViolation(field=error.param, description=message)
+        details.append(BadRequest(field_violations=[violation]))
     retry_after_s = retry_hint_s(error)
     if retry_after_s is not None:
-        milliseconds = str(max(1, round(retry_after_s * 1000)))
-        trailing = (("retry-after-ms", milliseconds), ("grpc-retry-pushback-ms", milliseconds))
-    code = grpc.StatusCode[error.grpc_status]
-    await context.abort(code, error.message, trailing_metadata=trailing)
+        milliseconds = max(1, round(retry_after_s * 1000))
+        trailing += [("retry-after-ms", str(milliseconds))]
+        trailing += [("grpc-retry-pushback-ms", str(milliseconds))]
+        delay = duration_pb2.Duration()
+        delay.FromMilliseconds(milliseconds)
+        details.append(RetryInfo(retry_delay=delay))
+    status = Status(code=code.value[0], message=message, details=map(_packed, details))
+    trailing += rpc_status.to_status(status).trailing_metadata
+    await context.abort(code, message, trailing_metadata=tuple(trailing))
+
+
+def _packed(detail: BadRequest | RetryInfo) -> any_pb2.Any:
+    packed = any_pb2.Any()
+    packed.Pack(detail)
+    return packed
 
 
 async def _cancel(context: grpc.aio.ServicerContext, reason: str) -> None:
@@ -230,9 +283,7 @@ class FrontDoor:
         self.server: Any = grpc.aio.server(interceptors=interceptors)
         self.server.add_generic_rpc_handlers((service.handler(),))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection(
-            (ROUTER_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
-        )
+        reflection.serve(self.server, (ROUTER_SERVICE, health.SERVICE_NAME))
         self.port = 0
         self._accepting = False
 
