@@ -15,13 +15,13 @@ import grpc
 import pytest
 import structlog
 from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 from backends._gen.hetero.router.v1 import router_pb2
 from router.api import grpc_server
 from router.client import GENERATE_METHOD, ROUTER_SERVICE, build_request
 from router.daemon import Daemon
 from router.errors import InvalidRequestError
+from tests.grpc_messages import generate_requests, request_bytes
 from tests.recording import MODEL, Recorder, outcomes, recording_router
 
 REFUSALS = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.DEADLINE_EXCEEDED}
@@ -240,37 +240,6 @@ PROPERTY = settings(
     derandomize=True,
     suppress_health_check=[HealthCheck.function_scoped_fixture],
 )
-UINT32 = st.integers(0, 2**32 - 1)
-WELL_FORMED = st.builds(
-    router_pb2.GenerateRequest,
-    request_id=st.text(max_size=140),
-    model=st.sampled_from(["", MODEL]) | st.text(max_size=80),
-    prompt=st.text(max_size=300),
-    sampling=st.builds(
-        router_pb2.SamplingParams,
-        max_tokens=st.none() | UINT32,
-        temperature=st.none() | st.floats(width=32),
-        top_p=st.none() | st.floats(width=32),
-        seed=st.none() | st.integers(0, 2**64 - 1),
-        stop=st.lists(st.text(max_size=300), max_size=10),
-    ),
-    disaggregation=st.integers(-(2**31), 2**31 - 1),
-    slo=st.builds(router_pb2.Slo, ttft_ms=st.none() | UINT32, tpot_ms=st.none() | UINT32),
-    priority=UINT32,
-    slo_class=st.sampled_from(["", "default"]) | st.text(max_size=80),
-)
-
-
-def mutated(data: bytes, where: int, byte: int) -> bytes:
-    if not data:
-        return bytes([byte])
-    where %= len(data)
-    return data[:where] + bytes([byte]) + data[where + 1 :]
-
-
-RAW = st.binary(max_size=120) | st.builds(
-    mutated, WELL_FORMED.map(lambda m: m.SerializeToString()), st.integers(0), st.integers(0, 255)
-)
 
 
 async def assert_served_or_refused(
@@ -289,7 +258,7 @@ async def assert_served_or_refused(
 
 
 @PROPERTY
-@given(data=RAW)
+@given(data=request_bytes([MODEL]))
 async def test_any_bytes_are_served_or_refused_with_a_message(
     channel: grpc.aio.Channel, data: bytes
 ) -> None:
@@ -297,7 +266,7 @@ async def test_any_bytes_are_served_or_refused_with_a_message(
 
 
 @PROPERTY
-@given(message=WELL_FORMED)
+@given(message=generate_requests([MODEL]))
 async def test_any_well_formed_request_is_served_or_refused_with_a_message(
     channel: grpc.aio.Channel, message: router_pb2.GenerateRequest
 ) -> None:
