@@ -108,9 +108,8 @@ async def refusal(daemon: Daemon, request: router_pb2.GenerateRequest | bytes) -
 def unpacked(status: Status, kind: type[BadRequest] | type[RetryInfo]) -> list[Any]:
     found = []
     for detail in status.details:
-        if detail.Is(kind.DESCRIPTOR):
-            message = kind()
-            detail.Unpack(message)
+        message = kind()
+        if detail.Unpack(message):  # False for a detail of another type
             found.append(message)
     return found
 
@@ -130,7 +129,12 @@ def unpacked(status: Status, kind: type[BadRequest] | type[RetryInfo]) -> list[A
         (build_request("hi", slo_tpot_ms=4_000_000), "slo.tpot_ms"),
         (build_request("hi", priority=10), "priority"),
         (build_request("hi", slo_class="gold"), "slo_class"),
-        (router_pb2.GenerateRequest(prompt="hi", disaggregation=9), "disaggregation"),
+        (
+            router_pb2.GenerateRequest(
+                prompt="hi", disaggregation=router_pb2.Disaggregation.ValueType(9)
+            ),
+            "disaggregation",
+        ),
         (b"\x1a\x02hi\x38\x80\x80\x80\x80\x10", "priority"),  # 2**32: too wide
     ],
     ids=lambda value: value if isinstance(value, str) else "",
