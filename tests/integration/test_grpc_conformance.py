@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncGenerator, AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -89,6 +90,19 @@ async def test_v1_reflection_describes_the_router_and_itself(
     service = next(s for s in files[0].service if f"{package}.{s.name}" == symbol)
     if package == "grpc.reflection.v1":  # its messages are its own, not v1alpha's
         assert service.method[0].input_type == ".grpc.reflection.v1.ServerReflectionRequest"
+
+
+async def test_v1_reflection_is_guarded_as_v1alpha_when_told(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    tokens = tmp_path / "tokens"
+    tokens.write_text("alpha\n")
+    async with recording_router(
+        monkeypatch, auth_token_file=tokens, auth_reflection=True
+    ) as daemon:
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await reflect(daemon, REFLECTION_V1, reflection_pb2.ServerReflectionRequest())
+        assert raised.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
 
 # -- rich error details -------------------------------------------------------------------
