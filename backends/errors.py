@@ -9,6 +9,17 @@ else ever reaches a client.
 
 from __future__ import annotations
 
+# Echoed input is cut to this many characters: an error message must stay small
+# whatever the client (or a file) said (a 20 KB model name would not fit gRPC's status
+# header).
+ECHO_LIMIT = 64
+
+
+def shown(value: object, limit: int = ECHO_LIMIT) -> str:
+    """``value`` as an error message quotes it: its repr, cut to ``limit`` characters."""
+    text = value if isinstance(value, str) else repr(value)
+    return repr(text if len(text) <= limit else text[:limit] + "...")
+
 
 class ServingError(Exception):
     """Base of every error reported to a client."""

@@ -7,17 +7,12 @@ reaches a client.
 
 from __future__ import annotations
 
+from backends import errors as _base
 from backends.errors import ServingError
 
-# Echoed input is cut to this many characters: an error message must stay small
-# whatever the client sent (a 20 KB model name would not fit gRPC's status header).
-ECHO_LIMIT = 64
-
-
-def shown(value: object, limit: int = ECHO_LIMIT) -> str:
-    """``value`` as an error message quotes it: its repr, cut to ``limit`` characters."""
-    text = value if isinstance(value, str) else repr(value)
-    return repr(text if len(text) <= limit else text[:limit] + "...")
+# Echoed input is cut as every file reader cuts it (the rule lives with the tree's base).
+ECHO_LIMIT = _base.ECHO_LIMIT
+shown = _base.shown
 
 
 class InvalidRequestError(ServingError):

@@ -10,29 +10,69 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import math
+import re
+import ssl
+from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings.exceptions import SettingsError
 
 from backends.base import Role
+from backends.config_files import DocumentError, problem, problems, read_yaml_file
 from router import defaults
-from router.errors import ConfigError
+from router.errors import ConfigError, shown
 from router.scheduling.concurrency_limit import LimitConfig
 from router.scheduling.prefix import DEFAULT_BLOCKS_PER_BACKEND
 from router.scheduling.slo import Slo
+
+ENV_PREFIX = "HETERO_ROUTER_"
+# Every duration setting is at most a day: a larger one is a unit mistake, and an
+# infinite one (1e999 reads as inf) would leave the router waiting forever.
+MAX_SECONDS = 86_400.0
+# A mock device's time scale: 0 skips the modelled waits, 1 is real time; a device a
+# thousand times slower than modelled is no use.
+MAX_TIME_SCALE = 1000.0
+
+
+def host_port(address: str) -> str:
+    """``address`` if it is ``host:port`` (an IPv6 host in brackets, port 0..65535);
+    ValueError saying what is wrong otherwise."""
+    host, sep, port = address.rpartition(":")
+    problem = None
+    if not sep or not re.fullmatch(r"[0-9]{1,5}", port) or int(port) > 65535:
+        problem = "the port after the last ':' must be 0..65535"
+    elif not host:
+        problem = "no host before the ':'"
+    elif host.startswith("["):
+        inside = host[1:-1] if host.endswith("]") else ""
+        try:
+            ipaddress.IPv6Address(inside)
+        except ValueError:
+            problem = "not an IPv6 address in the brackets"
+    elif ":" in host:
+        problem = "an IPv6 host goes in brackets, as in [::1]:50051"
+    elif not re.fullmatch(r"[A-Za-z0-9._-]+", host):
+        problem = "not a host name or IPv4 address"
+    if problem is not None:
+        raise ValueError(f"address must be host:port ({problem}), got {shown(address)}")
+    return address
+
+
+Address = Annotated[str, AfterValidator(host_port)]
 
 
 class Settings(BaseSettings):
     """Router process settings. Every field can be set as HETERO_ROUTER_<FIELD>."""
 
-    model_config = SettingsConfigDict(env_prefix="HETERO_ROUTER_", extra="ignore")
+    # No float setting means NaN or an infinity; both would be read from "nan" or "1e999".
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", allow_inf_nan=False)
 
-    grpc_address: str = defaults.GRPC_ADDRESS
-    http_address: str = defaults.HTTP_ADDRESS
+    grpc_address: Address = defaults.GRPC_ADDRESS
+    http_address: Address = defaults.HTTP_ADDRESS
     pool_file: Path | None = Field(
         default=None, description="Pool file (YAML); the packaged default cluster when unset."
     )
@@ -86,18 +126,18 @@ class Settings(BaseSettings):
 
     # Deadlines of each leg: far below the engines' minutes-long defaults, so a
     # stuck backend fails one request promptly instead of hanging it.
-    prefill_timeout_s: float = Field(default=30.0, gt=0)
-    decode_timeout_s: float = Field(default=600.0, gt=0)
+    prefill_timeout_s: float = Field(default=30.0, gt=0, le=MAX_SECONDS)
+    decode_timeout_s: float = Field(default=600.0, gt=0, le=MAX_SECONDS)
     # A split whose decode leg sends no token this long after the prefill answered (a
     # stalled KV read, a NIXL handshake to a restarted engine) is served colocated on
     # the decode backend instead; only while no token has reached the client.
-    handoff_timeout_s: float = Field(default=15.0, gt=0)
-    abort_timeout_s: float = Field(default=2.0, gt=0)
+    handoff_timeout_s: float = Field(default=15.0, gt=0, le=MAX_SECONDS)
+    abort_timeout_s: float = Field(default=2.0, gt=0, le=MAX_SECONDS)
     # Stalls: a stream whose backend sends nothing for the larger of stall_timeout_s and
     # stall_step_multiple predicted decode steps, or whose first token is later than the
     # larger of stall_timeout_s and prefill_deadline_multiple predicted times to first
     # token (at most prefill_timeout_s), has failed on that backend.
-    stall_timeout_s: float = Field(default=5.0, gt=0)
+    stall_timeout_s: float = Field(default=5.0, gt=0, le=MAX_SECONDS)
     stall_step_multiple: float = Field(default=50.0, gt=0)
     prefill_deadline_multiple: float = Field(default=4.0, gt=0)
 
@@ -115,7 +155,7 @@ class Settings(BaseSettings):
     # outlier_base_ejection_s times the ejections so far (at most 10x), never more than
     # outlier_max_ejected_percent of the backends of one role and model at once.
     outlier_consecutive_failures: int = Field(default=5, ge=1)
-    outlier_base_ejection_s: float = Field(default=30.0, ge=0)
+    outlier_base_ejection_s: float = Field(default=30.0, ge=0, le=MAX_SECONDS)
     outlier_max_ejected_percent: float = Field(default=50.0, ge=0, le=100)
 
     # Admission: at most `limit` requests are served at once; the others wait in a
@@ -130,7 +170,7 @@ class Settings(BaseSettings):
     concurrency_initial_limit: int = Field(default=LimitConfig.initial, ge=1)
     concurrency_min_limit: int = Field(default=LimitConfig.minimum, ge=1)
     # A window of first-token latencies lasts this long (and holds at least 8).
-    concurrency_window_s: float = Field(default=LimitConfig.interval_s, gt=0)
+    concurrency_window_s: float = Field(default=LimitConfig.interval_s, gt=0, le=MAX_SECONDS)
     # A first token within baseline * (1 + buffer) is no congestion, nor one within
     # this share of the default SLO class's TTFT target.
     concurrency_latency_buffer: float = Field(default=LimitConfig.buffer, ge=0)
@@ -140,7 +180,9 @@ class Settings(BaseSettings):
     concurrency_tpot_buffer: float = Field(default=LimitConfig.tpot_buffer, ge=0)
     concurrency_tpot_slo_share: float = Field(default=0.5, ge=0, le=1)
     # The baseline is the lowest window latency of this last stretch.
-    concurrency_baseline_window_s: float = Field(default=LimitConfig.baseline_window_s, gt=0)
+    concurrency_baseline_window_s: float = Field(
+        default=LimitConfig.baseline_window_s, gt=0, le=MAX_SECONDS
+    )
     # Streams one client (its bearer token with auth on, else its address) may have
     # open at once, queued or served; 0: no cap. Behind a proxy every client has the
     # proxy's address: raise it, or give clients tokens.
@@ -153,17 +195,17 @@ class Settings(BaseSettings):
     client_request_burst: int = Field(default=0, ge=0)
     # A stream whose reader has taken nothing for this long is cancelled (the
     # backends abort its work and free its KV).
-    write_stall_timeout_s: float = Field(default=30.0, gt=0)
+    write_stall_timeout_s: float = Field(default=30.0, gt=0, le=MAX_SECONDS)
     # Prompt block hashes remembered per backend for prefix-cache affinity.
     prefix_index_blocks_per_backend: int = Field(default=DEFAULT_BLOCKS_PER_BACKEND, ge=1)
 
-    health_interval_s: float = Field(default=1.0, gt=0)
-    health_timeout_s: float = Field(default=1.0, gt=0)
+    health_interval_s: float = Field(default=1.0, gt=0, le=MAX_SECONDS)
+    health_timeout_s: float = Field(default=1.0, gt=0, le=MAX_SECONDS)
     # Health checks in a row that time out before a healthy backend leaves service (a
     # refused or failed check takes it out at once).
     health_unhealthy_threshold: int = Field(default=3, ge=1)
-    drain_grace_s: float = Field(default=10.0, ge=0)
-    device_ready_timeout_s: float = Field(default=60.0, gt=0)
+    drain_grace_s: float = Field(default=10.0, ge=0, le=MAX_SECONDS)
+    device_ready_timeout_s: float = Field(default=60.0, gt=0, le=MAX_SECONDS)
 
     @model_validator(mode="after")
     def _limits_consistent(self) -> Settings:
@@ -241,10 +283,13 @@ class Settings(BaseSettings):
         )
 
     def tls_files(self) -> TlsFiles | None:
-        """The PEM files both doors serve TLS with (and verify clients by); None without TLS."""
+        """The PEM files both doors serve TLS with (and verify clients by); None without TLS.
+        ConfigError names the file that cannot be read or is not what it should be."""
         if self.tls_cert_file is None or self.tls_key_file is None:
             return None
-        return TlsFiles(self.tls_cert_file, self.tls_key_file, self.tls_client_ca_file)
+        files = TlsFiles(self.tls_cert_file, self.tls_key_file, self.tls_client_ca_file)
+        check_tls_pair(files.cert_file, files.key_file)
+        return files
 
 
 @dataclasses.dataclass(frozen=True)
@@ -278,22 +323,79 @@ def is_loopback(address: str) -> bool:
         return False
 
 
+def settings_from(overrides: Mapping[str, Any], flags: Mapping[str, str] | None = None) -> Settings:
+    """The settings of the environment with ``overrides`` (by field name) applied.
+
+    ConfigError says every problem on one line, naming the variable (HETERO_ROUTER_X) or,
+    for a field of ``flags`` (field name -> flag), the flag it came from."""
+    flags = flags or {}
+    try:
+        return Settings(**overrides)
+    except SettingsError as error:  # a variable pydantic-settings cannot even decode
+        raise ConfigError(f"settings: {error}") from None
+    except ValidationError as error:
+        said = []
+        for issue in error.errors():
+            field = str(issue["loc"][0]) if issue["loc"] else ""
+            if not field:
+                said.append(problem(issue))
+                continue
+            name = (
+                flags[field]
+                if field in overrides and field in flags
+                else ENV_PREFIX + field.upper()
+            )
+            said.append(f"{name}: {problem(issue, issue['loc'][1:]).removeprefix('(top): ')}")
+        raise ConfigError(f"settings: {'; '.join(said)}") from None
+
+
+def read_pem(path: Path, setting: str, kind: str) -> bytes:
+    """The bytes of a PEM file holding a ``kind`` block ("CERTIFICATE", "PRIVATE KEY");
+    ConfigError names the setting and the file when it cannot be read or holds none."""
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise ConfigError(f"cannot read {setting} {path}: {error.strerror}") from None
+    if not re.search(rb"-----BEGIN [A-Z0-9 ]*" + kind.encode() + rb"-----", data):
+        raise ConfigError(f"{setting} {path} is not a PEM file with a {kind.lower()}")
+    return data
+
+
+def check_tls_pair(cert_file: Path, key_file: Path) -> None:
+    """Both files are PEM, parse, and the key is the certificate's; ConfigError names the
+    file at fault."""
+    read_pem(cert_file, "tls_cert_file", "CERTIFICATE")
+    read_pem(key_file, "tls_key_file", "PRIVATE KEY")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_verify_locations(cafile=cert_file)
+    except ssl.SSLError:
+        raise ConfigError(f"tls_cert_file {cert_file} holds no valid certificate") from None
+    try:
+        context.load_cert_chain(cert_file, key_file)
+    except ssl.SSLError as error:
+        raise ConfigError(
+            f"tls_key_file {key_file} is not a valid private key of tls_cert_file "
+            f"{cert_file} ({error.reason or 'rejected'})"
+        ) from None
+
+
 class BackendConfig(BaseModel):
     """One backend of the pool file."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     id: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     kind: str = "mock"
-    address: str = Field(min_length=3)
+    address: Address
     role: Role
     model: str = Field(min_length=1)
     profile: str = ""
     # Chips of `profile` one deployment of this backend spans (tensor parallel); the
     # performance model, and a mock device, use it. None: the fewest that hold the model.
     chips: int | None = Field(default=None, ge=1)
-    # Mock devices started by `hetero-router up` only.
-    time_scale: float = Field(default=1.0, ge=0)
+    # Mock devices started by `hetero-router up` only: modelled waits times this.
+    time_scale: float = Field(default=1.0, ge=0, le=MAX_TIME_SCALE)
     # How KV reaches this backend in a split (or leaves it): "direct", the decode
     # side pulls it; "relay", the router moves it (backends that cannot reach each
     # other). Relay is used when either side of a pair asks for it and both can.
@@ -301,17 +403,9 @@ class BackendConfig(BaseModel):
     # Settings of this kind of adapter (e.g. an API key's environment variable).
     options: dict[str, Any] = Field(default_factory=dict)
 
-    @field_validator("address")
-    @classmethod
-    def _host_port(cls, address: str) -> str:
-        host, sep, port = address.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-            raise ValueError(f"address must be host:port, got {address!r}")
-        return address
-
 
 class PoolConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     default_model: str = ""
     backends: tuple[BackendConfig, ...] = Field(min_length=1)
@@ -343,13 +437,12 @@ def default_pool_path() -> Path:
 
 
 def read_yaml(path: Path, what: str) -> Any:
-    """The YAML document in ``path``; ConfigError says which ``what`` file could not be read."""
+    """The YAML document in ``path``; ConfigError says which ``what`` file could not be
+    read, or why it is no document (not YAML, nested too deeply, too large)."""
     try:
-        return yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as error:
-        raise ConfigError(f"cannot read {what} file {path}: {error.strerror}") from error
-    except yaml.YAMLError as error:
-        raise ConfigError(f"{what} file {path} is not valid YAML: {error}") from error
+        return read_yaml_file(path, what)
+    except DocumentError as error:
+        raise ConfigError(str(error)) from None
 
 
 def load_pool(path: Path | None) -> PoolConfig:
@@ -364,8 +457,4 @@ def parse_pool(raw: Any, *, source: str = "pool") -> PoolConfig:
     try:
         return PoolConfig.model_validate(raw)
     except ValidationError as error:
-        problems = "; ".join(
-            f"{'.'.join(str(part) for part in issue['loc']) or '(top)'}: {issue['msg']}"
-            for issue in error.errors()
-        )
-        raise ConfigError(f"{source}: {problems}") from error
+        raise ConfigError(f"{source}: {problems(error, PoolConfig)}") from None

@@ -9,7 +9,7 @@ off the validated entry, so a field added here needs a source without further co
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from typing import Annotated, Literal
 
 from pydantic import (
@@ -20,14 +20,24 @@ from pydantic import (
     ValidationError,
     model_validator,
 )
-from pydantic_core import ErrorDetails
+
+from backends.config_files import problems
+from backends.errors import shown
 
 Positive = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 NonNegative = Annotated[float, Field(ge=0, allow_inf_nan=False)]
 Fraction = Annotated[float, Field(gt=0, le=1)]
 Count = Annotated[int, Field(ge=1)]
+
+
+def _not_blank(text: str) -> str:
+    if not text.strip():
+        raise ValueError("expected a non-empty string")
+    return text
+
+
 # At least one character that is not white space.
-Text = Annotated[str, Field(pattern=r"\S")]
+Text = Annotated[str, AfterValidator(_not_blank)]
 
 
 def _lowercase(name: str) -> str:
@@ -156,43 +166,8 @@ def _is_number(value: object) -> bool:
 def parse_profiles_file(raw: object) -> ProfilesFile:
     """The validated file; ValueError lists every problem by its field path."""
     if not isinstance(raw, dict):
-        raise ValueError(f"expected a mapping with 'models' and 'profiles', got {_shown(raw)}")
+        raise ValueError(f"expected a mapping with 'models' and 'profiles', got {shown(raw)}")
     try:
         return ProfilesFile.model_validate(raw)
     except ValidationError as error:
-        raise ValueError("; ".join(_problem(issue) for issue in error.errors())) from None
-
-
-# Pydantic's wording for a wrong type, said as the file's readers expect.
-_EXPECTED = {
-    "float_type": "expected a number",
-    "int_type": "expected a whole number",
-    "string_type": "expected a string",
-    "dict_type": "expected a mapping",
-    "model_type": "expected a mapping",
-    "string_pattern_mismatch": "expected a non-empty string",
-}
-
-
-def _problem(issue: ErrorDetails) -> str:
-    loc = issue["loc"]
-    if issue["type"] == "missing":
-        return f"{_path(loc[:-1])}: missing field {loc[-1]!r}"
-    if issue["type"] == "extra_forbidden":
-        return f"{_path(loc[:-1])}: unknown field {loc[-1]!r}"
-    if issue["type"] == "value_error":
-        # The file-wide checks name their own path; the others are reported where they failed.
-        reason = issue.get("ctx", {}).get("error", issue["msg"])
-        return f"{_path(loc)}: {reason}" if loc else str(reason)
-    expected = _EXPECTED.get(issue["type"], issue["msg"])
-    return f"{_path(loc)}: {expected}, got {_shown(issue['input'])}"
-
-
-def _path(loc: Iterable[int | str]) -> str:
-    # A dict key's own problem is reported at the key, not at pydantic's "[key]" marker.
-    return ".".join(str(part) for part in loc if part != "[key]") or "(top)"
-
-
-def _shown(value: object) -> str:
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
+        raise ValueError(problems(error, ProfilesFile)) from None

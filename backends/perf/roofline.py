@@ -27,8 +27,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Literal
 
-import yaml
-
+from backends.config_files import read_yaml_file
 from backends.perf.profiles_schema import PipelineEntry, ProfileEntry, parse_profiles_file
 
 DEFAULT_PROFILES_PATH = Path(__file__).with_name("profiles.yaml")
@@ -340,10 +339,7 @@ def _default_catalog() -> Catalog:
 
 
 def _parse_catalog(path: Path) -> Catalog:
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as error:
-        raise ValueError(f"{path}: cannot read profiles: {error}") from error
+    raw = read_yaml_file(path, "profiles")  # its DocumentError is a ValueError naming the file
     try:
         entries = parse_profiles_file(raw)
     except ValueError as error:

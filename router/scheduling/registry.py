@@ -21,12 +21,14 @@ The packaged default is router/defaults/policy.yaml.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from math import inf
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, get_type_hints
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
 
-from router.errors import ConfigError
+from backends.config_files import problems
+from router.errors import ConfigError, shown
 from router.scheduling.admission import Admission, AdmitAll, SloGuard
 from router.scheduling.deciders import (
     AlwaysSplitDecider,
@@ -83,7 +85,7 @@ ADMISSIONS: dict[str, Callable[..., Admission]] = {c.name: c for c in (AdmitAll,
 
 
 class _Plugin(BaseModel):
-    model_config = ConfigDict(extra="allow", frozen=True)
+    model_config = ConfigDict(extra="allow", frozen=True, allow_inf_nan=False)
 
     name: str
 
@@ -97,14 +99,14 @@ def _as_plugin(value: object) -> object:
 
 
 class _SloConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     ttft_ms: float = Field(gt=0)
     tpot_ms: float = Field(gt=0)
 
 
 class _ProfileConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     slo: _SloConfig
     decider: _Plugin = _Plugin(name="cost-model")
@@ -149,10 +151,7 @@ def parse_policy(
     try:
         config = _PolicyConfig.model_validate(raw)
     except ValidationError as error:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or '(top)'}: {e['msg']}" for e in error.errors()
-        )
-        raise ConfigError(f"{where}: {problems}") from error
+        raise ConfigError(f"{where}: {problems(error, _PolicyConfig)}") from None
     overrides = overrides or {}
     profiles = {
         name: _profile(name, body, f"{where}: profile {name!r}", overrides)
@@ -188,7 +187,7 @@ def _profile(name: str, body: _ProfileConfig, where: str, overrides: Mapping[str
     for spec in body.scorers:
         options = spec.options
         weight = options.pop("weight", 1.0)
-        if not isinstance(weight, int | float) or weight < 0:
+        if isinstance(weight, bool) or not isinstance(weight, int | float) or not 0 <= weight < inf:
             raise ConfigError(f"{where}: scorer {spec.name}: weight must be a number >= 0")
         if weight:
             scorers.append((_make(SCORERS, spec.name, options, "scorer", where), float(weight)))
@@ -216,10 +215,33 @@ def _make(
 ) -> _T:
     factory = table.get(name)
     if factory is None:
-        raise ConfigError(f"{where}: unknown {what} {name!r}; known: {', '.join(sorted(table))}")
+        known = ", ".join(sorted(table))
+        raise ConfigError(f"{where}: unknown {what} {shown(name)}; known: {known}")
     try:
-        return factory(**options)
+        return factory(**_typed_options(factory, options))
+    except ValidationError as error:
+        raise ConfigError(f"{where}: {what} {name}: {problems(error)}") from None
     except TypeError as error:
-        raise ConfigError(f"{where}: {what} {name}: bad option ({error})") from error
+        raise ConfigError(f"{where}: {what} {name}: {error}") from None
     except ValueError as error:
         raise ConfigError(f"{where}: {what} {name}: {error}") from error
+
+
+def _typed_options(factory: Callable[..., object], options: Mapping[str, Any]) -> dict[str, Any]:
+    """``options`` checked against (and converted to) the types of the plugin's
+    constructor: a file's ``slack: .inf`` or ``exempt_priority: x`` fails here, at load,
+    not in the middle of a request. TypeError names an option it does not take."""
+    init = factory.__init__ if isinstance(factory, type) else factory
+    hints = {key: hint for key, hint in get_type_hints(init).items() if key != "return"}
+    for key in options:
+        if key not in hints:
+            takes = ", ".join(hints) or "none"
+            raise TypeError(f"bad option {shown(key)}; it takes: {takes}")
+    fields: dict[str, Any] = {key: (hints[key], ...) for key in options}
+    checked = create_model(  # type: ignore[call-overload]  # fields built at run time
+        "options", __config__=_OPTIONS_CONFIG, **fields
+    ).model_validate({key: options[key] for key in fields})
+    return {**options, **dict(checked)}
+
+
+_OPTIONS_CONFIG = ConfigDict(allow_inf_nan=False, strict=True)

@@ -18,14 +18,16 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from math import inf
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from backends.base import Role
+from backends.config_files import problems
 from backends.perf.roofline import load_catalog
-from router.errors import ConfigError
+from router.errors import ConfigError, shown
 from router.scheduling.perf import DevicePerf, perf_for
 from router.settings import parse_pool, read_yaml
 
@@ -35,7 +37,7 @@ _NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
 class DeviceGroup(BaseModel):
     """``count`` identical devices, named ``<name>-0`` .. ``<name>-<count-1>``."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     name: str = Field(min_length=1, pattern=_NAME_PATTERN)
     profile: str = Field(min_length=1)
@@ -137,7 +139,7 @@ def parse_cluster(raw: Any, *, source: str = "cluster") -> Cluster:
     try:
         config = ClusterConfig.model_validate(raw)
     except ValidationError as error:
-        raise ConfigError(f"{source}: {_problems(error)}") from error
+        raise ConfigError(f"{source}: {problems(error, ClusterConfig)}") from None
     return build_cluster(config, source=source)
 
 
@@ -145,7 +147,7 @@ def build_cluster(config: ClusterConfig, *, source: str = "cluster") -> Cluster:
     _check_model(config.model, source, "model")
     devices: list[DeviceSpec] = []
     for index, group in enumerate(config.groups):
-        where = f"groups.{index}"
+        where = f"groups[{index}]"
         perf = _perf(
             group.profile,
             config.model,
@@ -178,7 +180,7 @@ def _from_pool(raw: dict[str, Any], source: str) -> Cluster:
     pool = parse_pool(raw, source=source)
     devices = []
     for index, backend in enumerate(pool.backends):
-        where = f"backends.{index}"
+        where = f"backends[{index}]"
         if not backend.profile:
             raise ConfigError(f"{source}: {where}.profile: the simulator needs a profile to time")
         _check_model(backend.model, source, f"{where}.model")
@@ -211,7 +213,7 @@ def _pool_options(options: Mapping[str, Any], source: str, where: str) -> tuple[
             continue
         numeric = isinstance(value, int | float) and not isinstance(value, bool)
         integral = key != "link_gbps"
-        if not numeric or (integral and not isinstance(value, int)) or value < 0:
+        if not numeric or (integral and not isinstance(value, int)) or not 0 <= value < inf:
             raise ConfigError(f"{source}: {where}.options.{key}: expected a number >= 0")
     link = values["link_gbps"]
     return (
@@ -224,7 +226,7 @@ def _check_model(model: str, source: str, where: str) -> None:
     models = load_catalog().models
     if model not in models:
         raise ConfigError(
-            f"{source}: {where}: unknown model {model!r}; known: {', '.join(sorted(models))}"
+            f"{source}: {where}: unknown model {shown(model)}; known: {', '.join(sorted(models))}"
         )
 
 
@@ -240,7 +242,7 @@ def _perf(
     profiles = load_catalog().profiles
     if profile not in profiles:
         raise ConfigError(
-            f"{source}: {where}.profile: unknown profile {profile!r}; "
+            f"{source}: {where}.profile: unknown profile {shown(profile)}; "
             f"known: {', '.join(sorted(profiles))}"
         )
     try:
@@ -250,13 +252,6 @@ def _perf(
     if perf is None:  # both names were checked above
         raise ConfigError(f"{source}: {where}: no timing for {profile} serving {model}")
     return perf
-
-
-def _problems(error: ValidationError) -> str:
-    return "; ".join(
-        f"{'.'.join(str(part) for part in issue['loc']) or '(top)'}: {issue['msg']}"
-        for issue in error.errors()
-    )
 
 
 def uniform_cluster(

@@ -18,6 +18,9 @@ from typing import Literal
 import numpy as np
 import numpy.typing as npt
 
+from backends.config_files import load_json
+from backends.errors import shown
+
 __all__ = [
     "WORKLOADS",
     "Arrivals",
@@ -437,15 +440,12 @@ def _integer(obj: dict[str, object], key: str) -> int:
     value = obj[key]
     # bool is an int subclass; a stray true/false is a broken trace, not 1 or 0.
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{key} must be an integer, got {value!r}")
+        raise ValueError(f"{key} must be an integer, got {shown(value)}")
     return value
 
 
 def _parse_trace_line(line: str) -> RequestSpec:
-    try:
-        obj = json.loads(line)
-    except json.JSONDecodeError as error:
-        raise ValueError(f"not JSON ({error.msg})") from None
+    obj = load_json(line)  # DocumentError (a ValueError): "is not valid JSON (...)"
     if not isinstance(obj, dict):
         raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
     missing = [key for key in _TRACE_KEYS if key not in obj]
@@ -453,7 +453,7 @@ def _parse_trace_line(line: str) -> RequestSpec:
         raise ValueError(f"missing {', '.join(missing)}")
     arrival = obj["arrival_s"]
     if isinstance(arrival, bool) or not isinstance(arrival, int | float):
-        raise ValueError(f"arrival_s must be a number, got {arrival!r}")
+        raise ValueError(f"arrival_s must be a number, got {shown(arrival)}")
     prompt, output = _integer(obj, "prompt_tokens"), _integer(obj, "output_tokens")
     if "prefix_group" not in obj and "prefix_tokens" not in obj:
         return RequestSpec(float(arrival), prompt, output)
@@ -476,14 +476,17 @@ def load_trace(path: Path) -> list[RequestSpec]:
     is; ``prefix_group`` and ``prefix_tokens``, when present, mark a shared prefix.
     """
     specs: list[RequestSpec] = []
-    with path.open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                specs.append(_parse_trace_line(line))
-            except ValueError as error:
-                raise ValueError(f"{path}:{number}: {error}") from None
+    try:
+        with path.open("rb") as lines:
+            for number, raw in enumerate(lines, start=1):
+                try:
+                    line = raw.decode("utf-8")
+                    if line.strip():
+                        specs.append(_parse_trace_line(line))
+                except ValueError as error:  # UnicodeDecodeError and DocumentError too
+                    raise ValueError(f"{path}:{number}: {error}") from None
+    except OSError as error:
+        raise ValueError(f"cannot read trace {path}: {error.strerror}") from None
     return sorted(specs, key=lambda spec: spec.arrival_s)
 
 

@@ -198,7 +198,7 @@ def test_trace_skips_blank_lines_and_ignores_extra_keys(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("bad_line", "problem"),
     [
-        ("{not json", "not JSON"),
+        ("{not json", "not valid JSON"),
         ("[1, 2, 3]", "JSON object"),
         ('{"arrival_s": 1.0, "prompt_tokens": 5}', "missing output_tokens"),
         ('{"arrival_s": "soon", "prompt_tokens": 5, "output_tokens": 6}', "arrival_s"),

@@ -103,16 +103,16 @@ def write(tmp_path: Path, text: str) -> Path:
 @pytest.mark.parametrize(
     ("text", "reason"),
     [
-        ("backends: []", "backends: Tuple should have at least 1 item"),
+        ("backends: []", "backends: expected at least 1 item"),
         ("- just a list", "expected a mapping"),
-        ("backends: [{id: a, address: 'h:1', role: prefill}]", "backends.0.model: Field required"),
+        ("backends: [{id: a, address: 'h:1', role: prefill}]", "backends[0]: missing field 'model'"),
         (
             "backends: [{id: a, address: 'nope', role: decode, model: m}]",
             "address must be host:port",
         ),
         (
             "backends: [{id: a, address: 'h:1', role: chef, model: m}]",
-            "backends.0.role",
+            "backends[0].role: expected 'prefill', 'decode' or 'both', got 'chef'",
         ),
         (
             "backends: [{id: a, address: 'h:1', role: decode, model: m},"

@@ -138,7 +138,7 @@ def test_a_broken_cluster_file_is_exit_code_2(
     path.write_text("model: llama-3.1-8b\ngroups: [{name: a, profile: h999, role: both}]\n")
     assert simulate(path, "--rate", "1") == 2
     error = capsys.readouterr().err
-    assert f"{path}: groups.0.profile: unknown profile 'h999'" in error
+    assert f"{path}: groups[0].profile: unknown profile 'h999'" in error
     assert simulate(tmp_path / "absent.yaml", "--rate", "1") == 2
 
 

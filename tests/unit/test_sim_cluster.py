@@ -106,11 +106,11 @@ def test_pool_options_size_the_simulated_device() -> None:
         ("model: llama-3.1-8b\ngroups: []\n", "groups"),
         (
             "model: llama-3.1-8b\ngroups: [{name: a, profile: h100, role: prefill, colour: red}]\n",
-            "groups.0.colour",
+            "groups[0]: unknown field 'colour'",
         ),
         (
             "model: llama-3.1-8b\ngroups: [{name: a, profile: h999, role: prefill}]\n",
-            "groups.0.profile: unknown profile 'h999'",
+            "groups[0].profile: unknown profile 'h999'",
         ),
         (
             "model: llama-9\ngroups: [{name: a, profile: h100, role: prefill}]\n",
@@ -118,15 +118,15 @@ def test_pool_options_size_the_simulated_device() -> None:
         ),
         (
             "model: llama-3.1-405b\ngroups: [{name: a, profile: h100, role: prefill, chips: 1}]\n",
-            "groups.0: llama-3.1-405b",
+            "groups[0]: llama-3.1-405b",
         ),
         (
             "model: llama-3.1-8b\ngroups: [{name: a, profile: h100, role: sideways}]\n",
-            "groups.0.role",
+            "groups[0].role",
         ),
         (
             "model: llama-3.1-8b\ngroups: [{name: a, profile: h100, role: decode, count: 0}]\n",
-            "groups.0.count",
+            "groups[0].count",
         ),
         (
             "model: llama-3.1-8b\ngroups:\n"
@@ -138,7 +138,7 @@ def test_pool_options_size_the_simulated_device() -> None:
         ("model: [unclosed\n", "not valid YAML"),
         (
             "backends: [{id: a, address: '127.0.0.1:1', role: both, model: llama-3.1-8b}]\n",
-            "backends.0.profile",
+            "backends[0].profile",
         ),
     ],
 )
