@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import grpc
 import uvloop
@@ -14,16 +15,22 @@ from pydantic import ValidationError
 
 from backends import registry as adapters
 from backends._gen.hetero.router.v1 import router_pb2
+from backends.config_files import problems
 from router import __version__, defaults
 from router.client import DEFAULT_ADDRESS, RouterClient
 from router.cluster import embedded_devices
 from router.daemon import Daemon
-from router.errors import ConfigError
+from router.errors import ConfigError, shown
 from router.logging import configure, get_logger
-from router.settings import Settings, load_pool
+from router.scheduling.registry import build_scheduler
+from router.settings import MAX_TIME_SCALE, Settings, load_pool, settings_from
 from router.sim import commands as sim_commands
 
 log = get_logger(__name__)
+
+
+# The settings the flags of serve/up override, and the flag each comes from.
+_FLAGS = {"pool_file": "--pool", "grpc_address": "--grpc-address", "http_address": "--http-address"}
 
 
 def _settings(options: argparse.Namespace) -> Settings:
@@ -34,13 +41,23 @@ def _settings(options: argparse.Namespace) -> Settings:
         "http_address": getattr(options, "http_address", None),
         "insecure": getattr(options, "insecure", None) or None,
     }
-    return Settings(**{key: value for key, value in overrides.items() if value is not None})
+    given = {key: value for key, value in overrides.items() if value is not None}
+    return settings_from(given, _FLAGS)
+
+
+def _check_files(settings: Settings) -> None:
+    """Reads every file the settings name (policy, TLS pair, tokens) before anything
+    starts: a broken one is refused before any device or backend is touched."""
+    build_scheduler(settings)
+    settings.tls_files()
+    settings.auth_tokens()
 
 
 async def _serve(settings: Settings, pool_path: Path | None, embedded: bool,
                  time_scale: float | None) -> int:  # fmt: skip
 
     pool = load_pool(pool_path)
+    _check_files(settings)
     if not embedded:
         return await Daemon(settings, pool).serve()
     async with embedded_devices(
@@ -102,8 +119,28 @@ def _finish_name(value: int) -> str:
     return name.removeprefix("FINISH_REASON_").lower()
 
 
+def time_scale(text: str) -> float:
+    """The ``--time-scale`` flag: a finite number, 0 (no modelled waits) to MAX_TIME_SCALE."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 <= value <= MAX_TIME_SCALE:  # NaN fails this too
+        raise argparse.ArgumentTypeError(
+            f"must be a number from 0 to {MAX_TIME_SCALE:g}, got {shown(text)}"
+        )
+    return value
+
+
+class _Parser(argparse.ArgumentParser):
+    """Says a bad command line in one line, as every other start-up problem is said."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="hetero-router",
         description="Serve LLM generation across heterogeneous accelerators.",
     )
@@ -129,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     router_flags(serve)
     up = commands.add_parser("up", help="start the pool's mock devices, then the router")
     router_flags(up)
-    up.add_argument("--time-scale", type=float, help="override every device's time scale")
+    up.add_argument("--time-scale", type=time_scale, help="override every device's time scale")
 
     device = commands.add_parser("device", help="run one mock device server")
     adapters.add_device_arguments(device)
@@ -172,8 +209,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if options.command in sim_commands.COMMANDS:
             return sim_commands.run_command(options)
         return cmd_serve(options, embedded=options.command == "up")
-    except (ConfigError, ValidationError, ValueError, OSError) as error:
-        print(f"hetero-router: {error}", file=sys.stderr)
+    except ValidationError as error:  # a model built outside the file readers
+        print(f"hetero-router: {problems(error)}", file=sys.stderr)
+        return 2
+    except (ConfigError, ValueError, OSError) as error:
+        print(f"hetero-router: {' '.join(str(error).split())}", file=sys.stderr)
         return 2
     except grpc.RpcError as error:
         print(f"hetero-router: {error.code().name}: {error.details()}", file=sys.stderr)

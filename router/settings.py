@@ -364,18 +364,19 @@ def read_pem(path: Path, setting: str, kind: str) -> bytes:
 def check_tls_pair(cert_file: Path, key_file: Path) -> None:
     """Both files are PEM, parse, and the key is the certificate's; ConfigError names the
     file at fault."""
-    read_pem(cert_file, "tls_cert_file", "CERTIFICATE")
-    read_pem(key_file, "tls_key_file", "PRIVATE KEY")
+    cert_setting, key_setting = f"{ENV_PREFIX}TLS_CERT_FILE", f"{ENV_PREFIX}TLS_KEY_FILE"
+    read_pem(cert_file, cert_setting, "CERTIFICATE")
+    read_pem(key_file, key_setting, "PRIVATE KEY")
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     try:
         context.load_verify_locations(cafile=cert_file)
     except ssl.SSLError:
-        raise ConfigError(f"tls_cert_file {cert_file} holds no valid certificate") from None
+        raise ConfigError(f"{cert_setting} {cert_file} holds no valid certificate") from None
     try:
         context.load_cert_chain(cert_file, key_file)
     except ssl.SSLError as error:
         raise ConfigError(
-            f"tls_key_file {key_file} is not a valid private key of tls_cert_file "
+            f"{key_setting} {key_file} is not a valid private key of the certificate in "
             f"{cert_file} ({error.reason or 'rejected'})"
         ) from None
 
@@ -452,6 +453,8 @@ def load_pool(path: Path | None) -> PoolConfig:
 
 
 def parse_pool(raw: Any, *, source: str = "pool") -> PoolConfig:
+    if raw is None:
+        raise ConfigError(f"{source}: the file is empty; expected a mapping with a 'backends' list")
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: expected a mapping with a 'backends' list")
     try:

@@ -29,6 +29,7 @@ from backends._gen.hetero.router.v1 import router_pb2
 from backends.errors import ServingError
 from router.api import reflection
 from router.api.door import BearerTokens, grpc_peer_client, through_the_door, token_client
+from router.api.listen import check_can_listen
 from router.api.tls import grpc_credentials
 from router.api.validation import (
     GRPC_FIELD_NAMES,
@@ -46,6 +47,7 @@ from router.settings import Settings, TlsFiles
 
 log = get_logger(__name__)
 
+SERVER_OPTIONS = (("grpc.so_reuseport", 0),)
 
 _ROLES = {
     "prefill": router_pb2.BACKEND_ROLE_PREFILL,
@@ -280,7 +282,9 @@ class FrontDoor:
         self._credentials = None if tls is None else grpc_credentials(tls)
         self.health = health.aio.HealthServicer()
         interceptors = [_GuardedReflection(reflection_tokens)] if reflection_tokens else []
-        self.server: Any = grpc.aio.server(interceptors=interceptors)
+        # No SO_REUSEPORT (grpc sets it by default): a second router on a taken port
+        # must fail to start, not quietly take a share of the connections.
+        self.server: Any = grpc.aio.server(interceptors=interceptors, options=SERVER_OPTIONS)
         self.server.add_generic_rpc_handlers((service.handler(),))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.serve(self.server, (ROUTER_SERVICE, health.SERVICE_NAME))
@@ -288,15 +292,17 @@ class FrontDoor:
         self._accepting = False
 
     async def start(self) -> int:
+        # Said in one line here, before grpc fails with its own multi-line log.
+        check_can_listen(self._address, "gRPC")
         try:
             if self._credentials is None:
                 self.port = self.server.add_insecure_port(self._address)
             else:
                 self.port = self.server.add_secure_port(self._address, self._credentials)
-        except RuntimeError as error:  # grpc's way to say the address is taken or invalid
-            raise OSError(f"cannot listen on {self._address} for gRPC: {error}") from error
+        except RuntimeError:  # grpc's way to say it could not bind (taken since the check)
+            self.port = 0
         if self.port == 0:
-            raise OSError(f"cannot listen on {self._address} for gRPC")
+            raise OSError(f"cannot listen on {self._address} for gRPC: grpc could not bind it")
         await self.server.start()
         self._accepting = True
         return self.port

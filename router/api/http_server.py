@@ -20,6 +20,7 @@ from aiohttp.typedefs import Handler
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from router.api.door import BearerTokens
+from router.api.listen import check_can_listen, split_address
 from router.api.openai_http import OpenAIRoutes, error_response, retry_after_header
 from router.api.tls import HttpTls
 from router.errors import DEFAULT_RETRY_AFTER_S
@@ -55,8 +56,8 @@ class AdminServer:
         self._open = _OPEN if auth_metrics else _OPEN | {"/metrics"}
         self._registry = registry
         self._readiness = readiness
-        self._host, _, port = address.rpartition(":")
-        self._port = int(port)
+        self._address = address
+        self._host, self._port = split_address(address)  # an IPv6 host without brackets
         self._runner: web.AppRunner | None = None
         self._in_flight: set[asyncio.Task[object]] = set()
         self._accepting = False
@@ -80,6 +81,7 @@ class AdminServer:
         self._runner = web.AppRunner(self.app(), access_log=None, handler_cancellation=True)
         await self._runner.setup()
         context = None if self._tls is None else self._tls.context
+        check_can_listen(self._address, "HTTP")  # in one line, as the gRPC door says it
         site = web.TCPSite(self._runner, self._host, self._port, ssl_context=context)
         await site.start()
         self.port = self._runner.addresses[0][1]  # the bound port, also when 0 was asked

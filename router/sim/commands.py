@@ -17,7 +17,7 @@ import yaml
 
 from router.errors import ConfigError
 from router.scheduling.slo import SLO_PRESETS, Slo
-from router.settings import Settings
+from router.settings import settings_from
 from router.sim.cluster import load_cluster
 from router.sim.planner import PlanTrial, plan_cluster
 from router.sim.policy import resolve_policy
@@ -147,7 +147,7 @@ def run_command(options: argparse.Namespace) -> int:
             return _simulate(options)
         return _plan(options)
     except (ConfigError, SimulationError, ValueError, OSError) as error:
-        print(f"hetero-router {options.command}: {error}", file=sys.stderr)
+        print(f"hetero-router {options.command}: {' '.join(str(error).split())}", file=sys.stderr)
         return 2
 
 
@@ -158,7 +158,7 @@ def _simulate(options: argparse.Namespace) -> int:
     cluster = load_cluster(options.cluster)
     requests = _requests(options)
     slo = _slo(options)
-    settings = Settings()
+    settings = settings_from({})
     interval = options.load_report_s
     if interval is None:
         interval = settings.health_interval_s

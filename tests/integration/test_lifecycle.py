@@ -193,7 +193,10 @@ async def test_streams_past_the_grace_are_cancelled_on_both_doors(
 
 @pytest.mark.parametrize(
     ("busy", "error"),
-    [("grpc", "cannot listen on .* for gRPC"), ("http", "address already in use")],
+    [
+        ("grpc", "cannot listen on .* for gRPC: address in use"),
+        ("http", "cannot listen on .* for HTTP: address in use"),
+    ],
 )
 async def test_a_start_that_fails_stops_what_it_had_started(
     cluster: Cluster, monkeypatch: pytest.MonkeyPatch, busy: str, error: str

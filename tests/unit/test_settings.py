@@ -105,7 +105,10 @@ def write(tmp_path: Path, text: str) -> Path:
     [
         ("backends: []", "backends: expected at least 1 item"),
         ("- just a list", "expected a mapping"),
-        ("backends: [{id: a, address: 'h:1', role: prefill}]", "backends[0]: missing field 'model'"),
+        (
+            "backends: [{id: a, address: 'h:1', role: prefill}]",
+            "backends[0]: missing field 'model'",
+        ),
         (
             "backends: [{id: a, address: 'nope', role: decode, model: m}]",
             "address must be host:port",
