@@ -70,8 +70,9 @@ def read_text_file(path: Path, what: str) -> str:
 
 def load_yaml(text: str) -> Any:
     """The YAML document in ``text`` (safe tags only); DocumentError says what is wrong."""
-    loader = _BoundedLoader(text)
+    loader = None
     try:
+        loader = _BoundedLoader(text)  # its reader already refuses control characters
         return loader.get_single_data()
     except yaml.MarkedYAMLError as error:
         raise DocumentError(f"is not valid YAML: {_yaml_problem(error)}") from None
@@ -84,7 +85,8 @@ def load_yaml(text: str) -> Any:
             raise
         raise DocumentError(f"holds a value YAML cannot read: {_one_line(str(error))}") from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
 
 
 def load_json(text: str) -> Any:
@@ -102,6 +104,13 @@ def _refuse_constant(name: str) -> Any:
     raise DocumentError(f"is not valid JSON ({name} is not a number)")
 
 
+# Explicit tags whose constructors take any node of their kind: SafeLoader's others
+# (!!timestamp, !!bool, !!int on a word) fail with whatever Python error they meet.
+_ALLOWED_TAGS = frozenset(
+    {None, "!", *(f"tag:yaml.org,2002:{kind}" for kind in ("str", "seq", "map", "null"))}
+)
+
+
 class _BoundedLoader(yaml.SafeLoader):
     """SafeLoader that counts depth and expanded size while composing, before any
     constructor recurses; an alias counts as many values as its anchor expands to."""
@@ -114,7 +123,7 @@ class _BoundedLoader(yaml.SafeLoader):
 
     def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node | None:
         if self.check_event(yaml.AliasEvent):
-            event = self.peek_event()
+            event = self._peek()
             anchored = self.anchors.get(event.anchor)
             if anchored is not None:
                 size = self._sizes.get(id(anchored))
@@ -125,6 +134,15 @@ class _BoundedLoader(yaml.SafeLoader):
                     )
                 self._count(size)
             return super().compose_node(parent, index)
+        event = self._peek()
+        tag = getattr(event, "tag", None)
+        if tag not in _ALLOWED_TAGS:
+            mark = event.start_mark
+            written = str(tag).replace("tag:yaml.org,2002:", "!!")
+            raise DocumentError(
+                f"is not valid YAML: line {mark.line + 1}: tag {shown(written)} is not allowed "
+                "(a configuration needs none)"
+            )
         self._depth += 1
         if self._depth > MAX_DEPTH:
             raise DocumentError(f"is nested too deeply (more than {MAX_DEPTH} levels)")
@@ -137,6 +155,9 @@ class _BoundedLoader(yaml.SafeLoader):
         if node is not None:
             self._sizes[id(node)] = self._nodes - before
         return node
+
+    def _peek(self) -> Any:
+        return self.peek_event()  # type: ignore[no-untyped-call]  # PyYAML's stubs leave it untyped
 
     def _count(self, values: int) -> None:
         self._nodes += values
@@ -240,7 +261,10 @@ def problem(issue: ErrorDetails, loc: Sequence[int | str] | None = None) -> str:
         return f"{location(loc)}: expected at {'least' if least else 'most'} {count} {items}"
     if kind in _BOUNDS:
         key, sign = _BOUNDS[kind]
-        expected = f"must be {sign} {context.get(key)}"
+        bound = context.get(key)
+        if isinstance(bound, float) and bound.is_integer():
+            bound = int(bound)  # 0, not 0.0: as the reader would write it
+        expected = f"must be {sign} {bound}"
     elif kind in ("enum", "literal_error"):
         expected = f"expected {context.get('expected')}"
     else:

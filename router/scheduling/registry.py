@@ -20,10 +20,11 @@ The packaged default is router/defaults/policy.yaml.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Mapping
 from math import inf
 from pathlib import Path
-from typing import Any, TypeVar, get_type_hints
+from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
 
@@ -231,16 +232,19 @@ def _typed_options(factory: Callable[..., object], options: Mapping[str, Any]) -
     """``options`` checked against (and converted to) the types of the plugin's
     constructor: a file's ``slack: .inf`` or ``exempt_priority: x`` fails here, at load,
     not in the middle of a request. TypeError names an option it does not take."""
-    init = factory.__init__ if isinstance(factory, type) else factory
-    hints = {key: hint for key, hint in get_type_hints(init).items() if key != "return"}
+    parameters = inspect.signature(factory, eval_str=True).parameters.values()
+    hints = {
+        parameter.name: Any if parameter.annotation is parameter.empty else parameter.annotation
+        for parameter in parameters
+    }
     for key in options:
         if key not in hints:
             takes = ", ".join(hints) or "none"
             raise TypeError(f"bad option {shown(key)}; it takes: {takes}")
     fields: dict[str, Any] = {key: (hints[key], ...) for key in options}
-    checked = create_model(  # type: ignore[call-overload]  # fields built at run time
-        "options", __config__=_OPTIONS_CONFIG, **fields
-    ).model_validate({key: options[key] for key in fields})
+    checked = create_model("options", __config__=_OPTIONS_CONFIG, **fields).model_validate(
+        {key: options[key] for key in fields}
+    )
     return {**options, **dict(checked)}
 
 

@@ -46,7 +46,7 @@ DEFAULT_PLAN_S = 60.0
 PROGRESS_INTERVAL_S = 2.0
 
 
-def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def add_commands(commands: argparse._SubParsersAction[Any]) -> None:
     simulate = commands.add_parser(
         "simulate", help="simulate a cluster serving a workload (TTFT, TPOT, goodput, cost)"
     )

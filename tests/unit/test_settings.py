@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -7,7 +8,8 @@ import pytest
 from backends import registry
 from backends.base import Role
 from router.errors import ConfigError
-from router.settings import Settings, default_pool_path, is_loopback, load_pool
+from router.settings import Settings, default_pool_path, is_loopback, load_pool, settings_from
+from tests.integration.test_client_security import self_signed
 
 
 def test_environment_overrides_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -154,3 +156,166 @@ def test_the_example_pool_files_are_valid_and_use_known_adapters(
         for backend in pool.backends:
             assert backend.kind in registry.known_kinds(), f"{path}: {backend.kind}"
             registry.create(backend.kind, backend.id, backend.address, backend.options)
+
+
+@pytest.mark.parametrize(
+    ("address", "reason"),
+    [
+        ("127.0.0.1:99999", "the port after the last ':' must be 0..65535"),
+        ("127.0.0.1", "the port after the last ':' must be 0..65535"),
+        ("localhost:", "the port after the last ':' must be 0..65535"),
+        ("localhost:+80", "the port after the last ':' must be 0..65535"),
+        (":50051", "no host before the ':'"),
+        ("::1:50051", "an IPv6 host goes in brackets, as in [::1]:50051"),
+        ("[::1:50051", "not an IPv6 address in the brackets"),
+        ("[nope]:50051", "not an IPv6 address in the brackets"),
+        ("local host:50051", "not a host name or IPv4 address"),
+    ],
+)
+@pytest.mark.parametrize("field", ["grpc_address", "http_address"])
+def test_bad_listen_addresses_are_refused_naming_the_variable(
+    monkeypatch: pytest.MonkeyPatch, field: str, address: str, reason: str
+) -> None:
+    monkeypatch.setenv(f"HETERO_ROUTER_{field.upper()}", address)
+    with pytest.raises(ConfigError) as raised:
+        settings_from({})
+    assert str(raised.value) == (
+        f"settings: HETERO_ROUTER_{field.upper()}: address must be host:port ({reason}), "
+        f"got {address!r}"
+    )
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1:0", "0.0.0.0:65535", "[::1]:50051", "[::]:8080"])
+def test_good_listen_addresses_are_kept(address: str) -> None:
+    assert settings_from({"grpc_address": address}).grpc_address == address
+
+
+def test_a_flag_is_named_as_the_flag_and_the_environment_as_its_variable(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("HETERO_ROUTER_HTTP_ADDRESS", "127.0.0.1:99999")
+    monkeypatch.setenv("HETERO_ROUTER_LOG_LEVEL", "verbose")
+    with pytest.raises(ConfigError) as raised:
+        settings_from({"http_address": "h:70000"}, {"http_address": "--http-address"})
+    assert str(raised.value) == (
+        "settings: --http-address: address must be host:port (the port after the last ':' "
+        "must be 0..65535), got 'h:70000'; HETERO_ROUTER_LOG_LEVEL: expected 'debug', 'info', "
+        "'warning' or 'error', got 'verbose'"
+    )
+
+
+@pytest.mark.parametrize("value", ["1e999", "inf", "-inf", "nan", "NaN"])
+@pytest.mark.parametrize(
+    "variable",
+    ["HEALTH_TIMEOUT_S", "BYTES_PER_TOKEN", "STALL_STEP_MULTIPLE", "RETRY_BUDGET_PERCENT"],
+)
+def test_non_finite_floats_are_refused(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str
+) -> None:
+    monkeypatch.setenv(f"HETERO_ROUTER_{variable}", value)
+    with pytest.raises(ConfigError, match=f"^settings: HETERO_ROUTER_{variable}: ") as raised:
+        settings_from({})
+    assert "finite" in str(raised.value) or "must be" in str(raised.value)
+
+
+def test_every_float_setting_refuses_infinity() -> None:
+    floats = [name for name, field in Settings.model_fields.items() if field.annotation is float]
+    assert len(floats) > 15
+    for name in floats:
+        with pytest.raises(ConfigError, match=f"HETERO_ROUTER_{name.upper()}: "):
+            settings_from({name: float("inf")})
+
+
+def test_durations_are_at_most_a_day() -> None:
+    durations = [name for name in Settings.model_fields if name.endswith("_s")]
+    assert "health_timeout_s" in durations
+    for name in durations:
+        assert settings_from({name: 86_400}).model_dump()[name] == 86_400
+        with pytest.raises(ConfigError, match=f"HETERO_ROUTER_{name.upper()}: must be <= 86400"):
+            settings_from({name: 86_401})
+
+
+def test_an_environment_problem_is_one_line_without_pydantic_links(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("HETERO_ROUTER_MAX_IN_FLIGHT", "lots")
+    monkeypatch.setenv("HETERO_ROUTER_MIGRATION", "maybe")
+    with pytest.raises(ConfigError) as raised:
+        settings_from({})
+    message = str(raised.value)
+    assert message == (
+        "settings: HETERO_ROUTER_MIGRATION: expected true or false, got 'maybe'; "
+        "HETERO_ROUTER_MAX_IN_FLIGHT: expected a whole number, got 'lots'"
+    )
+
+
+def test_a_pool_backend_problem_is_one_line_without_follow_on_errors(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        "backends:\n"
+        "  - {id: a, address: 'h:1', role: decode, model: m}\n"
+        "  - {id: b, address: 'h:2', role: decode, model: m}\n"
+        "  - {id: c, address: x, role: decode, model: m, time_scale: .inf}\n",
+    )
+    with pytest.raises(ConfigError) as raised:
+        load_pool(path)
+    assert str(raised.value) == (
+        f"{path}: backends[2].address: address must be host:port (the port after the last ':' "
+        "must be 0..65535), got 'x'; backends[2].time_scale: expected a finite number, got inf"
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        ("", "the file is empty"),
+        ("[" * 2000 + "]" * 2000, "is nested too deeply"),
+        ("backends: [{id: a, address: 'h:1', role: decode, model: m, time_scale: -1}]",
+         "backends[0].time_scale: must be >= 0"),
+        ("backends: [{id: a, address: 'h:1', role: decode, model: m, time_scale: 5000}]",
+         "backends[0].time_scale: must be <= 1000"),
+    ],
+)  # fmt: skip
+def test_more_bad_pool_files_name_the_problem(tmp_path: Path, text: str, reason: str) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError, match=re.escape(reason)):
+        load_pool(path)
+
+
+@pytest.mark.parametrize(
+    ("cert", "key", "message"),
+    [
+        (
+            b"not pem",
+            b"",
+            "HETERO_ROUTER_TLS_CERT_FILE {cert} is not a PEM file with a certificate",
+        ),
+        (None, b"garbage", "HETERO_ROUTER_TLS_KEY_FILE {key} is not a PEM file with a private key"),
+        (
+            b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+            None,
+            "HETERO_ROUTER_TLS_CERT_FILE {cert} holds no valid certificate",
+        ),
+        (
+            None,
+            b"-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n",
+            "HETERO_ROUTER_TLS_KEY_FILE {key} is not a valid private key of the certificate",
+        ),
+    ],
+)
+def test_garbage_pem_files_are_named(
+    tmp_path: Path, cert: bytes | None, key: bytes | None, message: str
+) -> None:
+    good_cert, good_key = self_signed(tmp_path)
+    cert_path, key_path = tmp_path / "c.pem", tmp_path / "k.pem"
+    cert_path.write_bytes(good_cert.read_bytes() if cert is None else cert)
+    key_path.write_bytes(good_key.read_bytes() if key is None else key)
+    settings = Settings(tls_cert_file=cert_path, tls_key_file=key_path)
+    with pytest.raises(ConfigError) as raised:
+        settings.tls_files()
+    assert str(raised.value).startswith(message.format(cert=cert_path, key=key_path))
+
+
+def test_a_good_pem_pair_is_served(tmp_path: Path) -> None:
+    cert, key = self_signed(tmp_path)
+    assert Settings(tls_cert_file=cert, tls_key_file=key).tls_files() == (cert, key)
