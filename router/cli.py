@@ -30,7 +30,12 @@ log = get_logger(__name__)
 
 
 # The settings the flags of serve/up override, and the flag each comes from.
-_FLAGS = {"pool_file": "--pool", "grpc_address": "--grpc-address", "http_address": "--http-address"}
+_FLAGS = {
+    "pool_file": "--pool",
+    "grpc_address": "--grpc-address",
+    "http_address": "--http-address",
+    "insecure": "--insecure",
+}
 
 
 def _settings(options: argparse.Namespace) -> Settings:

@@ -83,7 +83,7 @@ class Settings(BaseSettings):
     tls_client_ca_file: Path | None = None
     # Changed TLS files are picked up without a restart: by the gRPC door at its next
     # handshake, by the HTTP door within this many seconds.
-    tls_reload_interval_s: float = Field(default=60.0, gt=0)
+    tls_reload_interval_s: float = Field(default=60.0, gt=0, le=MAX_SECONDS)
     # Bearer tokens clients must present (one per line) on Generate, ListBackends
     # and /v1/*; health, /healthz and /readyz stay open, and so do reflection and
     # /metrics unless auth_reflection / auth_metrics.
@@ -288,7 +288,7 @@ class Settings(BaseSettings):
         if self.tls_cert_file is None or self.tls_key_file is None:
             return None
         files = TlsFiles(self.tls_cert_file, self.tls_key_file, self.tls_client_ca_file)
-        check_tls_pair(files.cert_file, files.key_file)
+        check_tls_files(files)
         return files
 
 
@@ -361,24 +361,33 @@ def read_pem(path: Path, setting: str, kind: str) -> bytes:
     return data
 
 
-def check_tls_pair(cert_file: Path, key_file: Path) -> None:
-    """Both files are PEM, parse, and the key is the certificate's; ConfigError names the
-    file at fault."""
+def check_tls_files(files: TlsFiles) -> None:
+    """The files are PEM and parse, the key is the certificate's, and the client CA
+    bundle (if one) holds certificates; ConfigError names the file at fault."""
     cert_setting, key_setting = f"{ENV_PREFIX}TLS_CERT_FILE", f"{ENV_PREFIX}TLS_KEY_FILE"
-    read_pem(cert_file, cert_setting, "CERTIFICATE")
-    read_pem(key_file, key_setting, "PRIVATE KEY")
+    read_pem(files.cert_file, cert_setting, "CERTIFICATE")
+    read_pem(files.key_file, key_setting, "PRIVATE KEY")
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     try:
-        context.load_verify_locations(cafile=cert_file)
+        context.load_verify_locations(cafile=files.cert_file)
     except ssl.SSLError:
-        raise ConfigError(f"{cert_setting} {cert_file} holds no valid certificate") from None
+        raise ConfigError(f"{cert_setting} {files.cert_file} holds no valid certificate") from None
     try:
-        context.load_cert_chain(cert_file, key_file)
+        context.load_cert_chain(files.cert_file, files.key_file)
     except ssl.SSLError as error:
         raise ConfigError(
-            f"{key_setting} {key_file} is not a valid private key of the certificate in "
-            f"{cert_file} ({error.reason or 'rejected'})"
+            f"{key_setting} {files.key_file} is not a valid private key of the certificate in "
+            f"{files.cert_file} ({error.reason or 'rejected'})"
         ) from None
+    if files.client_ca_file is not None:
+        ca_setting = f"{ENV_PREFIX}TLS_CLIENT_CA_FILE"
+        read_pem(files.client_ca_file, ca_setting, "CERTIFICATE")
+        try:
+            context.load_verify_locations(cafile=files.client_ca_file)
+        except ssl.SSLError:
+            raise ConfigError(
+                f"{ca_setting} {files.client_ca_file} holds no valid certificate"
+            ) from None
 
 
 class BackendConfig(BaseModel):

@@ -9,7 +9,7 @@ from backends import registry
 from backends.base import Role
 from router.errors import ConfigError
 from router.settings import Settings, default_pool_path, is_loopback, load_pool, settings_from
-from tests.integration.test_client_security import self_signed
+from tests.pki import TestCA
 
 
 def test_environment_overrides_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -283,39 +283,55 @@ def test_more_bad_pool_files_name_the_problem(tmp_path: Path, text: str, reason:
 
 
 @pytest.mark.parametrize(
-    ("cert", "key", "message"),
+    ("cert", "key", "ca", "message"),
     [
-        (
-            b"not pem",
-            b"",
-            "HETERO_ROUTER_TLS_CERT_FILE {cert} is not a PEM file with a certificate",
-        ),
-        (None, b"garbage", "HETERO_ROUTER_TLS_KEY_FILE {key} is not a PEM file with a private key"),
+        (b"not pem", None, None, "TLS_CERT_FILE {cert} is not a PEM file with a certificate"),
+        (None, b"garbage", None, "TLS_KEY_FILE {key} is not a PEM file with a private key"),
         (
             b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
             None,
-            "HETERO_ROUTER_TLS_CERT_FILE {cert} holds no valid certificate",
+            None,
+            "TLS_CERT_FILE {cert} holds no valid certificate",
         ),
         (
             None,
             b"-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n",
-            "HETERO_ROUTER_TLS_KEY_FILE {key} is not a valid private key of the certificate",
+            None,
+            "TLS_KEY_FILE {key} is not a valid private key of the certificate in {cert}",
+        ),
+        (None, None, b"\x00\xff", "TLS_CLIENT_CA_FILE {ca} is not a PEM file with a certificate"),
+        (
+            None,
+            None,
+            b"-----BEGIN CERTIFICATE-----\n!!\n-----END CERTIFICATE-----\n",
+            "TLS_CLIENT_CA_FILE {ca} holds no valid certificate",
         ),
     ],
 )
 def test_garbage_pem_files_are_named(
-    tmp_path: Path, cert: bytes | None, key: bytes | None, message: str
+    tmp_path: Path, cert: bytes | None, key: bytes | None, ca: bytes | None, message: str
 ) -> None:
-    good_cert, good_key = self_signed(tmp_path)
-    cert_path, key_path = tmp_path / "c.pem", tmp_path / "k.pem"
-    cert_path.write_bytes(good_cert.read_bytes() if cert is None else cert)
-    key_path.write_bytes(good_key.read_bytes() if key is None else key)
-    settings = Settings(tls_cert_file=cert_path, tls_key_file=key_path)
+    authority = TestCA(tmp_path)
+    server = authority.issue("server")
+    cert_path, key_path, ca_path = tmp_path / "c.pem", tmp_path / "k.pem", tmp_path / "ca.pem"
+    cert_path.write_bytes(server.cert_file.read_bytes() if cert is None else cert)
+    key_path.write_bytes(server.key_file.read_bytes() if key is None else key)
+    ca_path.write_bytes(authority.cert_file.read_bytes() if ca is None else ca)
+    settings = Settings(tls_cert_file=cert_path, tls_key_file=key_path, tls_client_ca_file=ca_path)
     with pytest.raises(ConfigError) as raised:
         settings.tls_files()
-    assert str(raised.value).startswith(message.format(cert=cert_path, key=key_path))
+    expected = message.format(cert=cert_path, key=key_path, ca=ca_path)
+    assert str(raised.value).startswith(f"HETERO_ROUTER_{expected}")
 
 
-def test_a_good_pem_pair_is_served(tmp_path: Path) -> None:
-    cert, key = self_signed(tmp_path)
-    assert Settings(tls_cert_file=cert, tls_key_file=key).tls_files() == (cert, key)
+def test_a_good_pem_pair_and_client_ca_are_served(tmp_path: Path) -> None:
+    authority = TestCA(tmp_path)
+    server = authority.issue("server")
+    settings = Settings(
+        tls_cert_file=server.cert_file,
+        tls_key_file=server.key_file,
+        tls_client_ca_file=authority.cert_file,
+    )
+    files = settings.tls_files()
+    assert files is not None
+    assert files.paths == (server.cert_file, server.key_file, authority.cert_file)
