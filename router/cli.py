@@ -17,7 +17,7 @@ from backends import registry as adapters
 from backends._gen.hetero.router.v1 import router_pb2
 from backends.config_files import problems
 from router import __version__, defaults
-from router.client import DEFAULT_ADDRESS, RouterClient
+from router.client import DEFAULT_ADDRESS, ChannelConfig, RouterClient
 from router.cluster import embedded_devices
 from router.daemon import Daemon
 from router.errors import ConfigError, shown
@@ -83,7 +83,7 @@ def cmd_serve(options: argparse.Namespace, embedded: bool = False) -> int:
 def cmd_generate(options: argparse.Namespace) -> int:
 
     route_shown = False
-    with RouterClient(options.address, timeout_s=options.timeout) as client:
+    with RouterClient(_channel(options)) as client:
         stream = client.generate(
             options.prompt,
             max_tokens=options.max_tokens,
@@ -144,6 +144,36 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
 
 
+def _channel(options: argparse.Namespace) -> ChannelConfig:
+    """How ``generate`` reaches the router: TLS (and a client certificate for mTLS) and
+    a bearer token read from files, as the router itself reads them."""
+
+    def read(path: Path | None, what: str) -> bytes | None:
+        if path is None:
+            return None
+        try:
+            return path.read_bytes()
+        except OSError as error:
+            raise ConfigError(f"cannot read {what} {path}: {error.strerror}") from error
+
+    token = read(options.token_file, "--token-file")
+    lines = [] if token is None else token.decode(errors="replace").split()
+    if token is not None and not lines:
+        raise ConfigError(f"--token-file {options.token_file} holds no token")
+    tls = options.tls or any(
+        path is not None for path in (options.ca_file, options.cert_file, options.key_file)
+    )
+    return ChannelConfig(
+        address=options.address,
+        timeout_s=options.timeout,
+        tls=tls,
+        root_certificates=read(options.ca_file, "--ca-file"),
+        certificate_chain=read(options.cert_file, "--cert-file"),
+        private_key=read(options.key_file, "--key-file"),
+        bearer_token=lines[0] if lines else None,
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="hetero-router",
@@ -200,6 +230,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     generate.add_argument("--timeout", type=float, default=120.0)
     generate.add_argument("--show-route", action="store_true")
+    generate.add_argument(
+        "--token-file", type=Path, help="file whose first token is sent as the bearer token"
+    )
+    generate.add_argument("--tls", action="store_true", help="connect with TLS")
+    generate.add_argument(
+        "--ca-file", type=Path, help="PEM roots to verify the router with (implies --tls)"
+    )
+    generate.add_argument("--cert-file", type=Path, help="PEM client certificate for mTLS")
+    generate.add_argument("--key-file", type=Path, help="PEM key of --cert-file")
     sim_commands.add_commands(commands)
     return parser
 

@@ -244,6 +244,41 @@ async def mtls_cluster(pki: Pki) -> Cluster:
     return await start_cluster(tls_cert_file=cert, tls_key_file=key, tls_client_ca_file=pki.ca)
 
 
+async def test_the_generate_command_reaches_a_router_that_wants_mtls_and_a_token(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pki = make_pki(tmp_path)
+    tokens = tmp_path / "tokens"
+    tokens.write_text("s3cret\n")
+    cert, key = pki.server
+    cluster = await start_cluster(
+        tls_cert_file=cert, tls_key_file=key, tls_client_ca_file=pki.ca, auth_token_file=tokens
+    )
+    client_cert, client_key = pki.client
+    secure = ["--ca-file", str(pki.ca), "--cert-file", str(client_cert)]
+    secure += ["--key-file", str(client_key), "--token-file", str(tokens)]
+    command = [
+        "generate",
+        "hi",
+        "--address",
+        cluster.address,
+        "--max-tokens",
+        "3",
+        "--timeout",
+        "30",
+    ]
+    try:
+        assert await asyncio.to_thread(main, [*command, *secure]) == 0
+        assert "3 completion tokens" in capsys.readouterr().err
+        # Without the token: refused by the router, not by the handshake.
+        assert await asyncio.to_thread(main, [*command, *secure[:6]]) == 1
+        assert "UNAUTHENTICATED" in capsys.readouterr().err
+        assert await asyncio.to_thread(main, [*command, *secure[:4]]) == 2  # a cert needs its key
+        assert "go together" in capsys.readouterr().err
+    finally:
+        await stop_cluster(cluster)
+
+
 async def test_mtls_serves_only_clients_with_a_certificate_the_ca_signed(tmp_path: Path) -> None:
     pki = make_pki(tmp_path)
     (tmp_path / "other").mkdir()
