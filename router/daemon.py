@@ -86,6 +86,7 @@ class Daemon:
             tls_reload_interval_s=settings.tls_reload_interval_s,
             tokens=tokens,
             auth_metrics=settings.auth_metrics,
+            settings=settings,
         )
         self.started = asyncio.Event()  # set once start-up is complete
         self._draining = False

@@ -196,6 +196,16 @@ class Settings(BaseSettings):
     # A stream whose reader has taken nothing for this long is cancelled (the
     # backends abort its work and free its KV).
     write_stall_timeout_s: float = Field(default=30.0, gt=0, le=MAX_SECONDS)
+    # Slow and greedy HTTP clients: a connection that has not sent a complete request
+    # head this long after it opened is closed, as is one idle (or part-way through its
+    # next request head) this long after its last response; a body must arrive within
+    # http_body_timeout_s (else 408) and be at most http_max_body_bytes (else 413); a
+    # connection past http_max_connections open at once gets a 503 and is closed.
+    http_header_timeout_s: float = Field(default=10.0, gt=0, le=MAX_SECONDS)
+    http_keepalive_timeout_s: float = Field(default=75.0, gt=0, le=MAX_SECONDS)
+    http_body_timeout_s: float = Field(default=30.0, gt=0, le=MAX_SECONDS)
+    http_max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
+    http_max_connections: int = Field(default=4096, ge=1)
     # Prompt block hashes remembered per backend for prefix-cache affinity.
     prefix_index_blocks_per_backend: int = Field(default=DEFAULT_BLOCKS_PER_BACKEND, ge=1)
 

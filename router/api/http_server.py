@@ -1,5 +1,10 @@
-"""The HTTP door: Prometheus /metrics, liveness /healthz, readiness /readyz, and the
-OpenAI-compatible API when one is given.
+"""The HTTP door: Prometheus /metrics, liveness /healthz (and its alias /health),
+readiness /readyz, and the OpenAI-compatible API when one is given.
+
+Every answer is JSON, also aiohttp's own (404, 405): OpenAI's error shape under /v1/,
+the probes' elsewhere. Slow and greedy clients are bounded by the ``http_*`` settings
+(:mod:`router.api.connection_guard`; kept-alive connections by aiohttp's keep-alive
+timeout).
 
 With bearer tokens configured, every request needs exactly one valid
 ``Authorization: Bearer <token>`` header (401 otherwise), except the probes
@@ -13,26 +18,30 @@ grace period, then cancelled.
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections.abc import Callable
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from router.api.connection_guard import ConnectionGuard
 from router.api.door import BearerTokens
 from router.api.listen import check_can_listen, split_address
 from router.api.openai_http import OpenAIRoutes, error_response, retry_after_header
 from router.api.tls import HttpTls
-from router.errors import DEFAULT_RETRY_AFTER_S
+from router.errors import DEFAULT_RETRY_AFTER_S, shown
 from router.logging import get_logger
-from router.settings import TlsFiles
+from router.settings import Settings, TlsFiles
 
 log = get_logger(__name__)
 
 # Answered while draining too: they are how an orchestrator watches the drain.
-_PROBES = frozenset({"/metrics", "/healthz", "/readyz"})
+_PROBES = frozenset({"/metrics", "/healthz", "/health", "/readyz"})
 # Open without a token whatever the settings: an orchestrator's probes carry none.
 _OPEN = frozenset({"/healthz", "/readyz", "/health"})
+# OpenAI's codes for aiohttp's own answers.
+_HTTP_CODES = {404: "unknown_url", 405: "method_not_allowed", 413: "request_too_large"}
 
 
 class AdminServer:
@@ -47,8 +56,13 @@ class AdminServer:
         tls_reload_interval_s: float = 60.0,
         tokens: BearerTokens | None = None,
         auth_metrics: bool = False,
+        settings: Settings | None = None,
     ) -> None:
         self._openai = openai
+        self._settings = settings or Settings()
+        self._guard = ConnectionGuard(
+            self._settings.http_header_timeout_s, self._settings.http_max_connections
+        )
         self._tls = None if tls is None else HttpTls(tls)
         self._tls_reload_interval_s = tls_reload_interval_s
         self._tls_reloads: asyncio.Task[None] | None = None
@@ -67,9 +81,13 @@ class AdminServer:
 
     def app(self) -> web.Application:
         # Outermost first: the catch-all also sees what the drain gate and auth raise.
-        app = web.Application(middlewares=[self._catch_all, self._drain_gate, self._authorize])
+        app = web.Application(
+            middlewares=[self._catch_all, self._drain_gate, self._authorize],
+            client_max_size=self._settings.http_max_body_bytes,
+        )
         app.router.add_get("/metrics", self._metrics)
         app.router.add_get("/healthz", self._healthz)
+        app.router.add_get("/health", self._healthz)
         app.router.add_get("/readyz", self._readyz)
         if self._openai is not None:
             self._openai.register(app)
@@ -78,11 +96,16 @@ class AdminServer:
     async def start(self) -> int:
         # handler_cancellation: a client that disconnects cancels its handler, which
         # aborts the request on the backends.
-        self._runner = web.AppRunner(self.app(), access_log=None, handler_cancellation=True)
+        self._runner = web.AppRunner(
+            self.app(),
+            access_log=None,
+            handler_cancellation=True,
+            keepalive_timeout=self._settings.http_keepalive_timeout_s,
+        )
         await self._runner.setup()
         context = None if self._tls is None else self._tls.context
         check_can_listen(self._address, "HTTP")  # in one line, as the gRPC door says it
-        site = web.TCPSite(self._runner, self._host, self._port, ssl_context=context)
+        site = _GuardedSite(self._runner, self._host, self._port, self._guard, ssl_context=context)
         await site.start()
         self.port = self._runner.addresses[0][1]  # the bound port, also when 0 was asked
         self._accepting = True
@@ -145,6 +168,7 @@ class AdminServer:
     @web.middleware
     async def _drain_gate(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         """Counts requests in flight; refuses new ones once the door is stopping."""
+        self._guard.request_arrived(request.transport)
         if not self._accepting and request.path not in _PROBES:
             # Retry soon: behind a load balancer the next try reaches another replica.
             response = _error(
@@ -169,7 +193,10 @@ class AdminServer:
         if self._tokens.allows(request.headers.getall("Authorization", [])):
             return await handler(request)
         response = _error(
-            request, 401, "exactly one valid 'Authorization: Bearer <token>' header is required"
+            request,
+            401,
+            "exactly one valid 'Authorization: Bearer <token>' header is required",
+            code="invalid_api_key",
         )
         response.headers["WWW-Authenticate"] = "Bearer"
         return response
@@ -179,8 +206,10 @@ class AdminServer:
         """Anything unexpected: logged once here, a bare 500 to the client, never a trace."""
         try:
             return await handler(request)
-        except web.HTTPException:
-            raise  # aiohttp's own way to answer (404, 405, ...)
+        except web.HTTPException as error:  # aiohttp's own way to answer (404, 405, ...)
+            if error.status < 400:
+                raise
+            return _http_error(request, error)
         except ConnectionResetError:
             raise  # the client left (or stopped reading): logged where it was seen, nothing to send
         except Exception as error:  # the edge: nothing unexpected goes out as it is
@@ -211,14 +240,62 @@ class AdminServer:
         )
 
 
-def _error(
-    request: web.Request, status: int, message: str, retry_after_s: float | None = None
-) -> web.Response:
+def _error(request: web.Request, status: int, message: str, *,
+           retry_after_s: float | None = None, code: str | None = None,
+           headers: dict[str, str] | None = None) -> web.Response:  # fmt: skip
     """OpenAI's error JSON on the OpenAI routes, the probes' shape elsewhere."""
     if request.path.startswith("/v1/"):
-        return error_response(status, message, retry_after_s=retry_after_s)
+        return error_response(
+            status, message, code=code, retry_after_s=retry_after_s, headers=headers
+        )
     return web.json_response(
         {"status": "error", "detail": message},
         status=status,
-        headers=retry_after_header(retry_after_s),
+        headers={**(headers or {}), **retry_after_header(retry_after_s)},
     )
+
+
+def _http_error(request: web.Request, error: web.HTTPException) -> web.Response:
+    """aiohttp's answer (no route, a method the route has not) as JSON."""
+    where = f"{shown(request.method, 16)} {shown(request.path)}"
+    if error.status == 404:
+        message = f"no such route: {where}"
+    elif error.status == 405:
+        message = f"method not allowed: {where}; allowed: {error.headers.get('Allow', '')}"
+    else:
+        message = error.reason
+    allow = {"Allow": error.headers["Allow"]} if "Allow" in error.headers else None
+    response = _error(
+        request, error.status, message, code=_HTTP_CODES.get(error.status), headers=allow
+    )
+    if error.status == 413:
+        response.force_close()  # the rest of the body was not read
+    return response
+
+
+class _GuardedSite(web.BaseSite):
+    """aiohttp's TCPSite, with each connection's protocol guarded (ConnectionGuard)."""
+
+    def __init__(self, runner: web.BaseRunner, host: str, port: int, guard: ConnectionGuard,
+                 *, ssl_context: ssl.SSLContext | None) -> None:  # fmt: skip
+        super().__init__(runner, ssl_context=ssl_context)
+        self._host = host
+        self._port = port
+        self._guard = guard
+
+    @property
+    def name(self) -> str:
+        return f"{'https' if self._ssl_context else 'http'}://{self._host}:{self._port}"
+
+    async def start(self) -> None:
+        await super().start()
+        server = self._runner.server
+        if server is None:  # BaseSite refuses a runner not set up; this keeps mypy told
+            raise RuntimeError("the runner is not set up")
+        self._server = await asyncio.get_running_loop().create_server(
+            self._guard.wrap(server),
+            self._host,
+            self._port,
+            ssl=self._ssl_context,
+            backlog=self._backlog,
+        )

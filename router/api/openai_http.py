@@ -1,10 +1,12 @@
 """The OpenAI-compatible HTTP door: /v1/completions, /v1/chat/completions, /v1/models.
 
-Request bodies are read by :mod:`router.api.openai_models`, then become the same
-validated GenerationRequest as the gRPC door's and run through the same dispatcher.
-Streaming answers are server-sent events; errors use OpenAI's error JSON with the
-matching HTTP status, naming the body parameter at fault. The split can be steered per
-request with the body field ``disaggregation`` or the header
+A request body is read here, at most ``http_max_body_bytes`` within
+``http_body_timeout_s`` (else 413 or 408, and the connection is closed), parsed by
+:mod:`router.api.openai_models`, then becomes the same validated GenerationRequest as
+the gRPC door's and runs through the same dispatcher. Streaming answers are
+server-sent events; errors use OpenAI's error JSON with the matching HTTP status,
+naming the parameter at fault (a body field, or a header) and OpenAI's error code.
+The split can be steered per request with the body field ``disaggregation`` or the header
 ``X-Hetero-Disaggregation`` (``auto``, ``split``, ``colocated``); the SLO, priority
 and SLO class with the headers ``X-Hetero-SLO-TTFT-Ms``, ``X-Hetero-SLO-TPOT-Ms``,
 ``X-Hetero-Priority`` and ``X-Hetero-SLO-Class``.
@@ -12,6 +14,7 @@ and SLO class with the headers ``X-Hetero-SLO-TTFT-Ms``, ``X-Hetero-SLO-TPOT-Ms`
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import json
@@ -33,11 +36,12 @@ from router.api.openai_models import (
     CompletionRequest,
     OpenAIRequest,
     parse_body,
+    read_json,
 )
-from router.api.validation import service_level, validate_generate
+from router.api.validation import FIELD_NAMES, service_level, validate_generate
 from router.api.write_stall import StallGuard, WriteStalledError
 from router.dispatch.dispatcher import Dispatcher
-from router.errors import InvalidRequestError, retry_hint_s
+from router.errors import InvalidRequestError, ModelNotFoundError, retry_hint_s, shown
 from router.logging import bind_request, get_logger, unbind_request
 from router.pool.registry import Pool
 from router.scheduling.plan import Disaggregation
@@ -56,6 +60,8 @@ _DISAGGREGATION = {
     "split": router_pb2.DISAGGREGATION_SPLIT,
     "colocated": router_pb2.DISAGGREGATION_COLOCATED,
 }
+# How refusals name the request's fields: as the body has them, the request id as its header.
+_FIELD_NAMES = {**FIELD_NAMES, "request_id": "X-Request-Id"}
 # Headers carrying the service level, by the field each sets.
 SERVICE_HEADERS = {
     "ttft_ms": "X-Hetero-SLO-TTFT-Ms",
@@ -66,28 +72,59 @@ SERVICE_HEADERS = {
 _ERROR_TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
+    404: "invalid_request_error",
+    405: "invalid_request_error",
+    408: "invalid_request_error",
+    413: "invalid_request_error",
     429: "rate_limit_exceeded",
     503: "unavailable",
 }
 
 
-def error_body(status: int, message: str, param: str | None = None) -> dict[str, Any]:
+class _BodyNotReadError(InvalidRequestError):
+    """The body was not read to its end: the connection cannot carry another request."""
+
+
+class _BodyTooLargeError(_BodyNotReadError):
+    http_status = 413
+
+
+class _BodyTimedOutError(_BodyNotReadError):
+    http_status = 408
+
+
+def error_body(
+    status: int, message: str, param: str | None = None, code: str | None = None
+) -> dict[str, Any]:
     """OpenAI's error JSON, as a status answer's body and as a stream's error event."""
     return {
         "error": {
             "message": message,
             "type": _ERROR_TYPES.get(status, "server_error"),
             "param": param,
-            "code": None,
+            "code": code,
         }
     }
 
 
 def error_response(status: int, message: str, *, param: str | None = None,
-                   retry_after_s: float | None = None) -> web.Response:  # fmt: skip
+                   code: str | None = None, retry_after_s: float | None = None,
+                   headers: dict[str, str] | None = None) -> web.Response:  # fmt: skip
     """The error answer, with ``Retry-After`` when there is a retry hint."""
-    body = error_body(status, message, param)
-    return web.json_response(body, status=status, headers=retry_after_header(retry_after_s))
+    body = error_body(status, message, param, code)
+    headers = {**(headers or {}), **retry_after_header(retry_after_s)}
+    return web.json_response(body, status=status, headers=headers)
+
+
+def refusal(error: InvalidRequestError) -> web.Response:
+    """The answer to bad input: its status (400, 404 for an unknown model, 408, 413) and
+    code; a refusal with no code of its own has an invalid value."""
+    response = error_response(
+        error.http_status, error.message, param=error.param, code=error.code or "invalid_value"
+    )
+    if isinstance(error, _BodyNotReadError):
+        response.force_close()
+    return response
 
 
 def retry_after_header(retry_after_s: float | None) -> dict[str, str]:
@@ -119,13 +156,17 @@ class OpenAIRoutes:
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_post("/v1/chat/completions", self.chat_completions)
         app.router.add_get("/v1/models", self.models)
+        app.router.add_get("/v1/models/{model}", self.model)
 
     async def models(self, request: web.Request) -> web.Response:
-        data = [
-            {"id": name, "object": "model", "created": 0, "owned_by": "hetero-router"}
-            for name in self._pool.models
-        ]
+        data = [_model(name) for name in self._pool.models]
         return web.json_response({"object": "list", "data": data})
+
+    async def model(self, request: web.Request) -> web.Response:
+        name = request.match_info["model"]
+        if name not in self._pool.models:
+            return refusal(ModelNotFoundError(f"the model {shown(name)} does not exist"))
+        return web.json_response(_model(name))
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         return await self._serve(request, chat=False)
@@ -135,16 +176,11 @@ class OpenAIRoutes:
 
     async def _serve(self, http: web.Request, *, chat: bool) -> web.StreamResponse:
         try:
-            body = await http.json()
-            if not isinstance(body, dict):
-                raise InvalidRequestError("the request body must be a JSON object")
+            body = read_json(await self._read_body(http), http.charset)
             parsed = self._parse(body, http, chat=chat)
-        except json.JSONDecodeError as error:
-            self._dispatcher.count_rejected("invalid")
-            return error_response(400, f"the request body is not valid JSON: {error}")
         except InvalidRequestError as error:
             self._dispatcher.count_rejected("invalid")
-            return error_response(400, error.message, param=error.param)
+            return refusal(error)
         bind_request(parsed.request.shown_id, parsed.request.request_id)
         try:
             client = self._client(http)
@@ -170,7 +206,24 @@ class OpenAIRoutes:
 
     # -- request -------------------------------------------------------------
 
-    def _parse(self, body: dict[str, Any], http: web.Request, *, chat: bool) -> _Parsed:
+    async def _read_body(self, http: web.Request) -> bytes:
+        """The whole body: a client that sends less than it announced, or too slowly,
+        or more than the cap, is refused rather than waited for."""
+        try:
+            async with asyncio.timeout(self._settings.http_body_timeout_s):
+                return await http.read()  # the application's client_max_size caps it
+        except TimeoutError:
+            raise _BodyTimedOutError(
+                f"the request body did not arrive within {self._settings.http_body_timeout_s} s",
+                code="timeout",
+            ) from None
+        except web.HTTPRequestEntityTooLarge:
+            raise _BodyTooLargeError(
+                f"the request body is over {self._settings.http_max_body_bytes} bytes",
+                code="request_too_large",
+            ) from None
+
+    def _parse(self, body: object, http: web.Request, *, chat: bool) -> _Parsed:
         fields: OpenAIRequest
         messages: tuple[ChatMessage, ...] = ()
         if chat:
@@ -180,20 +233,26 @@ class OpenAIRoutes:
         else:
             fields = parse_body(CompletionRequest, body)
             prompt = fields.prompt
-        mode = fields.disaggregation or http.headers.get("X-Hetero-Disaggregation", "auto")
+        mode = fields.disaggregation or _header(http, "X-Hetero-Disaggregation") or "auto"
         if mode not in _DISAGGREGATION:
             raise InvalidRequestError(
-                "disaggregation must be one of auto, split, colocated", param="disaggregation"
+                "disaggregation must be one of auto, split, colocated",
+                param="disaggregation" if fields.disaggregation else "X-Hetero-Disaggregation",
+                code="invalid_value",
             )
         message = router_pb2.GenerateRequest(
-            request_id=http.headers.get("X-Request-Id", ""),
+            request_id=_header(http, "X-Request-Id"),
             model=fields.model or "",
             prompt=prompt,
             sampling=fields.sampling(),
             disaggregation=_DISAGGREGATION[mode],
         )
         request, disaggregation = validate_generate(
-            message, self._settings, self._pool.models, self._pool.config.resolved_default_model
+            message,
+            self._settings,
+            self._pool.models,
+            self._pool.config.resolved_default_model,
+            names=_FIELD_NAMES,
         )
         service = self._service(http)
         request = dataclasses.replace(request, messages=messages)
@@ -209,7 +268,7 @@ class OpenAIRoutes:
             ttft_ms=numbers["ttft_ms"],
             tpot_ms=numbers["tpot_ms"],
             priority=numbers["priority"] or 0,
-            slo_class=http.headers.get(SERVICE_HEADERS["slo_class"], "").strip(),
+            slo_class=_header(http, SERVICE_HEADERS["slo_class"]).strip(),
             slo_classes=self._dispatcher.slo_classes,
             names=SERVICE_HEADERS,
         )
@@ -412,6 +471,24 @@ def _usage(usage: router_pb2.Usage) -> dict[str, int]:
     }
 
 
+def _model(name: str) -> dict[str, Any]:
+    return {"id": name, "object": "model", "created": 0, "owned_by": "hetero-router"}
+
+
+def _header(http: web.Request, name: str) -> str:
+    """A header's text, empty when absent. aiohttp reads header bytes that are no UTF-8
+    as lone surrogates (surrogateescape), which no backend can be sent: refused."""
+    value = http.headers.get(name, "")
+    if not value.isascii():
+        try:
+            value.encode()
+        except UnicodeEncodeError:
+            raise InvalidRequestError(
+                f"header {name} must be UTF-8 text", param=name, code="invalid_value"
+            ) from None
+    return value
+
+
 def _header_int(http: web.Request, name: str) -> int | None:
     raw = http.headers.get(name)
     if raw is None:
@@ -419,5 +496,9 @@ def _header_int(http: web.Request, name: str) -> int | None:
     text = raw.strip()
     digits = text[1:] if text[:1] in ("+", "-") else text
     if not (digits.isascii() and digits.isdigit() and len(digits) <= 18):
-        raise InvalidRequestError(f"header {name} must be a whole number, got {raw[:32]!r}")
+        raise InvalidRequestError(
+            f"header {name} must be a whole number, got {shown(raw)}",
+            param=name,
+            code="invalid_value",
+        )
     return int(text)

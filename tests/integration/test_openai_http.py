@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 from collections.abc import AsyncGenerator, AsyncIterator
@@ -10,6 +11,7 @@ from typing import Any
 import aiohttp
 import openai
 import pytest
+import structlog
 
 from backends.base import Role
 from backends.errors import BackendError
@@ -104,10 +106,10 @@ async def test_the_split_is_steered_by_header_or_body(cluster: Cluster) -> None:
     [
         ("/v1/completions", {"max_tokens": 5}, "'prompt' must be a string"),
         ("/v1/completions", {"prompt": ""}, "prompt must not be empty"),
-        ("/v1/completions", {"prompt": "x", "max_tokens": 0}, "max_tokens must be between 1"),
+        ("/v1/completions", {"prompt": "x", "max_tokens": 0}, "'max_tokens' must be at least 1"),
+        ("/v1/completions", {"prompt": "x", "max_tokens": 5000}, "max_tokens must be between 1"),
         ("/v1/completions", {"prompt": "x", "max_tokens": "ten"}, "'max_tokens' must be int"),
         ("/v1/completions", {"prompt": "x", "temperature": -1}, "temperature must be >= 0"),
-        ("/v1/completions", {"prompt": "x", "model": "nope"}, "unknown model 'nope'"),
         ("/v1/completions", {"prompt": "x", "n": 3}, "only n=1"),
         ("/v1/completions", {"prompt": "x", "disaggregation": "sideways"}, "disaggregation"),
         ("/v1/completions", [1, 2], "JSON object"),
@@ -152,9 +154,183 @@ async def test_the_error_names_the_parameter_at_fault(
 
 async def test_optional_fields_the_router_does_not_use_are_accepted(cluster: Cluster) -> None:
     body = {"prompt": "x", "max_tokens": 2, "user": "u-1", "logprobs": None, "echo": False,
-            "presence_penalty": 0.0, "logit_bias": {"50256": -100}}  # fmt: skip
+            "presence_penalty": 0.0, "logit_bias": {}, "tools": [], "n": 1}  # fmt: skip
     response = await post(cluster, "/v1/completions", body)
     assert response.status == 200
+
+
+@pytest.mark.parametrize(
+    ("path", "field", "value"),
+    [
+        ("/v1/chat/completions", "tools", [{"type": "function", "function": {"name": "f"}}]),
+        ("/v1/chat/completions", "tool_choice", "required"),
+        ("/v1/chat/completions", "response_format", {"type": "json_object"}),
+        ("/v1/chat/completions", "logprobs", True),
+        ("/v1/chat/completions", "frequency_penalty", 0.5),
+        ("/v1/completions", "logit_bias", {"50256": -100}),
+        ("/v1/completions", "echo", True),
+        ("/v1/completions", "suffix", "!"),
+        ("/v1/completions", "best_of", 3),
+        ("/v1/completions", "presence_penalty", 1.0),
+    ],
+)
+async def test_a_field_the_door_does_not_implement_is_400_naming_it(
+    cluster: Cluster, path: str, field: str, value: Any
+) -> None:
+    body: dict[str, Any] = {"max_tokens": 2, field: value}
+    if path == "/v1/chat/completions":
+        body["messages"] = [{"role": "user", "content": "x"}]
+    else:
+        body["prompt"] = "x"
+    response = await post(cluster, path, body)
+    assert response.status == 400
+    error = (await response.json())["error"]
+    assert (error["param"], error["code"]) == (field, "unsupported_parameter")
+    assert all(device.requests_received == 0 for device in cluster.devices.values())
+
+
+async def test_the_sdk_refuses_an_unimplemented_field_with_bad_request(
+    sdk: openai.AsyncOpenAI,
+) -> None:
+    with pytest.raises(openai.BadRequestError) as raised:
+        await sdk.chat.completions.create(
+            model="llama-3.1-8b",
+            messages=[{"role": "user", "content": "x"}],
+            tools=[{"type": "function", "function": {"name": "f"}}],
+        )
+    assert raised.value.param == "tools"
+    assert raised.value.code == "unsupported_parameter"
+
+
+async def test_an_unknown_model_is_404_model_not_found(
+    cluster: Cluster, sdk: openai.AsyncOpenAI
+) -> None:
+    response = await post(cluster, "/v1/completions", {"prompt": "x", "model": "n" * 20_000})
+    assert response.status == 404
+    error = (await response.json())["error"]
+    assert (error["param"], error["code"]) == ("model", "model_not_found")
+    assert len(error["message"]) < 200  # the name is cut, not echoed whole
+    with pytest.raises(openai.NotFoundError):
+        await sdk.completions.create(model="nope", prompt="x")
+    assert all(device.requests_received == 0 for device in cluster.devices.values())
+
+
+async def test_one_model_is_read_by_its_id(cluster: Cluster, sdk: openai.AsyncOpenAI) -> None:
+    model = await sdk.models.retrieve("llama-3.1-8b")
+    assert (model.id, model.object) == ("llama-3.1-8b", "model")
+    with pytest.raises(openai.NotFoundError):
+        await sdk.models.retrieve("nope")
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"{cluster.admin_url}/v1/models/{'x' * 5000}") as response,
+    ):
+        assert response.status == 404
+        error = (await response.json())["error"]
+    assert (error["param"], error["code"]) == ("model", "model_not_found")
+    assert len(error["message"]) < 200
+
+
+async def raw_request(cluster: Cluster, head: bytes, body: bytes = b"") -> tuple[int, Any]:
+    """Sends bytes as they are (no client library cleans them up); the status and JSON."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", cluster.daemon.http_port)
+    try:
+        writer.write(head + f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode())
+        writer.write(body)
+        reply = await reader.read()
+    finally:
+        writer.close()
+    status_line, _, rest = reply.partition(b"\r\n")
+    return int(status_line.split()[1]), json.loads(rest.partition(b"\r\n\r\n")[2])
+
+
+SURROGATE = b'"\\ud800"'  # JSON's escape for a lone surrogate, as a client may send it
+DEEP = b"[" * 100_000 + b"]" * 100_000
+TEXT_PART = b'[{"type":"text","text":5}]'
+CODES = {"value": "invalid_value", "type": "invalid_type", "json": "invalid_json"}
+# Name: (path, body, Content-Type parameters, param, code); each was once a 500 or served.
+HOSTILE: dict[str, tuple[str, bytes, str, str | None, str]] = {
+    "surrogate prompt": ("completions", b'{"prompt":' + SURROGATE + b"}", "", "prompt", "value"),
+    "surrogate stop": ("completions", b'{"prompt":"x","stop":' + SURROGATE + b"}", "", "stop",
+                       "value"),
+    "surrogate model": ("completions", b'{"prompt":"x","model":' + SURROGATE + b"}", "", "model",
+                        "value"),
+    "surrogate content": ("chat/completions",
+                          b'{"messages":[{"role":"user","content":' + SURROGATE + b"}]}", "",
+                          "messages[0].content", "value"),
+    "not utf-8": ("completions", b'{"prompt":"\xbc"}', "", None, "json"),
+    "unknown charset": ("completions", b'{"prompt":"x"}', "; charset=hc", None, "json"),
+    "top_p of 401 digits": ("completions", b'{"prompt":"x","top_p":1' + b"0" * 400 + b"}", "",
+                            None, "value"),
+    "max_tokens of 5000 digits": ("completions",
+                                  b'{"prompt":"x","max_tokens":' + b"9" * 5000 + b"}", "",
+                                  "max_tokens", "value"),
+    "nested 100000 deep": ("completions", b'{"prompt":' + DEEP + b"}", "", None, "json"),
+    "disaggregation [0.0]": ("completions", b'{"prompt":"x","disaggregation":[0.0]}', "",
+                             "disaggregation", "type"),
+    "disaggregation {a:1}": ("completions", b'{"prompt":"x","disaggregation":{"a":1}}', "",
+                             "disaggregation", "type"),
+    "disaggregation {}": ("completions", b'{"prompt":"x","disaggregation":{}}', "",
+                          "disaggregation", "type"),
+    "n true": ("completions", b'{"prompt":"x","n":true}', "", "n", "type"),
+    "max_tokens 2**63": ("completions", b'{"prompt":"x","max_tokens":%d}' % 2**63, "",
+                         "max_tokens", "value"),
+    "max_tokens -3": ("completions", b'{"prompt":"x","max_tokens":-3}', "", "max_tokens",
+                      "value"),
+    "NaN": ("completions", b'{"prompt":"x","temperature":NaN}', "", None, "json"),
+    "text part 5": ("chat/completions",
+                    b'{"messages":[{"role":"user","content":' + TEXT_PART + b"}]}", "",
+                    "messages[0].content", "type"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(HOSTILE))
+async def test_hostile_bodies_get_400_naming_the_parameter_with_no_trace_logged(
+    cluster: Cluster, case: str
+) -> None:
+    path, body, content_type, param, code = HOSTILE[case]
+    head = (
+        f"POST /v1/{path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json{content_type}\r\n"
+    )
+    with structlog.testing.capture_logs() as logs:
+        status, reply = await raw_request(cluster, head.encode(), body)
+    assert status == 400
+    error = reply["error"]
+    assert (error["type"], error["param"]) == ("invalid_request_error", param)
+    assert error["code"] == CODES[code]
+    assert len(error["message"]) < 200
+    assert [event for event in logs if event["log_level"] in ("error", "critical")] == []
+    assert all(device.requests_received == 0 for device in cluster.devices.values())
+
+
+@pytest.mark.parametrize(
+    "header", ["X-Request-Id", "X-Hetero-SLO-Class", "X-Hetero-Disaggregation"]
+)
+async def test_a_header_that_is_no_utf8_is_400_naming_it(cluster: Cluster, header: str) -> None:
+    # aiohttp reads such bytes as lone surrogates (surrogateescape), which protobuf refuses.
+    head = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n" + header.encode() + b": a\xff\xfe\r\n"
+    with structlog.testing.capture_logs() as logs:
+        status, reply = await raw_request(cluster, head, b'{"prompt": "x", "max_tokens": 2}')
+    assert status == 400
+    assert reply["error"]["param"] == header
+    assert [event for event in logs if event["log_level"] == "error"] == []
+    assert all(device.requests_received == 0 for device in cluster.devices.values())
+
+
+async def test_a_header_in_utf8_is_served_and_echoed_as_sent(cluster: Cluster) -> None:
+    head = "POST /v1/completions HTTP/1.1\r\nHost: x\r\nX-Request-Id: é-1\r\n".encode()
+    status, reply = await raw_request(cluster, head, b'{"prompt": "x", "max_tokens": 2}')
+    assert status == 200
+    assert reply["id"].endswith("é-1")
+
+
+async def test_a_bad_header_number_is_400_naming_the_header(cluster: Cluster) -> None:
+    response = await post(
+        cluster, "/v1/completions", {"prompt": "x"}, **{"X-Hetero-Priority": "9" * 5000}
+    )
+    assert response.status == 400
+    error = (await response.json())["error"]
+    assert error["param"] == "X-Hetero-Priority"
+    assert len(error["message"]) < 200
 
 
 async def test_invalid_json_is_400(cluster: Cluster) -> None:
@@ -163,7 +339,9 @@ async def test_invalid_json_is_400(cluster: Cluster) -> None:
         session.post(f"{cluster.admin_url}/v1/completions", data=b"{oops") as response,
     ):
         assert response.status == 400
-        assert "not valid JSON" in (await response.json())["error"]["message"]
+        error = (await response.json())["error"]
+    assert "not valid JSON" in error["message"]
+    assert error["code"] == "invalid_json"
 
 
 async def test_no_backend_is_503(cluster: Cluster) -> None:
