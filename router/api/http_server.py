@@ -18,10 +18,13 @@ grace period, then cancelled.
 from __future__ import annotations
 
 import asyncio
+import logging
 import ssl
 from collections.abc import Callable
+from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.typedefs import Handler
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
@@ -101,6 +104,7 @@ class AdminServer:
             access_log=None,
             handler_cancellation=True,
             keepalive_timeout=self._settings.http_keepalive_timeout_s,
+            logger=_ServerLog(logging.getLogger("aiohttp.server"), None),
         )
         await self._runner.setup()
         context = None if self._tls is None else self._tls.context
@@ -271,6 +275,23 @@ def _http_error(request: web.Request, error: web.HTTPException) -> web.Response:
     if error.status == 413:
         response.force_close()  # the rest of the body was not read
     return response
+
+
+class _ServerLog(logging.LoggerAdapter[logging.Logger]):
+    """aiohttp's per-connection logger. A request it cannot parse (a bad header byte, a
+    broken request line) is the client's fault: one line at info, never a traceback a
+    client could fill the log with; anything else is logged as aiohttp logs it."""
+
+    def exception(self, msg: object, *args: object, exc_info: Any = True, **kwargs: Any) -> None:
+        if isinstance(exc_info, HttpProcessingError) and 400 <= exc_info.code < 500:
+            reason = exc_info.message.strip().splitlines()
+            log.info(
+                "malformed http request",
+                status=exc_info.code,
+                reason=shown(reason[0] if reason else ""),
+            )
+            return
+        super().exception(msg, *args, exc_info=exc_info, **kwargs)
 
 
 class _GuardedSite(web.BaseSite):
