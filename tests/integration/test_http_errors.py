@@ -288,3 +288,19 @@ async def status_of_one_request(port: int) -> int:
     reply = await closed_by_the_server(reader)
     writer.close()
     return int(reply.split()[1])
+
+
+async def test_a_request_aiohttp_cannot_parse_is_logged_as_one_line(
+    aiohttp_errors: pytest.LogCaptureFixture,
+) -> None:
+    async with admin_server() as port:
+        reader, writer = await connect(port)
+        with structlog.testing.capture_logs() as logs:
+            writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-A: a\x01b\r\n\r\n")
+            reply = await closed_by_the_server(reader)
+        writer.close()
+    assert reply.startswith(b"HTTP/1.0 400 ")  # aiohttp's own answer, before the door
+    assert [(event["event"], event["log_level"]) for event in logs] == [
+        ("malformed http request", "info")
+    ]
+    assert errors_logged_by_aiohttp(aiohttp_errors) == []
