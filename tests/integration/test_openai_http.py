@@ -260,7 +260,7 @@ HOSTILE: dict[str, tuple[str, bytes, str, str | None, str]] = {
     "not utf-8": ("completions", b'{"prompt":"\xbc"}', "", None, "json"),
     "unknown charset": ("completions", b'{"prompt":"x"}', "; charset=hc", None, "json"),
     "top_p of 401 digits": ("completions", b'{"prompt":"x","top_p":1' + b"0" * 400 + b"}", "",
-                            None, "value"),
+                            "top_p", "value"),
     "max_tokens of 5000 digits": ("completions",
                                   b'{"prompt":"x","max_tokens":' + b"9" * 5000 + b"}", "",
                                   "max_tokens", "value"),
@@ -446,3 +446,22 @@ async def test_the_sdk_raises_on_a_stream_whose_decode_device_dies() -> None:
     assert type(raised.value) is openai.APIError  # an error event, not a cut connection
     assert "groq-0" in raised.value.message
     assert raised.value.type == "server_error"
+
+
+@pytest.mark.parametrize(
+    ("body", "headers", "param"),
+    [
+        ({"prompt": "x", "max_tokens": 5000}, {}, "max_tokens"),
+        ({"prompt": "x", "top_p": 0}, {}, "top_p"),
+        ({"prompt": ""}, {}, "prompt"),
+        ({"prompt": "x"}, {"X-Request-Id": "r" * 200}, "X-Request-Id"),
+        ({"prompt": "x"}, {"X-Hetero-Priority": "10"}, "X-Hetero-Priority"),
+    ],
+)
+async def test_a_limit_checked_after_parsing_names_the_parameter_too(
+    cluster: Cluster, body: dict[str, Any], headers: dict[str, str], param: str
+) -> None:
+    response = await post(cluster, "/v1/completions", body, **headers)
+    assert response.status == 400
+    error = (await response.json())["error"]
+    assert (error["param"], error["code"]) == (param, "invalid_value")
