@@ -99,6 +99,27 @@ def _is_seed(value: int) -> int:
     return value
 
 
+# The largest 32-bit float: SamplingParams carries temperature and top_p as floats.
+_FLOAT32_MAX = 3.4028234663852886e38
+
+
+def _said(value: float) -> str:
+    """``value`` for a message, unless it is a bounded stand-in for a longer number."""
+    return f", got {value}" if abs(value) < 1e15 else ""
+
+
+def _temperature(value: float | None) -> float | None:
+    if value is not None and not 0 <= value <= _FLOAT32_MAX:
+        raise ValueError(f"must be >= 0 (0 is greedy){_said(value)}")
+    return value
+
+
+def _probability(value: float | None) -> float | None:
+    if value is not None and not 0 < value <= 1:
+        raise ValueError(f"must be in (0, 1]{_said(value)}")
+    return value
+
+
 def _only_one(value: int | None) -> int | None:
     # The door streams and answers one choice.
     if value is not None and value != 1:
@@ -151,8 +172,8 @@ class OpenAIRequest(_Strict):
 
     model: Text | None = None
     max_tokens: TokenCount | None = None
-    temperature: float | None = None
-    top_p: float | None = None
+    temperature: Annotated[float | None, AfterValidator(_temperature)] = None
+    top_p: Annotated[float | None, AfterValidator(_probability)] = None
     seed: Annotated[int, AfterValidator(_is_seed)] | None = None
     stop: Text | list[Text] | None = Field(
         default=None, description="a string or a list of strings"

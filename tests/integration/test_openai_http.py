@@ -109,7 +109,7 @@ async def test_the_split_is_steered_by_header_or_body(cluster: Cluster) -> None:
         ("/v1/completions", {"prompt": "x", "max_tokens": 0}, "'max_tokens' must be at least 1"),
         ("/v1/completions", {"prompt": "x", "max_tokens": 5000}, "max_tokens must be between 1"),
         ("/v1/completions", {"prompt": "x", "max_tokens": "ten"}, "'max_tokens' must be int"),
-        ("/v1/completions", {"prompt": "x", "temperature": -1}, "temperature must be >= 0"),
+        ("/v1/completions", {"prompt": "x", "temperature": -1}, "'temperature' must be >= 0"),
         ("/v1/completions", {"prompt": "x", "n": 3}, "only n=1"),
         ("/v1/completions", {"prompt": "x", "disaggregation": "sideways"}, "disaggregation"),
         ("/v1/completions", [1, 2], "JSON object"),

@@ -212,7 +212,15 @@ def test_integers_of_any_length_are_read_as_too_large_not_refused_by_the_parser(
 
 def test_a_number_too_large_for_a_float_is_refused_by_range_not_type() -> None:
     body = read_json(b'{"prompt": "x", "top_p": 1' + b"0" * 400 + b"}")
-    assert parse_body(CompletionRequest, body).top_p == 1e24  # its range is validation's
+    assert isinstance(body, dict)
+    error = refusal(CompletionRequest, body)
+    # The stand-in 10**24 is not quoted: the client sent another number.
+    assert (error.param, error.message) == ("top_p", "'top_p' must be in (0, 1]")
+    error = refusal(CompletionRequest, {"prompt": "x", "temperature": 1e39})
+    assert error.message == "'temperature' must be >= 0 (0 is greedy)"
+    error = refusal(CompletionRequest, {"prompt": "x", "top_p": 1.5})
+    assert error.message == "'top_p' must be in (0, 1], got 1.5"
+    assert parse_body(CompletionRequest, {"prompt": "x", "top_p": 1}).top_p == 1
 
 
 def test_a_list_of_one_prompt_is_that_prompt() -> None:
