@@ -17,6 +17,7 @@ from backends import registry as adapters
 from backends._gen.hetero.router.v1 import router_pb2
 from backends.config_files import problems
 from router import __version__, defaults
+from router.api.listen import check_can_listen
 from router.client import DEFAULT_ADDRESS, ChannelConfig, RouterClient
 from router.cluster import embedded_devices
 from router.daemon import Daemon
@@ -74,6 +75,8 @@ async def _serve(settings: Settings, pool_path: Path | None, embedded: bool,
 def cmd_serve(options: argparse.Namespace, embedded: bool = False) -> int:
     settings = _settings(options)
     settings.check_exposure()  # before anything starts (the Daemon checks again)
+    for address, door in ((settings.grpc_address, "gRPC"), (settings.http_address, "HTTP")):
+        check_can_listen(address, door)  # likewise: a taken port is one line, nothing started
     configure(settings.log_level, settings.log_format)
     return uvloop.run(
         _serve(settings, settings.pool_file, embedded, getattr(options, "time_scale", None))

@@ -363,6 +363,26 @@ def test_a_bad_simulate_setting_is_one_line(
 # ------------------------------------------------------------------ a port already taken
 
 
+@pytest.mark.parametrize(("flag", "door"), [("--grpc-address", "gRPC"), ("--http-address", "HTTP")])
+def test_a_taken_port_is_one_line_before_any_device_starts(
+    run_main: Callable[..., tuple[int, list[str]]],
+    monkeypatch: pytest.MonkeyPatch,
+    flag: str,
+    door: str,
+) -> None:
+    started: list[object] = []
+    monkeypatch.setattr(asyncio, "create_subprocess_exec", lambda *a, **k: started.append(a))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        address = f"127.0.0.1:{taken.getsockname()[1]}"
+        other = "--http-address" if flag == "--grpc-address" else "--grpc-address"
+        code, lines = run_main("up", flag, address, other, "127.0.0.1:0")
+    assert code == 2
+    assert lines == [f"hetero-router: cannot listen on {address} for {door}: address in use"]
+    assert started == []
+
+
 def front_door(address: str) -> FrontDoor:
     service = cast(
         RouterService,
