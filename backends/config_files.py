@@ -10,6 +10,7 @@ of a field that already failed.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import re
 from collections.abc import Iterable, Iterator, Sequence
@@ -330,3 +331,27 @@ def _model_names(model: type[BaseModel]) -> frozenset[str]:
         else:
             pending.extend(getattr(kind, "__args__", ()))
     return frozenset(names)
+
+
+def host_port(address: str) -> str:
+    """``address`` if it is ``host:port`` (an IPv6 host in brackets, port 0..65535);
+    ValueError saying what is wrong otherwise."""
+    host, sep, port = address.rpartition(":")
+    problem = None
+    if not sep or not re.fullmatch(r"[0-9]{1,5}", port) or int(port) > 65535:
+        problem = "the port after the last ':' must be 0..65535"
+    elif not host:
+        problem = "no host before the ':'"
+    elif host.startswith("["):
+        inside = host[1:-1] if host.endswith("]") else ""
+        try:
+            ipaddress.IPv6Address(inside)
+        except ValueError:
+            problem = "not an IPv6 address in the brackets"
+    elif ":" in host:
+        problem = "an IPv6 host goes in brackets, as in [::1]:50051"
+    elif not re.fullmatch(r"[A-Za-z0-9._-]+", host):
+        problem = "not a host name or IPv4 address"
+    if problem is not None:
+        raise ValueError(f"address must be host:port ({problem}), got {shown(address)}")
+    return address

@@ -22,9 +22,9 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from pydantic_settings.exceptions import SettingsError
 
 from backends.base import Role
-from backends.config_files import DocumentError, problem, problems, read_yaml_file
+from backends.config_files import DocumentError, host_port, problem, problems, read_yaml_file
 from router import defaults
-from router.errors import ConfigError, shown
+from router.errors import ConfigError
 from router.scheduling.concurrency_limit import LimitConfig
 from router.scheduling.prefix import DEFAULT_BLOCKS_PER_BACKEND
 from router.scheduling.slo import Slo
@@ -36,30 +36,6 @@ MAX_SECONDS = 86_400.0
 # A mock device's time scale: 0 skips the modelled waits, 1 is real time; a device a
 # thousand times slower than modelled is no use.
 MAX_TIME_SCALE = 1000.0
-
-
-def host_port(address: str) -> str:
-    """``address`` if it is ``host:port`` (an IPv6 host in brackets, port 0..65535);
-    ValueError saying what is wrong otherwise."""
-    host, sep, port = address.rpartition(":")
-    problem = None
-    if not sep or not re.fullmatch(r"[0-9]{1,5}", port) or int(port) > 65535:
-        problem = "the port after the last ':' must be 0..65535"
-    elif not host:
-        problem = "no host before the ':'"
-    elif host.startswith("["):
-        inside = host[1:-1] if host.endswith("]") else ""
-        try:
-            ipaddress.IPv6Address(inside)
-        except ValueError:
-            problem = "not an IPv6 address in the brackets"
-    elif ":" in host:
-        problem = "an IPv6 host goes in brackets, as in [::1]:50051"
-    elif not re.fullmatch(r"[A-Za-z0-9._-]+", host):
-        problem = "not a host name or IPv4 address"
-    if problem is not None:
-        raise ValueError(f"address must be host:port ({problem}), got {shown(address)}")
-    return address
 
 
 Address = Annotated[str, AfterValidator(host_port)]

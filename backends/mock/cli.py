@@ -7,6 +7,7 @@ import argparse
 import uvloop
 
 from backends.base import Role
+from backends.config_files import host_port
 from backends.mock.config import BLOCK_SIZE, DeviceConfig
 from backends.mock.lease import DEFAULT_KV_LEASE_S
 from backends.mock.process import run_device
@@ -62,6 +63,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(options: argparse.Namespace) -> int:
     """Serves one device until a signal (or stdin's end); the exit code."""
+    host_port(options.listen)  # ValueError: one line, exit 2
     roles = tuple(Role(role.strip()) for role in options.roles.split(","))
     config = DeviceConfig(
         backend_id=options.id,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -47,6 +48,17 @@ class DeviceConfig:
     # Fault injection for tests: flip one bit in each of the first N KV transfers served.
     corrupt_kv_chunks: int = 0
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        # ValueError: the device command says it in one line and exits 2.
+        for name in ("time_scale", "kv_lease_s"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+        if self.decode_step_s is not None and not (
+            math.isfinite(self.decode_step_s) and self.decode_step_s > 0
+        ):
+            raise ValueError(f"decode_step_s must be a finite number > 0, got {self.decode_step_s}")
 
 
 def timing_of(config: DeviceConfig) -> TimingModel:

@@ -81,9 +81,13 @@ class DeviceServer:
 
     async def start(self, listen: str = "127.0.0.1:0") -> int:
         """Serves on ``listen``; returns the bound port (useful with port 0)."""
-        self._server = grpc.aio.server(options=CHANNEL_OPTIONS)
+        # No SO_REUSEPORT: a second device on a taken port fails instead of sharing it.
+        self._server = grpc.aio.server(options=[*CHANNEL_OPTIONS, ("grpc.so_reuseport", 0)])
         register(self.service, self._server)
-        port: int = self._server.add_insecure_port(listen)
+        try:
+            port: int = self._server.add_insecure_port(listen)
+        except RuntimeError:  # grpc's way to say it could not bind
+            port = 0
         if port == 0:
             raise OSError(f"cannot listen on {listen}")
         host = listen.rpartition(":")[0]
