@@ -15,10 +15,11 @@ Each helper is protocol-level and knows nothing of one engine:
 - what engines answer: nothing an engine sends is trusted. Bodies are read with
   :func:`read_body`, bounded (:data:`MAX_BODY_BYTES` for an answer,
   :data:`MAX_PAGE_BYTES` for a listing, a metrics page or a token list); every field is
-  type-checked (:class:`ShapeError` from :func:`json_object`, :func:`field_list`,
-  :func:`field_object`, :func:`field_text`, :func:`field_count`, :func:`field_ids`),
-  and :func:`malformed` turns a bad shape into a retryable
-  :class:`~backends.errors.BackendError` quoting the start of the reply;
+  type-checked (:class:`ShapeError` from :func:`parse_json`, :func:`json_object`,
+  :func:`field_list`, :func:`field_object`, :func:`field_text`, :func:`field_count`,
+  :func:`field_ids`), and :func:`malformed` turns a bad shape into a retryable
+  :class:`~backends.errors.BackendError` quoting the start of the reply; an engine's
+  error text is shortened and made fit for a status line (:func:`error_text`);
 - streams: :func:`iter_sse` splits a Server-Sent Events body into events (each at most
   :data:`MAX_EVENT_BYTES`, giving the event loop a turn every
   :data:`YIELD_EVERY_STEPS` events or reads), :class:`OpenAIStream` turns the chunks
@@ -219,8 +220,8 @@ def error_text(body: bytes) -> str:
     ``{"message"}``, FastAPI's ``{"detail"}``, or the raw text, shortened."""
     text = body.decode("utf-8", errors="replace").strip()
     try:
-        payload = json.loads(text)
-    except ValueError:
+        payload = parse_json(text)
+    except ShapeError:
         return text[:_MAX_ERROR_CHARS]
     message: Any = payload
     if isinstance(payload, dict):
@@ -231,7 +232,20 @@ def error_text(body: bytes) -> str:
             message = error
         else:
             message = payload.get("message") or payload.get("detail") or payload
-    return str(message)[:_MAX_ERROR_CHARS]
+    if not isinstance(message, str):
+        try:
+            message = str(message)
+        except RecursionError:  # nested as deep as the JSON parser goes: quote the text
+            message = text
+    return message_text(message[:_MAX_ERROR_CHARS])
+
+
+def message_text(text: str) -> str:
+    """``text`` as an error message can carry it: a lone surrogate (JSON's ``"\\ud800"``),
+    which no UTF-8 header or status line can hold, is escaped."""
+    if text.isascii():
+        return text
+    return text.encode("utf-8", errors="backslashreplace").decode("utf-8")
 
 
 # What an engine answers a request it will not take as it is: 400 for a bad parameter or
@@ -247,6 +261,12 @@ def engine_error(backend_id: str, status: int | None, message: str) -> BackendEr
         return BackendRejectedError(backend_id, message)
     retryable = status is None or is_retryable_status(status)
     return BackendError(backend_id, message, retryable=retryable)
+
+
+def error_code(error: object) -> int | None:
+    """The HTTP status an error event's ``{"code": ...}`` gives, if it gives one."""
+    code = error.get("code") if isinstance(error, dict) else None
+    return code if isinstance(code, int) and not isinstance(code, bool) else None
 
 
 def status_error(backend_id: str, status: int, body: bytes) -> BackendError:
@@ -331,12 +351,20 @@ def _json_type(value: Any) -> str:
     return "an array" if isinstance(value, list) else "an object"
 
 
-def json_object(raw: bytes | str) -> dict[str, Any]:
-    """A JSON object, or ShapeError."""
+def parse_json(raw: bytes | str) -> Any:
+    """A JSON value, or ShapeError: not JSON (bytes that are not UTF-8 included), or nested
+    deeper than the parser follows (it raises RecursionError there, not ValueError)."""
     try:
-        value = json.loads(raw)
+        return json.loads(raw)
     except ValueError:
         raise ShapeError("not JSON") from None
+    except RecursionError:
+        raise ShapeError("JSON nested too deep") from None
+
+
+def json_object(raw: bytes | str) -> dict[str, Any]:
+    """A JSON object, or ShapeError."""
+    value = parse_json(raw)
     if not isinstance(value, dict):
         raise ShapeError(f"{_json_type(value)}, not an object")
     return value
@@ -654,7 +682,7 @@ class OpenAIStream:
             return self._release_final()
         try:
             chunk = json_object(data)
-            self._raise_engine_error(chunk)
+            self._raise_engine_error(chunk, data)
             if chunk.get("usage") is not None:
                 self._usage = usage_message(chunk["usage"])
             frame = self._frame(chunk)
@@ -700,13 +728,12 @@ class OpenAIStream:
         self._final_sent = True
         return self._final.SerializeToString()
 
-    def _raise_engine_error(self, chunk: Mapping[str, Any]) -> None:
+    def _raise_engine_error(self, chunk: Mapping[str, Any], data: str) -> None:
         error = chunk.get("error")
         if error:
-            code = error.get("code") if isinstance(error, dict) else None
-            message = error_text(json.dumps(chunk).encode())
-            status = code if isinstance(code, int) else None
-            raise engine_error(self._backend_id, status, f"engine error: {message}")
+            raise engine_error(
+                self._backend_id, error_code(error), f"engine error: {error_text(data.encode())}"
+            )
 
 
 async def drain_body(response: aiohttp.ClientResponse, timeout_s: float = 0.5) -> bool:

@@ -28,7 +28,6 @@ Options: ``base_url`` (full URL up to the version, e.g.
 from __future__ import annotations
 
 import contextlib
-import json
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from typing import Any
 
@@ -51,10 +50,12 @@ from backends.http_common import (
     ExchangeAborted,
     OpenExchanges,
     Secret,
+    ShapeError,
     client_timeout,
     connector,
     malformed_detail,
     openai_frames,
+    parse_json,
     read_api_key,
     read_body,
     reject_inline_key,
@@ -160,9 +161,9 @@ class OpenAIBackend(Backend):
         except BackendError as error:
             return HealthStatus(serving=False, detail=self._key.clean(error.message))
         try:
-            listing = json.loads(body)
-        except ValueError:
-            detail = malformed_detail("/models listing", "not JSON", body)
+            listing = parse_json(body)
+        except ShapeError as problem:
+            detail = malformed_detail("/models listing", problem, body)
             return HealthStatus(serving=False, detail=self._key.clean(detail))
         offered = _model_ids(listing)
         if self._model and offered and self._model not in offered:
@@ -254,9 +255,11 @@ def _close(response: aiohttp.ClientResponse) -> None:
 
 
 def _model_ids(listing: Any) -> set[str]:
-    """The ids of a ``/models`` listing; empty when the body is not the usual shape."""
+    """The ids (strings) of a ``/models`` listing; empty when the body is not the usual shape."""
     if not isinstance(listing, dict) or not isinstance(listing.get("data"), list):
         return set()
     return {
-        str(entry["id"]) for entry in listing["data"] if isinstance(entry, dict) and "id" in entry
+        entry["id"]
+        for entry in listing["data"]
+        if isinstance(entry, dict) and isinstance(entry.get("id"), str)
     }

@@ -65,6 +65,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import math
 import secrets
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
@@ -97,6 +98,7 @@ from backends.http_common import (
     client_timeout,
     drain_body,
     engine_error,
+    error_code,
     error_text,
     field_count,
     field_ids,
@@ -108,6 +110,7 @@ from backends.http_common import (
     json_object,
     malformed,
     malformed_detail,
+    message_text,
     new_session,
     parse_prometheus,
     read_api_key,
@@ -122,6 +125,9 @@ from backends.tls import client_tls
 log: structlog.typing.FilteringBoundLogger = structlog.get_logger(__name__)
 
 DEFAULT_BOOTSTRAP_PORT = 8998  # sglang ServerArgs.disaggregation_bootstrap_port
+
+# How much of an engine's reason for aborting a prefill an error quotes.
+_MAX_REASON_CHARS = 500
 
 # How long a failed prefill leg waits for its decode leg to notice before it is forgotten.
 _FAILED_LEG_TTL_S = 60.0
@@ -312,31 +318,7 @@ class SglangBackend(Backend):
                 body = await read_body(self.id, response, MAX_PAGE_BYTES, "metrics page")
         except _TRANSPORT_ERRORS as error:
             raise transport_error(self.id, error, timeout_s) from None
-        samples = parse_prometheus(body.decode("utf-8", errors="replace"), _METRICS)
-
-        def total(*names: str) -> float:
-            return sum(sample.value for name in names for sample in samples.get(name, ()))
-
-        used = total(_KV_USED)
-        capacity = total(_KV_CAPACITY)
-        if not capacity:
-            # Older builds export only the ratio: each scheduler's capacity is its used
-            # tokens over its usage, matched series by series (one per DP rank).
-            used_by_series = {
-                frozenset(sample.labels.items()): sample.value
-                for sample in samples.get(_KV_USED, ())
-            }
-            capacity = sum(
-                used_by_series.get(frozenset(sample.labels.items()), 0.0) / sample.value
-                for sample in samples.get(_KV_USAGE, ())
-                if sample.value > 0
-            )
-        return BackendLoad(
-            waiting=int(total(*_WAITING)),
-            running=int(total(*_RUNNING)),
-            kv_tokens_used=int(used),
-            kv_tokens_capacity=round(capacity),
-        )
+        return metrics_load(body.decode("utf-8", errors="replace"))
 
     async def prefill(self, request: GenerationRequest, timeout_s: float) -> PrefillResult:
         """Starts the prefill leg and returns before it answers; see the module docstring."""
@@ -693,6 +675,41 @@ class _NativeStream:
         return None
 
 
+def metrics_load(page: str) -> BackendLoad:
+    """The load a ``/metrics`` page shows. A sample that is not a finite number >= 0 (``NaN``,
+    ``+Inf``, a negative gauge) counts as absent, and so does a figure that sums to no finite
+    number."""
+    samples = {
+        name: [s for s in found if math.isfinite(s.value) and s.value >= 0]
+        for name, found in parse_prometheus(page, _METRICS).items()
+    }
+
+    def total(*names: str) -> float:
+        value = sum(sample.value for name in names for sample in samples.get(name, ()))
+        return value if math.isfinite(value) else 0.0
+
+    used = total(_KV_USED)
+    capacity = total(_KV_CAPACITY)
+    if not capacity:
+        # Older builds export only the ratio: each scheduler's capacity is its used
+        # tokens over its usage, matched series by series (one per DP rank).
+        used_by_series = {
+            frozenset(sample.labels.items()): sample.value for sample in samples.get(_KV_USED, ())
+        }
+        capacity = sum(
+            used_by_series.get(frozenset(sample.labels.items()), 0.0) / sample.value
+            for sample in samples.get(_KV_USAGE, ())
+            if sample.value > 0
+        )
+        capacity = capacity if math.isfinite(capacity) else 0.0
+    return BackendLoad(
+        waiting=int(total(*_WAITING)),
+        running=int(total(*_RUNNING)),
+        kv_tokens_used=int(used),
+        kv_tokens_capacity=round(capacity),
+    )
+
+
 def _finish_type(reason: Any) -> str | None:
     """``{"type": "stop", "matched": ...}`` in current builds, a bare string in old ones;
     ShapeError for anything else."""
@@ -708,8 +725,7 @@ def _parse_event(backend_id: str, data: str) -> dict[str, Any]:
     chunk = json_object(data)
     error = chunk.get("error")
     if error:
-        code = error.get("code") if isinstance(error, dict) else None
-        status = code if isinstance(code, int) else None
+        status = error_code(error)
         raise engine_error(backend_id, status, f"engine error: {error_text(data.encode())}")
     return chunk
 
@@ -731,7 +747,9 @@ def _prefill_problem(data: str) -> str | None:
         reason = meta.get("finish_reason")
         if _finish_type(reason) == "abort":
             message = reason.get("message") if isinstance(reason, Mapping) else None
-            return f"prefill aborted: {message or 'no reason given'}"
+            if not isinstance(message, str) or not message:
+                return "prefill aborted: no reason given"
+            return f"prefill aborted: {message_text(message[:_MAX_REASON_CHARS])}"
         for index, choice in enumerate(field_list(chunk.get("choices"), "choices")):
             fields = field_object(choice, f"choices[{index}]") or {}
             if field_text(fields.get("finish_reason"), "finish_reason") == "abort":

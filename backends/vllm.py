@@ -107,7 +107,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
+import math
 from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from typing import Any, TypeGuard, TypeVar
 
@@ -149,6 +149,7 @@ from backends.http_common import (
     malformed,
     new_session,
     openai_frames,
+    parse_json,
     parse_prometheus,
     read_api_key,
     read_body,
@@ -208,6 +209,8 @@ _CACHE_CONFIG = "vllm:cache_config_info"
 _LOAD_METRICS = frozenset({_RUNNING, _WAITING, *_KV_USAGE, _CACHE_CONFIG})
 # Scale of the KV figures when the engine does not expose its capacity in tokens.
 KV_USAGE_SCALE = 1000
+# A block count or size in a label: far more digits than any cache has blocks.
+_MAX_LABEL_DIGITS = 18
 
 
 class VllmBackend(Backend):
@@ -298,8 +301,8 @@ class VllmBackend(Backend):
                     log.debug("max_model_len not read", backend=self.id, status=response.status)
                     return
                 body = await read_body(self.id, response, MAX_PAGE_BYTES, "/v1/models listing")
-            listing = json.loads(body)
-        except (aiohttp.ClientError, TimeoutError, ValueError, BackendError) as failure:
+            listing = parse_json(body)
+        except (aiohttp.ClientError, TimeoutError, ShapeError, BackendError) as failure:
             detail = self._key.clean(str(failure) or type(failure).__name__)
             log.debug("max_model_len not read", backend=self.id, error=detail)
             return
@@ -328,14 +331,7 @@ class VllmBackend(Backend):
                 body = await read_body(self.id, response, MAX_PAGE_BYTES, "metrics page")
         except (aiohttp.ClientError, TimeoutError) as failure:
             raise self._key.scrub(transport_error(self.id, failure, timeout_s)) from None
-        samples = parse_prometheus(body.decode("utf-8", errors="replace"), _LOAD_METRICS)
-        used, capacity = _kv_tokens(samples)
-        return BackendLoad(
-            waiting=round(sum(s.value for s in samples.get(_WAITING, ()))),
-            running=round(sum(s.value for s in samples.get(_RUNNING, ()))),
-            kv_tokens_used=used,
-            kv_tokens_capacity=capacity,
-        )
+        return metrics_load(body.decode("utf-8", errors="replace"))
 
     async def prefill(self, request: GenerationRequest, timeout_s: float) -> PrefillResult:
         """Runs the prefill leg; the decode leg recomputes and streams the first token.
@@ -354,32 +350,12 @@ class VllmBackend(Backend):
         if request.messages:
             body["max_completion_tokens"] = 1
         payload = await self._exchange(request, body, timeout_s)
-        try:
-            return self._prefill_result(request, json_object(payload))
-        except ShapeError as problem:
-            raise malformed(self.id, "prefill answer", problem, payload) from None
-
-    def _prefill_result(self, request: GenerationRequest, reply: dict[str, Any]) -> PrefillResult:
-        """What a prefill answer says; ShapeError for a field of the wrong type."""
-        usage = usage_message(reply.get("usage"))
-        kv_params = field_object(reply.get("kv_transfer_params"), "kv_transfer_params")
-        if kv_params:
-            handle = KVHandle(self.id, request.request_id, transport_params=kv_params)
-            return PrefillResult(b"", -1, usage.prompt_tokens, finished=False, handle=handle)
-        choice = first_choice(reply)
-        if choice is not None and choice_finish(choice) == "stop":
-            text, token_ids = choice_content(choice)
-            answer = router_pb2.GenerateResponse(
-                text=text,
-                token_ids=token_ids,
-                finish_reason=finish_reason("stop"),
-                usage=usage,
+        result = prefill_answer(self.id, request.request_id, payload)
+        if result.handle is not None and not result.handle.transport_params:
+            log.info(
+                "prefill answer has no kv_transfer_params; decode will prefill", backend=self.id
             )
-            frame = answer.SerializeToString()
-            return PrefillResult(frame, -1, usage.prompt_tokens, finished=True, handle=None)
-        log.info("prefill answer has no kv_transfer_params; decode will prefill", backend=self.id)
-        handle = KVHandle(self.id, request.request_id, transport_params={})
-        return PrefillResult(b"", -1, usage.prompt_tokens, finished=False, handle=handle)
+        return result
 
     def decode(
         self, request: GenerationRequest, handle: KVHandle, first_token_id: int, timeout_s: float
@@ -730,6 +706,35 @@ def _close(response: aiohttp.ClientResponse) -> None:
     response.close()
 
 
+def prefill_answer(backend_id: str, request_id: str, payload: bytes) -> PrefillResult:
+    """What a prefill leg's answer says (see ``VllmBackend.prefill``): the KV parameters to
+    hand to the decode leg, or the whole completion when it stopped at its first token, or
+    neither (empty parameters: the decode engine prefills itself). A malformed answer is a
+    retryable BackendError quoting it."""
+    try:
+        reply = json_object(payload)
+        usage = usage_message(reply.get("usage"))
+        kv_params = field_object(reply.get("kv_transfer_params"), "kv_transfer_params")
+        if kv_params:
+            handle = KVHandle(backend_id, request_id, transport_params=kv_params)
+            return PrefillResult(b"", -1, usage.prompt_tokens, finished=False, handle=handle)
+        choice = first_choice(reply)
+        if choice is not None and choice_finish(choice) == "stop":
+            text, token_ids = choice_content(choice)
+            answer = router_pb2.GenerateResponse(
+                text=text,
+                token_ids=token_ids,
+                finish_reason=finish_reason("stop"),
+                usage=usage,
+            )
+            frame = answer.SerializeToString()
+            return PrefillResult(frame, -1, usage.prompt_tokens, finished=True, handle=None)
+        handle = KVHandle(backend_id, request_id, transport_params={})
+        return PrefillResult(b"", -1, usage.prompt_tokens, finished=False, handle=handle)
+    except ShapeError as problem:
+        raise malformed(backend_id, "prefill answer", problem, payload) from None
+
+
 def _refuse_resume_in_a_split(backend_id: str, request: GenerationRequest) -> None:
     if request.generated_ids:
         raise BackendError(
@@ -802,10 +807,9 @@ def _is_count(value: Any) -> TypeGuard[int]:
 
 def _json_object(payload: bytes) -> dict[str, Any] | None:
     try:
-        value = json.loads(payload)
-    except ValueError:
+        return json_object(payload)
+    except ShapeError:
         return None
-    return value if isinstance(value, dict) else None
 
 
 def _listed_max_model_len(listing: Any, served_model: str) -> int | None:
@@ -815,13 +819,14 @@ def _listed_max_model_len(listing: Any, served_model: str) -> int | None:
     if not isinstance(entries, list):
         return None
     limits: dict[str, int] = {}
+    smallest: int | None = None
     for entry in entries:
         limit = entry.get("max_model_len") if isinstance(entry, dict) else None
         if _is_count(limit) and limit > 0:
-            limits[str(entry.get("id"))] = limit
-    if served_model in limits:
-        return limits[served_model]
-    return min(limits.values(), default=None)
+            smallest = limit if smallest is None else min(smallest, limit)
+            if isinstance(model_id := entry.get("id"), str):
+                limits[model_id] = limit
+    return limits.get(served_model, smallest)
 
 
 def _positive(settings: Mapping[str, Any], name: str) -> float:
@@ -832,6 +837,22 @@ def _positive(settings: Mapping[str, Any], name: str) -> float:
     if value <= 0:
         raise ValueError(f"{name} must be positive, got {value:g}")
     return value
+
+
+def metrics_load(page: str) -> BackendLoad:
+    """The load a ``/metrics`` page shows (see ``VllmBackend.load``). A sample that is not a
+    finite number >= 0 (``NaN``, ``+Inf``, a negative gauge) counts as absent."""
+    samples = {
+        name: [s for s in found if math.isfinite(s.value) and s.value >= 0]
+        for name, found in parse_prometheus(page, _LOAD_METRICS).items()
+    }
+    used, capacity = _kv_tokens(samples)
+    return BackendLoad(
+        waiting=round(sum(s.value for s in samples.get(_WAITING, ()))),
+        running=round(sum(s.value for s in samples.get(_RUNNING, ()))),
+        kv_tokens_used=used,
+        kv_tokens_capacity=capacity,
+    )
 
 
 def _kv_tokens(samples: Mapping[str, list[Sample]]) -> tuple[int, int]:
@@ -855,6 +876,11 @@ def _capacity_tokens(labels: Mapping[str, str]) -> int:
     """KV capacity of one engine in tokens, 0 when unknown (blocks are "None" until
     the engine has profiled its memory)."""
     blocks, block_size = labels.get("num_gpu_blocks", ""), labels.get("block_size", "")
-    if blocks.isdigit() and block_size.isdigit():
+    if _is_small_number(blocks) and _is_small_number(block_size):
         return int(blocks) * int(block_size)
     return 0
+
+
+def _is_small_number(label: str) -> bool:
+    """ASCII digits, short enough for int() (isdigit alone lets "²" through)."""
+    return label.isascii() and label.isdigit() and len(label) <= _MAX_LABEL_DIGITS
