@@ -848,8 +848,8 @@ def metrics_load(page: str) -> BackendLoad:
     }
     used, capacity = _kv_tokens(samples)
     return BackendLoad(
-        waiting=round(sum(s.value for s in samples.get(_WAITING, ()))),
-        running=round(sum(s.value for s in samples.get(_RUNNING, ()))),
+        waiting=_count(sum(s.value for s in samples.get(_WAITING, ()))),
+        running=_count(sum(s.value for s in samples.get(_RUNNING, ()))),
         kv_tokens_used=used,
         kv_tokens_capacity=capacity,
     )
@@ -867,9 +867,14 @@ def _kv_tokens(samples: Mapping[str, list[Sample]]) -> tuple[int, int]:
     }
     if all(capacity.get(engine) for engine in usage):
         used = sum(fraction * capacity[engine] for engine, fraction in usage.items())
-        return round(used), sum(capacity[engine] for engine in usage)
+        return _count(used), sum(capacity[engine] for engine in usage)
     mean = sum(usage.values()) / len(usage)
-    return round(mean * KV_USAGE_SCALE), KV_USAGE_SCALE
+    return _count(mean * KV_USAGE_SCALE), KV_USAGE_SCALE
+
+
+def _count(value: float) -> int:
+    """A figure as a whole number; 0 (unknown) when it is none (a sum past a float's range)."""
+    return round(value) if math.isfinite(value) else 0
 
 
 def _capacity_tokens(labels: Mapping[str, str]) -> int:
