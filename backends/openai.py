@@ -165,7 +165,7 @@ class OpenAIBackend(Backend):
         except ShapeError as problem:
             detail = malformed_detail("/models listing", problem, body)
             return HealthStatus(serving=False, detail=self._key.clean(detail))
-        offered = _model_ids(listing)
+        offered = model_ids(listing)
         if self._model and offered and self._model not in offered:
             return HealthStatus(serving=False, detail=f"model {self._model!r} is not offered")
         return HealthStatus(serving=True)
@@ -254,7 +254,7 @@ def _close(response: aiohttp.ClientResponse) -> None:
     response.close()
 
 
-def _model_ids(listing: Any) -> set[str]:
+def model_ids(listing: Any) -> set[str]:
     """The ids (strings) of a ``/models`` listing; empty when the body is not the usual shape."""
     if not isinstance(listing, dict) or not isinstance(listing.get("data"), list):
         return set()

@@ -423,7 +423,7 @@ class SglangBackend(Backend):
                 events = iter_sse(response.content.iter_any(), self.id)
                 async with contextlib.aclosing(events):
                     async for event in events:
-                        problem = _prefill_problem(event.data)
+                        problem = prefill_problem(event.data)
                         if problem is not None:
                             raise BackendError(self.id, problem, retryable=True)
         except BackendError as error:
@@ -464,8 +464,8 @@ class SglangBackend(Backend):
         self, send: _Send, timeout_s: float, leg: _PrefillLeg | None
     ) -> AsyncGenerator[bytes, None]:
         """Streams one leg; interrupted at once if the prefill leg it depends on fails first."""
-        decoder: _NativeStream | OpenAIStream = (
-            _NativeStream(self.id, self._incremental)
+        decoder: NativeStream | OpenAIStream = (
+            NativeStream(self.id, self._incremental)
             if send.path == "/generate"
             else OpenAIStream(self.id)
         )
@@ -617,7 +617,7 @@ class SglangBackend(Backend):
         return self._session
 
 
-class _NativeStream:
+class NativeStream:
     """Frames from SGLang's native ``/generate`` stream.
 
     Each event carries ``text``, ``output_ids`` and ``meta_info`` (``finish_reason`` a dict
@@ -730,7 +730,7 @@ def _parse_event(backend_id: str, data: str) -> dict[str, Any]:
     return chunk
 
 
-def _prefill_problem(data: str) -> str | None:
+def prefill_problem(data: str) -> str | None:
     """Why a prefill reply event means the prefill failed, if it does.
 
     A prefill engine ends a good request with finish ``length`` (its one token); an

@@ -306,7 +306,7 @@ class VllmBackend(Backend):
             detail = self._key.clean(str(failure) or type(failure).__name__)
             log.debug("max_model_len not read", backend=self.id, error=detail)
             return
-        self._learn_max_model_len(_listed_max_model_len(listing, self._served_model))
+        self._learn_max_model_len(listed_max_model_len(listing, self._served_model))
 
     def _learn_max_model_len(self, value: int | None) -> None:
         if value != self._max_model_len:
@@ -812,7 +812,7 @@ def _json_object(payload: bytes) -> dict[str, Any] | None:
         return None
 
 
-def _listed_max_model_len(listing: Any, served_model: str) -> int | None:
+def listed_max_model_len(listing: Any, served_model: str) -> int | None:
     """``max_model_len`` of a ``/v1/models`` listing: the served model's entry if it is
     listed, else the smallest (aliases and LoRA adapters of one engine share it)."""
     entries = listing.get("data") if isinstance(listing, dict) else None

@@ -16,7 +16,7 @@ from backends._gen.hetero.router.v1 import router_pb2
 from backends.base import ChatMessage, GenerationRequest, KVHandle, Role, SamplingParams
 from backends.errors import BackendError, BackendRejectedError
 from backends.http_common import SSEEvent, iter_sse
-from backends.vllm import KV_USAGE_SCALE, VllmBackend, _listed_max_model_len
+from backends.vllm import KV_USAGE_SCALE, VllmBackend, listed_max_model_len
 from bench.fake_vllm import PREFILL_KV_REQUEST, FakeVllm
 from router.dispatch.dispatcher import Dispatcher
 from router.metrics import RouterMetrics
@@ -546,11 +546,11 @@ def test_the_listing_names_the_served_models_limit() -> None:
             "junk",
         ],
     }
-    assert _listed_max_model_len(listing, "base") == 8192
-    assert _listed_max_model_len(listing, "") == 4096  # not named: the smallest
-    assert _listed_max_model_len(listing, "unlisted") == 4096
-    assert _listed_max_model_len({"data": [{"id": "m", "max_model_len": True}]}, "m") is None
-    assert _listed_max_model_len({"error": "nope"}, "m") is None
+    assert listed_max_model_len(listing, "base") == 8192
+    assert listed_max_model_len(listing, "") == 4096  # not named: the smallest
+    assert listed_max_model_len(listing, "unlisted") == 4096
+    assert listed_max_model_len({"data": [{"id": "m", "max_model_len": True}]}, "m") is None
+    assert listed_max_model_len({"error": "nope"}, "m") is None
 
 
 async def test_a_request_well_within_the_limit_costs_no_tokenize(

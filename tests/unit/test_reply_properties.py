@@ -40,8 +40,8 @@ from backends.http_common import (
     parse_json,
     status_error,
 )
-from backends.openai import _model_ids
-from backends.sglang import _NativeStream, _prefill_problem
+from backends.openai import model_ids
+from backends.sglang import NativeStream, prefill_problem
 
 bounded = settings(
     max_examples=200,
@@ -197,7 +197,7 @@ def assert_frames(frames: Sequence[bytes]) -> None:
         router_pb2.GenerateResponse.FromString(frame).text.encode("utf-8")
 
 
-def decode_stream(decoder: OpenAIStream | _NativeStream, parts: Sequence[bytes]) -> None:
+def decode_stream(decoder: OpenAIStream | NativeStream, parts: Sequence[bytes]) -> None:
     """Runs a body through the SSE reader and ``decoder`` as an adapter does: frames, or a
     ServingError; anything else fails the test."""
     frames: list[bytes] = []
@@ -266,7 +266,7 @@ def test_openai_stream_ends_in_frames_or_a_serving_error(cut: tuple[bytes, list[
 def test_sglang_native_stream_ends_in_frames_or_a_serving_error(
     cut: tuple[bytes, list[bytes]], incremental: bool
 ) -> None:
-    decode_stream(_NativeStream("b0", incremental), cut[1])
+    decode_stream(NativeStream("b0", incremental), cut[1])
 
 
 @bounded
@@ -274,7 +274,7 @@ def test_sglang_native_stream_ends_in_frames_or_a_serving_error(
 @example(['{"meta_info": {"finish_reason": {"type": "abort", "message": "\\udfff"}}}'])
 def test_sglang_prefill_reply_check_says_why_or_nothing(events: list[str]) -> None:
     for data in events:
-        problem = _prefill_problem(data)
+        problem = prefill_problem(data)
         assert problem is None or problem.encode("utf-8")
 
 
@@ -338,8 +338,8 @@ def test_json_replies_are_a_value_or_a_shape_error(payload: bytes) -> None:
 @bounded
 @given(json_values | st.fixed_dictionaries({"data": st.lists(json_values | models, max_size=3)}))
 def test_model_listings_of_any_shape_give_ids_or_none(listing: Any) -> None:
-    assert all(isinstance(model, str) for model in _model_ids(listing))
-    limit = vllm._listed_max_model_len(listing, "m")
+    assert all(isinstance(model, str) for model in model_ids(listing))
+    limit = vllm.listed_max_model_len(listing, "m")
     assert limit is None or (isinstance(limit, int) and limit > 0)
 
 
