@@ -21,21 +21,29 @@ from typing import Any
 from bench.fuzz import INSTALL_HINT, OneInput, load_target
 
 FLUSH_EVERY = 500
-_PROJECT = Path(__file__).resolve().parents[2]
+_PROJECT_PREFIX = f"{Path(__file__).resolve().parents[2]}/"
+# The project's own code (a virtual environment inside the checkout is not).
+_PROJECT_CODE = tuple(
+    f"{_PROJECT_PREFIX}{part}/" for part in ("router", "backends", "bench", "tests")
+)
 _INSTRUMENTED = ["router", "backends", "bench.fuzz", "yaml"]
 _EXCERPT_CHARS = 200
 
 
 def crash_signature(error: BaseException) -> str:
-    """The kind of a crash: its exception type and the innermost project line it passed."""
-    frames = traceback.extract_tb(error.__traceback__)
-    ours = [frame for frame in frames if frame.filename.startswith(str(_PROJECT))]
-    if not (ours or frames):
+    """The kind of a crash: its exception type and the innermost project line it passed.
+
+    Walks the frames without reading source lines: a RecursionError has a thousand.
+    """
+    where: tuple[str, int] | None = None
+    for frame, line in traceback.walk_tb(error.__traceback__):
+        filename = frame.f_code.co_filename
+        if where is None or filename.startswith(_PROJECT_CODE):
+            where = (filename, line)
+    if where is None:
         return type(error).__name__
-    frame = (ours or frames)[-1]
-    where = Path(frame.filename)
-    shown = where.relative_to(_PROJECT) if where.is_relative_to(_PROJECT) else where
-    return f"{type(error).__name__} at {shown}:{frame.lineno}"
+    filename, line = where
+    return f"{type(error).__name__} at {filename.removeprefix(_PROJECT_PREFIX)}:{line}"
 
 
 def _describe(error: BaseException) -> str:

@@ -34,7 +34,7 @@ FULL_RUNS, QUICK_RUNS = 100_000, 2_000
 # and stop here short of their runs (the report says how many they ran).
 FULL_SECONDS, QUICK_SECONDS = 300, 120
 # An input that runs longer than this is a hang, and libFuzzer reports it.
-INPUT_TIMEOUT_S = 10
+INPUT_TIMEOUT_S = 30
 MAX_INPUT_BYTES = 8192
 RSS_LIMIT_MB = 2048
 
