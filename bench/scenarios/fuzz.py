@@ -120,7 +120,9 @@ def _figures(output: str, report: Path, artifacts: list[str], seconds: float) ->
         "inputs": inputs,
         "crashes": found.get("crashes", 0) + len(_libfuzzer_artifacts(artifacts, kinds)),
         "crash_kinds": kinds,
-        "crash_files": artifacts,
+        "crash_files": [path for path in artifacts if not _is_slow_input(path)],
+        # Inputs over libFuzzer's -report_slow_units (10 s): no crash, worth a look.
+        "slow_inputs": [path for path in artifacts if _is_slow_input(path)],
         "coverage_edges": figures.get("coverage_edges", 0),
         "coverage_features": figures.get("coverage_features", 0),
         "corpus_units_added": figures.get("new_units_added", 0),
@@ -132,9 +134,14 @@ def _figures(output: str, report: Path, artifacts: list[str], seconds: float) ->
 
 
 def _libfuzzer_artifacts(artifacts: list[str], kinds: list[dict[str, Any]]) -> list[str]:
-    """Files libFuzzer wrote itself (a timeout, an out-of-memory input), not the runner."""
+    """Crashes libFuzzer found itself (an input over the per-input timeout, out of
+    memory), not the runner's, and not the slow inputs it also writes down."""
     ours = {kind["input"] for kind in kinds}
-    return [path for path in artifacts if path not in ours]
+    return [path for path in artifacts if path not in ours and not _is_slow_input(path)]
+
+
+def _is_slow_input(path: str) -> bool:
+    return "-slow-unit-" in Path(path).name
 
 
 async def run(quick: bool, out_dir: Path) -> dict[str, Any]:
