@@ -1,17 +1,16 @@
 """Target ``openai_body``: a body POSTed to /v1/completions or /v1/chat/completions.
 
-The bytes are decoded as UTF-8 JSON (a decode error is the door's 400 "not valid JSON"),
-then read as each request model with :func:`router.api.openai_models.parse_body` and
-checked as the door checks them: the prompt (for chat, the rendered messages), the
-sampling parameters as a gRPC ``SamplingParams``, and
-:func:`router.api.validation.validate_generate`. An InvalidRequestError is the door's
-400; anything else would be a 500.
+The bytes are decoded as the door decodes a body (:func:`router.api.openai_models.read_json`:
+UTF-8 JSON, refused with an InvalidRequestError otherwise), then read as each request
+model with :func:`router.api.openai_models.parse_body` and checked as the door checks
+them: the prompt (for chat, the rendered messages), the sampling parameters as a gRPC
+``SamplingParams``, and :func:`router.api.validation.validate_generate`. An
+InvalidRequestError is the door's 400; anything else would be a 500.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 
 from backends._gen.hetero.router.v1 import router_pb2
 from router.api import chat_template
@@ -20,13 +19,12 @@ from router.api.openai_models import (
     CompletionRequest,
     OpenAIRequest,
     parse_body,
+    read_json,
 )
 from router.api.validation import validate_generate
 from router.errors import InvalidRequestError
 from router.settings import Settings, load_pool
 
-# JSONDecodeError and UnicodeDecodeError are ValueErrors: a body that is not JSON.
-DECODE_REFUSALS: tuple[type[Exception], ...] = (ValueError,)
 REFUSALS: tuple[type[Exception], ...] = (InvalidRequestError,)
 
 _SETTINGS = Settings()
@@ -35,8 +33,8 @@ _POOL = load_pool(None)
 
 def one_input(data: bytes) -> None:
     try:
-        body = json.loads(data.decode("utf-8"))
-    except DECODE_REFUSALS:
+        body = read_json(data)
+    except REFUSALS:
         return
     if not isinstance(body, dict):
         return  # the door's 400: the body must be a JSON object
