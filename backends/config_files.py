@@ -71,6 +71,8 @@ def read_text_file(path: Path, what: str) -> str:
 
 def load_yaml(text: str) -> Any:
     """The YAML document in ``text`` (safe tags only); DocumentError says what is wrong."""
+    if _flow_depth_exceeds(text, MAX_DEPTH):
+        raise DocumentError(f"is nested too deeply (more than {MAX_DEPTH} levels)")
     loader = None
     try:
         loader = _BoundedLoader(text)  # its reader already refuses control characters
@@ -88,6 +90,48 @@ def load_yaml(text: str) -> Any:
     finally:
         if loader is not None:
             loader.dispose()
+
+
+def _flow_depth_exceeds(text: str, limit: int) -> bool:
+    """Whether ``[`` and ``{`` outside quotes and comments nest deeper than ``limit``.
+
+    PyYAML's scanner looks up to 1,024 characters ahead at each flow collection that may
+    be a key, so deeply nested ``[[[...`` takes it time quadratic in the depth before the
+    loader's own depth check is reached; this pass refuses such text in one linear
+    scan. A quote in a plain scalar (``it's``) may hide brackets from it; the loader's
+    check still sees those."""
+    if text.count("[") + text.count("{") <= limit:
+        return False  # every file a person writes: no scan needed
+    depth = 0
+    quote = ""
+    previous = "\n"
+    index, length = 0, len(text)
+    while index < length:
+        char = text[index]
+        if quote:
+            if char == "\\" and quote == '"':
+                index += 1
+            elif char == quote:
+                if quote == "'" and text.startswith("''", index):
+                    index += 1  # an escaped single quote
+                else:
+                    quote = ""
+        elif char == "#" and previous in " \t\n":
+            newline = text.find("\n", index)
+            index = length if newline < 0 else newline
+            previous = "\n"
+            continue
+        elif char in "'\"" and previous in " \t\n[{,:-":
+            quote = char
+        elif char in "[{":
+            depth += 1
+            if depth > limit:
+                return True
+        elif char in "]}":
+            depth = max(0, depth - 1)
+        previous = char
+        index += 1
+    return False
 
 
 def load_json(text: str) -> Any:

@@ -33,6 +33,35 @@ def test_yaml_nested_2000_deep_is_refused_in_one_line(text: str) -> None:
         load_yaml(text)
 
 
+def test_deep_flow_nesting_is_refused_before_yaml_scans_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def no_parse(text: str) -> None:
+        raise AssertionError("the YAML parser was reached")
+
+    monkeypatch.setattr(config_files, "_BoundedLoader", no_parse)
+    for text in ("a: " + "[" * 600, "{b: " * 70, "x: [[" + "{c: [" * 40):
+        with pytest.raises(DocumentError, match="nested too deeply"):
+            load_yaml(text)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        'a: "' + "[" * 100 + '"',
+        "a: '" + "{" * 100 + "'",
+        "a: 'it''s " + "[" * 100 + "'",
+        'a: "a \\" ' + "[" * 100 + '"',
+        "a: 1  # " + "[" * 100,
+    ],
+    ids=["double-quoted", "single-quoted", "escaped single quote", "escaped double quote",
+         "comment"],
+)  # fmt: skip
+def test_brackets_in_quotes_and_comments_are_no_nesting(text: str) -> None:
+    value = load_yaml(text)["a"]
+    assert value == 1 if "#" in text else value.count(text[-2]) == 100
+
+
 def test_yaml_nested_to_the_limit_still_loads() -> None:
     value = load_yaml("[" * (MAX_DEPTH - 1) + "1" + "]" * (MAX_DEPTH - 1))
     for _ in range(MAX_DEPTH - 1):
