@@ -36,16 +36,14 @@ class Recorder(StubBackend):
 
 
 @contextlib.asynccontextmanager
-async def recording_router(
-    monkeypatch: pytest.MonkeyPatch, **settings: Any
+async def stub_router(
+    monkeypatch: pytest.MonkeyPatch, adapter: type[StubBackend], **settings: Any
 ) -> AsyncIterator[Daemon]:
-    """A started router whose one backend, serving MODEL, is a Recorder."""
-    Recorder.served = []
-    monkeypatch.setattr(registry, "_ADAPTERS", {**registry._ADAPTERS, "recorder": Recorder})
+    """A started router whose one backend, serving MODEL, is an ``adapter``."""
+    kind = adapter.__name__.lower()
+    monkeypatch.setattr(registry, "_ADAPTERS", {**registry._ADAPTERS, kind: adapter})
     pool = PoolConfig(
-        backends=(
-            BackendConfig(id="r", kind="recorder", address="h:1", role=Role.BOTH, model=MODEL),
-        )
+        backends=(BackendConfig(id="r", kind=kind, address="h:1", role=Role.BOTH, model=MODEL),)
     )
     config = Settings(
         grpc_address="127.0.0.1:0", http_address="127.0.0.1:0", drain_grace_s=0, **settings
@@ -56,6 +54,16 @@ async def recording_router(
         yield daemon
     finally:
         await daemon.stop()
+
+
+@contextlib.asynccontextmanager
+async def recording_router(
+    monkeypatch: pytest.MonkeyPatch, **settings: Any
+) -> AsyncIterator[Daemon]:
+    """A started router whose one backend, serving MODEL, is a Recorder."""
+    Recorder.served = []
+    async with stub_router(monkeypatch, Recorder, **settings) as daemon:
+        yield daemon
 
 
 def outcomes(daemon: Daemon) -> dict[str, float]:

@@ -19,18 +19,15 @@ from typing import Any, ClassVar
 import aiohttp
 import grpc
 import pytest
-from prometheus_client import CollectorRegistry
 
-from backends import registry
 from backends._gen.hetero.router.v1 import router_pb2
 from backends.base import (
     GenerationRequest,
-    Role,
 )
 from router.client import GENERATE_METHOD
 from router.daemon import Daemon
-from router.settings import BackendConfig, PoolConfig, Settings
 from tests.helpers import eventually
+from tests.recording import stub_router
 from tests.stubs import StubBackend
 
 FRAME_TEXT = "x" * 16384
@@ -77,22 +74,8 @@ class Firehose(StubBackend):
 async def router(monkeypatch: pytest.MonkeyPatch, **settings: Any) -> AsyncIterator[Daemon]:
     Firehose.client_ids = {}
     Firehose.aborted, Firehose.started, Firehose.streaming, Firehose.peak = [], 0, 0, 0
-    monkeypatch.setattr(registry, "_ADAPTERS", {**registry._ADAPTERS, "firehose": Firehose})
-    pool = PoolConfig(
-        backends=(BackendConfig(id="f", kind="firehose", address="h:1", role=Role.BOTH, model="m"),)
-    )
-    config = Settings(
-        grpc_address="127.0.0.1:0",
-        http_address="127.0.0.1:0",
-        drain_grace_s=0,
-        **settings,
-    )
-    daemon = Daemon(config, pool, CollectorRegistry())
-    await daemon.start()
-    try:
+    async with stub_router(monkeypatch, Firehose, **settings) as daemon:
         yield daemon
-    finally:
-        await daemon.stop()
 
 
 def generate_call(channel: grpc.aio.Channel) -> Any:
