@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import os
 import ssl
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import grpc
 
@@ -27,6 +29,8 @@ from router.logging import get_logger
 from router.settings import TlsFiles
 
 log = get_logger(__name__)
+
+_Loaded = TypeVar("_Loaded")
 
 _Signature = tuple[tuple[int, int, int] | None, ...]
 
@@ -99,18 +103,27 @@ class HttpTls:
 
     def reload_if_changed(self) -> bool:
         """Loads changed files into the context; whether it did."""
-        if not self._watch.changed():
-            return False
-        try:
+
+        def load() -> ssl.SSLContext:
             server_context(self._files)  # the files load together, or nothing changes
             _load(self.context, self._files)
-        except ConfigError as error:
-            log.warning(
-                "tls files not reloaded: keeping the ones loaded", door="http", reason=str(error)
-            )
-            return False
-        log.info("tls files reloaded", door="http")
-        return True
+            return self.context
+
+        return _reloaded(self._watch, load, "http") is not None
+
+
+def _reloaded(watch: FileWatch, load: Callable[[], _Loaded], door: str) -> _Loaded | None:
+    """What ``load`` makes of the files when they changed since the last look; None when
+    they did not, or when they do not load (logged: the door keeps what it has)."""
+    if not watch.changed():
+        return None
+    try:
+        loaded = load()
+    except ConfigError as error:
+        log.warning("tls files not reloaded: keeping the ones loaded", door=door, reason=str(error))
+        return None
+    log.info("tls files reloaded", door=door)
+    return loaded
 
 
 def grpc_credentials(files: TlsFiles) -> grpc.ServerCredentials:
@@ -122,17 +135,7 @@ def grpc_credentials(files: TlsFiles) -> grpc.ServerCredentials:
 
     def fetch() -> grpc.ServerCertificateConfiguration | None:
         # Called by grpc at every handshake: None keeps the configuration it has.
-        if not watch.changed():
-            return None
-        try:
-            configuration = _grpc_configuration(files)
-        except ConfigError as error:
-            log.warning(
-                "tls files not reloaded: keeping the ones loaded", door="grpc", reason=str(error)
-            )
-            return None
-        log.info("tls files reloaded", door="grpc")
-        return configuration
+        return _reloaded(watch, lambda: _grpc_configuration(files), "grpc")
 
     return grpc.dynamic_ssl_server_credentials(
         initial, fetch, require_client_authentication=files.client_ca_file is not None
