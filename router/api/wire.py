@@ -10,6 +10,7 @@ bits of.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import cast
 
@@ -57,8 +58,8 @@ def overflow(data: bytes, kind: type[Message]) -> Overflow | None:
         return None
 
 
-def _fits(field: FieldDescriptor, value: int) -> bool:
-    bits, sign_extended = _WIDTHS[field.type]
+def _fits(width: tuple[int, bool], value: int) -> bool:
+    bits, sign_extended = width
     if bits == 64:
         return value < _UINT64_LIMIT
     if sign_extended:
@@ -66,30 +67,55 @@ def _fits(field: FieldDescriptor, value: int) -> bool:
     return value < _UINT32_LIMIT
 
 
+@dataclass(frozen=True)
+class _Field:
+    """What the walk needs of a field, read from its descriptor once."""
+
+    name: str
+    width: tuple[int, bool] | None  # its varint type's, from _WIDTHS; None: not checked
+    packed: bool  # a repeated varint field, whose values may come in one length
+    message: Descriptor | None
+
+
+@functools.cache
+def _fields(descriptor: Descriptor) -> dict[int, _Field]:
+    """``descriptor``'s fields by number: looking them up on the descriptor at every
+    field of every request costs more than the rest of the walk."""
+    return {
+        number: _Field(
+            field.name,
+            _WIDTHS.get(field.type),
+            field.type in _WIDTHS and field.is_repeated,
+            field.message_type,
+        )
+        for number, field in descriptor.fields_by_number.items()
+    }
+
+
 def _message(reader: _Reader, end: int, descriptor: Descriptor, prefix: str) -> Overflow | None:
+    fields = _fields(descriptor)
     while reader.position < end:
         key = reader.varint()
         number, wire_type = key >> 3, key & 7
-        field = descriptor.fields_by_number.get(number)
-        if field is None or wire_type not in (_VARINT, _LENGTH):
+        known = fields.get(number)
+        if known is None or wire_type not in (_VARINT, _LENGTH):
             reader.skip(wire_type)
             continue
-        path = prefix + field.name
         if wire_type == _VARINT:
             value = reader.varint()
-            if field.type in _WIDTHS and not _fits(field, value):
-                return Overflow(path, value, _WIDTHS[field.type][0])
+            if known.width is not None and not _fits(known.width, value):
+                return Overflow(prefix + known.name, value, known.width[0])
             continue
         length = reader.varint()
         stop = reader.position + length
         found = None
-        if field.message_type is not None:
-            found = _message(reader, stop, field.message_type, path + ".")
-        elif field.type in _WIDTHS and field.is_repeated:  # packed
+        if known.message is not None:
+            found = _message(reader, stop, known.message, prefix + known.name + ".")
+        elif known.packed and known.width is not None:
             while found is None and reader.position < stop:
                 value = reader.varint()
-                if not _fits(field, value):
-                    found = Overflow(path, value, _WIDTHS[field.type][0])
+                if not _fits(known.width, value):
+                    found = Overflow(prefix + known.name, value, known.width[0])
         if found is not None:
             return found
         reader.position = stop
