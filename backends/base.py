@@ -90,6 +90,9 @@ class GenerationRequest:
     # capabilities say ``resume``.
     generated_ids: tuple[int, ...] = ()
     client_request_id: str = ""
+    # W3C trace context (``traceparent``) for the backends: the client's, or the
+    # router's own span when tracing is on; empty when there is none.
+    traceparent: str = ""
 
     @property
     def shown_id(self) -> str:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
-from collections.abc import Awaitable, Iterator
+from collections.abc import Awaitable, Iterable, Iterator
 
 from prometheus_client import CollectorRegistry
 
@@ -27,7 +27,7 @@ from router.api.http_server import AdminServer
 from router.api.openai_http import OpenAIRoutes
 from router.dispatch.dispatcher import Dispatcher
 from router.logging import get_logger
-from router.metrics import RouterMetrics
+from router.metrics import Route, RouterMetrics
 from router.pool.health import HealthChecker
 from router.pool.outlier import OutlierDetector
 from router.pool.registry import Pool
@@ -68,6 +68,7 @@ class Daemon:
             settings.health_unhealthy_threshold,
         )
         self.dispatcher = Dispatcher(self.pool, build_scheduler(settings), settings, self.metrics)
+        _initialise_metrics(self.metrics, self.pool, self.dispatcher.slo_classes)
         settings.check_exposure()
         tls = settings.tls_files()
         tokens = BearerTokens(settings.auth_tokens())
@@ -277,3 +278,27 @@ class Daemon:
         finally:
             for signum in _EXIT_SIGNALS:
                 loop.remove_signal_handler(signum)
+
+
+def _initialise_metrics(metrics: RouterMetrics, pool: Pool, slo_classes: Iterable[str]) -> None:
+    """Every route a request may take, for its series to start at zero: per model,
+    split over each pair of prefill and decode kinds, colocated on each kind."""
+    endpoints = [e.config for e in pool.endpoints.values()]
+    backends = [(c.id, c.model, pool.device_kind(c.id)) for c in endpoints]
+    routes: list[Route] = []
+    for model in sorted({c.model for c in endpoints}):
+        kinds = [(pool.device_kind(c.id), c.role) for c in endpoints if c.model == model]
+        pairs = {
+            ("split", p, d)
+            for p, pr in kinds
+            if pr.can_prefill()
+            for d, dr in kinds
+            if dr.can_decode()
+        }
+        pairs |= {("colocated", k, k) for k, _ in kinds}
+        routes.extend(
+            Route(model, mode, slo_class, prefill, decode)
+            for mode, prefill, decode in sorted(pairs)
+            for slo_class in sorted(slo_classes)
+        )
+    metrics.initialise(backends, routes)

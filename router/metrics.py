@@ -1,53 +1,273 @@
-"""Every Prometheus metric of the router, on a registry that is passed in."""
+"""Every Prometheus metric of the router, on a registry that is passed in.
+
+Names follow vLLM's where the meaning is the same (``vllm:time_to_first_token_seconds``
+is ``hetero_router_time_to_first_token_seconds``), so dashboards written for vLLM read
+the router after a change of prefix. Request metrics carry the route's labels:
+``model``, ``mode`` (split, colocated), ``slo_class`` and the device kinds of its legs
+(``prefill_kind``, ``decode_kind``: the backends' profiles, e.g. ``h100``,
+``groq-lpu``), so what each kind of chip delivers can be read apart.
+
+Buckets hold every boundary vLLM's histogram of the same quantity has (a query on a
+vLLM ``le`` works unchanged) plus finer ones where the SLOs of fast decode chips and
+of a router's own queue sit: vLLM's time-per-token buckets start at 10 ms, where an
+SRAM decode chip's whole SLO may be 5 ms.
+
+Every labelled counter is created at zero for the label values known at start
+(``initialise``), so that ``rate()`` of it exists before its first event.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from dataclasses import dataclass
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-# Buckets in seconds, dense where SLOs sit (TTFT 0.1-1 s, TPOT 2-50 ms).
-_TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1, 2, 5, 10)
-_TPOT_BUCKETS = (
-    0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.025, 0.035, 0.05, 0.1, 0.25
+from router.dispatch.record import RequestRecord
+
+
+def _merged(*groups: Iterable[float]) -> tuple[float, ...]:
+    return tuple(sorted({float(b) for group in groups for b in group}))
+
+
+# vLLM's (vllm/v1/metrics/loggers.py), then the finer boundaries added here.
+VLLM_TTFT_BUCKETS = (
+    0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
+    10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0,
 )  # fmt: skip
-_E2E_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0)
+VLLM_TOKEN_BUCKETS = (
+    0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+    20.0, 40.0, 80.0,
+)  # fmt: skip
+VLLM_LATENCY_BUCKETS = (
+    0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0,
+    240.0, 480.0, 960.0, 1920.0, 7680.0,
+)  # fmt: skip
+TTFT_BUCKETS = _merged(
+    VLLM_TTFT_BUCKETS, (0.0025, 0.15, 0.2, 0.3, 0.4, 0.6, 1.25, 1.5, 1.75, 2.0, 3.0, 4.0)
+)
+TOKEN_BUCKETS = _merged(
+    VLLM_TOKEN_BUCKETS, (0.0005, 0.001, 0.002, 0.003, 0.004, 0.005, 0.0075, 0.015, 0.02, 0.035)
+)
+LATENCY_BUCKETS = _merged(VLLM_LATENCY_BUCKETS, (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.2))
+HANDOFF_BUCKETS = (
+    0.0005,
+    0.001,
+    0.002,
+    0.005,
+    0.01,
+    0.02,
+    0.05,
+    0.1,
+    0.2,
+    0.5,
+    1.0,
+    2.0,
+    5.0,
+    10.0,
+)
+
+# Backends beyond this many get the label "other" on the per-backend histogram.
+BACKEND_LABEL_CAP = 64
+
+ROUTE_LABELS = ("model", "mode", "slo_class", "prefill_kind", "decode_kind")
+KIND_LABELS = ("model", "prefill_kind", "decode_kind")
+MODES = ("split", "colocated")
+# Outcomes every model's request counter starts with (others appear as they happen).
+OUTCOMES = ("ok", "cancelled", "error", "invalid", "overloaded", "unavailable")
+SHED_REASONS = ("queue_full", "queue_time", "queue_expired", "client_rate", "client_cap", "slo")
+RETRY_KINDS = ("retry", "migration", "colocated")
+RETRY_REFUSALS = ("attempts", "budget", "no_backend", "migration_off")
+DOORS = ("grpc", "http")
+LEG_PHASES = ("prefill", "decode", "generate", "relay")
+SLO_OUTCOMES = ("met", "missed")
+
+
+@dataclass(frozen=True)
+class Route:
+    """The label values of a request's route."""
+
+    model: str
+    mode: str
+    slo_class: str
+    prefill_kind: str
+    decode_kind: str
+
+
+class _RouteSeries:
+    """A route's children of every request metric, bound once."""
+
+    __slots__ = (
+        "decode",
+        "e2e",
+        "generation_tokens",
+        "handoff_bytes",
+        "handoff_seconds",
+        "itl",
+        "prefill",
+        "prompt_tokens",
+        "queue",
+        "slo",
+        "slo_tpot",
+        "slo_ttft",
+        "tpot",
+        "ttft",
+    )
+
+    def __init__(self, metrics: RouterMetrics, route: Route) -> None:
+        labels = (route.model, route.mode, route.slo_class, route.prefill_kind, route.decode_kind)
+        kinds = (route.model, route.prefill_kind, route.decode_kind)
+        self.ttft = metrics.time_to_first_token.labels(*labels)
+        self.itl = metrics.inter_token_latency.labels(*labels)
+        self.tpot = metrics.request_time_per_output_token.labels(*labels)
+        self.e2e = metrics.e2e_request_latency.labels(*labels)
+        self.queue = metrics.request_queue_time.labels(*labels)
+        self.prefill = metrics.request_prefill_time.labels(*labels)
+        self.decode = metrics.request_decode_time.labels(*labels)
+        self.prompt_tokens = metrics.prompt_tokens.labels(*labels)
+        self.generation_tokens = metrics.generation_tokens.labels(*labels)
+        self.handoff_seconds = metrics.kv_handoff_seconds.labels(*kinds)
+        self.handoff_bytes = metrics.kv_handoff_bytes.labels(*kinds)
+        self.slo = {
+            outcome: metrics.slo_requests.labels(route.model, outcome, *labels[1:])
+            for outcome in SLO_OUTCOMES
+        }
+        self.slo_ttft = {
+            outcome: metrics.slo_ttft_requests.labels(route.model, outcome, *labels[1:])
+            for outcome in SLO_OUTCOMES
+        }
+        self.slo_tpot = {
+            outcome: metrics.slo_tpot_requests.labels(route.model, outcome, *labels[1:])
+            for outcome in SLO_OUTCOMES
+        }
 
 
 class RouterMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
+        self._routes: dict[Route, _RouteSeries] = {}
+        self._backend_labels: dict[str, str] = {}
+
+        def histogram(
+            name: str, doc: str, labels: Iterable[str], buckets: Iterable[float]
+        ) -> Histogram:
+            return Histogram(name, doc, list(labels), buckets=tuple(buckets), registry=registry)
+
+        # -- requests ---------------------------------------------------------------
         self.requests = Counter(
             "hetero_router_requests",
-            "Generate requests by outcome (ok, invalid, unavailable, cancelled, ...) and mode",
-            ["outcome", "mode"],
+            "Generate requests by outcome (ok, invalid, unavailable, cancelled, ...) and "
+            "mode (split, colocated; none: refused before it had a route)",
+            ["model", "mode", "outcome"],
             registry=registry,
         )
-        self.time_to_first_token = Histogram(
+        self.time_to_first_token = histogram(
             "hetero_router_time_to_first_token_seconds",
-            "From request arrival to the first token sent to the client",
-            ["mode"],
-            buckets=_TTFT_BUCKETS,
+            "From request arrival to the first token sent to the client (every request "
+            "that got one, whatever its outcome)",
+            ROUTE_LABELS,
+            TTFT_BUCKETS,
+        )
+        self.inter_token_latency = histogram(
+            "hetero_router_inter_token_latency_seconds",
+            "Gap between two consecutive token frames sent to a client (a frame may carry "
+            "several tokens)",
+            ROUTE_LABELS,
+            TOKEN_BUCKETS,
+        )
+        self.request_time_per_output_token = histogram(
+            "hetero_router_request_time_per_output_token_seconds",
+            "Per completed request: time from its first token to its last over the tokens "
+            "after the first",
+            ROUTE_LABELS,
+            TOKEN_BUCKETS,
+        )
+        self.e2e_request_latency = histogram(
+            "hetero_router_e2e_request_latency_seconds",
+            "Completed requests: from arrival to the last token",
+            ROUTE_LABELS,
+            LATENCY_BUCKETS,
+        )
+        self.request_queue_time = histogram(
+            "hetero_router_request_queue_time_seconds",
+            "Completed requests: time waiting in the router's admission queue",
+            ROUTE_LABELS,
+            LATENCY_BUCKETS,
+        )
+        self.request_prefill_time = histogram(
+            "hetero_router_request_prefill_time_seconds",
+            "Completed requests: from admission to the prefill's end (split: the prefill "
+            "backend answered; colocated: the first token)",
+            ROUTE_LABELS,
+            LATENCY_BUCKETS,
+        )
+        self.request_decode_time = histogram(
+            "hetero_router_request_decode_time_seconds",
+            "Completed requests: from the first token to the last",
+            ROUTE_LABELS,
+            LATENCY_BUCKETS,
+        )
+        self.kv_handoff_seconds = histogram(
+            "hetero_router_kv_handoff_seconds",
+            "Split requests: from the prefill backend's answer to the decode backend's "
+            "first token (the KV's transfer and the first decode step)",
+            KIND_LABELS,
+            HANDOFF_BUCKETS,
+        )
+        self.kv_handoff_bytes = Counter(
+            "hetero_router_kv_handoff_bytes",
+            "KV bytes handed from prefill to decode backends, as the prefill backend "
+            "reported them (engines that do not report bytes count 0)",
+            list(KIND_LABELS),
             registry=registry,
         )
-        self.time_per_output_token = Histogram(
-            "hetero_router_time_per_output_token_seconds",
-            "Mean gap between output tokens after the first, per request",
-            ["mode"],
-            buckets=_TPOT_BUCKETS,
+        self.prompt_tokens = Counter(
+            "hetero_router_prompt_tokens",
+            "Prompt tokens of completed requests, as their backends counted them",
+            list(ROUTE_LABELS),
             registry=registry,
         )
-        self.request_duration = Histogram(
-            "hetero_router_request_duration_seconds",
-            "From request arrival to the last token",
-            ["mode"],
-            buckets=_E2E_BUCKETS,
+        self.generation_tokens = Counter(
+            "hetero_router_generation_tokens",
+            "Tokens streamed to clients by completed requests",
+            list(ROUTE_LABELS),
             registry=registry,
         )
-        self.output_tokens = Counter(
-            "hetero_router_output_tokens", "Tokens streamed to clients", ["mode"], registry=registry
+        slo_labels = ["model", "outcome", *ROUTE_LABELS[1:]]
+        self.slo_requests = Counter(
+            "hetero_router_slo_requests",
+            "Completed requests with an SLO, by outcome (met: both time to first token "
+            "and time per output token within target; missed): goodput is the rate of met",
+            slo_labels,
+            registry=registry,
         )
-        self.in_flight = Gauge(
-            "hetero_router_requests_in_flight", "Generate requests being served", registry=registry
+        self.slo_ttft_requests = Counter(
+            "hetero_router_slo_ttft_requests",
+            "Completed requests with a time-to-first-token target, by outcome (met, missed)",
+            slo_labels,
+            registry=registry,
         )
+        self.slo_tpot_requests = Counter(
+            "hetero_router_slo_tpot_requests",
+            "Completed requests with a time-per-output-token target and two tokens or "
+            "more, by outcome (met, missed)",
+            slo_labels,
+            registry=registry,
+        )
+        self.num_requests_running = Gauge(
+            "hetero_router_num_requests_running",
+            "Requests admitted and being served",
+            ["model"],
+            registry=registry,
+        )
+        self.num_requests_waiting = Gauge(
+            "hetero_router_num_requests_waiting",
+            "Requests waiting in the admission queue",
+            ["model"],
+            registry=registry,
+        )
+
+        # -- admission ----------------------------------------------------------------
         self.admission_queue_depth = Gauge(
             "hetero_router_admission_queue_depth",
             "Requests waiting for admission, by priority (0..9, larger is more urgent)",
@@ -86,13 +306,8 @@ class RouterMetrics:
             ["door"],
             registry=registry,
         )
-        self.slo_requests = Counter(
-            "hetero_router_slo_requests",
-            "Completed requests with an SLO, by outcome (met: both time to first token "
-            "and time per output token within target; missed), SLO class and mode",
-            ["outcome", "slo_class", "mode"],
-            registry=registry,
-        )
+
+        # -- backends -------------------------------------------------------------------
         self.backend_healthy = Gauge(
             "hetero_router_backend_healthy",
             "1 when the backend passes health checks",
@@ -105,9 +320,34 @@ class RouterMetrics:
             ["backend"],
             registry=registry,
         )
+        self.backend_kv_cache_usage = Gauge(
+            "hetero_router_backend_kv_cache_usage_perc",
+            "KV cache in use on the backend, 0..1 (1 is full), as its load report says",
+            ["backend", "kind"],
+            registry=registry,
+        )
+        self.backend_running = Gauge(
+            "hetero_router_backend_num_requests_running",
+            "Sequences the backend reports running",
+            ["backend"],
+            registry=registry,
+        )
+        self.backend_waiting = Gauge(
+            "hetero_router_backend_num_requests_waiting",
+            "Requests the backend reports waiting",
+            ["backend"],
+            registry=registry,
+        )
+        self.backend_request_latency = histogram(
+            "hetero_router_backend_request_latency_seconds",
+            "One leg's duration on a backend, by phase (prefill, decode, generate); "
+            f"backends past the first {BACKEND_LABEL_CAP} are labelled 'other'",
+            ("backend", "phase"),
+            LATENCY_BUCKETS,
+        )
         self.backend_failures = Counter(
             "hetero_router_backend_failures",
-            "Failed legs by backend and phase (prefill, decode, generate, relay, handoff)",
+            "Failed legs by backend and phase (prefill, decode, generate, relay)",
             ["backend", "phase"],
             registry=registry,
         )
@@ -139,3 +379,95 @@ class RouterMetrics:
             ["reason"],
             registry=registry,
         )
+        for reason in SHED_REASONS:
+            self.shed.labels(reason)
+        for kind in RETRY_KINDS:
+            self.retries.labels(kind)
+        for reason in RETRY_REFUSALS:
+            self.retries_refused.labels(reason)
+        for door in DOORS:
+            self.write_stalls.labels(door)
+
+    def initialise(
+        self,
+        backends: Iterable[tuple[str, str, str]],
+        routes: Iterable[Route],
+    ) -> None:
+        """Creates at zero the series of every known label value: ``backends`` as
+        (id, model, kind), ``routes`` every route a request may take."""
+        models: set[str] = set()
+        for backend_id, model, _kind in backends:
+            models.add(model)
+            self.outlier_ejections.labels(backend_id)
+            self.backend_ejected.labels(backend_id).set(0)
+            for phase in LEG_PHASES:
+                self.backend_failures.labels(backend_id, phase)
+        for route in routes:
+            models.add(route.model)
+            self.route(route)
+        for model in models:
+            self.num_requests_running.labels(model)
+            self.num_requests_waiting.labels(model)
+            for outcome in OUTCOMES:
+                self.requests.labels(model, "none", outcome)
+                for mode in MODES:
+                    self.requests.labels(model, mode, outcome)
+
+    def route(self, route: Route) -> _RouteSeries:
+        series = self._routes.get(route)
+        if series is None:
+            series = self._routes[route] = _RouteSeries(self, route)
+        return series
+
+    def backend_label(self, backend_id: str) -> str:
+        """The backend's label on histograms: its id, or "other" past the cap."""
+        label = self._backend_labels.get(backend_id)
+        if label is None:
+            label = backend_id if len(self._backend_labels) < BACKEND_LABEL_CAP else "other"
+            self._backend_labels[backend_id] = label
+        return label
+
+    def record_request(self, record: RequestRecord, met: tuple[bool | None, bool | None]) -> None:
+        """One finished request: ``met`` says whether it met its (TTFT, TPOT) targets
+        (None: held to none, or not completed)."""
+        model = record.request.model
+        self.requests.labels(model, record.mode, record.outcome).inc()
+        if record.mode == "none" or record.first_token_at is None:
+            return
+        series = self.route(
+            Route(model, record.mode, record.slo_class, record.prefill_kind, record.decode_kind)
+        )
+        series.ttft.observe(record.first_token_at - record.arrived)
+        itl = series.itl
+        for gap in record.frame_gaps:
+            itl.observe(gap)
+        if record.handoffs:
+            series.handoff_bytes.inc(record.handoff_bytes)
+            handoff = record.handoff_s
+            if handoff is not None:
+                series.handoff_seconds.observe(handoff)
+        for leg in record.legs:
+            self.backend_request_latency.labels(self.backend_label(leg.backend), leg.phase).observe(
+                leg.ended - leg.started
+            )
+        if record.outcome != "ok":
+            return
+        series.e2e.observe(record.last_token_at - record.arrived)
+        series.decode.observe(record.last_token_at - record.first_token_at)
+        if record.admitted is not None:
+            series.queue.observe(record.admitted - record.arrived)
+            prefill = record.prefill_s
+            if prefill is not None:
+                series.prefill.observe(prefill)
+        tpot = record.tpot_s
+        if tpot is not None:
+            series.tpot.observe(tpot)
+        series.generation_tokens.inc(record.completion_tokens)
+        series.prompt_tokens.inc(record.prompt_tokens or record.request.prompt_tokens)
+        ttft_met, tpot_met = met
+        if ttft_met is not None:
+            series.slo_ttft["met" if ttft_met else "missed"].inc()
+        if tpot_met is not None:
+            series.slo_tpot["met" if tpot_met else "missed"].inc()
+        if record.slo_met is not None:
+            series.slo["met" if record.slo_met else "missed"].inc()

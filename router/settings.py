@@ -71,6 +71,9 @@ class Settings(BaseSettings):
     insecure: bool = False
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["json", "console"] = "json"
+    # Share of successful (and cancelled, and shed) requests that get a "request
+    # finished" log line, 0..1; failed ones always do.
+    request_log_sample_rate: float = Field(default=1.0, ge=0, le=1)
 
     # Request limits: anything outside them is INVALID_ARGUMENT, never sent on.
     default_max_tokens: int = Field(default=256, ge=1)

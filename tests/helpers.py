@@ -7,8 +7,21 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from prometheus_client import CollectorRegistry
+
 from backends._gen.hetero.router.v1 import router_pb2
 from backends.mock.clock import LoopClock
+
+
+def sample_total(registry: CollectorRegistry, name: str, **labels: str) -> float:
+    """The sum of the samples called ``name`` whose labels include ``labels`` (a
+    subset: the route labels a test does not care about are summed over)."""
+    return sum(
+        sample.value
+        for metric in registry.collect()
+        for sample in metric.samples
+        if sample.name == name and labels.items() <= sample.labels.items()
+    )
 
 
 async def eventually(condition: Callable[[], bool], timeout_s: float = 5.0) -> None:

@@ -172,7 +172,11 @@ async def _idle(http_address: str, timeout_s: float = 60.0) -> None:
     """Waits until the router has nothing in flight (its gauge), so a burst meets it idle."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if (await _metrics(http_address)).get("hetero_router_requests_in_flight") == 0:
+        samples = await _metrics(http_address)
+        running = [
+            v for k, v in samples.items() if k.startswith("hetero_router_num_requests_running")
+        ]
+        if running and sum(running) == 0:
             return
         await asyncio.sleep(0.5)
 

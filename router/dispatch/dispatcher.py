@@ -24,9 +24,16 @@ import asyncio
 import contextlib
 import dataclasses
 import itertools
+import random
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Coroutine
-from dataclasses import dataclass
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Coroutine,
+    Sequence,
+)
 from typing import Any, NoReturn, TypeVar
 
 from google.protobuf.message import DecodeError
@@ -37,6 +44,7 @@ from backends.errors import BackendError, LayoutMismatchError, OverloadedError, 
 from backends.prefix import BLOCK_BYTES, block_hashes
 from router.dispatch.admission import AdmissionGate
 from router.dispatch.deadline import Deadline, DeadlineExpiredError
+from router.dispatch.record import Leg, RequestObserver, RequestRecord
 from router.dispatch.retry import RetryBudget
 from router.errors import NoHealthyBackendError
 from router.handoff.relay import relay
@@ -57,19 +65,8 @@ _ROUTE_MODE = {
     Mode.COLOCATED: router_pb2.ROUTE_MODE_COLOCATED,
 }
 _T = TypeVar("_T")
-
-
-@dataclass
-class _Progress:
-    """What the dispatcher learns while streaming, for metrics and logs."""
-
-    mode: Mode
-    started: float  # arrival, before any wait for admission
-    slo: Slo | None = None  # what the request is held to (None: nothing)
-    slo_class: str = DEFAULT_SLO_CLASS
-    first_frame_at: float | None = None
-    last_frame_at: float = 0.0
-    last_frame: bytes = b""
+# Outcomes whose log line is sampled (HETERO_ROUTER_REQUEST_LOG_SAMPLE_RATE).
+_SAMPLED_OUTCOMES = frozenset({"ok", "cancelled", "overloaded"})
 
 
 class _HandoffFailedError(BackendError):
@@ -92,13 +89,15 @@ class _Sent:
         "max_tokens",
         "phase",
         "prompt_tokens",
+        "record",
         "resumed",
         "token_ids",
     )
 
-    def __init__(self, max_tokens: int, prompt_tokens: int) -> None:
+    def __init__(self, max_tokens: int, prompt_tokens: int, record: RequestRecord) -> None:
         self.max_tokens = max_tokens
         self.prompt_tokens = prompt_tokens  # the estimate, for a usage the router makes
+        self.record = record  # what metrics, the log line and traces are made of
         self.token_ids: list[int] = []
         # False once a frame had text but no ids (an adapter without token ids):
         # what the client has can then not be resumed from.
@@ -142,14 +141,17 @@ class _Sent:
         elif count:
             self.token_ids.append(-1)  # a token of unknown id: counted, not resumable
             self.ids_known = False
+        self.record.completion_tokens = len(self.token_ids)
         if message.finish_reason:
             self.finished = True
+            self.record.prompt_tokens = message.usage.prompt_tokens
             if self.resumed or self.cut:
                 # Usage of the whole request: the resumed attempt's backend counted the
                 # tokens it continued after as prompt.
                 reported = message.usage.prompt_tokens - self.resumed
                 message.usage.prompt_tokens = reported if reported > 0 else self.prompt_tokens
                 message.usage.completion_tokens = self.tokens
+                self.record.prompt_tokens = message.usage.prompt_tokens
                 rewrite = True
         return message.SerializeToString() if rewrite else frame
 
@@ -217,8 +219,11 @@ class Dispatcher:
         metrics: RouterMetrics,
         *,
         clock: Callable[[], float] = time.monotonic,
+        observers: Sequence[RequestObserver] = (),
     ) -> None:
+        """``observers`` are told of every request (tracing)."""
         self._pool = pool
+        self._observers = tuple(observers)
         self._scheduler = scheduler
         self._settings = settings
         self._metrics = metrics
@@ -255,17 +260,47 @@ class Dispatcher:
         disaggregation: Disaggregation,
         service: ServiceLevel = DEFAULT_SERVICE,
     ) -> AsyncGenerator[bytes, None]:
-        arrived = self._clock()
+        record = RequestRecord(request, self._clock(), time.time_ns(), service.slo_class)
+        for observer in self._observers:
+            traceparent = observer.started(record)
+            if traceparent != request.traceparent:
+                request = dataclasses.replace(request, traceparent=traceparent)
+        try:
+            async with contextlib.aclosing(
+                self._admitted(request, disaggregation, service, record)
+            ) as frames:
+                async for frame in frames:
+                    yield frame
+            record.outcome = "ok"
+        except (asyncio.CancelledError, GeneratorExit):
+            record.outcome = "cancelled"
+            raise
+        except ServingError as error:
+            record.outcome = _outcome(error)
+            record.error = error.message
+            raise
+        finally:
+            self._finished(record, service)
+
+    async def _admitted(
+        self,
+        request: GenerationRequest,
+        disaggregation: Disaggregation,
+        service: ServiceLevel,
+        record: RequestRecord,
+    ) -> AsyncGenerator[bytes, None]:
+        waiting = self._metrics.num_requests_waiting.labels(request.model)
+        waiting.inc()
         try:
             queued = await self.admission.acquire(service.priority)
         except OverloadedError:
-            self.count_rejected("overloaded")
+            record.outcome = "overloaded"
             raise
-        except asyncio.CancelledError:
-            self.count_rejected("cancelled")
-            raise
+        finally:
+            waiting.dec()
+        running = self._metrics.num_requests_running.labels(request.model)
         try:
-            now = self._clock()
+            now = record.admitted = self._clock()
             class_slo = self.class_slo(service.slo_class)
             features = RequestFeatures(
                 request_id=request.request_id,
@@ -274,40 +309,56 @@ class Dispatcher:
                 max_tokens=request.sampling.max_tokens,
                 disaggregation=disaggregation,
                 sequence=next(self._arrivals),
-                slo=service.scheduling_slo(class_slo, now - arrived if queued else 0.0),
+                slo=service.scheduling_slo(class_slo, now - record.arrived if queued else 0.0),
                 priority=service.priority,
                 slo_class=service.slo_class,
                 prefix_hashes=block_hashes(request.prompt),
                 prefix_block_tokens=self._block_tokens,
             )
             plan = self._schedule(features, now)
-            progress = _Progress(
-                plan.mode, arrived, service.effective_slo(class_slo), service.slo_class
-            )
-            outcome = "error"
-            self._metrics.in_flight.inc()
+            running.inc()
             try:
-                attempts = self._attempts(request, features, plan, progress)
+                attempts = self._attempts(request, features, plan, record)
                 async with contextlib.aclosing(attempts) as frames:
                     async for frame in frames:
-                        progress.last_frame_at = self._clock()
-                        if progress.first_frame_at is None:
-                            progress.first_frame_at = progress.last_frame_at
-                            self.admission.observe_first_token(progress.first_frame_at - now)
-                        progress.last_frame = frame
+                        at = self._clock()
+                        if record.first_token_at is None:
+                            record.first_token_at = at
+                            self.admission.observe_first_token(at - now)
+                        else:
+                            record.frame_gaps.append(at - record.last_token_at)
+                        record.last_token_at = at
                         yield frame
-                outcome = "ok"
-            except (asyncio.CancelledError, GeneratorExit):
-                outcome = "cancelled"
-                raise
-            except ServingError as error:
-                outcome = _outcome(error)
-                raise
             finally:
-                self._metrics.in_flight.dec()
-                self._record(progress, outcome)
+                running.dec()
         finally:
             self.admission.release()
+
+    def _finished(self, record: RequestRecord, service: ServiceLevel) -> None:
+        """Metrics, the log line and the observers of a request that is over."""
+        met: tuple[bool | None, bool | None] = (None, None)
+        if record.outcome == "ok" and record.first_token_at is not None:
+            slo = service.effective_slo(self.class_slo(service.slo_class))
+            tpot = record.tpot_s
+            if tpot is not None:
+                self.admission.observe_time_per_token(tpot)
+            if slo is not None:
+                ttft = record.first_token_at - record.arrived
+                record.slo_met = slo.met_by(ttft, tpot)
+                met = (
+                    None if slo.ttft_s is None else ttft <= slo.ttft_s,
+                    None if slo.tpot_s is None or tpot is None else tpot <= slo.tpot_s,
+                )
+        self._metrics.record_request(record, met)
+        # Failures are always logged; what is common under load follows the sample rate.
+        if record.outcome not in _SAMPLED_OUTCOMES or self._log_sampled():
+            log.info("request finished", **record.log_fields())
+        for observer in self._observers:
+            observer.finished(record)
+
+    def _log_sampled(self) -> bool:
+        rate = self._settings.request_log_sample_rate
+        return rate >= 1.0 or (rate > 0.0 and random.random() < rate)  # sampling, not security
 
     def _schedule(self, features: RequestFeatures, now: float) -> Plan:
         try:
@@ -316,22 +367,24 @@ class Dispatcher:
             self._metrics.shed.labels("slo").inc()
             if error.retry_after_s is None:
                 error.retry_after_s = self.admission.retry_after_s(features.priority)
-            self.count_rejected(_outcome(error))
             raise
         except ServingError as error:
             if isinstance(error, NoHealthyBackendError) and error.retry_after_s is None:
                 # A backend may be back by the next health check.
                 error.retry_after_s = self._settings.health_interval_s
-            self.count_rejected(_outcome(error))
             raise
 
     # -- attempts ----------------------------------------------------------------
 
     async def _attempts(
-        self, request: GenerationRequest, features: RequestFeatures, plan: Plan, progress: _Progress
+        self,
+        request: GenerationRequest,
+        features: RequestFeatures,
+        plan: Plan,
+        record: RequestRecord,
     ) -> AsyncGenerator[bytes, None]:
         """Runs the plan, then as many further attempts as failures call for and allow."""
-        sent = _Sent(request.sampling.max_tokens, request.prompt_tokens)
+        sent = _Sent(request.sampling.max_tokens, request.prompt_tokens, record)
         excluded: set[str] = set()  # backends this request failed on
         attempt, attempts = request, 1
         # Holds the retry budget's share from a retry's start to its first frame.
@@ -339,13 +392,13 @@ class Dispatcher:
         retried = False
         async with retrying:
             while True:
-                progress.mode = plan.mode
+                self._note_route(record, plan)
                 legs = {plan.prefill_backend, plan.decode_backend}
                 # Both backends of the plan end up holding the prompt's KV.
                 self._pool.record_prefix(plan.prefill_backend, features.prefix_hashes)
                 if plan.decode_backend != plan.prefill_backend:
                     self._pool.record_prefix(plan.decode_backend, features.prefix_hashes)
-                route = b"" if progress.first_frame_at is not None else _route_frame(request, plan)
+                route = b"" if record.first_token_at is not None else _route_frame(request, plan)
                 # The request id is the same on every attempt: an abort of an earlier one
                 # must not land on this one.
                 pending = [sent.aborting.pop(b) for b in legs if b in sent.aborting]
@@ -490,6 +543,7 @@ class Dispatcher:
     ) -> AsyncGenerator[bytes, None]:
         backend_id = plan.prefill_backend
         sent.phase, sent.backend = "generate", backend_id
+        record, started = sent.record, self._clock()
         with (
             _Watch(backend_id) as watch,
             self._pool.outstanding(backend_id) as backend,
@@ -513,12 +567,15 @@ class Dispatcher:
                     return
                 # The prefill is done with the first token; decoding starts.
                 prefilling.release()
+                if record.prefill_done_at is None:
+                    record.prefill_done_at = self._clock()
                 load.enter_context(self._pool.decoding(backend_id, _context_tokens(request)))
                 yield sent.take(first, backend_id)
                 async for frame in self._rest(frames, watch, plan, sent):
                     yield frame
                 if not sent.cut:
                     done.set()
+                record.legs.append(Leg(backend_id, "generate", started, self._clock()))
 
     async def _rest(
         self, frames: AsyncGenerator[bytes, None], watch: _Watch, plan: Plan, sent: _Sent
@@ -537,7 +594,12 @@ class Dispatcher:
         legs = [plan.prefill_backend, plan.decode_backend]
         async with self._aborting_on_exit(request.request_id, legs, sent) as done:
             sent.phase, sent.backend = "prefill", plan.prefill_backend
+            record, started = sent.record, self._clock()
             prefill = await self._prefill(request, plan)
+            record.prefill_done_at = self._clock()
+            record.legs.append(
+                Leg(plan.prefill_backend, "prefill", started, record.prefill_done_at)
+            )
             handle = prefill.handle
             finished = prefill.finished or handle is None
             if prefill.first_frame or finished:
@@ -555,6 +617,8 @@ class Dispatcher:
             if step is NextStep.FINISHED or handle is None:
                 done.set()
                 return
+            record.handoffs += 1
+            record.handoff_bytes += handle.byte_length
             if step is NextStep.RELAY_THEN_DECODE:
                 sent.phase, sent.backend = "relay", plan.decode_backend
                 handle = await self._relay(request, plan, handle)
@@ -576,6 +640,7 @@ class Dispatcher:
         sent: _Sent,
     ) -> AsyncGenerator[bytes, None]:
         backend_id = plan.decode_backend
+        record, started = sent.record, self._clock()
         with (
             _Watch(backend_id) as watch,
             self._pool.outstanding(backend_id) as decoder,
@@ -600,9 +665,11 @@ class Dispatcher:
                     raise _HandoffFailedError(backend_id, reason) from error
                 if first is None:
                     return
+                record.decode_first_at = self._clock()
                 yield sent.take(first, backend_id)
                 async for frame in self._rest(frames, watch, plan, sent):
                     yield frame
+                record.legs.append(Leg(backend_id, "decode", started, self._clock()))
 
     async def _prefill(self, request: GenerationRequest, plan: Plan) -> PrefillResult:
         backend_id = plan.prefill_backend
@@ -684,36 +751,21 @@ class Dispatcher:
         except Exception as error:  # noqa: BLE001  # best effort: the lease timeout is the backstop
             log.warning("abort failed", backend=backend_id, request=request_id, error=str(error))
 
-    def count_rejected(self, outcome: str) -> None:
-        """A request refused before it had a plan (bad input, no backend)."""
-        self._metrics.requests.labels(outcome, "none").inc()
+    def count_rejected(self, outcome: str, model: str = "") -> None:
+        """A request a door refused before it reached the dispatcher (bad input: its
+        model may be unknown, and is then not a label value)."""
+        self._metrics.requests.labels(model, "none", outcome).inc()
+
+    def _note_route(self, record: RequestRecord, plan: Plan) -> None:
+        record.attempts += 1
+        record.mode = plan.mode.value
+        record.prefill_backend, record.decode_backend = plan.prefill_backend, plan.decode_backend
+        record.prefill_kind = self._pool.device_kind(plan.prefill_backend)
+        record.decode_kind = self._pool.device_kind(plan.decode_backend)
 
     async def drain_background(self) -> None:
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
-
-    def _record(self, progress: _Progress, outcome: str) -> None:
-        mode = progress.mode.value
-        self._metrics.requests.labels(outcome, mode).inc()
-        if outcome != "ok" or progress.first_frame_at is None:
-            return
-        ttft = progress.first_frame_at - progress.started
-        self._metrics.time_to_first_token.labels(mode).observe(ttft)
-        self._metrics.request_duration.labels(mode).observe(
-            progress.last_frame_at - progress.started
-        )
-        tokens = router_pb2.GenerateResponse.FromString(progress.last_frame).usage.completion_tokens
-        self._metrics.output_tokens.labels(mode).inc(tokens)
-        tpot = 0.0
-        if tokens > 1:
-            tpot = (progress.last_frame_at - progress.first_frame_at) / (tokens - 1)
-            self._metrics.time_per_output_token.labels(mode).observe(tpot)
-            self.admission.observe_time_per_token(tpot)
-        if progress.slo is not None:
-            met = progress.slo.met_by(ttft, tpot)
-            self._metrics.slo_requests.labels(
-                "met" if met else "missed", progress.slo_class, mode
-            ).inc()
 
 
 def _context_tokens(request: GenerationRequest) -> int:

@@ -273,9 +273,22 @@ class Pool:
         for callback in list(self._leaving[backend_id]):
             callback()
 
+    def device_kind(self, backend_id: str) -> str:
+        """What the backend runs on, for metrics: its profile (``h100``), else its
+        adapter's kind (``vllm``)."""
+        config = self.endpoints[backend_id].config
+        return config.profile or config.kind
+
     def set_load(self, backend_id: str, load: BackendLoad) -> None:
         """What the backend reports: KV use, and the prefix blocks it holds cached."""
         endpoint = self.endpoints[backend_id]
+        metrics = self._metrics
+        if load.kv_tokens_capacity > 0:
+            metrics.backend_kv_cache_usage.labels(backend_id, self.device_kind(backend_id)).set(
+                load.kv_tokens_used / load.kv_tokens_capacity
+            )
+        metrics.backend_running.labels(backend_id).set(load.running)
+        metrics.backend_waiting.labels(backend_id).set(load.waiting)
         reported = (load.kv_tokens_used, load.kv_tokens_capacity)
         if (endpoint.kv_tokens_used, endpoint.kv_tokens_capacity) != reported:
             endpoint.kv_tokens_used, endpoint.kv_tokens_capacity = reported

@@ -11,6 +11,7 @@ import grpc
 import structlog
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
 
 from router.client import ROUTER_SERVICE
 from router.daemon import Daemon
@@ -99,10 +100,17 @@ async def test_healthz_readyz_and_metrics(cluster: Cluster) -> None:
         async with session.get(f"{cluster.admin_url}/metrics") as reply:
             assert reply.status == 200
             body = await reply.text()
-    assert 'hetero_router_requests_total{mode="split",outcome="ok"} 1.0' in body
-    assert 'hetero_router_time_to_first_token_seconds_count{mode="split"} 1.0' in body
-    assert 'hetero_router_time_per_output_token_seconds_count{mode="split"} 1.0' in body
-    assert 'hetero_router_backend_healthy{backend="groq-0",role="decode"} 1.0' in body
+    samples = [s for family in text_string_to_metric_families(body) for s in family.samples]
+
+    def total(name: str, **labels: str) -> float:
+        return sum(
+            s.value for s in samples if s.name == name and labels.items() <= s.labels.items()
+        )
+
+    assert total("hetero_router_requests_total", mode="split", outcome="ok") == 1
+    assert total("hetero_router_time_to_first_token_seconds_count", mode="split") == 1
+    assert total("hetero_router_request_time_per_output_token_seconds_count", mode="split") == 1
+    assert total("hetero_router_backend_healthy", backend="groq-0", role="decode") == 1
 
 
 async def test_readyz_is_503_while_draining(cluster: Cluster) -> None:

@@ -31,6 +31,7 @@ from router.daemon import Daemon
 from router.errors import ConfigError
 from router.settings import BackendConfig, PoolConfig, Settings
 from tests.conftest import Cluster, start_cluster, stop_cluster
+from tests.helpers import sample_total
 
 Issuer = tuple[x509.Certificate, ec.EllipticCurvePrivateKey]
 
@@ -94,8 +95,11 @@ async def attempts_without_decode(cluster: Cluster, client: AsyncRouterClient) -
         async for _ in client.generate("retry me", disaggregation="split"):
             pass
     assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
-    return cluster.daemon.registry.get_sample_value(
-        "hetero_router_requests_total", {"outcome": "nohealthybackend", "mode": "none"}
+    return sample_total(
+        cluster.daemon.registry,
+        "hetero_router_requests_total",
+        outcome="nohealthybackend",
+        mode="none",
     )
 
 

@@ -10,6 +10,7 @@ import pytest
 
 from router.client import AsyncRouterClient
 from tests.conftest import Cluster, start_cluster, stop_cluster
+from tests.helpers import sample_total
 
 # A colocated request on these devices streams one token per 20 ms: it stays in flight.
 SLOW: dict[str, object] = {"decode_step_s": 0.02}
@@ -20,8 +21,7 @@ async def collect(client: AsyncRouterClient, prompt: str, **options: object) -> 
 
 
 async def metric(cluster: Cluster, name: str, labels: dict[str, str]) -> float:
-    value = cluster.daemon.registry.get_sample_value(name, labels)
-    return value or 0.0
+    return sample_total(cluster.daemon.registry, name, **labels)
 
 
 async def post(

@@ -33,6 +33,7 @@ from router.scheduling.service_level import ServiceLevel
 from router.scheduling.slo import Slo
 from router.scheduling.snapshot import BackendView
 from router.settings import BackendConfig, PoolConfig, Settings, parse_pool
+from tests.helpers import sample_total
 from tests.stubs import StubBackend
 
 PROMPT = "a shared system prompt that is long enough for a few blocks " * 4  # 240 bytes
@@ -278,9 +279,7 @@ async def test_a_shed_request_is_not_recorded_and_frees_its_slot() -> None:
     registry = metrics.registry
     assert registry.get_sample_value("hetero_router_shed_total", {"reason": "slo"}) == 2
     assert (
-        registry.get_sample_value(
-            "hetero_router_requests_total", {"outcome": "overloaded", "mode": "none"}
-        )
+        sample_total(registry, "hetero_router_requests_total", outcome="overloaded", mode="none")
         == 2
     )
 
@@ -303,8 +302,8 @@ async def test_a_request_queued_then_cancelled_holds_nothing() -> None:
     assert len(await first) == 3
     assert dispatcher.admission.in_flight == 0
     assert load(pool, "c") == (0, 0, 0)
-    cancelled = metrics.registry.get_sample_value(
-        "hetero_router_requests_total", {"outcome": "cancelled", "mode": "none"}
+    cancelled = sample_total(
+        metrics.registry, "hetero_router_requests_total", outcome="cancelled", mode="none"
     )
     assert cancelled == 1
 
@@ -346,11 +345,13 @@ async def test_time_queued_counts_toward_the_ttft_the_scheduler_plans_for() -> N
 
 
 def slo_count(metrics: RouterMetrics, outcome: str, slo_class: str = "default") -> float:
-    value = metrics.registry.get_sample_value(
+    return sample_total(
+        metrics.registry,
         "hetero_router_slo_requests_total",
-        {"outcome": outcome, "slo_class": slo_class, "mode": "colocated"},
+        outcome=outcome,
+        slo_class=slo_class,
+        mode="colocated",
     )
-    return value or 0.0
 
 
 @pytest.mark.parametrize(
