@@ -262,7 +262,13 @@ class Dispatcher:
     ) -> AsyncGenerator[bytes, None]:
         record = RequestRecord(request, self._clock(), time.time_ns(), service.slo_class)
         for observer in self._observers:
-            traceparent = observer.started(record)
+            try:
+                traceparent = observer.started(record)
+            except Exception as error:  # noqa: BLE001  # an observer's fault never fails a request
+                log.warning(
+                    "request observer failed", observer=type(observer).__name__, error=str(error)
+                )
+                continue
             if traceparent != request.traceparent:
                 request = dataclasses.replace(request, traceparent=traceparent)
         try:
@@ -293,9 +299,6 @@ class Dispatcher:
         waiting.inc()
         try:
             queued = await self.admission.acquire(service.priority)
-        except OverloadedError:
-            record.outcome = "overloaded"
-            raise
         finally:
             waiting.dec()
         running = self._metrics.num_requests_running.labels(request.model)
@@ -354,7 +357,12 @@ class Dispatcher:
         if record.outcome not in _SAMPLED_OUTCOMES or self._log_sampled():
             log.info("request finished", **record.log_fields())
         for observer in self._observers:
-            observer.finished(record)
+            try:
+                observer.finished(record)
+            except Exception as error:  # noqa: BLE001  # an observer's fault never fails a request
+                log.warning(
+                    "request observer failed", observer=type(observer).__name__, error=str(error)
+                )
 
     def _log_sampled(self) -> bool:
         rate = self._settings.request_log_sample_rate

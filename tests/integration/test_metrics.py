@@ -10,6 +10,7 @@ import pytest
 import structlog
 from prometheus_client import CollectorRegistry
 
+from router.dispatch.record import RequestRecord
 from router.metrics import (
     BACKEND_LABEL_CAP,
     LATENCY_BUCKETS,
@@ -200,3 +201,42 @@ def test_the_per_backend_label_is_capped() -> None:
     assert labels[:BACKEND_LABEL_CAP] == [f"b{i}" for i in range(BACKEND_LABEL_CAP)]
     assert set(labels[BACKEND_LABEL_CAP:]) == {"other"}
     assert metrics.backend_label("b3") == "b3"  # stable for a backend seen before
+
+
+class Broken:
+    def started(self, record: RequestRecord) -> str:
+        raise RuntimeError("observer bug")
+
+    def finished(self, record: RequestRecord) -> None:
+        raise RuntimeError("observer bug")
+
+
+class Seen:
+    def __init__(self) -> None:
+        self.records: list[RequestRecord] = []
+
+    def started(self, record: RequestRecord) -> str:
+        assert record.first_token_at is None  # told before anything ran
+        return "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+
+    def finished(self, record: RequestRecord) -> None:
+        self.records.append(record)
+
+
+async def test_observers_see_each_request_and_their_faults_fail_none(cluster: Cluster) -> None:
+    seen = Seen()
+    cluster.daemon.dispatcher._observers = (Broken(), seen)  # a spy on the hook
+    frames, tokens, _ = await generate(cluster, "observed", max_tokens=5, disaggregation="split")
+    assert tokens == 5
+    [record] = seen.records
+    assert record.outcome == "ok"
+    assert record.mode == "split"
+    assert record.completion_tokens == 5
+    assert len(record.frame_gaps) == frames - 1
+    assert [leg.phase for leg in record.legs] == ["prefill", "decode"]
+    assert record.admitted is not None
+    assert record.prefill_done_at is not None
+    assert record.decode_first_at is not None
+    assert record.first_token_at is not None
+    assert record.arrived <= record.admitted <= record.prefill_done_at <= record.decode_first_at
+    assert record.first_token_at <= record.last_token_at
