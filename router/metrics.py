@@ -21,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from router.dispatch.record import RequestRecord
@@ -144,6 +145,9 @@ class _RouteSeries:
 
 class RouterMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
+        # No `_created` series beside every counter and histogram: they would double
+        # the series scraped and say only when the process started.
+        prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]  # untyped in prometheus_client
         self.registry = registry
         self._routes: dict[Route, _RouteSeries] = {}
         self._backend_labels: dict[str, str] = {}
@@ -402,9 +406,16 @@ class RouterMetrics:
             self.backend_ejected.labels(backend_id).set(0)
             for phase in LEG_PHASES:
                 self.backend_failures.labels(backend_id, phase)
-        for route in routes:
+        for route in routes:  # counters only: a histogram's series appear with its first use
             models.add(route.model)
-            self.route(route)
+            labels = (route.mode, route.slo_class, route.prefill_kind, route.decode_kind)
+            self.prompt_tokens.labels(route.model, *labels)
+            self.generation_tokens.labels(route.model, *labels)
+            for outcome in SLO_OUTCOMES:
+                for counter in (self.slo_requests, self.slo_ttft_requests, self.slo_tpot_requests):
+                    counter.labels(route.model, outcome, *labels)
+            if route.mode == "split":
+                self.kv_handoff_bytes.labels(route.model, route.prefill_kind, route.decode_kind)
         for model in models:
             self.num_requests_running.labels(model)
             self.num_requests_waiting.labels(model)
