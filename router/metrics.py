@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from router.dispatch.record import RequestRecord
+from router.record import RequestRecord
 
 
 def _merged(*groups: Iterable[float]) -> tuple[float, ...]:

@@ -44,7 +44,7 @@ from backends.errors import BackendError, LayoutMismatchError, OverloadedError, 
 from backends.prefix import BLOCK_BYTES, block_hashes
 from router.dispatch.admission import AdmissionGate
 from router.dispatch.deadline import Deadline, DeadlineExpiredError
-from router.dispatch.record import Leg, RequestObserver, RequestRecord
+from router.record import Leg, RequestObserver, RequestRecord
 from router.dispatch.retry import RetryBudget
 from router.errors import NoHealthyBackendError
 from router.handoff.relay import relay

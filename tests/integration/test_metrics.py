@@ -10,7 +10,7 @@ import pytest
 import structlog
 from prometheus_client import CollectorRegistry
 
-from router.dispatch.record import RequestRecord
+from router.record import RequestRecord
 from router.metrics import (
     BACKEND_LABEL_CAP,
     LATENCY_BUCKETS,
