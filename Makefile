@@ -8,7 +8,7 @@ PY := $(BIN)/python
 INSTALLED := $(VENV)/.installed
 BENCH_INSTALLED := $(VENV)/.installed-bench
 
-.PHONY: install run test test-engines lint format proto proto-check bench bench-quick clean
+.PHONY: install run test test-engines lint format proto proto-check monitoring bench bench-quick clean
 
 install: $(INSTALLED)
 
@@ -59,6 +59,10 @@ proto: install
 
 proto-check: install
 	$(PY) proto/generate.py --check
+
+# deploy/monitoring: the rules file, the PrometheusRule and the Grafana dashboard.
+monitoring: install
+	$(PY) deploy/monitoring/render.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
