@@ -686,7 +686,8 @@ def dashboard() -> dict[str, Any]:
                 query_variable(
                     "mode",
                     "Mode",
-                    f"label_values({P}time_to_first_token_seconds_count{{{MODEL}}}, mode)",
+                    # A counter of every route from the start (histograms: from first use).
+                    f"label_values({P}slo_requests_total{{{MODEL}}}, mode)",
                 ),
                 query_variable(
                     "slo_class",
