@@ -44,13 +44,13 @@ from backends.errors import BackendError, LayoutMismatchError, OverloadedError, 
 from backends.prefix import BLOCK_BYTES, block_hashes
 from router.dispatch.admission import AdmissionGate
 from router.dispatch.deadline import Deadline, DeadlineExpiredError
-from router.record import Leg, RequestObserver, RequestRecord
 from router.dispatch.retry import RetryBudget
 from router.errors import NoHealthyBackendError
 from router.handoff.relay import relay
 from router.logging import get_logger
 from router.metrics import RouterMetrics
 from router.pool.registry import Pool
+from router.record import Leg, RequestObserver, RequestRecord
 from router.scheduling.handoff import NextStep, after_failed_leg, after_prefill
 from router.scheduling.plan import Disaggregation, Mode, Plan, RequestFeatures
 from router.scheduling.scheduler import Scheduler

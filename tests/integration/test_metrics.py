@@ -10,7 +10,6 @@ import pytest
 import structlog
 from prometheus_client import CollectorRegistry
 
-from router.record import RequestRecord
 from router.metrics import (
     BACKEND_LABEL_CAP,
     LATENCY_BUCKETS,
@@ -21,6 +20,7 @@ from router.metrics import (
     VLLM_TTFT_BUCKETS,
     RouterMetrics,
 )
+from router.record import RequestRecord
 from tests.conftest import Cluster, start_cluster, stop_cluster
 from tests.helpers import sample_total
 
