@@ -285,8 +285,9 @@ class RouterMetrics:
             "miss their time to first token), queue_expired (they waited all their time to "
             "first token allowed), client_rate (their client was over its request rate), "
             "client_cap (their client had the most open streams one client may), slo "
-            "(predicted to miss their SLO)",
-            ["reason"],
+            "(predicted to miss their SLO); by model and SLO class too (model empty: "
+            "refused before its model was known)",
+            ["model", "slo_class", "reason"],
             registry=registry,
         )
         self.concurrency_limit = Gauge(
@@ -383,8 +384,6 @@ class RouterMetrics:
             ["reason"],
             registry=registry,
         )
-        for reason in SHED_REASONS:
-            self.shed.labels(reason)
         for kind in RETRY_KINDS:
             self.retries.labels(kind)
         for reason in RETRY_REFUSALS:
@@ -408,6 +407,8 @@ class RouterMetrics:
                 self.backend_failures.labels(backend_id, phase)
         for route in routes:  # counters only: a histogram's series appear with its first use
             models.add(route.model)
+            for reason in SHED_REASONS:
+                self.shed.labels(route.model, route.slo_class, reason)
             labels = (route.mode, route.slo_class, route.prefill_kind, route.decode_kind)
             self.prompt_tokens.labels(route.model, *labels)
             self.generation_tokens.labels(route.model, *labels)

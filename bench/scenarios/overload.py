@@ -164,8 +164,12 @@ async def _metrics(http_address: str) -> dict[str, float]:
 
 
 def _shed(samples: dict[str, float]) -> dict[str, float]:
-    prefix = 'hetero_router_shed_total{reason="'
-    return {k[len(prefix) : -2]: v for k, v in samples.items() if k.startswith(prefix)}
+    shed: dict[str, float] = {}
+    for key, count in samples.items():
+        if key.startswith("hetero_router_shed_total{"):
+            reason = key.partition('reason="')[2].partition('"')[0]
+            shed[reason] = shed.get(reason, 0.0) + count
+    return shed
 
 
 async def _idle(http_address: str, timeout_s: float = 60.0) -> None:

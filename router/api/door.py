@@ -81,20 +81,27 @@ def http_peer_client(remote: str | None) -> str:
 
 @contextlib.contextmanager
 def through_the_door(
-    dispatcher: Dispatcher, settings: Settings, client: str, service: ServiceLevel
+    dispatcher: Dispatcher, settings: Settings, client: str, service: ServiceLevel, model: str
 ) -> Iterator[None]:
     """Holds the client's share of open streams while the block runs; raises
-    OverloadedError (counted as a refused request) when the gate turns it away."""
+    OverloadedError (counted as a refused request) when the gate turns it away.
+    ``model`` (a model the pool serves) labels what is refused."""
     slo = service.effective_slo(dispatcher.class_slo(service.slo_class))
     ttft_target_s = None if slo is None else slo.ttft_s
     gate = dispatcher.admission
     rate = ClientRate(settings.max_requests_per_s_per_client, settings.client_burst())
+    labels = (model, service.slo_class)
     try:
         gate.check_door(
-            client, service.priority, ttft_target_s, settings.max_streams_per_client, rate
+            client,
+            service.priority,
+            ttft_target_s,
+            settings.max_streams_per_client,
+            rate,
+            labels=labels,
         )
     except OverloadedError:
-        dispatcher.count_rejected("overloaded")
+        dispatcher.count_rejected("overloaded", model)
         raise
-    with gate.client_stream(client, ttft_target_s):
+    with gate.client_stream(client, ttft_target_s, labels):
         yield

@@ -108,7 +108,7 @@ class RouterService:
             return
         time_left_s = context.time_remaining()
         if time_left_s is not None and time_left_s < MIN_TIME_LEFT_S:
-            self._dispatcher.count_rejected("deadline")
+            self._dispatcher.count_rejected("deadline", request.model)
             await context.abort(
                 grpc.StatusCode.DEADLINE_EXCEEDED,
                 f"the call's deadline leaves {max(0.0, time_left_s) * 1000:.3f} ms, "
@@ -117,7 +117,8 @@ class RouterService:
             return
         bind_request(request.shown_id, request.request_id)
         try:
-            with through_the_door(self._dispatcher, self._settings, self._client(context), service):
+            client = self._client(context)
+            with through_the_door(self._dispatcher, self._settings, client, service, request.model):
                 frames = self._dispatcher.generate(request, disaggregation, service)
                 # Closing the frames (a stalled reader, a cancelled call) aborts the backends.
                 async with contextlib.aclosing(frames):

@@ -184,7 +184,10 @@ class OpenAIRoutes:
         bind_request(parsed.request.shown_id, parsed.request.request_id)
         try:
             client = self._client(http)
-            with through_the_door(self._dispatcher, self._settings, client, parsed.service):
+            door = through_the_door(
+                self._dispatcher, self._settings, client, parsed.service, parsed.request.model
+            )
+            with door:
                 # Closing the frames, also when the client went away, aborts the backends.
                 generation = self._dispatcher.generate(
                     parsed.request, parsed.disaggregation, parsed.service

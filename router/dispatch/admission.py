@@ -53,6 +53,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from backends.errors import OverloadedError
 from router.metrics import RouterMetrics
 from router.scheduling.concurrency_limit import GradientLimit, LimitConfig, Signal
+from router.scheduling.service_level import DEFAULT_SLO_CLASS
 
 PRIORITIES = 10  # priority levels: 0 (least urgent) .. 9 (most urgent)
 RETRY_AFTER_MIN_S = 0.05
@@ -97,6 +98,7 @@ class _Entry:
 
     client: str = ""
     max_wait_s: float | None = None
+    labels: tuple[str, str] = ("", DEFAULT_SLO_CLASS)  # model, SLO class: shed's labels
 
 
 # Set by the door (client_stream) for the requests of its block.
@@ -231,16 +233,19 @@ class AdmissionGate:
         ttft_target_s: float | None,
         client_cap: int,
         client_rate: ClientRate = ClientRate(),
+        *,
+        labels: tuple[str, str] = ("", DEFAULT_SLO_CLASS),
     ) -> None:
         """Refuses (OverloadedError) a request that should not even queue: its client is
         over ``client_rate``, or holds ``client_cap`` open streams (0: no cap), or the
         queue ahead of it would take longer than its TTFT target (None: no target)
-        allows. A request let through takes one of its client's rate tokens."""
+        allows. A request let through takes one of its client's rate tokens. ``labels``
+        (model, SLO class) label what is shed."""
         if client_rate.per_s > 0:
-            self._take_rate_token(client, client_rate)
+            self._take_rate_token(client, client_rate, labels)
         open_streams = self._client_streams.get(client, 0)
         if client_cap and open_streams >= client_cap:
-            self._metrics.shed.labels("client_cap").inc()
+            self._metrics.shed.labels(*labels, "client_cap").inc()
             hold = self._hold_s()
             raise OverloadedError(
                 f"{_who(client)} has {open_streams} streams open, the most one client may "
@@ -253,7 +258,7 @@ class AdmissionGate:
         allowed_s = _QUEUE_SHARE * (ttft_target_s - (self._service_s or 0.0))
         if wait is None or wait == 0.0 or wait <= allowed_s:
             return  # nothing to tell by yet (the queue limit holds), a free slot, in time
-        self._metrics.shed.labels("queue_time").inc()
+        self._metrics.shed.labels(*labels, "queue_time").inc()
         raise OverloadedError(
             f"the router is at capacity ({self._in_flight} requests in flight, limit "
             f"{self.limit}, {self.waiting()} queued): the wait for admission, about "
@@ -262,7 +267,7 @@ class AdmissionGate:
             retry_after_s=_bounded(wait),
         )
 
-    def _take_rate_token(self, client: str, rate: ClientRate) -> None:
+    def _take_rate_token(self, client: str, rate: ClientRate, labels: tuple[str, str]) -> None:
         now = self._clock()
         bucket = self._buckets.get(client)
         if bucket is None:
@@ -274,7 +279,7 @@ class AdmissionGate:
         if bucket.tokens >= 1.0:
             bucket.tokens -= 1.0
             return
-        self._metrics.shed.labels("client_rate").inc()
+        self._metrics.shed.labels(*labels, "client_rate").inc()
         refill_s = (1.0 - bucket.tokens) / rate.per_s
         raise OverloadedError(
             f"{_who(client)} is over its request rate (max_requests_per_s_per_client "
@@ -297,15 +302,21 @@ class AdmissionGate:
         self._buckets_swept_at = len(self._buckets)
 
     @contextlib.contextmanager
-    def client_stream(self, client: str, ttft_target_s: float | None = None) -> Iterator[None]:
+    def client_stream(
+        self,
+        client: str,
+        ttft_target_s: float | None = None,
+        labels: tuple[str, str] = ("", DEFAULT_SLO_CLASS),
+    ) -> Iterator[None]:
         """Counts an open stream of ``client`` while the block runs; the block's
         requests queue as ``client``'s, and are refused if they wait so long that their
-        TTFT target (None: none) is out of reach."""
+        TTFT target (None: none) is out of reach. ``labels`` (model, SLO class) label
+        what of them is shed."""
         self._client_streams[client] = self._client_streams.get(client, 0) + 1
         max_wait_s = None
         if ttft_target_s is not None:
             max_wait_s = max(ttft_target_s - (self._service_s or 0.0), 0.0)
-        token = _ENTRY.set(_Entry(client, max_wait_s))
+        token = _ENTRY.set(_Entry(client, max_wait_s, labels))
         try:
             yield
         finally:
@@ -356,7 +367,7 @@ class AdmissionGate:
                 return False
         queue = self._queues[priority]
         if len(queue) >= self.queue_limit:
-            self._metrics.shed.labels("queue_full").inc()
+            self._metrics.shed.labels(*_ENTRY.get().labels, "queue_full").inc()
             raise OverloadedError(
                 f"the router is at capacity ({self._in_flight} requests in flight, limit "
                 f"{self.limit}) and the queue for priority {priority} is full "
@@ -393,7 +404,7 @@ class AdmissionGate:
             return
         self._queues[priority].remove(entry.client, waiter)
         self._depth_changed(priority)
-        self._metrics.shed.labels("queue_expired").inc()
+        self._metrics.shed.labels(*entry.labels, "queue_expired").inc()
         waiter.future.set_exception(
             OverloadedError(
                 f"the router is at capacity ({self._in_flight} requests in flight, limit "

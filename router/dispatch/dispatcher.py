@@ -372,7 +372,7 @@ class Dispatcher:
         try:
             return self._scheduler.schedule(features, self._pool.snapshot(), now)
         except OverloadedError as error:  # predicted to miss its SLO: shed now, not late
-            self._metrics.shed.labels("slo").inc()
+            self._metrics.shed.labels(features.model, features.slo_class, "slo").inc()
             if error.retry_after_s is None:
                 error.retry_after_s = self.admission.retry_after_s(features.priority)
             raise

@@ -462,8 +462,8 @@ async def test_a_client_over_its_request_rate_is_refused_with_a_retry_hint() -> 
             assert reply.status == 429
             assert reply.headers["Retry-After"] == "100"
             assert (await reply.json())["error"]["type"] == "rate_limit_exceeded"
-        shed = cluster.daemon.registry.get_sample_value(
-            "hetero_router_shed_total", {"reason": "client_rate"}
+        shed = sample_total(
+            cluster.daemon.registry, "hetero_router_shed_total", reason="client_rate"
         )
         assert shed == 2
     finally:

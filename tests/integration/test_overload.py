@@ -26,7 +26,7 @@ from backends.base import (
 )
 from router.client import GENERATE_METHOD
 from router.daemon import Daemon
-from tests.helpers import eventually
+from tests.helpers import eventually, sample_total
 from tests.recording import stub_router
 from tests.stubs import StubBackend
 
@@ -86,8 +86,8 @@ def generate_call(channel: grpc.aio.Channel) -> Any:
     )
 
 
-def metric(daemon: Daemon, name: str, **labels: str) -> float | None:
-    return daemon.registry.get_sample_value(name, labels)
+def metric(daemon: Daemon, name: str, **labels: str) -> float:
+    return sample_total(daemon.registry, name, **labels)
 
 
 async def test_a_grpc_stream_nobody_reads_is_cancelled_and_its_backend_aborted(

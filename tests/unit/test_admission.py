@@ -18,6 +18,7 @@ from router.dispatch.admission import (
 )
 from router.metrics import RouterMetrics
 from router.scheduling.concurrency_limit import LimitConfig
+from tests.helpers import sample_total
 
 
 class Clock:
@@ -97,7 +98,7 @@ async def test_a_full_queue_sheds_with_a_reason_and_a_hint() -> None:
     await settle()
     assert admission.waiting(5) == 1
     registry = admission._metrics.registry
-    assert registry.get_sample_value("hetero_router_shed_total", {"reason": "queue_full"}) == 1
+    assert sample_total(registry, "hetero_router_shed_total", reason="queue_full") == 1
     for task in [*waiters, other]:
         task.cancel()
     await asyncio.gather(*waiters, other, return_exceptions=True)
@@ -213,8 +214,8 @@ def adaptive_gate(clock: Clock, **config: object) -> AdmissionGate:
     )
 
 
-def sample(admission: AdmissionGate, name: str, **labels: str) -> float | None:
-    return admission._metrics.registry.get_sample_value(name, labels)
+def sample(admission: AdmissionGate, name: str, **labels: str) -> float:
+    return sample_total(admission._metrics.registry, name, **labels)
 
 
 async def test_first_tokens_move_the_limit_and_a_higher_limit_admits_waiters() -> None:

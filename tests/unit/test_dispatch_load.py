@@ -277,7 +277,7 @@ async def test_a_shed_request_is_not_recorded_and_frees_its_slot() -> None:
     assert dispatcher.admission.in_flight == 0
     assert pool.prefix_index.blocks_held("p") == 0
     registry = metrics.registry
-    assert registry.get_sample_value("hetero_router_shed_total", {"reason": "slo"}) == 2
+    assert sample_total(registry, "hetero_router_shed_total", reason="slo", model="m") == 2
     assert (
         sample_total(registry, "hetero_router_requests_total", outcome="overloaded", mode="none")
         == 2
