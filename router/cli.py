@@ -67,7 +67,11 @@ async def _serve(settings: Settings, pool_path: Path | None, embedded: bool,
     if not embedded:
         return await Daemon(settings, pool).serve()
     async with embedded_devices(
-        pool, ready_timeout_s=settings.device_ready_timeout_s, time_scale=time_scale
+        pool,
+        ready_timeout_s=settings.device_ready_timeout_s,
+        time_scale=time_scale,
+        log_level=settings.log_level,
+        log_format=settings.log_format,
     ) as resolved:
         return await Daemon(settings, resolved).serve()
 

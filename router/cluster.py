@@ -30,8 +30,14 @@ class DeviceProcess:
 
 
 def device_command(
-    config: BackendConfig, time_scale: float | None, extra_args: Sequence[str] = ()
+    config: BackendConfig,
+    time_scale: float | None,
+    extra_args: Sequence[str] = (),
+    *,
+    log_level: str = "info",
+    log_format: str = "json",
 ) -> list[str]:
+    """The device's command line; it logs at the router's level in the router's format."""
     roles = {"prefill": "prefill", "decode": "decode", "both": "prefill,decode"}[config.role]
     return [
         sys.executable,
@@ -52,6 +58,10 @@ def device_command(
         str(config.time_scale if time_scale is None else time_scale),
         "--announce",
         "--exit-with-stdin",
+        "--log-level",
+        log_level,
+        "--log-format",
+        log_format,
         *(("--chips", str(config.chips)) if config.chips else ()),
         *_option_args(config),
         *extra_args,
@@ -94,8 +104,11 @@ async def embedded_devices(
     time_scale: float | None = None,
     extra_args: Sequence[str] = (),
     pids: dict[str, int] | None = None,
+    log_level: str = "info",
+    log_format: str = "json",
 ) -> AsyncIterator[PoolConfig]:
     """Starts the pool's mock devices; yields the pool with their real addresses.
+    They log to the router's stderr, at ``log_level`` in ``log_format``.
 
     ``pids``, when given, receives each device's process id by backend id (fault
     tests signal them)."""
@@ -107,7 +120,9 @@ async def embedded_devices(
     try:
         for backend in mocks:
             process = await asyncio.create_subprocess_exec(
-                *device_command(backend, time_scale, extra_args),
+                *device_command(
+                    backend, time_scale, extra_args, log_level=log_level, log_format=log_format
+                ),
                 stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE,
                 env=device_environment(),

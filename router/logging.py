@@ -1,33 +1,17 @@
-"""structlog set-up: JSON lines (or console), the request id bound in contextvars."""
+"""structlog set-up: JSON lines (or console), the request id bound in contextvars.
+
+The configuration itself is :mod:`backends.logs`, which the mock devices use too."""
 
 from __future__ import annotations
 
-import logging
-import sys
-
 import structlog
 
-_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING}
+from backends import logs
 
 
 def configure(level: str = "info", fmt: str = "json") -> None:
-    renderer: structlog.typing.Processor = (
-        structlog.processors.JSONRenderer()
-        if fmt == "json"
-        else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
-    )
-    structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.format_exc_info,
-            renderer,
-        ],
-        wrapper_class=structlog.make_filtering_bound_logger(_LEVELS.get(level, logging.ERROR)),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
-        cache_logger_on_first_use=True,
-    )
+    """The router's logs: structlog and the standard library's logging, on stderr."""
+    logs.configure(level, fmt)
 
 
 def get_logger(name: str) -> structlog.typing.FilteringBoundLogger:

@@ -6,6 +6,7 @@ import argparse
 
 import uvloop
 
+from backends import logs
 from backends.base import Role
 from backends.config_files import host_port
 from backends.mock.config import BLOCK_SIZE, DeviceConfig
@@ -59,6 +60,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--announce", action="store_true", help="print READY host:port")
     parser.add_argument("--exit-with-stdin", action="store_true", help="exit when stdin closes")
+    parser.add_argument("--log-level", choices=logs.LEVELS, default="info")
+    parser.add_argument(
+        "--log-format", choices=logs.FORMATS, default="json", help="json lines or console"
+    )
 
 
 def run(options: argparse.Namespace) -> int:
@@ -80,7 +85,10 @@ def run(options: argparse.Namespace) -> int:
         emulate_kv_size=options.emulate_kv_size,
         chips=options.chips,
         prefix_cache_blocks=options.prefix_cache_blocks,
-    )
+    )  # ValueError too: the flags are checked before anything is configured
+    # The router's log configuration (its level and format are passed on as flags);
+    # every line names the device.
+    logs.configure(options.log_level, options.log_format, fields={"device": options.id})
     uvloop.run(
         run_device(
             config,

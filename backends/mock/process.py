@@ -7,10 +7,14 @@ import contextlib
 import signal
 import sys
 
+import structlog
+
 from backends.mock.config import DeviceConfig
 from backends.mock.server import DeviceServer
 
 READY_PREFIX = "READY "
+
+log: structlog.typing.FilteringBoundLogger = structlog.get_logger(__name__)
 
 
 async def run_device(
@@ -30,12 +34,7 @@ async def run_device(
     watcher = asyncio.create_task(_wait_stdin_closed(stop)) if exit_with_stdin else None
     if announce:
         print(f"{READY_PREFIX}{server.address}", flush=True)
-    print(
-        f"device {config.backend_id} ({config.profile}, {config.model}) serving on "
-        f"{server.address}",
-        file=sys.stderr,
-        flush=True,
-    )
+    log.info("device serving", profile=config.profile, model=config.model, address=server.address)
     try:
         await stop.wait()
     finally:
