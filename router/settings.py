@@ -74,6 +74,9 @@ class Settings(BaseSettings):
     # Share of successful (and cancelled, and shed) requests that get a "request
     # finished" log line, 0..1; failed ones always do.
     request_log_sample_rate: float = Field(default=1.0, ge=0, le=1)
+    # One log line per HTTP request (method, path, status, duration, bytes); the HTTP
+    # door logs its 4xx and 5xx answers either way.
+    http_access_log: bool = False
 
     # Request limits: anything outside them is INVALID_ARGUMENT, never sent on.
     default_max_tokens: int = Field(default=256, ge=1)

@@ -24,6 +24,7 @@ from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.typedefs import Handler
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -31,9 +32,15 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from router.api.connection_guard import ConnectionGuard
 from router.api.door import BearerTokens
 from router.api.listen import check_can_listen, split_address
-from router.api.openai_http import OpenAIRoutes, error_response, retry_after_header
+from router.api.openai_http import (
+    ERROR_FIELDS,
+    REQUEST_ID,
+    OpenAIRoutes,
+    error_response,
+    retry_after_header,
+)
 from router.api.tls import HttpTls
-from router.errors import DEFAULT_RETRY_AFTER_S, shown
+from router.errors import DEFAULT_RETRY_AFTER_S, ECHO_LIMIT, shown
 from router.logging import get_logger
 from router.settings import Settings, TlsFiles
 
@@ -101,7 +108,10 @@ class AdminServer:
         # aborts the request on the backends.
         self._runner = web.AppRunner(
             self.app(),
-            access_log=None,
+            # Not aiohttp's text lines: _RequestLog's structlog events, through a logger
+            # aiohttp wants but the class never writes to.
+            access_log=logging.getLogger("aiohttp.access"),
+            access_log_class=_AccessLog if self._settings.http_access_log else _RequestLog,
             handler_cancellation=True,
             keepalive_timeout=self._settings.http_keepalive_timeout_s,
             logger=_ServerLog(logging.getLogger("aiohttp.server"), None),
@@ -252,11 +262,13 @@ def _error(request: web.Request, status: int, message: str, *,
         return error_response(
             status, message, code=code, retry_after_s=retry_after_s, headers=headers
         )
-    return web.json_response(
+    response = web.json_response(
         {"status": "error", "detail": message},
         status=status,
         headers={**(headers or {}), **retry_after_header(retry_after_s)},
     )
+    response[ERROR_FIELDS] = {"code": code, "param": None}
+    return response
 
 
 def _http_error(request: web.Request, error: web.HTTPException) -> web.Response:
@@ -277,21 +289,82 @@ def _http_error(request: web.Request, error: web.HTTPException) -> web.Response:
     return response
 
 
+class _RequestLog(AbstractAccessLogger):
+    """What aiohttp calls once an answer is sent: one ``http error`` line for each error
+    answer the door made (info for a 4xx, warning for a 5xx), with OpenAI's error code
+    and the parameter at fault. Never the body, a header but the request id, or the
+    query (which may carry a key); the path and ids are cut. aiohttp's own refusals
+    (a request it cannot parse) are _ServerLog's line, /readyz's 503 the daemon's
+    ``readiness changed``."""
+
+    every_request = False
+
+    @property
+    def enabled(self) -> bool:
+        return True  # error answers are logged whatever the access-log setting
+
+    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+        error = response.get(ERROR_FIELDS)
+        if error is None and not self.every_request:
+            return
+        request_id = request.get(REQUEST_ID) or request.headers.get("X-Request-Id")
+        fields: dict[str, Any] = {
+            "method": _cut(request.method, 16),
+            "path": _cut(request.path, 256),
+            "status": response.status,
+            "duration_s": round(time, 6),
+            "bytes": response.body_length,
+            "client": request.remote,
+        }
+        if request_id:
+            fields["request_id"] = _cut(request_id, ECHO_LIMIT)
+        if error is None:
+            log.info("http request", **fields)
+        elif response.status >= 500:
+            log.warning("http error", **fields, **error)
+        else:
+            log.info("http error", **fields, **error)
+
+
+class _AccessLog(_RequestLog):
+    """``http_access_log``: a line for every request, ``http request`` unless an error's."""
+
+    every_request = True
+
+
+def _cut(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 class _ServerLog(logging.LoggerAdapter[logging.Logger]):
     """aiohttp's per-connection logger. A request it cannot parse (a bad header byte, a
-    broken request line) is the client's fault: one line at info, never a traceback a
-    client could fill the log with; anything else is logged as aiohttp logs it."""
+    broken request line, a method that is no HTTP token) is the client's fault: one line
+    at info, never a traceback a client could fill the log with; anything else is
+    logged as aiohttp logs it."""
 
     def exception(self, msg: object, *args: object, exc_info: Any = True, **kwargs: Any) -> None:
-        if isinstance(exc_info, HttpProcessingError) and 400 <= exc_info.code < 500:
-            reason = exc_info.message.strip().splitlines()
-            log.info(
-                "malformed http request",
-                status=exc_info.code,
-                reason=shown(reason[0] if reason else ""),
-            )
-            return
-        super().exception(msg, *args, exc_info=exc_info, **kwargs)
+        if not _malformed(exc_info, args):
+            super().exception(msg, *args, exc_info=exc_info, **kwargs)
+
+    def debug(self, msg: object, *args: object, exc_info: Any = None, **kwargs: Any) -> None:
+        # aiohttp logs a first request with a bad method (TLS to a plain port) at debug.
+        if not _malformed(exc_info, args):
+            super().debug(msg, *args, exc_info=exc_info, **kwargs)
+
+
+def _malformed(error: object, args: tuple[object, ...]) -> bool:
+    """Logs a refusal of aiohttp's parser as one line; whether ``error`` was one.
+    aiohttp's message has the client's address as its one argument."""
+    if not (isinstance(error, HttpProcessingError) and 400 <= error.code < 500):
+        return False
+    reason = error.message.strip().splitlines()
+    log.info(
+        "malformed http request",
+        status=error.code,
+        reason=shown(reason[0] if reason else ""),
+        client=str(args[0]) if args else None,
+    )
+    return True
 
 
 class _GuardedSite(web.BaseSite):

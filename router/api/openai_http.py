@@ -81,6 +81,12 @@ _ERROR_TYPES = {
 }
 
 
+# What the HTTP door's request log reads: an error answer's code and parameter at fault
+# (set on every error answer the door makes), and the id of a request that was parsed.
+ERROR_FIELDS = web.ResponseKey[dict[str, str | None]]("error_fields")
+REQUEST_ID = web.RequestKey[str]("request_id")
+
+
 class _BodyNotReadError(InvalidRequestError):
     """The body was not read to its end: the connection cannot carry another request."""
 
@@ -113,7 +119,9 @@ def error_response(status: int, message: str, *, param: str | None = None,
     """The error answer, with ``Retry-After`` when there is a retry hint."""
     body = error_body(status, message, param, code)
     headers = {**(headers or {}), **retry_after_header(retry_after_s)}
-    return web.json_response(body, status=status, headers=headers)
+    response = web.json_response(body, status=status, headers=headers)
+    response[ERROR_FIELDS] = {"code": code, "param": param}
+    return response
 
 
 def refusal(error: InvalidRequestError) -> web.Response:
@@ -182,6 +190,7 @@ class OpenAIRoutes:
             self._dispatcher.count_rejected("invalid")
             return refusal(error)
         bind_request(parsed.request.shown_id, parsed.request.request_id)
+        http[REQUEST_ID] = parsed.request.shown_id
         try:
             client = self._client(http)
             door = through_the_door(
