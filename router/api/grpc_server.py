@@ -40,7 +40,7 @@ from router.api.validation import (
 from router.api.write_stall import StallGuard, WriteStalledError
 from router.client import ROUTER_SERVICE
 from router.dispatch.dispatcher import Dispatcher
-from router.errors import InvalidRequestError, retry_hint_s
+from router.errors import ECHO_LIMIT, InvalidRequestError, retry_hint_s
 from router.logging import bind_request, get_logger, unbind_request
 from router.pool.registry import Pool
 from router.settings import Settings, TlsFiles
@@ -69,9 +69,9 @@ class RouterService:
         self._dispatcher = dispatcher
         self._tokens = BearerTokens(settings.auth_tokens())
 
-    async def _authorize(self, context: grpc.aio.ServicerContext) -> None:
+    async def _authorize(self, context: grpc.aio.ServicerContext, method: str) -> None:
         if self._tokens and not self._tokens.allows(authorization(context.invocation_metadata())):
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED_MESSAGE)
+            await _refuse_unauthenticated(context, method)
 
     def handler(self) -> grpc.GenericRpcHandler:
         return grpc.method_handlers_generic_handler(
@@ -91,7 +91,8 @@ class RouterService:
         )
 
     async def generate(self, data: bytes, context: grpc.aio.ServicerContext) -> None:
-        await self._authorize(context)
+        await self._authorize(context, "Generate")
+        message: router_pb2.GenerateRequest | None = None
         try:
             message = parse_request(router_pb2.GenerateRequest, data)
             request, disaggregation = validate_generate(
@@ -104,16 +105,18 @@ class RouterService:
             service = validate_service(message, self._dispatcher.slo_classes)
         except ServingError as error:
             self._dispatcher.count_rejected("invalid")
-            await _abort(context, error)
+            await _abort(context, error, "Generate", message.request_id if message else "")
             return
         time_left_s = context.time_remaining()
         if time_left_s is not None and time_left_s < MIN_TIME_LEFT_S:
             self._dispatcher.count_rejected("deadline", request.model)
-            await context.abort(
-                grpc.StatusCode.DEADLINE_EXCEEDED,
+            reason = (
                 f"the call's deadline leaves {max(0.0, time_left_s) * 1000:.3f} ms, "
-                f"less than the {MIN_TIME_LEFT_S * 1000:g} ms a request needs to be scheduled",
+                f"less than the {MIN_TIME_LEFT_S * 1000:g} ms a request needs to be scheduled"
             )
+            code = grpc.StatusCode.DEADLINE_EXCEEDED
+            _log_status(context, "Generate", code, reason, request_id=request.shown_id)
+            await context.abort(code, reason)
             return
         bind_request(request.shown_id, request.request_id)
         try:
@@ -128,8 +131,7 @@ class RouterService:
             self._dispatcher.admission.count_write_stall("grpc")
             await _cancel(context, str(stall))
         except ServingError as error:
-            log.info("request failed", status=error.grpc_status, reason=error.message)
-            await _abort(context, error)
+            await _abort(context, error, "Generate", request.shown_id)
         except Exception:
             log.exception("request failed unexpectedly")
             await context.abort(
@@ -159,11 +161,11 @@ class RouterService:
     async def list_backends(
         self, data: bytes, context: grpc.aio.ServicerContext
     ) -> router_pb2.ListBackendsResponse:
-        await self._authorize(context)
+        await self._authorize(context, "ListBackends")
         try:
             parse_request(router_pb2.ListBackendsRequest, data)
         except InvalidRequestError as error:
-            await _abort(context, error)
+            await _abort(context, error, "ListBackends")
         return router_pb2.ListBackendsResponse(
             backends=[
                 router_pb2.BackendStatus(
@@ -187,15 +189,62 @@ class RouterService:
         )
 
 
-async def _abort(context: grpc.aio.ServicerContext, error: ServingError) -> None:
-    """Ends the call with the error's status and its ``google.rpc.Status``. A retryable
-    one (RESOURCE_EXHAUSTED, UNAVAILABLE) carries its retry hint three times: as
+def _log_status(
+    context: grpc.aio.ServicerContext,
+    method: str,
+    code: grpc.StatusCode,
+    reason: str,
+    *,
+    server_side: bool = False,
+    param: str | None = None,
+    request_id: str = "",
+) -> None:
+    """The one line of a call the router ends with an error status of its own: info for
+    the client's fault (bad input, no token, shed), warning for the server's side. A
+    cancelled stream and an unexpected failure have their own lines."""
+    fields: dict[str, Any] = {
+        "method": method,
+        "status": code.name,
+        "reason": reason[:_MAX_MESSAGE_CHARS],
+        "client": context.peer(),
+    }
+    if param is not None:
+        fields["param"] = param
+    if request_id:
+        fields["request_id"] = request_id[:ECHO_LIMIT]
+    if server_side:
+        log.warning("grpc error", **fields)
+    else:
+        log.info("grpc error", **fields)
+
+
+async def _refuse_unauthenticated(context: grpc.aio.ServicerContext, method: str) -> None:
+    code = grpc.StatusCode.UNAUTHENTICATED
+    _log_status(context, method, code, UNAUTHENTICATED_MESSAGE)
+    await context.abort(code, UNAUTHENTICATED_MESSAGE)
+
+
+async def _abort(
+    context: grpc.aio.ServicerContext, error: ServingError, method: str, request_id: str = ""
+) -> None:
+    """Ends the call with the error's status and its ``google.rpc.Status``, logged. A
+    retryable one (RESOURCE_EXHAUSTED, UNAVAILABLE) carries its retry hint three times: as
     ``retry-after-ms`` for the router's clients, as ``grpc-retry-pushback-ms``, the delay
     gRPC's own retry policy waits before its next attempt (gRFC A6), and as RetryInfo."""
     code = grpc.StatusCode[error.grpc_status]
     message = error.message
     if len(message) > _MAX_MESSAGE_CHARS:
         message = message[:_MAX_MESSAGE_CHARS] + "..."
+    param = error.param if isinstance(error, InvalidRequestError) else None
+    _log_status(
+        context,
+        method,
+        code,
+        message,
+        server_side=error.http_status >= 500,
+        param=param,
+        request_id=request_id,
+    )
     trailing: list[tuple[str, str | bytes]] = []
     details: list[BadRequest | RetryInfo] = []
     if isinstance(error, InvalidRequestError) and error.param is not None:
@@ -262,7 +311,7 @@ class _GuardedReflection(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # g
         return await continuation(details)
 
     async def _refuse(self, requests: object, context: grpc.aio.ServicerContext) -> None:
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED_MESSAGE)
+        await _refuse_unauthenticated(context, "ServerReflectionInfo")
 
 
 class FrontDoor:
