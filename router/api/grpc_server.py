@@ -15,6 +15,7 @@ retry can fix it.
 from __future__ import annotations
 
 import contextlib
+import random
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -130,8 +131,9 @@ class RouterService:
             log.info("client stopped reading", reason=str(stall))
             self._dispatcher.admission.count_write_stall("grpc")
             await _cancel(context, str(stall))
-        except ServingError as error:
-            await _abort(context, error, "Generate", request.shown_id)
+        except ServingError as error:  # shed ones, common under load, logged as sampled
+            sample_rate = self._settings.request_log_sample_rate
+            await _abort(context, error, "Generate", request.shown_id, sample_rate=sample_rate)
         except Exception:
             log.exception("request failed unexpectedly")
             await context.abort(
@@ -198,10 +200,16 @@ def _log_status(
     server_side: bool = False,
     param: str | None = None,
     request_id: str = "",
+    sample_rate: float = 1.0,
 ) -> None:
     """The one line of a call the router ends with an error status of its own: info for
     the client's fault (bad input, no token, shed), warning for the server's side. A
-    cancelled stream and an unexpected failure have their own lines."""
+    cancelled stream and an unexpected failure have their own lines. RESOURCE_EXHAUSTED
+    (shed) is logged at ``sample_rate``."""
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED and not (
+        sample_rate >= 1.0 or (sample_rate > 0.0 and random.random() < sample_rate)
+    ):  # sampling, not security
+        return
     fields: dict[str, Any] = {
         "method": method,
         "status": code.name,
@@ -225,7 +233,12 @@ async def _refuse_unauthenticated(context: grpc.aio.ServicerContext, method: str
 
 
 async def _abort(
-    context: grpc.aio.ServicerContext, error: ServingError, method: str, request_id: str = ""
+    context: grpc.aio.ServicerContext,
+    error: ServingError,
+    method: str,
+    request_id: str = "",
+    *,
+    sample_rate: float = 1.0,
 ) -> None:
     """Ends the call with the error's status and its ``google.rpc.Status``, logged. A
     retryable one (RESOURCE_EXHAUSTED, UNAVAILABLE) carries its retry hint three times: as
@@ -244,6 +257,7 @@ async def _abort(
         server_side=error.http_status >= 500,
         param=param,
         request_id=request_id,
+        sample_rate=sample_rate,
     )
     trailing: list[tuple[str, str | bytes]] = []
     details: list[BadRequest | RetryInfo] = []

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import ssl
 from collections.abc import Callable
 from typing import Any
@@ -111,7 +112,7 @@ class AdminServer:
             # Not aiohttp's text lines: _RequestLog's structlog events, through a logger
             # aiohttp wants but the class never writes to.
             access_log=logging.getLogger("aiohttp.access"),
-            access_log_class=_AccessLog if self._settings.http_access_log else _RequestLog,
+            access_log_class=_request_log(self._settings),
             handler_cancellation=True,
             keepalive_timeout=self._settings.http_keepalive_timeout_s,
             logger=_ServerLog(logging.getLogger("aiohttp.server"), None),
@@ -295,9 +296,14 @@ class _RequestLog(AbstractAccessLogger):
     and the parameter at fault. Never the body, a header but the request id, or the
     query (which may carry a key); the path and ids are cut. aiohttp's own refusals
     (a request it cannot parse) are _ServerLog's line, /readyz's 503 the daemon's
-    ``readiness changed``."""
+    ``readiness changed``.
 
-    every_request = False
+    A shed request (429), common under load, is logged at the request log's sample
+    rate, as the dispatcher's lines of shed requests are; every request with the
+    access log on."""
+
+    every_request = False  # the access log
+    shed_sample_rate = 1.0
 
     @property
     def enabled(self) -> bool:
@@ -306,6 +312,8 @@ class _RequestLog(AbstractAccessLogger):
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
         error = response.get(ERROR_FIELDS)
         if error is None and not self.every_request:
+            return
+        if response.status == 429 and not (self.every_request or self._shed_sampled()):
             return
         request_id = request.get(REQUEST_ID) or request.headers.get("X-Request-Id")
         fields: dict[str, Any] = {
@@ -325,11 +333,20 @@ class _RequestLog(AbstractAccessLogger):
         else:
             log.info("http error", **fields, **error)
 
+    def _shed_sampled(self) -> bool:
+        rate = self.shed_sample_rate
+        return rate >= 1.0 or (rate > 0.0 and random.random() < rate)  # sampling, not security
 
-class _AccessLog(_RequestLog):
-    """``http_access_log``: a line for every request, ``http request`` unless an error's."""
 
-    every_request = True
+def _request_log(settings: Settings) -> type[_RequestLog]:
+    """The request log as the settings have it: with ``http_access_log``, a line for
+    every request (``http request`` unless an error's)."""
+
+    class Configured(_RequestLog):
+        every_request = settings.http_access_log
+        shed_sample_rate = settings.request_log_sample_rate
+
+    return Configured
 
 
 def _cut(text: str, limit: int) -> str:

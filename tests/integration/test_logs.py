@@ -18,12 +18,13 @@ import structlog
 
 from backends._gen.hetero.router.v1 import router_pb2
 from backends.base import Role
+from backends.errors import OverloadedError
 from router.cli import build_parser
 from router.client import ROUTER_SERVICE
 from router.cluster import device_command
 from router.errors import NoHealthyBackendError
 from router.settings import BackendConfig
-from tests.conftest import Cluster
+from tests.conftest import Cluster, start_cluster, stop_cluster
 from tests.helpers import eventually
 from tests.integration.test_http_errors import admin_server
 
@@ -274,3 +275,34 @@ async def test_a_grpc_error_of_the_servers_side_is_one_warning_line(
     assert (line["log_level"], line["status"]) == ("warning", "UNAVAILABLE")
     assert line["request_id"]  # bound for the request's every line
     assert not [entry for entry in logs if entry["event"] == "request failed"]
+
+
+async def shed(*args: Any, **kwargs: Any) -> AsyncGenerator[bytes, None]:
+    """The dispatcher's generate when the request is shed."""
+    raise OverloadedError("the router is overloaded", retry_after_s=1.0)
+    yield b""  # an async generator, as the dispatcher's is
+
+
+@pytest.mark.parametrize("rate", [0.0, 1.0])
+async def test_shed_requests_are_logged_at_the_request_logs_sample_rate(
+    rate: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cluster = await start_cluster(request_log_sample_rate=rate)
+    try:
+        monkeypatch.setattr(cluster.daemon.dispatcher, "generate", shed)
+        request = router_pb2.GenerateRequest(prompt="hi")
+        with structlog.testing.capture_logs() as logs:
+            assert await call_generate(cluster, request.SerializeToString()) == (
+                grpc.StatusCode.RESOURCE_EXHAUSTED
+            )
+            async with aiohttp.ClientSession() as session:
+                url = f"{cluster.admin_url}/v1/completions"
+                async with session.post(url, json=COMPLETION) as reply:
+                    assert reply.status == 429
+                async with session.get(f"{cluster.admin_url}/v1/models/nope") as reply:
+                    assert reply.status == 404  # not sampled, and logged after the 429
+            await eventually(lambda: any(line.get("status") == 404 for line in logs))
+    finally:
+        await stop_cluster(cluster)
+    statuses = [line["status"] for line in logs if line["event"] in ("http error", "grpc error")]
+    assert statuses == ([404] if rate == 0 else ["RESOURCE_EXHAUSTED", 429, 404])
