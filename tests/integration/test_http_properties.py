@@ -29,7 +29,7 @@ MODEL = "llama-3.1-8b"
 
 
 class _Admission:
-    def check_door(self, *args: object) -> None: ...
+    def check_door(self, *args: object, **labels: object) -> None: ...
 
     @contextlib.contextmanager
     def client_stream(self, *args: object) -> Iterator[None]:
@@ -50,7 +50,7 @@ class RecordingDispatcher:
     def class_slo(self, slo_class: str) -> None:
         return None
 
-    def count_rejected(self, outcome: str) -> None: ...
+    def count_rejected(self, outcome: str, model: str = "") -> None: ...
 
     async def generate(self, request: GenerationRequest, *args: object) -> AsyncGenerator[bytes]:
         self.calls.append(request)
