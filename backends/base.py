@@ -91,8 +91,18 @@ class GenerationRequest:
     generated_ids: tuple[int, ...] = ()
     client_request_id: str = ""
     # W3C trace context (``traceparent``) for the backends: the client's, or the
-    # router's own span when tracing is on; empty when there is none.
+    # router's own span when tracing is on; empty when there is none. ``tracestate``
+    # is the client's, passed on with it.
     traceparent: str = ""
+    tracestate: str = ""
+
+    def trace_headers(self) -> dict[str, str]:
+        """The W3C trace context headers an HTTP adapter sends the engine (none without)."""
+        if not self.traceparent:
+            return {}
+        if not self.tracestate:
+            return {"traceparent": self.traceparent}
+        return {"traceparent": self.traceparent, "tracestate": self.tracestate}
 
     @property
     def shown_id(self) -> str:

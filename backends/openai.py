@@ -200,7 +200,7 @@ class OpenAIBackend(Backend):
         path, body = openai_body(request, self._model or request.model)
         try:
             async with (
-                self._open(request.request_id, path, body, timeout_s) as response,
+                self._open(request, path, body, timeout_s) as response,
                 contextlib.aclosing(openai_frames(self.id, response)) as frames,
             ):
                 async for frame in frames:
@@ -218,13 +218,19 @@ class OpenAIBackend(Backend):
 
     @contextlib.asynccontextmanager
     async def _open(
-        self, request_id: str, path: str, body: Mapping[str, Any], timeout_s: float
+        self, request: GenerationRequest, path: str, body: Mapping[str, Any], timeout_s: float
     ) -> AsyncIterator[aiohttp.ClientResponse]:
         """The streaming response, 2xx only, closed on exit and on ``abort``."""
         session = self._require_session()
         timeout = client_timeout(timeout_s, self._connect_timeout_s, self._idle_timeout_s)
-        request = session.post(f"{self._base_url}{path}", json=body, timeout=timeout)
-        response = await self._exchanges.run(request_id, _response_of(request), discard=_close)
+        post = session.post(
+            f"{self._base_url}{path}",
+            json=body,
+            headers=request.trace_headers(),
+            timeout=timeout,
+        )
+        request_id = request.request_id
+        response = await self._exchanges.run(request_id, _response_of(post), discard=_close)
         with self._exchanges.track(request_id, response.close):
             try:
                 if response.status >= 300:

@@ -158,6 +158,7 @@ class _Send:
     rid: str
     path: str
     body: Mapping[str, Any]
+    headers: Mapping[str, str]  # the W3C trace context, when the request has one
 
 
 class _PrefillLeg:
@@ -331,7 +332,7 @@ class SglangBackend(Backend):
             bootstrap_port=self._bootstrap_port,
             bootstrap_room=room,
         )
-        send = _Send(request.request_id, rid, path, body)
+        send = _Send(request.request_id, rid, path, body, request.trace_headers())
         leg = _PrefillLeg(room, self.id, self)
         _ROOMS[room] = leg
         self._rids.setdefault(request.request_id, set()).add(rid)
@@ -384,7 +385,9 @@ class SglangBackend(Backend):
         if leg is not None and leg.failure is not None:
             leg.forget()
             raise _prefill_failed(leg)  # nothing was sent: no decode slot to free
-        async for frame in self._stream(_Send(request.request_id, rid, path, body), timeout_s, leg):
+        async for frame in self._stream(
+            _Send(request.request_id, rid, path, body, request.trace_headers()), timeout_s, leg
+        ):
             yield frame
 
     async def generate(
@@ -394,7 +397,7 @@ class SglangBackend(Backend):
         rid = f"{request.request_id}-{secrets.randbits(64):016x}"
         path, body = self._body(request, rid)
         async for frame in self._stream(
-            _Send(request.request_id, rid, path, body), timeout_s, None
+            _Send(request.request_id, rid, path, body, request.trace_headers()), timeout_s, None
         ):
             yield frame
 
@@ -416,7 +419,9 @@ class SglangBackend(Backend):
         session = self._require_session()
         timeout = client_timeout(timeout_s, self._connect_timeout_s)
         try:
-            async with session.post(send.path, json=send.body, timeout=timeout) as response:
+            async with session.post(
+                send.path, json=send.body, headers=send.headers, timeout=timeout
+            ) as response:
                 if response.status >= 300:
                     raw = await response.content.read(4096)
                     raise status_error(self.id, response.status, raw)
@@ -521,7 +526,7 @@ class SglangBackend(Backend):
         """The 2xx streaming response of one leg, closed on exit and on abort."""
         session = self._require_session()
         timeout = client_timeout(timeout_s, self._connect_timeout_s, self._idle_timeout_s)
-        request = session.post(send.path, json=send.body, timeout=timeout)
+        request = session.post(send.path, json=send.body, headers=send.headers, timeout=timeout)
         response = await self._exchanges.run(send.request_id, _response_of(request), discard=_close)
         with self._exchanges.track(send.request_id, response.close):
             try:

@@ -416,8 +416,9 @@ class VllmBackend(Backend):
 
     def _headers(self, request: GenerationRequest) -> dict[str, str]:
         # vLLM takes the request id from this header, so both legs and the engines'
-        # logs share the router's id.
-        return {"X-Request-Id": request.request_id}
+        # logs share the router's id; its spans (--otlp-traces-endpoint) join the
+        # request's trace through traceparent.
+        return {"X-Request-Id": request.request_id, **request.trace_headers()}
 
     async def _post(
         self,

@@ -20,7 +20,7 @@ from router import __version__, defaults
 from router.api.listen import check_can_listen
 from router.client import DEFAULT_ADDRESS, ChannelConfig, RouterClient
 from router.cluster import embedded_devices
-from router.daemon import Daemon
+from router.daemon import Daemon, build_tracing
 from router.errors import ConfigError, shown
 from router.logging import configure, get_logger
 from router.scheduling.registry import build_scheduler
@@ -64,8 +64,9 @@ async def _serve(settings: Settings, pool_path: Path | None, embedded: bool,
 
     pool = load_pool(pool_path)
     _check_files(settings)
+    tracing = build_tracing(settings)  # a missing extra is refused before devices start
     if not embedded:
-        return await Daemon(settings, pool).serve()
+        return await Daemon(settings, pool, tracing=tracing).serve()
     async with embedded_devices(
         pool,
         ready_timeout_s=settings.device_ready_timeout_s,
@@ -73,7 +74,7 @@ async def _serve(settings: Settings, pool_path: Path | None, embedded: bool,
         log_level=settings.log_level,
         log_format=settings.log_format,
     ) as resolved:
-        return await Daemon(settings, resolved).serve()
+        return await Daemon(settings, resolved, tracing=tracing).serve()
 
 
 def cmd_serve(options: argparse.Namespace, embedded: bool = False) -> int:

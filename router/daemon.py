@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import signal
 from collections.abc import Awaitable, Iterable, Iterator
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry
 
@@ -26,6 +27,7 @@ from router.api.grpc_server import FrontDoor, RouterService
 from router.api.http_server import AdminServer
 from router.api.openai_http import OpenAIRoutes
 from router.dispatch.dispatcher import Dispatcher
+from router.errors import ConfigError
 from router.logging import get_logger
 from router.metrics import Route, RouterMetrics
 from router.pool.health import HealthChecker
@@ -33,6 +35,9 @@ from router.pool.outlier import OutlierDetector
 from router.pool.registry import Pool
 from router.scheduling.registry import build_scheduler
 from router.settings import PoolConfig, Settings
+
+if TYPE_CHECKING:  # loaded only when traces are configured (build_tracing)
+    from router.tracing import Tracing
 
 log = get_logger(__name__)
 
@@ -45,7 +50,9 @@ class Daemon:
         settings: Settings,
         pool_config: PoolConfig,
         registry: CollectorRegistry | None = None,
+        tracing: Tracing | None = None,
     ) -> None:
+        """``tracing``: where request spans go; by default as the settings say."""
         self.settings = settings
         self.registry = registry or CollectorRegistry()
         self.metrics = RouterMetrics(self.registry)
@@ -67,7 +74,14 @@ class Daemon:
             settings.health_timeout_s,
             settings.health_unhealthy_threshold,
         )
-        self.dispatcher = Dispatcher(self.pool, build_scheduler(settings), settings, self.metrics)
+        self.tracing = tracing if tracing is not None else build_tracing(settings)
+        self.dispatcher = Dispatcher(
+            self.pool,
+            build_scheduler(settings),
+            settings,
+            self.metrics,
+            observers=() if self.tracing is None else (self.tracing.observer,),
+        )
         _initialise_metrics(self.metrics, self.pool, self.dispatcher.slo_classes)
         settings.check_exposure()
         tls = settings.tls_files()
@@ -238,6 +252,8 @@ class Daemon:
             await asyncio.wait({self._publisher})
         await self.health.stop()
         await self.pool.close()
+        if self.tracing is not None:  # the last spans go out (the exporter blocks)
+            await asyncio.to_thread(self.tracing.shutdown)
         log.info("stopped")
 
     async def _stop_doors(self, grace_s: float) -> None:
@@ -278,6 +294,21 @@ class Daemon:
         finally:
             for signum in _EXIT_SIGNALS:
                 loop.remove_signal_handler(signum)
+
+
+def build_tracing(settings: Settings) -> Tracing | None:
+    """Request tracing as configured: None (nothing of OpenTelemetry loaded) without
+    ``otlp_traces_endpoint``; ConfigError when it is set but the extra is missing."""
+    if settings.otlp_traces_endpoint is None:
+        return None
+    try:
+        from router.tracing import Tracing  # noqa: PLC0415 (the optional extra, loaded only when asked for)
+    except ImportError as error:
+        raise ConfigError(
+            f"HETERO_ROUTER_OTLP_TRACES_ENDPOINT is set but {error.name or 'OpenTelemetry'} "
+            "is not installed: pip install 'hetero-router[tracing]'"
+        ) from None
+    return Tracing.from_settings(settings)
 
 
 def _initialise_metrics(metrics: RouterMetrics, pool: Pool, slo_classes: Iterable[str]) -> None:

@@ -57,6 +57,8 @@ class RequestRecord:
     completion_tokens: int = 0  # tokens the client was sent
     attempts: int = 0
     legs: list[Leg] = field(default_factory=list)
+    # The last frame's router_pb2.FinishReason (0: no last frame reached the client).
+    finish_reason: int = 0
     outcome: str = "error"
     error: str = ""  # the error the client got, when it got one
     slo_met: bool | None = None  # None: held to no SLO, or not completed

@@ -77,6 +77,14 @@ class Settings(BaseSettings):
     # One log line per HTTP request (method, path, status, duration, bytes); the HTTP
     # door logs its 4xx and 5xx answers either way.
     http_access_log: bool = False
+    # OpenTelemetry traces (the ``tracing`` extra), exported over OTLP/gRPC to this
+    # collector (``host:port``, ``http://host:port`` or ``https://host:port``); unset:
+    # no tracing, and nothing of OpenTelemetry is loaded. TLS unless the endpoint is
+    # ``http://`` or otlp_traces_insecure is set. trace_sample_ratio is the share of
+    # new traces recorded; a request whose client sent a traceparent follows its flag.
+    otlp_traces_endpoint: str | None = Field(default=None, min_length=1)
+    otlp_traces_insecure: bool = False
+    trace_sample_ratio: float = Field(default=1.0, ge=0, le=1)
 
     # Request limits: anything outside them is INVALID_ARGUMENT, never sent on.
     default_max_tokens: int = Field(default=256, ge=1)
@@ -209,6 +217,9 @@ class Settings(BaseSettings):
             raise ValueError("tls_client_ca_file needs tls_cert_file and tls_key_file")
         if (self.auth_reflection or self.auth_metrics) and self.auth_token_file is None:
             raise ValueError("auth_reflection and auth_metrics need auth_token_file")
+        endpoint = self.otlp_traces_endpoint or ""
+        if self.otlp_traces_insecure and endpoint.startswith("https://"):
+            raise ValueError("otlp_traces_insecure contradicts an https:// otlp_traces_endpoint")
         return self
 
     def exposed_doors(self) -> list[str]:

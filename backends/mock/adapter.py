@@ -29,6 +29,7 @@ from backends.mock.protocol import (
 from backends.mock.session import DeviceSession, SessionStreamError
 from backends.mock.transfer import DeviceKVTransfer, handle_from_proto, handle_to_proto
 
+Metadata = tuple[tuple[str, str], ...]
 # Statuses that mean the request itself can never succeed on any device.
 _NOT_RETRYABLE = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION}
 
@@ -114,7 +115,7 @@ class MockBackend(Backend):
             prompt=request.prompt,
             sampling=sampling_to_proto(request.sampling),
         )
-        response = await self._invoke("Prefill", message, timeout_s)
+        response = await self._invoke("Prefill", message, timeout_s, _trace_metadata(request))
         return PrefillResult(
             first_frame=response.first_frame,
             first_token_id=response.first_token_id,
@@ -132,6 +133,7 @@ class MockBackend(Backend):
             sampling=sampling_to_proto(request.sampling),
             handle=handle_to_proto(handle),
             first_token_id=first_token_id,
+            traceparent=request.traceparent,
         )
         async for frame in self._stream("decode", message, timeout_s):
             yield frame
@@ -144,6 +146,7 @@ class MockBackend(Backend):
             prompt=request.prompt,
             sampling=sampling_to_proto(request.sampling),
             generated_ids=request.generated_ids,
+            traceparent=request.traceparent,
         )
         async for frame in self._stream("generate", message, timeout_s):
             yield frame
@@ -155,9 +158,11 @@ class MockBackend(Backend):
     async def abort(self, request_id: str, timeout_s: float) -> None:
         await self._invoke("Abort", device_pb2.AbortRequest(request_id=request_id), timeout_s)
 
-    async def _invoke(self, name: str, message: Any, timeout_s: float) -> Any:
+    async def _invoke(
+        self, name: str, message: Any, timeout_s: float, metadata: Metadata = ()
+    ) -> Any:
         try:
-            return await self._calls[name](message, timeout=timeout_s)
+            return await self._calls[name](message, timeout=timeout_s, metadata=metadata or None)
         except grpc.aio.AioRpcError as error:
             raise self._translate(error.code(), error.details() or "") from None
 
@@ -184,6 +189,11 @@ class MockBackend(Backend):
         return BackendError(
             self.id, f"{code.name}: {details}", retryable=code not in _NOT_RETRYABLE
         )
+
+
+def _trace_metadata(request: GenerationRequest) -> Metadata:
+    """The request's W3C trace context as gRPC metadata (what a unary call carries)."""
+    return tuple(request.trace_headers().items())
 
 
 def _serialize(message: Any) -> bytes:

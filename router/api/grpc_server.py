@@ -32,6 +32,7 @@ from router.api import reflection
 from router.api.door import BearerTokens, grpc_peer_client, through_the_door, token_client
 from router.api.listen import check_can_listen
 from router.api.tls import grpc_credentials
+from router.api.trace_context import TraceContext, trace_context
 from router.api.validation import (
     GRPC_FIELD_NAMES,
     parse_request,
@@ -102,6 +103,7 @@ class RouterService:
                 self._pool.models,
                 self._pool.config.resolved_default_model,
                 GRPC_FIELD_NAMES,
+                trace=_trace(context.invocation_metadata()),
             )
             service = validate_service(message, self._dispatcher.slo_classes)
         except ServingError as error:
@@ -295,6 +297,18 @@ async def _cancel(context: grpc.aio.ServicerContext, reason: str) -> None:
         raise
     except Exception as error:  # noqa: BLE001  # grpc's own ExecuteBatchError: nothing to do
         log.info("status of a stalled stream not sent", error_type=type(error).__name__)
+
+
+def _trace(metadata: Any) -> TraceContext:
+    """The client's W3C trace context, from the ``traceparent`` and ``tracestate`` keys."""
+    traceparents: list[str] = []
+    tracestates: list[str] = []
+    for key, value in metadata or ():
+        if key == "traceparent":
+            traceparents.append(str(value))
+        elif key == "tracestate":
+            tracestates.append(str(value))
+    return trace_context(traceparents, tracestates)
 
 
 def authorization(metadata: Any) -> list[str]:

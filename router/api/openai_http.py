@@ -9,7 +9,8 @@ naming the parameter at fault (a body field, or a header) and OpenAI's error cod
 The split can be steered per request with the body field ``disaggregation`` or the header
 ``X-Hetero-Disaggregation`` (``auto``, ``split``, ``colocated``); the SLO, priority
 and SLO class with the headers ``X-Hetero-SLO-TTFT-Ms``, ``X-Hetero-SLO-TPOT-Ms``,
-``X-Hetero-Priority`` and ``X-Hetero-SLO-Class``.
+``X-Hetero-Priority`` and ``X-Hetero-SLO-Class``. The W3C ``traceparent`` and
+``tracestate`` headers go on to the backends (:mod:`router.api.trace_context`).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from router.api.openai_models import (
     parse_body,
     read_json,
 )
+from router.api.trace_context import trace_context
 from router.api.validation import FIELD_NAMES, service_level, validate_generate
 from router.api.write_stall import StallGuard, WriteStalledError
 from router.dispatch.dispatcher import Dispatcher
@@ -265,6 +267,9 @@ class OpenAIRoutes:
             self._pool.models,
             self._pool.config.resolved_default_model,
             names=_FIELD_NAMES,
+            trace=trace_context(
+                http.headers.getall("traceparent", ()), http.headers.getall("tracestate", ())
+            ),
         )
         service = self._service(http)
         request = dataclasses.replace(request, messages=messages)

@@ -13,6 +13,7 @@ from google.protobuf.message import DecodeError, Message
 from backends._gen.hetero.router.v1 import router_pb2
 from backends.base import GenerationRequest, SamplingParams
 from router.api import wire
+from router.api.trace_context import NO_TRACE, TraceContext
 from router.errors import InvalidRequestError, ModelNotFoundError, shown
 from router.scheduling.plan import Disaggregation
 from router.scheduling.service_level import (
@@ -82,8 +83,11 @@ def validate_generate(
     models: list[str],
     default_model: str,
     names: Mapping[str, str] = FIELD_NAMES,
+    *,
+    trace: TraceContext = NO_TRACE,
 ) -> tuple[GenerationRequest, Disaggregation]:
-    """The request to serve and how to split it; ``names`` are what errors call the fields."""
+    """The request to serve and how to split it; ``names`` are what errors call the fields,
+    ``trace`` the client's trace context (already checked, ``router.api.trace_context``)."""
     client_request_id = message.request_id
     if len(client_request_id) > _MAX_REQUEST_ID or not client_request_id.isprintable():
         raise InvalidRequestError(
@@ -116,6 +120,8 @@ def validate_generate(
         prompt=message.prompt,
         sampling=_sampling(message.sampling, settings, names),
         prompt_tokens=prompt_tokens,
+        traceparent=trace.traceparent,
+        tracestate=trace.tracestate,
     )
     return request, _DISAGGREGATION[message.disaggregation]
 

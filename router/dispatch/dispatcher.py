@@ -144,6 +144,7 @@ class _Sent:
         self.record.completion_tokens = len(self.token_ids)
         if message.finish_reason:
             self.finished = True
+            self.record.finish_reason = message.finish_reason
             self.record.prompt_tokens = message.usage.prompt_tokens
             if self.resumed or self.cut:
                 # Usage of the whole request: the resumed attempt's backend counted the

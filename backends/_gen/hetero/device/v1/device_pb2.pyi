@@ -367,10 +367,16 @@ class DecodeRequest(_message.Message):
     SAMPLING_FIELD_NUMBER: _builtins.int
     HANDLE_FIELD_NUMBER: _builtins.int
     FIRST_TOKEN_ID_FIELD_NUMBER: _builtins.int
+    TRACEPARENT_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     prompt: _builtins.str
     first_token_id: _builtins.int
     """The token prefill produced; decode continues after it."""
+    traceparent: _builtins.str
+    """The request's W3C trace context, as an engine would get it in headers (a
+    unary call such as Prefill carries it as metadata instead; many requests
+    share one Session stream). Empty when there is none; devices may ignore it.
+    """
     @_builtins.property
     def sampling(self) -> Global___Sampling: ...
     @_builtins.property
@@ -383,10 +389,11 @@ class DecodeRequest(_message.Message):
         sampling: Global___Sampling | None = ...,
         handle: Global___KVHandle | None = ...,
         first_token_id: _builtins.int = ...,
+        traceparent: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["handle", b"handle", "sampling", b"sampling"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["first_token_id", b"first_token_id", "handle", b"handle", "prompt", b"prompt", "request_id", b"request_id", "sampling", b"sampling"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["first_token_id", b"first_token_id", "handle", b"handle", "prompt", b"prompt", "request_id", b"request_id", "sampling", b"sampling", "traceparent", b"traceparent"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -400,8 +407,11 @@ class DeviceGenerateRequest(_message.Message):
     PROMPT_FIELD_NUMBER: _builtins.int
     SAMPLING_FIELD_NUMBER: _builtins.int
     GENERATED_IDS_FIELD_NUMBER: _builtins.int
+    TRACEPARENT_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     prompt: _builtins.str
+    traceparent: _builtins.str
+    """As DecodeRequest.traceparent."""
     @_builtins.property
     def sampling(self) -> Global___Sampling: ...
     @_builtins.property
@@ -418,10 +428,11 @@ class DeviceGenerateRequest(_message.Message):
         prompt: _builtins.str = ...,
         sampling: Global___Sampling | None = ...,
         generated_ids: _abc.Iterable[_builtins.int] | None = ...,
+        traceparent: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["sampling", b"sampling"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["generated_ids", b"generated_ids", "prompt", b"prompt", "request_id", b"request_id", "sampling", b"sampling"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["generated_ids", b"generated_ids", "prompt", b"prompt", "request_id", b"request_id", "sampling", b"sampling", "traceparent", b"traceparent"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
