@@ -17,7 +17,15 @@ from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from pydantic_settings.exceptions import SettingsError
 
@@ -39,6 +47,11 @@ MAX_TIME_SCALE = 1000.0
 
 
 Address = Annotated[str, AfterValidator(host_port)]
+
+
+def _unset_if_empty(value: object) -> object:
+    """An empty variable (``FOO=``, as manifests often set one) leaves the setting unset."""
+    return None if value == "" else value
 
 
 class Settings(BaseSettings):
@@ -82,7 +95,7 @@ class Settings(BaseSettings):
     # no tracing, and nothing of OpenTelemetry is loaded. TLS unless the endpoint is
     # ``http://`` or otlp_traces_insecure is set. trace_sample_ratio is the share of
     # new traces recorded; a request whose client sent a traceparent follows its flag.
-    otlp_traces_endpoint: str | None = Field(default=None, min_length=1)
+    otlp_traces_endpoint: Annotated[str | None, BeforeValidator(_unset_if_empty)] = None
     otlp_traces_insecure: bool = False
     trace_sample_ratio: float = Field(default=1.0, ge=0, le=1)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import pytest
 
@@ -14,6 +15,9 @@ from backends.mock.server import DeviceServer
 from router.client import AsyncRouterClient
 from router.daemon import Daemon
 from router.settings import BackendConfig, PoolConfig, Settings
+
+if TYPE_CHECKING:  # the tracing extra: only its own tests load it
+    from router.tracing import Tracing
 
 
 @dataclass
@@ -61,6 +65,7 @@ async def start_cluster(
     handoff: str = "direct",
     per_device: dict[str, dict[str, object]] | None = None,
     clocks: dict[str, LoopClock] | None = None,
+    tracing: Tracing | None = None,
     **settings: object,
 ) -> Cluster:
     devices: dict[str, DeviceServer] = {}
@@ -99,7 +104,7 @@ async def start_cluster(
         http_address="127.0.0.1:0",
         **options,  # type: ignore[arg-type]  # validated by pydantic-settings
     )
-    daemon = Daemon(config, PoolConfig(backends=tuple(backends)))
+    daemon = Daemon(config, PoolConfig(backends=tuple(backends)), tracing=tracing)
     await daemon.start()
     client = AsyncRouterClient(f"127.0.0.1:{daemon.grpc_port}", timeout_s=30)
     return Cluster(devices, daemon, client)

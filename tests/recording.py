@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncGenerator, AsyncIterator
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -16,6 +16,9 @@ from backends.base import GenerationRequest, Role
 from router.daemon import Daemon
 from router.settings import BackendConfig, PoolConfig, Settings
 from tests.stubs import StubBackend
+
+if TYPE_CHECKING:  # the tracing extra: only its own tests load it
+    from router.tracing import Tracing
 
 MODEL = "m"
 
@@ -37,7 +40,10 @@ class Recorder(StubBackend):
 
 @contextlib.asynccontextmanager
 async def stub_router(
-    monkeypatch: pytest.MonkeyPatch, adapter: type[StubBackend], **settings: Any
+    monkeypatch: pytest.MonkeyPatch,
+    adapter: type[StubBackend],
+    tracing: Tracing | None = None,
+    **settings: Any,
 ) -> AsyncIterator[Daemon]:
     """A started router whose one backend, serving MODEL, is an ``adapter``."""
     kind = adapter.__name__.lower()
@@ -48,7 +54,7 @@ async def stub_router(
     config = Settings(
         grpc_address="127.0.0.1:0", http_address="127.0.0.1:0", drain_grace_s=0, **settings
     )
-    daemon = Daemon(config, pool, CollectorRegistry())
+    daemon = Daemon(config, pool, CollectorRegistry(), tracing=tracing)
     await daemon.start()
     try:
         yield daemon
@@ -58,11 +64,11 @@ async def stub_router(
 
 @contextlib.asynccontextmanager
 async def recording_router(
-    monkeypatch: pytest.MonkeyPatch, **settings: Any
+    monkeypatch: pytest.MonkeyPatch, tracing: Tracing | None = None, **settings: Any
 ) -> AsyncIterator[Daemon]:
     """A started router whose one backend, serving MODEL, is a Recorder."""
     Recorder.served = []
-    async with stub_router(monkeypatch, Recorder, **settings) as daemon:
+    async with stub_router(monkeypatch, Recorder, tracing, **settings) as daemon:
         yield daemon
 
 
