@@ -305,8 +305,8 @@ def build_tracing(settings: Settings) -> Tracing | None:
         from router.tracing import Tracing  # noqa: PLC0415 (the optional extra, loaded only when asked for)
     except ImportError as error:
         raise ConfigError(
-            f"HETERO_ROUTER_OTLP_TRACES_ENDPOINT is set but {error.name or 'OpenTelemetry'} "
-            "is not installed: pip install 'hetero-router[tracing]'"
+            f"HETERO_ROUTER_OTLP_TRACES_ENDPOINT is set but OpenTelemetry is not installed "
+            f"({error}): pip install 'hetero-router[tracing]'"
         ) from None
     return Tracing.from_settings(settings)
 

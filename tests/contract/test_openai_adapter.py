@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -112,6 +113,19 @@ async def test_streams_text_completions_and_maps_length(
     assert sent.path == "/openai/v1/completions"
     assert sent.body["prompt"] == "Say hello"
     assert "messages" not in sent.body
+
+
+async def test_the_requests_trace_context_is_sent_with_it(
+    provider: FakeOpenAI, backend: OpenAIBackend
+) -> None:
+    traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    traced = replace(request(), traceparent=traceparent, tracestate="rojo=1")
+    frames = [f async for f in backend.generate(traced, 5.0)]
+
+    assert parse(frames)[-1].finish_reason == router_pb2.FINISH_REASON_STOP
+    (sent,) = provider.received
+    assert (sent.headers["traceparent"], sent.headers["tracestate"]) == (traceparent, "rojo=1")
+    assert sent.headers["Authorization"] == f"Bearer {KEY}"  # the session's headers stay
 
 
 async def test_other_finish_reasons_are_aborts(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pytest
 
@@ -137,6 +137,16 @@ async def test_both_legs_get_one_body_and_the_decode_leg_streams(pair: Pair) -> 
     assert 0 <= room <= 2**63 - 1
     await eventually(lambda: pair.prefill_engine.replied == 1)
     assert pair.prefill_engine.aborted == pair.decode_engine.aborted == []
+
+
+async def test_both_legs_send_the_requests_traceparent(pair: Pair) -> None:
+    traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    assert_complete_answer(await split(pair, replace(request(), traceparent=traceparent)))
+
+    (prefill_sent,) = pair.prefill_engine.generation_requests()
+    (decode_sent,) = pair.decode_engine.generation_requests()
+    assert prefill_sent.headers["traceparent"] == decode_sent.headers["traceparent"] == traceparent
+    assert "tracestate" not in decode_sent.headers
 
 
 async def test_prefill_returns_before_its_leg_is_answered(pair: Pair) -> None:

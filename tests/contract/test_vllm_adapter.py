@@ -101,6 +101,24 @@ async def test_prefill_sends_exactly_vllms_prefill_request(
     assert result.handle.transport_params == fake.issued["cmpl-r1-0"]
 
 
+async def test_both_legs_send_the_requests_trace_context(
+    fake: FakeVllm, backend: VllmBackend
+) -> None:
+    traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    traced = replace(completion(), traceparent=traceparent, tracestate="rojo=1")
+    prefill = await backend.prefill(traced, timeout_s=5)
+    assert prefill.handle is not None
+    await collect(backend.decode(traced, prefill.handle, -1, timeout_s=5))
+    await backend.prefill(completion("r2"), timeout_s=5)
+
+    legs = fake.legs("r1")
+    assert [leg.headers["traceparent"] for leg in legs] == [traceparent] * 2
+    assert [leg.headers["tracestate"] for leg in legs] == ["rojo=1"] * 2
+    (untraced,) = fake.legs("r2")
+    assert "traceparent" not in untraced.headers
+    assert "tracestate" not in untraced.headers
+
+
 async def test_decode_restores_the_body_and_forwards_the_kv_params_unchanged(
     fake: FakeVllm, backend: VllmBackend
 ) -> None:

@@ -133,3 +133,31 @@ def test_without_an_endpoint_the_daemon_loads_nothing_of_opentelemetry() -> None
         env=environment,
     )
     assert json.loads(result.stdout.splitlines()[-1]) == {"tracing": True, "loaded": []}
+
+
+@pytest.mark.slow
+def test_an_endpoint_without_the_extra_stops_start_up_with_one_line() -> None:
+    script = textwrap.dedent(
+        """
+        import sys
+        sys.modules["opentelemetry"] = None  # as if the tracing extra were not installed
+        from router.cli import main
+        sys.exit(main(["serve", "--grpc-address", "127.0.0.1:0", "--http-address", "127.0.0.1:0"]))
+        """
+    )
+    environment = {
+        **{key: value for key, value in os.environ.items() if not key.startswith(ENV_PREFIX)},
+        "HETERO_ROUTER_OTLP_TRACES_ENDPOINT": "http://127.0.0.1:19401",
+    }
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env=environment,
+    )
+    assert result.returncode == 2
+    (line,) = result.stderr.splitlines()
+    assert line.startswith("hetero-router: HETERO_ROUTER_OTLP_TRACES_ENDPOINT is set but")
+    assert line.endswith("pip install 'hetero-router[tracing]'")
