@@ -11,6 +11,12 @@ import pytest
 
 pytest.importorskip("opentelemetry.sdk", reason="the tracing extra is not installed")
 
+import aiohttp
+import grpc
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+    ExportTraceServiceRequest,
+    ExportTraceServiceResponse,
+)
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -25,7 +31,7 @@ from router.settings import Settings
 from router.tracing import Tracing, traceparent, tracer_provider
 from tests.conftest import start_cluster, stop_cluster
 from tests.integration.test_trace_propagation import TRACEPARENT, TRACESTATE, grpc_generate
-from tests.recording import Recorder, recording_router, stub_router
+from tests.recording import MODEL, Recorder, recording_router, stub_router
 from tests.stubs import StubBackend
 
 CLIENT_TRACE_ID = int(TRACEPARENT.split("-")[1], 16)
@@ -257,3 +263,73 @@ async def test_the_daemon_flushes_its_spans_when_it_stops(monkeypatch: pytest.Mo
         assert isinstance(daemon, Daemon)
         assert shut == []
     assert shut == [True]
+
+
+class Collector:
+    """An OTLP/gRPC trace receiver on 127.0.0.1: the spans of every export it was sent."""
+
+    def __init__(self) -> None:
+        self.spans: list[tuple[str, str]] = []  # (service.name, span name)
+        self.server = grpc.aio.server()
+        handler = grpc.unary_unary_rpc_method_handler(
+            self._export,
+            request_deserializer=ExportTraceServiceRequest.FromString,
+            response_serializer=ExportTraceServiceResponse.SerializeToString,
+        )
+        service = "opentelemetry.proto.collector.trace.v1.TraceService"
+        self.server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler(service, {"Export": handler}),)
+        )
+        self.port = self.server.add_insecure_port("127.0.0.1:0")
+
+    async def _export(
+        self, request: ExportTraceServiceRequest, context: object
+    ) -> ExportTraceServiceResponse:
+        for resource_spans in request.resource_spans:
+            resource = {a.key: a.value.string_value for a in resource_spans.resource.attributes}
+            for scope_spans in resource_spans.scope_spans:
+                self.spans.extend((resource["service.name"], s.name) for s in scope_spans.spans)
+        return ExportTraceServiceResponse()
+
+
+async def test_spans_reach_an_otlp_collector_by_the_time_the_router_has_stopped() -> None:
+    collector = Collector()
+    await collector.server.start()
+    try:
+        endpoint = f"http://127.0.0.1:{collector.port}"
+        cluster = await start_cluster(otlp_traces_endpoint=endpoint)
+        try:
+            stream = cluster.client.generate("export me", max_tokens=4, disaggregation="split")
+            async for _ in stream:
+                pass
+        finally:
+            await stop_cluster(cluster)  # flushes the batch before it returns
+    finally:
+        await collector.server.stop(0)
+
+    assert sorted(collector.spans) == sorted(
+        ("hetero-router", name) for name in ["generate llama-3.1-8b", *PHASES]
+    )
+
+
+async def test_a_chat_completion_over_http_is_a_chat_span_in_the_clients_trace(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    tracing, exporter = in_memory()
+    async with recording_router(monkeypatch, tracing) as daemon:
+        url = f"http://127.0.0.1:{daemon.http_port}/v1/chat/completions"
+        body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(url, json=body, headers={"traceparent": TRACEPARENT}) as reply,
+        ):
+            assert reply.status == 200
+            await reply.read()
+
+    root = root_of(exporter.get_finished_spans())
+    attributes = dict(root.attributes or {})
+    assert attributes["gen_ai.operation.name"] == "chat"
+    assert attributes["gen_ai.request.max_tokens"] == 5
+    assert attributes["gen_ai.response.finish_reasons"] == ("stop",)
+    assert root.context.trace_id == CLIENT_TRACE_ID
+    assert Recorder.served[0].traceparent == traceparent(root.context)
