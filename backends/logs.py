@@ -10,12 +10,15 @@ router's in the stream they share.
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
+import time
 from collections.abc import Mapping
 from types import TracebackType
-from typing import TextIO
+from typing import Any, TextIO
 
+import orjson
 import structlog
 from structlog.typing import EventDict, Processor, WrappedLogger
 
@@ -34,6 +37,34 @@ class _Fields:
         for key, value in self._fields.items():
             event.setdefault(key, value)
         return event
+
+
+class _Timestamp:
+    """``timestamp``: ISO 8601 in UTC with microseconds (``2026-12-02T07:20:32.672219Z``),
+    as structlog's TimeStamper(fmt="iso", utc=True) writes it, at a fraction of its cost:
+    the date and the time of day are formatted once a second, not once a line."""
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._prefix = ""
+
+    def __call__(self, logger: WrappedLogger, name: str, event: EventDict) -> EventDict:
+        now = time.time()
+        second = int(now)
+        if second != self._second:
+            self._second = second
+            self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        event["timestamp"] = f"{self._prefix}.{int((now - second) * 1_000_000):06d}Z"
+        return event
+
+
+def _dumps(event: EventDict, **options: Any) -> str:
+    """One JSON line, by orjson (a tenth of the standard library's time: the router writes
+    a line per request); what orjson refuses (an int past 64 bits) by the standard one."""
+    try:
+        return orjson.dumps(event, default=options.get("default")).decode()
+    except TypeError:
+        return json.dumps(event, **options)
 
 
 class _Handler(logging.Handler):
@@ -66,14 +97,14 @@ def configure(
     out = sys.stderr if stream is None else stream
     threshold = _LEVEL_NUMBERS.get(level, logging.ERROR)
     renderer: Processor = (
-        structlog.processors.JSONRenderer()
+        structlog.processors.JSONRenderer(serializer=_dumps)
         if fmt == "json"
         else structlog.dev.ConsoleRenderer(colors=out.isatty())
     )
     shared: list[Processor] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
-        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        _Timestamp(),
         _Fields(fields or {}),
     ]
     structlog.configure(

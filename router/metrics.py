@@ -18,11 +18,15 @@ Every labelled counter is created at zero for the label values known at start
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import bisect
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import prometheus_client
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client.core import HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from router.record import RequestRecord
 
@@ -82,6 +86,74 @@ RETRY_REFUSALS = ("attempts", "budget", "no_backend", "migration_off")
 DOORS = ("grpc", "http")
 LEG_PHASES = ("prefill", "decode", "generate", "relay")
 SLO_OUTCOMES = ("met", "missed")
+
+
+class HistogramSeries:
+    """One label set's buckets: ``observe`` is a bisection and two additions."""
+
+    __slots__ = ("_bounds", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self._bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last: above every bound (+Inf)
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        # Buckets are inclusive upper bounds: a value equal to a bound counts in it.
+        self.counts[bisect.bisect_left(self._bounds, value)] += 1
+        self.sum += value
+
+
+class LabelledHistogram(Collector):
+    """A Prometheus histogram for the request path, written as prometheus_client's own
+    (``_bucket``, ``_count``, ``_sum``) but without its per-value locks and linear
+    scan of the buckets: the router observes on one event loop, which /metrics is also
+    read on, so a scrape never sees half an observation."""
+
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        labelnames: Sequence[str],
+        buckets: Iterable[float],
+        registry: CollectorRegistry,
+    ) -> None:
+        self._name = name
+        self._documentation = documentation
+        self._labelnames = tuple(labelnames)
+        self._bounds = tuple(sorted(float(b) for b in buckets))
+        # le values spelled as prometheus_client spells them ("1.0", "0.005", "+Inf").
+        self._les = [floatToGoString(b) for b in self._bounds] + ["+Inf"]  # type: ignore[no-untyped-call]  # untyped in prometheus_client
+        self._series: dict[tuple[str, ...], HistogramSeries] = {}
+        registry.register(self)
+
+    @property
+    def labelnames(self) -> tuple[str, ...]:
+        return self._labelnames
+
+    def labels(self, *values: str) -> HistogramSeries:
+        series = self._series.get(values)
+        if series is None:
+            if len(values) != len(self._labelnames):
+                raise ValueError(f"{self._name} takes labels {self._labelnames}, got {values}")
+            series = self._series[values] = HistogramSeries(self._bounds)
+        return series
+
+    def remove(self, *values: str) -> None:
+        self._series.pop(values, None)
+
+    def describe(self) -> list[Metric]:
+        return [HistogramMetricFamily(self._name, self._documentation, labels=self._labelnames)]
+
+    def collect(self) -> Iterator[Metric]:
+        family = HistogramMetricFamily(self._name, self._documentation, labels=self._labelnames)
+        for values, series in self._series.items():
+            total, buckets = 0, []
+            for le, count in zip(self._les, series.counts, strict=True):
+                total += count
+                buckets.append((le, float(total)))
+            family.add_metric(list(values), buckets, series.sum)
+        yield family
 
 
 @dataclass(frozen=True)
@@ -153,9 +225,9 @@ class RouterMetrics:
         self._backend_labels: dict[str, str] = {}
 
         def histogram(
-            name: str, doc: str, labels: Iterable[str], buckets: Iterable[float]
-        ) -> Histogram:
-            return Histogram(name, doc, list(labels), buckets=tuple(buckets), registry=registry)
+            name: str, doc: str, labels: Sequence[str], buckets: Iterable[float]
+        ) -> LabelledHistogram:
+            return LabelledHistogram(name, doc, labels, buckets, registry)
 
         # -- requests ---------------------------------------------------------------
         self.requests = Counter(

@@ -22,7 +22,7 @@ import yaml
 from prometheus_client import CollectorRegistry
 from prometheus_client.metrics import MetricWrapperBase
 
-from router.metrics import RouterMetrics
+from router.metrics import LabelledHistogram, RouterMetrics
 
 MONITORING = Path(__file__).resolve().parents[2] / "deploy" / "monitoring"
 RULES = MONITORING / "rules.yml"
@@ -67,9 +67,12 @@ def exposed_series() -> dict[str, set[str]]:
     metrics = RouterMetrics(CollectorRegistry())
     series: dict[str, set[str]] = {}
     for metric in vars(metrics).values():
-        if not isinstance(metric, MetricWrapperBase):
+        if isinstance(metric, LabelledHistogram):
+            labels = set(metric.labelnames)
+        elif isinstance(metric, MetricWrapperBase):
+            labels = set(metric._labelnames)
+        else:
             continue
-        labels = set(metric._labelnames)
         for family in metric.describe():
             if family.type == "counter":
                 series[family.name + "_total"] = labels
