@@ -8,7 +8,7 @@ PY := $(BIN)/python
 INSTALLED := $(VENV)/.installed
 BENCH_INSTALLED := $(VENV)/.installed-bench
 
-.PHONY: install run test test-engines lint format proto proto-check monitoring bench bench-quick clean
+.PHONY: install run test test-engines lint format proto proto-check monitoring lock lock-upgrade lock-check bench bench-quick clean
 
 install: $(INSTALLED)
 
@@ -63,6 +63,19 @@ proto-check: install
 # deploy/monitoring: the rules file, the PrometheusRule and the Grafana dashboard.
 monitoring: install
 	$(PY) deploy/monitoring/render.py
+
+# deploy/requirements.lock and deploy/build.lock, the image's pinned and hashed
+# dependencies, from pyproject.toml (uv pip compile; needs the package index).
+# `lock` keeps the pins that still fit, `lock-upgrade` takes the newest releases,
+# `lock-check` fails when pyproject.toml changed and `make lock` was not run.
+lock: install
+	$(PY) deploy/lock.py
+
+lock-upgrade: install
+	$(PY) deploy/lock.py --upgrade
+
+lock-check: install
+	$(PY) deploy/lock.py --check
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
