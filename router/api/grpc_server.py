@@ -50,6 +50,10 @@ from router.settings import Settings, TlsFiles
 log = get_logger(__name__)
 
 SERVER_OPTIONS = (("grpc.so_reuseport", 0),)
+# The health name for liveness probes: SERVING from listening until the drain begins,
+# whatever the backends do ("" and the Router service follow readiness instead, and a
+# liveness probe on them would restart every router while its backends are down).
+LIVENESS_SERVICE = "liveness"
 
 _ROLES = {
     "prefill": router_pb2.BACKEND_ROLE_PREFILL,
@@ -345,6 +349,9 @@ class _GuardedReflection(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # g
 class FrontDoor:
     """The gRPC server with the Router service, grpc.health.v1 and reflection.
 
+    Health reports readiness for "" and the Router service, and liveness for
+    ``LIVENESS_SERVICE``; all three read NOT_SERVING once ``stop`` has begun.
+
     ``tls``: serve TLS (mTLS with a client CA), taking changed files up at the next
     handshake. ``reflection_tokens``: tokens reflection calls must carry (none: open).
     """
@@ -381,6 +388,7 @@ class FrontDoor:
             self.port = 0
         if self.port == 0:
             raise OSError(f"cannot listen on {self._address} for gRPC: grpc could not bind it")
+        await self.health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
         await self.server.start()
         self._accepting = True
         return self.port

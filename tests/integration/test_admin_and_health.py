@@ -13,6 +13,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
+from router.api.grpc_server import LIVENESS_SERVICE
 from router.client import ROUTER_SERVICE
 from router.daemon import Daemon
 from router.settings import Settings
@@ -42,6 +43,10 @@ class Health:
         """The next status each Watch stream sends (within a bound, to fail fast)."""
         replies = [await asyncio.wait_for(watch.read(), 5.0) for watch in self._watches]
         return [reply.status for reply in replies]
+
+    async def check_liveness(self) -> int:
+        request = health_pb2.HealthCheckRequest(service=LIVENESS_SERVICE)
+        return (await self._stub.Check(request)).status
 
     def cancel(self) -> None:
         for watch in self._watches:
@@ -156,8 +161,20 @@ async def test_a_daemon_that_starts_without_decode_backends_is_not_serving(
         async with watching(f"127.0.0.1:{daemon.grpc_port}") as health:
             assert await health.check() == [NOT_SERVING, NOT_SERVING]
             assert await health.next_watched() == [NOT_SERVING, NOT_SERVING]
+            # Alive all the same: a liveness probe must not restart it for its backends.
+            assert await health.check_liveness() == SERVING
     finally:
         await daemon.stop()
+
+
+async def test_liveness_is_serving_until_the_drain_begins(cluster: Cluster) -> None:
+    async with grpc.aio.insecure_channel(cluster.address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        request = health_pb2.HealthCheckRequest(service=LIVENESS_SERVICE)
+        assert (await stub.Check(request)).status == SERVING
+        # What FrontDoor.stop does first; the server keeps answering while it drains.
+        await cluster.daemon.front_door.health.enter_graceful_shutdown()
+        assert (await stub.Check(request)).status == NOT_SERVING
 
 
 async def test_grpc_health_follows_ejections_too() -> None:
