@@ -46,7 +46,9 @@ class Health:
 
     async def check_liveness(self) -> int:
         request = health_pb2.HealthCheckRequest(service=LIVENESS_SERVICE)
-        return (await self._stub.Check(request)).status
+        reply = await self._stub.Check(request)
+        status: int = reply.status
+        return status
 
     def cancel(self) -> None:
         for watch in self._watches:
