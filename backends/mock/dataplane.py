@@ -90,6 +90,7 @@ class DataPlaneServer:
         self._sink = sink
         self._server: asyncio.Server | None = None
         self.port = 0
+        self.bytes_sent = 0  # payload bytes served, whole or as ranges
 
     async def start(self, host: str) -> int:
         # A large stream limit: the reader pauses the socket above twice the limit.
@@ -130,9 +131,11 @@ class DataPlaneServer:
                 writer.write(struct.pack(">BQI", _OK, len(view), checksum))
                 writer.write(view[: served.break_after])
                 await writer.drain()
+                self.bytes_sent += min(served.break_after, len(view))
                 writer.transport.abort()
                 return
             await _send(writer, view, known, checksum)
+            self.bytes_sent += len(view)
         except (asyncio.IncompleteReadError, ConnectionError):
             pass  # the reader went away; it will pull again or prefill itself
         finally:

@@ -63,6 +63,7 @@ class KVHandoff:
         self.data_address = ""
         self.recomputes = 0
         self.fetches_served = 0  # over gRPC FetchKV
+        self.fetch_bytes_sent = 0  # the bytes of their chunks
 
     @property
     def pull_attempts(self) -> int:
@@ -99,7 +100,12 @@ class KVHandoff:
         if not request.offset <= end <= size:
             raise DeviceError("OUT_OF_RANGE", f"bytes {request.offset}..{end} of {size}")
         chunk = request.chunk_bytes or KV_CHUNK_BYTES
-        return self._served.chunks(lease, request.offset, end, chunk)
+        return self._counted(self._served.chunks(lease, request.offset, end, chunk))
+
+    def _counted(self, chunks: Iterator[device_pb2.KVChunk]) -> Iterator[device_pb2.KVChunk]:
+        for chunk in chunks:
+            self.fetch_bytes_sent += len(chunk.data)
+            yield chunk
 
     def release(self, request: device_pb2.ReleaseKVRequest) -> bool:
         """Frees a lease for the holder of its token; False, as for an unknown id, else."""

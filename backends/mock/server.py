@@ -54,8 +54,10 @@ class DeviceServer:
         self.kv = KVHandoff(
             config, self.engine, self.layout, self.timing, served=served, clock=clock
         )
-        self.service = DeviceService(config, self.engine, self.layout, self.kv)
         self._data_plane = DataPlaneServer(served.served, self.kv.relay_sink())
+        self.service = DeviceService(
+            config, self.engine, self.layout, self.kv, lambda: self.kv_bytes_sent
+        )
         self._server: grpc.aio.Server | None = None
 
     @property
@@ -78,6 +80,11 @@ class DeviceServer:
     @property
     def kv_fetches_served(self) -> int:
         return self.kv.fetches_served
+
+    @property
+    def kv_bytes_sent(self) -> int:
+        """KV payload bytes sent to pullers and relays, over the data plane and FetchKV."""
+        return self._data_plane.bytes_sent + self.kv.fetch_bytes_sent
 
     async def start(self, listen: str = "127.0.0.1:0") -> int:
         """Serves on ``listen``; returns the bound port (useful with port 0)."""

@@ -8,7 +8,7 @@ serializer, so they leave the device as bytes, untouched.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 
 import grpc
 
@@ -28,12 +28,18 @@ _RAW_RESPONSES = ("Decode", "Generate", "Session")
 
 class DeviceService(device_pb2_grpc.DeviceServicer):
     def __init__(
-        self, config: DeviceConfig, engine: DeviceEngine, layout: KVLayout, kv: KVHandoff
+        self,
+        config: DeviceConfig,
+        engine: DeviceEngine,
+        layout: KVLayout,
+        kv: KVHandoff,
+        kv_bytes_sent: Callable[[], int],
     ) -> None:
         self._config = config
         self._engine = engine
         self._layout = layout
         self._kv = kv
+        self._kv_bytes_sent = kv_bytes_sent
         # Requests that reached this device (Prefill, Decode, Generate): tests use it to
         # prove that bad input never gets this far.
         self.requests_received = 0
@@ -138,6 +144,7 @@ class DeviceService(device_pb2_grpc.DeviceServicer):
             # The most recently used first, capped: a router matches prompt heads, which
             # a long-idle tail of the cache rarely serves.
             cached_prefix_hashes=self._engine.prefix_cache.recent(LOAD_PREFIX_HASHES),
+            kv_bytes_sent=self._kv_bytes_sent(),
         )
 
     async def _decode_frames(

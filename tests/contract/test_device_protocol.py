@@ -120,7 +120,8 @@ async def test_prefill_leases_kv_that_fetch_returns_intact(pair: Any) -> None:
     assert len(payload) == handle.byte_length
     assert zlib.crc32(payload) == handle.checksum
     # Still leased until the reader says it has every byte: a damaged read can be redone.
-    assert (await prefill.load(device_pb2.LoadRequest())).kv_leases == 1
+    load = await prefill.load(device_pb2.LoadRequest())
+    assert (load.kv_leases, load.kv_bytes_sent) == (1, handle.byte_length)
     release = device_pb2.ReleaseKVRequest(request_id="r1", lease_token=handle.lease_token)
     assert (await prefill.release(release)).released
     load = await prefill.load(device_pb2.LoadRequest())
@@ -224,6 +225,10 @@ async def test_decode_pulls_kv_and_streams_the_rest(pair: Any) -> None:
     assert frames[-1].usage.prompt_tokens == len("pull me") + 1
     await eventually(lambda: prefill_device.engine.load().kv_leases == 0)
     assert decode_device.engine.load().kv_tokens_used == 0
+    # Pulled over the holder's data plane: the holder counts every byte it sent, once.
+    assert reply.handle.data_address
+    assert (await prefill.load(device_pb2.LoadRequest())).kv_bytes_sent == reply.handle.byte_length
+    assert (await decode.load(device_pb2.LoadRequest())).kv_bytes_sent == 0
 
 
 async def test_roles_are_enforced(pair: Any) -> None:

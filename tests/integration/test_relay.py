@@ -32,8 +32,12 @@ async def test_relayed_kv_gives_exactly_the_colocated_tokens() -> None:
             alone = await collect(cluster.client, prompt, disaggregation="colocated", **OPTIONS)
             assert split[0].route.mode == router_pb2.ROUTE_MODE_SPLIT
             assert token_ids(split) == token_ids(alone)
-        # Relayed, not pulled: decode devices fetched nothing themselves.
+        # Relayed, not pulled: decode devices fetched nothing themselves, and the
+        # prefill devices count the bytes they served the relay.
         assert all(d.kv_pull_attempts == 0 for d in cluster.devices.values())
+        sent = {name: d.kv_bytes_sent for name, d in cluster.devices.items()}
+        assert sent["groq-0"] == sent["groq-1"] == 0
+        assert sent["h100-0"] + sent["h100-1"] > 0
         await eventually(lambda: all(v == (0, 0) for v in cluster.kv_in_use().values()))
     finally:
         await stop_cluster(cluster)

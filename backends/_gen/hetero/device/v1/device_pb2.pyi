@@ -683,12 +683,18 @@ class LoadResponse(_message.Message):
     KV_TOKENS_CAPACITY_FIELD_NUMBER: _builtins.int
     KV_LEASES_FIELD_NUMBER: _builtins.int
     CACHED_PREFIX_HASHES_FIELD_NUMBER: _builtins.int
+    KV_BYTES_SENT_FIELD_NUMBER: _builtins.int
     waiting: _builtins.int
     running: _builtins.int
     kv_tokens_used: _builtins.int
     kv_tokens_capacity: _builtins.int
     kv_leases: _builtins.int
     """Leased KV caches waiting to be fetched."""
+    kv_bytes_sent: _builtins.int
+    """KV bytes this device has sent since it started, over its data plane and
+    FetchKV (to a decode device pulling them, or to a router relaying them): a
+    counter, for checking what a router reports it handed off.
+    """
     @_builtins.property
     def cached_prefix_hashes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
     def __init__(
@@ -700,10 +706,11 @@ class LoadResponse(_message.Message):
         kv_tokens_capacity: _builtins.int = ...,
         kv_leases: _builtins.int = ...,
         cached_prefix_hashes: _abc.Iterable[_builtins.int] | None = ...,
+        kv_bytes_sent: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cached_prefix_hashes", b"cached_prefix_hashes", "kv_leases", b"kv_leases", "kv_tokens_capacity", b"kv_tokens_capacity", "kv_tokens_used", b"kv_tokens_used", "running", b"running", "waiting", b"waiting"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cached_prefix_hashes", b"cached_prefix_hashes", "kv_bytes_sent", b"kv_bytes_sent", "kv_leases", b"kv_leases", "kv_tokens_capacity", b"kv_tokens_capacity", "kv_tokens_used", b"kv_tokens_used", "running", b"running", "waiting", b"waiting"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
