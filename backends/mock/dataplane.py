@@ -129,13 +129,14 @@ class DataPlaneServer:
             view = memoryview(served.payload)[offset:end]
             if served.break_after:
                 writer.write(struct.pack(">BQI", _OK, len(view), checksum))
+                self.bytes_sent += len(view[: served.break_after])
                 writer.write(view[: served.break_after])
                 await writer.drain()
-                self.bytes_sent += min(served.break_after, len(view))
                 writer.transport.abort()
                 return
-            await _send(writer, view, known, checksum)
+            # Counted as the bytes go to the writer, before the reader can have them.
             self.bytes_sent += len(view)
+            await _send(writer, view, known, checksum)
         except (asyncio.IncompleteReadError, ConnectionError):
             pass  # the reader went away; it will pull again or prefill itself
         finally:
