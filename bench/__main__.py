@@ -13,7 +13,17 @@ from typing import Any
 import uvloop
 
 from bench.report import RESULTS_DIR
-from bench.scenarios import chaos, engines, fuzz, http_pd, kv, overhead, overload, scheduling
+from bench.scenarios import (
+    chaos,
+    engines,
+    fuzz,
+    http_pd,
+    kv,
+    observability,
+    overhead,
+    overload,
+    scheduling,
+)
 
 SCENARIOS: dict[str, Callable[[bool, Path], Coroutine[Any, Any, dict[str, Any]]]] = {
     "overhead": overhead.run,
@@ -24,6 +34,7 @@ SCENARIOS: dict[str, Callable[[bool, Path], Coroutine[Any, Any, dict[str, Any]]]
     "chaos": chaos.run,
     "overload": overload.run,
     "fuzz": fuzz.run,
+    "observability": observability.run,
 }
 
 

@@ -40,8 +40,11 @@ class Target(Protocol):
 class RouterTarget:
     """The router's gRPC front door."""
 
-    def __init__(self, address: str, name: str = "router", disaggregation: str = "auto") -> None:
+    def __init__(
+        self, address: str, name: str = "router", disaggregation: str = "auto", slo_class: str = ""
+    ) -> None:
         self.name = name
+        self._slo_class = slo_class
         self._channel = grpc.aio.insecure_channel(address, options=_OPTIONS)
         self._call = self._channel.unary_stream(
             GENERATE_METHOD,
@@ -59,6 +62,7 @@ class RouterTarget:
             prompt=prompt,
             sampling=router_pb2.SamplingParams(max_tokens=max_tokens, seed=seed),
             disaggregation=self._mode,
+            slo_class=self._slo_class,
         )
         async for response in self._call(request):
             yield len(response.token_ids)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -143,6 +144,44 @@ def scheduling(path: Path, result: Mapping[str, Any]) -> None:
     panel.legend(fontsize=8)
 
     figure.suptitle("Scheduling studies (simulated with the mock devices' timing model)")
+    figure.tight_layout()
+    figure.savefig(path, dpi=90)
+    plt.close(figure)
+
+
+@dataclass(frozen=True)
+class Panel:
+    """One chart of a dashboard: lines over time (seconds from the start), a unit."""
+
+    title: str
+    unit: str
+    lines: Mapping[str, Sequence[tuple[float, float]]]
+    target: float | None = None  # a dashed line, e.g. the SLO
+    log: bool = False
+
+
+def dashboard(path: Path, panels: Sequence[Panel], title: str, columns: int = 2) -> None:
+    """Panels in a grid, like a Grafana dashboard drawn from the same queries."""
+    rows = -(-len(panels) // columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(6.5 * columns, 3.2 * rows), squeeze=False)
+    for axis, panel in zip(axes.flat, panels, strict=False):
+        for label, points in panel.lines.items():
+            if points:
+                times, values = zip(*points, strict=True)
+                axis.plot(times, values, label=label, linewidth=1.2)
+        if panel.target is not None:
+            axis.axhline(panel.target, color="grey", linestyle="--", linewidth=0.8, label="SLO")
+        if panel.log:
+            axis.set_yscale("log")
+        axis.set_title(panel.title, fontsize=10)
+        axis.set_ylabel(panel.unit)
+        axis.set_xlabel("s")
+        axis.grid(alpha=0.3)
+        if axis.get_legend_handles_labels()[0]:
+            axis.legend(fontsize=7, loc="upper left")
+    for axis in list(axes.flat)[len(panels) :]:
+        axis.set_visible(False)
+    figure.suptitle(title)
     figure.tight_layout()
     figure.savefig(path, dpi=90)
     plt.close(figure)

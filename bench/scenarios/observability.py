@@ -1,0 +1,499 @@
+"""Scenario `observability`: a real Prometheus scrapes the router; what it stores is what
+the clients measured.
+
+The embedded mock cluster (two H100 prefill and two Groq LPU decode devices, Llama-3.1-8B,
+time scale 1) behind a router process, and Prometheus from the Debian package scraping
+the router's /metrics every second. Poisson arrivals, each request forced split or
+colocated (``disaggregation``) at random, all in one SLO class whose targets sit between
+two populations of prompts: short ones (TTFT tens of milliseconds) meet them, long ones
+(8,000 tokens, hundreds of milliseconds) miss them. Every request is timed by the client.
+
+Once a scrape has followed the load, Prometheus' HTTP API is asked what it stored and
+each figure is held against the client's:
+
+- TTFT (and TPOT, inter-token latency) p99 from ``histogram_quantile`` over the run
+  against the client's p99: within one bucket (the buckets holding each are given);
+- requests, tokens and SLO outcomes per mode (exact counter values): equal, but for
+  requests the client saw miss their TTFT target by less than the client's own
+  overhead could account for (``BAND_S``), which the router may count as met;
+- KV handoff bytes against the bytes the prefill devices report they sent;
+- ``promtool check metrics`` of the router's page: no problem.
+
+The dashboard is drawn from ``query_range`` of the same Prometheus.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import math
+import tempfile
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import grpc
+import numpy as np
+import yaml
+
+from backends._gen.hetero.device.v1 import device_pb2
+from bench import plots
+from bench.loadgen import RouterTarget, send, warm_prompts
+from bench.processes import RouterProcess, router_server
+from bench.progress import Progress
+from bench.prometheus import Prometheus, binary, check_metrics, prometheus
+from bench.report import check, machine, write_result
+from router.cluster import embedded_devices
+from router.scheduling.registry import DEFAULT_POLICY_PATH
+from router.settings import PoolConfig, load_pool, parse_pool
+from router.sim.metrics import RequestRecord, percentile
+from router.sim.workload import RequestSpec
+
+SLO_CLASS = "observed"
+SLO_TTFT_S = 0.25
+SLO_TPOT_S = 0.05
+# A client's TTFT is the router's plus the client's own send and receive: a request the
+# client saw miss its TTFT by less than this may rightly be met by the router's clock.
+BAND_S = 0.05
+LONG_PROMPT_TOKENS = 8000
+LONG_SHARE = 0.15
+SHORT_PROMPT_TOKENS = (64, 768)
+OUTPUT_TOKENS = (32, 128)
+DEADLINE_S = 60.0
+MODES = ("split", "colocated")
+# A fixed limit: the adaptive one would shed some of the long prompts' followers, and
+# shed requests are no SLO outcome to compare (scenario `overload` measures admission).
+ROUTER_ENV = {"HETERO_ROUTER_ADAPTIVE_CONCURRENCY": "false"}
+DASHBOARD_RATE = "10s"
+P = "hetero_router_"
+
+
+@dataclass(frozen=True)
+class Sizes:
+    duration_s: float
+    rate_per_s: float
+    seed: int = 16
+
+
+QUICK = Sizes(duration_s=30.0, rate_per_s=3.0)
+FULL = Sizes(duration_s=180.0, rate_per_s=3.0)
+
+
+@dataclass(frozen=True)
+class Sent:
+    mode: str
+    spec: RequestSpec
+    record: RequestRecord
+
+    @property
+    def ok(self) -> bool:
+        return self.record.outcome == "ok" and self.record.ttft_s is not None
+
+    @property
+    def met(self) -> bool:
+        ttft, tpot = self.record.ttft_s, self.record.tpot_s
+        return ttft is not None and ttft <= SLO_TTFT_S and (tpot is None or tpot <= SLO_TPOT_S)
+
+    @property
+    def in_band(self) -> bool:
+        """Missed by the client's clock within BAND_S of the TTFT target, TPOT met."""
+        ttft, tpot = self.record.ttft_s, self.record.tpot_s
+        return (
+            ttft is not None
+            and SLO_TTFT_S < ttft <= SLO_TTFT_S + BAND_S
+            and (tpot is None or tpot <= SLO_TPOT_S)
+        )
+
+    @property
+    def frame_gaps_s(self) -> list[float]:
+        """Gaps between the token messages received (tokens of one message share a time)."""
+        times = self.record.token_times_s
+        return [b - a for a, b in itertools.pairwise(times) if b > a]
+
+
+def _pool() -> PoolConfig:
+    """The embedded default cluster (router/defaults/pool.yaml), on ports of its own."""
+    packaged = load_pool(None)
+    backends = [
+        {**b.model_dump(mode="json", exclude_none=True), "address": "127.0.0.1:0"}
+        for b in packaged.backends
+    ]
+    return parse_pool(
+        {"default_model": packaged.default_model, "backends": backends}, source="observability"
+    )
+
+
+def _policy(folder: Path) -> Path:
+    """The packaged policy plus the scenario's class: its SLO, everything admitted."""
+    policy = yaml.safe_load(DEFAULT_POLICY_PATH.read_text())
+    observed = dict(policy["profiles"]["default"])
+    observed["slo"] = {"ttft_ms": round(SLO_TTFT_S * 1000), "tpot_ms": round(SLO_TPOT_S * 1000)}
+    observed["admission"] = "admit-all"
+    policy["profiles"][SLO_CLASS] = observed
+    path = folder / "policy.yaml"
+    path.write_text(yaml.safe_dump(policy))
+    return path
+
+
+def _workload(sizes: Sizes) -> list[tuple[str, RequestSpec]]:
+    rng = np.random.default_rng(sizes.seed)
+    count = round(sizes.duration_s * sizes.rate_per_s)
+    arrivals = np.cumsum(rng.exponential(1 / sizes.rate_per_s, count))
+    work = []
+    for arrival in arrivals[arrivals < sizes.duration_s]:
+        long = rng.random() < LONG_SHARE
+        prompt = LONG_PROMPT_TOKENS if long else int(rng.integers(*SHORT_PROMPT_TOKENS))
+        spec = RequestSpec(float(arrival), prompt, int(rng.integers(*OUTPUT_TOKENS)))
+        work.append((MODES[int(rng.integers(2))], spec))
+    return work
+
+
+async def _drive(address: str, work: Sequence[tuple[str, RequestSpec]]) -> list[Sent]:
+    """Sends each request at its arrival time, forced into its mode, in the SLO class."""
+    targets = {mode: RouterTarget(address, mode, mode, slo_class=SLO_CLASS) for mode in MODES}
+    warm_prompts([spec for _, spec in work])
+    progress = Progress(
+        f"{len(work)} requests at {len(work) / work[-1][1].arrival_s:.1f}/s", len(work)
+    )
+    started = time.monotonic()
+
+    async def one(index: int, mode: str, spec: RequestSpec) -> Sent:
+        await asyncio.sleep(max(0.0, started + spec.arrival_s - time.monotonic()))
+        record = await send(targets[mode], spec, index, DEADLINE_S)
+        progress.advance()
+        return Sent(mode, spec, record)
+
+    try:
+        return list(await asyncio.gather(*(one(i, m, s) for i, (m, s) in enumerate(work))))
+    finally:
+        progress.close()
+        for target in targets.values():
+            await target.close()
+
+
+async def _devices_kv_bytes(pool: PoolConfig) -> dict[str, int]:
+    """What each device's Load report says it has sent of KV."""
+    sent = {}
+    for backend in pool.backends:
+        async with grpc.aio.insecure_channel(backend.address) as channel:
+            call = channel.unary_unary(
+                "/hetero.device.v1.Device/Load",
+                request_serializer=device_pb2.LoadRequest.SerializeToString,
+                response_deserializer=device_pb2.LoadResponse.FromString,
+            )
+            report = await call(device_pb2.LoadRequest(), timeout=10)
+        sent[backend.id] = int(report.kv_bytes_sent)
+    return sent
+
+
+@contextlib.asynccontextmanager
+async def _stack(folder: Path) -> AsyncIterator[tuple[PoolConfig, RouterProcess, Prometheus]]:
+    env = {**ROUTER_ENV, "HETERO_ROUTER_POLICY_FILE": str(_policy(folder))}
+    async with (
+        embedded_devices(_pool(), ready_timeout_s=60, time_scale=1.0) as pool,
+        router_server(pool, env) as router,
+        prometheus([router.http_address], scrape_interval_s=1.0) as server,
+    ):
+        yield pool, router, server
+
+
+# -- agreements --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Stored:
+    """The run as Prometheus holds it: queried at ``at``, the first scrape to follow the
+    load, over a ``window`` reaching back before its ``start`` (unix times)."""
+
+    server: Prometheus
+    start: float
+    at: float
+
+    @property
+    def window(self) -> str:
+        return f"{math.ceil(self.at - self.start) + 5}s"
+
+    async def value(self, expression: str, at: float | None = None) -> float:
+        """A one-sample expression's value (0 when it has none)."""
+        return await self.server.value(expression, self.at if at is None else at) or 0.0
+
+
+async def _buckets(run: Stored, histogram: str) -> list[float]:
+    samples = await run.server.query(f"sum by (le) ({P}{histogram}_bucket)", run.at)
+    return sorted(float(s.labels["le"]) for s in samples)
+
+
+def _bucket(value: float, bounds: Sequence[float]) -> tuple[int, str]:
+    """The index and range of the bucket (lower, upper] holding ``value``."""
+    index = next((i for i, upper in enumerate(bounds) if value <= upper), len(bounds) - 1)
+    lower = bounds[index - 1] if index else 0.0
+    return index, f"({lower:g}, {bounds[index]:g}] s"
+
+
+def _ranked(values: Sequence[float], q: float) -> float:
+    """The ``ceil(q * n)``-th smallest value: the observation whose bucket
+    histogram_quantile interpolates in (numpy's interpolated percentile sits between
+    the two largest values of a hundred, where one of them decides Prometheus')."""
+    if not values:
+        return math.nan
+    return sorted(values)[max(math.ceil(q * len(values)), 1) - 1]
+
+
+async def _quantile_agreement(
+    run: Stored, histogram: str, client: Sequence[float], selector: str = ""
+) -> dict[str, Any]:
+    """histogram_quantile(0.99) over the run against the client's p99: within one bucket."""
+    bounds = await _buckets(run, histogram)
+    rate = f"rate({P}{histogram}_bucket{selector}[{run.window}])"
+    stored = await run.server.value(f"histogram_quantile(0.99, sum by (le) ({rate}))", run.at)
+    measured = _ranked(client, 0.99)
+    if stored is None or math.isnan(stored) or math.isnan(measured) or not bounds:
+        return {"prometheus_p99_s": stored, "client_p99_s": measured, "met": False}
+    stored_index, stored_bucket = _bucket(stored, bounds)
+    client_index, client_bucket = _bucket(measured, bounds)
+    return {
+        "prometheus_p99_s": round(stored, 5),
+        "client_p99_s": round(measured, 5),
+        "client_p99_interpolated_s": round(percentile(client, 99), 5),
+        "prometheus_bucket": stored_bucket,
+        "client_bucket": client_bucket,
+        "buckets_apart": abs(stored_index - client_index),
+        "samples": len(client),
+        "met": abs(stored_index - client_index) <= 1,
+    }
+
+
+async def _slo_agreement(run: Stored, sent: Sequence[Sent], mode: str | None) -> dict[str, Any]:
+    """SLO outcomes the router counted (the counters' rise over the run) against the
+    client's judgement of the same requests."""
+    chosen = [s for s in sent if s.ok and (mode is None or s.mode == mode)]
+    where = f'slo_class="{SLO_CLASS}"' + (f',mode="{mode}"' if mode else "")
+    counted = {}
+    for outcome in ("met", "missed"):
+        expression = f'sum({P}slo_requests_total{{{where},outcome="{outcome}"}})'
+        counted[outcome] = await run.value(expression) - await run.value(expression, run.start)
+    client_met = sum(1 for s in chosen if s.met)
+    band = sum(1 for s in chosen if s.in_band)
+    moved = counted["met"] - client_met  # requests the router's clock put on time
+    return {
+        "prometheus_met": counted["met"],
+        "prometheus_missed": counted["missed"],
+        "client_met": client_met,
+        "client_missed": len(chosen) - client_met,
+        "client_in_band": band,
+        "prometheus_attainment": counted["met"] / max(counted["met"] + counted["missed"], 1),
+        "client_attainment": client_met / max(len(chosen), 1),
+        "met": counted["met"] + counted["missed"] == len(chosen) and 0 <= moved <= band,
+    }
+
+
+async def _count_agreements(run: Stored, sent: Sequence[Sent]) -> dict[str, dict[str, Any]]:
+    """Exact counter values per mode: requests served, prompt and generated tokens."""
+    checks: dict[str, dict[str, Any]] = {}
+    for mode in MODES:
+        ok = [s for s in sent if s.ok and s.mode == mode]
+        pairs = {
+            "requests_ok": (f'{P}requests_total{{mode="{mode}",outcome="ok"}}', len(ok)),
+            "prompt_tokens": (
+                f'{P}prompt_tokens_total{{mode="{mode}"}}',
+                sum(s.spec.prompt_tokens for s in ok),
+            ),
+            "generation_tokens": (
+                f'{P}generation_tokens_total{{mode="{mode}"}}',
+                sum(s.record.output_tokens for s in ok),
+            ),
+        }
+        for name, (series, client) in pairs.items():
+            stored = await run.value(f"sum({series})")
+            checks[f"{name}_{mode}"] = {
+                "prometheus": stored,
+                "client": client,
+                "met": stored == client,
+            }
+    return checks
+
+
+async def _agreements(
+    run: Stored, sent: Sequence[Sent], devices: dict[str, int]
+) -> dict[str, dict[str, Any]]:
+    ok = [s for s in sent if s.ok]
+    checks: dict[str, dict[str, Any]] = {}
+    for mode in (None, *MODES):
+        chosen = [s for s in ok if mode is None or s.mode == mode]
+        selector = f'{{mode="{mode}"}}' if mode else ""
+        name = mode or "all"
+        measured: dict[str, tuple[str, Sequence[float | None]]] = {
+            "ttft": ("time_to_first_token_seconds", [s.record.ttft_s for s in chosen]),
+            "tpot": ("request_time_per_output_token_seconds", [s.record.tpot_s for s in chosen]),
+            "itl": ("inter_token_latency_seconds", [g for s in chosen for g in s.frame_gaps_s]),
+        }
+        for quantity, (histogram, values) in measured.items():
+            client = [v for v in values if v is not None]
+            checks[f"{quantity}_p99_{name}"] = await _quantile_agreement(
+                run, histogram, client, selector
+            )
+        checks[f"slo_{name}"] = await _slo_agreement(run, sent, mode)
+    checks.update(await _count_agreements(run, sent))
+    stored = await run.value(f"sum({P}kv_handoff_bytes_total)")
+    checks["kv_handoff_bytes"] = {
+        "prometheus": stored,
+        "devices": sum(devices.values()),
+        "by_device": devices,
+        "met": stored == sum(devices.values()) and stored > 0,
+    }
+    return checks
+
+
+async def _metrics_page(http_address: str) -> str:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"http://{http_address}/metrics") as response,
+    ):
+        return await response.text()
+
+
+# -- dashboard ---------------------------------------------------------------------
+
+
+async def _lines(
+    run: Stored, expression: str, label: str, scale: float = 1.0
+) -> dict[str, list[tuple[float, float]]]:
+    """A range query's series from before the load to the end, named by the value of
+    ``label`` (labels "a, b": "A -> B"; one the series lacks: the name itself); times
+    in seconds from the load's start."""
+    start = run.start - 5
+    step = max(1.0, round((run.at - start) / 300))
+    series = await run.server.query_range(expression, start, run.at, step)
+    keys = [key.strip() for key in label.split(",")]
+    return {
+        " -> ".join(s.labels.get(key, key) for key in keys): [
+            (t - run.start, v * scale) for t, v in s.points if not math.isnan(v)
+        ]
+        for s in series
+    }
+
+
+async def _percentile_panel(
+    run: Stored, title: str, histogram: str, target: float | None
+) -> plots.Panel:
+    lines: dict[str, list[tuple[float, float]]] = {}
+    for q in (50, 99):
+        rate = f"rate({P}{histogram}_bucket[{DASHBOARD_RATE}])"
+        expression = f"histogram_quantile(0.{q}, sum by (le, mode) ({rate}))"
+        for mode, points in (await _lines(run, expression, "mode", 1000)).items():
+            lines[f"p{q} {mode}"] = points
+    return plots.Panel(title, "ms", lines, None if target is None else target * 1000, log=True)
+
+
+async def _dashboard(run: Stored) -> list[plots.Panel]:
+    r = DASHBOARD_RATE
+    slo = f'{P}slo_requests_total{{slo_class="{SLO_CLASS}"'
+    met = f'sum by (mode) (rate({slo},outcome="met"}}[{r}]))'
+    goodput = await _lines(run, met, "mode")
+    attainment = await _lines(run, f"{met} / sum by (mode) (rate({slo}}}[{r}]))", "mode")
+    kv_route = "prefill_kind, decode_kind"
+    kv_rate = await _lines(
+        run, f"sum by ({kv_route}) (rate({P}kv_handoff_bytes_total[{r}]))", kv_route, 1e-6
+    )
+    # Every pair of kinds has a series from the start; the pairs that carried none, dropped.
+    kv_rate = {route: points for route, points in kv_rate.items() if any(v for _, v in points)}
+    kv_time = {}
+    for q in (50, 99):
+        rate = f"rate({P}kv_handoff_seconds_bucket[{r}])"
+        expression = f"histogram_quantile(0.{q}, sum by (le) ({rate}))"
+        kv_time[f"p{q}"] = (await _lines(run, expression, "all", 1000)).get("all", [])
+    outstanding = await _lines(run, f"{P}backend_outstanding_requests", "backend")
+    kv_usage = await _lines(run, f"{P}backend_kv_cache_usage_perc", "backend", 100)
+    return [
+        await _percentile_panel(run, "TTFT by mode", "time_to_first_token_seconds", SLO_TTFT_S),
+        await _percentile_panel(
+            run, "TPOT by mode", "request_time_per_output_token_seconds", SLO_TPOT_S
+        ),
+        await _percentile_panel(
+            run, "inter-token latency by mode", "inter_token_latency_seconds", None
+        ),
+        plots.Panel(f"goodput, class {SLO_CLASS} (met/s)", "req/s", goodput),
+        plots.Panel(f"SLO attainment, class {SLO_CLASS}", "met / completed", attainment),
+        plots.Panel("KV handed off, prefill kind -> decode kind", "MB/s", kv_rate),
+        plots.Panel("KV handoff (transfer and first decode step)", "ms", kv_time, log=True),
+        plots.Panel("outstanding requests per backend", "requests", outstanding),
+        plots.Panel("KV cache usage per backend", "%", kv_usage),
+    ]
+
+
+# -- the run -----------------------------------------------------------------------
+
+
+async def run(quick: bool, out_dir: Path) -> dict[str, Any]:
+    sizes = QUICK if quick else FULL
+    result: dict[str, Any] = {"scenario": "observability", "mode": "quick" if quick else "full"}
+    if binary() is None:
+        print("  skipped: /usr/bin/prometheus is absent (Debian: apt-get install prometheus)")
+        result.update(skipped="prometheus not installed", machine=machine())
+        return result
+    work = _workload(sizes)
+    with tempfile.TemporaryDirectory(prefix="observability-") as folder:
+        async with _stack(Path(folder)) as (pool, router, server):
+            await server.scraped_after(time.time())  # its series exist before the load
+            start = time.time()
+            sent = await _drive(router.grpc_address, work)
+            end = time.time()
+            # A scrape that began a second after the last answer holds every count.
+            run = Stored(server, start, await server.scraped_after(end + 1.0))
+            devices = await _devices_kv_bytes(pool)
+            lint = await check_metrics(await _metrics_page(router.http_address))
+            agreements = await _agreements(run, sent, devices)
+            panels = await _dashboard(run)
+            up = await run.value('count(up{job="hetero-router"} == 1)')
+
+    ok = [s for s in sent if s.ok]
+    agreements["promtool_check_metrics"] = {
+        "output": "promtool absent" if lint is None else lint.output,
+        "met": lint is not None and lint.ok,
+    }
+    duration = end - start
+    slo = agreements["slo_all"]
+    figures = {
+        "requests": len(sent),
+        "ok": len(ok),
+        "split": sum(1 for s in ok if s.mode == "split"),
+        "colocated": sum(1 for s in ok if s.mode == "colocated"),
+        "duration_s": duration,
+        "client_goodput_per_s": slo["client_met"] / duration,
+        "prometheus_goodput_per_s": slo["prometheus_met"] / duration,
+        "client_attainment": slo["client_attainment"],
+        "prometheus_attainment": slo["prometheus_attainment"],
+        "ttft_p99_client_s": agreements["ttft_p99_all"]["client_p99_s"],
+        "ttft_p99_prometheus_s": agreements["ttft_p99_all"]["prometheus_p99_s"],
+        "kv_bytes_router": agreements["kv_handoff_bytes"]["prometheus"],
+        "kv_bytes_devices": agreements["kv_handoff_bytes"]["devices"],
+        "router_targets_up": up or 0,
+    }
+    result.update(
+        figures={k: round(v, 5) if isinstance(v, float) else v for k, v in figures.items()},
+        agreements=agreements,
+        targets={name: {"met": bool(a["met"])} for name, a in agreements.items()},
+        headline={
+            "agreements": f"{sum(1 for a in agreements.values() if a['met'])}/{len(agreements)}",
+            "TTFT p99 client/prom s": f"{figures['ttft_p99_client_s']:.3f}/"
+            f"{figures['ttft_p99_prometheus_s'] or float('nan'):.3f}",
+            "attainment client/prom": f"{figures['client_attainment']:.3f}/"
+            f"{figures['prometheus_attainment']:.3f}",
+        },
+        slo={"class": SLO_CLASS, "ttft_s": SLO_TTFT_S, "tpot_s": SLO_TPOT_S, "band_s": BAND_S},
+        sizes=sizes.__dict__,
+        machine=machine(),
+    )
+    result["targets"]["all_requests_ok"] = check(len(ok), at_least=len(sent))
+    plots.dashboard(
+        out_dir / "observability.png",
+        panels,
+        f"The router as Prometheus scraped it: {len(ok)} requests, class {SLO_CLASS!r} "
+        f"(TTFT {SLO_TTFT_S * 1000:.0f} ms, TPOT {SLO_TPOT_S * 1000:.0f} ms)",
+    )
+    write_result("observability", result, out_dir)
+    return result
