@@ -182,6 +182,6 @@ def dashboard(path: Path, panels: Sequence[Panel], title: str, columns: int = 2)
     for axis in list(axes.flat)[len(panels) :]:
         axis.set_visible(False)
     figure.suptitle(title)
-    figure.tight_layout()
+    figure.tight_layout(rect=(0, 0, 1, 0.98))
     figure.savefig(path, dpi=90)
     plt.close(figure)

@@ -406,6 +406,9 @@ async def _dashboard(run: Stored) -> list[plots.Panel]:
         rate = f"rate({P}kv_handoff_seconds_bucket[{r}])"
         expression = f"histogram_quantile(0.{q}, sum by (le) ({rate}))"
         kv_time[f"p{q}"] = (await _lines(run, expression, "all", 1000)).get("all", [])
+    requests = await _lines(
+        run, f"sum by (mode, outcome) (rate({P}requests_total[{r}])) > 0", "mode, outcome"
+    )
     outstanding = await _lines(run, f"{P}backend_outstanding_requests", "backend")
     kv_usage = await _lines(run, f"{P}backend_kv_cache_usage_perc", "backend", 100)
     return [
@@ -420,6 +423,7 @@ async def _dashboard(run: Stored) -> list[plots.Panel]:
         plots.Panel(f"SLO attainment, class {SLO_CLASS}", "met / completed", attainment),
         plots.Panel("KV handed off, prefill kind -> decode kind", "MB/s", kv_rate),
         plots.Panel("KV handoff (transfer and first decode step)", "ms", kv_time, log=True),
+        plots.Panel("requests by mode -> outcome", "req/s", requests),
         plots.Panel("outstanding requests per backend", "requests", outstanding),
         plots.Panel("KV cache usage per backend", "%", kv_usage),
     ]
