@@ -41,10 +41,19 @@ class RouterTarget:
     """The router's gRPC front door."""
 
     def __init__(
-        self, address: str, name: str = "router", disaggregation: str = "auto", slo_class: str = ""
+        self,
+        address: str,
+        name: str = "router",
+        disaggregation: str = "auto",
+        *,
+        slo_class: str = "",
+        request_ids: str = "",
     ) -> None:
+        """``request_ids``, when set, names each request ``request_ids`` + its seed, so
+        that the router's log lines can be matched with the client's records."""
         self.name = name
         self._slo_class = slo_class
+        self._request_ids = request_ids
         self._channel = grpc.aio.insecure_channel(address, options=_OPTIONS)
         self._call = self._channel.unary_stream(
             GENERATE_METHOD,
@@ -59,6 +68,7 @@ class RouterTarget:
 
     async def stream(self, prompt: str, max_tokens: int, seed: int) -> AsyncIterator[int]:
         request = router_pb2.GenerateRequest(
+            request_id=f"{self._request_ids}{seed}" if self._request_ids else "",
             prompt=prompt,
             sampling=router_pb2.SamplingParams(max_tokens=max_tokens, seed=seed),
             disaggregation=self._mode,

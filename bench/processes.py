@@ -71,8 +71,11 @@ async def router_addresses(pool: PoolConfig, env: dict[str, str]) -> AsyncIterat
 
 
 @contextlib.asynccontextmanager
-async def router_server(pool: PoolConfig, env: dict[str, str]) -> AsyncIterator[RouterProcess]:
-    """A router serving ``pool``: both its addresses and its process id."""
+async def router_server(
+    pool: PoolConfig, env: dict[str, str], *, log_path: Path | None = None
+) -> AsyncIterator[RouterProcess]:
+    """A router serving ``pool``: both its addresses and its process id. Its JSON log
+    lines are appended to ``log_path`` when given."""
     with tempfile.TemporaryDirectory() as scratch:
         pool_file = Path(scratch) / "pool.yaml"
         pool_file.write_text(yaml.safe_dump(pool.model_dump(mode="json")))
@@ -94,7 +97,7 @@ async def router_server(pool: PoolConfig, env: dict[str, str]) -> AsyncIterator[
             grpc_address, http_address = await asyncio.wait_for(
                 _serving_address(process), timeout=60
             )
-            drain = asyncio.create_task(_drain(process))
+            drain = asyncio.create_task(_drain(process, log_path))
             try:
                 yield RouterProcess(grpc_address, http_address, process.pid)
             finally:
@@ -116,14 +119,16 @@ async def _serving_address(process: asyncio.subprocess.Process) -> tuple[str, st
     raise RuntimeError(f"router exited with {await process.wait()} before serving")
 
 
-async def _drain(process: asyncio.subprocess.Process) -> None:
-    """Reads the router's log so it never blocks on a full pipe; appends it to the file
-    ``BENCH_ROUTER_LOG`` names, when set, to see what the router said during a run."""
+async def _drain(process: asyncio.subprocess.Process, log_path: Path | None = None) -> None:
+    """Reads the router's log so it never blocks on a full pipe; appends it to
+    ``log_path``, or else to the file ``BENCH_ROUTER_LOG`` names, when set, to see what
+    the router said during a run."""
     if process.stderr is None:
         raise RuntimeError("the router was started without stderr=PIPE")
-    keep = os.environ.get("BENCH_ROUTER_LOG")
-    # Small appends to a local file: blocking them is harmless in a benchmark.
-    with open(keep, "ab") if keep else contextlib.nullcontext() as log:  # noqa: ASYNC230  # opened once at start, before the loop is busy
+    keep = log_path or os.environ.get("BENCH_ROUTER_LOG")
+    # Small appends to a local file, unbuffered so a line is there once read: blocking
+    # them is harmless in a benchmark.
+    with open(keep, "ab", buffering=0) if keep else contextlib.nullcontext() as log:  # noqa: ASYNC230  # opened once at start, before the loop is busy
         while line := await process.stderr.readline():
             if log is not None:
                 log.write(line)

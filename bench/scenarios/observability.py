@@ -9,13 +9,18 @@ two populations of prompts: short ones (TTFT tens of milliseconds) meet them, lo
 (8,000 tokens, hundreds of milliseconds) miss them. Every request is timed by the client.
 
 Once a scrape has followed the load, Prometheus' HTTP API is asked what it stored and
-each figure is held against the client's:
+each figure is held against the client's, request by request where they can differ
+(each request carries an id; the router's "request finished" log line gives its own
+view of it):
 
 - TTFT (and TPOT, inter-token latency) p99 from ``histogram_quantile`` over the run
   against the client's p99: within one bucket (the buckets holding each are given);
-- requests, tokens and SLO outcomes per mode (exact counter values): equal, but for
-  requests the client saw miss their TTFT target by less than the client's own
-  overhead could account for (``BAND_S``), which the router may count as met;
+- SLO outcomes (goodput, attainment), requests and tokens per mode, as exact counter
+  values: equal to the router's log lines, and to the client's counts once every
+  difference is put down to a named request (one the client judged late that the
+  router, whose clock starts later and stops sooner, judged on time; one the client
+  saw fail after the router had sent its last token);
+- the client's TTFT is never shorter than the router's for the same request;
 - KV handoff bytes against the bytes the prefill devices report they sent;
 - ``promtool check metrics`` of the router's page: no problem.
 
@@ -27,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import json
 import math
 import tempfile
 import time
@@ -56,9 +62,7 @@ from router.sim.workload import RequestSpec
 SLO_CLASS = "observed"
 SLO_TTFT_S = 0.25
 SLO_TPOT_S = 0.05
-# A client's TTFT is the router's plus the client's own send and receive: a request the
-# client saw miss its TTFT by less than this may rightly be met by the router's clock.
-BAND_S = 0.05
+REQUEST_IDS = "obs-"
 LONG_PROMPT_TOKENS = 8000
 LONG_SHARE = 0.15
 SHORT_PROMPT_TOKENS = (64, 768)
@@ -85,6 +89,9 @@ FULL = Sizes(duration_s=180.0, rate_per_s=3.0)
 
 @dataclass(frozen=True)
 class Sent:
+    """One request as the client saw it."""
+
+    request_id: str
     mode: str
     spec: RequestSpec
     record: RequestRecord
@@ -99,20 +106,47 @@ class Sent:
         return ttft is not None and ttft <= SLO_TTFT_S and (tpot is None or tpot <= SLO_TPOT_S)
 
     @property
-    def in_band(self) -> bool:
-        """Missed by the client's clock within BAND_S of the TTFT target, TPOT met."""
-        ttft, tpot = self.record.ttft_s, self.record.tpot_s
-        return (
-            ttft is not None
-            and SLO_TTFT_S < ttft <= SLO_TTFT_S + BAND_S
-            and (tpot is None or tpot <= SLO_TPOT_S)
-        )
-
-    @property
     def frame_gaps_s(self) -> list[float]:
         """Gaps between the token messages received (tokens of one message share a time)."""
         times = self.record.token_times_s
         return [b - a for a, b in itertools.pairwise(times) if b > a]
+
+
+@dataclass(frozen=True)
+class Served:
+    """One request as the router's "request finished" log line says it ended."""
+
+    outcome: str
+    mode: str
+    ttft_s: float | None
+    slo_met: bool | None
+    prompt_tokens: int
+    completion_tokens: int
+    handoff_bytes: int
+
+    @property
+    def ok(self) -> bool:
+        return self.outcome == "ok"
+
+
+def _router_log(path: Path) -> dict[str, Served]:
+    """The router's view of each request, by the id the client gave it."""
+    served = {}
+    for line in path.read_text(errors="replace").splitlines():
+        with contextlib.suppress(json.JSONDecodeError):
+            event = json.loads(line)
+            if isinstance(event, dict) and event.get("event") == "request finished":
+                ttft_ms = event.get("ttft_ms")
+                served[str(event.get("request_id"))] = Served(
+                    outcome=str(event.get("outcome")),
+                    mode=str(event.get("mode")),
+                    ttft_s=None if ttft_ms is None else float(ttft_ms) / 1000,
+                    slo_met=event.get("slo_met"),
+                    prompt_tokens=int(event.get("prompt_tokens") or 0),
+                    completion_tokens=int(event.get("completion_tokens") or 0),
+                    handoff_bytes=int(event.get("handoff_bytes") or 0),
+                )
+    return served
 
 
 def _pool() -> PoolConfig:
@@ -154,7 +188,10 @@ def _workload(sizes: Sizes) -> list[tuple[str, RequestSpec]]:
 
 async def _drive(address: str, work: Sequence[tuple[str, RequestSpec]]) -> list[Sent]:
     """Sends each request at its arrival time, forced into its mode, in the SLO class."""
-    targets = {mode: RouterTarget(address, mode, mode, slo_class=SLO_CLASS) for mode in MODES}
+    targets = {
+        mode: RouterTarget(address, mode, mode, slo_class=SLO_CLASS, request_ids=REQUEST_IDS)
+        for mode in MODES
+    }
     warm_prompts([spec for _, spec in work])
     progress = Progress(
         f"{len(work)} requests at {len(work) / work[-1][1].arrival_s:.1f}/s", len(work)
@@ -165,7 +202,7 @@ async def _drive(address: str, work: Sequence[tuple[str, RequestSpec]]) -> list[
         await asyncio.sleep(max(0.0, started + spec.arrival_s - time.monotonic()))
         record = await send(targets[mode], spec, index, DEADLINE_S)
         progress.advance()
-        return Sent(mode, spec, record)
+        return Sent(f"{REQUEST_IDS}{index}", mode, spec, record)
 
     try:
         return list(await asyncio.gather(*(one(i, m, s) for i, (m, s) in enumerate(work))))
@@ -192,10 +229,11 @@ async def _devices_kv_bytes(pool: PoolConfig) -> dict[str, int]:
 
 @contextlib.asynccontextmanager
 async def _stack(folder: Path) -> AsyncIterator[tuple[PoolConfig, RouterProcess, Prometheus]]:
+    """Devices, the router (its log to ``folder``/router.log) and Prometheus scraping it."""
     env = {**ROUTER_ENV, "HETERO_ROUTER_POLICY_FILE": str(_policy(folder))}
     async with (
         embedded_devices(_pool(), ready_timeout_s=60, time_scale=1.0) as pool,
-        router_server(pool, env) as router,
+        router_server(pool, env, log_path=folder / "router.log") as router,
         prometheus([router.http_address], scrape_interval_s=1.0) as server,
     ):
         yield pool, router, server
@@ -267,60 +305,126 @@ async def _quantile_agreement(
     }
 
 
-async def _slo_agreement(run: Stored, sent: Sequence[Sent], mode: str | None) -> dict[str, Any]:
-    """SLO outcomes the router counted (the counters' rise over the run) against the
-    client's judgement of the same requests."""
-    chosen = [s for s in sent if s.ok and (mode is None or s.mode == mode)]
+@dataclass(frozen=True)
+class Views:
+    """Each request as the client saw it, and as the router's log line says it ended."""
+
+    sent: Sequence[Sent]
+    served: dict[str, Served]
+
+    def client_ok(self, mode: str | None) -> list[Sent]:
+        return [s for s in self.sent if s.ok and mode in (None, s.mode)]
+
+    def router_ok(self, mode: str | None) -> list[Served]:
+        return [v for v in self.served.values() if v.ok and mode in (None, v.mode)]
+
+    def both_ok(self, mode: str | None) -> list[tuple[Sent, Served]]:
+        pairs = [(s, self.served.get(s.request_id)) for s in self.client_ok(mode)]
+        return [(s, v) for s, v in pairs if v is not None and v.ok]
+
+    def only_router_ok(self, mode: str | None) -> list[tuple[Sent, Served]]:
+        """Requests the router finished ok that the client did not see complete."""
+        pairs = [(s, self.served.get(s.request_id)) for s in self.sent if not s.ok]
+        return [(s, v) for s, v in pairs if v is not None and v.ok and mode in (None, v.mode)]
+
+
+async def _slo_agreement(run: Stored, views: Views, mode: str | None) -> dict[str, Any]:
+    """SLO outcomes the router counted (the counters' rise over the run) against its log
+    lines, exactly, and against the client's judgement with every difference named."""
     where = f'slo_class="{SLO_CLASS}"' + (f',mode="{mode}"' if mode else "")
     counted = {}
     for outcome in ("met", "missed"):
         expression = f'sum({P}slo_requests_total{{{where},outcome="{outcome}"}})'
         counted[outcome] = await run.value(expression) - await run.value(expression, run.start)
-    client_met = sum(1 for s in chosen if s.met)
-    band = sum(1 for s in chosen if s.in_band)
-    moved = counted["met"] - client_met  # requests the router's clock put on time
+    logged = [v.slo_met for v in views.router_ok(mode) if v.slo_met is not None]
+    client = views.client_ok(mode)
+    client_met = sum(1 for s in client if s.met)
+    router_on_time = [s.request_id for s, v in views.both_ok(mode) if v.slo_met and not s.met]
+    client_on_time = [s.request_id for s, v in views.both_ok(mode) if s.met and not v.slo_met]
+    unseen = [v.slo_met for _, v in views.only_router_ok(mode) if v.slo_met is not None]
+    expected_met = client_met + len(router_on_time) - len(client_on_time) + sum(unseen)
+    expected_missed = len(client) + len(unseen) - expected_met
     return {
         "prometheus_met": counted["met"],
         "prometheus_missed": counted["missed"],
+        "router_log_met": sum(logged),
+        "router_log_missed": len(logged) - sum(logged),
         "client_met": client_met,
-        "client_missed": len(chosen) - client_met,
-        "client_in_band": band,
+        "client_missed": len(client) - client_met,
+        "met_by_router_missed_by_client": router_on_time,
+        "met_by_client_missed_by_router": client_on_time,
+        "finished_unseen_by_client": len(unseen),
         "prometheus_attainment": counted["met"] / max(counted["met"] + counted["missed"], 1),
-        "client_attainment": client_met / max(len(chosen), 1),
-        "met": counted["met"] + counted["missed"] == len(chosen) and 0 <= moved <= band,
+        "client_attainment": client_met / max(len(client), 1),
+        "met": (counted["met"], counted["missed"])
+        == (sum(logged), len(logged) - sum(logged))
+        == (expected_met, expected_missed),
     }
 
 
-async def _count_agreements(run: Stored, sent: Sequence[Sent]) -> dict[str, dict[str, Any]]:
-    """Exact counter values per mode: requests served, prompt and generated tokens."""
+def _clock_agreement(views: Views) -> dict[str, Any]:
+    """The client's TTFT spans the router's (it starts before the router sees the request
+    and ends after the router sent the token): never shorter, by the log's 1 us."""
+    offsets_ms = [
+        (s.record.ttft_s - v.ttft_s) * 1000
+        for s, v in views.both_ok(None)
+        if s.record.ttft_s is not None and v.ttft_s is not None
+    ]
+    if not offsets_ms:
+        return {"requests": 0, "met": False}
+    return {
+        "requests": len(offsets_ms),
+        "client_minus_router_ttft_ms_min": round(min(offsets_ms), 3),
+        "client_minus_router_ttft_ms_p50": round(percentile(offsets_ms, 50), 3),
+        "client_minus_router_ttft_ms_p99": round(percentile(offsets_ms, 99), 3),
+        "client_minus_router_ttft_ms_max": round(max(offsets_ms), 3),
+        "met": min(offsets_ms) >= -0.001 and len(offsets_ms) == len(views.client_ok(None)),
+    }
+
+
+async def _count_agreements(run: Stored, views: Views) -> dict[str, dict[str, Any]]:
+    """Per mode, exact counter values against the router's log lines: requests served,
+    prompt and generated tokens; and the log against the client, request by request."""
     checks: dict[str, dict[str, Any]] = {}
     for mode in MODES:
-        ok = [s for s in sent if s.ok and s.mode == mode]
-        pairs = {
-            "requests_ok": (f'{P}requests_total{{mode="{mode}",outcome="ok"}}', len(ok)),
+        router, both = views.router_ok(mode), views.both_ok(mode)
+        unseen = views.only_router_ok(mode)
+        requests = await run.value(f'sum({P}requests_total{{mode="{mode}",outcome="ok"}})')
+        checks[f"requests_ok_{mode}"] = {
+            "prometheus": requests,
+            "router_log": len(router),
+            "client": len(views.client_ok(mode)),
+            "finished_unseen_by_client": {s.request_id: s.record.outcome for s, _ in unseen},
+            "met": requests == len(router) == len(views.client_ok(mode)) + len(unseen)
+            and len(both) == len(views.client_ok(mode)),
+        }
+        tokens = {
             "prompt_tokens": (
-                f'{P}prompt_tokens_total{{mode="{mode}"}}',
-                sum(s.spec.prompt_tokens for s in ok),
+                [v.prompt_tokens for v in router],
+                [(s.spec.prompt_tokens, v.prompt_tokens) for s, v in both],
             ),
             "generation_tokens": (
-                f'{P}generation_tokens_total{{mode="{mode}"}}',
-                sum(s.record.output_tokens for s in ok),
+                [v.completion_tokens for v in router],
+                [(s.record.output_tokens, v.completion_tokens) for s, v in both],
             ),
         }
-        for name, (series, client) in pairs.items():
-            stored = await run.value(f"sum({series})")
+        for name, (logged, pairs) in tokens.items():
+            stored = await run.value(f'sum({P}{name}_total{{mode="{mode}"}})')
+            differ = sum(1 for seen, said in pairs if seen != said)
             checks[f"{name}_{mode}"] = {
                 "prometheus": stored,
-                "client": client,
-                "met": stored == client,
+                "router_log": sum(logged),
+                "client": sum(seen for seen, _ in pairs),
+                "requests_client_and_log_differ": differ,
+                "met": stored == sum(logged) and differ == 0,
             }
     return checks
 
 
 async def _agreements(
-    run: Stored, sent: Sequence[Sent], devices: dict[str, int]
+    run: Stored, views: Views, devices: dict[str, int]
 ) -> dict[str, dict[str, Any]]:
-    ok = [s for s in sent if s.ok]
+    ok = views.client_ok(None)
     checks: dict[str, dict[str, Any]] = {}
     for mode in (None, *MODES):
         chosen = [s for s in ok if mode is None or s.mode == mode]
@@ -336,12 +440,14 @@ async def _agreements(
             checks[f"{quantity}_p99_{name}"] = await _quantile_agreement(
                 run, histogram, client, selector
             )
-        checks[f"slo_{name}"] = await _slo_agreement(run, sent, mode)
-    checks.update(await _count_agreements(run, sent))
+        checks[f"slo_{name}"] = await _slo_agreement(run, views, mode)
+    checks["client_ttft_spans_router"] = _clock_agreement(views)
+    checks.update(await _count_agreements(run, views))
     stored = await run.value(f"sum({P}kv_handoff_bytes_total)")
     checks["kv_handoff_bytes"] = {
         "prometheus": stored,
         "devices": sum(devices.values()),
+        "router_log": sum(v.handoff_bytes for v in views.served.values()),
         "by_device": devices,
         "met": stored == sum(devices.values()) and stored > 0,
     }
@@ -450,9 +556,12 @@ async def run(quick: bool, out_dir: Path) -> dict[str, Any]:
             run = Stored(server, start, await server.scraped_after(end + 1.0))
             devices = await _devices_kv_bytes(pool)
             lint = await check_metrics(await _metrics_page(router.http_address))
-            agreements = await _agreements(run, sent, devices)
             panels = await _dashboard(run)
             up = await run.value('count(up{job="hetero-router"} == 1)')
+            # Written unbuffered as it is read, and a scrape after the load has passed:
+            # every request's line is in the file.
+            served = _router_log(Path(folder) / "router.log")
+            agreements = await _agreements(run, Views(sent, served), devices)
 
     ok = [s for s in sent if s.ok]
     agreements["promtool_check_metrics"] = {
@@ -488,7 +597,8 @@ async def run(quick: bool, out_dir: Path) -> dict[str, Any]:
             "attainment client/prom": f"{figures['client_attainment']:.3f}/"
             f"{figures['prometheus_attainment']:.3f}",
         },
-        slo={"class": SLO_CLASS, "ttft_s": SLO_TTFT_S, "tpot_s": SLO_TPOT_S, "band_s": BAND_S},
+        slo={"class": SLO_CLASS, "ttft_s": SLO_TTFT_S, "tpot_s": SLO_TPOT_S},
+        client_failures={s.request_id: s.record.outcome for s in sent if not s.ok},
         sizes=sizes.__dict__,
         machine=machine(),
     )
