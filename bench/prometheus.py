@@ -124,10 +124,13 @@ def free_port() -> int:
         return port
 
 
-def _config(targets: Sequence[str], scrape_interval_s: float) -> dict[str, Any]:
+def _config(
+    targets: Sequence[str], scrape_interval_s: float, rule_files: Sequence[Path]
+) -> dict[str, Any]:
     interval = f"{scrape_interval_s:g}s"
     return {
         "global": {"scrape_interval": interval, "evaluation_interval": interval},
+        "rule_files": [str(path.resolve()) for path in rule_files],
         "scrape_configs": [
             {
                 "job_name": JOB,
@@ -141,9 +144,14 @@ def _config(targets: Sequence[str], scrape_interval_s: float) -> dict[str, Any]:
 
 @contextlib.asynccontextmanager
 async def prometheus(
-    targets: Sequence[str], *, scrape_interval_s: float = 1.0, port: int | None = None
+    targets: Sequence[str],
+    *,
+    scrape_interval_s: float = 1.0,
+    rule_files: Sequence[Path] = (),
+    port: int | None = None,
 ) -> AsyncIterator[Prometheus]:
-    """Prometheus scraping ``targets`` (host:port, path /metrics), ready to query.
+    """Prometheus scraping ``targets`` (host:port, path /metrics), ready to query;
+    ``rule_files`` (recording and alerting rules) are evaluated at the scrape interval.
 
     ``port`` fixes its listening port; by default a free one is found, and another is
     tried when it is taken by the time Prometheus binds it.
@@ -153,7 +161,7 @@ async def prometheus(
         raise PrometheusError(f"{PROMETHEUS} is not installed (Debian: apt-get install prometheus)")
     with tempfile.TemporaryDirectory(prefix="prometheus-") as scratch:
         config = Path(scratch) / "prometheus.yml"
-        config.write_text(yaml.safe_dump(_config(targets, scrape_interval_s)))
+        config.write_text(yaml.safe_dump(_config(targets, scrape_interval_s, rule_files)))
         log = Path(scratch) / "prometheus.log"
         async with aiohttp.ClientSession() as session:
             for _ in range(_START_ATTEMPTS):
