@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +15,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.ticker import NullFormatter, ScalarFormatter
+from PIL import Image
 
 
 def _cdf(axis: Axes, values: Sequence[float], label: str) -> None:
@@ -183,5 +185,9 @@ def dashboard(path: Path, panels: Sequence[Panel], title: str, columns: int = 2)
         axis.set_visible(False)
     figure.suptitle(title)
     figure.tight_layout(rect=(0, 0, 1, 0.98))
-    figure.savefig(path, dpi=90)
+    drawn = io.BytesIO()
+    figure.savefig(drawn, dpi=90, format="png")
     plt.close(figure)
+    # Lines on white need few colours: a 64-colour palette is a quarter of the bytes.
+    with Image.open(drawn) as image:
+        image.convert("RGB").quantize(colors=64).save(path, optimize=True)
