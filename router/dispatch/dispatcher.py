@@ -86,6 +86,7 @@ class _Sent:
         "cut",
         "finished",
         "ids_known",
+        "ids_seen",
         "max_tokens",
         "phase",
         "prompt_tokens",
@@ -102,6 +103,9 @@ class _Sent:
         # False once a frame had text but no ids (an adapter without token ids):
         # what the client has can then not be resumed from.
         self.ids_known = True
+        # True once a frame carried token ids: a frame of text alone after that is the
+        # end of a character split across tokens already counted, not a token.
+        self.ids_seen = False
         self.resumed = 0  # tokens the current attempt continues after
         self.finished = False  # the last frame (with a finish reason) was taken
         self.cut = False  # the router ended the stream: the backend must be aborted
@@ -124,7 +128,7 @@ class _Sent:
             self.cut = True
             return b""
         ids = message.token_ids
-        count = len(ids) if ids else (1 if message.text else 0)
+        count = len(ids) if ids else (1 if message.text and not self.ids_seen else 0)
         left = self.max_tokens - self.tokens
         rewrite = False
         if count > left:
@@ -138,6 +142,7 @@ class _Sent:
             rewrite = True
         if ids:
             self.token_ids.extend(ids)
+            self.ids_seen = True
         elif count:
             self.token_ids.append(-1)  # a token of unknown id: counted, not resumable
             self.ids_known = False
@@ -326,11 +331,11 @@ class Dispatcher:
                 async with contextlib.aclosing(attempts) as frames:
                     async for frame in frames:
                         at = self._clock()
-                        if record.first_token_at is None:
+                        if record.first_token_at is not None:
+                            record.frame_gaps.append(at - record.last_token_at)
+                        elif record.completion_tokens:  # (a frame may carry no token)
                             record.first_token_at = at
                             self.admission.observe_first_token(at - now)
-                        else:
-                            record.frame_gaps.append(at - record.last_token_at)
                         record.last_token_at = at
                         yield frame
             finally:
@@ -399,6 +404,7 @@ class Dispatcher:
         # Holds the retry budget's share from a retry's start to its first frame.
         retrying = contextlib.AsyncExitStack()
         retried = False
+        routed = False  # the client has its Route (sent with the first frame)
         async with retrying:
             while True:
                 self._note_route(record, plan)
@@ -407,7 +413,7 @@ class Dispatcher:
                 self._pool.record_prefix(plan.prefill_backend, features.prefix_hashes)
                 if plan.decode_backend != plan.prefill_backend:
                     self._pool.record_prefix(plan.decode_backend, features.prefix_hashes)
-                route = b"" if record.first_token_at is not None else _route_frame(request, plan)
+                route = b"" if routed else _route_frame(request, plan)
                 # The request id is the same on every attempt: an abort of an earlier one
                 # must not land on this one.
                 pending = [sent.aborting.pop(b) for b in legs if b in sent.aborting]
@@ -421,6 +427,7 @@ class Dispatcher:
                                 await retrying.aclose()  # the retry is placed
                                 retried = False
                             if frame or route:
+                                routed = True
                                 yield route + frame
                                 route = b""
                             if sent.cut:

@@ -478,3 +478,75 @@ async def test_a_backend_that_refuses_its_check_leaves_service_at_once() -> None
     await checker.check_all()
     assert not view(pool, "d").healthy
     assert view(pool, "d").detail == "connection refused"
+
+
+# -- what the metrics measure, on the test's clock ------------------------------------
+
+
+def histogram(metrics: RouterMetrics, name: str, **labels: str) -> tuple[float, float]:
+    """(count, sum) of a histogram's samples whose labels include ``labels``."""
+    registry = metrics.registry
+    return (
+        sample_total(registry, f"hetero_router_{name}_count", **labels),
+        sample_total(registry, f"hetero_router_{name}_sum", **labels),
+    )
+
+
+async def test_each_phase_of_a_split_is_measured_on_the_dispatchers_clock() -> None:
+    dispatcher, _, metrics = make()
+    frames = await drain(dispatcher, Disaggregation.SPLIT)
+    assert len(frames) == 3
+    # The prefill answers after 0.2 s with the first token; decode's frames follow
+    # 0.05 s apart: the first of them is the end of the KV handoff.
+    assert histogram(metrics, "time_to_first_token_seconds") == pytest.approx((1, 0.2))
+    assert histogram(metrics, "request_prefill_time_seconds") == pytest.approx((1, 0.2))
+    assert histogram(metrics, "kv_handoff_seconds") == pytest.approx((1, 0.05))
+    assert histogram(metrics, "inter_token_latency_seconds") == pytest.approx((2, 0.1))
+    assert histogram(metrics, "request_decode_time_seconds") == pytest.approx((1, 0.1))
+    assert histogram(metrics, "e2e_request_latency_seconds") == pytest.approx((1, 0.3))
+    assert histogram(metrics, "request_queue_time_seconds") == (1, 0.0)
+    tpot = histogram(metrics, "request_time_per_output_token_seconds")
+    assert tpot == pytest.approx((1, 0.05))
+    legs = "backend_request_latency_seconds"
+    assert histogram(metrics, legs, backend="p", phase="prefill") == pytest.approx((1, 0.2))
+    assert histogram(metrics, legs, backend="d", phase="decode") == pytest.approx((1, 0.1))
+
+
+class TextFlush(Scripted):
+    """Ends with a frame of text alone: the rest of a character split across tokens."""
+
+    async def generate(
+        self, request: GenerationRequest, timeout_s: float
+    ) -> AsyncGenerator[bytes, None]:
+        yield frame(1)
+        yield frame(2)
+        last = router_pb2.GenerateResponse(text="\ufffd")
+        last.finish_reason = router_pb2.FINISH_REASON_LENGTH
+        last.usage.completion_tokens = 2
+        yield last.SerializeToString()
+
+
+class NoTokens(Scripted):
+    """Finishes at once without a token."""
+
+    async def generate(
+        self, request: GenerationRequest, timeout_s: float
+    ) -> AsyncGenerator[bytes, None]:
+        last = router_pb2.GenerateResponse(finish_reason=router_pb2.FINISH_REASON_STOP)
+        yield last.SerializeToString()
+
+
+@pytest.mark.parametrize(("backend", "tokens"), [(TextFlush, 2), (NoTokens, 0)])
+async def test_frames_without_tokens_are_not_counted_as_tokens(
+    monkeypatch: pytest.MonkeyPatch, backend: type[Scripted], tokens: int
+) -> None:
+    monkeypatch.setattr(registry, "_ADAPTERS", {**registry._ADAPTERS, "scripted": backend})
+    dispatcher, _, metrics = make(backends=(("c", "both"),))
+    await drain(dispatcher, Disaggregation.COLOCATED, ttft_ms=1000, tpot_ms=100)
+    assert sample_total(metrics.registry, "hetero_router_generation_tokens_total") == tokens
+    assert sample_total(metrics.registry, "hetero_router_requests_total", outcome="ok") == 1
+    # A request that streamed no token has no time to first token, and no SLO verdict.
+    ttft_count, _ = histogram(metrics, "time_to_first_token_seconds")
+    assert ttft_count == (1 if tokens else 0)
+    verdicts = sample_total(metrics.registry, "hetero_router_slo_requests_total")
+    assert verdicts == (1 if tokens else 0)
