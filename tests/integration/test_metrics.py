@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
@@ -22,20 +21,11 @@ from router.metrics import (
     RouterMetrics,
 )
 from router.record import RequestRecord
-from tests.conftest import Cluster, start_cluster, stop_cluster
+from tests.conftest import Cluster
 from tests.helpers import sample_total
 
 MODEL = "llama-3.1-8b"
 SPLIT = {"model": MODEL, "mode": "split", "prefill_kind": "h100", "decode_kind": "groq-lpu"}
-
-
-@pytest.fixture
-async def cluster() -> AsyncIterator[Cluster]:
-    running = await start_cluster()
-    try:
-        yield running
-    finally:
-        await stop_cluster(running)
 
 
 def value(cluster: Cluster, name: str, **labels: str) -> float:

@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
 
 import aiohttp
 import pytest
 
 from bench.prometheus import Prometheus, binary, check_metrics, prometheus
-from tests.conftest import Cluster, start_cluster, stop_cluster
+from tests.conftest import Cluster
 from tests.integration.test_generate import collect
 
 pytestmark = pytest.mark.skipif(
@@ -25,15 +24,6 @@ pytestmark = pytest.mark.skipif(
 SLO_CLASS = "default"
 REQUESTS = (("split", "a prompt split over two devices " * 4), ("colocated", "served by one"))
 SCRAPE_TIMEOUT_S = 10.0
-
-
-@pytest.fixture
-async def cluster() -> AsyncIterator[Cluster]:
-    running = await start_cluster()
-    try:
-        yield running
-    finally:
-        await stop_cluster(running)
 
 
 async def _stored(
