@@ -14,7 +14,8 @@ from __future__ import annotations
 import itertools
 import zlib
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Container, Sequence
+from dataclasses import dataclass
 
 BLOCK_BYTES = 64
 # Beyond this many blocks (64 KiB of prompt) affinity is decided already.
@@ -36,6 +37,60 @@ def block_hashes(
     return tuple(hashes)
 
 
+@dataclass(frozen=True)
+class ChainState:
+    """Where :func:`block_hashes` stands after some leading bytes of a prompt: the
+    whole blocks hashed, the running CRC, and the bytes of the partial block after them.
+    Lets a prompt's hashes be computed a piece at a time (as an engine's KV events
+    deliver its token blocks) and give what the whole prompt would."""
+
+    blocks: int = 0
+    crc: int = 0
+    pending: bytes = b""
+
+    def extend(self, data: bytes) -> tuple[ChainState, tuple[int, ...]]:
+        """The state after ``data`` more bytes, and the hashes of the blocks they complete."""
+        buffered = self.pending + data
+        whole = min(len(buffered) // BLOCK_BYTES, max(0, MAX_BLOCKS - self.blocks))
+        crc, hashes = self.crc, []
+        view = memoryview(buffered)
+        for offset in range(whole):
+            crc = zlib.crc32(view[offset * BLOCK_BYTES : (offset + 1) * BLOCK_BYTES], crc)
+            hashes.append(((self.blocks + offset) << 32) | crc)
+        # Beyond MAX_BLOCKS nothing is hashed: nothing is kept for it.
+        rest = b"" if self.blocks + whole >= MAX_BLOCKS else bytes(view[whole * BLOCK_BYTES :])
+        return ChainState(self.blocks + whole, crc, rest), tuple(hashes)
+
+
+@dataclass(frozen=True)
+class StoredRun:
+    """Blocks newly cached, consecutive in a prompt: their hashes, the hash of the block
+    before them (None: they start the prompt), and the bytes they cover."""
+
+    hashes: tuple[int, ...]
+    parent: int | None
+    data: bytes
+
+
+# (runs newly stored, hashes evicted), in that order, after each change.
+CacheListener = Callable[[list[StoredRun], list[int]], None]
+
+
+def _runs(hashes: Sequence[int], cached: Container[int]) -> list[tuple[int, int]]:
+    """[start, end) of each run of ``hashes`` not in ``cached``."""
+    runs, start = [], None
+    for index, value in enumerate(hashes):
+        if value in cached:
+            if start is not None:
+                runs.append((start, index))
+                start = None
+        elif start is None:
+            start = index
+    if start is not None:
+        runs.append((start, len(hashes)))
+    return runs
+
+
 class PrefixCache:
     """Hashes of the prompt blocks whose KV this device computed or received, LRU.
 
@@ -45,11 +100,13 @@ class PrefixCache:
     emulation does not model: here they are free.
     """
 
-    def __init__(self, capacity_blocks: int) -> None:
+    def __init__(self, capacity_blocks: int, listener: CacheListener | None = None) -> None:
         if capacity_blocks < 0:
             raise ValueError(f"prefix_cache_blocks must be >= 0, not {capacity_blocks}")
         self.capacity_blocks = capacity_blocks
         self._blocks: OrderedDict[int, None] = OrderedDict()
+        # Told of every change, as an engine publishes its KV cache events.
+        self.listener = listener
 
     def hashes_of(self, prompt: str) -> tuple[int, ...]:
         """The prompt's block hashes (none when the cache is off), over the bytes the
@@ -67,18 +124,31 @@ class PrefixCache:
         its logits give the first output token."""
         return max(0, min(self.matched_blocks(hashes) * BLOCK_BYTES, prompt_tokens - 1))
 
-    def record(self, hashes: Sequence[int]) -> None:
+    def record(self, hashes: Sequence[int], data: bytes = b"") -> None:
         """These blocks were just computed (or their KV received): now the most recent.
 
         Last block first, so a prompt's head outlives its tail: eviction takes tails
         first, as in vLLM (which frees a sequence's blocks in reverse) and SGLang (which
         evicts radix-tree leaves). A head evicted first would strand the blocks after it.
+        ``data``: the bytes the hashes cover (the prompt's), for the listener.
         """
+        stored = _runs(hashes, self._blocks) if self.listener is not None else []
         for value in reversed(hashes):
             self._blocks[value] = None
             self._blocks.move_to_end(value)
+        removed = []
         while len(self._blocks) > self.capacity_blocks:
-            self._blocks.popitem(last=False)
+            removed.append(self._blocks.popitem(last=False)[0])
+        if self.listener is not None and (stored or removed):
+            runs = [
+                StoredRun(
+                    tuple(hashes[start:end]),
+                    hashes[start - 1] if start else None,
+                    data[start * BLOCK_BYTES : end * BLOCK_BYTES],
+                )
+                for start, end in stored
+            ]
+            self.listener(runs, removed)
 
     def recent(self, limit: int) -> list[int]:
         """At most ``limit`` cached hashes, the most recently used first."""

@@ -406,6 +406,28 @@ def check_tls_files(files: TlsFiles) -> None:
             ) from None
 
 
+ZmqEndpoint = Annotated[str, Field(pattern=r"^(tcp://\S+:\d+|ipc://\S+)$")]
+
+
+class KVEventsConfig(BaseModel):
+    """Where a backend publishes its KV cache events (vLLM's ``--kv-events-config``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # The engine's PUB socket, e.g. tcp://10.0.0.7:5557 (connect, never bind: no "*").
+    endpoint: ZmqEndpoint
+    # Its replay (ROUTER) socket, for batches a gap says were missed; None: a gap is
+    # logged and the events after it are applied as they come.
+    replay_endpoint: ZmqEndpoint | None = None
+    # Messages of this topic only (a prefix match, as ZMQ subscriptions are); "": all.
+    topic: str = ""
+    # How the events' blocks become the router's prefix blocks (hashes of prompt
+    # bytes): None, the engine's block hashes are the router's own (mock devices);
+    # else a byte-level BPE tokenizer.json of the served model, whose vocabulary turns
+    # the events' token ids back into prompt bytes (vLLM).
+    tokenizer: Path | None = None
+
+
 class BackendConfig(BaseModel):
     """One backend of the pool file."""
 
@@ -428,6 +450,9 @@ class BackendConfig(BaseModel):
     handoff: Literal["direct", "relay"] = "direct"
     # Settings of this kind of adapter (e.g. an API key's environment variable).
     options: dict[str, Any] = Field(default_factory=dict)
+    # The engine's KV cache events feed the prefix index (what it stores and evicts);
+    # None: the router's own record of what it sent is all it knows.
+    kv_events: KVEventsConfig | None = None
 
 
 class PoolConfig(BaseModel):

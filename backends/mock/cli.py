@@ -9,6 +9,7 @@ import uvloop
 from backends import logs
 from backends.base import Role
 from backends.config_files import host_port
+from backends.kv_events import DEFAULT_TOPIC
 from backends.mock.config import BLOCK_SIZE, DeviceConfig
 from backends.mock.lease import DEFAULT_KV_LEASE_S
 from backends.mock.process import run_device
@@ -52,6 +53,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "prefilled again (0: no prefix cache)",
     )
     parser.add_argument(
+        "--kv-events-port",
+        type=int,
+        default=None,
+        help="publish the prefix cache's KV events (vLLM's ZMQ format) on this port "
+        "(0: a free one; unset: no events)",
+    )
+    parser.add_argument(
+        "--kv-events-replay-port",
+        type=int,
+        default=0,
+        help="port of the replay socket for missed KV events (0: a free one)",
+    )
+    parser.add_argument("--kv-events-topic", default=DEFAULT_TOPIC, help="topic of KV events")
+    parser.add_argument(
         "--chips",
         type=int,
         default=None,
@@ -85,6 +100,9 @@ def run(options: argparse.Namespace) -> int:
         emulate_kv_size=options.emulate_kv_size,
         chips=options.chips,
         prefix_cache_blocks=options.prefix_cache_blocks,
+        kv_events_port=options.kv_events_port,
+        kv_events_replay_port=options.kv_events_replay_port,
+        kv_events_topic=options.kv_events_topic,
     )  # ValueError too: the flags are checked before anything is configured
     # The router's log configuration (its level and format are passed on as flags);
     # every line names the device.

@@ -8,6 +8,7 @@ from typing import Literal
 
 from backends import kvlayout
 from backends.base import KVLayout, Role
+from backends.kv_events import DEFAULT_TOPIC
 from backends.mock.errors import DeviceError
 from backends.mock.lease import DEFAULT_KV_LEASE_S
 from backends.mock.model import TinyConfig
@@ -47,6 +48,14 @@ class DeviceConfig:
     break_kv_transfers: int = 0
     # Fault injection for tests: flip one bit in each of the first N KV transfers served.
     corrupt_kv_chunks: int = 0
+    # KV cache events (vLLM's format, backends.kv_events): the prefix cache's changes on
+    # a ZMQ PUB socket on this port, and replays of them on the replay port, both on the
+    # device's host. None: no events; 0: a free port.
+    kv_events_port: int | None = None
+    kv_events_replay_port: int = 0
+    kv_events_topic: str = DEFAULT_TOPIC
+    # Fault injection for tests: the first N event batches reach the replay buffer only.
+    drop_kv_event_batches: int = 0
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -55,6 +64,10 @@ class DeviceConfig:
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+        for name in ("kv_events_port", "kv_events_replay_port"):
+            port = getattr(self, name)
+            if port is not None and not 0 <= port <= 65535:
+                raise ValueError(f"{name} must be a port number (0-65535), got {port}")
         if self.decode_step_s is not None and not (
             math.isfinite(self.decode_step_s) and self.decode_step_s > 0
         ):

@@ -36,7 +36,7 @@ from backends.mock.model import KVCache, TinyTransformer, encode
 from backends.mock.sequence import PrefillOutcome, Sequence
 from backends.perf.batching import prefill_batch_size
 from backends.perf.roofline import TimingModel
-from backends.prefix import PrefixCache
+from backends.prefix import BLOCK_BYTES, PrefixCache
 
 # Prefill compute above this many tokens leaves the event loop (numpy releases
 # the GIL), so a long prompt does not stall the device's RPCs.
@@ -161,7 +161,8 @@ class DeviceEngine:
         sequence.generated = 1
         sequence.text.push(first_token_id)  # its text was streamed by the prefill device
         # The received KV is this device's now: a later prompt with the same head reuses it.
-        self.prefix_cache.record(self.prefix_cache.hashes_of(prompt))
+        hashes = self.prefix_cache.hashes_of(prompt)
+        self.prefix_cache.record(hashes, _cached_bytes(prompt_ids, len(hashes)))
         self._running[request_id] = sequence
         self._wake.set()
         async for frame in self._drain(sequence):
@@ -322,7 +323,10 @@ class DeviceEngine:
         await self.clock.sleep_until(deadline)
         for sequence, token in zip(batch, first_tokens, strict=True):
             if token >= 0:  # computed: a sequence aborted before its turn left no KV
-                self.prefix_cache.record(sequence.prefix_hashes)
+                self.prefix_cache.record(
+                    sequence.prefix_hashes,
+                    _cached_bytes(sequence.prompt_ids, len(sequence.prefix_hashes)),
+                )
         for sequence, token in zip(batch, first_tokens, strict=True):
             if self._prefilling.pop(sequence.request_id, None) is sequence:
                 self._emit_first(sequence, token)
@@ -404,3 +408,9 @@ class DeviceEngine:
         """The end of an iteration lasting ``duration_s`` (already scaled) that starts now."""
         self._paced_until = next_deadline(self._paced_until, self.clock.time(), duration_s)
         return self._paced_until
+
+
+def _cached_bytes(prompt_ids: list[int], blocks: int) -> bytes:
+    """The bytes ``blocks`` prefix blocks cover: the tokens after BOS (byte-level; a
+    resumed sequence's generated ids, after the prompt, are never reached)."""
+    return bytes(prompt_ids[1 : 1 + blocks * BLOCK_BYTES])

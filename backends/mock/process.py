@@ -34,7 +34,18 @@ async def run_device(
     watcher = asyncio.create_task(_wait_stdin_closed(stop)) if exit_with_stdin else None
     if announce:
         print(f"{READY_PREFIX}{server.address}", flush=True)
-    log.info("device serving", profile=config.profile, model=config.model, address=server.address)
+    events = server.kv_events
+    log.info(
+        "device serving",
+        profile=config.profile,
+        model=config.model,
+        address=server.address,
+        **(
+            {}
+            if events is None
+            else {"kv_events": events.endpoint, "kv_events_replay": events.replay_endpoint}
+        ),
+    )
     try:
         await stop.wait()
     finally:

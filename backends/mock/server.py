@@ -15,6 +15,7 @@ from backends.mock.dataplane import DataPlaneServer
 from backends.mock.engine import DeviceEngine
 from backends.mock.faults import FaultyKVBytes
 from backends.mock.kv_bytes import KVBytes, LeaseBytes
+from backends.mock.kv_events import KVEventPublisher
 from backends.mock.kv_handoff import KVHandoff
 from backends.mock.model import TinyConfig, TinyTransformer
 from backends.mock.protocol import CHANNEL_OPTIONS
@@ -58,6 +59,7 @@ class DeviceServer:
         self.service = DeviceService(
             config, self.engine, self.layout, self.kv, lambda: self.kv_bytes_sent
         )
+        self.kv_events: KVEventPublisher | None = None
         self._server: grpc.aio.Server | None = None
 
     @property
@@ -102,9 +104,24 @@ class DeviceServer:
         if self.config.kv_data_plane:
             data_port = await self._data_plane.start(host)
             self.kv.data_address = f"{host}:{data_port}"
+        self._start_kv_events(host)
         self.engine.start()
         await self._server.start()
         return port
+
+    def _start_kv_events(self, host: str) -> None:
+        config = self.config
+        if config.kv_events_port is None:
+            return
+        self.kv_events = KVEventPublisher(
+            host,
+            config.kv_events_port,
+            config.kv_events_replay_port,
+            config.kv_events_topic,
+            drop_first=config.drop_kv_event_batches,
+        )
+        self.kv_events.start()
+        self.engine.prefix_cache.listener = self.kv_events.cache_changed
 
     async def stop(self, grace_s: float | None = 1.0) -> None:
         if self._server is not None:
@@ -112,6 +129,8 @@ class DeviceServer:
         await self._data_plane.stop()
         await self.engine.stop()
         await self.kv.close()
+        if self.kv_events is not None:
+            await self.kv_events.stop()
 
     async def wait_for_termination(self) -> None:
         if self._server is None:

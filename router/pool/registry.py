@@ -12,6 +12,8 @@ from backends.base import Backend, BackendLoad, KVLayout
 from router.errors import ConfigError
 from router.logging import get_logger
 from router.metrics import RouterMetrics
+from router.pool.kv_block_map import block_map_for
+from router.pool.kv_events import KVEventFeed
 from router.pool.outlier import OutlierDetector
 from router.scheduling.perf import DevicePerf, perf_for
 from router.scheduling.prefix import DEFAULT_BLOCKS_PER_BACKEND, PrefixIndex
@@ -156,6 +158,11 @@ class Pool:
             )
         # Block hashes each backend was sent or reports cached, shared with every snapshot.
         self.prefix_index = PrefixIndex(prefix_index_blocks_per_backend)
+        # The backends' own KV cache events feed the index too (those that publish them).
+        self.kv_events = KVEventFeed(self.prefix_index)
+        for backend_config in config.backends:
+            if backend_config.kv_events is not None:  # a bad tokenizer file fails here
+                block_map_for(backend_config.kv_events.tokenizer)
         # Views are rebuilt one backend at a time, only for backends whose state changed.
         self._views = {backend_id: e.view() for backend_id, e in self.endpoints.items()}
         self._stale: set[str] = set()
@@ -174,10 +181,18 @@ class Pool:
     async def start(self) -> None:
         for endpoint in self.endpoints.values():
             await endpoint.backend.start()
+            self._follow_kv_events(endpoint.config)
 
     async def close(self) -> None:
+        await self.kv_events.close()
         for endpoint in self.endpoints.values():
             await endpoint.backend.close()
+
+    def _follow_kv_events(self, config: BackendConfig) -> None:
+        """Subscribes to the backend's KV cache events, if its entry names them (a
+        backend that joins later calls this too; one that leaves, ``kv_events.unsubscribe``)."""
+        if config.kv_events is not None:
+            self.kv_events.subscribe(config.id, config.kv_events)
 
     def backend(self, backend_id: str) -> Backend:
         return self.endpoints[backend_id].backend

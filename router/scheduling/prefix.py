@@ -1,9 +1,10 @@
 """Prefix-cache affinity: which backend holds which of a prompt's blocks.
 
 :class:`PrefixIndex` remembers which blocks (``backends.prefix.block_hashes``) each
-backend was sent (and what backends report as cached), least recently used first out,
-within a budget per backend. Policies only read it; the daemon and the simulator record
-a request's hashes after routing it.
+backend was sent (and what backends report as cached, or publish in their KV cache
+events, evictions included), least recently used first out, within a budget per backend.
+Policies only read it; the daemon and the simulator record a request's hashes after
+routing it.
 """
 
 from __future__ import annotations
@@ -45,6 +46,15 @@ class PrefixIndex:
         while len(held) > self.blocks_per_backend:
             old, _ = held.popitem(last=False)
             self._drop(old, backend_id)
+
+    def remove(self, backend_id: str, hashes: Iterable[int]) -> None:
+        """``backend_id`` no longer holds these blocks (it evicted them)."""
+        held = self._held.get(backend_id)
+        if held is None:
+            return
+        for value in hashes:
+            if held.pop(value, False) is None:
+                self._drop(value, backend_id)
 
     def forget(self, backend_id: str) -> None:
         """Everything ``backend_id`` held (it restarted, or left the pool)."""
