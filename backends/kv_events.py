@@ -9,9 +9,10 @@ then ``[b"", END_SEQ, b""]``.
 
 The layout is vLLM 0.32's (``vllm/distributed/kv_events.py``): a batch is an array
 ``[ts, events, data_parallel_rank]`` (vLLM's publisher sets the rank, 0 without data
-parallelism); each event is a map tagged ``{"type": "BlockStored", ...}``, fields at their default left out. Block
-hashes are 64-bit integers (vLLM's default, ``VLLM_KV_EVENTS_USE_INT_BLOCK_HASHES``)
-or bytes. Mock devices publish the same, so one subscriber serves both.
+parallelism); each event is a map tagged ``{"type": "BlockStored", ...}``, its fields
+at their default left out. Block hashes are 64-bit integers (vLLM's default,
+``VLLM_KV_EVENTS_USE_INT_BLOCK_HASHES``) or bytes. Mock devices publish the same, so
+one subscriber serves both.
 """
 
 from __future__ import annotations

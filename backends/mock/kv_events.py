@@ -76,7 +76,7 @@ class KVEventPublisher:
         self._topic = topic.encode()
         self._buffer: deque[tuple[int, bytes]] = deque(maxlen=buffer_steps)
         self._seq = itertools.count()
-        self._drop_first = drop_first
+        self._dropping = drop_first
         self._pub: zmq.Socket[bytes] | None = None
         self._replay: zmq.asyncio.Socket | None = None
         self._replayer: asyncio.Task[None] | None = None
@@ -109,6 +109,10 @@ class KVEventPublisher:
 
     # -- what the device's prefix cache tells ------------------------------------
 
+    def drop_next(self, count: int) -> None:
+        """Fault injection: the next ``count`` batches reach the replay buffer only."""
+        self._dropping = count
+
     def cache_changed(self, runs: list[StoredRun], removed: list[int]) -> None:
         events: list[BlockStored | BlockRemoved | AllBlocksCleared] = [*stored_events(runs)]
         if removed:
@@ -127,7 +131,8 @@ class KVEventPublisher:
         payload = encode_batch(KVEventBatch(ts=time.time(), events=events, data_parallel_rank=0))
         self._buffer.append((seq, payload))
         self.batches_published += 1
-        if seq < self._drop_first:
+        if self._dropping:
+            self._dropping -= 1
             return
         with contextlib.suppress(zmq.Again):
             self._pub.send_multipart((self._topic, encode_seq(seq), payload), flags=zmq.NOBLOCK)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import zmq
@@ -76,8 +75,8 @@ class KVEventSubscription:
         self._live_last = -1  # the last sequence number seen on the live socket
         self._replay: zmq.asyncio.Socket | None = None
         self._task: asyncio.Task[None] | None = None
-        # Called after each applied batch (tests wait on it).
-        self.on_batch: Callable[[], None] | None = None
+        # Set once the first replay (of what the engine did before) is over.
+        self.caught_up = False
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name=f"kv-events-{self.backend_id}")
@@ -101,6 +100,7 @@ class KVEventSubscription:
                 replay=self.config.replay_endpoint,
             )
             await self._catch_up(self._next_seq)  # what the engine did before we came
+            self.caught_up = True
             while True:
                 frames = await subscriber.recv_multipart()
                 try:
@@ -212,8 +212,6 @@ class KVEventSubscription:
             except ValueError as error:
                 self._bad(str(error))
         self.stats.batches += 1
-        if self.on_batch is not None:
-            self.on_batch()
 
     def _bad(self, problem: str) -> None:
         self.stats.bad += 1

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from backends.kv_events import BlockStored
+from backends.kv_events import BlockStored, ExternalBlockHash
 from backends.prefix import BLOCK_BYTES, MAX_BLOCKS, ChainState, block_hashes
 from router.errors import ConfigError
 from router.pool.kv_block_map import SameHashes, TokenBytes, byte_vocabulary
@@ -17,7 +17,9 @@ from router.scheduling.prefix import PrefixIndex
 BOS = 256
 
 
-def stored(hashes: list[int], parent: int | None, tokens: list[int], size: int) -> BlockStored:
+def stored(
+    hashes: list[ExternalBlockHash], parent: int | None, tokens: list[int], size: int
+) -> BlockStored:
     return BlockStored(
         block_hashes=hashes,
         parent_block_hash=parent,
@@ -32,7 +34,8 @@ def stored(hashes: list[int], parent: int | None, tokens: list[int], size: int) 
 def test_chain_state_in_pieces_gives_the_whole_prompts_hashes() -> None:
     data = random.Random(7).randbytes(40 * BLOCK_BYTES + 13)
     for cuts in ([5], [64, 65, 128], [1000, 1001], list(range(3, 2000, 97))):
-        state, hashes, start = ChainState(), [], 0
+        state, start = ChainState(), 0
+        hashes: list[int] = []
         for end in [*cuts, len(data)]:
             state, more = state.extend(data[start:end])
             hashes.extend(more)
@@ -143,5 +146,5 @@ def test_a_tokenizer_that_is_not_byte_level_is_a_config_error(tmp_path: Path) ->
     path = write_tokenizer(tmp_path / "t.json", {"a": 0}, decoder={"type": "Metaspace"})
     with pytest.raises(ConfigError, match="not a byte-level BPE"):
         byte_vocabulary(path)
-    with pytest.raises(ConfigError, match="missing.json"):
+    with pytest.raises(ConfigError, match=r"missing\.json"):
         byte_vocabulary(tmp_path / "missing.json")

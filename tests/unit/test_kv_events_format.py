@@ -51,7 +51,9 @@ def test_a_batch_in_vllms_layout_decodes_to_its_events() -> None:
     assert stored.block_size == 16
     assert stored.medium == "GPU"
     assert isinstance(gone, BlockRemoved)
-    assert gone.block_hashes == [b"\x01" * 32]  # bytes hashes (VLLM_KV_EVENTS_USE_INT_BLOCK_HASHES=0)
+    assert gone.block_hashes == [
+        b"\x01" * 32
+    ]  # bytes hashes (VLLM_KV_EVENTS_USE_INT_BLOCK_HASHES=0)
     assert isinstance(cleared, AllBlocksCleared)
 
 
