@@ -36,9 +36,9 @@ EVENT_WAIT_S = 10.0
 
 
 def prompts(prefixes: int = PREFIXES, rounds: int = ROUNDS) -> list[str]:
-    """``rounds`` turns over ``prefixes`` system prompts (~700 bytes), each its own tail."""
+    """``rounds`` turns over ``prefixes`` system prompts (~400 bytes), each its own tail."""
     heads = [
-        f"tenant {k}: " + " ".join(f"rule {k}.{i} holds." for i in range(48))
+        f"tenant {k}: " + " ".join(f"rule {k}.{i} holds." for i in range(24))
         for k in range(prefixes)
     ]
     return [f"{heads[k]}\nquestion {turn}-{k}?" for turn in range(rounds) for k in range(prefixes)]
@@ -130,7 +130,7 @@ async def _holds_everywhere(daemons: Sequence[Daemon], prompt: str) -> None:
         await asyncio.sleep(0.005)
 
 
-async def measure(label: str, replicas: int, events: bool) -> HitRate:
+async def measure(label: str, replicas: int, events: bool, rounds: int = ROUNDS) -> HitRate:
     """The hit rate of the traffic through ``replicas`` routers on fresh devices."""
     async with _devices(2) as devices:
         daemons = [Daemon(_settings(), _pool(devices, events)) for _ in range(replicas)]
@@ -141,7 +141,7 @@ async def measure(label: str, replicas: int, events: bool) -> HitRate:
                 clients.append(AsyncRouterClient(f"127.0.0.1:{daemon.grpc_port}"))
             if events:  # every subscription caught up (so none misses a first batch)
                 await _subscribed(daemons)
-            hits, traffic = 0, prompts()
+            hits, traffic = 0, prompts(rounds=rounds)
             for turn, prompt in enumerate(traffic):
                 before = sum(d.engine.prefix_hit_tokens for d in devices)
                 client = clients[turn % replicas]  # round robin in front of the replicas

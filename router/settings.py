@@ -406,7 +406,8 @@ def check_tls_files(files: TlsFiles) -> None:
             ) from None
 
 
-ZmqEndpoint = Annotated[str, Field(pattern=r"^(tcp://\S+:\d+|ipc://\S+)$")]
+# Where the router connects: tcp://host:port or ipc://path (a "*" is for binding).
+ZmqEndpoint = Annotated[str, Field(pattern=r"^(tcp://[^*\s]+:\d+|ipc://\S+)$")]
 
 
 class KVEventsConfig(BaseModel):

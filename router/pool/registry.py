@@ -162,7 +162,10 @@ class Pool:
         self.kv_events = KVEventFeed(self.prefix_index)
         for backend_config in config.backends:
             if backend_config.kv_events is not None:  # a bad tokenizer file fails here
-                block_map_for(backend_config.kv_events.tokenizer)
+                try:
+                    block_map_for(backend_config.kv_events.tokenizer)
+                except ConfigError as error:
+                    raise ConfigError(f"backend {backend_config.id}: {error}") from None
         # Views are rebuilt one backend at a time, only for backends whose state changed.
         self._views = {backend_id: e.view() for backend_id, e in self.endpoints.items()}
         self._stale: set[str] = set()

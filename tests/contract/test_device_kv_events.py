@@ -46,7 +46,7 @@ async def replayed(endpoint: str, start: int) -> list[tuple[int, KVEventBatch]]:
     dealer.connect(endpoint)
     try:
         await dealer.send_multipart([b"", encode_seq(start)])
-        batches = []
+        batches: list[tuple[int, KVEventBatch]] = []
         while True:
             empty, seq, payload = await asyncio.wait_for(dealer.recv_multipart(), 5)
             assert empty == b""

@@ -7,12 +7,16 @@ import random
 from pathlib import Path
 
 import pytest
+from prometheus_client import CollectorRegistry
 
 from backends.kv_events import BlockStored, ExternalBlockHash
 from backends.prefix import BLOCK_BYTES, MAX_BLOCKS, ChainState, block_hashes
 from router.errors import ConfigError
+from router.metrics import RouterMetrics
 from router.pool.kv_block_map import SameHashes, TokenBytes, byte_vocabulary
+from router.pool.registry import Pool
 from router.scheduling.prefix import PrefixIndex
+from router.settings import parse_pool
 
 BOS = 256
 
@@ -148,3 +152,24 @@ def test_a_tokenizer_that_is_not_byte_level_is_a_config_error(tmp_path: Path) ->
         byte_vocabulary(path)
     with pytest.raises(ConfigError, match=r"missing\.json"):
         byte_vocabulary(tmp_path / "missing.json")
+
+
+def pool_with(kv_events: dict[str, object]) -> dict[str, object]:
+    entry = {"id": "v", "kind": "mock", "address": "127.0.0.1:1", "role": "both", "model": "m"}
+    return {"backends": [{**entry, "kv_events": kv_events}]}
+
+
+def test_a_pool_entrys_kv_events_are_checked_when_the_file_is_read(tmp_path: Path) -> None:
+    config = parse_pool(pool_with({"endpoint": "ipc:///run/v.pub", "topic": "kv-events"}))
+    events = config.backends[0].kv_events
+    assert events is not None
+    assert events.replay_endpoint is None
+    with pytest.raises(ConfigError, match=r"kv_events\.endpoint"):
+        parse_pool(pool_with({"endpoint": "tcp://*:5557"}))  # a bind address
+    with pytest.raises(ConfigError, match="kv_events"):
+        parse_pool(pool_with({"endpoint": "tcp://h:1", "replay": "tcp://h:2"}))
+    missing = parse_pool(
+        pool_with({"endpoint": "tcp://h:1", "tokenizer": str(tmp_path / "none.json")})
+    )
+    with pytest.raises(ConfigError, match=r"^backend v: kv_events tokenizer .*none\.json"):
+        Pool(missing, RouterMetrics(CollectorRegistry()))
