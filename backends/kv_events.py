@@ -4,8 +4,9 @@ An engine tells who listens which prefix blocks it now holds and which it droppe
 a ZMQ PUB socket sends multipart messages ``[topic, seq, payload]`` (``seq`` an
 8-byte big-endian counter from 0, ``payload`` a msgpack :class:`KVEventBatch`), and
 a ROUTER socket replays what a subscriber missed: it sends ``[b"", seq]`` from a
-DEALER, and gets ``[b"", seq, payload]`` for every buffered batch from ``seq`` on,
-then ``[b"", END_SEQ, b""]``.
+DEALER, and gets ``[b"", topic, seq, payload]`` for every buffered batch from ``seq``
+on, then ``[b"", b"", END_SEQ, b""]`` (vLLM 0.32; later builds leave the topic out,
+and a subscriber reads both).
 
 The layout is vLLM 0.32's (``vllm/distributed/kv_events.py``): a batch is an array
 ``[ts, events, data_parallel_rank]`` (vLLM's publisher sets the rank, 0 without data

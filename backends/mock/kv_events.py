@@ -154,8 +154,10 @@ class KVEventPublisher:
                 continue
             for seq, payload in list(self._buffer):
                 if seq >= start_seq:
-                    await replay.send_multipart((client, b"", encode_seq(seq), payload))
-            await replay.send_multipart((client, b"", END_SEQ, b""))
+                    await replay.send_multipart(
+                        (client, b"", self._topic, encode_seq(seq), payload)
+                    )
+            await replay.send_multipart((client, b"", b"", END_SEQ, b""))
 
 
 def _bind(socket: zmq.Socket[bytes] | zmq.asyncio.Socket, host: str, port: int) -> str:

@@ -163,11 +163,12 @@ class KVEventSubscription:
                 self._close_replay()  # its late answer must not be read as the next one
                 return
             frames = await replay.recv_multipart()
-            if len(frames) != 3 or frames[0]:
+            # vLLM 0.32 sends [b"", topic, seq, payload]; its later builds leave out the topic.
+            if len(frames) not in (3, 4) or frames[0]:
                 self._bad(f"a replay message of {len(frames)} frames")
                 continue
             try:
-                seq = decode_seq(frames[1])
+                seq = decode_seq(frames[-2])
             except ValueError as error:
                 self._bad(str(error))
                 continue
@@ -177,7 +178,7 @@ class KVEventSubscription:
                 continue
             self._lost(seq)
             self.stats.replayed += 1
-            self._apply(seq, frames[2])
+            self._apply(seq, frames[-1])
 
     def _lost(self, seq: int) -> None:
         """Batches before ``seq`` that nothing will deliver any more."""

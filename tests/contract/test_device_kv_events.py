@@ -48,8 +48,10 @@ async def replayed(endpoint: str, start: int) -> list[tuple[int, KVEventBatch]]:
         await dealer.send_multipart([b"", encode_seq(start)])
         batches: list[tuple[int, KVEventBatch]] = []
         while True:
-            empty, seq, payload = await asyncio.wait_for(dealer.recv_multipart(), 5)
+            # As vLLM 0.32 answers: [b"", topic, seq, payload].
+            empty, topic, seq, payload = await asyncio.wait_for(dealer.recv_multipart(), 5)
             assert empty == b""
+            assert topic in (b"kv-events", b"")
             if decode_seq(seq) < 0:
                 assert payload == b""
                 return batches
