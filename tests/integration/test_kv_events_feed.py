@@ -6,6 +6,7 @@ subscription on the other, the prefix index between them.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import pytest
@@ -144,7 +145,15 @@ async def test_a_restarted_engine_is_forgotten_then_followed_from_its_new_start(
     await publisher.stop()
     # The same ports, a new sequence from 0: what the old engine held is gone.
     restarted = KVEventPublisher("127.0.0.1", port, replay_port, topic="kv-events")
-    restarted.start()
+    # ZMQ lets go of a closed socket's ports on its I/O thread, a moment after close.
+    for _ in range(500):
+        try:
+            restarted.start()
+            break
+        except OSError:
+            await asyncio.sleep(0.01)
+    else:
+        pytest.fail("the old publisher's ports were never released")
     try:
         while held(feed, PROMPTS[1]) == 0:
             restarted.cache_changed([stored(PROMPTS[1])], [])
