@@ -516,15 +516,24 @@ class RouterMetrics:
         (None: held to none, or not completed)."""
         model = record.request.model
         self.requests.labels(model, record.mode, record.outcome).inc()
-        if record.mode == "none" or record.first_token_at is None:
+        if record.mode == "none":
             return
         series = self.route(
             Route(model, record.mode, record.slo_class, record.prefill_kind, record.decode_kind)
         )
-        series.ttft.observe(record.first_token_at - record.arrived)
-        itl = series.itl
-        for gap in record.frame_gaps:
-            itl.observe(gap)
+        self._streamed(series, record)
+        if record.outcome == "ok":
+            self._completed(series, record, met)
+
+    def _streamed(self, series: _RouteSeries, record: RequestRecord) -> None:
+        """What any request that had a route did: its tokens' times, its KV handoff, its
+        legs (a request may end, or fail, before any token)."""
+        first = record.first_token_at
+        if first is not None:
+            series.ttft.observe(first - record.arrived)
+            itl = series.itl
+            for gap in record.frame_gaps:
+                itl.observe(gap)
         if record.handoffs:
             series.handoff_bytes.inc(record.handoff_bytes)
             handoff = record.handoff_s
@@ -534,10 +543,17 @@ class RouterMetrics:
             self.backend_request_latency.labels(self.backend_label(leg.backend), leg.phase).observe(
                 leg.ended - leg.started
             )
-        if record.outcome != "ok":
-            return
-        series.e2e.observe(record.last_token_at - record.arrived)
-        series.decode.observe(record.last_token_at - record.first_token_at)
+
+    @staticmethod
+    def _completed(
+        series: _RouteSeries, record: RequestRecord, met: tuple[bool | None, bool | None]
+    ) -> None:
+        """What only a completed request is counted for: its phases, tokens and SLO."""
+        first = record.first_token_at
+        if record.last_token_at >= record.arrived:  # its last frame's time
+            series.e2e.observe(record.last_token_at - record.arrived)
+        if first is not None:
+            series.decode.observe(record.last_token_at - first)
         if record.admitted is not None:
             series.queue.observe(record.admitted - record.arrived)
             prefill = record.prefill_s

@@ -107,11 +107,13 @@ class Sent:
         return self.record.outcome == "ok"
 
     @property
-    def met(self) -> bool:
-        """Both targets held by the client's clock; a request with no token has no TTFT
-        to hold one."""
+    def met(self) -> bool | None:
+        """Both targets held by the client's clock; None for a request with no token,
+        which has no TTFT to judge (nor does the router judge it)."""
         ttft, tpot = self.record.ttft_s, self.record.tpot_s
-        return ttft is not None and ttft <= SLO_TTFT_S and (tpot is None or tpot <= SLO_TPOT_S)
+        if ttft is None:
+            return None
+        return ttft <= SLO_TTFT_S and (tpot is None or tpot <= SLO_TPOT_S)
 
     @property
     def frame_gaps_s(self) -> list[float]:
@@ -345,10 +347,11 @@ async def _slo_agreement(run: Stored, views: Views, mode: str | None) -> dict[st
         expression = f'sum({P}slo_requests_total{{{where},outcome="{outcome}"}})'
         counted[outcome] = await run.value(expression) - await run.value(expression, run.start)
     logged = [v.slo_met for v in views.router_ok(mode) if v.slo_met is not None]
-    client = views.client_ok(mode)
+    client = [s for s in views.client_ok(mode) if s.met is not None]
     client_met = sum(1 for s in client if s.met)
-    router_on_time = [s.request_id for s, v in views.both_ok(mode) if v.slo_met and not s.met]
-    client_on_time = [s.request_id for s, v in views.both_ok(mode) if s.met and not v.slo_met]
+    judged = [(s, v) for s, v in views.both_ok(mode) if s.met is not None]
+    router_on_time = [s.request_id for s, v in judged if v.slo_met and not s.met]
+    client_on_time = [s.request_id for s, v in judged if s.met and not v.slo_met]
     unseen = [v.slo_met for _, v in views.only_router_ok(mode) if v.slo_met is not None]
     expected_met = client_met + len(router_on_time) - len(client_on_time) + sum(unseen)
     expected_missed = len(client) + len(unseen) - expected_met

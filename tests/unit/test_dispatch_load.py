@@ -545,6 +545,9 @@ async def test_frames_without_tokens_are_not_counted_as_tokens(
     await drain(dispatcher, Disaggregation.COLOCATED, ttft_ms=1000, tpot_ms=100)
     assert sample_total(metrics.registry, "hetero_router_generation_tokens_total") == tokens
     assert sample_total(metrics.registry, "hetero_router_requests_total", outcome="ok") == 1
+    # Completed either way: its prompt and its time are counted.
+    assert sample_total(metrics.registry, "hetero_router_prompt_tokens_total") == 240
+    assert histogram(metrics, "e2e_request_latency_seconds")[0] == 1
     # A request that streamed no token has no time to first token, and no SLO verdict.
     ttft_count, _ = histogram(metrics, "time_to_first_token_seconds")
     assert ttft_count == (1 if tokens else 0)
