@@ -138,10 +138,13 @@ async def embedded_devices(
         )
         addresses = {d.config.id: d.address for d in devices}
         resolved = [
-            b.model_copy(update={"address": addresses.get(b.id, b.address)}) for b in pool.backends
+            e.model_copy(update={"address": addresses.get(e.id, e.address)})
+            if isinstance(e, BackendConfig)
+            else e
+            for e in pool.entries
         ]
         log.info("devices ready", devices={d.config.id: d.address for d in devices})
-        yield pool.model_copy(update={"backends": tuple(resolved)})
+        yield pool.model_copy(update={"entries": tuple(resolved)})
     except TimeoutError:
         raise ConfigError(f"mock devices were not ready within {ready_timeout_s:.0f} s") from None
     finally:

@@ -19,6 +19,7 @@ Every labelled counter is created at zero for the label values known at start
 from __future__ import annotations
 
 import bisect
+import contextlib
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -473,10 +474,7 @@ class RouterMetrics:
         models: set[str] = set()
         for backend_id, model, _kind in backends:
             models.add(model)
-            self.outlier_ejections.labels(backend_id)
-            self.backend_ejected.labels(backend_id).set(0)
-            for phase in LEG_PHASES:
-                self.backend_failures.labels(backend_id, phase)
+            self.add_backend(backend_id)
         for route in routes:  # counters only: a histogram's series appear with its first use
             models.add(route.model)
             for reason in SHED_REASONS:
@@ -496,6 +494,33 @@ class RouterMetrics:
                 self.requests.labels(model, "none", outcome)
                 for mode in MODES:
                     self.requests.labels(model, mode, outcome)
+
+    def add_backend(self, backend_id: str) -> None:
+        """Creates at zero the counters of a backend new to the pool."""
+        self.outlier_ejections.labels(backend_id)
+        self.backend_ejected.labels(backend_id).set(0)
+        for phase in LEG_PHASES:
+            self.backend_failures.labels(backend_id, phase)
+
+    def remove_backend(self, backend_id: str, role: str, kind: str) -> None:
+        """Drops every series of a backend that left the pool (``role`` and ``kind``
+        as its series were labelled), and frees its histogram label."""
+        one: tuple[Gauge | Counter, ...] = (
+            self.backend_outstanding,
+            self.backend_running,
+            self.backend_waiting,
+            self.backend_ejected,
+            self.outlier_ejections,
+        )
+        for metric in one:
+            _remove(metric, backend_id)
+        _remove(self.backend_healthy, backend_id, role)
+        _remove(self.backend_kv_cache_usage, backend_id, kind)
+        for phase in LEG_PHASES:
+            _remove(self.backend_failures, backend_id, phase)
+        if self._backend_labels.pop(backend_id, None) == backend_id:
+            for phase in LEG_PHASES:
+                _remove(self.backend_request_latency, backend_id, phase)
 
     def route(self, route: Route) -> _RouteSeries:
         series = self._routes.get(route)
@@ -571,3 +596,9 @@ class RouterMetrics:
             series.slo_tpot["met" if tpot_met else "missed"].inc()
         if record.slo_met is not None:
             series.slo["met" if record.slo_met else "missed"].inc()
+
+
+def _remove(metric: Gauge | Counter | Histogram, *labels: str) -> None:
+    # Older prometheus_client versions raise KeyError for a series never created.
+    with contextlib.suppress(KeyError):
+        metric.remove(*labels)

@@ -22,7 +22,9 @@ from pydantic import (
     BaseModel,
     BeforeValidator,
     ConfigDict,
+    Discriminator,
     Field,
+    Tag,
     ValidationError,
     model_validator,
 )
@@ -429,12 +431,15 @@ class KVEventsConfig(BaseModel):
     tokenizer: Path | None = None
 
 
+BACKEND_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
+
+
 class BackendConfig(BaseModel):
     """One backend of the pool file."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
-    id: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    id: str = Field(min_length=1, pattern=BACKEND_ID_PATTERN)
     kind: str = "mock"
     address: Address
     role: Role
@@ -456,29 +461,203 @@ class BackendConfig(BaseModel):
     kv_events: KVEventsConfig | None = None
 
 
+# A DNS name: dot-separated labels of letters, digits and hyphens (a trailing dot allowed).
+_DNS_NAME = r"^([A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9])?)(\.[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9])?)*\.?$"
+# A Kubernetes object name / namespace (RFC 1123 label).
+_K8S_NAME = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
+# One label selector requirement: key, key=value, key==value, key!=value, !key,
+# key in (a,b), key notin (a,b); keys may have a DNS prefix (hetero-router.io/role).
+_SELECTOR_KEY = r"([a-z0-9.-]+/)?[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?"
+_SELECTOR_VALUE = r"([A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?)?"
+_SELECTOR_REQUIREMENT = re.compile(
+    rf"\s*(!{_SELECTOR_KEY}|{_SELECTOR_KEY}(\s*(=|==|!=)\s*{_SELECTOR_VALUE})?"
+    rf"|{_SELECTOR_KEY}\s+(in|notin)\s*\(\s*{_SELECTOR_VALUE}(\s*,\s*{_SELECTOR_VALUE})*\s*\))\s*"
+)
+
+
+def _matching(pattern: str, what: str) -> AfterValidator:
+    def check(value: str) -> str:
+        if not re.fullmatch(pattern, value):
+            raise ValueError(f"not {what}: {value[:64]!r}")
+        return value
+
+    return AfterValidator(check)
+
+
+DnsName = Annotated[str, Field(max_length=254), _matching(_DNS_NAME, "a DNS name")]
+K8sName = Annotated[str, _matching(_K8S_NAME, "a Kubernetes name (RFC 1123 label)")]
+
+
+def _label_selector(selector: str) -> str:
+    """``selector`` if it is a Kubernetes label selector; ValueError naming the bad part."""
+    for requirement in re.split(r",(?![^()]*\))", selector) if selector.strip() else []:
+        if not _SELECTOR_REQUIREMENT.fullmatch(requirement):
+            raise ValueError(f"not a label selector requirement: {requirement.strip()!r}")
+    return selector
+
+
+class DnsDiscovery(BaseModel):
+    """Backends are the records of a DNS name (a headless Service), re-resolved on an
+    interval: A/AAAA give addresses (``port`` says where they listen), SRV gives
+    targets and ports."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    name: DnsName
+    record: Literal["A", "AAAA", "SRV"] = "A"
+    port: int | None = Field(default=None, ge=1, le=65535)
+    interval_s: float = Field(default=10.0, gt=0, le=MAX_SECONDS)
+    timeout_s: float = Field(default=2.0, gt=0, le=MAX_SECONDS)
+    # host:port of the DNS server to ask; unset: the system's resolvers (/etc/resolv.conf).
+    nameserver: Address | None = None
+
+    @model_validator(mode="after")
+    def _port_fits_record(self) -> DnsDiscovery:
+        if self.record == "SRV" and self.port is not None:
+            raise ValueError("port: SRV records carry their own ports; leave it out")
+        if self.record != "SRV" and self.port is None:
+            raise ValueError(f"port: {self.record} records need the port the backends listen on")
+        return self
+
+
+class EndpointSliceDiscovery(BaseModel):
+    """Backends are the ready endpoints of the EndpointSlices (discovery.k8s.io/v1) of a
+    Service, or of every Service whose slices match ``label_selector``: listed, then
+    watched."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    service: K8sName | None = None
+    # Unset: the router's own namespace (in a cluster), else "default".
+    namespace: K8sName | None = None
+    label_selector: Annotated[str, AfterValidator(_label_selector)] = ""
+    # The endpoint port to use, by name; unset: the slice's only (or first) port.
+    port_name: str | None = Field(default=None, min_length=1, max_length=63)
+    # A kubeconfig file (out of a cluster); unset: the pod's service account.
+    kubeconfig: Path | None = None
+    # How long one watch request runs before it is made again (the API server's own
+    # limit is 30-60 minutes); a broken watch is re-listed after a pause.
+    watch_timeout_s: float = Field(default=300.0, gt=0, le=MAX_SECONDS)
+
+    @model_validator(mode="after")
+    def _selects_something(self) -> EndpointSliceDiscovery:
+        if self.service is None and not self.label_selector.strip():
+            raise ValueError("name a service, a label_selector, or both")
+        return self
+
+
+class Discovery(BaseModel):
+    """Where a pool entry's backends come from: exactly one source."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    dns: DnsDiscovery | None = None
+    endpointslices: EndpointSliceDiscovery | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> Discovery:
+        if (self.dns is None) == (self.endpointslices is None):
+            raise ValueError("give exactly one of dns, endpointslices")
+        return self
+
+
+class DiscoveredEntry(BaseModel):
+    """A pool entry whose backends are discovered: each endpoint found becomes a backend
+    of these fields (``id`` its prefix). ``kind``, ``role``, ``model`` and ``profile``
+    left out are read from the EndpointSlices' annotations or labels
+    (``hetero-router.io/<field>``); DNS has none, so it needs ``role`` and ``model``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    id: str = Field(min_length=1, max_length=63, pattern=BACKEND_ID_PATTERN)
+    discovery: Discovery
+    kind: str | None = Field(default=None, min_length=1)
+    role: Role | None = None
+    model: str | None = Field(default=None, min_length=1)
+    profile: str | None = None
+    chips: int | None = Field(default=None, ge=1)
+    time_scale: float = Field(default=1.0, ge=0, le=MAX_TIME_SCALE)
+    handoff: Literal["direct", "relay"] = "direct"
+    options: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _dns_names_everything(self) -> DiscoveredEntry:
+        missing = [f for f in ("role", "model") if getattr(self, f) is None]
+        if self.discovery.dns is not None and missing:
+            raise ValueError(f"DNS records carry no labels: give {' and '.join(missing)}")
+        return self
+
+    def backend(self, suffix: str, address: str, labels: Mapping[str, str]) -> BackendConfig:
+        """The backend of one endpoint found: this entry's fields, those it leaves out
+        from ``labels`` (``role``, ``kind``, ``model``, ``profile``); ValueError (pydantic's)
+        when what they make is not a valid backend."""
+        fields: dict[str, Any] = {
+            "id": f"{self.id}-{suffix}",
+            "address": address,
+            "chips": self.chips,
+            "time_scale": self.time_scale,
+            "handoff": self.handoff,
+            "options": self.options,
+        }
+        for name in ("kind", "role", "model", "profile"):
+            value = getattr(self, name)
+            if value is None:
+                value = labels.get(name)
+            if value is not None:
+                fields[name] = value
+        return BackendConfig.model_validate(fields)
+
+
+def _entry_kind(value: Any) -> str:
+    if isinstance(value, DiscoveredEntry) or (isinstance(value, dict) and "discovery" in value):
+        return "DiscoveredEntry"
+    return "BackendConfig"
+
+
+PoolEntry = Annotated[
+    Annotated[BackendConfig, Tag("BackendConfig")]
+    | Annotated[DiscoveredEntry, Tag("DiscoveredEntry")],
+    Discriminator(_entry_kind),
+]
+
+
 class PoolConfig(BaseModel):
+    """The pool file: backends at fixed addresses and entries whose backends are
+    discovered. ``backends`` are the fixed ones; ``entries`` all, in the file's order."""
+
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     default_model: str = ""
-    backends: tuple[BackendConfig, ...] = Field(min_length=1)
+    entries: tuple[PoolEntry, ...] = Field(min_length=1, alias="backends")
 
     @model_validator(mode="after")
     def _consistent(self) -> PoolConfig:
-        ids = [backend.id for backend in self.backends]
+        ids = [entry.id for entry in self.entries]
         duplicates = sorted({i for i in ids if ids.count(i) > 1})
         if duplicates:
             raise ValueError(f"backend ids must be unique, repeated: {', '.join(duplicates)}")
-        if self.default_model and self.default_model not in self.models:
+        labelled = any(e.model is None for e in self.discovered)
+        if self.default_model and self.default_model not in self.models and not labelled:
             raise ValueError(f"default_model {self.default_model!r} is served by no backend")
         return self
 
     @property
+    def backends(self) -> tuple[BackendConfig, ...]:
+        """The backends at fixed addresses."""
+        return tuple(e for e in self.entries if isinstance(e, BackendConfig))
+
+    @property
+    def discovered(self) -> tuple[DiscoveredEntry, ...]:
+        return tuple(e for e in self.entries if isinstance(e, DiscoveredEntry))
+
+    @property
     def models(self) -> list[str]:
-        return sorted({backend.model for backend in self.backends})
+        """The models the file names (discovered entries may add more from labels)."""
+        return sorted({e.model for e in self.entries if e.model is not None})
 
     @property
     def resolved_default_model(self) -> str:
-        return self.default_model or self.models[0]
+        return self.default_model or (self.models[0] if self.models else "")
 
 
 DEFAULT_POOL_RESOURCE = "defaults/pool.yaml"

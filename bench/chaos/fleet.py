@@ -91,7 +91,7 @@ class Fleet:
             else b
             for b in self._pool.backends
         ]
-        return self._pool.model_copy(update={"backends": tuple(resolved)})
+        return self._pool.model_copy(update={"entries": tuple(resolved)})
 
     async def start(self, device_id: str, timeout_s: float | None = None) -> None:
         """Starts the device (on its port, once it has one) and waits for it to serve."""

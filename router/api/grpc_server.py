@@ -105,7 +105,7 @@ class RouterService:
                 message,
                 self._settings,
                 self._pool.models,
-                self._pool.config.resolved_default_model,
+                self._pool.default_model,
                 GRPC_FIELD_NAMES,
                 trace=_trace(context.invocation_metadata()),
             )

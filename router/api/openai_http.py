@@ -265,7 +265,7 @@ class OpenAIRoutes:
             message,
             self._settings,
             self._pool.models,
-            self._pool.config.resolved_default_model,
+            self._pool.default_model,
             names=_FIELD_NAMES,
             trace=trace_context(
                 http.headers.getall("traceparent", ()), http.headers.getall("tracestate", ())

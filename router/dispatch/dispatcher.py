@@ -724,7 +724,7 @@ class Dispatcher:
                 sink,
                 handle,
                 timeout_s=self._settings.prefill_timeout_s,
-                target_layout=self._pool.endpoints[plan.decode_backend].layout,
+                target_layout=self._pool.layout(plan.decode_backend),
             )
         except LayoutMismatchError:
             raise  # the decode side could not take it either

@@ -9,12 +9,14 @@ saturated by its own streams can miss a health deadline, and ejecting the only d
 backend for it would fail every request for a whole interval. A check that fails
 outright (connection refused, an error status, the wrong model) takes it out at once.
 One passing check brings it back.
+
+A backend that joins the pool is checked at once, not at the next round: it serves
+from its first passing check.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 
 from router.logging import get_logger
 from router.pool.registry import Endpoint, Pool
@@ -37,6 +39,20 @@ class HealthChecker:
         self._task: asyncio.Task[None] | None = None
         # Backends whose load report failed last time (logged once per failing streak).
         self._no_load: set[str] = set()
+        self._first_checks: set[asyncio.Task[None]] = set()
+        pool.on_backend_added(self._check_new)
+        pool.on_backend_removed(self._forget)
+
+    def _check_new(self, endpoint: Endpoint) -> None:
+        if self._task is None:  # not started: the first round checks it
+            return
+        task = asyncio.create_task(self._check(endpoint), name=f"first-check-{endpoint.config.id}")
+        self._first_checks.add(task)
+        task.add_done_callback(self._first_checks.discard)
+
+    def _forget(self, backend_id: str) -> None:
+        self._failures.pop(backend_id, None)
+        self._no_load.discard(backend_id)
 
     async def check_all(self) -> None:
         self._pool.end_ejections()
@@ -46,10 +62,12 @@ class HealthChecker:
         self._task = asyncio.create_task(self._loop(), name="health-checker")
 
     async def stop(self) -> None:
+        tasks = list(self._first_checks)
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            tasks.append(self._task)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _loop(self) -> None:
         while True:

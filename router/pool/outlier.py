@@ -48,15 +48,27 @@ class OutlierDetector:
         self._clock = clock
         self._records = {backend_id: _Record(group) for backend_id, group in groups}
 
+    def add(self, backend_id: str, group: tuple[str, str]) -> None:
+        """A backend new to the pool, in (role, model) ``group``."""
+        self._records.setdefault(backend_id, _Record(group))
+
+    def remove(self, backend_id: str) -> None:
+        """A backend that left the pool: forgotten, and no longer counted in its group."""
+        self._records.pop(backend_id, None)
+
     def ejected(self, backend_id: str) -> bool:
         return self._records[backend_id].ejected_until is not None
 
     def succeeded(self, backend_id: str) -> None:
-        self._records[backend_id].failures = 0
+        record = self._records.get(backend_id)
+        if record is not None:
+            record.failures = 0
 
     def failed(self, backend_id: str) -> float | None:
         """Counts a failed request; the ejection's length in seconds when this one ejects it."""
-        record = self._records[backend_id]
+        record = self._records.get(backend_id)
+        if record is None:  # it left the pool while the request ran
+            return None
         record.failures += 1
         if record.ejected_until is not None or record.failures < self.consecutive_failures:
             return None

@@ -1,14 +1,26 @@
-"""The endpoint registry: one entry per backend of the pool file, with live state."""
+"""The endpoint registry: one entry per backend, with live state.
+
+Membership changes through one reconciler, ``Pool.apply(desired backends)``: fixed
+entries of the pool file, discovered endpoints and reloaded files all feed it. A
+backend added is out of service until its first passing health check; a backend
+removed drains: it takes no new request, its streams in flight may finish for
+``drain_timeout_s``, then those left fail over (the dispatcher resumes them
+elsewhere), its adapter is closed and its state and metric series are dropped. A
+backend whose settings changed drains, then comes back under the same id with the
+new ones.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
 from types import TracebackType
 
 from backends import registry as adapters
 from backends.base import Backend, BackendLoad, KVLayout
+from backends.errors import BackendError
 from router.errors import ConfigError
 from router.logging import get_logger
 from router.metrics import RouterMetrics
@@ -42,10 +54,17 @@ class Endpoint:
     kv_tokens_used: int = 0
     kv_tokens_capacity: int = 0
     perf: DevicePerf | None = None
+    # Leaving the pool: no new requests, those in flight finish (see Pool.apply).
+    draining: bool = False
+    # Set while nothing is in flight on it (what a drain waits for).
+    idle: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def __post_init__(self) -> None:
+        self.idle.set()
 
     @property
     def in_service(self) -> bool:
-        return self.healthy and not self.ejected
+        return self.healthy and not self.ejected and not self.draining
 
     def view(self) -> BackendView:
         return BackendView(
@@ -57,9 +76,7 @@ class Endpoint:
             profile=self.config.profile,
             healthy=self.in_service,
             outstanding=self.outstanding,
-            detail=f"ejected: failed requests in a row ({self.detail})"
-            if self.ejected
-            else self.detail,
+            detail=self._shown_detail(),
             handoff=self.backend.capabilities.handoff_modes,
             wants_relay=self.config.handoff == "relay",
             kv_shape=(
@@ -74,6 +91,35 @@ class Endpoint:
             kv_tokens_capacity=self.kv_tokens_capacity,
             perf=self.perf,
         )
+
+    def _shown_detail(self) -> str:
+        if self.draining:
+            return f"draining: leaving the pool ({self.detail})"
+        if self.ejected:
+            return f"ejected: failed requests in a row ({self.detail})"
+        return self.detail
+
+
+def build_endpoint(config: BackendConfig) -> Endpoint:
+    """The endpoint of one backend, its adapter made but not started; ConfigError names
+    the backend when its kind is unknown, its options wrong, or its role one the
+    adapter cannot take."""
+    try:
+        backend = adapters.create(config.kind, config.id, config.address, config.options)
+    except ValueError as error:
+        raise ConfigError(f"backend {config.id}: {error}") from error
+    if config.role not in backend.capabilities.roles:
+        roles = ", ".join(sorted(role.value for role in backend.capabilities.roles))
+        raise ConfigError(
+            f"backend {config.id}: a {config.kind} backend cannot take "
+            f"the role {config.role.value!r} (it can take: {roles})"
+        )
+    if config.kv_events is not None:  # a bad tokenizer file fails here
+        try:
+            block_map_for(config.kv_events.tokenizer)
+        except ConfigError as error:
+            raise ConfigError(f"backend {config.id}: {error}") from None
+    return Endpoint(config, backend, perf=_perf(config))
 
 
 def _perf(config: BackendConfig) -> DevicePerf | None:
@@ -131,41 +177,20 @@ class Pool:
         *,
         prefix_index_blocks_per_backend: int = DEFAULT_BLOCKS_PER_BACKEND,
         outliers: Callable[[Iterable[tuple[str, tuple[str, str]]]], OutlierDetector] | None = None,
+        drain_timeout_s: float = 30.0,
     ) -> None:
         """``outliers`` builds the outlier detector from (backend id, (role, model)) pairs;
-        None: Envoy's defaults."""
+        None: Envoy's defaults. The backends at fixed addresses of ``config`` are members
+        from the start (ConfigError for one that cannot be made); others join by
+        ``apply``. ``drain_timeout_s``: how long a removed backend's streams may finish."""
         self.config = config
         self._metrics = metrics
-        self.endpoints: dict[str, Endpoint] = {}
-        for backend_config in config.backends:
-            try:
-                backend = adapters.create(
-                    backend_config.kind,
-                    backend_config.id,
-                    backend_config.address,
-                    backend_config.options,
-                )
-            except ValueError as error:
-                raise ConfigError(f"backend {backend_config.id}: {error}") from error
-            if backend_config.role not in backend.capabilities.roles:
-                roles = ", ".join(sorted(role.value for role in backend.capabilities.roles))
-                raise ConfigError(
-                    f"backend {backend_config.id}: a {backend_config.kind} backend cannot take "
-                    f"the role {backend_config.role.value!r} (it can take: {roles})"
-                )
-            self.endpoints[backend_config.id] = Endpoint(
-                backend_config, backend, perf=_perf(backend_config)
-            )
+        self.drain_timeout_s = drain_timeout_s
+        self.endpoints: dict[str, Endpoint] = {c.id: build_endpoint(c) for c in config.backends}
         # Block hashes each backend was sent or reports cached, shared with every snapshot.
         self.prefix_index = PrefixIndex(prefix_index_blocks_per_backend)
         # The backends' own KV cache events feed the index too (those that publish them).
         self.kv_events = KVEventFeed(self.prefix_index)
-        for backend_config in config.backends:
-            if backend_config.kv_events is not None:  # a bad tokenizer file fails here
-                try:
-                    block_map_for(backend_config.kv_events.tokenizer)
-                except ConfigError as error:
-                    raise ConfigError(f"backend {backend_config.id}: {error}") from None
         # Views are rebuilt one backend at a time, only for backends whose state changed.
         self._views = {backend_id: e.view() for backend_id, e in self.endpoints.items()}
         self._stale: set[str] = set()
@@ -176,10 +201,27 @@ class Pool:
         # legs in flight on it fail over at once instead of waiting for a deadline.
         self._leaving: dict[str, set[Callable[[], None]]] = {b.id: set() for b in config.backends}
         self._health_listeners: list[Callable[[], None]] = []
+        self._added_listeners: list[Callable[[Endpoint], None]] = []
+        self._removed_listeners: list[Callable[[str], None]] = []
+        # What apply() was last asked for (a backend replaced joins once the old one left).
+        self._desired: dict[str, BackendConfig] = {c.id: c for c in config.backends}
+        self._drains: dict[str, asyncio.Task[None]] = {}
+        self._applying = asyncio.Lock()
+        self._closed = False
 
     @property
     def models(self) -> list[str]:
-        return self.config.models
+        """The models the pool file names and those its current backends serve."""
+        served = {e.config.model for e in self.endpoints.values()}
+        return sorted(served.union(self.config.models))
+
+    @property
+    def default_model(self) -> str:
+        """The model of a request that names none."""
+        if self.config.default_model:
+            return self.config.default_model
+        models = self.models
+        return models[0] if models else ""
 
     async def start(self) -> None:
         for endpoint in self.endpoints.values():
@@ -187,6 +229,11 @@ class Pool:
             self._follow_kv_events(endpoint.config)
 
     async def close(self) -> None:
+        self._closed = True
+        drains = list(self._drains.values())
+        for task in drains:
+            task.cancel()
+        await asyncio.gather(*drains, return_exceptions=True)
         await self.kv_events.close()
         for endpoint in self.endpoints.values():
             await endpoint.backend.close()
@@ -197,6 +244,121 @@ class Pool:
         if config.kv_events is not None:
             self.kv_events.subscribe(config.id, config.kv_events)
 
+    # -- membership ------------------------------------------------------------------
+
+    def on_backend_added(self, listener: Callable[[Endpoint], None]) -> None:
+        """``listener(endpoint)`` runs for every backend that joins the pool (started,
+        not yet health-checked), and at once for every backend already in it."""
+        self._added_listeners.append(listener)
+        for endpoint in list(self.endpoints.values()):
+            listener(endpoint)
+
+    def on_backend_removed(self, listener: Callable[[str], None]) -> None:
+        """``listener(backend_id)`` runs for every backend that left the pool: drained,
+        its adapter closed, its state dropped."""
+        self._removed_listeners.append(listener)
+
+    def set_config(self, config: PoolConfig) -> None:
+        """A new pool file (reloaded): its default model and the models it names. Its
+        backends are applied by ``apply``."""
+        self.config = config
+        self._health_changed()
+
+    async def apply(self, desired: Sequence[BackendConfig]) -> list[str]:
+        """Makes the members ``desired``: adds the new backends, drains those not in it
+        (and those whose settings changed, which then join again with the new ones).
+        A backend that cannot be made is left out, with one log line; the problems are
+        returned, one line each."""
+        async with self._applying:
+            if self._closed:
+                return []
+            self._desired = {c.id: c for c in desired}
+            for backend_id, endpoint in list(self.endpoints.items()):
+                wanted = self._desired.get(backend_id)
+                if not endpoint.draining and wanted != endpoint.config:
+                    self._drain(backend_id)
+            problems: list[str] = []
+            for config in desired:
+                if config.id in self.endpoints:
+                    continue  # a member, or draining to be replaced
+                try:
+                    endpoint = build_endpoint(config)
+                except ConfigError as error:
+                    log.warning("backend refused", backend=config.id, error=str(error))
+                    problems.append(str(error))
+                    continue
+                await self._add(endpoint)
+            return problems
+
+    async def _add(self, endpoint: Endpoint) -> None:
+        config = endpoint.config
+        try:
+            await endpoint.backend.start()
+        except Exception as error:  # noqa: BLE001  # a backend that cannot start is left out
+            log.warning("backend could not start", backend=config.id, error=str(error))
+            return
+        backend_id = config.id
+        self.endpoints[backend_id] = endpoint
+        self._views[backend_id] = endpoint.view()
+        self._snapshot = None
+        self.outliers.add(backend_id, (config.role.value, config.model))
+        self._leaving[backend_id] = set()
+        self._metrics.add_backend(backend_id)
+        self._metrics.backend_healthy.labels(backend_id, config.role.value).set(0)
+        self._follow_kv_events(config)
+        log.info("backend added", backend=backend_id, address=config.address, role=config.role)
+        for listener in self._added_listeners:
+            listener(endpoint)
+        self._health_changed()
+
+    def _drain(self, backend_id: str) -> None:
+        endpoint = self.endpoints[backend_id]
+        endpoint.draining = True
+        self._changed(backend_id)
+        self._health_changed()
+        log.info(
+            "backend draining", backend=backend_id, in_flight=endpoint.outstanding,
+            timeout_s=self.drain_timeout_s,
+        )  # fmt: skip
+        task = asyncio.create_task(self._drained(backend_id), name=f"drain-{backend_id}")
+        self._drains[backend_id] = task
+        task.add_done_callback(lambda _: self._drains.pop(backend_id, None))
+
+    async def _drained(self, backend_id: str) -> None:
+        """Waits for the backend's streams, fails over what is left, then removes it."""
+        endpoint = self.endpoints[backend_id]
+        try:
+            await asyncio.wait_for(endpoint.idle.wait(), self.drain_timeout_s)
+        except TimeoutError:
+            log.info("backend drain timed out: its streams fail over", backend=backend_id,
+                     in_flight=endpoint.outstanding)  # fmt: skip
+            self._left_service(backend_id)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(endpoint.idle.wait(), self.drain_timeout_s)
+        await self._remove(backend_id)
+        if backend_id in self._desired and not self._closed:
+            await self.apply(list(self._desired.values()))  # its replacement joins
+
+    async def _remove(self, backend_id: str) -> None:
+        endpoint = self.endpoints.pop(backend_id)
+        config = endpoint.config
+        self._views.pop(backend_id, None)
+        self._stale.discard(backend_id)
+        self._snapshot = None
+        self.prefix_index.forget(backend_id)
+        self.outliers.remove(backend_id)
+        self._leaving.pop(backend_id, None)
+        self._metrics.remove_backend(backend_id, config.role.value, config.profile or config.kind)
+        await self.kv_events.unsubscribe(backend_id)
+        try:
+            await endpoint.backend.close()
+        except Exception as error:  # noqa: BLE001  # it is gone either way
+            log.warning("backend close failed", backend=backend_id, error=str(error))
+        log.info("backend removed", backend=backend_id)
+        for listener in self._removed_listeners:
+            listener(backend_id)
+        self._health_changed()
+
     def backend(self, backend_id: str) -> Backend:
         return self.endpoints[backend_id].backend
 
@@ -204,7 +366,8 @@ class Pool:
         """The current view; only the backends that changed since the last call are rebuilt."""
         if self._snapshot is None:
             for backend_id in self._stale:
-                self._views[backend_id] = self.endpoints[backend_id].view()
+                if backend_id in self.endpoints:
+                    self._views[backend_id] = self.endpoints[backend_id].view()
             self._stale.clear()
             self._snapshot = PoolSnapshot(tuple(self._views.values()), self.prefix_index)
         return self._snapshot
@@ -225,7 +388,9 @@ class Pool:
     def set_health(
         self, backend_id: str, healthy: bool, detail: str, layout: KVLayout | None
     ) -> None:
-        endpoint = self.endpoints[backend_id]
+        endpoint = self.endpoints.get(backend_id)
+        if endpoint is None:  # removed while its check ran
+            return
         leaving = endpoint.healthy and not healthy
         if leaving:
             # Whatever it cached may be gone when it comes back (a restart).
@@ -247,9 +412,9 @@ class Pool:
     def record_failure(self, backend_id: str) -> None:
         """A leg on the backend failed (an error, a stall): enough in a row eject it."""
         duration = self.outliers.failed(backend_id)
-        if duration is None:
+        endpoint = self.endpoints.get(backend_id)
+        if duration is None or endpoint is None:
             return
-        endpoint = self.endpoints[backend_id]
         log.warning(
             "backend ejected: requests failed in a row",
             backend=backend_id,
@@ -268,6 +433,8 @@ class Pool:
         """Returns the backends whose ejection is over to service (the health checker
         calls it on every round)."""
         for backend_id in self.outliers.returning():
+            if backend_id not in self.endpoints:
+                continue
             log.info("backend ejection over", backend=backend_id)
             self.endpoints[backend_id].ejected = False
             self._metrics.backend_ejected.labels(backend_id).set(0)
@@ -276,8 +443,13 @@ class Pool:
 
     @contextlib.contextmanager
     def watching(self, backend_id: str, on_leave: Callable[[], None]) -> Iterator[None]:
-        """Calls ``on_leave`` if the backend leaves service while the block runs."""
-        callbacks = self._leaving[backend_id]
+        """Calls ``on_leave`` if the backend leaves service while the block runs (at once
+        if it already left the pool)."""
+        callbacks = self._leaving.get(backend_id)
+        if callbacks is None:
+            on_leave()
+            yield
+            return
         callbacks.add(on_leave)
         try:
             yield
@@ -285,21 +457,26 @@ class Pool:
             callbacks.discard(on_leave)
 
     def in_service(self, backend_id: str) -> bool:
-        return self.endpoints[backend_id].in_service
+        endpoint = self.endpoints.get(backend_id)
+        return endpoint is not None and endpoint.in_service
 
     def _left_service(self, backend_id: str) -> None:
-        for callback in list(self._leaving[backend_id]):
+        for callback in list(self._leaving.get(backend_id, ())):
             callback()
 
     def device_kind(self, backend_id: str) -> str:
         """What the backend runs on, for metrics: its profile (``h100``), else its
         adapter's kind (``vllm``)."""
-        config = self.endpoints[backend_id].config
-        return config.profile or config.kind
+        endpoint = self.endpoints.get(backend_id)
+        if endpoint is None:
+            return "other"
+        return endpoint.config.profile or endpoint.config.kind
 
     def set_load(self, backend_id: str, load: BackendLoad) -> None:
         """What the backend reports: KV use, and the prefix blocks it holds cached."""
-        endpoint = self.endpoints[backend_id]
+        endpoint = self.endpoints.get(backend_id)
+        if endpoint is None:  # removed while its report was read
+            return
         metrics = self._metrics
         if load.kv_tokens_capacity > 0:
             metrics.backend_kv_cache_usage.labels(backend_id, self.device_kind(backend_id)).set(
@@ -320,18 +497,25 @@ class Pool:
 
     @contextlib.contextmanager
     def outstanding(self, backend_id: str) -> Iterator[Backend]:
-        """Counts a request as in flight on the backend while the block runs."""
-        endpoint = self.endpoints[backend_id]
+        """Counts a request as in flight on the backend while the block runs; a
+        retryable BackendError when the backend has left the pool."""
+        endpoint = self.endpoints.get(backend_id)
+        if endpoint is None:
+            raise BackendError(backend_id, "left the pool")
         gauge = self._metrics.backend_outstanding.labels(backend_id)
         endpoint.outstanding += 1
+        endpoint.idle.clear()
         self._changed(backend_id)
         gauge.inc()
         try:
             yield endpoint.backend
         finally:
             endpoint.outstanding -= 1
-            self._changed(backend_id)
-            gauge.dec()
+            if endpoint.outstanding == 0:
+                endpoint.idle.set()
+            if backend_id in self.endpoints:
+                self._changed(backend_id)
+                gauge.dec()
 
     def prefilling(self, backend_id: str, prompt_tokens: int) -> LoadCharge:
         """``prompt_tokens`` queued for prefill on the backend until released."""
@@ -344,7 +528,9 @@ class Pool:
     def _add_load(
         self, backend_id: str, prefill_tokens: int, running: int, context_tokens: int
     ) -> None:
-        endpoint = self.endpoints[backend_id]
+        endpoint = self.endpoints.get(backend_id)
+        if endpoint is None:
+            return
         endpoint.queued_prefill_tokens += prefill_tokens
         endpoint.running += running
         endpoint.context_tokens += context_tokens
@@ -352,6 +538,11 @@ class Pool:
 
     def layouts_compatible(self, prefill_id: str, decode_id: str) -> bool:
         """False only when both layouts are known and differ."""
-        prefill = self.endpoints[prefill_id].layout
-        decode = self.endpoints[decode_id].layout
+        prefill = self.layout(prefill_id)
+        decode = self.layout(decode_id)
         return prefill is None or decode is None or prefill == decode
+
+    def layout(self, backend_id: str) -> KVLayout | None:
+        """The backend's KV layout, as its health check reported it (None: not known)."""
+        endpoint = self.endpoints.get(backend_id)
+        return None if endpoint is None else endpoint.layout
