@@ -66,7 +66,7 @@ async def _serve(settings: Settings, pool_path: Path | None, embedded: bool,
     _check_files(settings)
     tracing = build_tracing(settings)  # a missing extra is refused before devices start
     if not embedded:
-        return await Daemon(settings, pool, tracing=tracing).serve()
+        return await Daemon(settings, pool, tracing=tracing, pool_file=pool_path).serve()
     async with embedded_devices(
         pool,
         ready_timeout_s=settings.device_ready_timeout_s,

@@ -10,6 +10,11 @@ the drain short: whatever still runs is cancelled at once.
 While serving, gRPC health follows readiness, as /readyz does: the pool tells the
 daemon of every change of a backend's health, and the daemon publishes a changed
 readiness to grpc.health.v1 (which streams it to ``Watch`` callers).
+
+SIGHUP, or a change the file watch sees (every ``config_reload_interval_s``), reloads
+the pool file and the policy file: a file that reads and validates is applied
+without dropping a stream (backends join and drain, the scheduler's policy is
+swapped); one that does not is refused with one log line, and the old one stays.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import asyncio
 import contextlib
 import signal
 from collections.abc import Awaitable, Iterable, Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry
@@ -30,11 +36,13 @@ from router.dispatch.dispatcher import Dispatcher
 from router.errors import ConfigError
 from router.logging import get_logger
 from router.metrics import Route, RouterMetrics
+from router.pool.filewatch import FileWatch
 from router.pool.health import HealthChecker
+from router.pool.membership import Membership
 from router.pool.outlier import OutlierDetector
 from router.pool.registry import Pool
 from router.scheduling.registry import build_scheduler
-from router.settings import PoolConfig, Settings
+from router.settings import PoolConfig, Settings, load_pool
 
 if TYPE_CHECKING:  # loaded only when traces are configured (build_tracing)
     from router.tracing import Tracing
@@ -51,8 +59,11 @@ class Daemon:
         pool_config: PoolConfig,
         registry: CollectorRegistry | None = None,
         tracing: Tracing | None = None,
+        pool_file: Path | None = None,
     ) -> None:
-        """``tracing``: where request spans go; by default as the settings say."""
+        """``tracing``: where request spans go; by default as the settings say.
+        ``pool_file``: the file ``pool_config`` was read from, reloaded on a change (None:
+        the pool is not reloaded; the policy file still is)."""
         self.settings = settings
         self.registry = registry or CollectorRegistry()
         self.metrics = RouterMetrics(self.registry)
@@ -67,7 +78,10 @@ class Daemon:
                 max_ejection_s=10 * settings.outlier_base_ejection_s,
                 max_ejected_fraction=settings.outlier_max_ejected_percent / 100,
             ),
+            drain_timeout_s=settings.backend_drain_timeout_s,
         )
+        self.membership = Membership(self.pool)
+        self.pool_file = pool_file
         self.health = HealthChecker(
             self.pool,
             settings.health_interval_s,
@@ -82,7 +96,7 @@ class Daemon:
             self.metrics,
             observers=() if self.tracing is None else (self.tracing.observer,),
         )
-        _initialise_metrics(self.metrics, self.pool, self.dispatcher.slo_classes)
+        self.pool.on_backend_added(lambda _: self._initialise_metrics())
         settings.check_exposure()
         tls = settings.tls_files()
         tokens = BearerTokens(settings.auth_tokens())
@@ -114,6 +128,15 @@ class Daemon:
         self._forced = asyncio.Event()
         self._exit_signal: int | None = None
         self._stopped: asyncio.Future[None] | None = None
+        self._reloading = asyncio.Lock()
+        self._reloads: set[asyncio.Future[bool]] = set()
+        self._watcher: asyncio.Task[None] | None = None
+        self._watched = [
+            path for path in (pool_file, settings.policy_file) if path is not None
+        ]  # fmt: skip
+
+    def _initialise_metrics(self) -> None:
+        _initialise_metrics(self.metrics, self.pool, self.dispatcher.slo_classes)
 
     @property
     def grpc_port(self) -> int:
@@ -170,6 +193,7 @@ class Daemon:
 
     async def _startup(self) -> None:
         await self.pool.start()
+        await self.membership.start()
         await self.health.check_all()  # ready as soon as we listen, if the backends are
         self.health.start()
         # gRPC health tells the truth from the first call on, and follows from here.
@@ -177,6 +201,64 @@ class Daemon:
         await self._publish()
         await self.front_door.start()
         await self.admin.start()
+        if self._watched and self.settings.config_reload_interval_s > 0:
+            self._watcher = asyncio.create_task(self._watch_files(), name="config-watch")
+
+    # -- reload ----------------------------------------------------------------------
+
+    async def reload(self) -> bool:
+        """Reads the pool file (if one is watched) and the policy file again and applies
+        what validates; True when nothing was refused. One at a time."""
+        async with self._reloading:
+            if self._draining:
+                return False
+            pool_ok = await self._reload_pool()
+            policy_ok = self._reload_policy()
+            return pool_ok and policy_ok
+
+    async def _reload_pool(self) -> bool:
+        if self.pool_file is None:
+            return True
+        try:
+            config = load_pool(self.pool_file)
+            self.membership.check(config)
+        except ConfigError as error:
+            log.error("pool file refused: the old one stays", file=str(self.pool_file),
+                      error=str(error))  # fmt: skip
+            return False
+        await self.membership.reconfigure(config)
+        log.info("pool file reloaded", file=str(self.pool_file), entries=len(config.entries))
+        return True
+
+    def _reload_policy(self) -> bool:
+        try:
+            scheduler = build_scheduler(self.settings)
+        except ConfigError as error:
+            log.error("policy file refused: the old one stays",
+                      file=str(self.settings.policy_file), error=str(error))  # fmt: skip
+            return False
+        self.dispatcher.set_scheduler(scheduler)
+        self._initialise_metrics()
+        return True
+
+    def request_reload(self) -> None:
+        """SIGHUP: reloads in the background (ignored until start-up is complete)."""
+        if not self.started.is_set():
+            log.info("signal ignored: not started yet", signal="SIGHUP")
+            return
+        log.info("signal received: reloading", signal="SIGHUP")
+        task = asyncio.ensure_future(self.reload())
+        self._reloads.add(task)
+        task.add_done_callback(self._reloads.discard)
+
+    async def _watch_files(self) -> None:
+        watches = [FileWatch(path) for path in self._watched]
+        while True:
+            await asyncio.sleep(self.settings.config_reload_interval_s)
+            changed = [str(w.path) for w in watches if w.changed()]
+            if changed:
+                log.info("configuration file changed: reloading", files=changed)
+                await self.reload()
 
     def readiness(self) -> tuple[bool, str]:
         """Ready when every model has a way to be served (split or colocated).
@@ -247,6 +329,11 @@ class Daemon:
         if self._forced.is_set():
             await self._stop_doors(0.0)
         await self._unless_forced(self.dispatcher.drain_background())
+        background = [t for t in (self._watcher, *self._reloads) if t is not None]
+        for task in background:
+            task.cancel()
+        await asyncio.gather(*background, return_exceptions=True)
+        await self.membership.stop()
         if self._publisher is not None:  # done by now but for a Watch that held it up
             self._publisher.cancel()
             await asyncio.wait({self._publisher})
@@ -289,10 +376,11 @@ class Daemon:
         loop = asyncio.get_running_loop()
         for signum in _EXIT_SIGNALS:
             loop.add_signal_handler(signum, self.handle_exit, signum)
+        loop.add_signal_handler(signal.SIGHUP, self.request_reload)
         try:
             yield
         finally:
-            for signum in _EXIT_SIGNALS:
+            for signum in (*_EXIT_SIGNALS, signal.SIGHUP):
                 loop.remove_signal_handler(signum)
 
 

@@ -498,7 +498,7 @@ class RouterMetrics:
     def add_backend(self, backend_id: str) -> None:
         """Creates at zero the counters of a backend new to the pool."""
         self.outlier_ejections.labels(backend_id)
-        self.backend_ejected.labels(backend_id).set(0)
+        self.backend_ejected.labels(backend_id)  # (a new gauge series is 0)
         for phase in LEG_PHASES:
             self.backend_failures.labels(backend_id, phase)
 

@@ -220,6 +220,12 @@ class Settings(BaseSettings):
     # refused or failed check takes it out at once).
     health_unhealthy_threshold: int = Field(default=3, ge=1)
     drain_grace_s: float = Field(default=10.0, ge=0, le=MAX_SECONDS)
+    # A backend leaving the pool (gone from the pool file or from discovery) takes no
+    # new request; its streams may finish this long, then fail over to other backends.
+    backend_drain_timeout_s: float = Field(default=30.0, ge=0, le=MAX_SECONDS)
+    # How often the pool and policy files are looked at for a change (a ConfigMap
+    # update); 0: only on SIGHUP.
+    config_reload_interval_s: float = Field(default=5.0, ge=0, le=MAX_SECONDS)
     device_ready_timeout_s: float = Field(default=60.0, gt=0, le=MAX_SECONDS)
 
     @model_validator(mode="after")
@@ -462,7 +468,8 @@ class BackendConfig(BaseModel):
 
 
 # A DNS name: dot-separated labels of letters, digits and hyphens (a trailing dot allowed).
-_DNS_NAME = r"^([A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9])?)(\.[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9])?)*\.?$"
+_DNS_LABEL = r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9])?"
+_DNS_NAME = rf"^{_DNS_LABEL}(\.{_DNS_LABEL})*\.?$"
 # A Kubernetes object name / namespace (RFC 1123 label).
 _K8S_NAME = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
 # One label selector requirement: key, key=value, key==value, key!=value, !key,

@@ -251,6 +251,12 @@ class Dispatcher:
         # Prompt tokens one hashed prefix block stands for (its bytes over bytes per token).
         self._block_tokens = BLOCK_BYTES / settings.bytes_per_token
 
+    def set_scheduler(self, scheduler: Scheduler) -> None:
+        """A new policy (a reloaded policy file): requests scheduled from now on follow
+        it; those in flight keep the plans they have. The adaptive limit keeps the
+        floors it was started with."""
+        self._scheduler = scheduler
+
     @property
     def slo_classes(self) -> frozenset[str]:
         """The SLO classes a request may name: those of the scheduler's policy."""
