@@ -271,6 +271,8 @@ class Daemon:
         if self._draining:
             return False, "draining"
         snapshot = self.pool.snapshot()
+        if not self.pool.models:  # every entry discovered, and none found yet
+            return False, "no backends"
         missing = [
             model
             for model in self.pool.models
