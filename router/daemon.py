@@ -206,14 +206,14 @@ class Daemon:
 
     # -- reload ----------------------------------------------------------------------
 
-    async def reload(self) -> bool:
+    async def reload(self, *, pool: bool = True, policy: bool = True) -> bool:
         """Reads the pool file (if one is watched) and the policy file again and applies
         what validates; True when nothing was refused. One at a time."""
         async with self._reloading:
             if self._draining:
                 return False
-            pool_ok = await self._reload_pool()
-            policy_ok = self._reload_policy()
+            pool_ok = await self._reload_pool() if pool else True
+            policy_ok = self._reload_policy() if policy else True
             return pool_ok and policy_ok
 
     async def _reload_pool(self) -> bool:
@@ -226,6 +226,8 @@ class Daemon:
             log.error("pool file refused: the old one stays", file=str(self.pool_file),
                       error=str(error))  # fmt: skip
             return False
+        if config == self.pool.config:
+            return True
         await self.membership.reconfigure(config)
         log.info("pool file reloaded", file=str(self.pool_file), entries=len(config.entries))
         return True
@@ -239,6 +241,9 @@ class Daemon:
             return False
         self.dispatcher.set_scheduler(scheduler)
         self._initialise_metrics()
+        if self.settings.policy_file is not None:
+            log.info("policy file reloaded", file=str(self.settings.policy_file),
+                     slo_classes=sorted(scheduler.slo_classes))  # fmt: skip
         return True
 
     def request_reload(self) -> None:
@@ -255,10 +260,11 @@ class Daemon:
         watches = [FileWatch(path) for path in self._watched]
         while True:
             await asyncio.sleep(self.settings.config_reload_interval_s)
-            changed = [str(w.path) for w in watches if w.changed()]
+            changed = [w.path for w in watches if w.changed()]
             if changed:
-                log.info("configuration file changed: reloading", files=changed)
-                await self.reload()
+                log.info("configuration file changed: reloading", files=[str(p) for p in changed])
+                pool = self.pool_file in changed
+                await self.reload(pool=pool, policy=self.settings.policy_file in changed)
 
     def readiness(self) -> tuple[bool, str]:
         """Ready when every model has a way to be served (split or colocated).
