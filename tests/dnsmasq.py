@@ -22,7 +22,6 @@ import dns.exception
 import dns.resolver
 import pytest
 
-
 DNSMASQ = shutil.which("dnsmasq") or (
     "/usr/sbin/dnsmasq" if Path("/usr/sbin/dnsmasq").exists() else None
 )
@@ -63,10 +62,14 @@ class Dnsmasq:
 
 
 @contextlib.asynccontextmanager
-async def dnsmasq(folder: Path, hosts: Sequence[str], srv: Sequence[str] = ()) -> AsyncIterator[Dnsmasq]:
+async def dnsmasq(
+    folder: Path, hosts: Sequence[str], srv: Sequence[str] = ()
+) -> AsyncIterator[Dnsmasq]:
     """dnsmasq serving ``hosts`` lines and ``srv`` records (``--srv-host`` values: fixed)."""
     if DNSMASQ is None:
-        pytest.skip("dnsmasq is not installed (apt-get install dnsmasq-base): DNS discovery untested")
+        pytest.skip(
+            "dnsmasq is not installed (apt-get install dnsmasq-base): DNS discovery untested"
+        )
     hosts_file = folder / "hosts"
     hosts_file.write_text("".join(f"{line}\n" for line in hosts))
     for _attempt in range(3):  # the free port may be taken before dnsmasq binds it

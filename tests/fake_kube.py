@@ -109,8 +109,7 @@ class FakeKubeApi:
         if request.headers.get("Authorization") != f"Bearer {TOKEN}":
             return web.json_response({"kind": "Status", "code": 401}, status=401)
         if request.match_info["namespace"] != self.namespace:
-            return web.json_response({"kind": "EndpointSliceList", "items": [],
-                                      "metadata": {"resourceVersion": str(self.version)}})  # fmt: skip
+            return web.json_response({"kind": "Status", "code": 404}, status=404)
         selector = _selector(request.query.get("labelSelector", ""))
         self.selectors.append(request.query.get("labelSelector", ""))
         if request.query.get("watch") not in ("1", "true"):

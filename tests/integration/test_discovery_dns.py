@@ -22,7 +22,9 @@ from tests.helpers import GatedClock, Stream, eventually
 MODEL = "llama-3.1-8b"
 
 
-async def _device(host: str, port: int, backend_id: str, clock: GatedClock | None = None) -> DeviceServer:
+async def _device(
+    host: str, port: int, backend_id: str, clock: GatedClock | None = None
+) -> DeviceServer:
     device = DeviceServer(
         DeviceConfig(backend_id=backend_id, profile="groq-lpu", model=MODEL,
                      roles=(Role.PREFILL, Role.DECODE), time_scale=0.0),
@@ -87,18 +89,30 @@ async def test_records_added_join_after_their_health_check_and_records_removed_d
                 assert stream.last.finish_reason
                 await eventually(lambda: a not in daemon.pool.endpoints)
                 registry = daemon.registry
-                assert registry.get_sample_value(
-                    "hetero_router_backend_healthy", {"backend": a, "role": "decode"}
-                ) is None
-                assert registry.get_sample_value(
-                    "hetero_router_backend_failures_total", {"backend": a, "phase": "decode"}
-                ) is None
-                assert registry.get_sample_value(
-                    "hetero_router_backend_failures_total", {"backend": b, "phase": "decode"}
-                ) == 0
-                assert registry.get_sample_value(
-                    "hetero_router_backend_healthy", {"backend": b, "role": "decode"}
-                ) == 1
+                assert (
+                    registry.get_sample_value(
+                        "hetero_router_backend_healthy", {"backend": a, "role": "decode"}
+                    )
+                    is None
+                )
+                assert (
+                    registry.get_sample_value(
+                        "hetero_router_backend_failures_total", {"backend": a, "phase": "decode"}
+                    )
+                    is None
+                )
+                assert (
+                    registry.get_sample_value(
+                        "hetero_router_backend_failures_total", {"backend": b, "phase": "decode"}
+                    )
+                    == 0
+                )
+                assert (
+                    registry.get_sample_value(
+                        "hetero_router_backend_healthy", {"backend": b, "role": "decode"}
+                    )
+                    == 1
+                )
                 # Every record gone: the pool is empty, the router not ready.
                 server.set_hosts([])
                 await eventually(lambda: not daemon.pool.endpoints)
@@ -160,4 +174,3 @@ async def test_a_dns_server_that_stops_answering_keeps_the_backends(tmp_path: Pa
 async def _consume(client: AsyncRouterClient, stream: Stream, **sampling: object) -> None:
     async for message in client.generate("a prompt", temperature=0, **sampling):
         stream.messages.append(message)
-

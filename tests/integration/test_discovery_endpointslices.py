@@ -37,7 +37,7 @@ async def api() -> AsyncIterator[FakeKubeApi]:
 
 
 async def _devices(count: int) -> list[DeviceServer]:
-    devices = []
+    devices: list[DeviceServer] = []
     for index in range(count):
         device = DeviceServer(
             DeviceConfig(backend_id=f"pod-{index}", profile="groq-lpu", model=MODEL,
@@ -70,7 +70,7 @@ def _daemon(pool: PoolConfig) -> Daemon:
 def _slice(port: int, *pods: tuple[str, str, dict[str, bool]]) -> dict[str, object]:
     return endpoint_slice(
         "decode-abc", "decode",
-        [pod_endpoint(pod, ip, **conditions) for pod, ip, conditions in pods],  # type: ignore[arg-type]  # bool flags
+        [pod_endpoint(pod, ip, **conditions) for pod, ip, conditions in pods],
         port=port, labels={"app": "engine", **LABELS}, annotations=ANNOTATIONS,
     )  # fmt: skip
 
@@ -88,13 +88,17 @@ async def test_ready_endpoints_join_and_terminating_ones_drain(
         assert set(daemon.pool.endpoints) == {"engines-decode-0"}
         endpoint = daemon.pool.endpoints["engines-decode-0"]
         assert (endpoint.config.role, endpoint.config.model, endpoint.config.profile) == (
-            Role.DECODE, MODEL, "groq-lpu",
+            Role.DECODE,
+            MODEL,
+            "groq-lpu",
         )
         assert endpoint.config.address == f"127.0.0.2:{port}"
         assert daemon.readiness()[0]
         assert api.selectors[0] == "app=engine,kubernetes.io/service-name=decode"
         # A second pod, not ready yet: not a member; then ready: it joins and serves.
-        api.put(_slice(port, ("decode-0", "127.0.0.2", {}), ("decode-1", "127.0.0.3", {"ready": False})))
+        api.put(
+            _slice(port, ("decode-0", "127.0.0.2", {}), ("decode-1", "127.0.0.3", {"ready": False}))
+        )
         await eventually(lambda: api.watches >= 1)
         api.put(_slice(port, ("decode-0", "127.0.0.2", {}), ("decode-1", "127.0.0.3", {})))
         await eventually(lambda: daemon.pool.in_service("engines-decode-1"))
@@ -102,9 +106,12 @@ async def test_ready_endpoints_join_and_terminating_ones_drain(
         api.put(_slice(port, ("decode-0", "127.0.0.2", {"terminating": True, "ready": False}),
                        ("decode-1", "127.0.0.3", {})))  # fmt: skip
         await eventually(lambda: "engines-decode-0" not in daemon.pool.endpoints)
-        assert daemon.registry.get_sample_value(
-            "hetero_router_backend_healthy", {"backend": "engines-decode-0", "role": "decode"}
-        ) is None
+        assert (
+            daemon.registry.get_sample_value(
+                "hetero_router_backend_healthy", {"backend": "engines-decode-0", "role": "decode"}
+            )
+            is None
+        )
         # The slice goes: so do its backends.
         api.delete("decode-abc")
         await eventually(lambda: not daemon.pool.endpoints)

@@ -59,7 +59,7 @@ def _pool_text(*entries: dict[str, object]) -> str:
 
 
 async def _consume(client: AsyncRouterClient, stream: Stream, **sampling: object) -> None:
-    async for message in client.generate("a prompt", temperature=0, **sampling):  # type: ignore[arg-type]  # any field
+    async for message in client.generate("a prompt", temperature=0, **sampling):
         stream.messages.append(message)
 
 
@@ -185,9 +185,12 @@ async def test_a_changed_policy_file_swaps_the_scheduler(
         stream = Stream()
         await _consume(running.client, stream, max_tokens=2, slo_class="batch")
         assert len(stream.token_ids) == 2
-        assert daemon.registry.get_sample_value(
-            "hetero_router_shed_total", {"model": MODEL, "slo_class": "batch", "reason": "slo"}
-        ) == 0
+        assert (
+            daemon.registry.get_sample_value(
+                "hetero_router_shed_total", {"model": MODEL, "slo_class": "batch", "reason": "slo"}
+            )
+            == 0
+        )
     finally:
         await running.client.close()
         await daemon.stop()
@@ -234,9 +237,10 @@ async def test_a_stream_outlasting_the_drain_timeout_migrates_with_the_same_toke
         # a never moves again: after the drain timeout its stream fails over to b.
         await asyncio.wait_for(task, 30)
         assert stream.route.decode_backend == "a"
-        assert daemon.registry.get_sample_value(
-            "hetero_router_retries_total", {"kind": "migration"}
-        ) == 1
+        assert (
+            daemon.registry.get_sample_value("hetero_router_retries_total", {"kind": "migration"})
+            == 1
+        )
         await eventually(lambda: "a" not in daemon.pool.endpoints)
         # Greedy: b alone gives the same tokens (every device has the same weights).
         expected = Stream()

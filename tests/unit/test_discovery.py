@@ -16,7 +16,7 @@ from router.errors import ConfigError
 from router.pool.endpointslices import endpoint_backends, slice_fields
 from router.pool.filewatch import FileWatch
 from router.pool.kube import from_kubeconfig, in_cluster
-from router.settings import DiscoveredEntry, parse_pool
+from router.settings import DiscoveredEntry, EndpointSliceDiscovery, parse_pool
 from tests.fake_kube import endpoint_slice, pod_endpoint
 from tests.pki import TestCA
 
@@ -25,6 +25,11 @@ def _entry(**fields: Any) -> DiscoveredEntry:
     body = {"id": "engines", "discovery": {"endpointslices": {"service": "vllm"}}, **fields}
     config = parse_pool({"backends": [body]})
     return config.discovered[0]
+
+
+def _source(entry: DiscoveredEntry) -> EndpointSliceDiscovery:
+    assert entry.discovery.endpointslices is not None
+    return entry.discovery.endpointslices
 
 
 def _slices(**slice_options: Any) -> list[dict[str, Any]]:
@@ -42,7 +47,7 @@ def test_labels_give_the_fields_the_entry_leaves_out_and_annotations_win() -> No
         "role": "prefill", "kind": "vllm", "model": "meta-llama/Llama-3.1-8B", "profile": "h100",
     }  # fmt: skip
     entry = _entry()
-    backends, refused = endpoint_backends(entry, entry.discovery.endpointslices, slices)  # type: ignore[arg-type]  # set
+    backends, refused = endpoint_backends(entry, _source(entry), slices)
     assert refused == []
     [backend] = backends
     assert (backend.id, backend.address, backend.role, backend.kind, backend.model) == (
@@ -54,7 +59,7 @@ def test_labels_give_the_fields_the_entry_leaves_out_and_annotations_win() -> No
 def test_the_entry_fields_win_over_labels() -> None:
     entry = _entry(role="decode", model="m", kind="mock", profile="groq-lpu")
     slices = _slices(labels={"hetero-router.io/role": "prefill"})
-    backends, _ = endpoint_backends(entry, entry.discovery.endpointslices, slices)  # type: ignore[arg-type]  # set
+    backends, _ = endpoint_backends(entry, _source(entry), slices)
     assert [(b.role, b.model, b.profile) for b in backends] == [(Role.DECODE, "m", "groq-lpu")]
 
 
@@ -68,7 +73,7 @@ def test_conditions_decide_membership() -> None:
         pod_endpoint("serving-terminating", "10.0.0.5", ready=True, terminating=True),
     ]
     slices = [endpoint_slice("s", "vllm", endpoints, port=8000)]
-    backends, _ = endpoint_backends(entry, entry.discovery.endpointslices, slices)  # type: ignore[arg-type]  # set
+    backends, _ = endpoint_backends(entry, _source(entry), slices)
     assert [b.id for b in backends] == ["engines-ready", "engines-unknown"]
 
 
@@ -76,16 +81,18 @@ def test_ids_without_a_pod_name_and_ipv6_addresses() -> None:
     entry = _entry(role="decode", model="m")
     endpoint = {"addresses": ["fd00::7"], "conditions": {"ready": True}}
     slices = [endpoint_slice("s", "vllm", [endpoint], port=8000)]
-    backends, _ = endpoint_backends(entry, entry.discovery.endpointslices, slices)  # type: ignore[arg-type]  # set
+    backends, _ = endpoint_backends(entry, _source(entry), slices)
     assert [(b.id, b.address) for b in backends] == [("engines-fd00--7-8000", "[fd00::7]:8000")]
 
 
 def test_the_named_port_is_used_and_a_slice_without_it_is_said() -> None:
     entry = _entry(role="decode", model="m", discovery={
         "endpointslices": {"service": "vllm", "port_name": "http"}})  # fmt: skip
-    http = endpoint_slice("a", "vllm", [pod_endpoint("p", "10.0.0.1")], port=8000, port_name="http")
-    other = endpoint_slice("b", "vllm", [pod_endpoint("q", "10.0.0.2")], port=9000, port_name="metrics")
-    backends, refused = endpoint_backends(entry, entry.discovery.endpointslices, [http, other])  # type: ignore[arg-type]  # set
+    http = endpoint_slice("a", "vllm", [pod_endpoint("p", "10.0.0.1")], port=8000,
+                          port_name="http")  # fmt: skip
+    other = endpoint_slice("b", "vllm", [pod_endpoint("q", "10.0.0.2")], port=9000,
+                           port_name="metrics")  # fmt: skip
+    backends, refused = endpoint_backends(entry, _source(entry), [http, other])
     assert [b.address for b in backends] == ["10.0.0.1:8000"]
     assert refused == ["slice b: no port named 'http'"]
 
@@ -93,7 +100,7 @@ def test_the_named_port_is_used_and_a_slice_without_it_is_said() -> None:
 def test_an_endpoint_whose_labels_make_no_backend_is_refused_in_one_line() -> None:
     entry = _entry()
     slices = _slices(labels={"hetero-router.io/role": "gpu"})
-    backends, refused = endpoint_backends(entry, entry.discovery.endpointslices, slices)  # type: ignore[arg-type]  # set
+    backends, refused = endpoint_backends(entry, _source(entry), slices)
     assert backends == []
     [line] = refused
     assert line.startswith("slice vllm-x, vllm-0: ")
@@ -104,9 +111,11 @@ def test_an_endpoint_whose_labels_make_no_backend_is_refused_in_one_line() -> No
 @pytest.mark.parametrize(
     ("entry", "said"),
     [
-        ({"dns": {"name": "decode.test", "port": 1}}, "DNS records carry no labels: give role and model"),
-        ({"dns": {"name": "x", "record": "SRV", "port": 1}, "role": "decode", "model": "m"},
-         "SRV records carry their own ports"),
+        ({"dns": {"name": "decode.test", "port": 1}}, "DNS records carry no labels: give role"),
+        (
+            {"dns": {"name": "x", "record": "SRV", "port": 1}, "role": "decode", "model": "m"},
+            "SRV records carry their own ports",
+        ),
         ({"dns": {"name": "x"}, "role": "decode", "model": "m"}, "A records need the port"),
         ({"dns": {"name": "a..b", "port": 1}, "role": "decode", "model": "m"}, "not a DNS name"),
         ({}, "give exactly one of dns, endpointslices"),
@@ -116,8 +125,8 @@ def test_an_endpoint_whose_labels_make_no_backend_is_refused_in_one_line() -> No
     ],
 )
 def test_bad_discovery_entries_are_one_line(entry: dict[str, Any], said: str) -> None:
-    fields = {k: entry.pop(k) for k in ("role", "model") if k in entry}
-    body = {"id": "d", "discovery": entry, **fields}
+    fields: dict[str, Any] = {k: entry.pop(k) for k in ("role", "model") if k in entry}
+    body: dict[str, Any] = {"id": "d", "discovery": entry, **fields}
     with pytest.raises(ConfigError) as error:
         parse_pool({"backends": [body]})
     assert said in str(error.value)
