@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry
 
+from backends.base import Role
 from router.api.door import BearerTokens
 from router.api.grpc_server import FrontDoor, RouterService
 from router.api.http_server import AdminServer
@@ -40,7 +41,7 @@ from router.pool.filewatch import FileWatch
 from router.pool.health import HealthChecker
 from router.pool.membership import Membership
 from router.pool.outlier import OutlierDetector
-from router.pool.registry import Pool
+from router.pool.registry import Endpoint, Pool
 from router.scheduling.registry import build_scheduler
 from router.settings import PoolConfig, Settings, load_pool
 
@@ -96,7 +97,8 @@ class Daemon:
             self.metrics,
             observers=() if self.tracing is None else (self.tracing.observer,),
         )
-        self.pool.on_backend_added(lambda _: self._initialise_metrics())
+        self._initialise_metrics()
+        self.pool.on_backend_added(self._route_series, replay=False)
         settings.check_exposure()
         tls = settings.tls_files()
         tokens = BearerTokens(settings.auth_tokens())
@@ -131,12 +133,21 @@ class Daemon:
         self._reloading = asyncio.Lock()
         self._reloads: set[asyncio.Future[bool]] = set()
         self._watcher: asyncio.Task[None] | None = None
-        self._watched = [
-            path for path in (pool_file, settings.policy_file) if path is not None
+        # Taken now, close to when the files were read: a change after it is seen.
+        self._watches = [
+            FileWatch(path) for path in (pool_file, settings.policy_file) if path is not None
         ]  # fmt: skip
 
     def _initialise_metrics(self) -> None:
+        self._route_kinds = _route_kinds(self.pool)
         _initialise_metrics(self.metrics, self.pool, self.dispatcher.slo_classes)
+
+    def _route_series(self, endpoint: Endpoint) -> None:
+        """A backend joined: its counters are at zero already; routes through a kind of
+        device new to its model get theirs."""
+        config = endpoint.config
+        if (config.model, self.pool.device_kind(config.id), config.role) not in self._route_kinds:
+            self._initialise_metrics()
 
     @property
     def grpc_port(self) -> int:
@@ -201,7 +212,7 @@ class Daemon:
         await self._publish()
         await self.front_door.start()
         await self.admin.start()
-        if self._watched and self.settings.config_reload_interval_s > 0:
+        if self._watches and self.settings.config_reload_interval_s > 0:
             self._watcher = asyncio.create_task(self._watch_files(), name="config-watch")
 
     # -- reload ----------------------------------------------------------------------
@@ -257,10 +268,9 @@ class Daemon:
         task.add_done_callback(self._reloads.discard)
 
     async def _watch_files(self) -> None:
-        watches = [FileWatch(path) for path in self._watched]
         while True:
             await asyncio.sleep(self.settings.config_reload_interval_s)
-            changed = [w.path for w in watches if w.changed()]
+            changed = [w.path for w in self._watches if w.changed()]
             if changed:
                 log.info("configuration file changed: reloading", files=[str(p) for p in changed])
                 pool = self.pool_file in changed
@@ -405,6 +415,13 @@ def build_tracing(settings: Settings) -> Tracing | None:
             f"({error}): pip install 'hetero-router[tracing]'"
         ) from None
     return Tracing.from_settings(settings)
+
+
+def _route_kinds(pool: Pool) -> set[tuple[str, str, Role]]:
+    return {
+        (e.config.model, pool.device_kind(e.config.id), e.config.role)
+        for e in pool.endpoints.values()
+    }
 
 
 def _initialise_metrics(metrics: RouterMetrics, pool: Pool, slo_classes: Iterable[str]) -> None:

@@ -78,7 +78,9 @@ class DnsSource:
         """The backends the records name now; None when the lookup failed."""
         config = self._config
         try:
-            answer = await self._resolver.resolve(config.name, config.record)
+            # A relative name goes through the resolver's search list, as a pod's
+            # own lookups do (vllm-decode -> vllm-decode.<namespace>.svc.cluster.local).
+            answer = await self._resolver.resolve(config.name, config.record, search=True)
             records = (
                 [(str(r.target).rstrip("."), r.port) for r in answer]
                 if config.record == "SRV"

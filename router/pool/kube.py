@@ -77,7 +77,10 @@ def in_cluster(root: Path = SERVICE_ACCOUNT, environ: Mapping[str, str] = os.env
     if not token.is_file():
         raise ConfigError(f"no service account token at {token}")
     host = f"[{host}]" if ":" in host else host
-    context = ssl.create_default_context(cafile=str(root / "ca.crt"))
+    try:
+        context = ssl.create_default_context(cafile=str(root / "ca.crt"))
+    except (OSError, ssl.SSLError) as error:
+        raise ConfigError(f"service account CA {root / 'ca.crt'}: {error}") from None
     namespace_file = root / "namespace"
     namespace = namespace_file.read_text().strip() if namespace_file.is_file() else "default"
     return KubeAccess(f"https://{host}:{port}", namespace, token_file=token, ssl=context)
@@ -108,6 +111,8 @@ def from_kubeconfig(path: Path) -> KubeAccess:
         return _access(path, context, cluster, user)
     except ConfigError as error:
         raise ConfigError(f"kubeconfig {path}: {error}") from None
+    except (OSError, ssl.SSLError, ValueError, KeyError) as error:  # a CA or key file
+        raise ConfigError(f"kubeconfig {path}: {type(error).__name__}: {error}") from None
 
 
 def _access(

@@ -22,6 +22,7 @@ from router.settings import BackendConfig, DiscoveredEntry, PoolConfig
 log = get_logger(__name__)
 
 Publish = Callable[[Sequence[BackendConfig]], Awaitable[None]]
+RESTART_PAUSE_S = 5.0
 
 
 class Source(Protocol):
@@ -105,10 +106,20 @@ class Membership:
         await asyncio.gather(*(s.first(self._publisher(e.id)) for e, s in sources))
         for entry, source in sources:
             task = asyncio.create_task(
-                source.run(self._publisher(entry.id)), name=f"discovery-{entry.id}"
+                self._supervised(entry.id, source), name=f"discovery-{entry.id}"
             )
             self._tasks[entry.id] = (entry, task)
             self._sources[entry.id] = source
+
+    async def _supervised(self, entry_id: str, source: Source) -> None:
+        """Runs the source; a fault of its own (not a failed look, which it handles)
+        is logged and the source started again after a pause, never left dead."""
+        while True:
+            try:
+                await source.run(self._publisher(entry_id))
+            except Exception:  # discovery must outlive any bug of one source
+                log.exception("discovery source failed: starting it again", entry=entry_id)
+            await asyncio.sleep(RESTART_PAUSE_S)
 
     def _publisher(self, entry_id: str) -> Publish:
         async def publish(backends: Sequence[BackendConfig]) -> None:

@@ -246,11 +246,14 @@ class Pool:
 
     # -- membership ------------------------------------------------------------------
 
-    def on_backend_added(self, listener: Callable[[Endpoint], None]) -> None:
+    def on_backend_added(
+        self, listener: Callable[[Endpoint], None], *, replay: bool = True
+    ) -> None:
         """``listener(endpoint)`` runs for every backend that joins the pool (started,
-        not yet health-checked), and at once for every backend already in it."""
+        not yet health-checked), and, with ``replay``, at once for every backend
+        already in it."""
         self._added_listeners.append(listener)
-        for endpoint in list(self.endpoints.values()):
+        for endpoint in list(self.endpoints.values()) if replay else ():
             listener(endpoint)
 
     def on_backend_removed(self, listener: Callable[[str], None]) -> None:

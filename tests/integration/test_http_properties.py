@@ -62,14 +62,9 @@ class RecordingDispatcher:
 
 
 @dataclass
-class _PoolConfig:
-    resolved_default_model: str = MODEL
-
-
-@dataclass
 class FakePool:
     models: list[str] = field(default_factory=lambda: [MODEL])
-    config: _PoolConfig = field(default_factory=_PoolConfig)
+    default_model: str = MODEL
 
 
 @dataclass

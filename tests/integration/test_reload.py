@@ -251,3 +251,29 @@ async def test_a_stream_outlasting_the_drain_timeout_migrates_with_the_same_toke
         a_clock.open()
         await running.client.close()
         await daemon.stop()
+
+
+async def test_a_backend_whose_settings_changed_drains_then_joins_again_with_them(
+    tmp_path: Path, devices: dict[str, tuple[DeviceServer, GatedClock]]
+) -> None:
+    (a, a_clock), (b, _) = devices["a"], devices["b"]
+    a_clock.open()
+    running = await _start(tmp_path, _pool_text(_entry("x", a)))
+    daemon = running.daemon
+    try:
+        await eventually(lambda: daemon.pool.in_service("x"))
+        # The same id at b's address: the old x drains and goes, the new one joins.
+        assert await daemon.reload() is True  # unchanged: nothing to do
+        _write(tmp_path / "pool.yaml", _pool_text(_entry("x", b)))
+        await eventually(
+            lambda: "x" in daemon.pool.endpoints
+            and daemon.pool.endpoints["x"].config.address == b.address
+            and daemon.pool.in_service("x")
+        )
+        stream = Stream()
+        await _consume(running.client, stream, max_tokens=2)
+        assert b.requests_received == 1
+        assert a.requests_received == 0
+    finally:
+        await running.client.close()
+        await daemon.stop()
