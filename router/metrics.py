@@ -598,7 +598,7 @@ class RouterMetrics:
             series.slo["met" if record.slo_met else "missed"].inc()
 
 
-def _remove(metric: Gauge | Counter | Histogram, *labels: str) -> None:
+def _remove(metric: Gauge | Counter | LabelledHistogram, *labels: str) -> None:
     # Older prometheus_client versions raise KeyError for a series never created.
     with contextlib.suppress(KeyError):
         metric.remove(*labels)

@@ -266,9 +266,11 @@ async def test_a_backend_whose_settings_changed_drains_then_joins_again_with_the
         assert await daemon.reload() is True  # unchanged: nothing to do
         _write(tmp_path / "pool.yaml", _pool_text(_entry("x", b)))
         await eventually(
-            lambda: "x" in daemon.pool.endpoints
-            and daemon.pool.endpoints["x"].config.address == b.address
-            and daemon.pool.in_service("x")
+            lambda: (
+                "x" in daemon.pool.endpoints
+                and daemon.pool.endpoints["x"].config.address == b.address
+                and daemon.pool.in_service("x")
+            )
         )
         stream = Stream()
         await _consume(running.client, stream, max_tokens=2)
