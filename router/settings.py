@@ -598,21 +598,22 @@ class DiscoveredEntry(BaseModel):
         """The backend of one endpoint found: this entry's fields, those it leaves out
         from ``labels`` (``role``, ``kind``, ``model``, ``profile``); ValueError (pydantic's)
         when what they make is not a valid backend."""
+        # Every field of the entry but its own id and source is the backend's (a field
+        # added to both models carries over); those it leaves out come from the labels.
         fields: dict[str, Any] = {
-            "id": f"{self.id}-{suffix}",
-            "address": address,
-            "chips": self.chips,
-            "time_scale": self.time_scale,
-            "handoff": self.handoff,
-            "options": self.options,
+            name: value
+            for name, value in self.model_dump(exclude={"id", "discovery"}).items()
+            if value is not None
         }
-        for name in ("kind", "role", "model", "profile"):
-            value = getattr(self, name)
-            if value is None:
-                value = labels.get(name)
-            if value is not None:
-                fields[name] = value
+        for name in LABELLED_FIELDS:
+            if name not in fields and name in labels:
+                fields[name] = labels[name]
+        fields.update(id=f"{self.id}-{suffix}", address=address)
         return BackendConfig.model_validate(fields)
+
+
+# The fields a discovered entry may leave to its endpoints' labels.
+LABELLED_FIELDS = ("role", "kind", "model", "profile")
 
 
 def _entry_kind(value: Any) -> str:

@@ -35,14 +35,13 @@ from router.pool.kube import (
     from_kubeconfig,
     in_cluster,
 )
-from router.settings import BackendConfig, DiscoveredEntry, EndpointSliceDiscovery
+from router.settings import LABELLED_FIELDS, BackendConfig, DiscoveredEntry, EndpointSliceDiscovery
 
 log = get_logger(__name__)
 
 Publish = Callable[[Sequence[BackendConfig]], Awaitable[None]]
 
 LABEL_PREFIX = "hetero-router.io/"
-MAPPED_FIELDS = ("role", "kind", "model", "profile")
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
 MAX_BACKOFF_S = 30.0
 
@@ -60,7 +59,7 @@ def slice_fields(obj: Mapping[str, Any]) -> dict[str, str]:
     metadata = metadata if isinstance(metadata, dict) else {}
     labels, annotations = _strings(metadata.get("labels")), _strings(metadata.get("annotations"))
     fields: dict[str, str] = {}
-    for name in MAPPED_FIELDS:
+    for name in LABELLED_FIELDS:
         value = annotations.get(LABEL_PREFIX + name, labels.get(LABEL_PREFIX + name))
         if value:
             fields[name] = value
