@@ -586,6 +586,9 @@ class DiscoveredEntry(BaseModel):
     time_scale: float = Field(default=1.0, ge=0, le=MAX_TIME_SCALE)
     handoff: Literal["direct", "relay"] = "direct"
     options: dict[str, Any] = Field(default_factory=dict)
+    # Each backend's KV cache events; ``{host}`` in an endpoint is the backend's own
+    # host (tcp://{host}:5557: the pod's IP).
+    kv_events: KVEventsConfig | None = None
 
     @model_validator(mode="after")
     def _dns_names_everything(self) -> DiscoveredEntry:
@@ -608,6 +611,12 @@ class DiscoveredEntry(BaseModel):
         for name in LABELLED_FIELDS:
             if name not in fields and name in labels:
                 fields[name] = labels[name]
+        events = fields.get("kv_events")
+        if events is not None:
+            host = address.rpartition(":")[0]  # an IPv6 one in brackets, as ZMQ wants it
+            for key in ("endpoint", "replay_endpoint"):
+                if isinstance(events.get(key), str):
+                    events[key] = events[key].replace("{host}", host)
         fields.update(id=f"{self.id}-{suffix}", address=address)
         return BackendConfig.model_validate(fields)
 

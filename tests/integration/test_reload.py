@@ -37,8 +37,9 @@ async def _device(backend_id: str, clock: GatedClock | None = None) -> DeviceSer
 
 
 def _entry(backend_id: str, device: DeviceServer) -> dict[str, object]:
+    # (No publisher listens at the events' endpoint: a ZMQ subscriber just waits.)
     return {"id": backend_id, "address": device.address, "role": "decode", "model": MODEL,
-            "profile": "groq-lpu"}  # fmt: skip
+            "profile": "groq-lpu", "kv_events": {"endpoint": "tcp://127.0.0.1:9"}}  # fmt: skip
 
 
 def _write(path: Path, text: str) -> None:
@@ -123,6 +124,8 @@ async def test_a_changed_pool_file_swaps_backends_while_a_stream_runs(
         assert len(stream.token_ids) == 20
         assert stream.route.decode_backend == "a"
         await eventually(lambda: "a" not in daemon.pool.endpoints)
+        # KV cache events follow membership: b's subscribed since it joined, a's gone.
+        assert set(daemon.pool.kv_events.subscriptions) == {"b"}
     finally:
         a_clock.open()
         await running.client.close()

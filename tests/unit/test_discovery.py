@@ -63,6 +63,20 @@ def test_the_entry_fields_win_over_labels() -> None:
     assert [(b.role, b.model, b.profile) for b in backends] == [(Role.DECODE, "m", "groq-lpu")]
 
 
+def test_kv_events_endpoints_name_each_backends_own_host() -> None:
+    entry = _entry(role="decode", model="m", kv_events={
+        "endpoint": "tcp://{host}:5557", "replay_endpoint": "tcp://{host}:5558"})  # fmt: skip
+    endpoints = [pod_endpoint("a", "10.0.0.1"), {"addresses": ["fd00::2"], "conditions": {}}]
+    slices = [endpoint_slice("s", "vllm", endpoints, port=8000)]
+    backends, _ = endpoint_backends(entry, _source(entry), slices)
+    assert [
+        (b.kv_events.endpoint, b.kv_events.replay_endpoint) for b in backends if b.kv_events
+    ] == [
+        ("tcp://10.0.0.1:5557", "tcp://10.0.0.1:5558"),
+        ("tcp://[fd00::2]:5557", "tcp://[fd00::2]:5558"),
+    ]
+
+
 def test_conditions_decide_membership() -> None:
     entry = _entry(role="decode", model="m")
     endpoints = [
