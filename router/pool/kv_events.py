@@ -18,10 +18,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import zmq
 import zmq.asyncio
+from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from backends.kv_events import (
     AllBlocksCleared,
@@ -252,3 +255,44 @@ class KVEventFeed:
     async def close(self) -> None:
         for backend_id in list(self.subscriptions):
             await self.unsubscribe(backend_id)
+
+
+class FeedCollector(Collector):
+    """The feed's counts per backend on /metrics, read when scraped (the feed itself
+    keeps plain integers): a backend that leaves takes its series with it."""
+
+    # (metric, its help, the FeedStats field)
+    _COUNTS = (
+        ("batches", "KV event batches applied to the prefix index, live or replayed", "batches"),
+        ("replayed_batches", "KV event batches fetched from the replay endpoint", "replayed"),
+        ("gaps", "Gaps in the live sequence of KV event batches", "gaps"),
+        (
+            "lost_batches",
+            "KV event batches that neither the live feed nor a replay delivered",
+            "lost",
+        ),
+        ("bad_messages", "KV event messages or events that could not be read", "bad"),
+        (
+            "restarts",
+            "Times a backend's KV event sequence went back (the engine restarted)",
+            "restarts",
+        ),
+    )
+
+    def __init__(self, feed: KVEventFeed) -> None:
+        self._feed = feed
+
+    def describe(self) -> list[Metric]:
+        return [
+            CounterMetricFamily(f"hetero_router_kv_event_{name}", help_, labels=["backend"])
+            for name, help_, _ in self._COUNTS
+        ]
+
+    def collect(self) -> Iterator[Metric]:
+        for name, help_, field in self._COUNTS:
+            family = CounterMetricFamily(
+                f"hetero_router_kv_event_{name}", help_, labels=["backend"]
+            )
+            for backend_id, subscription in self._feed.subscriptions.items():
+                family.add_metric([backend_id], getattr(subscription.stats, field))
+            yield family

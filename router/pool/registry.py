@@ -25,7 +25,7 @@ from router.errors import ConfigError
 from router.logging import get_logger
 from router.metrics import RouterMetrics
 from router.pool.kv_block_map import block_map_for
-from router.pool.kv_events import KVEventFeed
+from router.pool.kv_events import FeedCollector, KVEventFeed
 from router.pool.outlier import OutlierDetector
 from router.scheduling.perf import DevicePerf, perf_for
 from router.scheduling.prefix import DEFAULT_BLOCKS_PER_BACKEND, PrefixIndex
@@ -191,6 +191,7 @@ class Pool:
         self.prefix_index = PrefixIndex(prefix_index_blocks_per_backend)
         # The backends' own KV cache events feed the index too (those that publish them).
         self.kv_events = KVEventFeed(self.prefix_index)
+        metrics.registry.register(FeedCollector(self.kv_events))
         # Views are rebuilt one backend at a time, only for backends whose state changed.
         self._views = {backend_id: e.view() for backend_id, e in self.endpoints.items()}
         self._stale: set[str] = set()

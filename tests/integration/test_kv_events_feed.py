@@ -12,11 +12,12 @@ from collections.abc import AsyncIterator
 import pytest
 import zmq
 import zmq.asyncio
+from prometheus_client import CollectorRegistry
 
 from backends.kv_events import encode_seq
 from backends.mock.kv_events import KVEventPublisher
 from backends.prefix import StoredRun, block_hashes
-from router.pool.kv_events import KVEventFeed, KVEventSubscription
+from router.pool.kv_events import FeedCollector, KVEventFeed, KVEventSubscription
 from router.scheduling.prefix import PrefixIndex
 from router.settings import KVEventsConfig
 from tests.helpers import eventually
@@ -111,6 +112,15 @@ async def test_a_gap_is_filled_from_the_replay_socket(feed: KVEventFeed) -> None
         assert subscription.stats.gaps == 1
         assert subscription.stats.replayed >= 3  # the lost ones (and the fourth, maybe)
         assert subscription.stats.lost == 0
+        # /metrics says the same, per backend.
+        registry = CollectorRegistry()
+        registry.register(FeedCollector(feed))
+        labels = {"backend": subscription.backend_id}
+        assert registry.get_sample_value("hetero_router_kv_event_gaps_total", labels) == 1
+        replayed_name = "hetero_router_kv_event_replayed_batches_total"
+        replayed = registry.get_sample_value(replayed_name, labels)
+        assert replayed == subscription.stats.replayed
+        assert registry.get_sample_value("hetero_router_kv_event_lost_batches_total", labels) == 0
     finally:
         await publisher.stop()
 
