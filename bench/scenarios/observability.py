@@ -47,7 +47,6 @@ import numpy as np
 import yaml
 
 from backends._gen.hetero.device.v1 import device_pb2
-from bench import dashboard, plots
 from bench.loadgen import RouterTarget, send, warm_prompts
 from bench.processes import RouterProcess, router_server
 from bench.progress import Progress
@@ -478,6 +477,8 @@ async def _metrics_page(http_address: str) -> str:
 
 
 async def run(quick: bool, out_dir: Path) -> dict[str, Any]:
+    from bench import dashboard, plots  # noqa: PLC0415 (matplotlib: the bench extra; the unit tests import this module without it)
+
     sizes = QUICK if quick else FULL
     result: dict[str, Any] = {"scenario": "observability", "mode": "quick" if quick else "full"}
     if binary() is None:
