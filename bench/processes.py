@@ -78,7 +78,7 @@ async def router_server(
     lines are appended to ``log_path`` when given."""
     with tempfile.TemporaryDirectory() as scratch:
         pool_file = Path(scratch) / "pool.yaml"
-        pool_file.write_text(yaml.safe_dump(pool.model_dump(mode="json")))
+        pool_file.write_text(yaml.safe_dump(pool.model_dump(mode="json", by_alias=True)))
         process = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
@@ -111,12 +111,17 @@ async def router_server(
 async def _serving_address(process: asyncio.subprocess.Process) -> tuple[str, str]:
     if process.stderr is None:
         raise RuntimeError("the router was started without stderr=PIPE")
+    said = b""
     while line := await process.stderr.readline():
         if line.startswith(b"{"):
             event = json.loads(line)
             if event.get("event") == "router serving":
                 return str(event["grpc"]), str(event["http"])
-    raise RuntimeError(f"router exited with {await process.wait()} before serving")
+        else:
+            said = (said + line)[-2000:]
+    raise RuntimeError(
+        f"router exited with {await process.wait()} before serving: {said.decode().strip()}"
+    )
 
 
 async def _drain(process: asyncio.subprocess.Process, log_path: Path | None = None) -> None:
