@@ -9,8 +9,9 @@ checks what the real engine relies on:
 
 - a prefill leg (``kv_transfer_params.do_remote_decode``) must carry exactly vLLM's
   remote-decode request, ``stream: false``, a one-token limit, no ``stream_options``
-  and no ``min_tokens`` (vLLM's prefill side rejects them); it is answered with a
-  completion whose ``kv_transfer_params`` name the blocks to read;
+  and no ``min_tokens`` above 1 (vLLM refuses a minimum above the limit, so the
+  client's own cannot go on this leg); it is answered with a completion whose
+  ``kv_transfer_params`` name the blocks to read;
 - a decode leg carrying ``kv_transfer_params`` must hand back, unchanged, parameters
   this server issued, and stream;
 - both legs must send ``X-Request-Id``.
@@ -32,6 +33,21 @@ them) that ends with the first k of those ids continues from token k, so a resum
 request gets exactly the rest of the uninterrupted answer. With ``return_token_ids``
 chunks carry their ids and the first one the prompt's ids, as vLLM's do.
 
+It also speaks SGLang's P/D protocol when ``sglang_mode`` names its role (SGLang's
+``--disaggregation-mode prefill|decode``): a request carrying ``bootstrap_host``,
+``bootstrap_port`` and ``bootstrap_room`` is one leg of an SGLang split, sent to both
+engines alike; the prefill engine answers with the first token, the decode engine streams
+the answer. The three fields must come together, with a host, a port (or null) and a room
+in [0, 2**63 - 1]; a leg breaking that, or sent to an engine with no SGLang role, is a
+violation. Neither leg needs ``X-Request-Id`` (SGLang pairs legs by room).
+
+Every generation leg it answers is counted by protocol and role in ``leg_counts``
+(bench/fake_legs.py: the counts, and fingerprints of the keys that pair the legs of one
+request), which ``GET /fake/legs`` answers, so a benchmark can check that a router it
+measures really split. ``POST /v1/completions/render`` (and the chat one), which
+vllm-router's default policy calls on every engine for every request, is answered as a
+vLLM 0.32 ``vllm serve`` without ``--enable-scale-out`` answers it: 403, and counted.
+
 For the adapters' checks of what engines send, ``stream_override`` replaces a stream's
 events, ``prefill_reply`` the prefill answer and ``models_reply`` the listing (any
 JSON value, or raw bytes), and ``runaway_chunks`` streams that many chunks in one
@@ -47,10 +63,12 @@ import ssl
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from aiohttp import web
 from multidict import CIMultiDict
+
+from bench import fake_legs
 
 # What a real vLLM P/D pair answered (python -m bench.engines.record_shapes): the fake's
 # answers are these, with the fields a test cares about replaced.
@@ -133,11 +151,16 @@ class FakeVllm:
     runaway_chunks: int = 0
     # Serves HTTPS with this context (its certificate, and clients it requires).
     ssl_context: ssl.SSLContext | None = None
+    # Its role in SGLang's P/D protocol (see the module docstring); None: not in that mode.
+    sglang_mode: Literal["prefill", "decode"] | None = None
+    # Off: ``requests`` stays empty (a long benchmark would hold every request).
+    keep_requests: bool = True
 
     requests: list[Recorded] = field(default_factory=list)
     violations: list[str] = field(default_factory=list)
     disconnected: set[str] = field(default_factory=set)
     issued: dict[str, dict[str, Any]] = field(default_factory=dict)
+    leg_counts: fake_legs.LegCounts = field(default_factory=fake_legs.LegCounts)
 
     def __post_init__(self) -> None:
         self._vocabulary: dict[int, str] = {}  # prompt word ids seen, for /detokenize
@@ -158,6 +181,9 @@ class FakeVllm:
         app.router.add_get("/v1/models", self._models)
         app.router.add_post("/tokenize", self._tokenize)
         app.router.add_post("/detokenize", self._detokenize)
+        app.router.add_post("/v1/completions/render", self._render)
+        app.router.add_post("/v1/chat/completions/render", self._render)
+        app.router.add_get("/fake/legs", self._legs)
         # Like vLLM, stop a handler whose client went away: that is how abort works.
         self._runner = web.AppRunner(
             app, handler_cancellation=True, access_log=None, shutdown_timeout=0.1
@@ -261,8 +287,23 @@ class FakeVllm:
         headers = CIMultiDict(request.headers)
         peer = request.transport.get_extra_info("peername") if request.transport else None
         port = peer[1] if peer else 0
-        self.requests.append(Recorded(request.method, request.path, headers, body, port))
+        if self.keep_requests:
+            self.requests.append(Recorded(request.method, request.path, headers, body, port))
         await self._notify()
+
+    async def _legs(self, request: web.Request) -> web.Response:
+        return web.json_response(self.leg_counts.as_json())
+
+    async def _render(self, request: web.Request) -> web.Response:
+        """vLLM 0.32's answer when its scale-out endpoints are off (the default)."""
+        await self._record(request, None)
+        self.leg_counts.add(fake_legs.RENDER)
+        message = (
+            "Scale-out endpoints are disabled. Restart vllm serve with "
+            "--enable-scale-out to enable them."
+        )
+        error = {"message": message, "type": "PermissionDeniedError", "code": 403}
+        return web.json_response({"error": error}, status=403)
 
     async def _completions(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
@@ -276,6 +317,8 @@ class FakeVllm:
         if too_long:
             return _error(400, too_long)
         try:
+            if any(name in body for name in _BOOTSTRAP_FIELDS):
+                return await self._sglang_leg(request, body, chat)
             if (body.get("kv_transfer_params") or {}).get("do_remote_decode"):
                 return await self._prefill(request_id, body, chat)
             return await self._decode(request, request_id, body, chat)
@@ -316,7 +359,57 @@ class FakeVllm:
 
     def _refuse(self, rule: str) -> web.Response:
         self.violations.append(rule)
+        self.leg_counts.violations += 1
         return _error(400, rule)
+
+    async def _sglang_leg(
+        self, request: web.Request, body: dict[str, Any], chat: bool
+    ) -> web.StreamResponse:
+        """One leg of SGLang's split: the same body goes to both engines, each its role."""
+        rule = _bootstrap_rule_broken(body, self.sglang_mode)
+        if rule:
+            return self._refuse(rule)
+        room = str(body["bootstrap_room"])
+        if self.sglang_mode == "prefill":
+            self.leg_counts.add(fake_legs.SGLANG_PREFILL, room)
+            return await self._first_token(request, body, chat)
+        if body.get("stream") is not True:
+            self.leg_counts.add(fake_legs.SGLANG_DECODE, room)
+            return self._whole_answer(body, chat)
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        self.leg_counts.add(fake_legs.SGLANG_DECODE, room)
+        await self._stream_events(request, response, body, chat)
+        return response
+
+    async def _first_token(
+        self, request: web.Request, body: dict[str, Any], chat: bool
+    ) -> web.StreamResponse:
+        """An SGLang prefill engine's answer: the first token, streamed if asked."""
+        await asyncio.sleep(self.prefill_delay_s)
+        if body.get("stream") is not True:
+            return self._whole_answer({**body, "max_tokens": 1}, chat)
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        content = {"content": self.tokens[0]} if chat else self.tokens[0]
+        await response.write(_sse(_chunk(chat, content, "length", None)) + _DONE)
+        await response.write_eof()
+        return response
+
+    def _whole_answer(self, body: dict[str, Any], chat: bool) -> web.Response:
+        """A non-streamed completion of at most ``max_tokens`` of the answer."""
+        limit = body.get("max_completion_tokens") or body.get("max_tokens") or len(self.tokens)
+        text = "".join(self.tokens[:limit])
+        answer = _recorded("prefill_chat" if chat else "prefill_completion")
+        (choice,) = answer["choices"]
+        if chat:
+            choice["message"]["content"] = text
+        else:
+            choice["text"] = text
+        usage = {"prompt_tokens": self.prompt_tokens, "completion_tokens": min(limit, len(text))}
+        usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+        answer.update(id="cmpl-x", model=body.get("model"), usage=usage, kv_transfer_params=None)
+        return web.json_response(answer)
 
     async def _prefill(self, request_id: str, body: dict[str, Any], chat: bool) -> web.Response:
         rule = _prefill_rule_broken(request_id, body, chat)
@@ -340,6 +433,7 @@ class FakeVllm:
                 remote_num_tokens=self.prompt_tokens,
             )
             self.issued[remote_request_id] = params
+        self.leg_counts.add(fake_legs.VLLM_PREFILL, remote_request_id if params else None)
         first = self.tokens[0] if self.prefill_finish_reason == "length" else ""
         answer = _recorded("prefill_chat" if chat else "prefill_completion")
         (choice,) = answer["choices"]
@@ -369,8 +463,23 @@ class FakeVllm:
             return _error(self.decode_status, "decode engine unavailable")
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
-        if params is not None:
+        if params is None:
+            self.leg_counts.add(fake_legs.PLAIN)
+        else:
+            key = params.get("remote_request_id") if isinstance(params, dict) else None
+            self.leg_counts.add(fake_legs.VLLM_DECODE, str(key))
             await asyncio.sleep(self.handoff_stall_s)
+        await self._stream_events(request, response, body, chat)
+        return response
+
+    async def _stream_events(
+        self,
+        request: web.Request,
+        response: web.StreamResponse,
+        body: dict[str, Any],
+        chat: bool,
+    ) -> None:
+        """Streams the answer's events into a prepared response, with the failure knobs."""
         if self.runaway_chunks:  # everything at once, as fast as the socket takes it
             content = {"content": " x"} if chat else " x"
             chunk = _sse(_chunk(chat, content, None, [_OUTPUT_IDS]))
@@ -379,7 +488,7 @@ class FakeVllm:
             final = self._final_events(body, chat, chunks)
             await response.write(chunk * (chunks - 1) + last + final)
             await response.write_eof()
-            return response
+            return
         events, drop = self._events(body, chat)
         for event in events:
             await response.write(event)
@@ -388,9 +497,8 @@ class FakeVllm:
             transport = request.transport
             if transport is not None:  # None: the client has already gone
                 transport.abort()
-            return response
+            return
         await response.write_eof()
-        return response
 
     def _events(self, body: dict[str, Any], chat: bool) -> tuple[list[bytes], bool]:
         """The SSE events of one stream, and whether the connection drops after them."""
@@ -522,6 +630,28 @@ def _error(status: int, message: str) -> web.Response:
     return web.json_response({"error": error}, status=status)
 
 
+_BOOTSTRAP_FIELDS = ("bootstrap_host", "bootstrap_port", "bootstrap_room")
+_MAX_ROOM = (1 << 63) - 1
+
+
+def _bootstrap_rule_broken(body: dict[str, Any], mode: str | None) -> str | None:
+    """What is wrong with one leg of an SGLang split, None when nothing is."""
+    if mode is None:
+        return "SGLang bootstrap fields sent to an engine not in disaggregation mode"
+    if not all(name in body for name in _BOOTSTRAP_FIELDS):
+        return "bootstrap_host, bootstrap_port and bootstrap_room go together"
+    host, port, room = (body[name] for name in _BOOTSTRAP_FIELDS)
+    if not isinstance(host, str) or not host:
+        return "bootstrap_host must name the prefill engine's host"
+    if port is not None and (isinstance(port, bool) or not isinstance(port, int)):
+        return "bootstrap_port must be a port number or null"
+    if isinstance(room, bool) or not isinstance(room, int) or not 0 <= room <= _MAX_ROOM:
+        return "bootstrap_room must be an integer in [0, 2**63 - 1]"
+    if "kv_transfer_params" in body:
+        return "a leg is SGLang's or vLLM's, not both"
+    return None
+
+
 def _prefill_rule_broken(request_id: str, body: dict[str, Any], chat: bool) -> str | None:
     if not request_id:
         return "X-Request-Id missing"
@@ -533,9 +663,13 @@ def _prefill_rule_broken(request_id: str, body: dict[str, Any], chat: bool) -> s
         return "prefill max_tokens must be 1"
     if chat and body.get("max_completion_tokens", 1) != 1:
         return "prefill max_completion_tokens must be 1"
-    for rejected in ("min_tokens", "min_completion_tokens", "stream_options"):
-        if rejected in body:
-            return f"prefill must not carry {rejected}"
+    if "stream_options" in body:
+        return "prefill must not carry stream_options"
+    for minimum in ("min_tokens", "min_completion_tokens"):
+        # vLLM refuses a minimum above the limit: the client's own minimum cannot go on
+        # a one-token prefill, though a minimum of 1 (vllm-router sends it) may.
+        if not isinstance(body.get(minimum, 0), int) or body.get(minimum, 0) > 1:
+            return f"prefill {minimum} must not exceed its one-token limit"
     if ("messages" in body) != chat or ("prompt" in body) == chat:
         return "prompt belongs to /v1/completions, messages to /v1/chat/completions"
     return None
