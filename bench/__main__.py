@@ -22,6 +22,7 @@ from bench.scenarios import (
     observability,
     overhead,
     overload,
+    peers,
     scheduling,
 )
 
@@ -35,6 +36,7 @@ SCENARIOS: dict[str, Callable[[bool, Path], Coroutine[Any, Any, dict[str, Any]]]
     "overload": overload.run,
     "fuzz": fuzz.run,
     "observability": observability.run,
+    "peers": peers.run,
 }
 
 

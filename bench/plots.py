@@ -191,3 +191,54 @@ def dashboard(path: Path, panels: Sequence[Panel], title: str, columns: int = 2)
     # Lines on white need few colours: a 64-colour palette is a quarter of the bytes.
     with Image.open(drawn) as image:
         image.convert("RGB").quantize(colors=64).save(path, optimize=True)
+
+
+@dataclass(frozen=True)
+class BarPanel:
+    """One bar chart: a value per label (None: no bar, e.g. no router to measure)."""
+
+    title: str
+    unit: str
+    values: Mapping[str, float | None]
+    reference: str | None = None  # the label whose bar is drawn darker (the baseline)
+
+
+def bar_panels(
+    path: Path, panels: Sequence[BarPanel], title: str, columns: int = 3, note: str = ""
+) -> None:
+    """A bar chart per figure, its value written on each bar, ``note`` under them all.
+    Axes are linear unless a panel's positive values span two decades or more."""
+    rows = -(-len(panels) // columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(5.2 * columns, 3.8 * rows), squeeze=False)
+    for axis, panel in zip(axes.flat, panels, strict=False):
+        shown = {label: value for label, value in panel.values.items() if value is not None}
+        labels, values = list(shown), list(shown.values())
+        colours = ["tab:grey" if label == panel.reference else "tab:blue" for label in labels]
+        axis.bar(range(len(values)), values, color=colours)
+        positive = [v for v in values if v > 0]
+        if positive and min(values) > 0 and max(positive) / min(positive) >= 100:
+            axis.set_yscale("log")
+        for index, value in enumerate(values):
+            axis.annotate(
+                f"{value:.0f}" if abs(value) >= 100 else f"{value:.3g}",
+                (index, value),
+                textcoords="offset points",
+                xytext=(0, 2),
+                ha="center",
+                fontsize=8,
+            )
+        axis.axhline(0, color="grey", linewidth=0.6)
+        axis.set_xticks(range(len(labels)))
+        axis.set_xticklabels(labels, rotation=25, ha="right", fontsize=8)
+        axis.set_title(panel.title, fontsize=10)
+        axis.set_ylabel(panel.unit)
+        axis.grid(axis="y", alpha=0.3)
+        axis.margins(y=0.15)
+    for axis in list(axes.flat)[len(panels) :]:
+        axis.set_visible(False)
+    figure.suptitle(title)
+    if note:
+        figure.text(0.5, 0.005, note, ha="center", va="bottom", fontsize=8, wrap=True)
+    figure.tight_layout(rect=(0, 0.04 if note else 0, 1, 0.97))
+    figure.savefig(path, dpi=90)
+    plt.close(figure)

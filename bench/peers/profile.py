@@ -1,0 +1,86 @@
+"""py-spy profiles of a running router: where its CPU goes under load.
+
+py-spy (the bench extra installs it) samples a live process without changing it:
+``py-spy record --pid PID --format raw`` writes collapsed stacks, one line per distinct
+stack, ``frame;frame;...;frame count``, outermost first, each frame
+``function (file:line)``. :func:`top_frames` folds them by function: its own time (the
+samples where it was running, the leaf) and its total time (where it was anywhere on the
+stack), each as a share of the active samples (py-spy leaves idle threads out).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import shutil
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+_LINE = re.compile(r":\d+$")  # a frame's line number, folded away
+# What comes before a module's path inside an installed package or the standard library.
+_SITE = re.compile(r"^.*/(site-packages|lib/python3\.\d+)/")
+
+
+def py_spy() -> Path | None:
+    """The py-spy beside this Python (the bench extra), else one on the PATH."""
+    beside = Path(sys.executable).parent / "py-spy"
+    if beside.exists():
+        return beside
+    found = shutil.which("py-spy")
+    return Path(found) if found else None
+
+
+def _function(frame: str) -> str:
+    """``name (path:line)`` as ``name (short path)``: one entry per function."""
+    name, _, where = frame.partition(" (")
+    if not where:
+        return name
+    path = _SITE.sub("", _LINE.sub("", where.removesuffix(")")))
+    return f"{name} ({path})"
+
+
+def top_frames(collapsed: str, count: int = 25) -> dict[str, Any]:
+    """The functions with the most own and total time in py-spy's collapsed stacks."""
+    own: Counter[str] = Counter()
+    total: Counter[str] = Counter()
+    samples = 0
+    for line in collapsed.splitlines():
+        stack, _, number = line.rpartition(" ")
+        if not stack or not number.isdigit():
+            continue
+        hits = int(number)
+        frames = [_function(frame) for frame in stack.split(";") if frame]
+        if not frames:
+            continue
+        samples += hits
+        own[frames[-1]] += hits
+        for function in set(frames):
+            total[function] += hits
+
+    def shares(counter: Counter[str]) -> list[dict[str, Any]]:
+        return [
+            {"function": function, "share": round(hits / samples, 4)}
+            for function, hits in counter.most_common(count)
+        ]
+
+    return {"samples": samples, "own": shares(own), "total": shares(total)}
+
+
+async def record(pid: int, duration_s: float, rate: int, output: Path) -> str:
+    """Starts py-spy on ``pid`` for ``duration_s``; returns its collapsed stacks when it
+    has finished (the caller loads the process meanwhile). Raises RuntimeError with
+    py-spy's words when it cannot sample."""
+    binary = py_spy()
+    if binary is None:
+        raise RuntimeError("py-spy is not installed (pip install -e '.[bench]')")
+    process = await asyncio.create_subprocess_exec(
+        str(binary), "record", "--pid", str(pid), "--duration", str(max(1, round(duration_s))),
+        "--rate", str(rate), "--format", "raw", "--output", str(output),
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    _, errors = await process.communicate()
+    if process.returncode != 0:
+        raise RuntimeError(f"py-spy failed ({process.returncode}): {errors.decode()[-500:]}")
+    return await asyncio.to_thread(output.read_text)

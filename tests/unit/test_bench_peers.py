@@ -1,0 +1,184 @@
+"""The `peers` scenario's parts that need no peer router: the /proc reader of a process
+tree's CPU time, the leg counts' arithmetic, the profile folding and the judgement of
+figures against vllm-router's."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import replace
+
+import pytest
+
+from bench import fake_legs, proc_tree
+from bench.fake_legs import LegCounts, check_split
+from bench.peers import verdicts
+from bench.peers.profile import top_frames
+from bench.peers.verdicts import SystemFigures
+
+# A child that starts a grandchild burning 0.3 s of CPU, says so, and waits for its
+# stdin to close; then it reaps the grandchild and exits.
+_PARENT = """
+import subprocess, sys
+burner = subprocess.Popen([sys.executable, "-c", sys.argv[1]], stdin=subprocess.PIPE,
+                          stdout=subprocess.PIPE)
+print(burner.pid, burner.stdout.readline().decode().strip(), flush=True)
+sys.stdin.read()
+burner.stdin.close()
+burner.wait()
+"""
+_BURNER = """
+import sys, time
+while time.process_time() < 0.3:
+    pass
+print("burnt", flush=True)
+sys.stdin.read()
+"""
+
+
+@pytest.mark.slow
+def test_the_tree_counts_a_grandchild_that_burns_cpu_while_it_runs_and_once_reaped() -> None:
+    root = os.getpid()
+    before = proc_tree.sample(root)
+    child = subprocess.Popen(
+        [sys.executable, "-c", _PARENT, _BURNER], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    )
+    try:
+        assert child.stdout is not None
+        burner_pid, said = child.stdout.readline().decode().split()
+        assert said == "burnt"
+        during = proc_tree.sample(root)
+        assert {child.pid, int(burner_pid)} <= set(during.pids)
+        burnt = proc_tree.cpu_seconds(int(burner_pid))
+        assert burnt >= 0.2  # 0.3 s by the clock, in /proc's ticks
+        assert during.cpu_s - before.cpu_s >= burnt
+        assert during.rss_bytes > before.rss_bytes  # two more Pythons resident
+    finally:
+        assert child.stdin is not None
+        child.stdin.close()
+        child.wait()
+    after = proc_tree.sample(root)
+    assert child.pid not in after.pids
+    # Reaped, its time (and its own reaped child's) is in our cutime now.
+    assert after.cpu_s - before.cpu_s >= burnt
+
+
+def test_a_process_that_is_gone_cannot_be_sampled() -> None:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    with pytest.raises(ProcessLookupError):
+        proc_tree.sample(child.pid)
+
+
+def test_leg_counts_add_up_and_subtract_across_readings() -> None:
+    first, second = LegCounts(), LegCounts()
+    first.add(fake_legs.SGLANG_PREFILL, "11")
+    second.add(fake_legs.SGLANG_PREFILL, "22")
+    both = first.plus(second)
+    assert both.counts[fake_legs.SGLANG_PREFILL] == 2
+    later = LegCounts.from_json(both.as_json())
+    later.add(fake_legs.SGLANG_PREFILL, "33")
+    only_third = LegCounts()
+    only_third.add(fake_legs.SGLANG_PREFILL, "33")
+    assert later.since(both) == only_third  # wraps modulo 2**64 like the sum
+
+
+def test_a_split_needs_every_request_paired_and_nothing_plain() -> None:
+    prefill, decode = LegCounts(), LegCounts()
+    for key in ("cmpl-a-0", "cmpl-b-0"):
+        prefill.add(fake_legs.VLLM_PREFILL, key)
+        decode.add(fake_legs.VLLM_DECODE, key)
+    assert check_split("vllm", 2, prefill, decode).split
+    assert not check_split("vllm", 3, prefill, decode).split  # one request was not split
+    assert not check_split("sglang", 2, prefill, decode).split  # legs of the other protocol
+    crossed = replace(decode, counts=dict(decode.counts), fingerprints=dict(decode.fingerprints))
+    crossed.add(fake_legs.VLLM_DECODE, "cmpl-c-0")
+    prefill.add(fake_legs.VLLM_PREFILL, "cmpl-d-0")
+    assert not check_split("vllm", 3, prefill, crossed).paired
+
+
+def test_collapsed_stacks_fold_by_function_into_own_and_total_shares() -> None:
+    collapsed = "\n".join(
+        [
+            "main (/x/router/cli.py:10);serve (/x/site-packages/aiohttp/web.py:5);"
+            "write (/x/site-packages/aiohttp/http_writer.py:88) 6",
+            "main (/x/router/cli.py:10);serve (/x/site-packages/aiohttp/web.py:7);"
+            "write (/x/site-packages/aiohttp/http_writer.py:90) 2",
+            "main (/x/router/cli.py:10);dumps (/usr/lib/python3.11/json/encoder.py:3) 2",
+            "not a stack line",
+        ]
+    )
+    folded = top_frames(collapsed, count=2)
+    assert folded["samples"] == 10
+    assert folded["own"] == [
+        {"function": "write (aiohttp/http_writer.py)", "share": 0.8},
+        {"function": "dumps (json/encoder.py)", "share": 0.2},
+    ]
+    assert folded["total"][0] == {"function": "main (/x/router/cli.py)", "share": 1.0}
+
+
+# The issue's figures: vllm-router against this router's HTTP door on a quiet machine.
+VLLM_ROUTER = SystemFigures(2.15, 3.9, 744.0, 800.0, 80.0, 80.0)
+DOOR = SystemFigures(2.5, 4.2, 1812.0, 523.0, 100.0, 99.0)
+RELAY = SystemFigures(1.8, 3.1, 1300.0, 600.0)
+ALL_SPLIT = {"vllm-router": True, "sglang-router": True, "hetero-http": True}
+
+
+def figures(**changes: SystemFigures) -> dict[str, SystemFigures]:
+    base = {"vllm-router": VLLM_ROUTER, "hetero-http": DOOR, "grpc-relay": RELAY}
+    base["hetero-grpc"] = SystemFigures(2.3, 4.0, 2500.0, 370.0)
+    return {**base, **{name.replace("_", "-"): value for name, value in changes.items()}}
+
+
+def test_the_issues_figures_miss_every_target_against_vllm_router() -> None:
+    judged = verdicts.targets(figures(), ALL_SPLIT)
+    assert judged["cpu_per_request_ratio"]["value"] == pytest.approx(1812 / 744, abs=1e-4)
+    assert judged["throughput_ratio"]["value"] == pytest.approx(523 / 800, abs=1e-4)
+    for name in ("cpu_per_request_ratio", "added_ttft_p50_ratio", "added_ttft_p99_ratio"):
+        assert judged[name]["met"] is False
+    assert judged["throughput_ratio"]["met"] is False
+    assert judged["grpc_door_over_relay_added_ttft_p50_ms"]["value"] == pytest.approx(0.5)
+    assert judged["grpc_door_over_relay_added_ttft_p50_ms"]["met"] is False
+    assert judged["routers_split"]["met"] is True
+
+
+def test_a_door_at_or_below_vllm_routers_figures_meets_them() -> None:
+    faster = SystemFigures(2.0, 3.9, 700.0, 800.0)
+    grpc = SystemFigures(1.85, 3.5, 900.0, 700.0)
+    judged = verdicts.targets(figures(hetero_http=faster, hetero_grpc=grpc), ALL_SPLIT)
+    assert all(judged[name]["met"] for name in judged), judged
+    assert judged["added_ttft_p99_ratio"]["value"] == 1.0  # equal is within "<= 1.0x"
+
+
+def test_an_added_ttft_at_or_below_zero_is_no_base_for_a_ratio() -> None:
+    noise = replace(VLLM_ROUTER, added_ttft_p50_ms=-0.05)
+    judged = verdicts.targets(figures(vllm_router=noise), ALL_SPLIT)["added_ttft_p50_ratio"]
+    assert judged["value"] is None
+    assert judged["met"] is False  # 2.5 ms is not <= -0.05 ms
+    ahead = replace(DOOR, added_ttft_p50_ms=-0.1)
+    judged = verdicts.targets(figures(vllm_router=noise, hetero_http=ahead), ALL_SPLIT)
+    assert judged["added_ttft_p50_ratio"]["met"] is True
+
+
+def test_without_the_peers_their_targets_are_unmet_with_the_reason() -> None:
+    mine = {k: v for k, v in figures().items() if k != "vllm-router"}
+    judged = verdicts.targets(mine, {"hetero-http": True}, "pip install failed: no index")
+    for name in ("cpu_per_request_ratio", "added_ttft_p50_ratio", "throughput_ratio"):
+        assert judged[name]["met"] is False
+        assert judged[name]["skipped"] == "pip install failed: no index"
+    assert judged["grpc_door_over_relay_added_ttft_p50_ms"]["value"] == pytest.approx(0.5)
+    assert verdicts.ratios(mine) == {}
+
+
+def test_a_router_that_did_not_split_is_named() -> None:
+    judged = verdicts.targets(figures(), {**ALL_SPLIT, "sglang-router": False})
+    assert judged["routers_split"]["met"] is False
+    assert judged["routers_split"]["not_split"] == ["sglang-router"]
+
+
+def test_ratios_put_every_system_over_vllm_router() -> None:
+    table = verdicts.ratios(figures())
+    assert "vllm-router" not in table
+    assert table["grpc-relay"]["cpu_per_request_ratio"] == pytest.approx(1300 / 744)
+    assert table["hetero-http"]["added_ttft_p99_ratio"] == pytest.approx(4.2 / 3.9)
