@@ -697,7 +697,11 @@ def _headline(targets: dict[str, dict[str, Any]]) -> dict[str, Any]:
         "throughput_ratio": "req/s vs vllm-router",
         "grpc_door_over_relay_added_ttft_p50_ms": "gRPC over relay ms",
     }
-    return {label: targets[key]["value"] for key, label in names.items()}
+    # A target without a figure (the peers skipped) reads "n/a" in SUMMARY.md.
+    return {
+        label: "n/a" if targets[key]["value"] is None else targets[key]["value"]
+        for key, label in names.items()
+    }
 
 
 def _plot(path: Path, figures: dict[str, SystemFigures], systems: dict[str, System]) -> None:
