@@ -19,11 +19,14 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.axes import Axes
+from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from bench.chaos.timeline import Timeline
+from router.sim.axes import legend_beside, legible, save
 
 KIND_COLORS = {"kill": "tab:red", "stop": "tab:orange", "restart": "tab:purple"}
+_FAULT_FREE = {"color": "tab:grey", "linewidth": 3.5, "alpha": 0.45}
 ENDING_COLORS = {
     "complete": "tab:green",
     "error_before_first_token": "tab:red",
@@ -33,19 +36,30 @@ ENDING_COLORS = {
 
 
 def draw(path: Path, result: Mapping[str, Any], timeline: Timeline) -> None:
+    save(figure_of(result, timeline), path)
+
+
+def figure_of(result: Mapping[str, Any], timeline: Timeline) -> Figure:
     records = [r for r in result["faults"]["records"] if r["applied_s"] is not None]
     width, series = timeline.bin_s, timeline.series
     figure, axes = plt.subplots(
-        4, 1, figsize=(12, 12), sharex=True, gridspec_kw={"height_ratios": [3, 3, 3, 2]}
+        4,
+        1,
+        figsize=(13, 12),
+        sharex=True,
+        gridspec_kw={"height_ratios": [3, 3, 3, 2]},
+        layout="constrained",
     )
     tokens, requests, ttft, lanes = axes
 
-    _steps(tokens, series["tokens_fault_free"], width, "fault-free run", "grey")
-    _steps(tokens, series["tokens_chaos"], width, "chaos run", "tab:blue")
+    # The fault-free run is a wide pale band under the chaos run's line: where the two
+    # agree (most of the time) both still show.
+    _steps(tokens, series["tokens_fault_free"], width, "fault-free run", _FAULT_FREE)
+    _steps(tokens, series["tokens_chaos"], width, "chaos run", {"color": "tab:blue"})
     tokens.set_ylabel("tokens/s delivered")
 
-    _steps(requests, series["completed_fault_free"], width, "completed, fault-free", "grey")
-    _steps(requests, series["completed_chaos"], width, "completed, chaos", "tab:green")
+    _steps(requests, series["completed_fault_free"], width, "completed, fault-free", _FAULT_FREE)
+    _steps(requests, series["completed_chaos"], width, "completed, chaos", {"color": "tab:green"})
     starts = np.arange(len(series["errors_chaos"])) * width
     requests.bar(
         starts,
@@ -94,11 +108,12 @@ def draw(path: Path, result: Mapping[str, Any], timeline: Timeline) -> None:
     tokens.legend(
         handles=[*tokens.get_legend_handles_labels()[0], *handles],
         fontsize=8,
-        loc="upper right",
-        ncol=2,
+        loc="upper left",
+        bbox_to_anchor=(1.01, 1.0),
+        borderaxespad=0.0,
     )
-    requests.legend(fontsize=8, loc="upper right")
-    ttft.legend(fontsize=8, loc="upper right", ncol=2)
+    legend_beside(requests, fontsize=8)
+    legend_beside(ttft, fontsize=8)
     lanes.set_xlabel("seconds since the load started")
     figures = result["figures"]
     figure.suptitle(
@@ -109,15 +124,15 @@ def draw(path: Path, result: Mapping[str, Any], timeline: Timeline) -> None:
         f"goodput drop {figures['goodput_drop']:.1%}",
         fontsize=10,
     )
-    figure.tight_layout()
-    figure.savefig(path, dpi=90)
-    plt.close(figure)
+    return legible(figure)
 
 
-def _steps(axis: Axes, values: Sequence[float], width: float, label: str, color: str) -> None:
+def _steps(
+    axis: Axes, values: Sequence[float], width: float, label: str, style: Mapping[str, Any]
+) -> None:
     if values:
         edges = np.arange(len(values) + 1) * width
-        axis.stairs(values, edges, label=label, color=color)
+        axis.stairs(values, edges, label=label, **style)
 
 
 def _lanes(
