@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import textwrap
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -269,39 +270,49 @@ class BarPanel:
 def bar_panels(
     path: Path, panels: Sequence[BarPanel], title: str, columns: int = 3, note: str = ""
 ) -> None:
-    """A bar chart per figure, its value written on each bar, ``note`` under them all.
-    Axes are linear unless a panel's positive values span two decades or more."""
+    save(bar_panels_figure(panels, title, columns, note), path)
+
+
+def bar_panels_figure(
+    panels: Sequence[BarPanel], title: str, columns: int = 3, note: str = ""
+) -> Figure:
+    """A bar chart per figure, its value written at each bar, ``note`` under them all.
+    Bars lie horizontal, so that their labels read level at full size; axes are linear
+    unless a panel's positive values span two decades or more."""
     rows = -(-len(panels) // columns)
-    figure, axes = plt.subplots(rows, columns, figsize=(5.2 * columns, 3.8 * rows), squeeze=False)
+    figure, axes = plt.subplots(
+        rows, columns, figsize=(5.6 * columns, 3.6 * rows), squeeze=False, layout="constrained"
+    )
     for axis, panel in zip(axes.flat, panels, strict=False):
         shown = {label: value for label, value in panel.values.items() if value is not None}
         labels, values = list(shown), list(shown.values())
         colours = ["tab:grey" if label == panel.reference else "tab:blue" for label in labels]
-        axis.bar(range(len(values)), values, color=colours)
+        places = range(len(values))
+        axis.barh(places, values, color=colours)
         positive = [v for v in values if v > 0]
         if positive and min(values) > 0 and max(positive) / min(positive) >= 100:
-            axis.set_yscale("log")
+            axis.set_xscale("log")
+        else:
+            axis.axvline(0, color="grey", linewidth=0.6)
         for index, value in enumerate(values):
             axis.annotate(
                 f"{value:.0f}" if abs(value) >= 100 else f"{value:.3g}",
-                (index, value),
+                (value, index),
                 textcoords="offset points",
-                xytext=(0, 2),
-                ha="center",
+                xytext=(3, 0),
+                va="center",
                 fontsize=8,
             )
-        axis.axhline(0, color="grey", linewidth=0.6)
-        axis.set_xticks(range(len(labels)))
-        axis.set_xticklabels(labels, rotation=25, ha="right", fontsize=8)
+        axis.set_yticks(list(places), labels)
+        axis.invert_yaxis()  # the first label on top, as the panel lists them
         axis.set_title(panel.title, fontsize=10)
-        axis.set_ylabel(panel.unit)
-        axis.grid(axis="y", alpha=0.3)
-        axis.margins(y=0.15)
+        axis.set_xlabel(panel.unit)
+        axis.grid(axis="x", alpha=0.3)
+        axis.margins(x=0.2)
     for axis in list(axes.flat)[len(panels) :]:
         axis.set_visible(False)
     figure.suptitle(title)
     if note:
-        figure.text(0.5, 0.005, note, ha="center", va="bottom", fontsize=8, wrap=True)
-    figure.tight_layout(rect=(0, 0.04 if note else 0, 1, 0.97))
-    figure.savefig(path, dpi=90)
-    plt.close(figure)
+        width = int(figure.get_figwidth() * 72 / (0.55 * 8))  # characters of 8 pt per line
+        figure.supxlabel("\n".join(textwrap.wrap(note, width)), fontsize=8)
+    return legible(figure)

@@ -404,3 +404,24 @@ def test_the_chaos_plot_is_readable_and_shows_the_fault_free_run_under_it() -> N
     tokens = figure.axes[0]
     free, chaos = (p for p in tokens.patches if p.get_label() in {"fault-free run", "chaos run"})
     assert free.get_linewidth() > 2 * chaos.get_linewidth()
+
+
+def test_bar_panels_read_level_with_a_log_axis_where_values_span_decades() -> None:
+    names = ("vllm-router (Rust)", "sglang-router (Rust)", "hetero-router gRPC", "a relay")
+    figure = plots.bar_panels_figure(
+        [
+            plots.BarPanel(
+                "added TTFT p50", "ms", dict(zip(names, (1.2, 41.0, 1.1, None), strict=True))
+            ),
+            plots.BarPanel(
+                "memory after", "MiB", dict(zip(names, (0.5, 28.0, 130.0, 55.0), strict=True))
+            ),
+        ],
+        "routers, one run",
+        columns=2,
+        note="a note under every panel, long enough to be wrapped " * 4,
+    )
+    assert_readable(figure)
+    assert figure.axes[1].get_xscale() == "log"
+    for text in every_tick_label(figure):
+        assert text.get_rotation() == 0, text.get_text()
