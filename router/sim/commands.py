@@ -1,7 +1,8 @@
 """The ``simulate`` and ``plan`` subcommands of ``hetero-router``.
 
 Bad input (a file, a field, a flag) is one line on stderr and exit code 2; no
-traceback. Long runs print a progress line on stderr every few seconds.
+traceback. The figures are one table on stdout, printed once at the end; progress
+goes to stderr (``router.console.Progress``), left out with ``--quiet``.
 """
 
 from __future__ import annotations
@@ -9,12 +10,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from router.console import Progress
 from router.errors import ConfigError
 from router.scheduling.slo import SLO_PRESETS, Slo
 from router.settings import settings_from
@@ -60,7 +61,7 @@ def add_commands(commands: argparse._SubParsersAction[Any]) -> None:
         type=float,
         help="how often the router learns devices' KV use (default: the health interval)",
     )
-    simulate.add_argument("--quiet", action="store_true", help="no progress lines")
+    simulate.add_argument("--quiet", action="store_true", help="no progress on stderr")
 
     plan = commands.add_parser(
         "plan", help="find the cheapest device mix that meets an SLO on a workload"
@@ -85,6 +86,7 @@ def add_commands(commands: argparse._SubParsersAction[Any]) -> None:
     )
     plan.add_argument("--no-split", action="store_true", help="skip prefill/decode mixes")
     plan.add_argument("--out", type=Path, help="directory for plan.json and the cluster file")
+    plan.add_argument("--quiet", action="store_true", help="no progress on stderr")
 
 
 def _workload_flags(command: argparse.ArgumentParser, default_duration_s: float) -> None:
@@ -162,18 +164,27 @@ def _simulate(options: argparse.Namespace) -> int:
     interval = options.load_report_s
     if interval is None:
         interval = settings.health_interval_s
+    progress = Progress("simulated requests", len(requests), quiet=options.quiet)
+
+    def on_progress(simulated_s: float, done: int, total: int) -> None:
+        progress.update(done, note=f"{simulated_s:,.1f} s simulated")
+
     simulator = Simulator(
         cluster,
         resolve_policy(options.policy),
         load_report_interval_s=interval,
         max_in_flight=settings.max_in_flight,
         queue_limit=settings.queue_limit,
-        progress=None if options.quiet else _progress_line,
+        progress=None if options.quiet else on_progress,
         progress_interval_s=PROGRESS_INTERVAL_S,
         overhead_s=options.overhead_ms / 1e3,
         handoff_s=options.handoff_ms / 1e3,
     )
-    result = simulator.run(requests)
+    try:
+        result = simulator.run(requests)
+        progress.update(result.requests)
+    finally:
+        progress.close()
     summary = result.summary(slo)
     print(format_summary(summary))
     if options.out is not None:
@@ -194,15 +205,6 @@ def _simulate(options: argparse.Namespace) -> int:
     return 0
 
 
-def _progress_line(simulated_s: float, done: int, total: int) -> None:
-    share = done / total if total else 1.0
-    print(
-        f"  simulated {simulated_s:,.1f} s, {done}/{total} requests done ({share:.0%})",
-        file=sys.stderr,
-        flush=True,
-    )
-
-
 # ------------------------------------------------------------------ plan
 
 
@@ -216,28 +218,31 @@ def _plan(options: argparse.Namespace) -> int:
     profiles = None
     if options.profiles:
         profiles = [name.strip() for name in options.profiles.split(",") if name.strip()]
-    started = time.monotonic()
+    # The table comes once, whole, at the end; while the search runs, a count of its runs.
+    progress = Progress("plan: configurations simulated", None, quiet=options.quiet)
 
     def on_trial(runs: int, trial: PlanTrial) -> None:
-        elapsed = time.monotonic() - started
-        print(f"{format_trial(runs, trial)}  [{elapsed:.0f} s]", file=sys.stderr, flush=True)
+        progress.update(runs, note=format_trial(runs, trial))
 
-    result = plan_cluster(
-        options.model,
-        requests,
-        slo,
-        lambda: resolve_policy(policy),
-        profiles=profiles,
-        max_devices=options.max_devices,
-        max_price_per_hour_usd=options.max_price,
-        target_attainment=options.attainment,
-        max_runs=options.max_runs,
-        include_colocated=not options.no_colocated,
-        include_split=not options.no_split,
-        overhead_s=options.overhead_ms / 1e3,
-        handoff_s=options.handoff_ms / 1e3,
-        on_trial=on_trial,
-    )
+    try:
+        result = plan_cluster(
+            options.model,
+            requests,
+            slo,
+            lambda: resolve_policy(policy),
+            profiles=profiles,
+            max_devices=options.max_devices,
+            max_price_per_hour_usd=options.max_price,
+            target_attainment=options.attainment,
+            max_runs=options.max_runs,
+            include_colocated=not options.no_colocated,
+            include_split=not options.no_split,
+            overhead_s=options.overhead_ms / 1e3,
+            handoff_s=options.handoff_ms / 1e3,
+            on_trial=on_trial,
+        )
+    finally:
+        progress.close()
     print(format_plan(result))
     if options.out is not None:
         options.out.mkdir(parents=True, exist_ok=True)

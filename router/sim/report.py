@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from router.console import render, table
 from router.sim.planner import PlanResult, PlanTrial
 from router.sim.results import SimResult, SimSummary
 
@@ -22,72 +23,105 @@ PLOTS_INSTALL = "pip install 'hetero-router[plots]'"
 
 
 def format_summary(summary: SimSummary) -> str:
-    """The figures a reader looks for first, one per line."""
+    """The figures a reader looks for first: a table of one figure per row."""
     ttft, tpot = summary.ttft_s, summary.tpot_s
-    lines = [
-        f"cluster     {summary.cluster}  ({summary.devices} devices, "
-        f"${summary.price_per_hour_usd:,.2f}/h)",
-        f"requests    {summary.requests}: "
-        + ", ".join(f"{n} {outcome}" for outcome, n in sorted(summary.outcomes.items()))
-        + f"; {_percent(summary.split_fraction)} split",
-        f"simulated   {summary.makespan_s:,.1f} s in {summary.wall_s:.1f} s wall, "
-        f"{summary.cpu_s:.1f} s CPU" + ("  (stopped early)" if summary.stopped_early else ""),
-        f"TTFT ms     mean {_ms(ttft.mean)}  p50 {_ms(ttft.p50)}  p99 {_ms(ttft.p99)}",
-        f"TPOT ms     mean {_ms(tpot.mean)}  p50 {_ms(tpot.p50)}  p99 {_ms(tpot.p99)}",
-        f"throughput  {summary.request_throughput:,.2f} req/s, "
-        f"{summary.output_token_throughput:,.0f} output tokens/s",
-        f"cost        ${summary.cost_per_million_output_tokens_usd:,.3f} per million output tokens",
+    rows = [
+        (
+            "cluster",
+            f"{summary.cluster}  ({summary.devices} devices, ${summary.price_per_hour_usd:,.2f}/h)",
+        ),
+        (
+            "requests",
+            f"{summary.requests}: "
+            + ", ".join(f"{n} {outcome}" for outcome, n in sorted(summary.outcomes.items()))
+            + f"; {_percent(summary.split_fraction)} split",
+        ),
+        (
+            "simulated",
+            f"{summary.makespan_s:,.1f} s in {summary.wall_s:.1f} s wall, "
+            f"{summary.cpu_s:.1f} s CPU" + ("  (stopped early)" if summary.stopped_early else ""),
+        ),
+        ("TTFT ms", f"mean {_ms(ttft.mean)}  p50 {_ms(ttft.p50)}  p99 {_ms(ttft.p99)}"),
+        ("TPOT ms", f"mean {_ms(tpot.mean)}  p50 {_ms(tpot.p50)}  p99 {_ms(tpot.p99)}"),
+        (
+            "throughput",
+            f"{summary.request_throughput:,.2f} req/s, "
+            f"{summary.output_token_throughput:,.0f} output tokens/s",
+        ),
+        (
+            "cost",
+            f"${summary.cost_per_million_output_tokens_usd:,.3f} per million output tokens",
+        ),
     ]
     if summary.prefix_cached_fraction:
-        lines.append(f"prefix hit  {_percent(summary.prefix_cached_fraction)} of prompt tokens")
+        rows.append(("prefix hit", f"{_percent(summary.prefix_cached_fraction)} of prompt tokens"))
     if summary.slo is not None:
-        lines += [
-            f"SLO         {summary.slo}: attainment {_percent(summary.slo_attainment)}",
-            f"goodput     {_number(summary.goodput)} req/s, "
-            f"{_number(summary.goodput_per_device)} per device, "
-            f"{_number(summary.goodput_per_usd_hour, 4)} per $/h",
+        rows += [
+            ("SLO", f"{summary.slo}: attainment {_percent(summary.slo_attainment)}"),
+            (
+                "goodput",
+                f"{_number(summary.goodput)} req/s, "
+                f"{_number(summary.goodput_per_device)} per device, "
+                f"{_number(summary.goodput_per_usd_hour, 4)} per $/h",
+            ),
         ]
-    lines.append(f"shed        {summary.shed} ({summary.not_served} not served in all)")
-    return "\n".join(lines)
+    rows.append(("shed", f"{summary.shed} ({summary.not_served} not served in all)"))
+    grid = table("figure", "value")
+    for row in rows:
+        grid.add_row(*row)
+    return render(grid)
+
+
+PLAN_COLUMNS = ("#", "configuration", "$/h", "attainment", "TTFT p99 ms", "TPOT p99 ms", "status")
 
 
 def format_plan(result: PlanResult) -> str:
-    header = (
-        f"{'#':>3}  {'configuration':<44} {'$/h':>9}  {'attain':>7}  "
-        f"{'TTFT p99':>9}  {'TPOT p99':>9}  status"
+    """Every configuration the search ran, in the order it ran them, under one header;
+    then the recommendation."""
+    grid = table(
+        *PLAN_COLUMNS,
+        numeric=("#", "$/h", "attainment", "TTFT p99 ms", "TPOT p99 ms"),
+        title=f"{result.model}: {len(result.trials)} configurations simulated",
     )
-    rows = [header, "-" * len(header)]
     for number, trial in enumerate(result.trials, start=1):
-        rows.append(_plan_row(number, trial))
+        grid.add_row(*_plan_cells(number, trial))
+    lines = [render(grid), ""]
     best = result.best
     if best is None:
-        rows.append(
-            f"\nno configuration tried meets {result.slo.name} at "
+        lines.append(
+            f"no configuration tried meets {result.slo.name} at "
             f"{_percent(result.target_attainment)} attainment; raise --max-devices or --max-runs"
         )
     else:
-        rows.append(
-            f"\nrecommended: {best.candidate.label()}, "
+        lines.append(
+            f"recommended: {best.candidate.label()}, "
             f"${best.candidate.price_per_hour_usd:,.2f}/h, "
             f"attainment {_percent(best.attainment)} of {result.slo.name}"
         )
     if result.skipped_profiles:
-        rows.append(f"(cannot hold {result.model}: {', '.join(result.skipped_profiles)})")
-    return "\n".join(rows)
+        lines.append(f"(cannot hold {result.model}: {', '.join(result.skipped_profiles)})")
+    return "\n".join(lines)
 
 
 def format_trial(number: int, trial: PlanTrial) -> str:
-    return _plan_row(number, trial)
+    """One run of the search in a line, for its progress: "#3 2x h100 colocated: met"."""
+    number_, label, price, attainment, _, _, status = _plan_cells(number, trial)
+    return f"#{number_} {label} (${price}/h): {status}, attainment {attainment}"
 
 
-def _plan_row(number: int, trial: PlanTrial) -> str:
+def _plan_cells(number: int, trial: PlanTrial) -> tuple[str, ...]:
     candidate = trial.candidate
     ttft = "-" if trial.ttft_p99_s is None else _ms(trial.ttft_p99_s)
     tpot = "-" if trial.tpot_p99_s is None else _ms(trial.tpot_p99_s)
     attainment = "-" if trial.attainment is None else _percent(trial.attainment)
     return (
-        f"{number:>3}  {candidate.label():<44} {candidate.price_per_hour_usd:>9,.2f}  "
-        f"{attainment:>7}  {ttft:>9}  {tpot:>9}  {trial.status}"
+        str(number),
+        candidate.label(),
+        f"{candidate.price_per_hour_usd:,.2f}",
+        attainment,
+        ttft,
+        tpot,
+        trial.status,
     )
 
 

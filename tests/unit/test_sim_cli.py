@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -34,6 +35,22 @@ def simulate(cluster: Path, *extra: str) -> int:
     return main(["simulate", "--cluster", str(cluster), "--quiet", *extra])
 
 
+def printed_table(text: str) -> tuple[list[str], list[list[str]]]:
+    """The header and rows of the one table in ``text``: the header is the line above
+    the rule, a row a line below it (up to a blank line), cells apart by 2+ spaces.
+    Fails unless exactly one table (one rule) is printed."""
+    lines = text.splitlines()
+    rules = [n for n, line in enumerate(lines) if line.strip() and set(line.strip()) <= {"─", "-"}]
+    assert len(rules) == 1, f"{len(rules)} tables printed:\n{text}"
+    header = re.split(r"\s{2,}", lines[rules[0] - 1].strip())
+    rows = []
+    for line in lines[rules[0] + 1 :]:
+        if not line.strip():
+            break
+        rows.append(re.split(r"\s{2,}", line.strip(), maxsplit=len(header) - 1))
+    return header, rows
+
+
 def test_simulate_prints_the_figures_and_writes_results(
     cluster_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -42,9 +59,13 @@ def test_simulate_prints_the_figures_and_writes_results(
         cluster_file, "--rate", "4", "--requests", "40", "--seed", "3", "--out", str(out)
     )
     assert code == 0
-    printed = capsys.readouterr().out
-    for figure in ("TTFT ms", "TPOT ms", "goodput", "per million output tokens", "shed"):
-        assert figure in printed
+    header, printed = printed_table(capsys.readouterr().out)
+    assert header == ["figure", "value"]
+    figures = dict(printed)
+    for figure in ("cluster", "requests", "TTFT ms", "TPOT ms", "goodput", "cost", "shed"):
+        assert figure in figures
+    assert figures["requests"].startswith("40: 40 ok")
+    assert figures["cost"].endswith("per million output tokens")
     document = json.loads((out / "results.json").read_text())
     assert document["summary"]["requests"] == 40
     assert document["summary"]["slo"] == "chatbot"
@@ -94,14 +115,16 @@ def test_simulate_replays_a_trace(
     save_trace(trace, [RequestSpec(0.0, 100, 10), RequestSpec(0.5, 2000, 20, 1, 1024)])
     code = simulate(cluster_file, "--trace", str(trace), "--slo-ttft-ms", "500")
     assert code == 0
-    assert "requests    2: 2 ok" in capsys.readouterr().out
+    _, rows = printed_table(capsys.readouterr().out)
+    assert dict(rows)["requests"].startswith("2: 2 ok")
 
 
 def test_the_packaged_pool_file_simulates(capsys: pytest.CaptureFixture[str]) -> None:
     from router.settings import default_pool_path  # noqa: PLC0415  # the test's own subject
 
     assert simulate(default_pool_path(), "--rate", "2", "--requests", "10") == 0
-    assert "2x h100 prefill + 2x groq-lpu decode" in capsys.readouterr().out
+    _, rows = printed_table(capsys.readouterr().out)
+    assert dict(rows)["cluster"].startswith("2x h100 prefill + 2x groq-lpu decode")
 
 
 @pytest.mark.parametrize(
@@ -181,12 +204,48 @@ def test_plan_recommends_and_writes_the_cluster(
     )
     assert code == 0
     captured = capsys.readouterr()
+    header, rows = printed_table(captured.out)
+    assert header == [
+        "#",
+        "configuration",
+        "$/h",
+        "attainment",
+        "TTFT p99 ms",
+        "TPOT p99 ms",
+        "status",
+    ]
+    assert [row[1] for row in rows] == ["1x h100 colocated"]
+    assert rows[0][0] == "1"
+    assert rows[0][-1] == "met"
     assert "recommended: 1x h100 colocated" in captured.out
-    assert "1x h100 colocated" in captured.err  # the progress line of its run
+    # stderr has the search's progress, naming its run, and no table (no header, no rows)
+    assert "1x h100 colocated" in captured.err
+    assert "TTFT p99 ms" not in captured.err
+    assert "─" not in captured.err
+    assert all(line.startswith(("  plan: ", "plan in ")) for line in captured.err.splitlines())
     document = json.loads((out / "plan.json").read_text())
     assert document["recommended"]["configuration"] == "1x h100 colocated"
     cluster = load_cluster(out / "recommended-cluster.yaml")
     assert [d.profile for d in cluster.devices] == ["h100"]
+
+
+def test_plan_prints_every_run_once_under_one_header_and_quiet_prints_no_progress(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "plan"
+    flags = ["--model", "llama-3.1-8b", "--profiles", "h100", "--max-devices", "4"]
+    flags += ["--workload", "chatbot", "--rate", "150", "--requests", "300", "--max-runs", "5"]
+    flags += ["--slo", "chatbot", "--quiet", "--out", str(out)]
+    assert main(["plan", *flags]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == f"plan in {out}\n"
+    header, rows = printed_table(captured.out)
+    assert header[:2] == ["#", "configuration"]
+    trials = json.loads((out / "plan.json").read_text())["trials"]
+    assert len(trials) == 5  # none meets the SLO: the search runs until --max-runs
+    assert [row[0] for row in rows] == [str(n) for n in range(1, len(trials) + 1)]
+    assert [row[1] for row in rows] == [trial["configuration"] for trial in trials]
+    assert [row[-1] for row in rows] == [trial["status"] for trial in trials]
 
 
 def test_plan_needs_an_slo(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
