@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from collections.abc import Callable, Coroutine
@@ -12,7 +11,7 @@ from typing import Any
 
 import uvloop
 
-from bench.report import RESULTS_DIR
+from bench.report import RESULTS_DIR, targets_table
 from bench.scenarios import (
     chaos,
     engines,
@@ -51,7 +50,7 @@ def main() -> int:
         started = time.monotonic()
         print(f"scenario {name} ({'quick' if options.quick else 'full'})", file=sys.stderr)
         result: dict[str, Any] = uvloop.run(SCENARIOS[name](options.quick, options.out))
-        print(json.dumps(result.get("targets", {}), indent=1), file=sys.stderr)
+        print(targets_table(result.get("targets", {})), file=sys.stderr)
         print(f"scenario {name}: {time.monotonic() - started:.0f} s", file=sys.stderr)
     print(f"summary: {options.out / 'SUMMARY.md'}", file=sys.stderr)
     return 0

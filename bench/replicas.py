@@ -26,6 +26,7 @@ from backends.mock.config import DeviceConfig
 from backends.mock.server import DeviceServer
 from backends.prefix import block_hashes
 from router.client import AsyncRouterClient
+from router.console import render, table
 from router.daemon import Daemon
 from router.settings import BackendConfig, KVEventsConfig, PoolConfig, Settings
 
@@ -178,8 +179,11 @@ async def run_all() -> list[HitRate]:
 
 
 def main() -> None:
+    numbers = ("hit rate", "hits", "requests")
+    grid = table("routers", *numbers, numeric=numbers)
     for result in asyncio.run(run_all()):
-        print(f"{result.label:<26} hit rate {result.rate:.2f} ({result.hits}/{result.requests})")
+        grid.add_row(result.label, f"{result.rate:.2f}", str(result.hits), str(result.requests))
+    print(render(grid))
 
 
 if __name__ == "__main__":

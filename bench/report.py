@@ -11,6 +11,8 @@ from typing import Any
 
 import numpy as np
 
+from router.console import render, table
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
@@ -63,6 +65,20 @@ def check(
     met = (at_most is None or value <= at_most) and (at_least is None or value >= at_least)
     target = f"<= {at_most}" if at_most is not None else f">= {at_least}"
     return {"value": round(value, 4), "target": target, "met": bool(met)}
+
+
+def targets_table(targets: dict[str, dict[str, Any]]) -> str:
+    """A scenario's targets as a table: each figure, its value, the target, whether met."""
+    grid = table("figure", "value", "target", "met", numeric=("value",))
+    for name, judged in targets.items():
+        value = judged.get("value")
+        grid.add_row(
+            name,
+            "-" if value is None else _fmt(value),
+            str(judged.get("target", "")),
+            "yes" if judged.get("met") else "NO",
+        )
+    return render(grid) if targets else "(no targets)"
 
 
 def _fmt(value: object) -> str:

@@ -7,6 +7,7 @@ import io
 
 import pytest
 
+from bench.report import targets_table
 from router.console import Progress, render, table
 
 
@@ -32,6 +33,22 @@ def test_a_table_has_its_header_once_and_rows_that_never_wrap() -> None:
     assert below[1].endswith("1,234.50")
     assert len(below[0]) == len(below[1]) == len(headers[0])
     assert "\x1b[" not in render(grid)  # no colour codes in what a log gets
+
+
+def test_the_benchs_targets_print_as_a_table() -> None:
+    text = targets_table(
+        {
+            "added_ttft_p50_ms": {"value": 0.4321, "target": "<= 1.0", "met": True},
+            "stream_ratio": {"value": 0.9, "target": ">= 0.95", "met": False},
+        }
+    )
+    header, _rule, *rows = text.splitlines()
+    assert header.split() == ["figure", "value", "target", "met"]
+    assert [row.split() for row in rows] == [
+        ["added_ttft_p50_ms", "0.432", "<=", "1.0", "yes"],
+        ["stream_ratio", "0.9", ">=", "0.95", "NO"],
+    ]
+    assert targets_table({}) == "(no targets)"
 
 
 def test_a_log_of_an_unknown_length_gets_lines_at_powers_of_two(
