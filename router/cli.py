@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import math
 import sys
 from collections.abc import Sequence
@@ -26,6 +27,7 @@ from router.logging import configure, get_logger
 from router.scheduling.registry import build_scheduler
 from router.settings import MAX_TIME_SCALE, Settings, load_pool, settings_from
 from router.sim import commands as sim_commands
+from router.workers import Supervisor
 
 log = get_logger(__name__)
 
@@ -36,6 +38,7 @@ _FLAGS = {
     "grpc_address": "--grpc-address",
     "http_address": "--http-address",
     "insecure": "--insecure",
+    "workers": "--workers",
 }
 
 
@@ -46,6 +49,7 @@ def _settings(options: argparse.Namespace) -> Settings:
         "grpc_address": getattr(options, "grpc_address", None),
         "http_address": getattr(options, "http_address", None),
         "insecure": getattr(options, "insecure", None) or None,
+        "workers": getattr(options, "workers", None),
     }
     given = {key: value for key, value in overrides.items() if value is not None}
     return settings_from(given, _FLAGS)
@@ -65,7 +69,11 @@ async def _serve(settings: Settings, pool_path: Path | None, embedded: bool,
     pool = load_pool(pool_path)
     _check_files(settings)
     tracing = build_tracing(settings)  # a missing extra is refused before devices start
+    if settings.workers > 1 and tracing is not None:  # each worker exports its own
+        await asyncio.to_thread(tracing.shutdown)
     if not embedded:
+        if settings.workers > 1:
+            return await Supervisor(settings, pool, pool_path).serve()
         return await Daemon(settings, pool, tracing=tracing, pool_file=pool_path).serve()
     async with embedded_devices(
         pool,
@@ -74,6 +82,8 @@ async def _serve(settings: Settings, pool_path: Path | None, embedded: bool,
         log_level=settings.log_level,
         log_format=settings.log_format,
     ) as resolved:
+        if settings.workers > 1:  # the workers share the devices this process started
+            return await Supervisor(settings, resolved, None).serve()
         return await Daemon(settings, resolved, tracing=tracing).serve()
 
 
@@ -203,6 +213,11 @@ def build_parser() -> argparse.ArgumentParser:
             "--insecure",
             action="store_true",
             help="serve doors beyond loopback with no token file and no mTLS (logged)",
+        )
+        command.add_argument(
+            "--workers",
+            type=int,
+            help="router processes sharing both ports, under one supervisor (default 1)",
         )
 
     serve = commands.add_parser("serve", help="run the router over the backends of a pool file")

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import signal
 from collections.abc import Awaitable, Iterable, Iterator
 from pathlib import Path
@@ -33,6 +34,7 @@ from router.api.door import BearerTokens
 from router.api.grpc_server import FrontDoor, RouterService
 from router.api.http_server import AdminServer
 from router.api.openai_http import OpenAIRoutes
+from router.api.worker_metrics import WorkerMetrics
 from router.dispatch.dispatcher import Dispatcher
 from router.errors import ConfigError
 from router.logging import get_logger
@@ -53,6 +55,16 @@ log = get_logger(__name__)
 _EXIT_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
+@dataclasses.dataclass(frozen=True)
+class Worker:
+    """Which of ``count`` routers sharing the ports this one is; ``folder``: the
+    workers' private folder (their metrics sockets)."""
+
+    index: int
+    count: int
+    folder: Path
+
+
 class Daemon:
     def __init__(
         self,
@@ -61,12 +73,16 @@ class Daemon:
         registry: CollectorRegistry | None = None,
         tracing: Tracing | None = None,
         pool_file: Path | None = None,
+        *,
+        worker: Worker | None = None,
     ) -> None:
         """``tracing``: where request spans go; by default as the settings say.
         ``pool_file``: the file ``pool_config`` was read from, reloaded on a change (None:
-        the pool is not reloaded; the policy file still is)."""
+        the pool is not reloaded; the policy file still is). ``worker``: this router is
+        one of several sharing the doors' ports (router/workers.py)."""
         self.settings = settings
         self.registry = registry or CollectorRegistry()
+        self.worker = worker
         self.metrics = RouterMetrics(self.registry)
         self.pool = Pool(
             pool_config,
@@ -107,6 +123,12 @@ class Daemon:
             settings.grpc_address,
             tls,
             reflection_tokens=tokens if settings.auth_reflection else None,
+            share_port=worker is not None,
+        )
+        self.worker_metrics = (
+            None
+            if worker is None
+            else WorkerMetrics(self.registry, worker.index, worker.count, worker.folder)
         )
         self.admin = AdminServer(
             self.registry,
@@ -118,6 +140,7 @@ class Daemon:
             tokens=tokens,
             auth_metrics=settings.auth_metrics,
             settings=settings,
+            worker=self.worker_metrics,
         )
         self.started = asyncio.Event()  # set once start-up is complete
         self._draining = False
@@ -182,7 +205,7 @@ class Daemon:
         self._warn_if_open()
         ready, detail = self.readiness()
         log.info(
-            "router serving",
+            "router serving" if self.worker is None else "worker serving",
             grpc=f"{self.settings.grpc_address.rpartition(':')[0]}:{self.grpc_port}",
             http=f"{self.settings.http_address.rpartition(':')[0]}:{self.http_port}",
             backends=len(self.pool.endpoints),
@@ -210,6 +233,8 @@ class Daemon:
         # gRPC health tells the truth from the first call on, and follows from here.
         self._serving = self.readiness()[0]
         await self._publish()
+        if self.worker_metrics is not None:
+            await self.worker_metrics.start()
         await self.front_door.start()
         await self.admin.start()
         if self._watches and self.settings.config_reload_interval_s > 0:
@@ -347,6 +372,8 @@ class Daemon:
         if self._forced.is_set():
             await self._stop_doors(0.0)
         await self._unless_forced(self.dispatcher.drain_background())
+        if self.worker_metrics is not None:
+            await self.worker_metrics.stop()
         background = [t for t in (self._watcher, *self._reloads) if t is not None]
         for task in background:
             task.cancel()

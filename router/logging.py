@@ -4,14 +4,19 @@ The configuration itself is :mod:`backends.logs`, which the mock devices use too
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import structlog
 
 from backends import logs
 
 
-def configure(level: str = "info", fmt: str = "json") -> None:
-    """The router's logs: structlog and the standard library's logging, on stderr."""
-    logs.configure(level, fmt)
+def configure(
+    level: str = "info", fmt: str = "json", fields: Mapping[str, object] | None = None
+) -> None:
+    """The router's logs: structlog and the standard library's logging, on stderr;
+    ``fields`` on every line (a worker's ``worker``)."""
+    logs.configure(level, fmt, fields=fields)
 
 
 def get_logger(name: str) -> structlog.typing.FilteringBoundLogger:

@@ -46,6 +46,9 @@ MAX_SECONDS = 86_400.0
 # A mock device's time scale: 0 skips the modelled waits, 1 is real time; a device a
 # thousand times slower than modelled is no use.
 MAX_TIME_SCALE = 1000.0
+# More router processes than this is a typo: each holds its own backend connections,
+# health checks and KV event subscriptions.
+MAX_WORKERS = 64
 
 
 Address = Annotated[str, AfterValidator(host_port)]
@@ -227,6 +230,9 @@ class Settings(BaseSettings):
     # update); 0: only on SIGHUP.
     config_reload_interval_s: float = Field(default=5.0, ge=0, le=MAX_SECONDS)
     device_ready_timeout_s: float = Field(default=60.0, gt=0, le=MAX_SECONDS)
+    # Router processes sharing both doors' ports (SO_REUSEPORT), each a full router
+    # under one supervising parent (router/workers.py); 1: the router is this process.
+    workers: int = Field(default=1, ge=1, le=MAX_WORKERS)
 
     @model_validator(mode="after")
     def _limits_consistent(self) -> Settings:

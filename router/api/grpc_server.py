@@ -50,6 +50,8 @@ from router.settings import Settings, TlsFiles
 log = get_logger(__name__)
 
 SERVER_OPTIONS = (("grpc.so_reuseport", 0),)
+# A worker's door shares its port with its siblings (and its parent's hold on it).
+SHARED_PORT_OPTIONS = (("grpc.so_reuseport", 1),)
 # The health name for liveness probes: SERVING from listening until the drain begins,
 # whatever the backends do ("" and the Router service follow readiness instead, and a
 # liveness probe on them would restart every router while its backends are down).
@@ -354,6 +356,8 @@ class FrontDoor:
 
     ``tls``: serve TLS (mTLS with a client CA), taking changed files up at the next
     handshake. ``reflection_tokens``: tokens reflection calls must carry (none: open).
+    ``share_port``: bind with SO_REUSEPORT, as one of several workers on one port whose
+    parent checked it free and holds it (router/workers.py).
     """
 
     def __init__(
@@ -362,14 +366,18 @@ class FrontDoor:
         address: str,
         tls: TlsFiles | None = None,
         reflection_tokens: BearerTokens | None = None,
+        *,
+        share_port: bool = False,
     ) -> None:
         self._address = address
+        self._share_port = share_port
         self._credentials = None if tls is None else grpc_credentials(tls)
         self.health = health.aio.HealthServicer()
         interceptors = [_GuardedReflection(reflection_tokens)] if reflection_tokens else []
         # No SO_REUSEPORT (grpc sets it by default): a second router on a taken port
         # must fail to start, not quietly take a share of the connections.
-        self.server: Any = grpc.aio.server(interceptors=interceptors, options=SERVER_OPTIONS)
+        options = SHARED_PORT_OPTIONS if share_port else SERVER_OPTIONS
+        self.server: Any = grpc.aio.server(interceptors=interceptors, options=options)
         self.server.add_generic_rpc_handlers((service.handler(),))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.serve(self.server, (ROUTER_SERVICE, health.SERVICE_NAME))
@@ -377,8 +385,10 @@ class FrontDoor:
         self._accepting = False
 
     async def start(self) -> int:
-        # Said in one line here, before grpc fails with its own multi-line log.
-        check_can_listen(self._address, "gRPC")
+        # Said in one line here, before grpc fails with its own multi-line log (a
+        # shared port is held by the parent, which checked it).
+        if not self._share_port:
+            check_can_listen(self._address, "gRPC")
         try:
             if self._credentials is None:
                 self.port = self.server.add_insecure_port(self._address)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import random
 import ssl
 from collections.abc import Callable
@@ -41,6 +42,7 @@ from router.api.openai_http import (
     retry_after_header,
 )
 from router.api.tls import HttpTls
+from router.api.worker_metrics import WorkerMetrics
 from router.errors import DEFAULT_RETRY_AFTER_S, ECHO_LIMIT, shown
 from router.logging import get_logger
 from router.settings import Settings, TlsFiles
@@ -68,8 +70,10 @@ class AdminServer:
         tokens: BearerTokens | None = None,
         auth_metrics: bool = False,
         settings: Settings | None = None,
+        worker: WorkerMetrics | None = None,
     ) -> None:
         self._openai = openai
+        self._worker = worker
         self._settings = settings or Settings()
         self._guard = ConnectionGuard(
             self._settings.http_header_timeout_s, self._settings.http_max_connections
@@ -119,8 +123,11 @@ class AdminServer:
         )
         await self._runner.setup()
         context = None if self._tls is None else self._tls.context
-        check_can_listen(self._address, "HTTP")  # in one line, as the gRPC door says it
-        site = _GuardedSite(self._runner, self._host, self._port, self._guard, ssl_context=context)
+        shared = self._worker is not None
+        if not shared:  # a shared port is held by the parent, which checked it
+            check_can_listen(self._address, "HTTP")  # in one line, as the gRPC door says it
+        site = _GuardedSite(self._runner, self._host, self._port, self._guard,
+                            ssl_context=context, reuse_port=shared)  # fmt: skip
         await site.start()
         self.port = self._runner.addresses[0][1]  # the bound port, also when 0 was asked
         self._accepting = True
@@ -241,11 +248,16 @@ class AdminServer:
             return _error(request, 500, "internal error")
 
     async def _metrics(self, request: web.Request) -> web.Response:
-        body = generate_latest(self._registry)
+        if self._worker is None:
+            body = generate_latest(self._registry)
+        else:  # whichever worker the scrape reached answers for all of them
+            body = await self._worker.metrics()
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def _healthz(self, request: web.Request) -> web.Response:
-        return web.json_response({"status": "ok"})
+        if self._worker is None:
+            return web.json_response({"status": "ok"})
+        return web.json_response({"status": "ok", "worker": self._worker.index, "pid": os.getpid()})
 
     async def _readyz(self, request: web.Request) -> web.Response:
         ready, detail = self._readiness() if self._accepting else (False, "draining")
@@ -388,8 +400,10 @@ class _GuardedSite(web.BaseSite):
     """aiohttp's TCPSite, with each connection's protocol guarded (ConnectionGuard)."""
 
     def __init__(self, runner: web.BaseRunner, host: str, port: int, guard: ConnectionGuard,
-                 *, ssl_context: ssl.SSLContext | None) -> None:  # fmt: skip
+                 *, ssl_context: ssl.SSLContext | None,
+                 reuse_port: bool = False) -> None:  # fmt: skip
         super().__init__(runner, ssl_context=ssl_context)
+        self._reuse_port = reuse_port
         self._host = host
         self._port = port
         self._guard = guard
@@ -409,4 +423,5 @@ class _GuardedSite(web.BaseSite):
             self._port,
             ssl=self._ssl_context,
             backlog=self._backlog,
+            reuse_port=self._reuse_port or None,
         )
