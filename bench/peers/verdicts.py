@@ -11,6 +11,8 @@ from bench.report import check
 
 REFERENCE = "vllm-router"
 HTTP_DOOR = "hetero-http"
+# The HTTP door of a router run with --workers 2 (two processes sharing the port).
+HTTP_DOOR_WORKERS = "hetero-http-2w"
 GRPC_DOOR = "hetero-grpc"
 RELAY = "grpc-relay"
 DIRECT = "direct"

@@ -9,6 +9,8 @@ side and all running at once:
 - ``sglang-router`` (SGLang's model gateway, PyPI, Rust) in its P/D mode
   (``--pd-disaggregation``, bootstrap rooms), with its defaults otherwise;
 - this router's OpenAI-compatible HTTP door with the ``vllm`` adapter splitting;
+- the same HTTP door of a router run with ``--workers 2`` (two processes sharing the
+  port, router/workers.py; its CPU is the whole tree's, parent and both workers);
 - this router's gRPC door, the same pool, in a second router process;
 - a bare grpc.aio relay of the same split (bench/peers/relay.py), the gRPC door's floor:
   the same proto and client, the same two HTTP legs with the adapter's bodies, none of
@@ -579,6 +581,9 @@ async def run(quick: bool, out_dir: Path) -> dict[str, Any]:
             relay_argv += ["--prefill", prefill.address, "--decode", decode.address]
             async with (
                 router_server(pool, FIXED_LIMIT) as http_router,
+                router_server(
+                    pool, {**FIXED_LIMIT, "HETERO_ROUTER_WORKERS": "2"}
+                ) as workers_router,
                 router_server(pool, FIXED_LIMIT) as grpc_router,
                 _ready_process(relay_argv, log_dir / "relay.log") as (relay_address, relay_pid),
             ):
@@ -614,6 +619,18 @@ async def run(quick: bool, out_dir: Path) -> dict[str, Any]:
                             http_router.pid,
                             "vllm",
                             http_address=http_router.http_address,
+                            body=split_body,
+                        ),
+                        System(
+                            verdicts.HTTP_DOOR_WORKERS,
+                            "hetero-router HTTP, 2 workers",
+                            HttpClient(
+                                f"http://{workers_router.http_address}/v1/completions",
+                                {**BODY, **split_body},
+                            ),
+                            workers_router.pid,
+                            "vllm",
+                            http_address=workers_router.http_address,
                             body=split_body,
                         ),
                         System(
