@@ -53,7 +53,9 @@ log = get_logger(__name__)
 STABLE_S = 30.0
 BACKOFF_BASE_S = 0.25
 BACKOFF_MAX_S = 30.0
-_SERVING = b"serving"
+# What a worker says once it serves: whether it is ready (its view of the backends).
+_SERVING_READY = b"serving ready"
+_SERVING_NOT_READY = b"serving not ready"
 _EXIT_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
@@ -113,6 +115,7 @@ class _Slot:
     process: BaseProcess | None = None
     channel: Connection | None = None
     serving: bool = False
+    ready: bool = False
     started_at: float = 0.0
     restarts_in_a_row: int = 0
     restart: asyncio.TimerHandle | None = None
@@ -163,7 +166,7 @@ class Supervisor:
             for sock in held:
                 sock.close()
             shutil.rmtree(folder, ignore_errors=True)
-        log.info("stopped", workers=len(self._slots))
+        log.info("stopped", workers=len(self._slots), exits=[_said(s) for s in self._statuses])
         if self._failed is not None:
             return self._failed
         if self._stopping > 1 and self._exit_signal is not None:
@@ -198,8 +201,8 @@ class Supervisor:
         except (EOFError, OSError):
             asyncio.get_running_loop().remove_reader(slot.channel.fileno())
             return
-        if message == _SERVING:
-            slot.serving = True
+        if message in (_SERVING_READY, _SERVING_NOT_READY):
+            slot.serving, slot.ready = True, message == _SERVING_READY
             self._announce()
 
     def _announce(self) -> None:
@@ -211,6 +214,7 @@ class Supervisor:
             grpc=self.grpc_address,
             http=self.http_address,
             workers=len(self._slots),
+            ready=all(s.ready for s in self._slots),
             pids=[s.process.pid for s in self._slots if s.process is not None],
         )
 
@@ -227,7 +231,9 @@ class Supervisor:
         slot.process, slot.channel, slot.serving = None, None, False
         status = process.exitcode if process.exitcode is not None else 1
         if self._stopping:
-            self._statuses.append(status)
+            # Stopped before it could take the signal itself (still starting): nothing
+            # of it to drain, a clean stop.
+            self._statuses.append(0 if status == -signal.SIGTERM else status)
         elif not self._announced:
             log.error("worker failed to start: stopping the others", worker=slot.index,
                       pid=process.pid, exit=_said(status))  # fmt: skip
@@ -309,7 +315,7 @@ async def _serve(spec: WorkerSpec, channel: Connection) -> int:
     started = asyncio.ensure_future(daemon.started.wait())
     await asyncio.wait({serving, started}, return_when=asyncio.FIRST_COMPLETED)
     if started.done():
-        channel.send_bytes(_SERVING)
+        channel.send_bytes(_SERVING_READY if daemon.readiness()[0] else _SERVING_NOT_READY)
     started.cancel()
     try:
         return await serving

@@ -112,6 +112,7 @@ def test_two_workers_share_both_ports_restart_when_killed_and_drain_on_sigterm(
     process, log = workers
     serving = log.wait_for(lambda event: event.get("event") == "router serving")
     assert serving["workers"] == 2
+    assert serving["ready"] is True  # both workers see both mock devices healthy
     first, second = serving["pids"]
     http_address, grpc_address = serving["http"], serving["grpc"]
     assert not http_address.endswith(":0")
