@@ -242,7 +242,7 @@ class Supervisor:
         else:
             uptime = loop.time() - slot.started_at
             slot.restarts_in_a_row = 1 if uptime >= STABLE_S else slot.restarts_in_a_row + 1
-            delay = min(BACKOFF_MAX_S, BACKOFF_BASE_S * 2 ** (slot.restarts_in_a_row - 1))
+            delay = restart_delay_s(slot.restarts_in_a_row)
             log.warning("worker exited: restarting", worker=slot.index, pid=process.pid,
                         exit=_said(status), restart_in_s=delay)  # fmt: skip
             slot.restart = loop.call_later(delay, self._start, slot)
@@ -276,6 +276,11 @@ class Supervisor:
             if slot.process is not None and slot.process.pid is not None:
                 with contextlib.suppress(ProcessLookupError):  # exited, not yet reaped
                     os.kill(slot.process.pid, signum)
+
+
+def restart_delay_s(restarts_in_a_row: int) -> float:
+    """The wait before restart ``restarts_in_a_row`` (1: the first after a stable run)."""
+    return min(BACKOFF_MAX_S, BACKOFF_BASE_S * 2.0 ** (restarts_in_a_row - 1))
 
 
 def _said(status: int) -> str:

@@ -14,7 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from router.api.worker_metrics import WorkerMetrics
 from router.errors import ConfigError
 from router.settings import MAX_WORKERS, settings_from
-from router.workers import hold_port
+from router.workers import BACKOFF_MAX_S, hold_port, restart_delay_s
 
 
 def reuseport_listener(port: int) -> socket.socket:
@@ -102,3 +102,10 @@ def test_workers_setting_is_bounded_and_names_the_flag() -> None:
         settings_from({"workers": 0}, {"workers": "--workers"})
     with pytest.raises(ConfigError, match="--workers"):
         settings_from({"workers": MAX_WORKERS + 1}, {"workers": "--workers"})
+
+
+def test_restarts_in_a_row_wait_twice_as_long_each_time_up_to_the_cap() -> None:
+    delays = [restart_delay_s(n) for n in range(1, 12)]
+    assert delays[:4] == [0.25, 0.5, 1.0, 2.0]
+    assert delays[-1] == BACKOFF_MAX_S
+    assert delays == sorted(delays)
