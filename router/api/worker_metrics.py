@@ -68,10 +68,12 @@ class WorkerMetrics:
         """The exposition of every worker that answers, each series labelled."""
         siblings = [k for k in range(self.count) if k != self.index]
         texts = await asyncio.gather(*(self._fetch(k) for k in siblings))
-        sources: list[tuple[int, Iterable[Metric]]] = [(self.index, self.registry.collect())]
-        sources += [
+        # Its own read back from text as the siblings' are: the text format splits a
+        # counter's _created series into a family of its own, which collect() does not.
+        own = generate_latest(self.registry).decode()
+        sources: list[tuple[int, Iterable[Metric]]] = [
             (k, text_string_to_metric_families(text))
-            for k, text in zip(siblings, texts, strict=True)
+            for k, text in [(self.index, own), *zip(siblings, texts, strict=True)]
             if text is not None
         ]
         merged = _Merged(sources)

@@ -127,6 +127,8 @@ def test_two_workers_share_both_ports_restart_when_killed_and_drain_on_sigterm(
     assert 'worker="0"' in text
     assert 'worker="1"' in text
     assert "hetero_router_workers_scraped 2.0" in text
+    types = [line for line in text.splitlines() if line.startswith("# TYPE ")]
+    assert len(types) == len(set(types))  # each family once, both workers' series in it
     # The gRPC door serves on its shared port too.
     with RouterClient(ChannelConfig(address=grpc_address, timeout_s=30)) as client:
         responses = list(client.generate("hello workers", max_tokens=4, temperature=0))

@@ -89,7 +89,10 @@ async def test_a_scrape_of_any_worker_holds_every_workers_series_labelled(
             assert totals == {"0": 3.0, "1": 5.0}
             assert families["hetero_router_workers_scraped"].samples[0].value == 2.0
             # One family per name: HELP and TYPE said once, as Prometheus requires.
-            assert text.count("# TYPE demo_requests_total counter") == 1
+            types = [line for line in text.splitlines() if line.startswith("# TYPE ")]
+            assert len(types) == len(set(types))
+            assert "# TYPE demo_requests_total counter" in types
+            assert "# TYPE demo_requests_created gauge" in types
     finally:
         await first.stop()
         await second.stop()
