@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Callable, Iterator
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -60,13 +61,16 @@ class RouterLog:
 def workers(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], RouterLog]]:
     pool = tmp_path / "pool.yaml"
     pool.write_text(POOL)
+    policy = tmp_path / "policy.yaml"  # the packaged one, named so that SIGHUP reloads it
+    policy.write_bytes(resources.files("router.defaults").joinpath("policy.yaml").read_bytes())
+    environment = {"HETERO_ROUTER_LOG_FORMAT": "json", "HETERO_ROUTER_POLICY_FILE": str(policy)}
     process = subprocess.Popen(
         [sys.executable, "-m", "router.cli", "up", "--pool", str(pool), "--workers", "2",
          "--grpc-address", "127.0.0.1:0", "--http-address", "127.0.0.1:0", "--time-scale", "0"],
         stderr=subprocess.PIPE,
         stdout=subprocess.DEVNULL,
         text=True,
-        env={**os.environ, "HETERO_ROUTER_LOG_FORMAT": "json"},
+        env={**os.environ, **environment},
     )  # fmt: skip
     try:
         yield process, RouterLog(process)
@@ -106,7 +110,7 @@ def alive(pid: int) -> bool:
         return False
 
 
-def test_two_workers_share_both_ports_restart_when_killed_and_drain_on_sigterm(
+def test_two_workers_share_both_ports_reload_on_sighup_restart_when_killed_and_drain(
     workers: tuple[subprocess.Popen[str], RouterLog],
 ) -> None:
     process, log = workers
@@ -133,6 +137,14 @@ def test_two_workers_share_both_ports_restart_when_killed_and_drain_on_sigterm(
     with RouterClient(ChannelConfig(address=grpc_address, timeout_s=30)) as client:
         responses = list(client.generate("hello workers", max_tokens=4, temperature=0))
     assert responses[-1].finish_reason
+
+    # SIGHUP to the parent reaches every worker: each reloads the policy file.
+    process.send_signal(signal.SIGHUP)
+    reloaded = {
+        log.wait_for(lambda event: event.get("event") == "policy file reloaded")["worker"]
+        for _ in range(2)
+    }
+    assert reloaded == {0, 1}
 
     os.kill(first, signal.SIGKILL)
     exited = log.wait_for(lambda event: event.get("event") == "worker exited: restarting")
