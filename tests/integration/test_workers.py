@@ -17,6 +17,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 
 from router.client import ChannelConfig, RouterClient
@@ -57,21 +58,27 @@ class RouterLog:
         raise AssertionError(f"the router exited before the line was said: {self.said[-5:]}")
 
 
-@pytest.fixture
-def workers(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], RouterLog]]:
+def start_workers(tmp_path: Path, time_scale: str = "0",
+                  **environment: str) -> subprocess.Popen[str]:  # fmt: skip
+    """``up --workers 2`` over the two mock devices of POOL."""
     pool = tmp_path / "pool.yaml"
     pool.write_text(POOL)
-    policy = tmp_path / "policy.yaml"  # the packaged one, named so that SIGHUP reloads it
-    policy.write_bytes(resources.files("router.defaults").joinpath("policy.yaml").read_bytes())
-    environment = {"HETERO_ROUTER_LOG_FORMAT": "json", "HETERO_ROUTER_POLICY_FILE": str(policy)}
-    process = subprocess.Popen(
+    return subprocess.Popen(
         [sys.executable, "-m", "router.cli", "up", "--pool", str(pool), "--workers", "2",
-         "--grpc-address", "127.0.0.1:0", "--http-address", "127.0.0.1:0", "--time-scale", "0"],
+         "--grpc-address", "127.0.0.1:0", "--http-address", "127.0.0.1:0",
+         "--time-scale", time_scale],
         stderr=subprocess.PIPE,
         stdout=subprocess.DEVNULL,
         text=True,
-        env={**os.environ, **environment},
+        env={**os.environ, "HETERO_ROUTER_LOG_FORMAT": "json", **environment},
     )  # fmt: skip
+
+
+@pytest.fixture
+def workers(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], RouterLog]]:
+    policy = tmp_path / "policy.yaml"  # the packaged one, named so that SIGHUP reloads it
+    policy.write_bytes(resources.files("router.defaults").joinpath("policy.yaml").read_bytes())
+    process = start_workers(tmp_path, HETERO_ROUTER_POLICY_FILE=str(policy))
     try:
         yield process, RouterLog(process)
     finally:
@@ -187,3 +194,31 @@ def test_a_taken_port_is_refused_in_one_line_before_any_worker_starts(
         result.stderr.strip()
         == f"hetero-router: cannot listen on {address} for gRPC: address in use"
     )
+
+
+def test_a_second_sigterm_cuts_the_workers_drains_short(tmp_path: Path) -> None:
+    # Real-time-ish devices and a long grace: a long stream is still running when the
+    # first signal comes, and only the second one ends it.
+    process = start_workers(tmp_path, "20", HETERO_ROUTER_DRAIN_GRACE_S="600")
+    try:
+        log = RouterLog(process)
+        serving = log.wait_for(lambda event: event.get("event") == "router serving")
+        with RouterClient(ChannelConfig(address=serving["grpc"], timeout_s=120)) as client:
+            stream = client.generate("a long answer", max_tokens=4096, temperature=0)
+            next(stream)  # in flight on one of the workers
+            process.send_signal(signal.SIGTERM)
+            draining = {
+                log.wait_for(lambda event: event.get("event") == "draining")["worker"]
+                for _ in range(2)
+            }
+            assert draining == {0, 1}
+            assert not next(stream).finish_reason  # the drain lets it run on
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(timeout=EVENT_TIMEOUT_S) == 128 + signal.SIGTERM
+            with pytest.raises(grpc.RpcError):
+                for _ in stream:
+                    pass
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
