@@ -2,9 +2,12 @@
 
     .venv/bin/python -m bench.load --workload chatbot --rate 4 --requests 200 --slo chatbot
     .venv/bin/python -m bench.load --trace trace.jsonl --slo interactive --out run.json
+    .venv/bin/python -m bench.load --trace conversation_trace.jsonl --requests 50 --device
 
-Open loop at --rate (Poisson) or closed loop at --concurrency; a trace file
-(JSONL: arrival_s, prompt_tokens, output_tokens) replays its own arrivals.
+Open loop at --rate (Poisson) or closed loop at --concurrency; a trace file replays
+its own arrivals: the project's JSONL (arrival_s, prompt_tokens, output_tokens), or
+Mooncake, Azure or BurstGPT as published (--trace-format, else told from the file).
+A trace's block hash chains become prompts whose blocks repeat where its ids do.
 Bounded by --requests and --max-duration; prints percentiles, throughput, SLO
 attainment and goodput (a failed or timed-out request counts as a miss).
 """
@@ -32,7 +35,8 @@ from bench.progress import Progress
 from router.client import DEFAULT_ADDRESS
 from router.scheduling.slo import SLO_PRESETS
 from router.sim.metrics import summarize
-from router.sim.workload import WORKLOADS, RequestSpec, generate, load_trace
+from router.sim.traces import TRACE_FORMATS, read_trace
+from router.sim.workload import WORKLOADS, RequestSpec, generate
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -48,7 +52,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--mode", choices=["auto", "split", "colocated"], default="auto")
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--workload", choices=sorted(WORKLOADS), default="chatbot")
-    source.add_argument("--trace", type=Path, help="JSONL trace to replay")
+    source.add_argument("--trace", type=Path, help="trace to replay (its own arrivals)")
+    parser.add_argument(
+        "--trace-format", choices=TRACE_FORMATS, default="auto", help="the trace's format"
+    )
     pacing = parser.add_mutually_exclusive_group()
     pacing.add_argument("--rate", type=float, help="requests per second, Poisson arrivals")
     pacing.add_argument("--concurrency", type=int, help="requests kept in flight")
@@ -63,7 +70,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def _specs(options: argparse.Namespace) -> list[RequestSpec]:
     if options.trace is not None:
-        return load_trace(options.trace)[: options.requests]
+        trace = read_trace(options.trace, options.trace_format)
+        print(trace.describe(), file=sys.stderr)
+        return trace.requests[: options.requests]
     rate = options.rate if options.concurrency is None else None
     return generate(options.workload, options.requests, rate_per_s=rate, seed=options.seed)
 

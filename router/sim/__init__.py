@@ -11,6 +11,7 @@ from router.sim.planner import PlanResult, PlanTrial, plan_cluster
 from router.sim.policy import resolve_policy
 from router.sim.results import Outcome, SimResult, SimSummary
 from router.sim.simulator import SchedulerLike, SimulationError, Simulator
+from router.sim.traces import TRACE_FORMATS, Trace, read_trace
 from router.sim.workload import (
     WORKLOADS,
     Bursts,
@@ -23,6 +24,7 @@ from router.sim.workload import (
 )
 
 __all__ = [
+    "TRACE_FORMATS",
     "WORKLOADS",
     "Bursts",
     "Cluster",
@@ -39,11 +41,13 @@ __all__ = [
     "SimSummary",
     "SimulationError",
     "Simulator",
+    "Trace",
     "generate",
     "generate_for_duration",
     "load_cluster",
     "load_trace",
     "parse_cluster",
     "plan_cluster",
+    "read_trace",
     "resolve_policy",
 ]

@@ -31,6 +31,7 @@ from router.sim.report import (
     write_results,
 )
 from router.sim.simulator import SimulationError, Simulator
+from router.sim.traces import TRACE_FORMATS, read_trace
 from router.sim.workload import (
     WORKLOADS,
     Bursts,
@@ -38,7 +39,6 @@ from router.sim.workload import (
     RequestSpec,
     generate,
     generate_for_duration,
-    load_trace,
 )
 
 COMMANDS = ("simulate", "plan")
@@ -94,7 +94,17 @@ def _workload_flags(command: argparse.ArgumentParser, default_duration_s: float)
     source.add_argument(
         "--workload", choices=sorted(WORKLOADS), default="chatbot", help="length distribution"
     )
-    source.add_argument("--trace", type=Path, help="JSONL trace to replay (its own arrivals)")
+    source.add_argument(
+        "--trace",
+        type=Path,
+        help="trace to replay (its own arrivals): the project's JSONL, Mooncake, Azure, BurstGPT",
+    )
+    command.add_argument(
+        "--trace-format",
+        choices=TRACE_FORMATS,
+        default="auto",
+        help="the trace's format (default: told from its extension and first line)",
+    )
     command.add_argument("--rate", type=float, help="requests per second (mean)")
     size = command.add_mutually_exclusive_group()
     size.add_argument(
@@ -271,7 +281,11 @@ def _requests(options: argparse.Namespace) -> list[RequestSpec]:
     if options.trace is not None:
         if options.rate is not None:
             raise ValueError("--rate does not apply to a trace: it replays its own arrivals")
-        specs = load_trace(options.trace)
+        trace = read_trace(options.trace, options.trace_format)
+        options.trace_read = trace
+        if not getattr(options, "quiet", False):
+            print(trace.describe(), file=sys.stderr)
+        specs = trace.requests
         if options.duration is not None:
             specs = [spec for spec in specs if spec.arrival_s < options.duration]
         elif options.requests is not None:
@@ -327,7 +341,7 @@ def _slo_meta(slo: Slo) -> dict[str, Any]:
 def _workload_meta(options: argparse.Namespace, requests: list[RequestSpec]) -> dict[str, Any]:
     meta: dict[str, Any] = {"requests": len(requests), "seed": options.seed}
     if options.trace is not None:
-        meta["trace"] = str(options.trace)
+        meta.update(options.trace_read.to_dict())
         return meta
     meta.update(workload=options.workload, rate_per_s=options.rate, arrivals=options.arrivals)
     if options.arrivals == "bursty":

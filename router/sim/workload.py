@@ -32,7 +32,9 @@ __all__ = [
     "fixed",
     "generate",
     "generate_for_duration",
+    "integer_list",
     "load_trace",
+    "parse_trace_line",
     "poisson_arrivals",
     "save_trace",
 ]
@@ -47,6 +49,13 @@ class RequestSpec:
     ``prefix_group`` names the shared prefix the prompt starts with (-1: none), and
     ``prefix_tokens`` how many of its leading tokens that prefix covers: requests of one
     group share those tokens exactly, as a system prompt or a few-shot preamble does.
+
+    ``block_hashes`` is the prompt's block hash chain as a trace records it (Mooncake's
+    ``hash_ids``): id *i* names tokens ``[i * block_tokens, (i + 1) * block_tokens)``
+    together with every token before them, so two prompts with equal ids at *i* are
+    equal up to there; the last block may be cut short by the prompt's end. A prefix
+    group is the one-block chain ``(prefix_group,)`` of ``prefix_tokens`` tokens
+    (:meth:`prefix_chain`); a request has one or the other, or neither.
     """
 
     arrival_s: float
@@ -54,6 +63,8 @@ class RequestSpec:
     output_tokens: int
     prefix_group: int = -1
     prefix_tokens: int = 0
+    block_hashes: tuple[int, ...] = ()
+    block_tokens: int = 0
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.arrival_s) and self.arrival_s >= 0):
@@ -70,6 +81,33 @@ class RequestSpec:
             )
         if (self.prefix_group < 0) != (self.prefix_tokens == 0):
             raise ValueError("prefix_group and prefix_tokens are set together or not at all")
+        if self.block_hashes or self.block_tokens:
+            self._check_chain()
+
+    def _check_chain(self) -> None:
+        if not self.block_hashes or self.block_tokens < 1:
+            raise ValueError("block_hashes and block_tokens >= 1 are set together or not at all")
+        if self.prefix_group >= 0:
+            raise ValueError("a request has a prefix group or a block hash chain, not both")
+        if min(self.block_hashes) < 0:
+            raise ValueError("block_hashes must be >= 0")
+        if (len(self.block_hashes) - 1) * self.block_tokens >= self.prompt_tokens:
+            raise ValueError(
+                f"{len(self.block_hashes)} blocks of {self.block_tokens} tokens are more than "
+                f"a prompt of {self.prompt_tokens} tokens holds"
+            )
+
+    def prefix_chain(self) -> tuple[tuple[int, ...], int]:
+        """The prompt's shareable head: (block ids, tokens per block); ``((), 0)`` for none.
+
+        Tokens past the chain (and every token of a request without one) are the
+        request's own, shared with no other request.
+        """
+        if self.block_hashes:
+            return self.block_hashes, self.block_tokens
+        if self.prefix_group >= 0:
+            return (self.prefix_group,), self.prefix_tokens
+        return (), 0
 
 
 def _normal_cdf(x: float) -> float:
@@ -434,6 +472,7 @@ def fixed(n: int, prompt_tokens: int, output_tokens: int) -> list[RequestSpec]:
 
 _TRACE_KEYS = ("arrival_s", "prompt_tokens", "output_tokens")
 _PREFIX_KEYS = ("prefix_group", "prefix_tokens")
+_CHAIN_KEYS = ("block_hashes", "block_tokens")
 
 
 def _integer(obj: dict[str, object], key: str) -> int:
@@ -444,7 +483,25 @@ def _integer(obj: dict[str, object], key: str) -> int:
     return value
 
 
-def _parse_trace_line(line: str) -> RequestSpec:
+def integer_list(value: object, key: str) -> tuple[int, ...]:
+    """A JSON list of integers (a block hash chain), or a ValueError naming ``key``."""
+    if not isinstance(value, list) or not all(
+        isinstance(item, int) and not isinstance(item, bool) for item in value
+    ):
+        raise ValueError(f"{key} must be a list of integers, got {shown(value)}")
+    return tuple(value)
+
+
+def _both_or_neither(obj: dict[str, object], keys: tuple[str, str]) -> bool:
+    present = [key in obj for key in keys]
+    if present[0] != present[1]:
+        missing = keys[present.index(False)]
+        raise ValueError(f"{keys[0]} and {keys[1]} go together; missing {missing}")
+    return present[0]
+
+
+def parse_trace_line(line: str) -> RequestSpec:
+    """One line of the project's own JSONL trace (what :func:`save_trace` writes)."""
     obj = load_json(line)  # DocumentError (a ValueError): "is not valid JSON (...)"
     if not isinstance(obj, dict):
         raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
@@ -455,11 +512,17 @@ def _parse_trace_line(line: str) -> RequestSpec:
     if isinstance(arrival, bool) or not isinstance(arrival, int | float):
         raise ValueError(f"arrival_s must be a number, got {shown(arrival)}")
     prompt, output = _integer(obj, "prompt_tokens"), _integer(obj, "output_tokens")
-    if "prefix_group" not in obj and "prefix_tokens" not in obj:
+    if _both_or_neither(obj, _CHAIN_KEYS):
+        chain = integer_list(obj["block_hashes"], "block_hashes")
+        return RequestSpec(
+            float(arrival),
+            prompt,
+            output,
+            block_hashes=chain,
+            block_tokens=_integer(obj, "block_tokens") if chain else 0,
+        )
+    if not _both_or_neither(obj, _PREFIX_KEYS):
         return RequestSpec(float(arrival), prompt, output)
-    missing = [key for key in _PREFIX_KEYS if key not in obj]
-    if missing:
-        raise ValueError(f"prefix_group and prefix_tokens go together; missing {missing[0]}")
     return RequestSpec(
         float(arrival),
         prompt,
@@ -469,25 +532,19 @@ def _parse_trace_line(line: str) -> RequestSpec:
     )
 
 
-def load_trace(path: Path) -> list[RequestSpec]:
-    """Requests from a JSONL trace, sorted by arrival (stable for ties).
+def load_trace(path: Path, trace_format: str = "auto") -> list[RequestSpec]:
+    """Requests from a trace file, sorted by arrival (stable for ties).
 
+    The project's own JSONL, or a public trace as published (Mooncake, Azure,
+    BurstGPT): ``router.sim.traces`` reads them all and says what each holds.
     Extra keys are ignored so traces exported by other tools (ids, timestamps) load as
-    is; ``prefix_group`` and ``prefix_tokens``, when present, mark a shared prefix.
+    is; ``prefix_group`` and ``prefix_tokens``, or ``block_hashes`` and
+    ``block_tokens``, when present, mark a shared prefix.
     """
-    specs: list[RequestSpec] = []
-    try:
-        with path.open("rb") as lines:
-            for number, raw in enumerate(lines, start=1):
-                try:
-                    line = raw.decode("utf-8")
-                    if line.strip():
-                        specs.append(_parse_trace_line(line))
-                except ValueError as error:  # UnicodeDecodeError and DocumentError too
-                    raise ValueError(f"{path}:{number}: {error}") from None
-    except OSError as error:
-        raise ValueError(f"cannot read trace {path}: {error.strerror}") from None
-    return sorted(specs, key=lambda spec: spec.arrival_s)
+    # Imported here: the readers build on this module's RequestSpec.
+    from router.sim.traces import read_trace  # noqa: PLC0415 (a cycle at module level)
+
+    return read_trace(path, trace_format).requests
 
 
 def save_trace(path: Path, requests: Sequence[RequestSpec]) -> None:
@@ -495,7 +552,7 @@ def save_trace(path: Path, requests: Sequence[RequestSpec]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", encoding="utf-8") as out:
         for spec in requests:
-            record: dict[str, float | int] = {
+            record: dict[str, float | int | list[int]] = {
                 "arrival_s": float(spec.arrival_s),
                 "prompt_tokens": int(spec.prompt_tokens),
                 "output_tokens": int(spec.output_tokens),
@@ -503,4 +560,7 @@ def save_trace(path: Path, requests: Sequence[RequestSpec]) -> None:
             if spec.prefix_group >= 0:
                 record["prefix_group"] = int(spec.prefix_group)
                 record["prefix_tokens"] = int(spec.prefix_tokens)
+            if spec.block_hashes:
+                record["block_hashes"] = list(spec.block_hashes)
+                record["block_tokens"] = int(spec.block_tokens)
             out.write(json.dumps(record) + "\n")
