@@ -119,6 +119,26 @@ class PrefixCache:
         """How many of the leading blocks are cached, consecutive from block 0."""
         return sum(1 for _ in itertools.takewhile(self._blocks.__contains__, hashes))
 
+    def matched_in_batch(self, prompts: Sequence[Sequence[int]]) -> list[int]:
+        """:meth:`matched_blocks` of each prompt of one prefill batch, in batch order, with
+        the blocks of the prompts before it in the batch counted as cached: an engine that
+        caches a block when it allocates it (vLLM's v1 scheduler) lets a later request of
+        the same step reuse what an earlier one is computing."""
+        if len(prompts) == 1:
+            return [self.matched_blocks(prompts[0])]
+        blocks = self._blocks
+        batch: set[int] = set()
+        matched = []
+        for hashes in prompts:
+            count = 0
+            for value in hashes:
+                if value not in blocks and value not in batch:
+                    break
+                count += 1
+            matched.append(count)
+            batch.update(hashes)
+        return matched
+
     def cached_tokens(self, hashes: Sequence[int], prompt_tokens: int) -> int:
         """Leading prompt tokens a prefill need not compute. The last is always computed:
         its logits give the first output token."""

@@ -307,9 +307,12 @@ class DeviceEngine:
 
     async def _prefill_step(self, batch: list[Sequence]) -> None:
         lengths = [len(s.prompt_ids) for s in batch]
+        # A prompt reuses what the prompts before it in the batch compute, as in vLLM; the
+        # last token is computed all the same, for its logits.
+        matched = self.prefix_cache.matched_in_batch([s.prefix_hashes for s in batch])
         cached = [
-            self.prefix_cache.cached_tokens(s.prefix_hashes, length)
-            for s, length in zip(batch, lengths, strict=True)
+            max(0, min(blocks * BLOCK_BYTES, length - 1))
+            for blocks, length in zip(matched, lengths, strict=True)
         ]
         self.prefix_hit_tokens += sum(cached)
         deadline = self._deadline(self.timing.prefill_seconds(lengths, cached) * self.time_scale)

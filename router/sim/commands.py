@@ -61,6 +61,11 @@ def add_commands(commands: argparse._SubParsersAction[Any]) -> None:
         type=float,
         help="how often the router learns devices' KV use (default: the health interval)",
     )
+    simulate.add_argument(
+        "--unbounded-prefix-cache",
+        action="store_true",
+        help="every device gets a prefix cache that never evicts: the most caching could save",
+    )
     simulate.add_argument("--quiet", action="store_true", help="no progress on stderr")
 
     plan = commands.add_parser(
@@ -189,6 +194,7 @@ def _simulate(options: argparse.Namespace) -> int:
         progress_interval_s=PROGRESS_INTERVAL_S,
         overhead_s=options.overhead_ms / 1e3,
         handoff_s=options.handoff_ms / 1e3,
+        unbounded_prefix_cache=options.unbounded_prefix_cache,
     )
     try:
         result = simulator.run(requests)
@@ -208,6 +214,7 @@ def _simulate(options: argparse.Namespace) -> int:
             "load_report_interval_s": interval,
             "overhead_s": options.overhead_ms / 1e3,
             "handoff_s": options.handoff_ms / 1e3,
+            "unbounded_prefix_cache": options.unbounded_prefix_cache,
         }
         for note in write_results(options.out, result, summary, meta):
             print(note, file=sys.stderr)
@@ -283,7 +290,7 @@ def _requests(options: argparse.Namespace) -> list[RequestSpec]:
             raise ValueError("--rate does not apply to a trace: it replays its own arrivals")
         trace = read_trace(options.trace, options.trace_format)
         options.trace_read = trace
-        if not getattr(options, "quiet", False):
+        if not options.quiet:
             print(trace.describe(), file=sys.stderr)
         specs = trace.requests
         if options.duration is not None:

@@ -9,6 +9,7 @@ counters are those the daemon keeps per backend (router.pool.registry).
 from __future__ import annotations
 
 import math
+import sys
 from array import array
 from collections import deque
 
@@ -22,6 +23,8 @@ from router.sim.workload import RequestSpec
 
 # Prompt tokens one prefix block covers: the mock's tokens are bytes.
 BLOCK_TOKENS = BLOCK_BYTES
+# A prefix cache this large never evicts (``simulate --unbounded-prefix-cache``).
+UNBOUNDED_CACHE_BLOCKS = sys.maxsize
 # What the mock adapter offers (backends/mock/adapter.py): a pull by the decode side, or a
 # relay through the router. Both take the same modelled wire time, so the simulator times
 # them alike.
@@ -112,7 +115,8 @@ class SimDevice:
         "wake_pending",
     )
 
-    def __init__(self, index: int, spec: DeviceSpec) -> None:
+    def __init__(self, index: int, spec: DeviceSpec, *, cache_blocks: int | None = None) -> None:
+        """``cache_blocks``: its prefix cache's size in blocks (None: the spec's)."""
         self.index = index
         self.id = spec.id
         self.spec = spec
@@ -137,7 +141,7 @@ class SimDevice:
         self.longest: list[tuple[int, int, SimRequest]] | None = (
             [] if self.timing.profile.pipeline is not None else None
         )
-        self.cache_blocks = spec.prefix_cache_blocks
+        self.cache_blocks = spec.prefix_cache_blocks if cache_blocks is None else cache_blocks
         # The mock engine's own prefix cache: the same hits, order and evictions.
         self.cache: PrefixCache | None = (
             PrefixCache(self.cache_blocks) if self.cache_blocks else None

@@ -53,8 +53,8 @@ def format_summary(summary: SimSummary) -> str:
             f"${summary.cost_per_million_output_tokens_usd:,.3f} per million output tokens",
         ),
     ]
-    if summary.prefix_cached_fraction:
-        rows.append(("prefix hit", f"{_percent(summary.prefix_cached_fraction)} of prompt tokens"))
+    if summary.prefix_hit_ratio:
+        rows.append(("prefix hit", f"{_percent(summary.prefix_hit_ratio)} of prompt tokens"))
     if summary.slo is not None:
         rows += [
             ("SLO", f"{summary.slo}: attainment {_percent(summary.slo_attainment)}"),
@@ -130,7 +130,7 @@ def write_results(
 ) -> list[str]:
     """Writes the summary (JSON), every request (CSV) and the plots; returns notes."""
     out.mkdir(parents=True, exist_ok=True)
-    document = {**meta, "summary": summary.to_dict()}
+    document = {**meta, "prefix_hit_ratio": summary.prefix_hit_ratio, "summary": summary.to_dict()}
     (out / RESULTS_FILE).write_text(json.dumps(document, indent=2, allow_nan=False) + "\n")
     write_requests_csv(out / REQUESTS_FILE, result)
     try:

@@ -141,6 +141,8 @@ class SimSummary:
     output_token_throughput: float
     cost_per_million_output_tokens_usd: float
     prefix_cached_fraction: float
+    # Of the prompt tokens prefilled, the share whose KV a prefix cache held.
+    prefix_hit_ratio: float
     slo: str | None
     slo_attainment: float | None
     goodput: float | None
@@ -199,6 +201,7 @@ class SimSummary:
             prefix_cached_fraction=(
                 float(result.cached_tokens[ok].sum()) / served_prompt if served_prompt else 0.0
             ),
+            prefix_hit_ratio=_prefix_hit_ratio(result),
             slo=None if slo is None else slo.name,
             slo_attainment=attainment,
             goodput=goodput,
@@ -229,6 +232,7 @@ class SimSummary:
             "output_token_throughput": _finite(self.output_token_throughput),
             "cost_per_million_output_tokens_usd": _finite(self.cost_per_million_output_tokens_usd),
             "prefix_cached_fraction": self.prefix_cached_fraction,
+            "prefix_hit_ratio": self.prefix_hit_ratio,
             "slo": self.slo,
             "slo_attainment": _finite(self.slo_attainment),
             "goodput": _finite(self.goodput),
@@ -239,6 +243,14 @@ class SimSummary:
             "cpu_s": self.cpu_s,
             "device_stats": list(self.device_stats),
         }
+
+
+def _prefix_hit_ratio(result: SimResult) -> float:
+    """Prompt tokens found in a prefix cache over the prompt tokens of every prefill run
+    (a request that never reached a device had no lookup)."""
+    prefilled = ~np.isnan(result.ttft_s)
+    prompt = int(result.prompt_tokens[prefilled].sum())
+    return float(result.cached_tokens[prefilled].sum()) / prompt if prompt else 0.0
 
 
 def _present(values: FloatArray) -> FloatArray:

@@ -33,7 +33,6 @@ import numpy.typing as npt
 
 from backends.errors import OverloadedError, ServingError
 from backends.perf.batching import LOAD_PREFIX_HASHES, prefill_batch_size
-from backends.prefix import MAX_BLOCKS
 from router.errors import NoHealthyBackendError
 from router.scheduling.handoff import NextStep, after_prefill
 from router.scheduling.plan import Disaggregation, Mode, Plan, RequestFeatures
@@ -41,14 +40,11 @@ from router.scheduling.prefix import DEFAULT_BLOCKS_PER_BACKEND, PrefixIndex
 from router.scheduling.service_level import DEFAULT_SERVICE, DEFAULT_SLO_CLASS, ServiceLevel
 from router.scheduling.slo import Slo
 from router.scheduling.snapshot import PoolSnapshot
+from router.sim.blocks import prompt_blocks
 from router.sim.cluster import Cluster
-from router.sim.device import BLOCK_TOKENS, SimDevice, SimRequest
+from router.sim.device import BLOCK_TOKENS, UNBOUNDED_CACHE_BLOCKS, SimDevice, SimRequest
 from router.sim.results import Outcome, SimResult
 from router.sim.workload import RequestSpec
-
-# Hash tags: shared prefix blocks and a request's own blocks never collide.
-_SHARED_TAG = 1 << 62
-_BLOCK_BITS = 10  # MAX_BLOCKS = 1024 blocks per prompt
 
 _push = heapq.heappush
 
@@ -84,6 +80,9 @@ class Simulator:
     the router, the decode request reaching the decode device and its pull starting.
     The decode device has the KV that long plus the modelled wire time after the
     prefill ends (the prefill device holds its lease until then).
+
+    ``unbounded_prefix_cache`` gives every device a prefix cache that never evicts,
+    whatever the cluster says: the most prefix caching could save on the workload.
     """
 
     def __init__(
@@ -100,6 +99,7 @@ class Simulator:
         progress_interval_s: float = 2.0,
         overhead_s: float = 0.0,
         handoff_s: float = 0.0,
+        unbounded_prefix_cache: bool = False,
     ) -> None:
         if not cluster.devices:
             raise ValueError("a cluster needs at least one device")
@@ -119,7 +119,10 @@ class Simulator:
         self._class_slo = class_slo if isinstance(class_slo, Slo) else None
         self._own_slo = self._service.own_slo(self._class_slo)
         self._decisions = itertools.count()
-        self.devices = [SimDevice(i, spec) for i, spec in enumerate(cluster.devices)]
+        cache_blocks = UNBOUNDED_CACHE_BLOCKS if unbounded_prefix_cache else None
+        self.devices = [
+            SimDevice(i, spec, cache_blocks=cache_blocks) for i, spec in enumerate(cluster.devices)
+        ]
         self._by_id = {device.id: device for device in self.devices}
         if len(self._by_id) != len(self.devices):
             raise ValueError("device ids must be unique")
@@ -413,9 +416,11 @@ class Simulator:
         device.prefill_tokens += sum(lengths)
         if device.cache is None:
             return device.timing.prefill_seconds(lengths)
-        cached = [device.cached_tokens(r.hashes, r.prompt) for r in batch]
-        for request, hit in zip(batch, cached, strict=True):
-            request.cached_tokens = hit
+        matched = device.cache.matched_in_batch([r.hashes for r in batch])
+        cached = []
+        for request, blocks in zip(batch, matched, strict=True):
+            request.cached_tokens = hit = min(blocks * BLOCK_TOKENS, request.prompt)
+            cached.append(min(hit, request.prompt - 1))  # the last token's logits are computed
         return device.timing.prefill_seconds(lengths, cached)
 
     @staticmethod
@@ -573,29 +578,15 @@ def _whole_ms(limit_s: float | None) -> int | None:
 
 
 def _requests(specs: Sequence[RequestSpec]) -> list[SimRequest]:
-    """Requests with block hashes when any prefix is shared.
+    """Requests with their prompts' block names (``router.sim.blocks``) when any prefix
+    is shared.
 
     Without shared prefixes every block is unique: no cache or index could ever match
-    one, so the hashes are left out and the run is the same, only faster.
+    one, so the names are left out and the run is the same, only faster.
     """
-    if not any(spec.prefix_group >= 0 for spec in specs):
+    if not any(spec.prefix_group >= 0 or spec.block_hashes for spec in specs):
         return [SimRequest(index, spec, ()) for index, spec in enumerate(specs)]
-    return [SimRequest(index, spec, _block_hashes(index, spec)) for index, spec in enumerate(specs)]
-
-
-def _block_hashes(index: int, spec: RequestSpec) -> tuple[int, ...]:
-    """Stand-ins for ``backends.prefix.block_hashes`` of the request's prompt.
-
-    Block *i* is shared with every request of the same group while it lies wholly
-    inside the shared prefix; any later block covers this request's own tokens.
-    """
-    blocks = min(spec.prompt_tokens // BLOCK_TOKENS, MAX_BLOCKS)
-    shared = min(spec.prefix_tokens // BLOCK_TOKENS, blocks) if spec.prefix_group >= 0 else 0
-    group_base = _SHARED_TAG | (spec.prefix_group << _BLOCK_BITS)
-    own_base = index << _BLOCK_BITS
-    return tuple(range(group_base, group_base + shared)) + tuple(
-        range(own_base + shared, own_base + blocks)
-    )
+    return [SimRequest(index, spec, prompt_blocks(index, spec)) for index, spec in enumerate(specs)]
 
 
 def collect(

@@ -154,11 +154,27 @@ async def test_a_cache_hit_gives_the_tokens_a_cold_device_gives(
     assert engine.prefix_hit_tokens == 256
 
 
-async def test_prompts_in_one_prefill_batch_do_not_hit_each_other(engine: DeviceEngine) -> None:
+async def test_a_prompt_reuses_what_an_earlier_one_of_its_prefill_batch_computes(
+    engine: DeviceEngine, clock: RecordingClock, timing: TimingModel
+) -> None:
+    length = len(encode(PROMPT))
+    clock.waits.clear()
     await asyncio.gather(generate(engine, "a", PROMPT, 1), generate(engine, "b", PROMPT, 1))
-    assert engine.prefix_hit_tokens == 0
+    assert clock.waits[0] == pytest.approx(timing.prefill_seconds([length, length], [0, 256]))
+    assert engine.prefix_hit_tokens == 256  # b's head is a's, computed in the same step
     await generate(engine, "c", PROMPT, 1)
-    assert engine.prefix_hit_tokens == 256
+    assert engine.prefix_hit_tokens == 512
+
+
+def test_a_batch_match_counts_blocks_of_earlier_prompts_of_the_batch() -> None:
+    cache = PrefixCache(16)
+    hashes = block_hashes(PROMPT)
+    sibling = block_hashes(HEAD[:128] + "-" * 200)  # shares two blocks with PROMPT
+    cache.record(sibling[:1])
+    assert cache.matched_in_batch([hashes]) == [1]
+    assert cache.matched_in_batch([hashes, sibling, hashes]) == [1, 2, 4]
+    assert cache.matched_in_batch([sibling, hashes]) == [1, 2]
+    assert len(cache) == 1  # a lookup records nothing
 
 
 async def test_a_decode_device_keeps_the_prefix_of_the_kv_it_received(
