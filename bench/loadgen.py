@@ -19,7 +19,7 @@ import grpc
 
 from backends._gen.hetero.device.v1 import device_pb2
 from backends._gen.hetero.router.v1 import router_pb2
-from bench.prompts import prompt_text
+from bench.prompts import chained_prompt, prompt_text
 from router.client import GENERATE_METHOD
 from router.sim.metrics import RequestRecord
 from router.sim.workload import RequestSpec
@@ -164,7 +164,7 @@ class HttpStatusError(Exception):
 
 async def send(target: Target, spec: RequestSpec, seed: int, timeout_s: float) -> RequestRecord:
     """One request, timed token by token. Failures are recorded, never raised."""
-    prompt = _prompt(spec.prompt_tokens, seed)
+    prompt = _prompt(spec, seed)
     record = RequestRecord(start_s=time.monotonic(), prompt_tokens=spec.prompt_tokens)
     try:
         async with asyncio.timeout(timeout_s):
@@ -186,20 +186,24 @@ async def send(target: Target, spec: RequestSpec, seed: int, timeout_s: float) -
 
 
 _PROMPTS: dict[tuple[int, int], str] = {}
+_BLOCKS: dict[tuple[int, int], str] = {}  # chain blocks' texts by (id, tokens)
 
 
-def _prompt(tokens: int, seed: int) -> str:
-    """Prompts are made before the clock starts mattering, and reused."""
-    key = (tokens, seed % 16)
+def _prompt(spec: RequestSpec, seed: int) -> str:
+    """Prompts are made before the clock starts mattering, and reused; a chained prompt
+    is joined from block texts made before, with its own tail."""
+    if spec.prefix_group >= 0 or spec.block_hashes:
+        return chained_prompt(spec, seed, _BLOCKS)
+    key = (spec.prompt_tokens, seed % 16)
     if key not in _PROMPTS:
         # The mock counts BOS as a token: the text is one byte shorter than the prompt.
-        _PROMPTS[key] = prompt_text(max(tokens - 1, 1), seed=key[1])
+        _PROMPTS[key] = prompt_text(max(spec.prompt_tokens - 1, 1), seed=key[1])
     return _PROMPTS[key]
 
 
 def warm_prompts(specs: Sequence[RequestSpec]) -> None:
     for index, spec in enumerate(specs):
-        _prompt(spec.prompt_tokens, index)
+        _prompt(spec, index)
 
 
 async def open_loop(

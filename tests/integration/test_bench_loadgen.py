@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import grpc
 
+from backends.base import Role
+from backends.mock.config import DeviceConfig
+from backends.mock.server import DeviceServer
 from bench import load
 from bench.loadgen import DeviceTarget, HttpTarget, RouterTarget, closed_loop, open_loop, send
 from router.sim.metrics import summarize
 from router.sim.workload import RequestSpec, fixed, save_trace
 from tests.conftest import Cluster
+from tests.unit.test_sim_prefix_chains import conversations, trace_reuse
 
 
 async def test_send_records_every_token_and_the_first_token_time(cluster: Cluster) -> None:
@@ -83,3 +88,32 @@ async def test_the_http_door_can_be_loaded_too(cluster: Cluster) -> None:
     assert all(r.output_tokens == 5 for r in records)
     assert all(r.first_token_s is not None for r in records)
     assert bad.outcome == "HTTP_400"
+
+
+async def test_a_traces_shared_blocks_hit_a_mock_devices_prefix_cache(tmp_path: Path) -> None:
+    lines = conversations(seed=2, count=3, turns=2, grow=700)
+    trace = tmp_path / "conversation_trace.jsonl"
+    trace.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    device = DeviceServer(
+        DeviceConfig(
+            backend_id="d0",
+            profile="h100",
+            model="llama-3.1-8b",
+            roles=(Role.PREFILL, Role.DECODE),
+            time_scale=0.0,
+            prefix_cache_blocks=1 << 16,
+        )
+    )
+    await device.start("127.0.0.1:0")
+    try:
+        flags = ["--device", "--address", device.address, "--trace", str(trace)]
+        options = load._parser().parse_args([*flags, "--concurrency", "1"])
+        summary = await load._run(options)
+    finally:
+        await device.stop(grace_s=0)
+    assert summary["completed"] == len(lines)
+    # The prompt's text is one byte short (BOS is a token): the device hashes that many.
+    shorter = [{**line, "input_length": int(line["input_length"]) - 1} for line in lines]  # type: ignore[call-overload]  # ints, from the generator
+    expected = sum(trace_reuse(shorter))
+    assert expected > 0
+    assert device.engine.prefix_hit_tokens == expected

@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bench.prompts import prompt_text
+from backends.prefix import block_hashes
+from bench.prompts import block_text, chained_prompt, prompt_text
 from router.sim.workload import (
     WORKLOADS,
     LengthDistribution,
@@ -247,3 +248,40 @@ def test_prompt_text_is_deterministic_per_seed() -> None:
 def test_prompt_text_rejects_empty_prompts(tokens: int) -> None:
     with pytest.raises(ValueError, match="prompt_tokens"):
         prompt_text(tokens, seed=0)
+
+
+def test_prompts_of_chains_sharing_their_first_ids_share_those_blocks_only() -> None:
+    shared = (7, 8, 9)
+    first = RequestSpec(0.0, 2000, 4, block_hashes=(*shared, 10), block_tokens=512)
+    second = RequestSpec(0.0, 1800, 4, block_hashes=(*shared, 11), block_tokens=512)
+    a, b = chained_prompt(first, seed=0), chained_prompt(second, seed=1)
+    assert len(a.encode()) == 1999  # one byte short: the mock counts BOS as a token
+    assert len(b.encode()) == 1799
+    assert a.isascii()
+    assert not a.endswith(" ")
+    assert a[: 3 * 512] == b[: 3 * 512]
+    assert a[3 * 512 : 4 * 512] != b[3 * 512 : 4 * 512]
+    # What the mock devices cache: the same 24 leading 64-byte blocks, no more.
+    hashes_a, hashes_b = block_hashes(a), block_hashes(b)
+    assert hashes_a[:24] == hashes_b[:24]
+    assert hashes_a[24] != hashes_b[24]
+
+
+def test_a_block_has_the_same_text_wherever_it_comes() -> None:
+    cache: dict[tuple[int, int], str] = {}
+    head = RequestSpec(0.0, 600, 4, block_hashes=(3, 4), block_tokens=512)
+    text = chained_prompt(head, seed=0, blocks=cache)
+    assert text[:512] == block_text(3, 512)
+    assert text[512:-1] == block_text(4, 512)[: 600 - 1 - 512 - 1]  # its last byte may
+    assert not text.endswith(" ")  # be a letter instead of a space
+    assert set(cache) == {(3, 512), (4, 512)}
+    assert block_text(3, 512) != block_text(4, 512)
+    assert chained_prompt(head, seed=5) == text  # a chain covering the prompt: no seed
+
+
+def test_prompts_of_a_prefix_group_share_the_prefix_and_not_their_own_text() -> None:
+    one, two = RequestSpec(0.0, 900, 4, 2, 600), RequestSpec(1.0, 900, 4, 2, 600)
+    a, b = chained_prompt(one, seed=1), chained_prompt(two, seed=2)
+    assert a[:600] == b[:600]
+    assert a[600:] != b[600:]
+    assert len(a) == len(b) == 899
