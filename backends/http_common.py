@@ -51,6 +51,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import aiohttp
+import orjson
 from prometheus_client.parser import text_string_to_metric_families
 
 from backends._gen.hetero.router.v1 import router_pb2
@@ -142,7 +143,18 @@ def new_session(
         connector=connector(max_connections, tls),
         headers=headers,
         raise_for_status=False,
+        json_serialize=json_text,
     )
+
+
+def json_text(value: Any) -> str:
+    """A request body's JSON: orjson's (a few times faster than the standard library's
+    on every leg), else the standard library's for what orjson refuses (an integer
+    past 64 bits, a lone surrogate), so that no body that was sent before is refused."""
+    try:
+        return orjson.dumps(value).decode()
+    except TypeError:  # orjson.JSONEncodeError is one
+        return json.dumps(value)
 
 
 def connector(max_connections: int, tls: ClientTLS | None) -> aiohttp.TCPConnector:
@@ -365,6 +377,20 @@ def parse_json(raw: bytes | str) -> Any:
 def json_object(raw: bytes | str) -> dict[str, Any]:
     """A JSON object, or ShapeError."""
     value = parse_json(raw)
+    if not isinstance(value, dict):
+        raise ShapeError(f"{_json_type(value)}, not an object")
+    return value
+
+
+def stream_object(raw: str) -> dict[str, Any]:
+    """A stream chunk's JSON object, or ShapeError: :func:`json_object`, read by orjson
+    (one parse a token). What orjson refuses (NaN, a lone surrogate escape, nesting past
+    its depth) goes to the standard library, which decides as before. orjson reads an
+    integer past 64 bits as a float: no count or token id either way."""
+    try:
+        value = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return json_object(raw)
     if not isinstance(value, dict):
         raise ShapeError(f"{_json_type(value)}, not an object")
     return value
@@ -681,7 +707,7 @@ class OpenAIStream:
             self.done = True
             return self._release_final()
         try:
-            chunk = json_object(data)
+            chunk = stream_object(data)
             self._raise_engine_error(chunk, data)
             if chunk.get("usage") is not None:
                 self._usage = usage_message(chunk["usage"])

@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import json
 import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -32,6 +31,7 @@ from backends.base import ChatMessage, GenerationRequest
 from backends.errors import OverloadedError, ServingError
 from router.api import chat_template
 from router.api.door import http_peer_client, through_the_door, token_client
+from router.api.openai_events import DONE_EVENT, StreamEvents, error_event
 from router.api.openai_models import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -328,13 +328,12 @@ class OpenAIRoutes:
         self, http: web.Request, parsed: _Parsed, frames: AsyncIterator[bytes]
     ) -> web.StreamResponse:
         request = parsed.request
-        chunk_id = f"{'chatcmpl' if parsed.chat else 'cmpl'}-{request.shown_id}"
-        head = {
-            "id": chunk_id,
-            "object": "chat.completion.chunk" if parsed.chat else "text_completion",
-            "created": int(time.time()),
-            "model": request.model,
-        }
+        events = StreamEvents(
+            f"{'chatcmpl' if parsed.chat else 'cmpl'}-{request.shown_id}",
+            request.model,
+            int(time.time()),
+            chat=parsed.chat,
+        )
         response: web.StreamResponse | None = None
         first = True
         try:
@@ -348,19 +347,13 @@ class OpenAIRoutes:
                     response = await self._open_stream(
                         http, request.shown_id, _route_header(message)
                     )
-                choice: dict[str, Any] = {"index": 0, "finish_reason": finish}
-                if parsed.chat:
-                    delta: dict[str, str] = {"content": message.text}
-                    if first:
-                        delta["role"] = "assistant"
-                    choice["delta"] = delta
-                else:
-                    choice["text"] = message.text
-                    choice["logprobs"] = None
+                event = events.chunk(message.text, finish, first=first)
                 first = False
-                await _send(response, {**head, "choices": [choice]})
                 if finish is not None and parsed.include_usage:
-                    await _send(response, {**head, "choices": [], "usage": _usage(message.usage)})
+                    # The last chunk and the usage chunk go out in one write.
+                    usage = message.usage
+                    event += events.usage(usage.prompt_tokens, usage.completion_tokens)
+                await response.write(event)
         except ConnectionResetError:
             log.info("client went away mid-stream")  # leaving the loop aborted the backends
             raise
@@ -368,8 +361,7 @@ class OpenAIRoutes:
             return await _stream_failed(http, response, error)
         if response is None:
             response = await self._open_stream(http, request.shown_id, "")
-        await response.write(b"data: [DONE]\n\n")
-        await response.write_eof()
+        await response.write_eof(DONE_EVENT)  # [DONE] and the body's end in one write
         return response
 
     async def _open_stream(
@@ -434,10 +426,6 @@ class _StallBoundResponse(web.StreamResponse):
             raise
 
 
-async def _send(response: web.StreamResponse, payload: dict[str, Any]) -> None:
-    await response.write(b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n")
-
-
 async def _stream_failed(
     http: web.Request, response: web.StreamResponse | None, error: Exception
 ) -> web.StreamResponse:
@@ -461,8 +449,7 @@ async def _stream_failed(
             exc_info=error,
         )
         body = error_body(500, "internal error")
-    await _send(response, body)
-    await response.write_eof()
+    await response.write_eof(error_event(body))  # the event and the body's end in one write
     return response
 
 
