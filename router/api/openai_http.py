@@ -23,7 +23,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-from aiohttp import web
+from aiohttp import hdrs, web
 from aiohttp.abc import AbstractStreamWriter
 
 from backends._gen.hetero.router.v1 import router_pb2
@@ -62,6 +62,9 @@ _DISAGGREGATION = {
     "split": router_pb2.DISAGGREGATION_SPLIT,
     "colocated": router_pb2.DISAGGREGATION_COLOCATED,
 }
+# Queued events past this many bytes (aiohttp's own limit for a write's buffer) are
+# written at once, and the stream waits for the reader while the socket holds as much.
+_QUEUED_LIMIT = 1 << 16
 # How refusals name the request's fields: as the body has them, the request id as its header.
 _FIELD_NAMES = {**FIELD_NAMES, "request_id": "X-Request-Id"}
 # Headers carrying the service level, by the field each sets.
@@ -334,7 +337,7 @@ class OpenAIRoutes:
             int(time.time()),
             chat=parsed.chat,
         )
-        response: web.StreamResponse | None = None
+        response: StallBoundResponse | None = None
         first = True
         try:
             async for frame in frames:
@@ -342,18 +345,20 @@ class OpenAIRoutes:
                 finish = _FINISH.get(message.finish_reason)
                 if not message.text and finish is None and not first:
                     continue
-                if response is None:
-                    # Headers go out with the first token, so an error before it is a real status.
-                    response = await self._open_stream(
-                        http, request.shown_id, _route_header(message)
-                    )
                 event = events.chunk(message.text, finish, first=first)
                 first = False
                 if finish is not None and parsed.include_usage:
-                    # The last chunk and the usage chunk go out in one write.
                     usage = message.usage
                     event += events.usage(usage.prompt_tokens, usage.completion_tokens)
-                await response.write(event)
+                if response is None:
+                    # Headers go out with the first token, so an error before it is a real
+                    # status; both in one write, at once.
+                    response = await self._open_stream(
+                        http, request.shown_id, _route_header(message)
+                    )
+                    await response.write(event)
+                else:
+                    await response.send(event)
         except ConnectionResetError:
             log.info("client went away mid-stream")  # leaving the loop aborted the backends
             raise
@@ -366,8 +371,8 @@ class OpenAIRoutes:
 
     async def _open_stream(
         self, http: web.Request, request_id: str, route: str
-    ) -> web.StreamResponse:
-        response = _StallBoundResponse(
+    ) -> StallBoundResponse:
+        response = StallBoundResponse(
             self._settings.write_stall_timeout_s,
             lambda: self._dispatcher.admission.count_write_stall("http"),
             headers={
@@ -381,10 +386,18 @@ class OpenAIRoutes:
         return response
 
 
-class _StallBoundResponse(web.StreamResponse):
+class StallBoundResponse(web.StreamResponse):
     """An event stream whose every write is bounded: one the reader holds back (the
     socket's buffer is full) for the write-stall timeout cuts the connection and raises
-    WriteStalledError, which ends the request and so aborts its backends."""
+    WriteStalledError, which ends the request and so aborts its backends.
+
+    :meth:`send` coalesces: the events made before the task next waits (those of one
+    read from the engine) go out in one write of the socket, when the event loop next
+    turns, instead of one write each. They are written to the transport with the
+    chunked framing aiohttp would give them, after aiohttp has sent the head; every
+    write through aiohttp (``write``, ``write_eof``) first takes what is queued, so
+    the bytes keep their order, and nothing is left queued once the body has ended.
+    """
 
     def __init__(
         self, stall_timeout_s: float, on_stall: Callable[[], None], *, headers: dict[str, str]
@@ -394,16 +407,67 @@ class _StallBoundResponse(web.StreamResponse):
         self._on_stall = on_stall
         self._guard: StallGuard | None = None
         self._stream_request: web.BaseRequest | None = None
+        self._writer: AbstractStreamWriter | None = None
+        self._queued: list[bytes] = []
+        self._queued_bytes = 0
+        self._flush_due = False
+        self._chunked_body = False
+        self._sent_directly = 0  # bytes written past aiohttp's writer
 
     async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
         self._guard = StallGuard(self._stall_timeout_s)
         self._stream_request = request
-        return await super().prepare(request)
+        self._writer = await super().prepare(request)
+        self._chunked_body = self.headers.get(hdrs.TRANSFER_ENCODING) == "chunked"
+        return self._writer
+
+    @property
+    def body_length(self) -> int:
+        return super().body_length + self._sent_directly
+
+    async def send(self, data: bytes) -> None:
+        """Queues one event for the write the next turn of the event loop makes; waits
+        (bounded) for the reader when the socket's buffer is over its limit."""
+        transport = self._stream_request.transport if self._stream_request else None
+        if self._writer is None or transport is None or transport.is_closing():
+            raise ConnectionResetError("the client's connection is closed")
+        self._queued.append(data)
+        self._queued_bytes += len(data)
+        if not self._flush_due:
+            self._flush_due = True
+            asyncio.get_running_loop().call_soon(self._flush)
+        if self._queued_bytes > _QUEUED_LIMIT or transport.get_write_buffer_size() > _QUEUED_LIMIT:
+            self._flush()
+            await self._bounded(self._writer.drain())
+
+    def _flush(self) -> None:
+        self._flush_due = False
+        if not self._queued:
+            return
+        data = self._take_queued()
+        transport = self._stream_request.transport if self._stream_request else None
+        if transport is None or transport.is_closing():
+            return  # the client went away: the next send or write raises
+        if self._chunked_body:
+            data = b"%x\r\n%b\r\n" % (len(data), data)
+        # else HTTP/1.0: the body ends with the connection, unframed
+        self._sent_directly += len(data)  # counted as aiohttp counts, framing included
+        transport.write(data)
+
+    def _take_queued(self) -> bytes:
+        data = b"".join(self._queued)
+        self._queued.clear()
+        self._queued_bytes = 0
+        return data
 
     async def write(self, data: bytes | bytearray | memoryview) -> None:
+        if self._queued:
+            data = self._take_queued() + bytes(data)
         await self._bounded(super().write(data))
 
     async def write_eof(self, data: bytes = b"") -> None:
+        if self._queued:
+            data = self._take_queued() + data
         try:
             await self._bounded(super().write_eof(data))
         finally:
