@@ -399,6 +399,10 @@ class StallBoundResponse(web.StreamResponse):
     the bytes keep their order, and nothing is left queued once the body has ended.
     """
 
+    # The head waits for the first event and goes out with it, in one write (aiohttp's
+    # own Response does the same); the door writes that event as soon as it opens.
+    _send_headers_immediately = False
+
     def __init__(
         self, stall_timeout_s: float, on_stall: Callable[[], None], *, headers: dict[str, str]
     ) -> None:
