@@ -32,8 +32,6 @@ class StreamEvents:
             "created": created,
             "model": model,
         }
-        # The standard library's encoder for the head: it is written once a stream, and
-        # it escapes what orjson refuses (a lone surrogate in a request id).
         self._head = b"data: " + _compact(head)[:-1] + b',"choices":['
         self._chat = chat
 
@@ -64,4 +62,7 @@ def error_event(body: dict[str, Any]) -> bytes:
 
 
 def _compact(value: dict[str, Any]) -> bytes:
-    return json.dumps(value, separators=(",", ":")).encode()
+    try:
+        return orjson.dumps(value)
+    except TypeError:  # orjson.JSONEncodeError: a lone surrogate (a request id), escaped
+        return json.dumps(value, separators=(",", ":")).encode()
