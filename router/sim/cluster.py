@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from backends.base import Role
 from backends.config_files import problems
 from backends.perf.roofline import load_catalog
+from backends.prefix import BLOCK_BYTES
 from router.errors import ConfigError, shown
 from router.scheduling.perf import DevicePerf, perf_for
 from router.settings import parse_pool, read_yaml
@@ -255,15 +256,37 @@ def _perf(
 
 
 def uniform_cluster(
-    model: str, groups: Sequence[tuple[str, Role, int]], *, source: str = "plan"
+    model: str,
+    groups: Sequence[tuple[str, Role, int]],
+    *,
+    source: str = "plan",
+    prefix_cache_share: float = 0.0,
 ) -> Cluster:
-    """A compact cluster of (profile, role, count) groups with default chips and links."""
+    """A compact cluster of (profile, role, count) groups with default chips and links.
+
+    ``prefix_cache_share`` gives each device a prefix cache of that share of its KV
+    capacity (in 64-token blocks; 0: none): the room an engine's free KV blocks give
+    its prefix cache, which a device of little memory (an SRAM part) has little of.
+    """
+    if not 0 <= prefix_cache_share <= 1:
+        raise ValueError(f"prefix_cache_share must lie in [0, 1], got {prefix_cache_share!r}")
     config = ClusterConfig(
         model=model,
         groups=tuple(
-            DeviceGroup(name=f"{profile}-{role.value}", profile=profile, role=role, count=count)
+            DeviceGroup(
+                name=f"{profile}-{role.value}",
+                profile=profile,
+                role=role,
+                count=count,
+                prefix_cache_blocks=_cache_blocks(profile, model, prefix_cache_share),
+            )
             for profile, role, count in groups
             if count > 0
         ),
     )
     return build_cluster(config, source=source)
+
+
+def _cache_blocks(profile: str, model: str, share: float) -> int:
+    perf = perf_for(profile, model) if share else None
+    return 0 if perf is None else int(share * perf.kv_capacity_tokens) // BLOCK_BYTES

@@ -59,16 +59,16 @@ class Candidate:
             f"{self.decode_count}x {self.decode_profile} decode"
         )
 
-    def cluster(self, model: str) -> Cluster:
+    def cluster(self, model: str, *, prefix_cache_share: float = 0.0) -> Cluster:
+        """The devices of this candidate; ``prefix_cache_share``: see ``uniform_cluster``."""
         if self.prefill_profile is None:
-            return uniform_cluster(model, [(self.decode_profile, Role.BOTH, self.decode_count)])
-        return uniform_cluster(
-            model,
-            [
+            groups = [(self.decode_profile, Role.BOTH, self.decode_count)]
+        else:
+            groups = [
                 (self.prefill_profile, Role.PREFILL, self.prefill_count),
                 (self.decode_profile, Role.DECODE, self.decode_count),
-            ],
-        )
+            ]
+        return uniform_cluster(model, groups, prefix_cache_share=prefix_cache_share)
 
     def covered_by(self, other: Candidate) -> bool:
         """Whether ``other`` is the same mix with at least as many devices on each side."""
@@ -88,6 +88,7 @@ class PlanTrial:
     ttft_p99_s: float | None = None
     tpot_p99_s: float | None = None
     cpu_s: float = 0.0
+    split_fraction: float | None = None  # of the requests served
 
     def to_dict(self) -> dict[str, object]:
         candidate = self.candidate
@@ -103,6 +104,7 @@ class PlanTrial:
             "goodput": _finite(self.goodput),
             "ttft_p99_ms": None if self.ttft_p99_s is None else _finite(self.ttft_p99_s * 1e3),
             "tpot_p99_ms": None if self.tpot_p99_s is None else _finite(self.tpot_p99_s * 1e3),
+            "split_fraction": _finite(self.split_fraction),
             "cpu_s": self.cpu_s,
         }
 
@@ -164,46 +166,29 @@ def plan_cluster(
         raise ValueError(f"target_attainment must lie in (0, 1], got {target_attainment}")
     if max_devices < 1:
         raise ValueError(f"max_devices must be >= 1, got {max_devices}")
-    usable, unusable = _usable_profiles(model, profiles)
+    usable, unusable = usable_profiles(model, profiles)
     if not usable:
         raise ValueError(f"no profile can hold {model}; tried {', '.join(unusable)}")
-    counts = range(1, max_devices + 1)
-    every = _candidates(
+    every = catalogue_candidates(
         model,
         usable,
-        counts=counts,
         max_devices=max_devices,
         colocated=include_colocated,
         split=include_split,
     )
     if max_price_per_hour_usd is not None:
         every = [c for c in every if c.price_per_hour_usd <= max_price_per_hour_usd]
-    coarse_counts = {n for n in COARSE_COUNTS if n <= max_devices} | {max_devices}
-    allowed_misses = len(requests) - math.ceil(target_attainment * len(requests) - 1e-9)
-    search = _Search(
+    search = CandidateSearch(
         model=model,
         requests=requests,
         slo=slo,
         policy=policy,
         target=target_attainment,
-        allowed_misses=allowed_misses,
         overhead_s=overhead_s,
         handoff_s=handoff_s,
         on_trial=on_trial,
     )
-    coarse = [
-        c
-        for c in every
-        if c.decode_count in coarse_counts and c.prefill_count in coarse_counts | {0}
-    ]
-    best = search.cheapest(coarse, max_runs)
-    if best is not None:
-        finer = [
-            c
-            for c in every
-            if c.price_per_hour_usd < best.candidate.price_per_hour_usd and c not in coarse
-        ]
-        best = search.cheapest(finer, max_runs) or best
+    best = search.cheapest_two_pass(every, max_devices=max_devices, max_runs=max_runs)
     return PlanResult(
         model=model,
         slo=slo,
@@ -214,8 +199,15 @@ def plan_cluster(
     )
 
 
-class _Search:
-    """Runs candidates cheapest first, remembering failures to skip what they cover."""
+class CandidateSearch:
+    """Runs candidates cheapest first, remembering failures to skip what they cover.
+
+    ``failed`` may be handed over from a search of a looser SLO: what missed it misses
+    this one too, so those candidates and every one they cover are skipped here without
+    a run (the frontier sweep relies on it). ``request_slo``, when set, is the SLO every
+    request carries to the policy (None: its class's default, as ``plan`` runs).
+    ``prefix_cache_share`` gives every device a prefix cache (see ``uniform_cluster``).
+    """
 
     def __init__(
         self,
@@ -225,23 +217,51 @@ class _Search:
         slo: Slo,
         policy: PolicyFactory,
         target: float,
-        allowed_misses: int,
-        overhead_s: float,
-        handoff_s: float,
-        on_trial: TrialCallback | None,
+        overhead_s: float = 0.0,
+        handoff_s: float = 0.0,
+        on_trial: TrialCallback | None = None,
+        request_slo: Slo | None = None,
+        prefix_cache_share: float = 0.0,
+        failed: list[Candidate] | None = None,
     ) -> None:
         self.model = model
         self.requests = requests
         self.slo = slo
         self.policy = policy
         self.target = target
-        self.allowed_misses = allowed_misses
+        self.allowed_misses = len(requests) - math.ceil(target * len(requests) - 1e-9)
         self.overhead_s = overhead_s
         self.handoff_s = handoff_s
         self.on_trial = on_trial
+        self.request_slo = request_slo
+        self.prefix_cache_share = prefix_cache_share
         self.trials: list[PlanTrial] = []
         self.runs = 0
-        self._failed: list[Candidate] = []
+        self._failed: list[Candidate] = [] if failed is None else failed
+
+    @property
+    def failed(self) -> list[Candidate]:
+        """Every candidate known to miss this search's SLO (shared, not copied)."""
+        return self._failed
+
+    def cheapest_two_pass(
+        self, every: Sequence[Candidate], *, max_devices: int, max_runs: int
+    ) -> PlanTrial | None:
+        """The cheapest of ``every`` that meets the SLO: first on a coarse grid of counts,
+        then on every count between the grid points below the coarse winner's price."""
+        coarse_counts = {n for n in COARSE_COUNTS if n <= max_devices} | {max_devices}
+        coarse = [
+            c
+            for c in every
+            if c.decode_count in coarse_counts and c.prefill_count in coarse_counts | {0}
+        ]
+        best = self.cheapest(coarse, max_runs)
+        if best is None:
+            return None
+        price = best.candidate.price_per_hour_usd
+        tried = set(coarse)
+        finer = [c for c in every if c.price_per_hour_usd < price and c not in tried]
+        return self.cheapest(finer, max_runs) or best
 
     def cheapest(self, candidates: Iterable[Candidate], max_runs: int) -> PlanTrial | None:
         for candidate in sorted(candidates):
@@ -259,10 +279,11 @@ class _Search:
     def _run(self, candidate: Candidate) -> PlanTrial:
         self.runs += 1
         simulator = Simulator(
-            candidate.cluster(self.model),
+            candidate.cluster(self.model, prefix_cache_share=self.prefix_cache_share),
             self.policy(),
             overhead_s=self.overhead_s,
             handoff_s=self.handoff_s,
+            request_slo=self.request_slo,
         )
         result = simulator.run(self.requests, slo=self.slo, stop_after_misses=self.allowed_misses)
         if result.stopped_early:
@@ -279,13 +300,15 @@ class _Search:
                 ttft_p99_s=summary.ttft_s.p99,
                 tpot_p99_s=summary.tpot_s.p99,
                 cpu_s=result.cpu_s,
+                split_fraction=summary.split_fraction,
             )
         if self.on_trial is not None:
             self.on_trial(self.runs, trial)
         return trial
 
 
-def _usable_profiles(model: str, profiles: Sequence[str] | None) -> tuple[list[str], list[str]]:
+def usable_profiles(model: str, profiles: Sequence[str] | None) -> tuple[list[str], list[str]]:
+    """The catalogue profiles (all, or ``profiles``) that can hold ``model``, and the rest."""
     catalog = load_catalog()
     if model not in catalog.models:
         known = ", ".join(sorted(catalog.models))
@@ -306,17 +329,18 @@ def _usable_profiles(model: str, profiles: Sequence[str] | None) -> tuple[list[s
     return usable, unusable
 
 
-def _candidates(
+def catalogue_candidates(
     model: str,
     profiles: Sequence[str],
     *,
-    counts: Iterable[int],
     max_devices: int,
-    colocated: bool,
-    split: bool,
+    colocated: bool = True,
+    split: bool = True,
 ) -> list[Candidate]:
+    """Colocated fleets of each profile, and prefill:decode pairs of profiles at every
+    ratio, of up to ``max_devices`` devices in all."""
     model_price = {name: _price(name, model) for name in profiles}
-    sizes = list(counts)
+    sizes = list(range(1, max_devices + 1))
     found: list[Candidate] = []
     for decode in profiles:
         if colocated:
