@@ -20,6 +20,7 @@ from router.errors import ConfigError
 from router.scheduling.slo import SLO_PRESETS, Slo
 from router.settings import settings_from
 from router.sim.cluster import load_cluster
+from router.sim.frontier_command import add_frontier_flags, run_frontier
 from router.sim.planner import PlanTrial, plan_cluster
 from router.sim.policy import resolve_policy
 from router.sim.report import (
@@ -92,6 +93,7 @@ def add_commands(commands: argparse._SubParsersAction[Any]) -> None:
     plan.add_argument("--no-split", action="store_true", help="skip prefill/decode mixes")
     plan.add_argument("--out", type=Path, help="directory for plan.json and the cluster file")
     plan.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    add_frontier_flags(plan)
 
 
 def _workload_flags(command: argparse.ArgumentParser, default_duration_s: float) -> None:
@@ -162,6 +164,10 @@ def run_command(options: argparse.Namespace) -> int:
     try:
         if options.command == "simulate":
             return _simulate(options)
+        if options.frontier:
+            requests = _requests(options)
+            meta = _workload_meta(options, requests)
+            return run_frontier(options, requests, _frontier_ttft_s(options), meta)
         return _plan(options)
     except (ConfigError, SimulationError, ValueError, OSError) as error:
         print(f"hetero-router {options.command}: {' '.join(str(error).split())}", file=sys.stderr)
@@ -339,6 +345,16 @@ def _slo(options: argparse.Namespace) -> Slo | None:
         ttft = preset.ttft_s if ttft is None else ttft
         tpot = preset.tpot_s if tpot is None else tpot
     return Slo(ttft, tpot, name="custom")
+
+
+def _frontier_ttft_s(options: argparse.Namespace) -> float:
+    """The TTFT target of a frontier: --slo-ttft-ms, else the preset's (the TPOT is swept)."""
+    if options.slo_tpot_ms is not None:
+        raise ValueError("--frontier sweeps the TPOT target: use --tpot-slos-ms, not --slo-tpot-ms")
+    slo = _slo(options)
+    if slo is None or slo.ttft_s is None:
+        raise ValueError("--frontier needs a TTFT target: --slo-ttft-ms, or an --slo preset")
+    return slo.ttft_s
 
 
 def _slo_meta(slo: Slo) -> dict[str, Any]:
