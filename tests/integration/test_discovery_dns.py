@@ -50,13 +50,28 @@ def _daemon(pool: PoolConfig, **settings: object) -> Daemon:
     return Daemon(Settings(**options), pool)  # type: ignore[arg-type]  # validated by pydantic
 
 
+async def _pods_on_one_port(clock: GatedClock) -> tuple[DeviceServer, DeviceServer]:
+    """Two pods at 127.0.0.2 and 127.0.0.3 on one port, as a headless Service's pods are.
+
+    The port is free on the first address when picked; another process may hold it on
+    the second, so a clash there picks again.
+    """
+    for _attempt in range(5):
+        first = await _device("127.0.0.2", 0, "pod-a", clock)
+        port = int(first.address.rpartition(":")[2])
+        try:
+            return first, await _device("127.0.0.3", port, "pod-b")
+        except OSError:
+            await first.stop(grace_s=0)
+    raise OSError("no port free on both 127.0.0.2 and 127.0.0.3 after 5 tries")
+
+
 async def test_records_added_join_after_their_health_check_and_records_removed_drain(
     tmp_path: Path,
 ) -> None:
     gated = GatedClock()
-    first = await _device("127.0.0.2", 0, "pod-a", gated)
+    first, second = await _pods_on_one_port(gated)
     port = int(first.address.rpartition(":")[2])
-    second = await _device("127.0.0.3", port, "pod-b")
     a, b = f"decode-127.0.0.2-{port}", f"decode-127.0.0.3-{port}"
     try:
         async with dnsmasq(tmp_path, ["127.0.0.2 decode.test"]) as server:
