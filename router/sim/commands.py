@@ -17,6 +17,7 @@ import yaml
 
 from router.console import Progress
 from router.errors import ConfigError
+from router.scheduling.service_level import DEFAULT_SLO_CLASS
 from router.scheduling.slo import SLO_PRESETS, Slo
 from router.settings import settings_from
 from router.sim.cluster import load_cluster
@@ -34,6 +35,7 @@ from router.sim.report import (
 from router.sim.simulator import SimulationError, Simulator
 from router.sim.traces import TRACE_FORMATS, read_trace
 from router.sim.workload import (
+    MIXES,
     WORKLOADS,
     Bursts,
     PrefixSharing,
@@ -99,7 +101,10 @@ def add_commands(commands: argparse._SubParsersAction[Any]) -> None:
 def _workload_flags(command: argparse.ArgumentParser, default_duration_s: float) -> None:
     source = command.add_mutually_exclusive_group()
     source.add_argument(
-        "--workload", choices=sorted(WORKLOADS), default="chatbot", help="length distribution"
+        "--workload",
+        choices=sorted([*WORKLOADS, *MIXES]),
+        default="chatbot",
+        help="length distribution, or a mix of them each with its SLO class (mixed)",
     )
     source.add_argument(
         "--trace",
@@ -180,7 +185,8 @@ def run_command(options: argparse.Namespace) -> int:
 def _simulate(options: argparse.Namespace) -> int:
     cluster = load_cluster(options.cluster)
     requests = _requests(options)
-    slo = _slo(options)
+    policy = resolve_policy(options.policy)
+    slo = _slo(options) or _class_slos(policy, requests)
     settings = settings_from({})
     interval = options.load_report_s
     if interval is None:
@@ -192,7 +198,7 @@ def _simulate(options: argparse.Namespace) -> int:
 
     simulator = Simulator(
         cluster,
-        resolve_policy(options.policy),
+        policy,
         load_report_interval_s=interval,
         max_in_flight=settings.max_in_flight,
         queue_limit=settings.queue_limit,
@@ -209,6 +215,9 @@ def _simulate(options: argparse.Namespace) -> int:
         progress.close()
     summary = result.summary(slo)
     print(format_summary(summary))
+    if summary.slo_attainment_by_class:
+        shares = summary.slo_attainment_by_class.items()
+        print("attainment by class: " + ", ".join(f"{c} {a:.1%}" for c, a in sorted(shares)))
     if options.out is not None:
         meta = {
             "command": "simulate",
@@ -216,7 +225,7 @@ def _simulate(options: argparse.Namespace) -> int:
             "cluster": cluster.to_config(),
             "workload": _workload_meta(options, requests),
             "policy": str(options.policy) if options.policy else "default",
-            "slo": None if slo is None else _slo_meta(slo),
+            "slo": _slo_meta(slo),
             "load_report_interval_s": interval,
             "overhead_s": options.overhead_ms / 1e3,
             "handoff_s": options.handoff_ms / 1e3,
@@ -357,7 +366,28 @@ def _frontier_ttft_s(options: argparse.Namespace) -> float:
     return slo.ttft_s
 
 
-def _slo_meta(slo: Slo) -> dict[str, Any]:
+def _class_slos(policy: object, requests: list[RequestSpec]) -> dict[str, Slo] | None:
+    """Each SLO class's targets from the policy, when the requests name more than the
+    default class: a mix is judged request by request against its own class."""
+    classes = {spec.slo_class for spec in requests}
+    default_slo = getattr(policy, "default_slo", None)
+    if classes == {DEFAULT_SLO_CLASS} or default_slo is None:
+        return None
+    known: frozenset[str] = getattr(policy, "slo_classes", frozenset())
+    unknown = sorted(classes - known)
+    if unknown:
+        raise ValueError(
+            f"the workload names SLO class {unknown[0]!r}, which the policy has no profile "
+            f"for (it has {', '.join(sorted(known))}); pass --policy with one per class"
+        )
+    return {name: default_slo(name) for name in sorted(classes)}
+
+
+def _slo_meta(slo: Slo | dict[str, Slo] | None) -> dict[str, Any] | None:
+    if slo is None:
+        return None
+    if isinstance(slo, dict):
+        return {"by_class": {name: _slo_meta(each) for name, each in slo.items()}}
     return {"name": slo.name, "ttft_s": slo.ttft_s, "tpot_s": slo.tpot_s, "itl_s": slo.itl_s}
 
 

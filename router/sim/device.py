@@ -51,6 +51,7 @@ class SimRequest:
         "prefill",
         "prompt",
         "relay",
+        "slo_class",
         "split",
     )
 
@@ -60,6 +61,7 @@ class SimRequest:
         self.prompt = spec.prompt_tokens
         self.max_tokens = spec.output_tokens
         self.hashes = hashes
+        self.slo_class = spec.slo_class
         self.split = False
         self.plan: Plan | None = None  # what the policy decided for it
         self.relay = False  # the router moves its KV (else the decode device pulls it)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import enum
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -76,6 +77,8 @@ class SimResult:
 
     ``prefill_device`` and ``decode_device`` index ``devices`` (-1: none); a colocated
     request has the same index in both. Latencies are NaN where they do not apply.
+    ``slo_class`` is each request's SLO class: what it is judged by when every class
+    has an SLO of its own.
     """
 
     cluster: Cluster
@@ -85,6 +88,7 @@ class SimResult:
     output_tokens: IntArray
     cached_tokens: IntArray
     outcome: npt.NDArray[np.str_]
+    slo_class: npt.NDArray[np.str_]
     split: BoolArray
     prefill_device: IntArray
     decode_device: IntArray
@@ -106,18 +110,37 @@ class SimResult:
         served: BoolArray = self.outcome == Outcome.OK.value
         return served
 
-    def good(self, slo: Slo) -> BoolArray:
-        """:meth:`Slo.met_by` of every request at once; one that did not complete misses."""
-        met: BoolArray = self.ok & slo.met_by_arrays(
-            self.ttft_s, self.tpot_s, self.max_itl_s, self.e2e_s
-        )
+    def good(self, slo: Slo | Mapping[str, Slo]) -> BoolArray:
+        """:meth:`Slo.met_by` of every request at once; one that did not complete misses.
+
+        ``slo`` is one for every request, or one per SLO class (each request held to its
+        class's; a class without one is a ValueError)."""
+        if isinstance(slo, Slo):
+            met: BoolArray = self.ok & slo.met_by_arrays(
+                self.ttft_s, self.tpot_s, self.max_itl_s, self.e2e_s
+            )
+            return met
+        met = np.zeros(self.requests, dtype=np.bool_)
+        for slo_class in np.unique(self.slo_class).tolist():
+            if slo_class not in slo:
+                raise ValueError(f"no SLO given for class {slo_class!r}")
+            mine = self.slo_class == slo_class
+            met[mine] = self.good(slo[slo_class])[mine]
         return met
 
-    def attainment(self, slo: Slo) -> float:
+    def attainment(self, slo: Slo | Mapping[str, Slo]) -> float:
         """Share of every request sent that met ``slo`` (NaN for an empty run)."""
         return float(self.good(slo).mean()) if self.requests else math.nan
 
-    def summary(self, slo: Slo | None = None) -> SimSummary:
+    def attainment_by_class(self, slo: Slo | Mapping[str, Slo]) -> dict[str, float]:
+        """:meth:`attainment` of each SLO class's requests alone."""
+        good = self.good(slo)
+        return {
+            slo_class: float(good[self.slo_class == slo_class].mean())
+            for slo_class in np.unique(self.slo_class).tolist()
+        }
+
+    def summary(self, slo: Slo | Mapping[str, Slo] | None = None) -> SimSummary:
         return SimSummary.of(self, slo)
 
 
@@ -152,6 +175,8 @@ class SimSummary:
     wall_s: float
     cpu_s: float
     device_stats: tuple[dict[str, Any], ...] = field(default=())
+    # Attainment of each SLO class alone, when the run has more than one class.
+    slo_attainment_by_class: dict[str, float] = field(default_factory=dict)
 
     @property
     def shed(self) -> int:
@@ -164,7 +189,7 @@ class SimSummary:
         return sum(n for outcome, n in self.outcomes.items() if outcome != Outcome.OK.value)
 
     @classmethod
-    def of(cls, result: SimResult, slo: Slo | None) -> SimSummary:
+    def of(cls, result: SimResult, slo: Slo | Mapping[str, Slo] | None) -> SimSummary:
         ok = result.ok
         duration = result.makespan_s
         rate = (lambda count: count / duration) if duration > 0 else (lambda count: math.nan)
@@ -173,7 +198,10 @@ class SimSummary:
         tokens_per_hour = rate(tokens) * SECONDS_PER_HOUR
         served_prompt = int(result.prompt_tokens[ok].sum())
         attainment = goodput = per_device = per_dollar = None
+        by_class: dict[str, float] = {}
         if slo is not None:
+            if len(np.unique(result.slo_class)) > 1:
+                by_class = result.attainment_by_class(slo)
             good = int(result.good(slo).sum())
             attainment = good / result.requests if result.requests else math.nan
             goodput = rate(good)
@@ -202,7 +230,7 @@ class SimSummary:
                 float(result.cached_tokens[ok].sum()) / served_prompt if served_prompt else 0.0
             ),
             prefix_hit_ratio=_prefix_hit_ratio(result),
-            slo=None if slo is None else slo.name,
+            slo=_slo_name(slo),
             slo_attainment=attainment,
             goodput=goodput,
             goodput_per_device=per_device,
@@ -211,10 +239,16 @@ class SimSummary:
             wall_s=result.wall_s,
             cpu_s=result.cpu_s,
             device_stats=tuple(d.to_dict(duration) for d in result.devices),
+            slo_attainment_by_class=by_class,
         )
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: latencies in milliseconds, NaN and infinity as null."""
+        by_class = {}
+        if self.slo_attainment_by_class:
+            by_class = {
+                "slo_attainment_by_class": dict(sorted(self.slo_attainment_by_class.items()))
+            }
         return {
             "cluster": self.cluster,
             "devices": self.devices,
@@ -238,6 +272,7 @@ class SimSummary:
             "goodput": _finite(self.goodput),
             "goodput_per_device": _finite(self.goodput_per_device),
             "goodput_per_usd_hour": _finite(self.goodput_per_usd_hour),
+            **by_class,
             "stopped_early": self.stopped_early,
             "wall_s": self.wall_s,
             "cpu_s": self.cpu_s,
@@ -251,6 +286,12 @@ def _prefix_hit_ratio(result: SimResult) -> float:
     prefilled = ~np.isnan(result.ttft_s)
     prompt = int(result.prompt_tokens[prefilled].sum())
     return float(result.cached_tokens[prefilled].sum()) / prompt if prompt else 0.0
+
+
+def _slo_name(slo: Slo | Mapping[str, Slo] | None) -> str | None:
+    if slo is None or isinstance(slo, Slo):
+        return None if slo is None else slo.name
+    return f"per class ({', '.join(sorted(slo))})"
 
 
 def _present(values: FloatArray) -> FloatArray:

@@ -25,7 +25,7 @@ import itertools
 import math
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 import numpy as np
@@ -37,7 +37,7 @@ from router.errors import NoHealthyBackendError
 from router.scheduling.handoff import NextStep, after_prefill
 from router.scheduling.plan import Disaggregation, Mode, Plan, RequestFeatures
 from router.scheduling.prefix import DEFAULT_BLOCKS_PER_BACKEND, PrefixIndex
-from router.scheduling.service_level import DEFAULT_SERVICE, DEFAULT_SLO_CLASS, ServiceLevel
+from router.scheduling.service_level import DEFAULT_SERVICE, ServiceLevel
 from router.scheduling.slo import Slo
 from router.scheduling.snapshot import PoolSnapshot
 from router.sim.blocks import prompt_blocks
@@ -70,7 +70,8 @@ class Simulator:
     daemon's are. ``max_in_flight`` and ``queue_limit`` are the daemon's admission
     gate: beyond ``max_in_flight`` requests wait in a FIFO of at most ``queue_limit``,
     and a request that finds it full is shed. ``request_slo`` is the SLO every
-    request carries to the policy (None: its class's default).
+    request carries to the policy (None: its class's default, the policy's profile of
+    the request's ``slo_class``).
 
     ``overhead_s`` is the fixed latency of the serving path outside the devices' own
     iterations (client, router and device RPCs, timers): a request reaches its device
@@ -114,10 +115,7 @@ class Simulator:
         self.model = cluster.model
         # The request's own targets, and its class's, as the dispatcher derives them.
         self._service = _service_level(request_slo)
-        default_slo = getattr(scheduler, "default_slo", None)
-        class_slo = default_slo(DEFAULT_SLO_CLASS) if default_slo is not None else None
-        self._class_slo = class_slo if isinstance(class_slo, Slo) else None
-        self._own_slo = self._service.own_slo(self._class_slo)
+        self._class_slos: dict[str, tuple[Slo | None, Slo | None]] = {}
         self._decisions = itertools.count()
         cache_blocks = UNBOUNDED_CACHE_BLOCKS if unbounded_prefix_cache else None
         self.devices = [
@@ -145,7 +143,7 @@ class Simulator:
         self._progress_interval_s = progress_interval_s
         self._overhead_s = overhead_s
         self._handoff_s = handoff_s
-        self._watch: Slo | None = None
+        self._watch: Mapping[str, Slo] | None = None
         self._misses = 0
         self._done = 0
         self._ran = False
@@ -156,21 +154,24 @@ class Simulator:
         self,
         requests: Sequence[RequestSpec],
         *,
-        slo: Slo | None = None,
+        slo: Slo | Mapping[str, Slo] | None = None,
         stop_after_misses: int | None = None,
     ) -> SimResult:
         """Simulates every request to its end; once per simulator.
 
         With ``stop_after_misses``, the run stops as soon as more than that many
-        requests are certain to miss ``slo`` (a planner's early out for a cluster that
-        cannot meet it); the result then says ``stopped_early``.
+        requests are certain to miss ``slo`` (one for all, or one per SLO class: a
+        planner's early out for a cluster that cannot meet it); the result then says
+        ``stopped_early``.
         """
         if self._ran:
             raise RuntimeError("a Simulator runs once; make another for another run")
         self._ran = True
         if stop_after_misses is not None and slo is None:
             raise ValueError("stop_after_misses needs an slo")
-        self._watch = slo if stop_after_misses is not None else None
+        self._check_classes(requests)
+        if stop_after_misses is not None and slo is not None:
+            self._watch = _per_class(slo, {spec.slo_class for spec in requests})
         wall_started, cpu_started = time.monotonic(), time.process_time()
         records = _requests(requests)
         if any(b.arrival_s < a.arrival_s for a, b in itertools.pairwise(records)):
@@ -186,6 +187,18 @@ class Simulator:
             wall_s=time.monotonic() - wall_started,
             cpu_s=time.process_time() - cpu_started,
         )
+
+    def _check_classes(self, requests: Sequence[RequestSpec]) -> None:
+        """Every SLO class the requests name must be a profile of the policy."""
+        known = getattr(self.scheduler, "slo_classes", None)
+        if not isinstance(known, frozenset):
+            return
+        unknown = sorted({spec.slo_class for spec in requests} - known)
+        if unknown:
+            raise SimulationError(
+                f"the requests name SLO class {unknown[0]!r}, which the policy has no profile "
+                f"for (it has {', '.join(sorted(known))})"
+            )
 
     def _loop(self, records: list[SimRequest], limit: float, started: float) -> tuple[float, bool]:
         """Events in time order until none is left; returns the last time, and whether
@@ -241,7 +254,8 @@ class Simulator:
             max_tokens=request.max_tokens,
             disaggregation=Disaggregation.AUTO,
             sequence=next(self._decisions),
-            slo=self._own_slo if waited <= 0 else self._slo_after(waited),
+            slo=self._slo_of(request.slo_class, waited),
+            slo_class=request.slo_class,
             prefix_hashes=request.hashes,
         )
         try:
@@ -273,9 +287,19 @@ class Simulator:
         else:
             self._submit(prefill, request, request.prompt + request.max_tokens, now)
 
-    def _slo_after(self, waited_s: float) -> Slo | None:
-        """What a request that queued for admission is planned against (the daemon's rule)."""
-        return self._service.scheduling_slo(self._class_slo, waited_s)
+    def _slo_of(self, slo_class: str, waited_s: float) -> Slo | None:
+        """What a request is planned against (the daemon's rule): its own targets, else
+        None for its class's, less the time it queued for admission."""
+        known = self._class_slos.get(slo_class)
+        if known is None:
+            default_slo = getattr(self.scheduler, "default_slo", None)
+            found = default_slo(slo_class) if default_slo is not None else None
+            class_slo = found if isinstance(found, Slo) else None
+            known = self._class_slos[slo_class] = (class_slo, self._service.own_slo(class_slo))
+        class_slo, own = known
+        if waited_s <= 0:
+            return own
+        return self._service.scheduling_slo(class_slo, waited_s)
 
     def _device(self, backend_id: str) -> SimDevice:
         device = self._by_id.get(backend_id)
@@ -323,7 +347,7 @@ class Simulator:
         if outcome is Outcome.OK:
             request.finish_s = now
         self._done += 1
-        watch = self._watch
+        watch = None if self._watch is None else self._watch.get(request.slo_class)
         if watch is not None and not request.missed:
             if outcome is not Outcome.OK:
                 request.missed = True
@@ -343,7 +367,7 @@ class Simulator:
 
     def _first_token(self, request: SimRequest, now: float) -> None:
         request.first_token_s = now
-        watch = self._watch
+        watch = None if self._watch is None else self._watch.get(request.slo_class)
         if (
             watch is not None
             and watch.ttft_s is not None
@@ -566,6 +590,16 @@ class Simulator:
             self._wake_at(decode, now)
 
 
+def _per_class(slo: Slo | Mapping[str, Slo], classes: set[str]) -> dict[str, Slo]:
+    """``slo`` for each of ``classes``: one for all, or each class's own."""
+    if isinstance(slo, Slo):
+        return dict.fromkeys(classes, slo)
+    missing = sorted(classes - set(slo))
+    if missing:
+        raise ValueError(f"no SLO given for class {missing[0]!r}")
+    return dict(slo)
+
+
 def _service_level(slo: Slo | None) -> ServiceLevel:
     if slo is None:
         return DEFAULT_SERVICE
@@ -606,6 +640,7 @@ def collect(
     arrival = np.fromiter((r.arrival_s for r in records), np.float64, count)
     output = np.fromiter((r.max_tokens for r in records), np.int64, count)
     outcome = np.array([r.outcome.value for r in records], dtype=np.str_)
+    slo_class = np.array([r.slo_class for r in records], dtype=np.str_)
     ok = outcome == Outcome.OK.value
     decode_index = np.fromiter(
         (-1 if r.decode is None else r.decode.index for r in records), np.int64, count
@@ -621,6 +656,7 @@ def collect(
         output_tokens=output,
         cached_tokens=np.fromiter((r.cached_tokens for r in records), np.int64, count),
         outcome=outcome,
+        slo_class=slo_class,
         split=np.fromiter((r.split for r in records), np.bool_, count),
         prefill_device=np.fromiter(
             (-1 if r.prefill is None else r.prefill.index for r in records), np.int64, count

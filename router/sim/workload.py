@@ -20,12 +20,15 @@ import numpy.typing as npt
 
 from backends.config_files import load_json
 from backends.errors import shown
+from router.scheduling.service_level import DEFAULT_SLO_CLASS
 
 __all__ = [
+    "MIXES",
     "WORKLOADS",
     "Arrivals",
     "Bursts",
     "LengthDistribution",
+    "MixPart",
     "PrefixSharing",
     "RequestSpec",
     "bursty_arrivals",
@@ -56,6 +59,8 @@ class RequestSpec:
     equal up to there; the last block may be cut short by the prompt's end. A prefix
     group is the one-block chain ``(prefix_group,)`` of ``prefix_tokens`` tokens
     (:meth:`prefix_chain`); a request has one or the other, or neither.
+
+    ``slo_class`` is the policy profile it asks for, as a request's ``slo_class`` does.
     """
 
     arrival_s: float
@@ -65,6 +70,7 @@ class RequestSpec:
     prefix_tokens: int = 0
     block_hashes: tuple[int, ...] = ()
     block_tokens: int = 0
+    slo_class: str = DEFAULT_SLO_CLASS
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.arrival_s) and self.arrival_s >= 0):
@@ -83,6 +89,8 @@ class RequestSpec:
             raise ValueError("prefix_group and prefix_tokens are set together or not at all")
         if self.block_hashes or self.block_tokens:
             self._check_chain()
+        if not self.slo_class:
+            raise ValueError("slo_class must not be empty")
 
     def _check_chain(self) -> None:
         if not self.block_hashes or self.block_tokens < 1:
@@ -378,18 +386,63 @@ class PrefixSharing:
             raise ValueError(f"prefix_tokens must be >= 1, got {self.prefix_tokens}")
 
 
-def _resolve(workload: str | LengthDistribution) -> LengthDistribution:
-    if isinstance(workload, LengthDistribution):
+@dataclass(frozen=True)
+class MixPart:
+    """One kind of request in a mix: its lengths, its share of arrivals, its SLO class."""
+
+    workload: str  # a name in WORKLOADS
+    share: float
+    slo_class: str
+
+    def __post_init__(self) -> None:
+        if self.workload not in WORKLOADS:
+            raise ValueError(f"unknown workload {self.workload!r} in a mix")
+        if not (math.isfinite(self.share) and self.share > 0):
+            raise ValueError(f"a mix's share must be finite and > 0, got {self.share!r}")
+
+
+Mix = tuple[MixPart, ...]
+
+# Traffic of several kinds at once, each held to its own SLO class: what one fleet serves
+# in production. A policy that judges them needs a profile per class (bench/auto_split.py
+# makes one from the packaged default profile, with the DistServe SLOs of slo.py).
+MIXES: dict[str, Mix] = {
+    "mixed": (
+        MixPart("code", 0.4, "code"),
+        MixPart("chatbot", 0.4, "chatbot"),
+        MixPart("summarization", 0.2, "summarization"),
+    ),
+}
+
+
+def _resolve(workload: str | LengthDistribution | Mix) -> LengthDistribution | Mix:
+    if isinstance(workload, LengthDistribution | tuple):
         return workload
-    try:
-        return WORKLOADS[workload]
-    except KeyError:
-        known = ", ".join(sorted(WORKLOADS))
-        raise ValueError(f"unknown workload {workload!r}; known: {known}") from None
+    found = WORKLOADS.get(workload) or MIXES.get(workload)
+    if found is None:
+        known = ", ".join(sorted([*WORKLOADS, *MIXES]))
+        raise ValueError(f"unknown workload {workload!r}; known: {known}")
+    return found
+
+
+def _sample_mix(mix: Mix, rng: np.random.Generator, n: int) -> list[tuple[int, int, str]]:
+    """``n`` (prompt, output, SLO class) triples: each request's kind drawn by its share,
+    then each kind's lengths from a stream of its own."""
+    shares = np.array([part.share for part in mix])
+    kinds = rng.choice(len(mix), size=n, p=shares / shares.sum())
+    drawn: list[tuple[int, int, str]] = [(0, 0, "")] * n
+    for kind, part in enumerate(mix):
+        where = np.flatnonzero(kinds == kind).tolist()
+        lengths = WORKLOADS[part.workload].sample(
+            np.random.default_rng(rng.integers(2**63)), len(where)
+        )
+        for at, (prompt, output) in zip(where, lengths, strict=True):
+            drawn[at] = (prompt, output, part.slo_class)
+    return drawn
 
 
 def generate(
-    workload: str | LengthDistribution,
+    workload: str | LengthDistribution | Mix,
     n: int,
     *,
     rate_per_s: float | None,
@@ -402,11 +455,15 @@ def generate(
 
     Lengths, arrivals and prefix groups come from independent child streams of ``seed``,
     so the same seed sends the same lengths whatever the rate or arrival process: a rate
-    sweep varies load only.
+    sweep varies load only. A mix's requests carry their part's SLO class.
     """
     dist = _resolve(workload)
     length_seed, arrival_seed, prefix_seed = np.random.SeedSequence(seed).spawn(3)
-    lengths = dist.sample(np.random.default_rng(length_seed), n)
+    length_rng = np.random.default_rng(length_seed)
+    if isinstance(dist, LengthDistribution):
+        drawn = [(p, o, DEFAULT_SLO_CLASS) for p, o in dist.sample(length_rng, n)]
+    else:
+        drawn = _sample_mix(dist, length_rng, n)
     times: list[float]
     if rate_per_s is None:
         times = [0.0] * n
@@ -417,19 +474,23 @@ def generate(
     else:
         raise ValueError(f"unknown arrival process {arrivals!r}; known: poisson, bursty")
     if prefix is None or prefix.fraction == 0:
-        return [RequestSpec(t, p, o) for t, (p, o) in zip(times, lengths, strict=True)]
+        return [
+            RequestSpec(t, p, o, slo_class=c) for t, (p, o, c) in zip(times, drawn, strict=True)
+        ]
     rng = np.random.default_rng(prefix_seed)
     shared = (rng.random(n) < prefix.fraction).tolist()
     groups = rng.integers(0, prefix.groups, n).tolist()
     tokens = prefix.prefix_tokens
     return [
-        RequestSpec(t, p + tokens, o, g, tokens) if s else RequestSpec(t, p, o)
-        for t, (p, o), s, g in zip(times, lengths, shared, groups, strict=True)
+        RequestSpec(t, p + tokens, o, g, tokens, slo_class=c)
+        if s
+        else RequestSpec(t, p, o, slo_class=c)
+        for t, (p, o, c), s, g in zip(times, drawn, shared, groups, strict=True)
     ]
 
 
 def generate_for_duration(
-    workload: str | LengthDistribution,
+    workload: str | LengthDistribution | Mix,
     duration_s: float,
     *,
     rate_per_s: float,
