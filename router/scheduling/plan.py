@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from router.scheduling.service_level import DEFAULT_SLO_CLASS
 from router.scheduling.slo import Slo
@@ -49,6 +49,34 @@ class Prediction:
     tpot_s: float
     # Dollars the plan's devices cost while serving this request.
     cost_usd: float = 0.0
+    # The same device time priced by how busy each device is (its load): what serving
+    # the request takes from the others. An idle device's time is nearly free.
+    marginal_usd: float = 0.0
+    # The load (0 idle .. 1 full) of the device that prefills and of the one that decodes.
+    prefill_load: float = 0.0
+    decode_load: float = 0.0
+
+
+class Reason(enum.Enum):
+    """Why a plan has its mode: a bounded set, a metric's label."""
+
+    REQUESTED = "requested"  # the request asked for the mode
+    POLICY = "policy"  # the decider always (or never) splits
+    ONLY_MODE = "only_mode"  # the pool has backends for one mode alone
+    PROMPT_LENGTH = "prompt_length"  # the prompt-length rule (no performance model)
+    CHEAPER = "cheaper"  # both on time; the lower marginal cost (a split by the margin)
+    ON_TIME = "on_time"  # the only mode predicted to meet the SLO
+    LESS_LATE = "less_late"  # neither on time; the less late
+
+
+@dataclass(frozen=True)
+class Decision:
+    """Why the plan was split or not: the reason and what was predicted of each mode
+    (None: that mode was not built, or had no performance model)."""
+
+    reason: Reason
+    split: Prediction | None = None
+    colocated: Prediction | None = None
 
 
 @dataclass(frozen=True)
@@ -59,3 +87,5 @@ class Plan:
     relay: bool = False  # the router moves the KV (else the decode side pulls it)
     # The performance model's expectation; None when no backend of the plan has a model.
     predicted: Prediction | None = None
+    # Why this mode (set by the scheduler; None for a plan built outside it).
+    decision: Decision | None = field(default=None, compare=False)

@@ -8,7 +8,9 @@ decode iteration apart on the decode device, an iteration batching every running
 sequence, stretched by the prefills that device runs in between (a colocated device
 prefills newcomers ahead of decoding) and, when split, by the KV transfer and the hop
 spread over the output. Costs are the device-seconds the request occupies (a decode
-iteration shared by its batch) at the device's price.
+iteration shared by its batch) at the device's price; the marginal cost prices each
+device's seconds by its load as well (``Context.load``): on a fleet one has already
+paid for, an idle device's time costs nothing more, a full one's costs its price.
 
 These are estimates from the snapshot: what is queued and running now, not what will
 arrive. They rank options and catch requests already late; they are not promises.
@@ -30,7 +32,9 @@ def colocated(view: BackendView, ctx: Context) -> Prediction | None:
         return None
     waiting = view.queue_wait_s
     tpot = step + waiting / max(ctx.features.max_tokens - 1, 1)
-    return Prediction(waiting + prefill, tpot, perf.price_per_second_usd * (prefill + share))
+    load = ctx.load(view)
+    cost = perf.price_per_second_usd * (prefill + share)
+    return Prediction(waiting + prefill, tpot, cost, cost * _priced(load), load, load)
 
 
 def split(prefill: BackendView, decode: BackendView, ctx: Context) -> Prediction | None:
@@ -43,5 +47,19 @@ def split(prefill: BackendView, decode: BackendView, ctx: Context) -> Prediction
     features = ctx.features
     handoff = p_perf.transfer_s(features.prompt_tokens, d_perf) + ctx.split_overhead_s
     tpot = step + (decode.queue_wait_s + handoff) / max(features.max_tokens - 1, 1)
-    cost = p_perf.price_per_second_usd * p_time + d_perf.price_per_second_usd * share
-    return Prediction(prefill.queue_wait_s + p_time, tpot, cost)
+    p_cost = p_perf.price_per_second_usd * p_time
+    d_cost = d_perf.price_per_second_usd * share
+    p_load, d_load = ctx.load(prefill), ctx.load(decode)
+    marginal = p_cost * _priced(p_load) + d_cost * _priced(d_load)
+    return Prediction(
+        prefill.queue_wait_s + p_time, tpot, p_cost + d_cost, marginal, p_load, d_load
+    )
+
+
+# The least share of its price a device's time costs however idle it is: among idle
+# devices the cheaper hardware still wins.
+MIN_PRICED_LOAD = 0.05
+
+
+def _priced(load: float) -> float:
+    return load if load > MIN_PRICED_LOAD else MIN_PRICED_LOAD

@@ -15,11 +15,11 @@ from router.errors import InvalidRequestError, NoHealthyBackendError
 from router.scheduling import predict
 from router.scheduling.admission import Admission
 from router.scheduling.context import Context
-from router.scheduling.deciders import Decider
+from router.scheduling.deciders import Decider, decided
 from router.scheduling.filters import Filter
 from router.scheduling.legs import Leg
 from router.scheduling.pickers import Picker, mix
-from router.scheduling.plan import Disaggregation, Mode, Plan, RequestFeatures
+from router.scheduling.plan import Disaggregation, Mode, Plan, Reason, RequestFeatures
 from router.scheduling.scorers import Scorer
 from router.scheduling.service_level import DEFAULT_SLO_CLASS
 from router.scheduling.slo import Slo
@@ -82,8 +82,10 @@ class Scheduler:
         wanted = features.disaggregation
         if wanted is Disaggregation.SPLIT:
             plan = build(Mode.SPLIT)
+            plan = decided(plan, Reason.REQUESTED, split=plan)
         elif wanted is Disaggregation.COLOCATED:
             plan = build(Mode.COLOCATED)
+            plan = decided(plan, Reason.REQUESTED, colocated=plan)
         else:
             plan = profile.decider.choose(ctx, build)
         if plan is None:
