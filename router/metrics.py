@@ -30,6 +30,7 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 from router.record import RequestRecord
+from router.scheduling.plan import Plan, Reason
 
 
 def _merged(*groups: Iterable[float]) -> tuple[float, ...]:
@@ -87,6 +88,7 @@ RETRY_REFUSALS = ("attempts", "budget", "no_backend", "migration_off")
 DOORS = ("grpc", "http")
 LEG_PHASES = ("prefill", "decode", "generate", "relay")
 SLO_OUTCOMES = ("met", "missed")
+DECISION_REASONS = tuple(reason.value for reason in Reason)
 
 
 class HistogramSeries:
@@ -331,6 +333,17 @@ class RouterMetrics:
             slo_labels,
             registry=registry,
         )
+        self.split_decisions = Counter(
+            "hetero_router_split_decisions",
+            "Requests scheduled, by decision (split, colocated) and its reason: requested "
+            "(the request named the mode), policy (the decider always or never splits), "
+            "only_mode (the pool has backends for one mode alone), prompt_length (the "
+            "prompt-length rule: no performance model), cheaper (both modes predicted on "
+            "time; the lower marginal cost), on_time (the only mode predicted on time), "
+            "less_late (neither on time; the less late)",
+            ["model", "slo_class", "decision", "reason"],
+            registry=registry,
+        )
         self.num_requests_running = Gauge(
             "hetero_router_num_requests_running",
             "Requests admitted and being served",
@@ -487,6 +500,8 @@ class RouterMetrics:
                     counter.labels(route.model, outcome, *labels)
             if route.mode == "split":
                 self.kv_handoff_bytes.labels(route.model, route.prefill_kind, route.decode_kind)
+            for reason in DECISION_REASONS:
+                self.split_decisions.labels(route.model, route.slo_class, route.mode, reason)
         for model in models:
             self.num_requests_running.labels(model)
             self.num_requests_waiting.labels(model)
@@ -535,6 +550,12 @@ class RouterMetrics:
             label = backend_id if len(self._backend_labels) < BACKEND_LABEL_CAP else "other"
             self._backend_labels[backend_id] = label
         return label
+
+    def record_decision(self, model: str, slo_class: str, plan: Plan) -> None:
+        """A request's first plan: its mode and why (a plan without a decision was not
+        the scheduler's: counted as requested)."""
+        reason = Reason.REQUESTED if plan.decision is None else plan.decision.reason
+        self.split_decisions.labels(model, slo_class, plan.mode.value, reason.value).inc()
 
     def record_request(self, record: RequestRecord, met: tuple[bool | None, bool | None]) -> None:
         """One finished request: ``met`` says whether it met its (TTFT, TPOT) targets

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from backends.base import GenerationRequest
+from router.scheduling.plan import Decision, Prediction
+from router.scheduling.slo import Slo
 
 
 @dataclass(eq=False)
@@ -62,6 +64,10 @@ class RequestRecord:
     outcome: str = "error"
     error: str = ""  # the error the client got, when it got one
     slo_met: bool | None = None  # None: held to no SLO, or not completed
+    # Why the request was split or not (None: refused before a plan), and the targets
+    # the scheduler planned it against (its own or its class's, less its admission wait).
+    decision: Decision | None = None
+    planned_slo: Slo | None = None
 
     @property
     def ttft_s(self) -> float | None:
@@ -123,11 +129,38 @@ class RequestRecord:
                 fields[name] = round(value * 1000, 3)
         if self.handoffs:
             fields["handoff_bytes"] = self.handoff_bytes
+        if self.decision is not None:
+            fields.update(self._decision_fields(self.decision))
         if self.slo_met is not None:
             fields["slo_met"] = self.slo_met
         if self.error:
             fields["error"] = self.error
         return fields
+
+    def _decision_fields(self, decision: Decision) -> dict[str, object]:
+        """Why the request was split or not: the reason, the targets planned for, and
+        what was predicted of each mode the scheduler built."""
+        fields: dict[str, object] = {"decision": decision.reason.value}
+        slo = self.planned_slo
+        if slo is not None:
+            for name, limit in (("planned_ttft_ms", slo.ttft_s), ("planned_tpot_ms", slo.tpot_s)):
+                if limit is not None:
+                    fields[name] = round(limit * 1000, 3)
+        for name, predicted in (("split", decision.split), ("colocated", decision.colocated)):
+            if predicted is not None:
+                fields[f"predicted_{name}"] = _prediction_fields(predicted)
+        return fields
+
+
+def _prediction_fields(predicted: Prediction) -> dict[str, float]:
+    return {
+        "ttft_ms": round(predicted.ttft_s * 1000, 3),
+        "tpot_ms": round(predicted.tpot_s * 1000, 3),
+        "cost_usd": float(f"{predicted.cost_usd:.4g}"),
+        "marginal_usd": float(f"{predicted.marginal_usd:.4g}"),
+        "prefill_load": round(predicted.prefill_load, 3),
+        "decode_load": round(predicted.decode_load, 3),
+    }
 
 
 class RequestObserver(Protocol):

@@ -45,6 +45,7 @@ from router.dispatch.dispatcher import Dispatcher
 from router.errors import ECHO_LIMIT, InvalidRequestError, retry_hint_s
 from router.logging import bind_request, get_logger, unbind_request
 from router.pool.registry import Pool
+from router.scheduling.snapshot import BackendView
 from router.settings import Settings, TlsFiles
 
 log = get_logger(__name__)
@@ -177,26 +178,37 @@ class RouterService:
         except InvalidRequestError as error:
             await _abort(context, error, "ListBackends")
         return router_pb2.ListBackendsResponse(
-            backends=[
-                router_pb2.BackendStatus(
-                    id=view.id,
-                    kind=view.kind,
-                    address=view.address,
-                    role=_ROLES[view.role.value],
-                    model=view.model,
-                    healthy=view.healthy,
-                    outstanding=view.outstanding,
-                    profile=view.profile,
-                    detail=view.detail,
-                    queued_prefill_tokens=view.queued_prefill_tokens,
-                    running=view.running,
-                    kv_tokens_used=view.kv_tokens_used,
-                    kv_tokens_capacity=view.kv_capacity,
-                    chips=view.perf.timing.chips if view.perf is not None else 0,
-                )
-                for view in self._pool.snapshot().backends
-            ]
+            backends=[backend_status(view) for view in self._pool.snapshot().backends]
         )
+
+
+def backend_status(view: BackendView) -> router_pb2.BackendStatus:
+    """One backend as ListBackends shows it: its identity, its load, and what the split
+    decision reads of it."""
+    perf = view.perf
+    status = router_pb2.BackendStatus(
+        id=view.id,
+        kind=view.kind,
+        address=view.address,
+        role=_ROLES[view.role.value],
+        model=view.model,
+        healthy=view.healthy,
+        outstanding=view.outstanding,
+        profile=view.profile,
+        detail=view.detail,
+        queued_prefill_tokens=view.queued_prefill_tokens,
+        running=view.running,
+        kv_tokens_used=view.kv_tokens_used,
+        kv_tokens_capacity=view.kv_capacity,
+        context_tokens=view.context_tokens,
+    )
+    if perf is not None:
+        status.chips = perf.timing.chips
+        status.queue_wait_seconds = view.queue_wait_s
+        status.decode_step_seconds = perf.step_s(view.running, view.context_tokens)
+        status.kv_free_fraction = view.kv_free_fraction
+        status.price_per_hour_usd = perf.price_per_hour_usd
+    return status
 
 
 def _log_status(

@@ -330,7 +330,9 @@ class Dispatcher:
                 prefix_hashes=block_hashes(request.prompt),
                 prefix_block_tokens=self._block_tokens,
             )
+            record.planned_slo = features.slo or class_slo
             plan = self._schedule(features, now)
+            self._metrics.record_decision(request.model, service.slo_class, plan)
             running.inc()
             try:
                 attempts = self._attempts(request, features, plan, record)
@@ -781,6 +783,8 @@ class Dispatcher:
     def _note_route(self, record: RequestRecord, plan: Plan) -> None:
         record.attempts += 1
         record.mode = plan.mode.value
+        if plan.decision is not None:
+            record.decision = plan.decision
         record.prefill_backend, record.decode_backend = plan.prefill_backend, plan.decode_backend
         record.prefill_kind = self._pool.device_kind(plan.prefill_backend)
         record.decode_kind = self._pool.device_kind(plan.decode_backend)

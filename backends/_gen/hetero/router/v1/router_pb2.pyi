@@ -385,6 +385,11 @@ class BackendStatus(_message.Message):
     KV_TOKENS_USED_FIELD_NUMBER: _builtins.int
     KV_TOKENS_CAPACITY_FIELD_NUMBER: _builtins.int
     CHIPS_FIELD_NUMBER: _builtins.int
+    CONTEXT_TOKENS_FIELD_NUMBER: _builtins.int
+    QUEUE_WAIT_SECONDS_FIELD_NUMBER: _builtins.int
+    DECODE_STEP_SECONDS_FIELD_NUMBER: _builtins.int
+    KV_FREE_FRACTION_FIELD_NUMBER: _builtins.int
+    PRICE_PER_HOUR_USD_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     kind: _builtins.str
     address: _builtins.str
@@ -408,6 +413,17 @@ class BackendStatus(_message.Message):
     kv_tokens_capacity: _builtins.int
     chips: _builtins.int
     """Chips of `profile` the performance model sizes it with (0: no model)."""
+    context_tokens: _builtins.int
+    """What the split decision reads of it besides the above (0 where it has no
+    performance model): KV tokens its running sequences reserve as the router
+    counts them (prompt plus max_tokens each), the modelled time to prefill the
+    prompt tokens queued on it, one decode iteration of its running batch, the
+    share of its KV free (0..1), and its price per hour in USD.
+    """
+    queue_wait_seconds: _builtins.float
+    decode_step_seconds: _builtins.float
+    kv_free_fraction: _builtins.float
+    price_per_hour_usd: _builtins.float
     def __init__(
         self,
         *,
@@ -425,10 +441,15 @@ class BackendStatus(_message.Message):
         kv_tokens_used: _builtins.int = ...,
         kv_tokens_capacity: _builtins.int = ...,
         chips: _builtins.int = ...,
+        context_tokens: _builtins.int = ...,
+        queue_wait_seconds: _builtins.float = ...,
+        decode_step_seconds: _builtins.float = ...,
+        kv_free_fraction: _builtins.float = ...,
+        price_per_hour_usd: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "chips", b"chips", "detail", b"detail", "healthy", b"healthy", "id", b"id", "kind", b"kind", "kv_tokens_capacity", b"kv_tokens_capacity", "kv_tokens_used", b"kv_tokens_used", "model", b"model", "outstanding", b"outstanding", "profile", b"profile", "queued_prefill_tokens", b"queued_prefill_tokens", "role", b"role", "running", b"running"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "chips", b"chips", "context_tokens", b"context_tokens", "decode_step_seconds", b"decode_step_seconds", "detail", b"detail", "healthy", b"healthy", "id", b"id", "kind", b"kind", "kv_free_fraction", b"kv_free_fraction", "kv_tokens_capacity", b"kv_tokens_capacity", "kv_tokens_used", b"kv_tokens_used", "model", b"model", "outstanding", b"outstanding", "price_per_hour_usd", b"price_per_hour_usd", "profile", b"profile", "queue_wait_seconds", b"queue_wait_seconds", "queued_prefill_tokens", b"queued_prefill_tokens", "role", b"role", "running", b"running"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
