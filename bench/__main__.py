@@ -11,6 +11,7 @@ from typing import Any
 
 import uvloop
 
+from bench import auto_split
 from bench.report import RESULTS_DIR, targets_table
 from bench.scenarios import (
     chaos,
@@ -30,6 +31,7 @@ SCENARIOS: dict[str, Callable[[bool, Path], Coroutine[Any, Any, dict[str, Any]]]
     "http_pd": http_pd.run,
     "kv": kv.run,
     "scheduling": scheduling.run,
+    "auto_split": auto_split.scenario,
     "engines": engines.run,
     "chaos": chaos.run,
     "overload": overload.run,

@@ -11,7 +11,7 @@ are modelled, not measured on hardware.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -70,13 +70,14 @@ def max_goodput(
     cluster: Cluster,
     policy: Policy,
     requests: Callable[[float], Sequence[RequestSpec]],
-    slo: Slo,
+    slo: Slo | Mapping[str, Slo],
     *,
     start_rate: float = 1.0,
     precision: float = 0.03,
     max_runs: int = 24,
 ) -> Goodput:
-    """The highest rate whose run meets ``slo`` for 90% of requests (0 if none does).
+    """The highest rate whose run meets ``slo`` (one for all, or one per SLO class) for
+    90% of requests (0 if none does).
 
     Doubles the rate until a run misses, then bisects to ``precision`` (relative).
     Attainment is not strictly monotone in the rate at this sample size; the search
