@@ -215,9 +215,6 @@ def _simulate(options: argparse.Namespace) -> int:
         progress.close()
     summary = result.summary(slo)
     print(format_summary(summary))
-    if summary.slo_attainment_by_class:
-        shares = summary.slo_attainment_by_class.items()
-        print("attainment by class: " + ", ".join(f"{c} {a:.1%}" for c, a in sorted(shares)))
     if options.out is not None:
         meta = {
             "command": "simulate",

@@ -58,6 +58,11 @@ def format_summary(summary: SimSummary) -> str:
     if summary.slo is not None:
         rows += [
             ("SLO", f"{summary.slo}: attainment {_percent(summary.slo_attainment)}"),
+            *(
+                [("by class", _by_class(summary.slo_attainment_by_class))]
+                if summary.slo_attainment_by_class
+                else []
+            ),
             (
                 "goodput",
                 f"{_number(summary.goodput)} req/s, "
@@ -70,6 +75,10 @@ def format_summary(summary: SimSummary) -> str:
     for row in rows:
         grid.add_row(*row)
     return render(grid)
+
+
+def _by_class(attainment: dict[str, float]) -> str:
+    return ", ".join(f"{name} {_percent(share)}" for name, share in sorted(attainment.items()))
 
 
 PLAN_COLUMNS = ("#", "configuration", "$/h", "attainment", "TTFT p99 ms", "TPOT p99 ms", "status")
