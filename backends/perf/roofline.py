@@ -27,6 +27,8 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Literal
 
+import numpy as np
+
 from backends.config_files import read_yaml_file
 from backends.perf.profiles_schema import PipelineEntry, ProfileEntry, parse_profiles_file
 
@@ -42,6 +44,9 @@ MAX_AUTO_CHIPS = 4096
 # One pipeline stage per transformer layer: all three SRAM vendors map a decoder layer (or a fused
 # decoder block) to its own stage, so that many tokens can be in flight at once.
 PIPELINE_STAGES_PER_LAYER = 1
+# Decode runs at least this long are timed with numpy: a call costs microseconds, a step
+# nanoseconds, where a step in Python costs a few hundred.
+_VECTOR_STEPS = 32
 
 
 @dataclass(frozen=True)
@@ -231,6 +236,57 @@ class TimingModel:
             return max(read, compute)
         kv_read = total * self._kv_bytes / self._kv_tier_rate
         return max(self._sram_step_seconds(count, total, longest), compute, kv_read)
+
+    def decode_run_seconds(self, count: int, total: int, longest: int, steps: int) -> list[float]:
+        """:meth:`decode_step_seconds_of` of ``steps`` iterations in a row of a batch that
+        neither grows nor shrinks: each gives every sequence one more token, so the summed
+        context grows by ``count`` and the longest by one. The same figures, bit for bit,
+        as asking step by step, for a fraction of the cost (the simulator's decode runs)."""
+        if count <= 0:
+            return [0.0] * steps
+        if steps >= _VECTOR_STEPS:
+            return self._decode_run_vector(count, total, longest, steps)
+        per_count = count * self._flops_per_token
+        per_context = self._attention_flops_per_context
+        flops_rate = self._flops_rate
+        durations: list[float] = []
+        append = durations.append
+        if self.profile.pipeline is None:
+            weights, kv_bytes, bytes_rate = self.weight_bytes, self._kv_bytes, self._bytes_rate
+            for _ in range(steps):
+                compute = (per_count + total * per_context) / flops_rate
+                read = (weights + total * kv_bytes) / bytes_rate
+                append(max(read, compute))
+                total += count
+            return durations
+        base, per_token_context = self._token_base_s, self._kv_seconds_per_context
+        depth, kv_bytes, tier_rate = self._pipeline_depth, self._kv_bytes, self._kv_tier_rate
+        all_base = count * base
+        for _ in range(steps):
+            compute = (per_count + total * per_context) / flops_rate
+            slowest = base + longest * per_token_context
+            pipelined = slowest + (all_base + total * per_token_context - slowest) / depth
+            append(max(pipelined, compute, total * kv_bytes / tier_rate))
+            total += count
+            longest += 1
+        return durations
+
+    def _decode_run_vector(self, count: int, total: int, longest: int, steps: int) -> list[float]:
+        """:meth:`decode_run_seconds` with numpy: the same operations in the same order on
+        each element, so the same doubles."""
+        totals = total + count * np.arange(steps, dtype=np.int64)
+        per_count = count * self._flops_per_token
+        compute = (per_count + totals * self._attention_flops_per_context) / self._flops_rate
+        if self.profile.pipeline is None:
+            read = (self.weight_bytes + totals * self._kv_bytes) / self._bytes_rate
+            return list(np.maximum(read, compute).tolist())
+        base, per_token_context = self._token_base_s, self._kv_seconds_per_context
+        slowest = base + (longest + np.arange(steps, dtype=np.int64)) * per_token_context
+        pipelined = slowest + (count * base + totals * per_token_context - slowest) / (
+            self._pipeline_depth
+        )
+        kv_read = totals * self._kv_bytes / self._kv_tier_rate
+        return list(np.maximum(np.maximum(pipelined, compute), kv_read).tolist())
 
     @property
     def kv_capacity_tokens(self) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import random
 import sys
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -113,6 +114,28 @@ def test_gpu_decode_step_grows_with_batch_and_with_context(catalog: Catalog, pro
     assert by_batch[-1] > by_batch[0]
     by_context = [deployment.decode_step_seconds([context] * 8) for context in (0, 1024, 8192)]
     assert by_context[0] < by_context[1] < by_context[2]
+
+
+@pytest.mark.parametrize("profile", ["h100", "mi300x", *SRAM_PROFILES])
+@pytest.mark.parametrize("steps", [1, 7, 31, 32, 300])
+def test_a_decode_run_times_each_step_as_asking_step_by_step_does(
+    catalog: Catalog, profile: str, steps: int
+) -> None:
+    """Bit for bit, below and above the length at which numpy takes over."""
+    deployment = timing(catalog, profile, "llama-3.1-70b")
+    rng = random.Random(f"{profile}-{steps}")
+    for _ in range(20):
+        count = rng.randrange(1, 400)
+        total = count * rng.randrange(1, 8000) + rng.randrange(count)
+        longest = rng.randrange(total // count, 8193)
+        expected = [
+            deployment.decode_step_seconds_of(count, total + k * count, longest + k)
+            for k in range(steps)
+        ]
+        run = deployment.decode_run_seconds(count, total, longest, steps)
+        assert run == expected
+        assert all(type(value) is float for value in run)
+    assert deployment.decode_run_seconds(0, 0, 0, 3) == [0.0, 0.0, 0.0]
 
 
 @pytest.mark.parametrize("profile", SRAM_PROFILES)
