@@ -7,7 +7,7 @@ from typing import ClassVar, Protocol
 
 from router.scheduling.context import Context
 from router.scheduling.legs import Leg
-from router.scheduling.snapshot import BackendView
+from router.scheduling.snapshot import BackendView, Candidates
 
 
 class Filter(Protocol):
@@ -34,7 +34,7 @@ class KvFitsFilter:
     ) -> Sequence[BackendView]:
         features = ctx.features
         needed = features.prompt_tokens + (features.max_tokens if leg.decodes else 1)
-        if isinstance(candidates, tuple):  # the snapshot's own list: its minimum is cached
+        if isinstance(candidates, Candidates):  # the snapshot's own list: its minimum is cached
             if needed <= ctx.snapshot.min_kv_capacity(candidates):
                 return candidates
         elif all(c.kv_capacity >= needed or not c.kv_capacity for c in candidates):

@@ -23,7 +23,7 @@ from router.scheduling.plan import Disaggregation, Mode, Plan, Reason, RequestFe
 from router.scheduling.scorers import Scorer
 from router.scheduling.service_level import DEFAULT_SLO_CLASS
 from router.scheduling.slo import Slo
-from router.scheduling.snapshot import BackendView, PoolSnapshot
+from router.scheduling.snapshot import BackendView, Candidates, PoolSnapshot
 
 
 @dataclass(frozen=True)
@@ -200,5 +200,10 @@ def _shortlist(
     matched = ctx.matched_blocks
     if matched:
         chosen = {c.id for c in window}
-        window += [c for c in candidates if c.id in matched and c.id not in chosen]
+        holders = (
+            candidates.holding(matched)
+            if isinstance(candidates, Candidates)
+            else [c for c in candidates if c.id in matched]
+        )
+        window += [c for c in holders if c.id not in chosen]
     return window
