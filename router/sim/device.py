@@ -92,6 +92,7 @@ class SimDevice:
         "decode_iterations",
         "decode_tokens",
         "dirty",
+        "finish_steps",
         "finishing",
         "id",
         "index",
@@ -107,10 +108,12 @@ class SimDevice:
         "reported_kv",
         "router_context",
         "router_running",
+        "run_durations",
+        "run_ends",
+        "run_serial",
         "running",
         "spec",
         "step_ends",
-        "step_seconds",
         "steps",
         "timing",
         "waiting",
@@ -137,6 +140,12 @@ class SimDevice:
         self.context_total = 0  # sum over running sequences of the context of their next token
         self.steps = 0  # decode iterations done
         self.finishing: dict[int, list[SimRequest]] = {}  # step count -> sequences it ends
+        self.finish_steps: list[int] = []  # heap of the keys of ``finishing``
+        # The decode run in progress: steps of an unchanging batch up to its next ending,
+        # their durations and end times, and the serial number of its end event.
+        self.run_durations: list[float] = []
+        self.run_ends: list[float] = []
+        self.run_serial = 0
         self.pending: list[SimRequest] = []  # joined during an iteration; step from the next
         # Max-heap of running contexts as (step at join - context at join, ...): the
         # longest context is ``steps - heap[0][0]``. Only pipelined parts need it.
@@ -163,7 +172,6 @@ class SimDevice:
         self.decode_iterations = 0
         self.decode_tokens = 0
         self.step_ends = array("d")  # end time of every decode iteration
-        self.step_seconds = self.timing.decode_step_seconds_of
 
     def view(self, shape: tuple[int, int, int, str]) -> BackendView:
         spec = self.spec
@@ -185,6 +193,16 @@ class SimDevice:
             kv_tokens_used=self.reported_kv,
             kv_tokens_capacity=self.capacity,
             perf=self.perf,
+        )
+
+    def reload(self, view: BackendView) -> BackendView:
+        """``view`` (this device's) with the router's load figures as they are now."""
+        return view.with_load(
+            outstanding=self.outstanding,
+            queued_prefill_tokens=self.queued_prefill_tokens,
+            running=self.router_running,
+            context_tokens=self.router_context,
+            kv_tokens_used=self.reported_kv,
         )
 
     # -- prefix cache (backends.prefix.PrefixCache) -----------------------------------

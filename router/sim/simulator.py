@@ -24,8 +24,12 @@ import heapq
 import itertools
 import math
 import time
+from bisect import bisect_left
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
+from functools import reduce
+from itertools import accumulate
+from operator import add
 from typing import Any, Protocol
 
 import numpy as np
@@ -47,6 +51,9 @@ from router.sim.results import Outcome, SimResult
 from router.sim.workload import RequestSpec
 
 _push = heapq.heappush
+
+# Most decode steps a run times at once: a run cut short by an arrival wastes the rest.
+RUN_STEPS = 256
 
 
 class SchedulerLike(Protocol):
@@ -125,10 +132,12 @@ class Simulator:
         if len(self._by_id) != len(self.devices):
             raise ValueError("device ids must be unique")
         self._shapes = {device.id: device.kv_shape() for device in self.devices}
-        self._views = [device.view(self._shapes[device.id]) for device in self.devices]
         self._dirty: list[SimDevice] = []
         self.prefix_index = PrefixIndex(prefix_index_blocks)
-        self._snapshot = PoolSnapshot(tuple(self._views), self.prefix_index)
+        self._snapshot = PoolSnapshot(
+            tuple(device.view(self._shapes[device.id]) for device in self.devices),
+            self.prefix_index,
+        )
         self._report_interval = load_report_interval_s
         self._next_report = 0.0
         self._max_in_flight = max_in_flight
@@ -226,6 +235,7 @@ class Simulator:
             while self._ready:
                 self._route(self._ready.popleft(), now)
             if self._misses > limit:
+                self._settle_runs(now)
                 return now, True
             if not tick & 0xFFF and self._progress is not None:
                 wall = time.monotonic()
@@ -331,12 +341,14 @@ class Simulator:
                 self._next_report = (math.floor(now / interval) + 1) * interval
         dirty = self._dirty
         if dirty:
-            views = self._views
+            # Only load changed: the new snapshot keeps the old one's candidate lists.
+            backends = self._snapshot.backends
+            self._snapshot = self._snapshot.replaced(
+                (device.index, device.reload(backends[device.index])) for device in dirty
+            )
             for device in dirty:
-                views[device.index] = device.view(self._shapes[device.id])
                 device.dirty = False
             dirty.clear()
-            self._snapshot = PoolSnapshot(tuple(views), self.prefix_index)
         return self._snapshot
 
     def _end(
@@ -398,7 +410,10 @@ class Simulator:
             self._end(request, Outcome.FAILED, now)
             return
         device.waiting.append(request)
-        self._wake_at(device, now)
+        if device.busy:
+            self._interrupt(device, now)
+        else:
+            self._wake_at(device, now)
 
     def _wake_at(self, device: SimDevice, now: float) -> None:
         """Starts an idle device after every other event of this instant."""
@@ -421,17 +436,78 @@ class Simulator:
                 for request in device.pending:
                     self._join(device, request)
                 device.pending.clear()
-            running = device.running
             longest = 0 if device.longest is None else self._longest(device)
-            duration = device.step_seconds(running, device.context_total, longest)
-            device.decode_iterations += 1
-            device.decode_tokens += running
+            # Waiting prompts may be admitted after any step; otherwise nothing this device
+            # holds changes before its next sequence ends, unless something reaches it.
+            steps = 1 if device.waiting else device.finish_steps[0] - device.steps
+            self._decode_run(device, now, longest, min(steps, RUN_STEPS))
+            return
         else:
             device.busy = False
             return
         device.busy = True
         device.busy_s += duration
         _push(self._heap, (now + duration, next(self._order), self._iteration_end, device))
+
+    def _decode_run(self, device: SimDevice, now: float, longest: int, steps: int) -> None:
+        """``steps`` decode iterations of the running batch, timed at once, with one event
+        at the end of the last: the step-by-step loop's times, without its events."""
+        durations = device.timing.decode_run_seconds(
+            device.running, device.context_total, longest, steps
+        )
+        ends = device.run_ends = list(accumulate(durations, initial=now))
+        del ends[0]
+        device.run_durations = durations
+        device.busy = True
+        device.run_serial += 1
+        event = (ends[-1], next(self._order), self._run_end, (device, device.run_serial))
+        _push(self._heap, event)
+
+    def _interrupt(self, device: SimDevice, now: float) -> None:
+        """Something reached ``device`` that its loop looks at between iterations: its
+        decode run ends with the step in progress (a step that ends now included)."""
+        ends = device.run_ends
+        if len(ends) > 1:
+            keep = bisect_left(ends, now) + 1
+            if keep < len(ends):
+                del ends[keep:]
+                del device.run_durations[keep:]
+                device.run_serial += 1
+                event = (ends[-1], next(self._order), self._run_end, (device, device.run_serial))
+                _push(self._heap, event)
+
+    def _run_end(self, run: tuple[SimDevice, int], now: float) -> None:
+        """A decode run's last step ends: its steps are counted as one at a time would be."""
+        device, serial = run
+        if serial != device.run_serial:  # the run was cut short; its end moved earlier
+            return
+        self._count_run(device)
+        steps = device.steps = device.steps + len(device.run_ends)
+        device.step_ends.extend(device.run_ends)
+        device.run_ends.clear()
+        ending = device.finishing.pop(steps, None)
+        if ending is not None:
+            heapq.heappop(device.finish_steps)
+            self._finished(device, ending, now)
+        self._start(device, now)
+
+    @staticmethod
+    def _count_run(device: SimDevice) -> None:
+        """The run's steps in the device's counters (busy time summed step by step)."""
+        steps, running = len(device.run_ends), device.running
+        device.busy_s = reduce(add, device.run_durations, device.busy_s)  # in step order
+        device.decode_iterations += steps
+        device.decode_tokens += steps * running
+        device.context_total += steps * running
+
+    def _settle_runs(self, now: float) -> None:
+        """A run stopped early: decode runs count up to the step in progress, as the
+        engine's loop counts a step when it starts."""
+        for device in self.devices:
+            if device.run_ends:
+                self._interrupt(device, now)
+                self._count_run(device)
+                device.run_ends.clear()
 
     @staticmethod
     def _prefill_seconds(device: SimDevice, batch: list[SimRequest]) -> float:
@@ -484,6 +560,7 @@ class Simulator:
         ending = device.finishing.get(ends_at)
         if ending is None:
             device.finishing[ends_at] = [request]
+            _push(device.finish_steps, ends_at)
         else:
             ending.append(request)
         request.join_step = steps
@@ -491,21 +568,15 @@ class Simulator:
             _push(device.longest, (steps - context, request.index, request))
 
     def _iteration_end(self, device: SimDevice, now: float) -> None:
+        """A prefill iteration ends (decode steps end in runs: ``_run_end``)."""
         batch = device.batch
         if batch is None:
-            # A decode step: every running sequence has one more token; some are done.
-            steps = device.steps = device.steps + 1
-            device.context_total += device.running
-            device.step_ends.append(now)
-            ending = device.finishing.pop(steps, None)
-            if ending is not None:
-                self._finished(device, ending, now)
-        else:
-            device.batch = None
-            for request in batch:
-                device.remember(request.hashes)
-            for request in batch:
-                self._prefilled(device, request, now)
+            raise SimulationError(f"device {device.id} ended a prefill it never started")
+        device.batch = None
+        for request in batch:
+            device.remember(request.hashes)
+        for request in batch:
+            self._prefilled(device, request, now)
         self._start(device, now)
 
     def _prefilled(self, device: SimDevice, request: SimRequest, now: float) -> None:
@@ -585,6 +656,7 @@ class Simulator:
         decode.remember(request.hashes)
         if decode.busy:
             decode.pending.append(request)
+            self._interrupt(decode, now)
         else:
             self._join(decode, request)
             self._wake_at(decode, now)
