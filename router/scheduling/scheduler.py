@@ -188,6 +188,11 @@ class Scheduler:
         return NoHealthyBackendError(f"no healthy backend of model {model!r} can take it now")
 
 
+# Beyond this many candidates, the prefix holders among them are looked up by id rather
+# than found by going through them all.
+_SCAN_LIMIT = 64
+
+
 def _shortlist(
     candidates: Sequence[BackendView], sample: int, ctx: Context
 ) -> Sequence[BackendView]:
@@ -200,10 +205,8 @@ def _shortlist(
     matched = ctx.matched_blocks
     if matched:
         chosen = {c.id for c in window}
-        holders = (
-            candidates.holding(matched)
-            if isinstance(candidates, Candidates)
-            else [c for c in candidates if c.id in matched]
-        )
-        window += [c for c in holders if c.id not in chosen]
+        if isinstance(candidates, Candidates) and count > _SCAN_LIMIT:  # look the holders up
+            window += [c for c in candidates.holding(matched) if c.id not in chosen]
+        else:
+            window += [c for c in candidates if c.id in matched and c.id not in chosen]
     return window
