@@ -483,7 +483,7 @@ class Simulator:
             return
         self._count_run(device)
         steps = device.steps = device.steps + len(device.run_ends)
-        device.step_ends.extend(device.run_ends)
+        device.step_ends.fromlist(device.run_ends)
         device.run_ends.clear()
         ending = device.finishing.pop(steps, None)
         if ending is not None:
