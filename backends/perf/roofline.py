@@ -272,21 +272,30 @@ class TimingModel:
         return durations
 
     def _decode_run_vector(self, count: int, total: int, longest: int, steps: int) -> list[float]:
-        """:meth:`decode_run_seconds` with numpy: the same operations in the same order on
-        each element, so the same doubles."""
-        totals = total + count * np.arange(steps, dtype=np.int64)
-        per_count = count * self._flops_per_token
-        compute = (per_count + totals * self._attention_flops_per_context) / self._flops_rate
+        """:meth:`decode_run_seconds` with numpy: the same operations on each element as the
+        scalar formula (sums in another order are the same doubles), so the same figures."""
+        totals = np.arange(total, total + count * steps, count, dtype=np.float64)  # exact ints
+        compute = totals * self._attention_flops_per_context
+        compute += count * self._flops_per_token
+        compute /= self._flops_rate
         if self.profile.pipeline is None:
-            read = (self.weight_bytes + totals * self._kv_bytes) / self._bytes_rate
-            return list(np.maximum(read, compute).tolist())
+            read = totals * self._kv_bytes
+            read += self.weight_bytes
+            read /= self._bytes_rate
+            return list(np.maximum(read, compute, out=read).tolist())
         base, per_token_context = self._token_base_s, self._kv_seconds_per_context
-        slowest = base + (longest + np.arange(steps, dtype=np.int64)) * per_token_context
-        pipelined = slowest + (count * base + totals * per_token_context - slowest) / (
-            self._pipeline_depth
-        )
-        kv_read = totals * self._kv_bytes / self._kv_tier_rate
-        return list(np.maximum(np.maximum(pipelined, compute), kv_read).tolist())
+        slowest = np.arange(longest, longest + steps, dtype=np.float64)
+        slowest *= per_token_context
+        slowest += base
+        pipelined = totals * per_token_context
+        pipelined += count * base
+        pipelined -= slowest
+        pipelined /= self._pipeline_depth
+        pipelined += slowest
+        kv_read = totals * self._kv_bytes
+        kv_read /= self._kv_tier_rate
+        np.maximum(pipelined, compute, out=pipelined)
+        return list(np.maximum(pipelined, kv_read, out=pipelined).tolist())
 
     @property
     def kv_capacity_tokens(self) -> int:
