@@ -28,6 +28,7 @@ from types import MappingProxyType
 from typing import Literal
 
 import numpy as np
+import numpy.typing as npt
 
 from backends.config_files import read_yaml_file
 from backends.perf.profiles_schema import PipelineEntry, ProfileEntry, parse_profiles_file
@@ -237,11 +238,14 @@ class TimingModel:
         kv_read = total * self._kv_bytes / self._kv_tier_rate
         return max(self._sram_step_seconds(count, total, longest), compute, kv_read)
 
-    def decode_run_seconds(self, count: int, total: int, longest: int, steps: int) -> list[float]:
+    def decode_run_seconds(
+        self, count: int, total: int, longest: int, steps: int
+    ) -> list[float] | npt.NDArray[np.float64]:
         """:meth:`decode_step_seconds_of` of ``steps`` iterations in a row of a batch that
         neither grows nor shrinks: each gives every sequence one more token, so the summed
         context grows by ``count`` and the longest by one. The same figures, bit for bit,
-        as asking step by step, for a fraction of the cost (the simulator's decode runs)."""
+        as asking step by step, for a fraction of the cost (the simulator's decode runs):
+        a list for a short run, a numpy array from ``_VECTOR_STEPS`` steps on."""
         if count <= 0:
             return [0.0] * steps
         if steps >= _VECTOR_STEPS:
@@ -271,7 +275,9 @@ class TimingModel:
             longest += 1
         return durations
 
-    def _decode_run_vector(self, count: int, total: int, longest: int, steps: int) -> list[float]:
+    def _decode_run_vector(
+        self, count: int, total: int, longest: int, steps: int
+    ) -> npt.NDArray[np.float64]:
         """:meth:`decode_run_seconds` with numpy: the same operations on each element as the
         scalar formula (sums in another order are the same doubles), so the same figures."""
         totals = np.arange(total, total + count * steps, count, dtype=np.float64)  # exact ints
@@ -282,7 +288,7 @@ class TimingModel:
             read = totals * self._kv_bytes
             read += self.weight_bytes
             read /= self._bytes_rate
-            return list(np.maximum(read, compute, out=read).tolist())
+            return np.maximum(read, compute, out=read)
         base, per_token_context = self._token_base_s, self._kv_seconds_per_context
         slowest = np.arange(longest, longest + steps, dtype=np.float64)
         slowest *= per_token_context
@@ -295,7 +301,7 @@ class TimingModel:
         kv_read = totals * self._kv_bytes
         kv_read /= self._kv_tier_rate
         np.maximum(pipelined, compute, out=pipelined)
-        return list(np.maximum(pipelined, kv_read, out=pipelined).tolist())
+        return np.maximum(pipelined, kv_read, out=pipelined)
 
     @property
     def kv_capacity_tokens(self) -> int:

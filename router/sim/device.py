@@ -18,6 +18,7 @@ from backends.prefix import BLOCK_BYTES, PrefixCache
 from router.scheduling.plan import Plan
 from router.scheduling.snapshot import BackendView
 from router.sim.cluster import DeviceSpec
+from router.sim.metrics import FloatArray
 from router.sim.results import DeviceStats, Outcome
 from router.sim.workload import RequestSpec
 
@@ -143,8 +144,8 @@ class SimDevice:
         self.finish_steps: list[int] = []  # heap of the keys of ``finishing``
         # The decode run in progress: steps of an unchanging batch up to its next ending,
         # their durations and end times, and the serial number of its end event.
-        self.run_durations: list[float] = []
-        self.run_ends: list[float] = []
+        self.run_durations: list[float] | FloatArray = []
+        self.run_ends: list[float] | FloatArray = []
         self.run_serial = 0
         self.pending: list[SimRequest] = []  # joined during an iteration; step from the next
         # Max-heap of running contexts as (step at join - context at join, ...): the

@@ -47,6 +47,7 @@ from router.scheduling.snapshot import PoolSnapshot
 from router.sim.blocks import prompt_blocks
 from router.sim.cluster import Cluster
 from router.sim.device import BLOCK_TOKENS, UNBOUNDED_CACHE_BLOCKS, SimDevice, SimRequest
+from router.sim.metrics import FloatArray
 from router.sim.results import Outcome, SimResult
 from router.sim.workload import RequestSpec
 
@@ -455,13 +456,19 @@ class Simulator:
         durations = device.timing.decode_run_seconds(
             device.running, device.context_total, longest, steps
         )
-        ends = device.run_ends = list(accumulate(durations, initial=now))
-        del ends[0]
+        ends: list[float] | FloatArray
+        if isinstance(durations, list):
+            ends = list(accumulate(durations, initial=now))
+            del ends[0]
+            end = ends[-1]
+        else:  # a long run stays an array; cumsum adds one step after the other too
+            ends = _running_sum(now, durations)
+            end = float(ends[-1])
         device.run_durations = durations
+        device.run_ends = ends
         device.busy = True
         device.run_serial += 1
-        event = (ends[-1], next(self._order), self._run_end, (device, device.run_serial))
-        _push(self._heap, event)
+        _push(self._heap, (end, next(self._order), self._run_end, (device, device.run_serial)))
 
     def _interrupt(self, device: SimDevice, now: float) -> None:
         """Something reached ``device`` that its loop looks at between iterations: its
@@ -470,10 +477,10 @@ class Simulator:
         if len(ends) > 1:
             keep = bisect_left(ends, now) + 1
             if keep < len(ends):
-                del ends[keep:]
-                del device.run_durations[keep:]
-                device.run_serial += 1
-                event = (ends[-1], next(self._order), self._run_end, (device, device.run_serial))
+                ends = device.run_ends = ends[:keep]
+                device.run_durations = device.run_durations[:keep]
+                serial = device.run_serial = device.run_serial + 1
+                event = (float(ends[-1]), next(self._order), self._run_end, (device, serial))
                 _push(self._heap, event)
 
     def _run_end(self, run: tuple[SimDevice, int], now: float) -> None:
@@ -482,9 +489,13 @@ class Simulator:
         if serial != device.run_serial:  # the run was cut short; its end moved earlier
             return
         self._count_run(device)
-        steps = device.steps = device.steps + len(device.run_ends)
-        device.step_ends.fromlist(device.run_ends)
-        device.run_ends.clear()
+        ends = device.run_ends
+        steps = device.steps = device.steps + len(ends)
+        if isinstance(ends, list):
+            device.step_ends.fromlist(ends)
+        else:
+            device.step_ends.frombytes(ends.tobytes())
+        device.run_ends = []
         ending = device.finishing.pop(steps, None)
         if ending is not None:
             heapq.heappop(device.finish_steps)
@@ -495,7 +506,11 @@ class Simulator:
     def _count_run(device: SimDevice) -> None:
         """The run's steps in the device's counters (busy time summed step by step)."""
         steps, running = len(device.run_ends), device.running
-        device.busy_s = reduce(add, device.run_durations, device.busy_s)  # in step order
+        durations = device.run_durations
+        if isinstance(durations, list):
+            device.busy_s = reduce(add, durations, device.busy_s)
+        else:
+            device.busy_s = float(_running_sum(device.busy_s, durations)[-1])
         device.decode_iterations += steps
         device.decode_tokens += steps * running
         device.context_total += steps * running
@@ -504,10 +519,10 @@ class Simulator:
         """A run stopped early: decode runs count up to the step in progress, as the
         engine's loop counts a step when it starts."""
         for device in self.devices:
-            if device.run_ends:
+            if len(device.run_ends):
                 self._interrupt(device, now)
                 self._count_run(device)
-                device.run_ends.clear()
+                device.run_ends = []
 
     @staticmethod
     def _prefill_seconds(device: SimDevice, batch: list[SimRequest]) -> float:
@@ -670,6 +685,14 @@ def _per_class(slo: Slo | Mapping[str, Slo], classes: set[str]) -> dict[str, Slo
     if missing:
         raise ValueError(f"no SLO given for class {missing[0]!r}")
     return dict(slo)
+
+
+def _running_sum(start: float, values: FloatArray) -> FloatArray:
+    """``start`` plus each of ``values`` in turn, every partial sum (as a loop adds them)."""
+    sums = np.empty(len(values) + 1)
+    sums[0] = start
+    sums[1:] = values
+    return np.cumsum(sums, out=sums)[1:]
 
 
 def _service_level(slo: Slo | None) -> ServiceLevel:

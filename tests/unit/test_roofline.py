@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import yaml
 
@@ -133,8 +134,9 @@ def test_a_decode_run_times_each_step_as_asking_step_by_step_does(
             for k in range(steps)
         ]
         run = deployment.decode_run_seconds(count, total, longest, steps)
-        assert run == expected
-        assert all(type(value) is float for value in run)
+        values = run.tolist() if isinstance(run, np.ndarray) else run
+        assert values == expected
+        assert all(type(value) is float for value in values)
     assert deployment.decode_run_seconds(0, 0, 0, 3) == [0.0, 0.0, 0.0]
 
 
