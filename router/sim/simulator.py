@@ -15,7 +15,14 @@ Speed comes from never touching a sequence between its first and last token. A
 running sequence's context grows by one per step, so a device keeps only the sum of
 its running contexts (plus ``count`` per step) and, for pipelined SRAM parts that
 need it, the longest one as an offset against a step counter; the step at which a
-sequence ends is known when it joins, so ends are filed by step number.
+sequence ends is known when it joins, so ends are filed by step number. Nor is a
+step an event of its own: the steps of a batch up to its next change (a sequence
+ending, a prompt or a KV reaching the device) are timed at once, as a run with one
+event at its end, cut short at the step in progress when something reaches the
+device; the times are the very ones a step at a time gives (``RUN_STEPS = 1``). And a
+decision's snapshot is the last one with the changed views replaced, keeping its
+candidate lists (``PoolSnapshot.replaced``): a decision costs the same whatever the
+fleet's size.
 """
 
 from __future__ import annotations
@@ -692,7 +699,7 @@ def _running_sum(start: float, values: FloatArray) -> FloatArray:
     sums = np.empty(len(values) + 1)
     sums[0] = start
     sums[1:] = values
-    return np.cumsum(sums, out=sums)[1:]
+    return np.add.accumulate(sums, out=sums)[1:]
 
 
 def _service_level(slo: Slo | None) -> ServiceLevel:
