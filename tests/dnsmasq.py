@@ -28,13 +28,22 @@ DNSMASQ = shutil.which("dnsmasq") or (
 
 
 def _free_port() -> int:
-    """A port free for both UDP and TCP on 127.0.0.1 (dnsmasq takes no port 0)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
-        udp.bind(("127.0.0.1", 0))
-        port: int = udp.getsockname()[1]
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
-            tcp.bind(("127.0.0.1", port))
-        return port
+    """A port free for both UDP and TCP on 127.0.0.1 (dnsmasq takes no port 0).
+
+    UDP and TCP ports are handed out apart: the free UDP port may be a TCP port in use
+    (a device's listener, say), so one taken on TCP is passed over.
+    """
+    for _attempt in range(50):
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+            udp.bind(("127.0.0.1", 0))
+            port: int = udp.getsockname()[1]
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
+                try:
+                    tcp.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+            return port
+    raise OSError("no port free for both UDP and TCP on 127.0.0.1 after 50 tries")
 
 
 @dataclass
