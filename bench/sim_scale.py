@@ -35,6 +35,7 @@ from pathlib import Path
 
 from bench.progress import Progress
 from bench.studies import cluster_of, group
+from router.console import render, table
 from router.sim.cluster import Cluster
 from router.sim.policy import resolve_policy
 from router.sim.results import SimResult
@@ -148,34 +149,33 @@ def steady_cpu_s_per_sim_s(short: Run, long: Run) -> float:
     return (long.cpu_s - short.cpu_s) / (long.window_s - short.window_s)
 
 
-def _print_header() -> None:
-    print(
-        f"{'fleet':14} {'devices':>7} {'req/s':>6} {'window s':>8} {'requests':>9}"
-        f" {'served':>7} {'CPU s':>7} {'CPU ms/sim s':>12} {'CPU s/sim h':>11}",
-        flush=True,
-    )
+_COLUMNS = ("devices", "req/s", "window s", "requests", "served", "CPU s", "CPU ms/sim s")
+_HOUR = "CPU s/sim h"
 
 
-def _print_run(run: Run) -> None:
-    per_s = run.cpu_s_per_sim_s
-    print(
-        f"{run.fleet:14} {run.devices:7d} {run.rate_per_s:6.0f} {run.window_s:8.0f}"
-        f" {run.requests:9d} {run.served:7.1%} {run.cpu_s:7.1f} {per_s * 1000:12.1f}"
-        f" {per_s * 3600:11.0f}",
-        flush=True,
-    )
-
-
-def _print_steady(runs: Sequence[Run]) -> float | None:
-    if len(runs) < 2:
-        return None
-    steady = steady_cpu_s_per_sim_s(runs[0], runs[-1])
-    print(
-        f"{'':14} {'':7} {'':6} {'steady':>8} {'':9} {'':7} {'':7} {steady * 1000:12.1f}"
-        f" {steady * 3600:11.0f}",
-        flush=True,
-    )
-    return steady
+def _fleet_table(fleet: Fleet, runs: Sequence[Run], windows: int) -> str:
+    """The runs of one fleet, and after each size's windows the steady cost between them."""
+    title = f"{fleet.name}: {fleet.describe}"
+    grid = table(*_COLUMNS, _HOUR, numeric=(*_COLUMNS, _HOUR), title=title)
+    for start in range(0, len(runs), windows):
+        sized = runs[start : start + windows]
+        for run in sized:
+            per_s = run.cpu_s_per_sim_s
+            grid.add_row(
+                f"{run.devices}",
+                f"{run.rate_per_s:.0f}",
+                f"{run.window_s:.0f}",
+                f"{run.requests}",
+                f"{run.served:.1%}",
+                f"{run.cpu_s:.1f}",
+                f"{per_s * 1000:.1f}",
+                f"{per_s * 3600:.0f}",
+            )
+        if len(sized) > 1:
+            steady = steady_cpu_s_per_sim_s(sized[0], sized[-1])
+            steady_ms, steady_h = f"{steady * 1000:.1f}", f"{steady * 3600:.0f}"
+            grid.add_row("", "", "steady", "", "", "", steady_ms, steady_h)
+    return render(grid)
 
 
 def _profile(fleet: Fleet, devices: int, window_s: float, top: int) -> None:
@@ -211,18 +211,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if options.profile:
         _profile(fleets[0], sizes[-1], windows[0], options.profile)
         return 0
-    _print_header()
     runs: list[Run] = []
     steady: dict[str, float] = {}
     for fleet in fleets:
-        for devices in sizes:
-            sized = [measure(fleet, devices, window) for window in windows]
-            for run in sized:
-                _print_run(run)
-            figure = _print_steady(sized)
-            if figure is not None:
-                steady[f"{fleet.name}/{devices}"] = figure
-            runs.extend(sized)
+        mine = [measure(fleet, devices, window) for devices in sizes for window in windows]
+        print(_fleet_table(fleet, mine, len(windows)) + "\n", flush=True)
+        runs.extend(mine)
+        if len(windows) > 1:
+            for start in range(0, len(mine), len(windows)):
+                short, long = mine[start], mine[start + len(windows) - 1]
+                steady[f"{fleet.name}/{short.devices}"] = steady_cpu_s_per_sim_s(short, long)
     _print_target(runs)
     if options.json:
         document = {"runs": [asdict(run) for run in runs], "steady_cpu_s_per_sim_s": steady}
@@ -242,7 +240,7 @@ def _print_target(runs: Sequence[Run]) -> None:
     hour = longest.cpu_s_per_sim_s * 3600
     verdict = "met" if hour <= TARGET_CPU_S_PER_HOUR else "missed"
     print(
-        f"\n{name}, {devices} devices at {longest.rate_per_s:.0f} requests/s: {hour:.0f} CPU s"
+        f"{name}, {devices} devices at {longest.rate_per_s:.0f} requests/s: {hour:.0f} CPU s"
         f" per simulated hour (from {longest.window_s:.0f} s), target"
         f" <= {TARGET_CPU_S_PER_HOUR:.0f}: {verdict}"
     )

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from backends.base import Role
+from bench import sim_scale
 from bench.sim_scale import FLEETS, Run, main, steady_cpu_s_per_sim_s
 
 
@@ -39,15 +40,27 @@ def test_the_command_prints_each_window_the_steady_cost_and_writes_json(
     out = tmp_path / "scale.json"
     argv = ["--fleet", "h100-8b", "--devices", "4", "--window", "1", "--window", "3"]
     assert main([*argv, "--json", str(out)]) == 0
-    lines = capsys.readouterr().out.splitlines()
-    assert lines[0].split()[:3] == ["fleet", "devices", "req/s"]
-    rows = [line.split() for line in lines[1:3]]
-    assert [row[:4] for row in rows] == [["h100-8b", "4", "25", "1"], ["h100-8b", "4", "25", "3"]]
-    assert "steady" in lines[3]
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.strip()]
+    assert lines[0].startswith("h100-8b: ")  # the fleet's table, titled
+    assert lines[1].split()[:3] == ["devices", "req/s", "window"]
+    rows = [line.split() for line in lines[3:5]]
+    assert [row[:3] for row in rows] == [["4", "25", "1"], ["4", "25", "3"]]
+    assert lines[5].split()[0] == "steady"
+    assert len(lines) == 6  # the target fleet did not run: no verdict
     document = json.loads(out.read_text())
     assert [run["window_s"] for run in document["runs"]] == [1.0, 3.0]
     assert all(run["requests"] > 10 and run["cpu_s"] > 0 for run in document["runs"])
     assert set(document["steady_cpu_s_per_sim_s"]) == {"h100-8b/4"}
+
+
+def test_the_target_fleet_gets_a_verdict(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(sim_scale, "TARGET", ("h100-70b", 2))
+    assert main(["--fleet", "h100-70b", "--devices", "2", "--window", "2"]) == 0
+    verdict = capsys.readouterr().out.strip().splitlines()[-1]
+    assert verdict.startswith("h100-70b, 2 devices at 2 requests/s: ")
+    assert verdict.endswith("target <= 600: met")
 
 
 def test_profiling_prints_the_top_entries(capsys: pytest.CaptureFixture[str]) -> None:
