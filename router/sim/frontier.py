@@ -475,6 +475,34 @@ def _label(point: FrontierPoint) -> str | None:
     return None if point.best is None else point.best.candidate.label()
 
 
+def shareable_tokens(requests: Sequence[RequestSpec]) -> list[int]:
+    """Prompt tokens of each request a prefix cache could serve at best: whole blocks,
+    but never the prompt's last token (which is always computed).
+
+    A synthetic shared prefix counts whole (every request of the group may find it
+    cached); a trace's block hash chain counts its leading blocks seen in an earlier
+    request (the chain is prefix-chained: a block repeats only after the same blocks).
+    """
+    seen: set[int] = set()
+    shareable = [0] * len(requests)
+    for index in sorted(range(len(requests)), key=lambda i: requests[i].arrival_s):
+        request = requests[index]
+        tokens = 0
+        if request.prefix_group >= 0:
+            tokens = request.prefix_tokens
+        elif request.block_hashes:
+            leading = 0
+            for block in request.block_hashes:
+                if block not in seen:
+                    break
+                leading += 1
+            tokens = leading * request.block_tokens
+            seen.update(request.block_hashes)
+        whole = (tokens // BLOCK_BYTES) * BLOCK_BYTES
+        shareable[index] = min(whole, request.prompt_tokens - 1)
+    return shareable
+
+
 class _Bounds:
     """What no fleet of a mix can beat, per request: its prefill alone on an idle device
     (every shareable prefix block cached, when devices cache), and a decode step with
@@ -493,12 +521,7 @@ class _Bounds:
         self.overhead_s = overhead_s
         self.prompts = [r.prompt_tokens for r in requests]
         self.outputs = np.fromiter((r.output_tokens for r in requests), np.int64, len(requests))
-        self.cached = [
-            min((r.prefix_tokens // BLOCK_BYTES) * BLOCK_BYTES, r.prompt_tokens - 1)
-            if cached and r.prefix_group >= 0
-            else 0
-            for r in requests
-        ]
+        self.cached = shareable_tokens(requests) if cached else [0] * len(requests)
         self.last_arrival_s = max(r.arrival_s for r in requests)
         self.target = target
         self._needed_flops: float | None = None

@@ -13,6 +13,7 @@ from router.sim.frontier import (
     FLEET_TYPES,
     FrontierResult,
     contiguous_ranges,
+    shareable_tokens,
     sweep_frontier,
     usd_per_million_output_tokens,
 )
@@ -243,3 +244,17 @@ def test_bad_frontier_flags_are_one_line_and_exit_code_2(
     error = capsys.readouterr().err.strip()
     assert message in error
     assert "\n" not in error
+
+
+def test_the_bound_credits_a_traces_leading_blocks_seen_before_and_a_group_whole() -> None:
+    # Mooncake-style chains of 512-token blocks; the second repeats the first's first two
+    # blocks, the third arrives first and shares nothing; a synthetic group counts whole.
+    first = RequestSpec(1.0, 1500, 10, block_hashes=(1, 2, 3), block_tokens=512)
+    second = RequestSpec(2.0, 1300, 10, block_hashes=(1, 2, 9), block_tokens=512)
+    earliest = RequestSpec(0.0, 600, 10, block_hashes=(7, 8), block_tokens=512)
+    full_repeat = RequestSpec(3.0, 1024, 10, block_hashes=(1, 2), block_tokens=512)
+    grouped = RequestSpec(0.5, 300, 10, prefix_group=0, prefix_tokens=200)
+    plain = RequestSpec(0.7, 100, 10)
+    got = shareable_tokens([first, second, earliest, full_repeat, grouped, plain])
+    # full_repeat: all 1,024 tokens seen, but its last token is always computed.
+    assert got == [0, 1024, 0, 1023, 192, 0]
