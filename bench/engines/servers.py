@@ -248,20 +248,29 @@ def vllm_server(
 
 def vllm_router(prefill: Server, decode: Server, log_dir: Path) -> Server:
     """vLLM's Rust router in P/D mode in front of one prefill and one decode server."""
+    return vllm_router_at(env.bin_path("vllm-router"), prefill.url, decode.url, log_dir)
+
+
+def vllm_router_at(
+    binary: Path, prefill_url: str, decode_url: str, log_dir: Path, *extra: str
+) -> Server:
+    """The ``vllm-router`` at ``binary`` in vLLM P/D mode with the NIXL connector, on a
+    free port of 127.0.0.1, with ``extra`` arguments after its own."""
     port = free_port()
     argv = [
-        str(env.bin_path("vllm-router")),
+        str(binary),
         "--host",
         "127.0.0.1",
         "--port",
         str(port),
         "--vllm-pd-disaggregation",
         "--prefill",
-        prefill.url,
+        prefill_url,
         "--decode",
-        decode.url,
+        decode_url,
         "--kv-connector",
         "nixl",
+        *extra,
     ]
     return Server("vllm-router", argv, port, log_dir / "vllm-router.log")
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bench.engines.servers import Server, free_port
+from bench.engines.servers import Server, free_port, vllm_router_at
 from bench.peers import env
 
 # sglang-router needs a bootstrap port per prefill engine; it only passes the number on
@@ -19,26 +19,10 @@ SGLANG_BOOTSTRAP_PORT = 8998
 
 def vllm_router(prefill: str, decode: str, log_dir: Path) -> Server:
     """vllm-router in vLLM P/D mode with the NIXL connector (as scenario `engines` runs it)."""
-    port = free_port()
-    argv = [
-        str(env.bin_path("vllm-router")),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--vllm-pd-disaggregation",
-        "--prefill",
-        f"http://{prefill}",
-        "--decode",
-        f"http://{decode}",
-        "--kv-connector",
-        "nixl",
-        "--prometheus-host",
-        "127.0.0.1",
-        "--prometheus-port",
-        str(free_port()),
-    ]
-    return Server("vllm-router", argv, port, log_dir / "vllm-router.log")
+    return vllm_router_at(
+        env.bin_path("vllm-router"), f"http://{prefill}", f"http://{decode}", log_dir,
+        "--prometheus-host", "127.0.0.1", "--prometheus-port", str(free_port()),
+    )  # fmt: skip
 
 
 def sglang_router(prefill: str, decode: str, log_dir: Path) -> Server:
