@@ -58,11 +58,13 @@ _EXIT_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 @dataclasses.dataclass(frozen=True)
 class Worker:
     """Which of ``count`` routers sharing the ports this one is; ``folder``: the
-    workers' private folder (their metrics sockets)."""
+    workers' private folder (their metrics sockets); ``restarts``: how many times the
+    parent restarted this worker's slot before starting this process."""
 
     index: int
     count: int
     folder: Path
+    restarts: int = 0
 
 
 class Daemon:
@@ -128,7 +130,9 @@ class Daemon:
         self.worker_metrics = (
             None
             if worker is None
-            else WorkerMetrics(self.registry, worker.index, worker.count, worker.folder)
+            else WorkerMetrics(
+                self.registry, worker.index, worker.count, worker.folder, worker.restarts
+            )
         )
         self.admin = AdminServer(
             self.registry,

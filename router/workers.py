@@ -118,6 +118,7 @@ class _Slot:
     ready: bool = False
     started_at: float = 0.0
     restarts_in_a_row: int = 0
+    restarts: int = 0  # in all, since the parent started
     restart: asyncio.TimerHandle | None = None
 
 
@@ -177,9 +178,8 @@ class Supervisor:
         if self._spec is None:  # set before any worker starts; this keeps mypy told
             raise RuntimeError("workers start once the ports are held")
         slot.restart = None
-        spec = dataclasses.replace(
-            self._spec, worker=dataclasses.replace(self._spec.worker, index=slot.index)
-        )
+        worker = dataclasses.replace(self._spec.worker, index=slot.index, restarts=slot.restarts)
+        spec = dataclasses.replace(self._spec, worker=worker)
         ours, theirs = self._context.Pipe(duplex=True)
         process = self._context.Process(
             target=run_worker, args=(spec, theirs), name=f"hetero-router-worker-{slot.index}"
@@ -242,9 +242,11 @@ class Supervisor:
         else:
             uptime = loop.time() - slot.started_at
             slot.restarts_in_a_row = 1 if uptime >= STABLE_S else slot.restarts_in_a_row + 1
+            slot.restarts += 1
             delay = restart_delay_s(slot.restarts_in_a_row)
             log.warning("worker exited: restarting", worker=slot.index, pid=process.pid,
-                        exit=_said(status), restart_in_s=delay)  # fmt: skip
+                        exit=_said(status), restart_in_s=delay,
+                        restarts=slot.restarts)  # fmt: skip
             slot.restart = loop.call_later(delay, self._start, slot)
         if all(s.process is None and s.restart is None for s in self._slots):
             self._all_exited.set()

@@ -8,6 +8,12 @@ each labelled ``worker="K"``. A sibling that does not answer within
 ``SIBLING_TIMEOUT_S`` (restarting, stuck) is left out of that scrape, and said in
 ``hetero_router_workers_scraped``; Prometheus reads the counters of a restarted
 worker as a reset, as it would a restarted process.
+
+Each worker also says how many times the parent restarted its slot,
+``hetero_router_worker_restarts_total{worker="K"}``: the parent passes the count to
+the process it starts, so the series goes on from where the last process left it
+(one more per restart) instead of resetting, and ``increase()`` over it counts
+crashes.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from pathlib import Path
 
 import aiohttp
 from aiohttp import web
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry, Counter, generate_latest
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -37,14 +43,28 @@ def socket_path(folder: Path, index: int) -> Path:
 
 class WorkerMetrics:
     """Worker ``index`` of ``count``: serves ``registry`` on its socket in ``folder``
-    and answers a scrape of the shared port for all of them."""
+    and answers a scrape of the shared port for all of them. ``restarts``: how many
+    times the parent restarted this worker's slot before this process."""
 
-    def __init__(self, registry: CollectorRegistry, index: int, count: int, folder: Path) -> None:
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        index: int,
+        count: int,
+        folder: Path,
+        restarts: int = 0,
+    ) -> None:
         self.registry = registry
         self.index = index
         self.count = count
         self.folder = folder
         self._runner: web.AppRunner | None = None
+        Counter(
+            "hetero_router_worker_restarts",
+            "Times the parent restarted this worker after its process exited, since the "
+            "parent started (carried over to each new process, so it rises by one a restart).",
+            registry=registry,
+        ).inc(restarts)
 
     async def start(self) -> None:
         app = web.Application()

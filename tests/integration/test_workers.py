@@ -19,6 +19,7 @@ from typing import Any
 
 import grpc
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from router.client import ChannelConfig, RouterClient
 
@@ -166,6 +167,16 @@ def test_two_workers_share_both_ports_reload_on_sighup_restart_when_killed_and_d
     assert first not in pids
     assert second in pids
     assert len(pids) == 2  # the restarted worker shares the port again
+    # Its restart is counted, carried into the new process; the sibling's count stays 0.
+    status, body = get(http_address, "/metrics")
+    assert status == 200
+    restarts = {
+        sample.labels["worker"]: sample.value
+        for family in text_string_to_metric_families(body.decode())
+        for sample in family.samples
+        if sample.name == "hetero_router_worker_restarts_total"
+    }
+    assert restarts == {str(exited["worker"]): 1.0, str(1 - exited["worker"]): 0.0}
 
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=EVENT_TIMEOUT_S) == 0

@@ -116,3 +116,24 @@ def test_restarts_in_a_row_wait_twice_as_long_each_time_up_to_the_cap() -> None:
     assert delays[:4] == [0.25, 0.5, 1.0, 2.0]
     assert delays[-1] == BACKOFF_MAX_S
     assert delays == sorted(delays)
+
+
+async def test_a_workers_restarts_carried_from_the_parent_are_in_every_scrape(
+    tmp_path: Path,
+) -> None:
+    first = WorkerMetrics(registry_counting(1), 0, 2, tmp_path)
+    second = WorkerMetrics(registry_counting(1), 1, 2, tmp_path, restarts=3)
+    await first.start()
+    await second.start()
+    try:
+        text = (await first.metrics()).decode()
+        restarts = {
+            sample.labels["worker"]: sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+            if sample.name == "hetero_router_worker_restarts_total"
+        }
+        assert restarts == {"0": 0.0, "1": 3.0}
+    finally:
+        await first.stop()
+        await second.stop()
