@@ -15,6 +15,8 @@ HTTP_DOOR = "hetero-http"
 HTTP_DOOR_WORKERS = "hetero-http-2w"
 GRPC_DOOR = "hetero-grpc"
 RELAY = "grpc-relay"
+# A bare aiohttp relay of the split forwarding the engine's SSE bytes: the HTTP door's floor.
+HTTP_RELAY = "http-relay"
 DIRECT = "direct"
 
 # What a system is held to against vllm-router, as ours / theirs.
@@ -151,4 +153,21 @@ def targets(
             **check(sum(split.values()), at_least=len(split)),
             "not_split": sorted(name for name, ok in split.items() if not ok),
         },
+    }
+
+
+def floors(figures: Mapping[str, SystemFigures]) -> dict[str, float | None]:
+    """What bounds the doors: each relay's CPU per request over vllm-router's (what Python
+    doing the same I/O costs at the least) and each door's over its relay's (what the
+    router's own software adds). Figures, not targets."""
+
+    def cpu(name: str) -> float | None:
+        system = figures.get(name)
+        return None if system is None else system.cpu_us_per_request
+
+    return {
+        "http_relay_cpu_over_vllm_router": ratio(cpu(HTTP_RELAY), cpu(REFERENCE)),
+        "grpc_relay_cpu_over_vllm_router": ratio(cpu(RELAY), cpu(REFERENCE)),
+        "http_door_cpu_over_http_relay": ratio(cpu(HTTP_DOOR), cpu(HTTP_RELAY)),
+        "grpc_door_cpu_over_grpc_relay": ratio(cpu(GRPC_DOOR), cpu(RELAY)),
     }

@@ -15,6 +15,9 @@ side and all running at once:
 - a bare grpc.aio relay of the same split (bench/peers/relay.py), the gRPC door's floor:
   the same proto and client, the same two HTTP legs with the adapter's bodies, none of
   the router's own software;
+- a bare aiohttp relay of the same split (bench/peers/http_relay.py), the HTTP door's
+  floor: the same two legs, the decode engine's SSE bytes forwarded untouched, none of
+  the router's own software;
 - the client straight to the decode fake (``direct``).
 
 The peers are installed into a cached environment (bench/peers/env.py; the pinned
@@ -577,8 +580,9 @@ async def run(quick: bool, out_dir: Path) -> dict[str, Any]:
                     ]
                 }
             )  # fmt: skip
-            relay_argv = [sys.executable, "-m", "bench.peers.relay"]
-            relay_argv += ["--prefill", prefill.address, "--decode", decode.address]
+            legs = ["--prefill", prefill.address, "--decode", decode.address]
+            relay_argv = [sys.executable, "-m", "bench.peers.relay", *legs]
+            http_relay_argv = [sys.executable, "-m", "bench.peers.http_relay", *legs]
             async with (
                 router_server(pool, FIXED_LIMIT) as http_router,
                 router_server(
@@ -586,6 +590,10 @@ async def run(quick: bool, out_dir: Path) -> dict[str, Any]:
                 ) as workers_router,
                 router_server(pool, FIXED_LIMIT) as grpc_router,
                 _ready_process(relay_argv, log_dir / "relay.log") as (relay_address, relay_pid),
+                _ready_process(http_relay_argv, log_dir / "http-relay.log") as (
+                    http_relay_address,
+                    http_relay_pid,
+                ),
             ):
                 peers: list[Server] = []
                 peer_failures: dict[str, str] = {}
@@ -648,6 +656,14 @@ async def run(quick: bool, out_dir: Path) -> dict[str, Any]:
                             "vllm",
                         ),
                         System(
+                            verdicts.HTTP_RELAY,
+                            "aiohttp relay",
+                            HttpClient(f"http://{http_relay_address}/v1/completions", BODY),
+                            http_relay_pid,
+                            "vllm",
+                            http_address=http_relay_address,
+                        ),
+                        System(
                             verdicts.DIRECT,
                             "direct to decode",
                             HttpClient(f"http://{decode.address}/v1/completions", BODY),
@@ -685,6 +701,7 @@ async def run(quick: bool, out_dir: Path) -> dict[str, Any]:
             name: _round(values) for name, values in verdicts.ratios(figures).items()
         },
         "targets": targets,
+        "floors": verdicts.floors(figures),
         "splits": {name: check.as_json() for name, check in splits.items() if check},
         "direct_plain_legs": direct.decode_legs.counts[fake_legs.PLAIN],
         "first_event_probe": first_events,

@@ -185,3 +185,14 @@ def test_ratios_put_every_system_over_vllm_router() -> None:
     assert "vllm-router" not in table
     assert table["grpc-relay"]["cpu_per_request_ratio"] == pytest.approx(1300 / 744)
     assert table["hetero-http"]["added_ttft_p99_ratio"] == pytest.approx(4.2 / 3.9)
+
+
+def test_floors_set_each_relay_against_vllm_router_and_each_door_against_its_relay() -> None:
+    http_relay = SystemFigures(1.9, 3.6, 930.0, 640.0)
+    floors = verdicts.floors(figures(http_relay=http_relay))
+    assert floors["http_relay_cpu_over_vllm_router"] == pytest.approx(930 / 744)
+    assert floors["grpc_relay_cpu_over_vllm_router"] == pytest.approx(1300 / 744)
+    assert floors["http_door_cpu_over_http_relay"] == pytest.approx(1812 / 930)
+    assert floors["grpc_door_cpu_over_grpc_relay"] == pytest.approx(2500 / 1300)
+    # A relay that did not run leaves its floors without a figure, not a wrong one.
+    assert verdicts.floors(figures())["http_door_cpu_over_http_relay"] is None
