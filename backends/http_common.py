@@ -25,7 +25,10 @@ Each helper is protocol-level and knows nothing of one engine:
   :data:`YIELD_EVERY_STEPS` events or reads), :class:`OpenAIStream` turns the chunks
   of a streaming ``/v1/completions`` or ``/v1/chat/completions`` reply into token
   frames (encoded ``GenerateResponse``), and :func:`openai_frames` does both for an
-  aiohttp response;
+  aiohttp response, reading the events by the read (:func:`sse_batches`) and merging
+  the token events of one read into one frame: the engine's text and ids, in fewer
+  frames when the router reads slower than the engine writes (under load), each
+  frame paid for once by the dispatcher and the doors (on gRPC, a write per frame);
 - load: :func:`parse_prometheus` reads the samples of a ``/metrics`` page with
   prometheus_client's parser.
 """
@@ -43,6 +46,7 @@ from collections.abc import (
     Awaitable,
     Callable,
     Collection,
+    Iterable,
     Iterator,
     Mapping,
 )
@@ -566,6 +570,41 @@ async def iter_sse(
         raise BackendError(backend_id, str(error)) from None
 
 
+async def sse_batches(
+    chunks: AsyncIterable[bytes], backend_id: str, *, max_event_bytes: int = MAX_EVENT_BYTES
+) -> AsyncGenerator[list[SSEEvent], None]:
+    """The events of an SSE body as :func:`iter_sse` reads them, in lists: the events
+    that one read completed, cut where :func:`iter_sse` would give the event loop a
+    turn (every :data:`YIELD_EVERY_STEPS` events or reads), and that turn given after
+    the list. A consumer handles what arrived together at once (the OpenAI stream
+    decoder merges it into one frame) instead of paying its per-event costs for each."""
+    parser = _SSEParser(max_event_bytes)
+    steps = 0
+    try:
+        async for chunk in chunks:
+            steps += 1
+            events = parser.feed(chunk)
+            start = 0
+            while start < len(events):
+                # A list fills what is left of the steps before the next turn, so the
+                # loop gets its turns exactly as often as iter_sse gives them.
+                batch = events[start : start + max(1, YIELD_EVERY_STEPS - steps)]
+                start += len(batch)
+                yield batch
+                steps += len(batch)
+                if steps >= YIELD_EVERY_STEPS:
+                    steps = 0
+                    await asyncio.sleep(0)
+            if steps >= YIELD_EVERY_STEPS:
+                steps = 0
+                await asyncio.sleep(0)
+        events = parser.feed(b"", at_end=True)
+        if events:
+            yield events
+    except _OversizedEventError as error:
+        raise BackendError(backend_id, str(error)) from None
+
+
 class _OversizedEventError(Exception):
     pass
 
@@ -694,8 +733,11 @@ class OpenAIStream:
     what the engine sent and nothing else.
     """
 
-    def __init__(self, backend_id: str) -> None:
+    def __init__(self, backend_id: str, max_tokens: int | None = None) -> None:
+        """``max_tokens``: the leg's; :meth:`feed_batch` merges no token past it."""
         self._backend_id = backend_id
+        self._max_tokens = max_tokens
+        self._tokens = 0  # counted as the router counts them: ids, else one per text event
         self._usage: router_pb2.Usage | None = None
         self._final: router_pb2.GenerateResponse | None = None  # the held finish frame
         self._final_sent = False
@@ -703,28 +745,77 @@ class OpenAIStream:
 
     def feed(self, data: str) -> bytes | None:
         """One event's data in; the frame to send now, if any."""
+        content, final = self._step(data)
+        return content.SerializeToString() if content is not None else final
+
+    def feed_batch(self, data: Iterable[str]) -> tuple[list[bytes], BackendError | None]:
+        """The data of events read together in; the frames to send now, and the error
+        that ended the stream among them, if one did (raise it once the frames before
+        it are sent). The text and token ids of consecutive token events go out as one
+        frame, as an engine's own stream interval would send them: what arrived
+        together reaches the client together, at no cost in latency, and every layer
+        above (the dispatcher, a gRPC write per frame) pays once for it. Tokens past the
+        leg's ``max_tokens`` (an engine running on) are not merged: each goes on alone,
+        so that the router's cut at ``max_tokens`` keeps the text of every token before
+        it. Stops at ``[DONE]``."""
+        frames: list[bytes] = []
+        pending: router_pb2.GenerateResponse | None = None
+        limit = self._max_tokens
+        failure: BackendError | None = None
+        try:
+            for one in data:
+                before = self._tokens
+                content, final = self._step(one)
+                if content is not None:
+                    if pending is None:
+                        pending = content
+                    elif limit is not None and self._tokens > limit:
+                        frames.append(pending.SerializeToString())
+                        pending = content
+                    else:
+                        pending.text += content.text
+                        pending.token_ids.extend(content.token_ids)
+                    if limit is not None and before >= limit:  # past the limit: alone
+                        frames.append(pending.SerializeToString())
+                        pending = None
+                elif final is not None:
+                    if pending is not None:
+                        frames.append(pending.SerializeToString())
+                        pending = None
+                    frames.append(final)
+                if self.done:
+                    break
+        except BackendError as error:
+            failure = error
+        if pending is not None:
+            frames.append(pending.SerializeToString())
+        return frames, failure
+
+    def _step(self, data: str) -> tuple[router_pb2.GenerateResponse | None, bytes | None]:
+        """One event's data in: a token frame to send (not yet encoded), or the last
+        frame's bytes once it is complete, or neither."""
         if data.strip() == "[DONE]":
             self.done = True
-            return self._release_final()
+            return None, self._release_final()
         try:
             chunk = stream_object(data)
             self._raise_engine_error(chunk, data)
             if chunk.get("usage") is not None:
                 self._usage = usage_message(chunk["usage"])
-            frame = self._frame(chunk)
+            content = self._content(chunk)
         except ShapeError as problem:
             raise malformed(self._backend_id, "stream chunk", problem, data) from None
-        if frame is not None:
-            return frame
+        if content is not None:
+            return content, None
         if self._final is not None and self._usage is not None:
-            return self._release_final()
-        return None
+            return None, self._release_final()
+        return None, None
 
     def end(self) -> bytes | None:
         """The body ended: the held frame if the request finished, else an error."""
         return self._release_final()
 
-    def _frame(self, chunk: Mapping[str, Any]) -> bytes | None:
+    def _content(self, chunk: Mapping[str, Any]) -> router_pb2.GenerateResponse | None:
         choice = first_choice(chunk)
         if choice is None:
             return None
@@ -742,7 +833,8 @@ class OpenAIStream:
             return None
         if not text and not token_ids:
             return None  # role-only or empty keep-alive chunks
-        return router_pb2.GenerateResponse(text=text, token_ids=token_ids).SerializeToString()
+        self._tokens += len(token_ids) if token_ids else 1
+        return router_pb2.GenerateResponse(text=text, token_ids=token_ids)
 
     def _release_final(self) -> bytes | None:
         if self._final_sent:
@@ -760,6 +852,12 @@ class OpenAIStream:
             raise engine_error(
                 self._backend_id, error_code(error), f"engine error: {error_text(data.encode())}"
             )
+
+
+def asked_max_tokens(body: Mapping[str, Any]) -> int | None:
+    """The ``max_tokens`` a leg's body asks the engine for, when it names one."""
+    value = body.get("max_tokens")
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 async def drain_body(response: aiohttp.ClientResponse, timeout_s: float = 0.5) -> bool:
@@ -784,21 +882,26 @@ async def openai_frames(
     response: aiohttp.ClientResponse,
     *,
     max_event_bytes: int = MAX_EVENT_BYTES,
+    max_tokens: int | None = None,
 ) -> AsyncGenerator[bytes, None]:
-    """The frames of a streaming OpenAI-compatible answer (see :class:`OpenAIStream`).
+    """The frames of a streaming OpenAI-compatible answer (see :class:`OpenAIStream`):
+    the token events of one read merged into one frame (:meth:`OpenAIStream.feed_batch`;
+    ``max_tokens``, the leg's, bounds the merging).
 
     After ``[DONE]`` it reads the body to its end so that the caller's ``release()``
     returns the connection to the pool. Raises ``BackendError`` for what the engine
     said or sent wrong (an event over ``max_event_bytes`` too), and lets aiohttp's
     errors through for the caller to translate.
     """
-    stream = OpenAIStream(backend_id)
-    events = iter_sse(response.content.iter_any(), backend_id, max_event_bytes=max_event_bytes)
-    async with contextlib.aclosing(events):
-        async for event in events:
-            frame = stream.feed(event.data)
-            if frame is not None:
+    stream = OpenAIStream(backend_id, max_tokens)
+    batches = sse_batches(response.content.iter_any(), backend_id, max_event_bytes=max_event_bytes)
+    async with contextlib.aclosing(batches):
+        async for batch in batches:
+            frames, failure = stream.feed_batch([event.data for event in batch])
+            for frame in frames:
                 yield frame
+            if failure is not None:
+                raise failure
             if stream.done:
                 break
         else:

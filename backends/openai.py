@@ -51,6 +51,7 @@ from backends.http_common import (
     OpenExchanges,
     Secret,
     ShapeError,
+    asked_max_tokens,
     client_timeout,
     connector,
     malformed_detail,
@@ -201,7 +202,9 @@ class OpenAIBackend(Backend):
         try:
             async with (
                 self._open(request, path, body, timeout_s) as response,
-                contextlib.aclosing(openai_frames(self.id, response)) as frames,
+                contextlib.aclosing(
+                    openai_frames(self.id, response, max_tokens=asked_max_tokens(body))
+                ) as frames,
             ):
                 async for frame in frames:
                     yield frame

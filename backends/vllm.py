@@ -137,6 +137,7 @@ from backends.http_common import (
     Sample,
     Secret,
     ShapeError,
+    asked_max_tokens,
     choice_content,
     choice_finish,
     client_timeout,
@@ -671,6 +672,7 @@ class VllmBackend(Backend):
             self.id,
             response,
             max_event_bytes=MAX_EVENT_BYTES + self._echo_bytes(prompt_tokens),
+            max_tokens=asked_max_tokens(body),
         )
         complete = False
         try:

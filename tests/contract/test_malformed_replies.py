@@ -538,12 +538,17 @@ async def test_openai_frames_need_no_socket_to_yield() -> None:
         content = Content()
 
     ticker = Ticker()
-    turns = []
+    turns, ids = [], []
     frames = openai_frames("vllm-0", Response())  # type: ignore[arg-type]  # the part it reads
-    async for _ in frames:
+    async for raw in frames:
+        ids.append(len(router_pb2.GenerateResponse.FromString(raw).token_ids))
         turns.append(ticker.turns)
     await ticker.stop()
-    assert len(turns) == 1001
+    # The events of the one read are merged, never more than a turn's worth to a frame,
+    # and the loop gets a turn between frames.
+    assert sum(ids) == 1000
+    assert max(ids) <= YIELD_EVERY_STEPS
+    assert len(turns) < 1000
     assert longest_run_without_a_turn(turns) < YIELD_EVERY_STEPS
 
 

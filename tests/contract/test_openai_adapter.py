@@ -75,7 +75,7 @@ async def test_streams_chat_with_usage_on_the_last_frame(
     frames = [f async for f in backend.generate(request(stop=("\n",)), 5.0)]
 
     messages = parse(frames)
-    assert [m.text for m in messages] == ["Hel", "lo", " world"]
+    assert "".join(m.text for m in messages) == "Hello world"
     assert all(not m.HasField("usage") for m in messages[:-1])
     assert messages[-1].finish_reason == router_pb2.FINISH_REASON_STOP
     assert messages[-1].usage.prompt_tokens == PROMPT_TOKENS

@@ -88,7 +88,14 @@ async def test_a_resumed_completion_continues_exactly_where_the_stream_broke(
     fake: FakeVllm, backend: VllmBackend, interrupted_after: int
 ) -> None:
     whole = await run(backend.generate(completion("u1"), timeout_s=5))
-    delivered = whole[:interrupted_after]  # one token a frame
+    # What a client had when the stream broke after that many tokens, a token a frame
+    # (the adapter merges the tokens of one read into one frame, so whole's frames are
+    # not cut at each token): the fake's texts beside the ids it sent.
+    per_token = [
+        router_pb2.GenerateResponse(text=text, token_ids=[token])
+        for text, token in zip(fake.tokens, ids_of(whole), strict=True)
+    ]
+    delivered = per_token[:interrupted_after]
 
     rest = await run(backend.generate(resumed(completion("r1"), ids_of(delivered)), timeout_s=5))
 

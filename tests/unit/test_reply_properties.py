@@ -37,6 +37,7 @@ from backends.http_common import (
     field_text,
     iter_sse,
     json_object,
+    openai_frames,
     parse_json,
     status_error,
 )
@@ -259,6 +260,104 @@ DEEP = b"[" * 5000 + b"]" * 5000
 @example((b"", [b'data: {"error": ' + DEEP + b"}\n\n"]))
 def test_openai_stream_ends_in_frames_or_a_serving_error(cut: tuple[bytes, list[bytes]]) -> None:
     decode_stream(OpenAIStream("b0"), cut[1])
+
+
+def frames_of(
+    parts: Sequence[bytes], max_tokens: int | None, *, merged: bool
+) -> tuple[str, list[int], list[tuple[int, int, int]], str | None]:
+    """What a client gets from a body: its text, its ids, each frame's (finish reason,
+    usage) and the error's message, event by event (``feed``) or read by read, merged
+    (``openai_frames``)."""
+    frames: list[bytes] = []
+    failure: str | None = None
+
+    class Content:
+        async def iter_any(self) -> AsyncIterator[bytes]:
+            for part in parts:
+                yield part
+
+        async def readany(self) -> bytes:  # what is left after [DONE]: nothing
+            return b""
+
+    class Response:
+        content = Content()
+
+    async def collect() -> None:
+        stream = openai_frames("b0", Response(), max_tokens=max_tokens)  # type: ignore[arg-type]  # the part it reads
+        async for frame in stream:
+            frames.append(frame)
+
+    try:
+        if merged:
+            asyncio.run(collect())
+        else:
+            decoder = OpenAIStream("b0")
+            for event in read_events(parts):
+                frame = decoder.feed(event.data)
+                if frame is not None:
+                    frames.append(frame)
+                if decoder.done:
+                    break
+            else:
+                frame = decoder.end()
+                if frame is not None:
+                    frames.append(frame)
+    except ServingError as error:
+        failure = error.message
+    messages = [router_pb2.GenerateResponse.FromString(frame) for frame in frames]
+    ends = [
+        (m.finish_reason, m.usage.prompt_tokens, m.usage.completion_tokens)
+        for m in messages
+        if m.finish_reason or m.HasField("usage")
+    ]
+    return (
+        "".join(m.text for m in messages),
+        [t for m in messages for t in m.token_ids],
+        ends,
+        failure,
+    )
+
+
+_token_chunks = st.fixed_dictionaries(
+    {"text": st.sampled_from(["a", "bc", "", " d"])},
+    optional={"token_ids": st.lists(st.integers(min_value=0, max_value=9), max_size=2)},
+).map(lambda choice: {"choices": [{"index": 0, **choice}]})
+_stream_ends = st.sampled_from(
+    [
+        [],  # cut off
+        [{"choices": [{"index": 0, "text": "", "finish_reason": "length"}]}],
+        [{"choices": [{"index": 0, "text": "!", "finish_reason": "stop"}]}, {"usage": {}}],
+        [
+            {"choices": [{"index": 0, "text": "", "finish_reason": "stop"}]},
+            {"usage": {"prompt_tokens": 3, "completion_tokens": 2}},
+            "[DONE]",
+        ],
+        [{"error": {"message": "engine died", "code": 500}}],
+        [{"choices": 5}],  # the wrong shape
+    ]
+)
+
+
+@st.composite
+def token_streams(draw: st.DrawFn) -> bytes:
+    """A well-formed streaming completion: token chunks, then an end of any kind."""
+    events: list[Any] = [*draw(st.lists(_token_chunks, max_size=8)), *draw(_stream_ends)]
+    return b"".join(
+        b"data: " + (e if isinstance(e, str) else json.dumps(e)).encode() + b"\n\n" for e in events
+    )
+
+
+@bounded
+@given(
+    chunked(sse_bodies(openai_chunks) | token_streams()),
+    st.none() | st.integers(min_value=0, max_value=4),
+)
+def test_merging_the_events_of_a_read_changes_only_where_frames_are_cut(
+    cut: tuple[bytes, list[bytes]], max_tokens: int | None
+) -> None:
+    # The text, the ids, the last frame and any error are the same as event by event.
+    _, parts = cut
+    assert frames_of(parts, max_tokens, merged=True) == frames_of(parts, None, merged=False)
 
 
 @bounded
