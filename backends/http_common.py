@@ -905,9 +905,9 @@ async def openai_frames(
             if stream.done:
                 break
         else:
-            frame = stream.end()
-            if frame is not None:
-                yield frame
+            last = stream.end()
+            if last is not None:
+                yield last
     if stream.done:
         await drain_body(response)
 

@@ -306,7 +306,7 @@ def frames_of(
         failure = error.message
     messages = [router_pb2.GenerateResponse.FromString(frame) for frame in frames]
     ends = [
-        (m.finish_reason, m.usage.prompt_tokens, m.usage.completion_tokens)
+        (int(m.finish_reason), m.usage.prompt_tokens, m.usage.completion_tokens)
         for m in messages
         if m.finish_reason or m.HasField("usage")
     ]
@@ -322,7 +322,7 @@ _token_chunks = st.fixed_dictionaries(
     {"text": st.sampled_from(["a", "bc", "", " d"])},
     optional={"token_ids": st.lists(st.integers(min_value=0, max_value=9), max_size=2)},
 ).map(lambda choice: {"choices": [{"index": 0, **choice}]})
-_stream_ends = st.sampled_from(
+_stream_ends: st.SearchStrategy[list[Any]] = st.sampled_from(
     [
         [],  # cut off
         [{"choices": [{"index": 0, "text": "", "finish_reason": "length"}]}],
