@@ -883,10 +883,12 @@ async def openai_frames(
     *,
     max_event_bytes: int = MAX_EVENT_BYTES,
     max_tokens: int | None = None,
+    merge: bool = True,
 ) -> AsyncGenerator[bytes, None]:
     """The frames of a streaming OpenAI-compatible answer (see :class:`OpenAIStream`):
     the token events of one read merged into one frame (:meth:`OpenAIStream.feed_batch`;
-    ``max_tokens``, the leg's, bounds the merging).
+    ``max_tokens``, the leg's, bounds the merging), or with ``merge=False`` a frame per
+    event, for a consumer that must tell where each token's text ends.
 
     After ``[DONE]`` it reads the body to its end so that the caller's ``release()``
     returns the connection to the pool. Raises ``BackendError`` for what the engine
@@ -897,11 +899,15 @@ async def openai_frames(
     batches = sse_batches(response.content.iter_any(), backend_id, max_event_bytes=max_event_bytes)
     async with contextlib.aclosing(batches):
         async for batch in batches:
-            frames, failure = stream.feed_batch([event.data for event in batch])
-            for frame in frames:
-                yield frame
-            if failure is not None:
-                raise failure
+            groups = [[event.data for event in batch]] if merge else [[e.data] for e in batch]
+            for group in groups:
+                frames, failure = stream.feed_batch(group)
+                for frame in frames:
+                    yield frame
+                if failure is not None:
+                    raise failure
+                if stream.done:
+                    break
             if stream.done:
                 break
         else:

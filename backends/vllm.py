@@ -594,6 +594,9 @@ class VllmBackend(Backend):
             left,
             path="/v1/completions",
             prompt_tokens=len(sequence),
+            # The stop strings are matched here token by token: a frame of several
+            # tokens would end with ids past the one that completes the match.
+            merge=not stops,
         )
         if stops:
             frames = _stopped_across_resume(frames, stops, prior_text, len(sequence))
@@ -651,9 +654,10 @@ class VllmBackend(Backend):
         check_length: bool = False,
         path: str | None = None,
         prompt_tokens: int | None = None,
+        merge: bool = True,
     ) -> AsyncGenerator[bytes, None]:
         """Streams one leg; ``prompt_tokens`` (default: the prompt's byte bound) sizes the
-        largest event accepted."""
+        largest event accepted; ``merge=False``: a frame per token event, not per read."""
         if check_length:
             timeout_s = await self._check_length(request, timeout_s)
         deadlines = self._timeout(timeout_s, self._idle_timeout_s)
@@ -673,6 +677,7 @@ class VllmBackend(Backend):
             response,
             max_event_bytes=MAX_EVENT_BYTES + self._echo_bytes(prompt_tokens),
             max_tokens=asked_max_tokens(body),
+            merge=merge,
         )
         complete = False
         try:

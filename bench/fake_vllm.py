@@ -124,6 +124,7 @@ class FakeVllm:
     decode_status: int = 200
     decode_finish_reason: str = "length"
     chunk_delay_s: float = 0.0  # before each chunk after the first
+    one_write: bool = False  # the whole stream in one write (an engine ahead of its reader)
     # A decode leg with kv_transfer_params waits this long before its first event: a
     # KV read stalled (a NIXL handshake to a restarted prefill engine).
     handoff_stall_s: float = 0.0
@@ -490,6 +491,8 @@ class FakeVllm:
             await response.write_eof()
             return
         events, drop = self._events(body, chat)
+        if self.one_write:
+            events = [b"".join(events)]
         for event in events:
             await response.write(event)
             await asyncio.sleep(self.chunk_delay_s)

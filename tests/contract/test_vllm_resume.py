@@ -184,6 +184,23 @@ async def test_stop_strings_see_the_text_before_the_resume(
         await fake.wait_for(lambda: "s1" in fake.disconnected)  # vLLM's abort
 
 
+async def test_a_stop_across_the_resume_ends_at_its_token_when_the_rest_comes_at_once(
+    fake: FakeVllm, backend: VllmBackend
+) -> None:
+    """The engine's events reach the adapter in one read: the stream still ends at the
+    token that completes the stop string (the adapter reads a resumed stream with stop
+    strings a token at a time), with no ids or usage past it."""
+    fake.one_write = True
+    fake.tokens = ["Hello", ",", " world", "!", " Bye", "."]
+    request = resumed(completion("s2", stop=(", w",)), [100, 101])
+    rest = await run(backend.generate(request, timeout_s=5))
+
+    assert text_of(rest) == "o"
+    assert ids_of(rest) == [102]  # " world" completes ", w"; "!" and " Bye" came with it
+    assert rest[-1].finish_reason == router_pb2.FINISH_REASON_STOP
+    assert rest[-1].usage.completion_tokens == 1
+
+
 async def test_a_resumed_sequence_over_the_context_is_refused_before_any_leg(
     fake: FakeVllm, backend: VllmBackend
 ) -> None:
