@@ -46,6 +46,8 @@ def write_summary(out_dir: Path = RESULTS_DIR) -> Path:
     ]
     for path in sorted(out_dir.glob("*.json")):
         result = json.loads(path.read_text())
+        if "headline" not in result:  # not a scenario's result (the frontier's sweeps)
+            continue
         checks = result.get("targets", {})
         met = sum(1 for check in checks.values() if check.get("met"))
         headline = ", ".join(f"{k} {_fmt(v)}" for k, v in result.get("headline", {}).items())
