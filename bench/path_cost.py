@@ -24,14 +24,14 @@ from dataclasses import dataclass
 
 from bench import proc_tree
 from bench.loadgen import RouterTarget, send
-from bench.processes import router_server
-from bench.scenarios.overhead import FIXED_LIMIT, PROMPT_TOKENS, _pool
+from bench.processes import FIXED_LIMIT, router_server, zero_cost_pair
 from router.cluster import embedded_devices
 from router.console import render, table
 from router.settings import parse_pool
 from router.sim.workload import RequestSpec
 
 WARM_UP = 30
+PROMPT_TOKENS = 64  # as in scenario `overhead`
 
 
 @dataclass(frozen=True)
@@ -56,7 +56,7 @@ async def _run(target: RouterTarget, mode: str, pid: int, tokens: int, requests:
 
 
 async def measure(requests: int, tokens: int) -> list[Run]:
-    pool = parse_pool({"backends": _pool()}, source="path_cost pool")
+    pool = parse_pool({"backends": zero_cost_pair()}, source="path_cost pool")
     runs = []
     async with (
         embedded_devices(pool, ready_timeout_s=60) as devices,

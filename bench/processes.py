@@ -21,6 +21,21 @@ import yaml
 from router.cluster import embedded_devices
 from router.settings import PoolConfig, parse_pool
 
+# The router with its admission limit fixed: benchmarks of the software path drive it to
+# saturation, which the adaptive limit would rightly hold back (scenario `overload`
+# measures admission).
+FIXED_LIMIT = {"HETERO_ROUTER_ADAPTIVE_CONCURRENCY": "false"}
+
+
+def zero_cost_pair(model: str = "llama-3.1-8b", **device: object) -> list[dict[str, object]]:
+    """Pool entries of a prefill and a decode mock device at time scale 0 (only software
+    is measured), on free ports: what scenario `overhead` and `bench.path_cost` run."""
+    common = {"kind": "mock", "address": "127.0.0.1:0", "model": model, "time_scale": 0.0}
+    return [
+        {**common, "id": "p0", "role": "prefill", "profile": "h100", **device},
+        {**common, "id": "d0", "role": "decode", "profile": "h100", **device},
+    ]
+
 
 @dataclass(frozen=True)
 class RunningCluster:

@@ -17,7 +17,7 @@ import numpy as np
 from bench import plots
 from bench.decisions import decision_times_us
 from bench.loadgen import DeviceTarget, RouterTarget, Target, closed_loop, open_loop, send
-from bench.processes import cluster
+from bench.processes import FIXED_LIMIT, cluster, zero_cost_pair
 from bench.progress import Progress
 from bench.report import check, machine, write_result
 from router.scheduling.registry import load_policy
@@ -26,10 +26,8 @@ from router.sim.workload import RequestSpec, fixed, poisson_arrivals
 
 PROMPT_TOKENS = 64
 STREAMS = 100
-# The software path is measured, up to saturation: the adaptive limit would (rightly)
-# hold back the saturating streams, which is admission's policy, not its cost (the
-# door's checks and the write guards still run). Scenario `overload` measures it.
-FIXED_LIMIT = {"HETERO_ROUTER_ADAPTIVE_CONCURRENCY": "false"}
+# The software path is measured, up to saturation, with the limit fixed (FIXED_LIMIT):
+# the door's checks and the write guards still run.
 PACED_STEP_MS = 10.0  # 100 tokens per second per stream
 
 
@@ -48,14 +46,6 @@ QUICK = Sizes(
 FULL = Sizes(
     sequential=600, load_requests=1500, stream_tokens=300, saturated_tokens=200, decisions=100000
 )
-
-
-def _pool(**device: object) -> list[dict[str, object]]:
-    common = {"kind": "mock", "address": "127.0.0.1:0", "model": "llama-3.1-8b", "time_scale": 0.0}
-    return [
-        {**common, "id": "p0", "role": "prefill", "profile": "h100", **device},
-        {**common, "id": "d0", "role": "decode", "profile": "h100", **device},
-    ]
 
 
 def _ttfts(records: Sequence[RequestRecord]) -> list[float]:
@@ -129,7 +119,7 @@ async def run(quick: bool, out_dir: Path) -> dict[str, Any]:
     # processes winding down that would time the machine rather than the code.
     decision_p99_us = _decision_p99_us(sizes.decisions)
 
-    async with cluster(_pool(), router_env=FIXED_LIMIT) as running:
+    async with cluster(zero_cost_pair(), router_env=FIXED_LIMIT) as running:
         direct = DeviceTarget(running.address_of("d0"), "direct")
         colocated = RouterTarget(running.router_address, "router", "colocated")
         split = RouterTarget(running.router_address, "router-split", "split")
@@ -141,7 +131,7 @@ async def run(quick: bool, out_dir: Path) -> dict[str, Any]:
             await target.close()
 
     pacing = ["--decode-step-ms", str(PACED_STEP_MS)]
-    async with cluster(_pool(), device_args=pacing, router_env=FIXED_LIMIT) as running:
+    async with cluster(zero_cost_pair(), device_args=pacing, router_env=FIXED_LIMIT) as running:
         direct = DeviceTarget(running.address_of("d0"), "direct")
         colocated = RouterTarget(running.router_address, "router", "colocated")
         print("  paced streams", flush=True)

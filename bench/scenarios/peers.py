@@ -84,7 +84,7 @@ from bench.fake_legs import LegCounts
 from bench.peers import env as peers_env
 from bench.peers import probe, profile, servers, verdicts
 from bench.peers.verdicts import SystemFigures
-from bench.processes import router_server
+from bench.processes import FIXED_LIMIT, router_server
 from bench.progress import Progress
 from bench.report import machine, write_result
 from router.client import GENERATE_METHOD
@@ -94,7 +94,6 @@ from router.sim.metrics import percentile
 STREAMS = 32
 BODY: dict[str, Any] = {"model": "fake", "prompt": "Hello " * 40, "max_tokens": 16, "stream": True}
 ANSWER = "".join(f" t{i}" for i in range(16))  # what the fakes answer (bench/fake_engine.py)
-FIXED_LIMIT = {"HETERO_ROUTER_ADAPTIVE_CONCURRENCY": "false"}
 REQUEST_TIMEOUT_S = 30.0
 NAGLE_FINDING = (
     "sglang-router leaves Nagle's algorithm on for the client connections it accepts and "
