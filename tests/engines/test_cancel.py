@@ -1,9 +1,12 @@
 """A client that goes away mid-stream frees the engines: nothing runs on after it.
 
 The evidence is the engines' own token count, not a race against the clock: a
-request the router did not abort runs to its ``LONG`` tokens, one it aborted
-stops after a handful. How long the engines take to go idle and publish it
-depends on the machine's load, so that wait is generous.
+request the router did not abort runs to its ``LONG`` tokens (one more in a split:
+the prefill's), one it aborted stops short of them. How soon the abort lands depends
+on the machine's load (on a loaded 2-core machine an engine made over a thousand
+tokens first), so the request is as long as the context allows and the wait for idle
+is generous. (vLLM does not count a client's abort under ``finished_reason="abort"``,
+so that counter cannot tell.)
 """
 
 from __future__ import annotations
@@ -20,8 +23,7 @@ from tests.engines.conftest import Engines, StartRouter, backend, pd_backends
 RUNNING = "vllm:num_requests_running"
 GENERATED = "vllm:generation_tokens_total"
 IDLE_WITHIN_S = 60.0  # a loaded CI machine; an unaborted LONG request ends sooner
-LONG = 1500  # tokens: far more than a test waits for (max_model_len is 2048)
-ABORTED_BELOW = LONG // 2  # generated tokens: an aborted request stops far short of LONG
+LONG = 2000  # tokens: far more than a test waits for (max_model_len is 2048)
 
 
 def samples(server: VllmServer) -> tuple[float, float]:
@@ -64,7 +66,7 @@ async def test_grpc_cancel_aborts_the_engine(
     await frames.aclose()  # cancels the call
     made = await generated_until_idle(servers) - before
     report(f"cancelled {mode} call after 3 frames: the engines generated {made:.0f} tokens")
-    assert 0 < made < ABORTED_BELOW, f"{made} tokens generated for a cancelled request"
+    assert 0 < made < LONG, f"{made} tokens generated for a cancelled request: not aborted"
 
 
 async def test_http_disconnect_aborts_the_engine(
@@ -83,4 +85,4 @@ async def test_http_disconnect_aborts_the_engine(
     answer.close()  # drops the connection mid-stream
     made = await generated_until_idle([engines.decode]) - before
     report(f"dropped HTTP stream after 6 chunks: the engine generated {made:.0f} tokens")
-    assert 0 < made < ABORTED_BELOW, f"{made} tokens generated for a dropped stream"
+    assert 0 < made < LONG, f"{made} tokens generated for a dropped stream: not aborted"
