@@ -94,6 +94,13 @@ start). Usage counts the generated ids as prompt tokens, as the engine does (the
 router takes them off and counts them as completion tokens). ``prefill`` and
 ``decode`` take no ``generated_ids``: a resumed request runs colocated.
 
+A cut can fall inside a character (its UTF-8 bytes split across tokens, or a stray
+byte): the interrupted stream held that token's text back, and the resumed one must
+begin with it. vLLM 0.32's detokenizer, primed with a token-id prompt whose text ends
+that way, sends the whole sequence's text (the prompt too) with its first new token;
+the adapter reads the sequence's text (``POST /detokenize``, on every resume) and, when
+it ends incomplete, makes the first text from the ids so far instead.
+
 Stop strings are applied by the adapter, not the engine, on a resumed request: the
 engine would not see a stop string that begins in the text before the resume. The
 adapter reads that text (``POST /detokenize``) and holds text back as vLLM does (the
@@ -199,6 +206,8 @@ _TEMPLATE_TOKENS_PER_MESSAGE = 16
 _TEMPLATE_TOKENS = 256
 # The longest wait for /tokenize, within the leg's deadline: it only counts tokens.
 _TOKENIZE_TIMEOUT_S = 5.0
+# What a decoded text ends with where its last bytes are an incomplete UTF-8 character.
+_INCOMPLETE = "\ufffd"
 
 # vLLM validates ``seed`` as a signed 64-bit integer; the router's seeds are unsigned.
 _SEED_MASK = (1 << 63) - 1
@@ -576,11 +585,14 @@ class VllmBackend(Backend):
         sequence = [*prompt_ids, *generated]
         self._check_resumed_length(request, len(sequence))
         stops = tuple(stop for stop in request.sampling.stop if stop)
-        prior_text = ""
+        # The text of the resumed sequence tells whether the cut split a character (it
+        # ends incomplete, U+FFFD); with stop strings, the generated part is read too.
         if stops:
-            prior_text = await self._generated_text(
+            resumed_text, prior_text = await self._generated_text(
                 request, prompt_ids, generated, deadline - loop.time()
             )
+        else:
+            resumed_text = await self._detokenize(request, sequence, deadline - loop.time())
         body = {**self._body(request), "prompt": sequence}
         body.pop("messages", None)
         body.pop("stop", None)  # checked here, over the text before the resume too
@@ -598,7 +610,19 @@ class VllmBackend(Backend):
             # tokens would end with ids past the one that completes the match.
             merge=not stops,
         )
+        if resumed_text.endswith(_INCOMPLETE):
+            frames = self._completing_the_cut_character(
+                request,
+                frames,
+                sequence,
+                resumed_text.rstrip(_INCOMPLETE),
+                deadline=deadline,
+                timeout_s=timeout_s,
+            )
         if stops:
+            # The interrupted stream held back an incomplete character's bytes (vLLM
+            # sends no text that ends in one): the stream after the resume completes it.
+            prior_text = prior_text.rstrip(_INCOMPLETE)
             frames = _stopped_across_resume(frames, stops, prior_text, len(sequence))
         async with contextlib.aclosing(frames):
             async for frame in frames:
@@ -634,16 +658,61 @@ class VllmBackend(Backend):
         prompt_ids: list[int],
         generated: list[int],
         timeout_s: float,
-    ) -> str:
-        """The text of the generated tokens as the engine's incremental detokenizer made
-        it: decoded after the prompt (a token's leading space depends on what precedes it)."""
+    ) -> tuple[str, str]:
+        """The text of the prompt and generated tokens, and of the generated ones as the
+        engine's incremental detokenizer made it: decoded after the prompt (a token's
+        leading space depends on what precedes it)."""
         prompt_text, whole = await asyncio.gather(
             self._detokenize(request, prompt_ids, timeout_s),
             self._detokenize(request, [*prompt_ids, *generated], timeout_s),
         )
         if whole.startswith(prompt_text):
-            return whole[len(prompt_text) :]
-        return await self._detokenize(request, generated, timeout_s)
+            return whole, whole[len(prompt_text) :]
+        return whole, await self._detokenize(request, generated, timeout_s)
+
+    async def _completing_the_cut_character(
+        self,
+        request: GenerationRequest,
+        frames: AsyncGenerator[bytes, None],
+        sequence: list[int],
+        before: str,
+        *,
+        deadline: float,
+        timeout_s: float,
+    ) -> AsyncGenerator[bytes, None]:
+        """The frames of a stream resumed after a token that left a character incomplete
+        (``before``: the sequence's text without it), with the first text the one the
+        uninterrupted stream had: that character, completed, and what follows.
+
+        vLLM 0.32, given a token-id prompt whose text ends in an incomplete character,
+        sends as its first text the whole sequence's (the prompt included) with the new
+        one. The first text is made here instead, from ``POST /detokenize`` of the
+        sequence and the ids so far; an engine that gets it right sends the same. Where
+        the two differ other than by that echo (a special token among the new ids, which
+        the engine leaves out of its text), the engine's text goes out as it came.
+        """
+        new: list[int] = []
+        async with contextlib.aclosing(frames):
+            async for raw in frames:
+                frame = router_pb2.GenerateResponse.FromString(raw)
+                new.extend(frame.token_ids)
+                if not frame.text:
+                    yield raw
+                    continue
+                left = deadline - asyncio.get_running_loop().time()
+                if left <= 0:
+                    raise transport_error(self.id, TimeoutError(), timeout_s)
+                whole = await self._detokenize(request, [*sequence, *new], left)
+                if whole.startswith(before):
+                    first = whole[len(before) :]
+                    if not frame.finish_reason:  # held back, as the engine holds it
+                        first = first.rstrip(_INCOMPLETE)
+                    if first and frame.text.endswith(first):
+                        frame.text = first
+                yield frame.SerializeToString()
+                async for rest in frames:
+                    yield rest
+                return
 
     async def _stream(
         self,

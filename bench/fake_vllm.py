@@ -33,6 +33,14 @@ them) that ends with the first k of those ids continues from token k, so a resum
 request gets exactly the rest of the uninterrupted answer. With ``return_token_ids``
 chunks carry their ids and the first one the prompt's ids, as vLLM's do.
 
+A token of ``tokens`` may be raw bytes, written as surrogate escapes (``"\\udcc3"`` is
+the byte 0xC3, Python's ``surrogateescape``): a character split across tokens. Text is
+then made as vLLM's incremental detokenizer makes it: a token whose bytes leave a
+character incomplete adds no text, the one completing it adds the character, and
+``/detokenize`` shows an incomplete one as U+FFFD. ``echo_incomplete_prompt`` (on, as
+vLLM 0.32 does) keeps that detokenizer's defect: primed with a token-id prompt whose text
+ends in an incomplete character, its first text is the whole prompt's with the new one.
+
 It also speaks SGLang's P/D protocol when ``sglang_mode`` names its role (SGLang's
 ``--disaggregation-mode prefill|decode``): a request carrying ``bootstrap_host``,
 ``bootstrap_port`` and ``bootstrap_room`` is one leg of an SGLang split, sent to both
@@ -125,6 +133,9 @@ class FakeVllm:
     decode_finish_reason: str = "length"
     chunk_delay_s: float = 0.0  # before each chunk after the first
     one_write: bool = False  # the whole stream in one write (an engine ahead of its reader)
+    # vLLM 0.32's first text after a token-id prompt ending in an incomplete character:
+    # the prompt's text too (see the module docstring).
+    echo_incomplete_prompt: bool = True
     # A decode leg with kv_transfer_params waits this long before its first event: a
     # KV read stalled (a NIXL handshake to a restarted prefill engine).
     handoff_stall_s: float = 0.0
@@ -259,7 +270,7 @@ class FakeVllm:
         tokens = body.get("tokens")
         if not isinstance(tokens, list) or not all(isinstance(t, int) for t in tokens):
             return _error(400, "tokens must be a list of token ids")
-        return web.json_response({"prompt": "".join(self._piece(t) for t in tokens)})
+        return web.json_response({"prompt": self._text(tokens)})
 
     def _token_ids(self, body: dict[str, Any]) -> list[int]:
         """The fake tokenizer: one id per word (see ``count_tokens``)."""
@@ -277,6 +288,13 @@ class FakeVllm:
             self._vocabulary[token] = word
             ids.append(token)
         return ids
+
+    def _text(self, tokens: list[int]) -> str:
+        """The text of ``tokens``, an incomplete character as U+FFFD (as vLLM decodes)."""
+        return self._bytes(tokens).decode("utf-8", "replace")
+
+    def _bytes(self, tokens: list[int]) -> bytes:
+        return b"".join(_raw(self._piece(t)) for t in tokens)
 
     def _piece(self, token: int) -> str:
         if token in self._vocabulary:
@@ -514,7 +532,11 @@ class FakeVllm:
         start = _resumed_from(prompt, len(self.tokens)) if isinstance(prompt, list) else 0
         limit = body.get("max_completion_tokens") or body.get("max_tokens") or len(self.tokens)
         answer = self.tokens[start : start + limit]
-        for index, token in enumerate(answer):
+        detokenizer = _Detokenizer(
+            self._bytes(prompt) if isinstance(prompt, list) else b"", self.echo_incomplete_prompt
+        )
+        for index, piece in enumerate(answer):
+            token = detokenizer.step(piece)
             if index == self.drop_after:
                 return events, True
             if index == self.end_after:
@@ -553,6 +575,43 @@ class FakeVllm:
             events = _sse(final)
         return events + _DONE
 
+
+class _Detokenizer:
+    """vLLM's incremental detokenizer (tokenizers' DecodeStream) over the fake's pieces:
+    the text each token adds, none while the text ends in an incomplete character.
+
+    Primed with a prompt's bytes: the new text starts after the prompt's, less the bytes
+    of an incomplete character at its end (which the next tokens complete); with
+    ``echo_incomplete`` such a prompt's text is sent too, as vLLM 0.32 does.
+    """
+
+    def __init__(self, prompt: bytes, echo_incomplete: bool) -> None:
+        complete = len(prompt)
+        while complete and _decoded(prompt[:complete]).endswith(_INCOMPLETE):
+            complete -= 1
+        echoed = echo_incomplete and complete < len(prompt)
+        self._held = prompt if echoed else prompt[complete:]  # bytes with no text sent yet
+
+    def step(self, piece: str) -> str:
+        data = self._held + _raw(piece)
+        text = _decoded(data)
+        if text.endswith(_INCOMPLETE):
+            self._held = data
+            return ""
+        self._held = b""
+        return text
+
+
+def _raw(piece: str) -> bytes:
+    """A piece's bytes: its characters' UTF-8, and raw bytes written as surrogate escapes."""
+    return piece.encode("utf-8", "surrogateescape")
+
+
+def _decoded(data: bytes) -> str:
+    return data.decode("utf-8", "replace")
+
+
+_INCOMPLETE = "\ufffd"
 
 # The fake tokenizer's ids: the answer's tokens from 100, prompt words from 1000.
 _OUTPUT_IDS = 100

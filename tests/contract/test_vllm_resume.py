@@ -201,6 +201,52 @@ async def test_a_stop_across_the_resume_ends_at_its_token_when_the_rest_comes_at
     assert rest[-1].usage.completion_tokens == 1
 
 
+@pytest.mark.parametrize(
+    "case",
+    [
+        # "é" is two bytes, a token each: the cut after the first leaves it incomplete,
+        # and the interrupted stream had sent "Hello caf".
+        (["Hello", " caf", "\udcc3", "\udca9", "!"], 3, "é!"),
+        # A byte that begins no character: the stream held it back as it would an
+        # incomplete one, and the text after the resume shows it as U+FFFD.
+        (["Hello", "\udca9", "it", "6"], 2, "\ufffdit6"),
+    ],
+    ids=["split-character", "stray-byte"],
+)
+@pytest.mark.parametrize("echo", [True, False], ids=["vllm-0.32", "fixed-engine"])
+async def test_a_resume_after_a_split_character_sends_only_the_text_after_the_cut(
+    fake: FakeVllm, backend: VllmBackend, case: tuple[list[str], int, str], echo: bool
+) -> None:
+    """vLLM 0.32, resumed from token ids whose text ends in an incomplete character,
+    sends the prompt's text and the generated text again with the first new token: the
+    adapter sends the text after the cut, as an uninterrupted stream would."""
+    tokens, cut, rest_text = case
+    fake.tokens, fake.echo_incomplete_prompt = tokens, echo
+    whole = await run(backend.generate(completion("u1"), timeout_s=5))
+    delivered = [100 + index for index in range(cut)]
+
+    rest = await run(backend.generate(resumed(completion("r1"), delivered), timeout_s=5))
+
+    assert text_of(rest) == rest_text
+    assert text_of(whole).endswith(rest_text)
+    assert delivered + ids_of(rest) == ids_of(whole)
+    assert rest[-1].finish_reason == router_pb2.FINISH_REASON_LENGTH
+
+
+async def test_a_stop_string_across_a_split_character_ends_the_resumed_stream(
+    fake: FakeVllm, backend: VllmBackend
+) -> None:
+    """The stop "fé" spans the cut, which fell inside "é": the interrupted stream had held
+    back "f" (vLLM holds the stop's length less one) and not sent the incomplete "é"."""
+    fake.tokens = ["Hello", " caf", "\udcc3", "\udca9", "!"]
+    request = resumed(completion("s3", stop=("fé",)), [100, 101, 102])
+    rest = await run(backend.generate(request, timeout_s=5))
+
+    assert text_of(rest) == ""
+    assert ids_of(rest) == [103]  # the token completing "é", and with it the stop
+    assert rest[-1].finish_reason == router_pb2.FINISH_REASON_STOP
+
+
 async def test_a_resumed_sequence_over_the_context_is_refused_before_any_leg(
     fake: FakeVllm, backend: VllmBackend
 ) -> None:

@@ -12,13 +12,15 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
+from typing import Any
 
+import aiohttp
 import pytest
 
 from backends._gen.hetero.router.v1 import router_pb2
 from backends.base import ChatMessage, GenerationRequest, SamplingParams
 from backends.vllm import VllmBackend
-from bench.engines.servers import SERVED_MODEL
+from bench.engines.servers import SERVED_MODEL, VllmServer
 from tests.engines.conftest import Engines, direct
 
 PROMPT = "def parse_header(line):\n    "
@@ -132,3 +134,46 @@ async def test_a_stop_string_across_the_resume_ends_it_as_the_uninterrupted_run(
     assert ids_of(delivered) + ids_of(rest) == ids_of(stopped)
     assert rest[-1].finish_reason == router_pb2.FINISH_REASON_STOP
     report(f"stop {stop!r} across a resume after {k} tokens: identical to the uninterrupted run")
+
+
+async def test_a_resume_after_a_split_character_sends_only_the_text_after_the_cut(
+    adapter: VllmBackend, engines: Engines, report: Callable[[str], None]
+) -> None:
+    """The cut falls after a token that leaves a character incomplete (the tiny model's
+    greedy answer has stray bytes): vLLM 0.32 then sends the whole sequence's text, the
+    prompt's included, with its first new token; the adapter sends the text after it."""
+    whole = await run(adapter, greedy("whole-bytes"))
+    generated = ids_of(whole)
+    prompt_ids = await engine_call(engines.decode, "/tokenize", {"prompt": PROMPT})
+    cuts = [
+        k
+        for k in range(1, len(generated) - 1)
+        if (await detokenized(engines.decode, prompt_ids["tokens"] + generated[:k])).endswith(
+            "\ufffd"
+        )
+    ]
+    assert cuts, f"no token of the greedy answer leaves a character incomplete: {generated}"
+    k = cuts[0]
+    prompt_text = await detokenized(engines.decode, prompt_ids["tokens"])
+    before = await detokenized(engines.decode, prompt_ids["tokens"] + generated[:k])
+    delivered_text = before[len(prompt_text) :].rstrip("\ufffd")
+
+    rest = await run(adapter, resumed(greedy("bytes"), generated[:k]))
+
+    assert generated[:k] + ids_of(rest) == generated
+    assert delivered_text + text_of(rest) == text_of(whole)
+    report(f"resumed after {k} tokens, inside a character: identical to the uninterrupted run")
+
+
+async def engine_call(server: VllmServer, path: str, body: dict[str, Any]) -> dict[str, Any]:
+    async with (
+        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session,
+        session.post(server.url + path, json={"model": SERVED_MODEL, **body}) as answer,
+    ):
+        assert answer.status == 200, await answer.text()
+        reply: dict[str, Any] = await answer.json()
+    return reply
+
+
+async def detokenized(server: VllmServer, tokens: list[int]) -> str:
+    return str((await engine_call(server, "/detokenize", {"tokens": tokens}))["prompt"])
