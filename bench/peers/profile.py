@@ -6,6 +6,11 @@ stack, ``frame;frame;...;frame count``, outermost first, each frame
 ``function (file:line)``. :func:`top_frames` folds them by function: its own time (the
 samples where it was running, the leaf) and its total time (where it was anywhere on the
 stack), each as a share of the active samples (py-spy leaves idle threads out).
+
+With ``--native`` (``record(..., native=True)``) the stacks go on into C: the frames of
+extension modules and libc. :func:`by_layer` then says which layer each active sample
+ran in (the router's own Python, grpc, the system calls, uvloop, ...), its leaf told by
+the file or library it names; a thread waiting in ``epoll_wait`` is idle and left out.
 """
 
 from __future__ import annotations
@@ -68,16 +73,60 @@ def top_frames(collapsed: str, count: int = 25) -> dict[str, Any]:
     return {"samples": samples, "own": shares(own), "total": shares(total)}
 
 
-async def record(pid: int, duration_s: float, rate: int, output: Path) -> str:
+# A native leaf's layer, by what its location names: the first rule that matches wins.
+_IDLE = ("epoll_wait", "epoll_pwait")  # a leaf of these names: a thread waiting
+_LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("grpc", ("cygrpc", "grpc/", "libgrpc")),
+    ("uvloop", ("uvloop", "loop.c", "handles/")),
+    ("protobuf", ("_message", "protobuf", "_upb")),
+    ("prometheus_client", ("prometheus_client",)),
+    ("logging (structlog, orjson)", ("structlog", "orjson")),
+    ("system calls and libc", ("libc.so", "libpthread")),
+    ("the router's own Python", ("router/", "backends/")),
+    ("CPython", ("libpython", "object.h", "ceval", "Objects/", "Python/")),
+)
+
+
+def _layer(leaf: str) -> str | None:
+    """The layer a native leaf ran in; None for an idle one."""
+    name, _, where = leaf.partition(" (")
+    if name in _IDLE:
+        return None
+    for layer, marks in _LAYERS:
+        if any(mark in where for mark in marks):
+            return layer
+    return "the standard library and the rest"
+
+
+def by_layer(collapsed: str) -> dict[str, float]:
+    """Each layer's share of the active samples of native collapsed stacks (most first);
+    idle samples (a thread waiting in epoll) are left out."""
+    layers: Counter[str] = Counter()
+    for line in collapsed.splitlines():
+        stack, _, number = line.rpartition(" ")
+        if not stack or not number.isdigit():
+            continue
+        layer = _layer(stack.rsplit(";", 1)[-1])
+        if layer is not None:
+            layers[layer] += int(number)
+    active = sum(layers.values())
+    return {layer: round(hits / active, 4) for layer, hits in layers.most_common()}
+
+
+async def record(
+    pid: int, duration_s: float, rate: int, output: Path, *, native: bool = False
+) -> str:
     """Starts py-spy on ``pid`` for ``duration_s``; returns its collapsed stacks when it
-    has finished (the caller loads the process meanwhile). Raises RuntimeError with
+    has finished (the caller loads the process meanwhile). ``native``: C frames too (py-spy
+    then pauses the process for each sample, which slows it). Raises RuntimeError with
     py-spy's words when it cannot sample."""
     binary = py_spy()
     if binary is None:
         raise RuntimeError("py-spy is not installed (pip install -e '.[bench]')")
+    how = ["--native"] if native else []
     process = await asyncio.create_subprocess_exec(
         str(binary), "record", "--pid", str(pid), "--duration", str(max(1, round(duration_s))),
-        "--rate", str(rate), "--format", "raw", "--output", str(output),
+        "--rate", str(rate), "--format", "raw", "--output", str(output), *how,
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
     _, errors = await process.communicate()

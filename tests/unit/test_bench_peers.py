@@ -14,7 +14,7 @@ import pytest
 from bench import fake_legs, proc_tree
 from bench.fake_legs import LegCounts, check_split
 from bench.peers import verdicts
-from bench.peers.profile import top_frames
+from bench.peers.profile import by_layer, top_frames
 from bench.peers.verdicts import SystemFigures
 
 # A child that starts a grandchild burning 0.3 s of CPU, says so, and waits for its
@@ -119,6 +119,31 @@ def test_collapsed_stacks_fold_by_function_into_own_and_total_shares() -> None:
         {"function": "dumps (json/encoder.py)", "share": 0.2},
     ]
     assert folded["total"][0] == {"function": "main (/x/router/cli.py)", "share": 1.0}
+
+
+def test_native_stacks_fold_by_layer_over_the_active_samples() -> None:
+    loop = "main (router/cli.py:96);run_until_complete (loop.c:35410)"
+    collapsed = "\n".join(
+        [
+            f"{loop};epoll_wait (libc.so.6) 50",  # idle: left out
+            f"{loop};wait (router/dispatch/deadline.py:82);sendmsg (libc.so.6) 4",
+            f"{loop};_read (grpc/aio/_call.py:384);_next (cygrpc.cpython-311.so) 2",
+            f"{loop};_finished (router/dispatch/dispatcher.py:372) 3",
+            f"{loop};labels (site-packages/prometheus_client/metrics.py:180) 1",
+            f"{loop};uuid4 (/usr/lib/python3.11/uuid.py:720) 1",
+            f"{loop} 1",
+            "Thread.run (threading.py:982);epoll_pwait (libc.so.6) 9",
+            "not a stack line",
+        ]
+    )
+    assert by_layer(collapsed) == {
+        "system calls and libc": 0.3333,
+        "the router's own Python": 0.25,
+        "grpc": 0.1667,
+        "prometheus_client": 0.0833,
+        "the standard library and the rest": 0.0833,
+        "uvloop": 0.0833,
+    }
 
 
 # The figures: vllm-router against this router's HTTP door on a quiet machine.
