@@ -20,6 +20,7 @@ import re
 import shutil
 import sys
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -46,16 +47,20 @@ def _function(frame: str) -> str:
     return f"{name} ({path})"
 
 
+def _stacks(collapsed: str) -> Iterator[tuple[str, int]]:
+    """Each ``stack count`` line of py-spy's collapsed output; other lines are skipped."""
+    for line in collapsed.splitlines():
+        stack, _, number = line.rpartition(" ")
+        if stack and number.isdigit():
+            yield stack, int(number)
+
+
 def top_frames(collapsed: str, count: int = 25) -> dict[str, Any]:
     """The functions with the most own and total time in py-spy's collapsed stacks."""
     own: Counter[str] = Counter()
     total: Counter[str] = Counter()
     samples = 0
-    for line in collapsed.splitlines():
-        stack, _, number = line.rpartition(" ")
-        if not stack or not number.isdigit():
-            continue
-        hits = int(number)
+    for stack, hits in _stacks(collapsed):
         frames = [_function(frame) for frame in stack.split(";") if frame]
         if not frames:
             continue
@@ -100,15 +105,12 @@ def _layer(leaf: str) -> str | None:
 
 def by_layer(collapsed: str) -> dict[str, float]:
     """Each layer's share of the active samples of native collapsed stacks (most first);
-    idle samples (a thread waiting in epoll) are left out."""
+    idle samples (a thread waiting in epoll) are left out, and with none active, none."""
     layers: Counter[str] = Counter()
-    for line in collapsed.splitlines():
-        stack, _, number = line.rpartition(" ")
-        if not stack or not number.isdigit():
-            continue
+    for stack, hits in _stacks(collapsed):
         layer = _layer(stack.rsplit(";", 1)[-1])
         if layer is not None:
-            layers[layer] += int(number)
+            layers[layer] += hits
     active = sum(layers.values())
     return {layer: round(hits / active, 4) for layer, hits in layers.most_common()}
 

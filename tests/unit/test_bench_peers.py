@@ -144,6 +144,7 @@ def test_native_stacks_fold_by_layer_over_the_active_samples() -> None:
         "the standard library and the rest": 0.0833,
         "uvloop": 0.0833,
     }
+    assert by_layer("Thread.run (threading.py:982);epoll_wait (libc.so.6) 9\n") == {}
 
 
 # The figures: vllm-router against this router's HTTP door on a quiet machine.
