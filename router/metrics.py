@@ -22,6 +22,7 @@ import bisect
 import contextlib
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Gauge
@@ -89,6 +90,33 @@ DOORS = ("grpc", "http")
 LEG_PHASES = ("prefill", "decode", "generate", "relay")
 SLO_OUTCOMES = ("met", "missed")
 DECISION_REASONS = tuple(reason.value for reason in Reason)
+
+
+_Metric = TypeVar("_Metric", Counter, Gauge)
+
+
+class Children(Generic[_Metric]):
+    """A prometheus_client metric's children by their label values, each looked up
+    once. ``labels()`` takes a lock and checks and converts every value on each call,
+    which the request path would pay several times a request; a dict lookup does
+    not. ``remove`` drops a series and its child, so nothing writes to a series that
+    has left the page."""
+
+    __slots__ = ("_children", "_metric")
+
+    def __init__(self, metric: _Metric) -> None:
+        self._metric: _Metric = metric
+        self._children: dict[tuple[str, ...], _Metric] = {}
+
+    def __call__(self, *values: str) -> _Metric:
+        child = self._children.get(values)
+        if child is None:
+            child = self._children[values] = self._metric.labels(*values)
+        return child
+
+    def remove(self, *values: str) -> None:
+        self._children.pop(values, None)
+        _remove(self._metric, *values)
 
 
 class HistogramSeries:
@@ -476,6 +504,12 @@ class RouterMetrics:
             self.retries_refused.labels(reason)
         for door in DOORS:
             self.write_stalls.labels(door)
+        # The children the request path writes to, each looked up once.
+        self.requests_by = Children(self.requests)
+        self.split_decisions_by = Children(self.split_decisions)
+        self.running_by_model = Children(self.num_requests_running)
+        self.waiting_by_model = Children(self.num_requests_waiting)
+        self.outstanding_by_backend = Children(self.backend_outstanding)
 
     def initialise(
         self,
@@ -520,8 +554,8 @@ class RouterMetrics:
     def remove_backend(self, backend_id: str, role: str, kind: str) -> None:
         """Drops every series of a backend that left the pool (``role`` and ``kind``
         as its series were labelled), and frees its histogram label."""
+        self.outstanding_by_backend.remove(backend_id)
         one: tuple[Gauge | Counter, ...] = (
-            self.backend_outstanding,
             self.backend_running,
             self.backend_waiting,
             self.backend_ejected,
@@ -555,13 +589,13 @@ class RouterMetrics:
         """A request's first plan: its mode and why (a plan without a decision was not
         the scheduler's: counted as requested)."""
         reason = Reason.REQUESTED if plan.decision is None else plan.decision.reason
-        self.split_decisions.labels(model, slo_class, plan.mode.value, reason.value).inc()
+        self.split_decisions_by(model, slo_class, plan.mode.value, reason.value).inc()
 
     def record_request(self, record: RequestRecord, met: tuple[bool | None, bool | None]) -> None:
         """One finished request: ``met`` says whether it met its (TTFT, TPOT) targets
         (None: held to none, or not completed)."""
         model = record.request.model
-        self.requests.labels(model, record.mode, record.outcome).inc()
+        self.requests_by(model, record.mode, record.outcome).inc()
         if record.mode == "none":
             return
         series = self.route(

@@ -307,13 +307,13 @@ class Dispatcher:
         service: ServiceLevel,
         record: RequestRecord,
     ) -> AsyncGenerator[bytes, None]:
-        waiting = self._metrics.num_requests_waiting.labels(request.model)
+        waiting = self._metrics.waiting_by_model(request.model)
         waiting.inc()
         try:
             queued = await self.admission.acquire(service.priority)
         finally:
             waiting.dec()
-        running = self._metrics.num_requests_running.labels(request.model)
+        running = self._metrics.running_by_model(request.model)
         try:
             now = record.admitted = self._clock()
             class_slo = self.class_slo(service.slo_class)

@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
+
+from prometheus_client import Gauge
 
 from backends import registry as adapters
 from backends.base import Backend, BackendLoad, KVLayout
@@ -132,6 +134,76 @@ def _perf(config: BackendConfig) -> DevicePerf | None:
 
 # (backend id, prefill tokens, running sequences, context tokens) added to its load
 AddLoad = Callable[[str, int, int, int], None]
+
+
+class Outstanding:
+    """A request in flight on one backend, counted from entry to exit (a plain class,
+    not a generator: two a leg, on every request)."""
+
+    __slots__ = ("_backend_id", "_changed", "_endpoint", "_endpoints", "_gauge")
+
+    def __init__(
+        self,
+        endpoints: Mapping[str, Endpoint],
+        backend_id: str,
+        gauge: Gauge,
+        changed: Callable[[str], None],
+    ) -> None:
+        self._endpoints = endpoints
+        self._endpoint = endpoints[backend_id]
+        self._backend_id = backend_id
+        self._gauge = gauge
+        self._changed = changed
+
+    def __enter__(self) -> Backend:
+        endpoint = self._endpoint
+        endpoint.outstanding += 1
+        endpoint.idle.clear()
+        self._changed(self._backend_id)
+        self._gauge.inc()
+        return endpoint.backend
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        endpoint = self._endpoint
+        endpoint.outstanding -= 1
+        if endpoint.outstanding == 0:
+            endpoint.idle.set()
+        if self._backend_id in self._endpoints:
+            self._changed(self._backend_id)
+            self._gauge.dec()
+
+
+class Watching:
+    """``on_leave`` among a backend's leaving callbacks while the block runs; called at
+    once when the backend has none (it has left the pool)."""
+
+    __slots__ = ("_callbacks", "_on_leave")
+
+    def __init__(
+        self, callbacks: set[Callable[[], None]] | None, on_leave: Callable[[], None]
+    ) -> None:
+        self._callbacks = callbacks
+        self._on_leave = on_leave
+
+    def __enter__(self) -> None:
+        if self._callbacks is None:
+            self._on_leave()
+        else:
+            self._callbacks.add(self._on_leave)
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        if self._callbacks is not None:
+            self._callbacks.discard(self._on_leave)
 
 
 class LoadCharge:
@@ -445,20 +517,10 @@ class Pool:
             self._changed(backend_id)
             self._health_changed()
 
-    @contextlib.contextmanager
-    def watching(self, backend_id: str, on_leave: Callable[[], None]) -> Iterator[None]:
+    def watching(self, backend_id: str, on_leave: Callable[[], None]) -> Watching:
         """Calls ``on_leave`` if the backend leaves service while the block runs (at once
         if it already left the pool)."""
-        callbacks = self._leaving.get(backend_id)
-        if callbacks is None:
-            on_leave()
-            yield
-            return
-        callbacks.add(on_leave)
-        try:
-            yield
-        finally:
-            callbacks.discard(on_leave)
+        return Watching(self._leaving.get(backend_id), on_leave)
 
     def in_service(self, backend_id: str) -> bool:
         endpoint = self.endpoints.get(backend_id)
@@ -499,27 +561,13 @@ class Pool:
         """The backend was sent a prompt with these block hashes: it holds their KV now."""
         self.prefix_index.record(backend_id, hashes)
 
-    @contextlib.contextmanager
-    def outstanding(self, backend_id: str) -> Iterator[Backend]:
+    def outstanding(self, backend_id: str) -> Outstanding:
         """Counts a request as in flight on the backend while the block runs; a
         retryable BackendError when the backend has left the pool."""
-        endpoint = self.endpoints.get(backend_id)
-        if endpoint is None:
+        if backend_id not in self.endpoints:
             raise BackendError(backend_id, "left the pool")
-        gauge = self._metrics.backend_outstanding.labels(backend_id)
-        endpoint.outstanding += 1
-        endpoint.idle.clear()
-        self._changed(backend_id)
-        gauge.inc()
-        try:
-            yield endpoint.backend
-        finally:
-            endpoint.outstanding -= 1
-            if endpoint.outstanding == 0:
-                endpoint.idle.set()
-            if backend_id in self.endpoints:
-                self._changed(backend_id)
-                gauge.dec()
+        gauge = self._metrics.outstanding_by_backend(backend_id)
+        return Outstanding(self.endpoints, backend_id, gauge, self._changed)
 
     def prefilling(self, backend_id: str, prompt_tokens: int) -> LoadCharge:
         """``prompt_tokens`` queued for prefill on the backend until released."""
