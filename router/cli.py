@@ -74,7 +74,9 @@ async def _serve(settings: Settings, pool_path: Path | None, embedded: bool,
     if not embedded:
         if settings.workers > 1:
             return await Supervisor(settings, pool, pool_path).serve()
-        return await Daemon(settings, pool, tracing=tracing, pool_file=pool_path).serve()
+        return await Daemon(settings, pool, tracing=tracing, pool_file=pool_path).serve(
+            own_process=True
+        )
     async with embedded_devices(
         pool,
         ready_timeout_s=settings.device_ready_timeout_s,
@@ -84,7 +86,7 @@ async def _serve(settings: Settings, pool_path: Path | None, embedded: bool,
     ) as resolved:
         if settings.workers > 1:  # the workers share the devices this process started
             return await Supervisor(settings, resolved, None).serve()
-        return await Daemon(settings, resolved, tracing=tracing).serve()
+        return await Daemon(settings, resolved, tracing=tracing).serve(own_process=True)
 
 
 def cmd_serve(options: argparse.Namespace, embedded: bool = False) -> int:

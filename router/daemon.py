@@ -37,6 +37,7 @@ from router.api.openai_http import OpenAIRoutes
 from router.api.worker_metrics import WorkerMetrics
 from router.dispatch.dispatcher import Dispatcher
 from router.errors import ConfigError
+from router.gc_tuning import tune_for_serving
 from router.logging import get_logger
 from router.metrics import Route, RouterMetrics
 from router.pool.filewatch import FileWatch
@@ -184,12 +185,16 @@ class Daemon:
     def http_port(self) -> int:
         return self.admin.port
 
-    async def serve(self) -> int:
-        """Start-up, main loop, shutdown; the exit status (128 + signal when forced)."""
+    async def serve(self, *, own_process: bool = False) -> int:
+        """Start-up, main loop, shutdown; the exit status (128 + signal when forced).
+        ``own_process``: the process serves this router alone (not a test's), so its
+        garbage collector is set for serving once it serves (router/gc_tuning.py)."""
         with self._exit_signals_handled():
             try:
                 # A second signal during start-up stops it, as it cuts a drain short.
                 await self._unless_forced(self.start())
+                if own_process and self.started.is_set():
+                    tune_for_serving(self.settings.gc_gen0_threshold)
                 await self._stop_requested.wait()
             finally:
                 await self.stop()

@@ -233,6 +233,11 @@ class Settings(BaseSettings):
     # Router processes sharing both doors' ports (SO_REUSEPORT), each a full router
     # under one supervising parent (router/workers.py); 1: the router is this process.
     workers: int = Field(default=1, ge=1, le=MAX_WORKERS)
+    # The cyclic garbage collector: once serving, what start-up made is frozen out of
+    # every collection (gc.freeze) and the youngest generation is collected after this
+    # many allocations instead of CPython's 700 (router/gc_tuning.py); 0 leaves the
+    # collector as CPython sets it.
+    gc_gen0_threshold: int = Field(default=50_000, ge=0, le=10_000_000)
 
     @model_validator(mode="after")
     def _limits_consistent(self) -> Settings:

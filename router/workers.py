@@ -318,7 +318,7 @@ async def _serve(spec: WorkerSpec, channel: Connection) -> int:
         daemon.handle_exit(signal.SIGTERM)
 
     loop.add_reader(channel.fileno(), parent_gone)
-    serving = asyncio.ensure_future(daemon.serve())
+    serving = asyncio.ensure_future(daemon.serve(own_process=True))
     started = asyncio.ensure_future(daemon.started.wait())
     await asyncio.wait({serving, started}, return_when=asyncio.FIRST_COMPLETED)
     if started.done():
