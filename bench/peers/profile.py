@@ -83,6 +83,7 @@ _IDLE = ("epoll_wait", "epoll_pwait")  # a leaf of these names: a thread waiting
 _LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("grpc", ("cygrpc", "grpc/", "libgrpc")),
     ("uvloop", ("uvloop", "loop.c", "handles/")),
+    ("aiohttp (and multidict, yarl)", ("aiohttp/", "multidict", "yarl/")),
     ("protobuf", ("_message", "protobuf", "_upb")),
     ("prometheus_client", ("prometheus_client",)),
     ("logging (structlog, orjson)", ("structlog", "orjson")),

@@ -131,18 +131,20 @@ def test_native_stacks_fold_by_layer_over_the_active_samples() -> None:
             f"{loop};_finished (router/dispatch/dispatcher.py:372) 3",
             f"{loop};labels (site-packages/prometheus_client/metrics.py:180) 1",
             f"{loop};uuid4 (/usr/lib/python3.11/uuid.py:720) 1",
+            f"{loop};write (site-packages/aiohttp/http_writer.py:116) 4",
             f"{loop} 1",
             "Thread.run (threading.py:982);epoll_pwait (libc.so.6) 9",
             "not a stack line",
         ]
     )
     assert by_layer(collapsed) == {
-        "system calls and libc": 0.3333,
-        "the router's own Python": 0.25,
-        "grpc": 0.1667,
-        "prometheus_client": 0.0833,
-        "the standard library and the rest": 0.0833,
-        "uvloop": 0.0833,
+        "system calls and libc": 0.25,
+        "aiohttp (and multidict, yarl)": 0.25,
+        "the router's own Python": 0.1875,
+        "grpc": 0.125,
+        "prometheus_client": 0.0625,
+        "the standard library and the rest": 0.0625,
+        "uvloop": 0.0625,
     }
     assert by_layer("Thread.run (threading.py:982);epoll_wait (libc.so.6) 9\n") == {}
 
