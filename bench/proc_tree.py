@@ -5,7 +5,9 @@ several (workers it forks): :func:`sample` adds up every live process of the tre
 at a pid, its children found through ``/proc/<pid>/task/*/children``. CPU time is
 ``utime + stime`` of each (all of its threads) plus ``cutime + cstime`` (descendants it
 has already reaped, whose time moves there when they end), in seconds; memory is the
-resident set (``VmRSS``) and its peak (``VmHWM``) of each, summed. A process that ends
+resident set (``VmRSS``) and its peak (``VmHWM``) of each, summed. ``kernel_cpu_s`` is
+the part of the CPU time spent in the kernel (``stime + cstime``): system calls, and on
+loopback the receiving side of every TCP write too. A process that ends
 while it is read is left out of that reading.
 """
 
@@ -25,6 +27,7 @@ class TreeSample:
     cpu_s: float
     rss_bytes: int
     peak_rss_bytes: int  # the sum of each process's own peak: an upper bound of the tree's
+    kernel_cpu_s: float = 0.0  # of cpu_s
 
 
 def children(pid: int) -> list[int]:
@@ -53,11 +56,17 @@ def tree(root: int) -> list[int]:
 
 def cpu_seconds(pid: int) -> float:
     """utime + stime + cutime + cstime of one process, in seconds."""
+    return sum(cpu_split(pid))
+
+
+def cpu_split(pid: int) -> tuple[float, float]:
+    """(utime + cutime, stime + cstime) of one process, in seconds: user and kernel."""
     stat = (_PROC / str(pid) / "stat").read_text()
     # The command name (field 2) is in parentheses and may hold spaces or parentheses.
     fields = stat[stat.rindex(")") + 2 :].split()
     # fields[0] is field 3 (state): utime, stime, cutime, cstime are fields 14 to 17.
-    return sum(int(value) for value in fields[11:15]) / _TICKS_PER_S
+    utime, stime, cutime, cstime = (int(value) for value in fields[11:15])
+    return (utime + cutime) / _TICKS_PER_S, (stime + cstime) / _TICKS_PER_S
 
 
 def memory_bytes(pid: int) -> tuple[int, int]:
@@ -76,16 +85,17 @@ def sample(root: int) -> TreeSample:
     if not (_PROC / str(root)).exists():
         raise ProcessLookupError(f"no process {root}")
     pids: list[int] = []
-    cpu = 0.0
+    cpu = kernel = 0.0
     rss = peak = 0
     for pid in tree(root):
         try:
-            cpu_s = cpu_seconds(pid)
+            user_s, kernel_s = cpu_split(pid)
             pid_rss, pid_peak = memory_bytes(pid)
         except (FileNotFoundError, ProcessLookupError):
             continue  # it ended while being read
         pids.append(pid)
-        cpu += cpu_s
+        cpu += user_s + kernel_s
+        kernel += kernel_s
         rss += pid_rss
         peak += pid_peak
-    return TreeSample(tuple(pids), cpu, rss, peak)
+    return TreeSample(tuple(pids), cpu, rss, peak, kernel)

@@ -104,6 +104,16 @@ def _layer(leaf: str) -> str | None:
     return "the standard library and the rest"
 
 
+def active(collapsed: str) -> str:
+    """Native collapsed stacks without the idle ones (a thread waiting in epoll), so that
+    :func:`top_frames` of them shares out only the active samples."""
+    return "\n".join(
+        f"{stack} {hits}"
+        for stack, hits in _stacks(collapsed)
+        if stack.rsplit(";", 1)[-1].partition(" (")[0] not in _IDLE
+    )
+
+
 def by_layer(collapsed: str) -> dict[str, float]:
     """Each layer's share of the active samples of native collapsed stacks (most first);
     idle samples (a thread waiting in epoll) are left out, and with none active, none."""

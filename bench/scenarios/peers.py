@@ -253,6 +253,7 @@ class Window:
     engines_cpu_s: float
     client_cpu_s: float
     rss_bytes: int | None
+    kernel_cpu_s: float | None = None  # of cpu_s: the system's time in the kernel
 
 
 _FAILURES = (RequestFailedError, aiohttp.ClientError, grpc.aio.AioRpcError, TimeoutError)
@@ -265,7 +266,7 @@ class Engine:
 
 
 @contextlib.asynccontextmanager
-async def _ready_process(argv: list[str], log: Path) -> AsyncIterator[tuple[str, int]]:
+async def ready_process(argv: list[str], log: Path) -> AsyncIterator[tuple[str, int]]:
     """A child that prints ``READY host:port`` and exits when its stdin closes."""
     with log.open("ab") as stderr:
         process = await asyncio.create_subprocess_exec(
@@ -288,9 +289,9 @@ async def _ready_process(argv: list[str], log: Path) -> AsyncIterator[tuple[str,
 
 
 @contextlib.asynccontextmanager
-async def _engine(mode: str, log_dir: Path) -> AsyncIterator[Engine]:
+async def fake_engine_process(mode: str, log_dir: Path) -> AsyncIterator[Engine]:
     argv = [sys.executable, "-m", "bench.fake_engine", "--sglang-mode", mode]
-    async with _ready_process(argv, log_dir / f"fake-{mode}.log") as (address, pid):
+    async with ready_process(argv, log_dir / f"fake-{mode}.log") as (address, pid):
         yield Engine(address, pid)
 
 
@@ -322,7 +323,7 @@ class Bench:
         await self._session.close()
 
 
-async def _ready(system: System) -> None:
+async def ready(system: System) -> None:
     """Waits until the system answers a request, and checks the answer is the fakes'."""
     last: Exception | None = None
     for _ in range(100):
@@ -355,7 +356,7 @@ def _own_cpu_s() -> float:
     return times.user + times.system
 
 
-async def _saturate(system: System, seconds: float, engines: tuple[Engine, Engine]) -> Window:
+async def saturate(system: System, seconds: float, engines: tuple[Engine, Engine]) -> Window:
     """STREAMS concurrent streams for ``seconds``; the CPU of the system's tree, the
     engines' and the client's over the whole spell (the last requests included)."""
     before = proc_tree.sample(system.pid) if system.pid is not None else None
@@ -385,10 +386,13 @@ async def _saturate(system: System, seconds: float, engines: tuple[Engine, Engin
         engines_cpu_s=sum(proc_tree.sample(e.pid).cpu_s for e in engines) - engines_before,
         client_cpu_s=_own_cpu_s() - client_before,
         rss_bytes=None if after is None else after.rss_bytes,
+        kernel_cpu_s=None
+        if before is None or after is None
+        else after.kernel_cpu_s - before.kernel_cpu_s,
     )
 
 
-def _turned(systems: list[System], round_index: int) -> list[System]:
+def turned(systems: list[System], round_index: int) -> list[System]:
     shift = round_index % len(systems)
     return systems[shift:] + systems[:shift]
 
@@ -400,7 +404,7 @@ async def _measure(bench: Bench, systems: list[System], sizes: Sizes) -> None:
     rounds = math.ceil(sizes.sequential / sizes.block)
     progress = Progress("peers sequential", rounds * len(systems))
     for round_index in range(rounds):
-        for system in _turned(systems, round_index):
+        for system in turned(systems, round_index):
             await bench.spell(
                 system, functools.partial(_sequential_block, system, sizes.block, keep=True)
             )
@@ -411,7 +415,7 @@ async def _measure(bench: Bench, systems: list[System], sizes: Sizes) -> None:
         await bench.spell(system, functools.partial(_saturated, system, sizes.warm_s, engines))
     progress = Progress("peers saturated windows", sizes.windows * len(systems))
     for round_index in range(sizes.windows):
-        for system in _turned(systems, round_index):
+        for system in turned(systems, round_index):
             window = functools.partial(_saturated, system, sizes.window_s, engines, keep=True)
             await bench.spell(system, window)
             progress.advance()
@@ -425,7 +429,7 @@ async def _measure(bench: Bench, systems: list[System], sizes: Sizes) -> None:
 
 async def _ready_then_warm(system: System) -> int:
     before = system.failures
-    await _ready(system)
+    await ready(system)
     sent = 1 + await _sequential_block(system, 30, keep=False)
     system.failures = before  # failures while it came up are not the run's
     return sent
@@ -435,7 +439,7 @@ async def _saturated(
     system: System, seconds: float, engines: tuple[Engine, Engine], *, keep: bool = False
 ) -> int:
     """One saturated spell; with ``keep`` it is a measured window. Returns the requests sent."""
-    window = await _saturate(system, seconds, engines)
+    window = await saturate(system, seconds, engines)
     if keep:
         system.windows.append(window)
     return window.ok + window.failed
@@ -511,6 +515,8 @@ def _details(system: System) -> dict[str, Any]:
     ok = sum(w.ok for w in system.windows)
     engines_cpu = sum(w.engines_cpu_s for w in system.windows)
     client_cpu = sum(w.client_cpu_s for w in system.windows)
+    cpu = sum(w.cpu_s for w in system.windows if w.cpu_s is not None)
+    kernel = sum(w.kernel_cpu_s for w in system.windows if w.kernel_cpu_s is not None)
     return {
         "label": system.label,
         "ttft_p50_ms": round(percentile(system.ttfts_ms, 50), 4) if system.ttfts_ms else None,
@@ -521,6 +527,8 @@ def _details(system: System) -> dict[str, Any]:
         "saturated_s": round(sum(w.elapsed_s for w in system.windows), 3),
         "engines_cpu_us_per_request": round(engines_cpu / ok * 1e6, 1) if ok else None,
         "client_cpu_us_per_request": round(client_cpu / ok * 1e6, 1) if ok else None,
+        # How much of the system's own CPU was the kernel's (system calls, loopback TCP).
+        "kernel_cpu_share": round(kernel / cpu, 3) if cpu else None,
     }
 
 
@@ -568,7 +576,10 @@ async def run(quick: bool, out_dir: Path) -> dict[str, Any]:
         print(f"  skipping the peer routers: {peers_missing}", flush=True)
     with tempfile.TemporaryDirectory(prefix="bench-peers-") as scratch:
         log_dir = Path(scratch)
-        async with _engine("prefill", log_dir) as prefill, _engine("decode", log_dir) as decode:
+        async with (
+            fake_engine_process("prefill", log_dir) as prefill,
+            fake_engine_process("decode", log_dir) as decode,
+        ):
             pool = parse_pool(
                 {
                     "backends": [
@@ -588,8 +599,8 @@ async def run(quick: bool, out_dir: Path) -> dict[str, Any]:
                     pool, {**FIXED_LIMIT, "HETERO_ROUTER_WORKERS": "2"}
                 ) as workers_router,
                 router_server(pool, FIXED_LIMIT) as grpc_router,
-                _ready_process(relay_argv, log_dir / "relay.log") as (relay_address, relay_pid),
-                _ready_process(http_relay_argv, log_dir / "http-relay.log") as (
+                ready_process(relay_argv, log_dir / "relay.log") as (relay_address, relay_pid),
+                ready_process(http_relay_argv, log_dir / "http-relay.log") as (
                     http_relay_address,
                     http_relay_pid,
                 ),

@@ -14,7 +14,7 @@ import pytest
 from bench import fake_legs, proc_tree
 from bench.fake_legs import LegCounts, check_split
 from bench.peers import verdicts
-from bench.peers.profile import by_layer, top_frames
+from bench.peers.profile import active, by_layer, top_frames
 from bench.peers.verdicts import SystemFigures
 
 # A child that starts a grandchild burning 0.3 s of CPU, says so, and waits for its
@@ -65,6 +65,16 @@ def test_the_tree_counts_a_grandchild_that_burns_cpu_while_it_runs_and_once_reap
     assert child.pid not in after.pids
     # Reaped, its time (and its own reaped child's) is in our cutime now.
     assert after.cpu_s - before.cpu_s >= burnt - HALF_TICK_S
+
+
+def test_the_kernels_share_of_the_cpu_is_read_apart() -> None:
+    before = proc_tree.sample(os.getpid())
+    started = os.times().system
+    while os.times().system - started < 0.05:  # system calls: kernel time
+        os.stat("/")
+    after = proc_tree.sample(os.getpid())
+    assert after.kernel_cpu_s - before.kernel_cpu_s >= 0.05 - HALF_TICK_S
+    assert 0 < after.kernel_cpu_s <= after.cpu_s
 
 
 def test_a_process_that_is_gone_cannot_be_sampled() -> None:
@@ -147,6 +157,20 @@ def test_native_stacks_fold_by_layer_over_the_active_samples() -> None:
         "uvloop": 0.0625,
     }
     assert by_layer("Thread.run (threading.py:982);epoll_wait (libc.so.6) 9\n") == {}
+
+
+def test_active_stacks_leave_the_waiting_threads_out_of_the_shares() -> None:
+    collapsed = "\n".join(
+        [
+            "Thread.run (threading.py:982);epoll_wait (libc.so.6) 30",
+            "main (router/cli.py:96);write (libc.so.6) 3",
+            "main (router/cli.py:96);feed (backends/http_common.py:627) 1",
+            "not a stack line",
+        ]
+    )
+    folded = top_frames(active(collapsed))
+    assert folded["samples"] == 4
+    assert folded["own"][0] == {"function": "write (libc.so.6)", "share": 0.75}
 
 
 # The figures: vllm-router against this router's HTTP door on a quiet machine.
