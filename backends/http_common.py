@@ -52,7 +52,7 @@ from collections.abc import (
 )
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import aiohttp
 import orjson
@@ -531,8 +531,10 @@ def _succeeded(task: asyncio.Future[Any]) -> bool:
 # --- Server-Sent Events ------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class SSEEvent:
+class SSEEvent(NamedTuple):
+    """One event of a stream (a tuple: one is made for every token, and a frozen
+    dataclass costs several times as much to make)."""
+
     data: str
     event: str = "message"
 
@@ -619,6 +621,8 @@ class _SSEParser:
 
     def feed(self, chunk: bytes, *, at_end: bool = False) -> list[SSEEvent]:
         self._buffer += chunk
+        if b"\r" not in self._buffer:
+            return self._feed_lf()
         events: list[SSEEvent] = []
         position = 0
         while (line_end := self._line_end(position, at_end)) is not None:
@@ -635,6 +639,31 @@ class _SSEParser:
                 self._event = ""
         del self._buffer[:position]
         if len(self._buffer) + self._data_bytes > self._max_event_bytes:
+            raise _OversizedEventError(f"stream event over the {self._max_event_bytes} byte limit")
+        return events
+
+    def _feed_lf(self) -> list[SSEEvent]:
+        """:meth:`feed` where every line ends in LF alone (how engines send them): the
+        buffer is cut into its lines at once rather than searched line by line."""
+        lines = self._buffer.split(b"\n")
+        rest = lines.pop()  # the line still in flight (empty when the buffer ends in LF)
+        events: list[SSEEvent] = []
+        for raw in lines:
+            if raw.startswith(b"data: "):  # the usual line: no decode of its name
+                self._data.append(raw[6:].decode("utf-8", errors="replace"))
+                self._data_bytes += len(raw)
+                if self._data_bytes > self._max_event_bytes:
+                    limit = self._max_event_bytes
+                    raise _OversizedEventError(f"stream event over the {limit} byte limit")
+            elif raw:
+                self._apply(raw.decode("utf-8", errors="replace"), len(raw))
+            elif self._data:
+                events.append(SSEEvent("\n".join(self._data), self._event or "message"))
+                self._data, self._data_bytes, self._event = [], 0, ""
+            else:
+                self._event = ""
+        self._buffer = rest
+        if len(rest) + self._data_bytes > self._max_event_bytes:
             raise _OversizedEventError(f"stream event over the {self._max_event_bytes} byte limit")
         return events
 
@@ -745,8 +774,10 @@ class OpenAIStream:
 
     def feed(self, data: str) -> bytes | None:
         """One event's data in; the frame to send now, if any."""
-        content, final = self._step(data)
-        return content.SerializeToString() if content is not None else final
+        token, final = self._step(data)
+        if token is None:
+            return final
+        return router_pb2.GenerateResponse(text=token[0], token_ids=token[1]).SerializeToString()
 
     def feed_batch(self, data: Iterable[str]) -> tuple[list[bytes], BackendError | None]:
         """The data of events read together in; the frames to send now, and the error
@@ -759,54 +790,50 @@ class OpenAIStream:
         so that the router's cut at ``max_tokens`` keeps the text of every token before
         it. Stops at ``[DONE]``."""
         frames: list[bytes] = []
-        pending: router_pb2.GenerateResponse | None = None
+        texts: list[str] = []  # of the frame being merged; none: no frame pending
+        ids: list[int] = []
         limit = self._max_tokens
         failure: BackendError | None = None
         try:
             for one in data:
                 before = self._tokens
-                content, final = self._step(one)
-                if content is not None:
-                    if pending is None:
-                        pending = content
-                    elif limit is not None and self._tokens > limit:
-                        frames.append(pending.SerializeToString())
-                        pending = content
-                    else:
-                        pending.text += content.text
-                        pending.token_ids.extend(content.token_ids)
+                token, final = self._step(one)
+                if token is not None:
+                    if texts and limit is not None and self._tokens > limit:
+                        frames.append(_token_frame(texts, ids))
+                    texts.append(token[0])
+                    ids.extend(token[1])
                     if limit is not None and before >= limit:  # past the limit: alone
-                        frames.append(pending.SerializeToString())
-                        pending = None
+                        frames.append(_token_frame(texts, ids))
                 elif final is not None:
-                    if pending is not None:
-                        frames.append(pending.SerializeToString())
-                        pending = None
+                    if texts:
+                        frames.append(_token_frame(texts, ids))
                     frames.append(final)
                 if self.done:
                     break
         except BackendError as error:
             failure = error
-        if pending is not None:
-            frames.append(pending.SerializeToString())
+        if texts:
+            frames.append(_token_frame(texts, ids))
         return frames, failure
 
-    def _step(self, data: str) -> tuple[router_pb2.GenerateResponse | None, bytes | None]:
-        """One event's data in: a token frame to send (not yet encoded), or the last
-        frame's bytes once it is complete, or neither."""
-        if data.strip() == "[DONE]":
+    def _step(self, data: str) -> tuple[tuple[str, list[int]] | None, bytes | None]:
+        """One event's data in: a token's text and ids to send, or the last frame's
+        bytes once it is complete, or neither."""
+        if data[:1] != "{" and data.strip() == "[DONE]":
             self.done = True
             return None, self._release_final()
         try:
             chunk = stream_object(data)
-            self._raise_engine_error(chunk, data)
+            if chunk.get("error"):
+                self._raise_engine_error(chunk, data)
             if chunk.get("usage") is not None:
                 self._usage = usage_message(chunk["usage"])
-            content = self._content(chunk)
+            token = self._content(chunk)
         except ShapeError as problem:
             raise malformed(self._backend_id, "stream chunk", problem, data) from None
-        if content is not None:
-            return content, None
+        if token is not None:
+            return token, None
         if self._final is not None and self._usage is not None:
             return None, self._release_final()
         return None, None
@@ -815,7 +842,7 @@ class OpenAIStream:
         """The body ended: the held frame if the request finished, else an error."""
         return self._release_final()
 
-    def _content(self, chunk: Mapping[str, Any]) -> router_pb2.GenerateResponse | None:
+    def _content(self, chunk: Mapping[str, Any]) -> tuple[str, list[int]] | None:
         choice = first_choice(chunk)
         if choice is None:
             return None
@@ -834,7 +861,7 @@ class OpenAIStream:
         if not text and not token_ids:
             return None  # role-only or empty keep-alive chunks
         self._tokens += len(token_ids) if token_ids else 1
-        return router_pb2.GenerateResponse(text=text, token_ids=token_ids)
+        return text, token_ids
 
     def _release_final(self) -> bytes | None:
         if self._final_sent:
@@ -852,6 +879,14 @@ class OpenAIStream:
             raise engine_error(
                 self._backend_id, error_code(error), f"engine error: {error_text(data.encode())}"
             )
+
+
+def _token_frame(texts: list[str], ids: list[int]) -> bytes:
+    """One frame of the merged tokens' text and ids; empties both lists for the next."""
+    frame = router_pb2.GenerateResponse(text="".join(texts), token_ids=ids).SerializeToString()
+    texts.clear()
+    ids.clear()
+    return frame
 
 
 def asked_max_tokens(body: Mapping[str, Any]) -> int | None:
