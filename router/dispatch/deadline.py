@@ -56,9 +56,14 @@ class Deadline:
         self.close()
 
     def close(self) -> None:
+        """No wait expires after this. The task is let go: it often holds what holds
+        this deadline (its result, a response that guards its writes), and the cycle
+        would otherwise wait for the garbage collector."""
         if self._handle is not None:
             self._handle.cancel()
             self._handle = None
+        if not self._waiting:  # (a wait still under way keeps it: its expiry is its own)
+            self._task = None
 
     def interrupt(self) -> None:
         """Ends the current wait at once, and every later one before it starts."""

@@ -1,0 +1,85 @@
+"""A served request leaves no cyclic garbage of the router's own: reference counting
+frees all of it, so the garbage collector, set to run rarely once serving
+(router/gc_tuning.py), has nothing of the router's to wait for."""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import AsyncIterator, Iterator
+
+import aiohttp
+import pytest
+
+from backends.base import Role
+from bench.fake_vllm import FakeVllm
+from router.daemon import Daemon
+from router.settings import BackendConfig, PoolConfig, Settings
+
+MODEL = "llama-3.1-8b"
+SERVED_MODEL = "meta-llama/Llama-3.1-8B-Instruct"
+
+
+@pytest.fixture
+async def http_url() -> AsyncIterator[str]:
+    """The HTTP door of a router splitting over two fake vLLM engines."""
+    issued: dict[str, dict[str, object]] = {}  # the decode engine reads the prefill's KV
+    engines = FakeVllm(issued=issued), FakeVllm(issued=issued)
+    for engine in engines:
+        await engine.start()
+    backends = tuple(
+        BackendConfig(
+            id=backend_id,
+            kind="vllm",
+            address=engine.address,
+            role=role,
+            model=MODEL,
+            options={"model": SERVED_MODEL},
+        )
+        for backend_id, role, engine in zip(
+            ("p", "d"), (Role.PREFILL, Role.DECODE), engines, strict=True
+        )
+    )
+    settings = Settings(grpc_address="127.0.0.1:0", http_address="127.0.0.1:0", drain_grace_s=0)
+    daemon = Daemon(settings, PoolConfig(backends=backends))
+    await daemon.start()
+    try:
+        yield f"http://127.0.0.1:{daemon.http_port}"
+    finally:
+        await daemon.stop()
+        for engine in engines:
+            await engine.stop()
+
+
+@pytest.fixture
+def saved_garbage() -> Iterator[list[object]]:
+    """What the collector finds unreachable from here on, kept for the test to read."""
+    gc.collect()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        yield gc.garbage
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+
+
+def _ours(objects: list[object]) -> list[str]:
+    names = (type(o).__module__ + "." + type(o).__qualname__ for o in objects)
+    return sorted({name for name in names if name.startswith(("router.", "backends."))})
+
+
+@pytest.mark.parametrize("stream", [True, False])
+async def test_a_split_request_over_http_leaves_no_cycle_of_the_routers(
+    http_url: str, saved_garbage: list[object], stream: bool
+) -> None:
+    body = {"model": MODEL, "prompt": "one two three", "max_tokens": 4, "stream": stream}
+    headers = {"X-Hetero-Disaggregation": "split"}
+    async with aiohttp.ClientSession() as session:
+        for _ in range(3):
+            async with session.post(
+                f"{http_url}/v1/completions", json=body, headers=headers
+            ) as reply:
+                assert reply.status == 200
+                assert reply.headers["X-Hetero-Route"].startswith("split ")
+                await reply.read()
+    gc.collect()
+    assert _ours(saved_garbage) == []
