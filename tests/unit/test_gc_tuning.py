@@ -55,6 +55,6 @@ def test_cycles_made_after_the_freeze_are_still_collected() -> None:
 
 
 def test_the_default_threshold_and_its_bounds() -> None:
-    assert Settings().gc_gen0_threshold == 50_000
+    assert Settings().gc_gen0_threshold == 10_000
     with pytest.raises(ValueError, match="gc_gen0_threshold"):
         Settings(gc_gen0_threshold=-1)
