@@ -12,6 +12,7 @@ import pytest
 
 from backends.base import Role
 from bench.fake_vllm import FakeVllm
+from router.client import AsyncRouterClient
 from router.daemon import Daemon
 from router.settings import BackendConfig, PoolConfig, Settings
 
@@ -20,8 +21,8 @@ SERVED_MODEL = "meta-llama/Llama-3.1-8B-Instruct"
 
 
 @pytest.fixture
-async def http_url() -> AsyncIterator[str]:
-    """The HTTP door of a router splitting over two fake vLLM engines."""
+async def daemon() -> AsyncIterator[Daemon]:
+    """A router splitting over two fake vLLM engines."""
     issued: dict[str, dict[str, object]] = {}  # the decode engine reads the prefill's KV
     engines = FakeVllm(issued=issued), FakeVllm(issued=issued)
     for engine in engines:
@@ -43,7 +44,7 @@ async def http_url() -> AsyncIterator[str]:
     daemon = Daemon(settings, PoolConfig(backends=backends))
     await daemon.start()
     try:
-        yield f"http://127.0.0.1:{daemon.http_port}"
+        yield daemon
     finally:
         await daemon.stop()
         for engine in engines:
@@ -69,8 +70,9 @@ def _ours(objects: list[object]) -> list[str]:
 
 @pytest.mark.parametrize("stream", [True, False])
 async def test_a_split_request_over_http_leaves_no_cycle_of_the_routers(
-    http_url: str, saved_garbage: list[object], stream: bool
+    daemon: Daemon, saved_garbage: list[object], stream: bool
 ) -> None:
+    http_url = f"http://127.0.0.1:{daemon.http_port}"
     body = {"model": MODEL, "prompt": "one two three", "max_tokens": 4, "stream": stream}
     headers = {"X-Hetero-Disaggregation": "split"}
     async with aiohttp.ClientSession() as session:
@@ -83,3 +85,17 @@ async def test_a_split_request_over_http_leaves_no_cycle_of_the_routers(
                 await reply.read()
     gc.collect()
     assert _ours(saved_garbage) == []
+
+
+async def test_a_split_request_over_grpc_leaves_no_cycle_of_the_routers(
+    daemon: Daemon, saved_garbage: list[object]
+) -> None:
+    client = AsyncRouterClient(f"127.0.0.1:{daemon.grpc_port}", timeout_s=30)
+    try:
+        for _ in range(3):
+            frames = [f async for f in client.generate("one two three", disaggregation="split")]
+            assert frames[0].route.prefill_backend == "p"
+    finally:
+        await client.close()
+    gc.collect()
+    assert _ours(saved_garbage) == []  # (grpc's own server leaves five objects a call)
