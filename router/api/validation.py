@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-import secrets
+import random
 import uuid
 from collections.abc import Collection, Mapping
 from typing import TypeVar
@@ -160,8 +160,10 @@ def _sampling(
                 param=f"{names['stop']}[{index}]",
             )
     # A seed the router picks is passed to every backend of the request, so a
-    # split request samples exactly as a colocated one would.
-    seed = params.seed if params.HasField("seed") else secrets.randbits(63)
+    # split request samples exactly as a colocated one would. It is no secret: the
+    # process's Mersenne Twister (reseeded in every forked worker) draws it, not the
+    # system's entropy (a system call a request).
+    seed = params.seed if params.HasField("seed") else random.getrandbits(63)
     return SamplingParams(
         max_tokens=max_tokens,
         temperature=temperature,
