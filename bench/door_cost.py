@@ -11,6 +11,10 @@ order turns each round; the figure is the median window's CPU of the system's pr
 tree per completed request, its ratio to vllm-router's in the same run, and how much of
 it was the kernel's (system calls; on loopback, the receiving side of each write too).
 
+``--sequential N`` first sends each system N requests one at a time (and N straight to
+the decode fake): the time to the first token over direct's (the added TTFT p50) and
+the CPU per request, which one at a time is the added latency's source.
+
 ``--env KEY=VALUE`` (repeatable) adds a second router, started with those settings
 on top: an A/B of a setting in one run (``--env HETERO_ROUTER_GC_GEN0_THRESHOLD=0``:
 CPython's collector as it is). ``--profile SECONDS`` then records the first router
@@ -31,6 +35,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from bench import proc_tree
 from bench.engines.servers import EngineStartError, Server
 from bench.peers import env as peers_env
 from bench.peers import profile, servers
@@ -50,6 +55,13 @@ class Figures:
     failed: int  # over all windows
     ratio: float | None  # cpu_us_per_request over vllm-router's; None without it
     kernel_share: float | None  # of the CPU over all windows: system calls, loopback TCP
+
+
+@dataclass(frozen=True)
+class Sequential:
+    name: str
+    added_ttft_p50_ms: float  # over the decode fake's own
+    cpu_us_per_request: float | None  # None: direct (no router)
 
 
 def parse_env(pairs: Sequence[str]) -> dict[str, str]:
@@ -112,6 +124,24 @@ def _http(name: str, url: str, pid: int | None, split: bool) -> peers.System:
     return peers.System(name, name, peers.HttpClient(f"{url}/v1/completions", body), pid, "vllm")
 
 
+async def _sequential(
+    systems: list[peers.System], direct: peers.System, count: int
+) -> list[Sequential]:
+    """``count`` requests one at a time through each system, then straight to the decode
+    fake; the added TTFT p50 and the CPU per request of each system's tree."""
+    timings: dict[str, tuple[float, float | None]] = {}
+    for system in [*systems, direct]:
+        await peers.ready(system)
+        before = proc_tree.sample(system.pid).cpu_s if system.pid is not None else None
+        ttfts = [await system.client.ttft_ms() for _ in range(count)]
+        cpu = None
+        if system.pid is not None and before is not None:
+            cpu = (proc_tree.sample(system.pid).cpu_s - before) / count * 1e6
+        timings[system.name] = (statistics.median(ttfts), cpu)
+    base = timings.pop(direct.name)[0]
+    return [Sequential(name, ttft - base, cpu) for name, (ttft, cpu) in timings.items()]
+
+
 async def _windows(
     systems: list[peers.System], engines: tuple[peers.Engine, peers.Engine], count: int, s: float
 ) -> dict[str, list[peers.Window]]:
@@ -144,8 +174,8 @@ async def _profile(
 
 
 async def measure(
-    windows: int, window_s: float, variant: dict[str, str], profile_s: float
-) -> tuple[list[Figures], str | None]:
+    windows: int, window_s: float, variant: dict[str, str], profile_s: float, sequential: int = 0
+) -> tuple[list[Figures], list[Sequential], str | None]:
     with tempfile.TemporaryDirectory(prefix="bench-door-cost-") as scratch:
         log_dir = Path(scratch)
         async with (
@@ -185,8 +215,13 @@ async def measure(
                 )
                 if peer is not None and peer.process is not None:
                     systems.append(_http(VLLM_ROUTER, peer.url, peer.process.pid, False))
+                direct = _http("direct", f"http://{decode.address}", None, False)
+                systems.append(direct)  # closed with the others
                 try:
-                    measured = await _windows(systems, engines, windows, window_s)
+                    in_turn: list[Sequential] = []
+                    if sequential:
+                        in_turn = await _sequential(systems[:-1], direct, sequential)
+                    measured = await _windows(systems[:-1], engines, windows, window_s)
                     collapsed = None
                     if profile_s:
                         out = log_dir / "door.collapsed"
@@ -194,13 +229,20 @@ async def measure(
                 finally:
                     for system in systems:
                         await system.client.close()
-    return figures(measured), collapsed
+    return figures(measured), in_turn, collapsed
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.door_cost", description=__doc__)
     parser.add_argument("--windows", type=int, default=3, help="saturated windows per system")
     parser.add_argument("--window-s", type=float, default=4.0, help="seconds per window")
+    parser.add_argument(
+        "--sequential",
+        type=int,
+        default=0,
+        metavar="N",
+        help="first send each system N requests one at a time (added TTFT, CPU)",
+    )
     parser.add_argument(
         "--env",
         action="append",
@@ -218,8 +260,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.windows < 1 or args.window_s <= 0:
         parser.error("--windows must be at least 1 and --window-s more than 0")
-    if args.profile < 0:
-        parser.error("--profile takes a number of seconds, 0 or more")
+    if args.profile < 0 or args.sequential < 0:
+        parser.error("--profile and --sequential take 0 or more")
     if args.profile and profile.py_spy() is None:
         parser.error(
             "--profile needs py-spy, which the bench extra installs: pip install -e '.[bench]'"
@@ -229,7 +271,16 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as bad:
         parser.error(str(bad))
     started = time.perf_counter()
-    found, collapsed = asyncio.run(measure(args.windows, args.window_s, variant, args.profile))
+    found, in_turn, collapsed = asyncio.run(
+        measure(args.windows, args.window_s, variant, args.profile, args.sequential)
+    )
+    if in_turn:
+        heads = ("one at a time", "added TTFT p50 ms", "CPU us / request")
+        grid = table(*heads, numeric=heads[1:])
+        for one in in_turn:
+            cpu = "" if one.cpu_us_per_request is None else f"{one.cpu_us_per_request:,.0f}"
+            grid.add_row(one.name, f"{one.added_ttft_p50_ms:.3f}", cpu)
+        print(render(grid))
     columns = ("system", "CPU us / request", f"over {VLLM_ROUTER}", "in the kernel", "req/s")
     grid = table(*columns, "failed", numeric=(*columns[1:], "failed"))
     for f in found:
