@@ -78,7 +78,7 @@ import aiohttp
 import grpc
 
 from backends._gen.hetero.router.v1 import router_pb2
-from bench import fake_legs, plots, proc_tree
+from bench import fake_legs, proc_tree
 from bench.engines.servers import EngineStartError, Server
 from bench.fake_legs import LegCounts
 from bench.peers import env as peers_env
@@ -749,6 +749,8 @@ def _headline(targets: dict[str, dict[str, Any]]) -> dict[str, Any]:
 
 
 def _plot(path: Path, figures: dict[str, SystemFigures], systems: dict[str, System]) -> None:
+    from bench import plots  # noqa: PLC0415 (matplotlib: the bench extra; bench.door_cost and its tests import this module without it)
+
     reference = systems[verdicts.REFERENCE].label if verdicts.REFERENCE in systems else None
 
     def panel(title: str, unit: str, attribute: str) -> plots.BarPanel:
