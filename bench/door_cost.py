@@ -42,7 +42,6 @@ from bench.peers import profile, servers
 from bench.processes import FIXED_LIMIT, router_server
 from bench.scenarios import peers
 from router.console import render, table
-from router.settings import parse_pool
 
 VLLM_ROUTER = "vllm-router"
 
@@ -183,17 +182,7 @@ async def measure(
             peers.fake_engine_process("decode", log_dir) as decode,
         ):
             engines = (prefill, decode)
-            pool = parse_pool(
-                {
-                    "backends": [
-                        {"id": "p0", "kind": "vllm", "address": prefill.address,
-                         "role": "prefill", "model": "fake"},
-                        {"id": "d0", "kind": "vllm", "address": decode.address,
-                         "role": "decode", "model": "fake"},
-                    ]
-                },
-                source="door_cost pool",
-            )  # fmt: skip
+            pool = peers.fake_pool(prefill, decode)
             legs = ["--prefill", prefill.address, "--decode", decode.address]
             relay_argv = [sys.executable, "-m", "bench.peers.http_relay", *legs]
             async with contextlib.AsyncExitStack() as stack:
@@ -241,7 +230,8 @@ def main(argv: list[str] | None = None) -> None:
         type=int,
         default=0,
         metavar="N",
-        help="first send each system N requests one at a time (added TTFT, CPU)",
+        help="first send each system N requests one at a time (added TTFT, CPU); a few "
+        "hundred, since /proc counts CPU in 10 ms ticks",
     )
     parser.add_argument(
         "--env",

@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry
 
 from backends._gen.hetero.router.v1 import router_pb2
+from backends.base import Role
 from backends.mock.clock import LoopClock
+from bench.fake_vllm import FakeVllm
+from router.daemon import Daemon
+from router.settings import BackendConfig, PoolConfig, Settings
 
 
 def sample_total(registry: CollectorRegistry, name: str, **labels: str) -> float:
@@ -81,3 +86,36 @@ class Stream:
     @property
     def last(self) -> router_pb2.GenerateResponse:
         return self.messages[-1]
+
+
+@contextlib.asynccontextmanager
+async def vllm_split_router(
+    model: str, served_model: str
+) -> AsyncIterator[tuple[Daemon, FakeVllm, FakeVllm]]:
+    """A router on port 0 over a prefill (``p``) and a decode (``d``) fake vLLM engine
+    serving ``served_model`` as the pool's ``model``; the decode one also serves
+    colocated requests. Yields the router and the two engines."""
+    issued: dict[str, dict[str, object]] = {}  # the decode engine reads the prefill's KV
+    prefill, decode = FakeVllm(issued=issued), FakeVllm(issued=issued)
+    for engine in (prefill, decode):
+        await engine.start()
+    backends = tuple(
+        BackendConfig(
+            id=backend_id,
+            kind="vllm",
+            address=engine.address,
+            role=role,
+            model=model,
+            options={"model": served_model},
+        )
+        for backend_id, role, engine in (("p", Role.PREFILL, prefill), ("d", Role.DECODE, decode))
+    )
+    settings = Settings(grpc_address="127.0.0.1:0", http_address="127.0.0.1:0", drain_grace_s=0)
+    daemon = Daemon(settings, PoolConfig(backends=backends))
+    await daemon.start()
+    try:
+        yield daemon, prefill, decode
+    finally:
+        await daemon.stop()
+        for engine in (prefill, decode):
+            await engine.stop()

@@ -88,7 +88,7 @@ from bench.processes import FIXED_LIMIT, router_server
 from bench.progress import Progress
 from bench.report import machine, write_result
 from router.client import GENERATE_METHOD
-from router.settings import parse_pool
+from router.settings import PoolConfig, parse_pool
 from router.sim.metrics import percentile
 
 STREAMS = 32
@@ -293,6 +293,21 @@ async def fake_engine_process(mode: str, log_dir: Path) -> AsyncIterator[Engine]
     argv = [sys.executable, "-m", "bench.fake_engine", "--sglang-mode", mode]
     async with ready_process(argv, log_dir / f"fake-{mode}.log") as (address, pid):
         yield Engine(address, pid)
+
+
+def fake_pool(prefill: Engine, decode: Engine) -> PoolConfig:
+    """The router's pool over the two fakes: one prefill and one decode vLLM backend."""
+    return parse_pool(
+        {
+            "backends": [
+                {"id": "p0", "kind": "vllm", "address": prefill.address,
+                 "role": "prefill", "model": "fake"},
+                {"id": "d0", "kind": "vllm", "address": decode.address,
+                 "role": "decode", "model": "fake"},
+            ]
+        },
+        source="the peers' fakes",
+    )  # fmt: skip
 
 
 async def _legs(session: aiohttp.ClientSession, engine: Engine) -> LegCounts:
@@ -580,16 +595,7 @@ async def run(quick: bool, out_dir: Path) -> dict[str, Any]:
             fake_engine_process("prefill", log_dir) as prefill,
             fake_engine_process("decode", log_dir) as decode,
         ):
-            pool = parse_pool(
-                {
-                    "backends": [
-                        {"id": "p0", "kind": "vllm", "address": prefill.address,
-                         "role": "prefill", "model": "fake"},
-                        {"id": "d0", "kind": "vllm", "address": decode.address,
-                         "role": "decode", "model": "fake"},
-                    ]
-                }
-            )  # fmt: skip
+            pool = fake_pool(prefill, decode)
             legs = ["--prefill", prefill.address, "--decode", decode.address]
             relay_argv = [sys.executable, "-m", "bench.peers.relay", *legs]
             http_relay_argv = [sys.executable, "-m", "bench.peers.http_relay", *legs]

@@ -10,11 +10,9 @@ from collections.abc import AsyncIterator, Iterator
 import aiohttp
 import pytest
 
-from backends.base import Role
-from bench.fake_vllm import FakeVllm
 from router.client import AsyncRouterClient
 from router.daemon import Daemon
-from router.settings import BackendConfig, PoolConfig, Settings
+from tests.helpers import vllm_split_router
 
 MODEL = "llama-3.1-8b"
 SERVED_MODEL = "meta-llama/Llama-3.1-8B-Instruct"
@@ -23,32 +21,8 @@ SERVED_MODEL = "meta-llama/Llama-3.1-8B-Instruct"
 @pytest.fixture
 async def daemon() -> AsyncIterator[Daemon]:
     """A router splitting over two fake vLLM engines."""
-    issued: dict[str, dict[str, object]] = {}  # the decode engine reads the prefill's KV
-    engines = FakeVllm(issued=issued), FakeVllm(issued=issued)
-    for engine in engines:
-        await engine.start()
-    backends = tuple(
-        BackendConfig(
-            id=backend_id,
-            kind="vllm",
-            address=engine.address,
-            role=role,
-            model=MODEL,
-            options={"model": SERVED_MODEL},
-        )
-        for backend_id, role, engine in zip(
-            ("p", "d"), (Role.PREFILL, Role.DECODE), engines, strict=True
-        )
-    )
-    settings = Settings(grpc_address="127.0.0.1:0", http_address="127.0.0.1:0", drain_grace_s=0)
-    daemon = Daemon(settings, PoolConfig(backends=backends))
-    await daemon.start()
-    try:
+    async with vllm_split_router(MODEL, SERVED_MODEL) as (daemon, _, _):
         yield daemon
-    finally:
-        await daemon.stop()
-        for engine in engines:
-            await engine.stop()
 
 
 @pytest.fixture

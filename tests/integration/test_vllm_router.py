@@ -12,11 +12,10 @@ import aiohttp
 import grpc
 import pytest
 
-from backends.base import Role
 from bench.fake_vllm import FakeVllm, Recorded
 from router.client import AsyncRouterClient
 from router.daemon import Daemon
-from router.settings import BackendConfig, PoolConfig, Settings
+from tests.helpers import vllm_split_router
 
 MODEL = "llama-3.1-8b"
 SERVED_MODEL = "meta-llama/Llama-3.1-8B-Instruct"
@@ -38,34 +37,12 @@ class Router:
 @pytest.fixture
 async def router() -> AsyncIterator[Router]:
     """A prefill and a decode engine; the decode one also serves colocated requests."""
-    issued: dict[str, dict[str, Any]] = {}  # the decode engine reads the prefill engine's KV
-    engines = FakeVllm(issued=issued), FakeVllm(issued=issued)
-    for engine in engines:
-        await engine.start()
-    backends = tuple(
-        BackendConfig(
-            id=backend_id,
-            kind="vllm",
-            address=engine.address,
-            role=role,
-            model=MODEL,
-            options={"model": SERVED_MODEL},
-        )
-        for backend_id, role, engine in zip(
-            ("p", "d"), (Role.PREFILL, Role.DECODE), engines, strict=True
-        )
-    )
-    settings = Settings(grpc_address="127.0.0.1:0", http_address="127.0.0.1:0", drain_grace_s=0)
-    daemon = Daemon(settings, PoolConfig(backends=backends))
-    await daemon.start()
-    client = AsyncRouterClient(f"127.0.0.1:{daemon.grpc_port}", timeout_s=30)  # retries on
-    try:
-        yield Router(daemon, client, *engines)
-    finally:
-        await client.close()
-        await daemon.stop()
-        for engine in engines:
-            await engine.stop()
+    async with vllm_split_router(MODEL, SERVED_MODEL) as (daemon, prefill, decode):
+        client = AsyncRouterClient(f"127.0.0.1:{daemon.grpc_port}", timeout_s=30)  # retries on
+        try:
+            yield Router(daemon, client, prefill, decode)
+        finally:
+            await client.close()
 
 
 def generation_legs(engine: FakeVllm) -> list[Recorded]:
