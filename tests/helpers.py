@@ -97,8 +97,16 @@ async def vllm_split_router(
     colocated requests. Yields the router and the two engines."""
     issued: dict[str, dict[str, object]] = {}  # the decode engine reads the prefill's KV
     prefill, decode = FakeVllm(issued=issued), FakeVllm(issued=issued)
-    for engine in (prefill, decode):
-        await engine.start()
+    async with contextlib.AsyncExitStack() as stack:
+        for engine in (prefill, decode):
+            await engine.start()
+            stack.push_async_callback(engine.stop)
+        daemon = await _started(model, served_model, prefill, decode)
+        stack.push_async_callback(daemon.stop)
+        yield daemon, prefill, decode
+
+
+async def _started(model: str, served_model: str, prefill: FakeVllm, decode: FakeVllm) -> Daemon:
     backends = tuple(
         BackendConfig(
             id=backend_id,
@@ -113,9 +121,4 @@ async def vllm_split_router(
     settings = Settings(grpc_address="127.0.0.1:0", http_address="127.0.0.1:0", drain_grace_s=0)
     daemon = Daemon(settings, PoolConfig(backends=backends))
     await daemon.start()
-    try:
-        yield daemon, prefill, decode
-    finally:
-        await daemon.stop()
-        for engine in (prefill, decode):
-            await engine.stop()
+    return daemon

@@ -161,8 +161,8 @@ def _sampling(
             )
     # A seed the router picks is passed to every backend of the request, so a
     # split request samples exactly as a colocated one would. It is no secret: the
-    # process's Mersenne Twister (reseeded in every forked worker) draws it, not the
-    # system's entropy (a system call a request).
+    # process's Mersenne Twister (seeded from the system at start, in each worker of its
+    # own) draws it, not the system's entropy (a system call a request).
     seed = params.seed if params.HasField("seed") else random.getrandbits(63)
     return SamplingParams(
         max_tokens=max_tokens,
