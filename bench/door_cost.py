@@ -250,12 +250,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.windows < 1 or args.window_s <= 0:
         parser.error("--windows must be at least 1 and --window-s more than 0")
-    if args.profile < 0 or args.sequential < 0:
-        parser.error("--profile and --sequential take 0 or more")
-    if args.profile and profile.py_spy() is None:
-        parser.error(
-            "--profile needs py-spy, which the bench extra installs: pip install -e '.[bench]'"
-        )
+    if args.sequential < 0:
+        parser.error("--sequential takes a number of requests, 0 or more")
+    if (refusal := profile.profile_seconds_refusal(args.profile)) is not None:
+        parser.error(refusal)
     try:
         variant = parse_env(args.env)
     except ValueError as bad:

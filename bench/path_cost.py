@@ -130,12 +130,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.requests < 1 or args.tokens < 2:
         parser.error("--requests must be at least 1 and --tokens at least 2")
-    if args.profile < 0:
-        parser.error("--profile takes a number of seconds, 0 or more")
-    if args.profile and profile.py_spy() is None:
-        parser.error(
-            "--profile needs py-spy, which the bench extra installs: pip install -e '.[bench]'"
-        )
+    if (refusal := profile.profile_seconds_refusal(args.profile)) is not None:
+        parser.error(refusal)
     started = time.perf_counter()
     runs, profiles = asyncio.run(measure(args.requests, args.tokens, args.profile))
     columns = ("mode", "tokens", "router CPU us / request", "TTFT p50 ms")

@@ -38,6 +38,16 @@ def py_spy() -> Path | None:
     return Path(found) if found else None
 
 
+def profile_seconds_refusal(seconds: float) -> str | None:
+    """Why a bench tool's ``--profile SECONDS`` cannot run, if it cannot: a negative
+    time, or no py-spy to record with. None when it can (0 asks for no profile)."""
+    if seconds < 0:
+        return "--profile takes a number of seconds, 0 or more"
+    if seconds and py_spy() is None:
+        return "--profile needs py-spy, which the bench extra installs: pip install -e '.[bench]'"
+    return None
+
+
 def _function(frame: str) -> str:
     """``name (path:line)`` as ``name (short path)``: one entry per function."""
     name, _, where = frame.partition(" (")

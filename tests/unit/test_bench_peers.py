@@ -13,8 +13,9 @@ import pytest
 
 from bench import fake_legs, proc_tree
 from bench.fake_legs import LegCounts, check_split
+from bench.peers import profile as profile_module
 from bench.peers import verdicts
-from bench.peers.profile import active, by_layer, top_frames
+from bench.peers.profile import active, by_layer, profile_seconds_refusal, top_frames
 from bench.peers.verdicts import SystemFigures
 
 # A child that starts a grandchild burning 0.3 s of CPU, says so, and waits for its
@@ -248,3 +249,13 @@ def test_floors_set_each_relay_against_vllm_router_and_each_door_against_its_rel
     assert floors["grpc_door_cpu_over_grpc_relay"] == pytest.approx(2500 / 1300)
     # A relay that did not run leaves its floors without a figure, not a wrong one.
     assert verdicts.floors(figures())["http_door_cpu_over_http_relay"] is None
+
+
+def test_a_profile_time_is_refused_when_negative_or_without_py_spy(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert profile_seconds_refusal(0.0) is None
+    assert "0 or more" in (profile_seconds_refusal(-1.0) or "")
+    monkeypatch.setattr(profile_module, "py_spy", lambda: None)
+    assert "needs py-spy" in (profile_seconds_refusal(5.0) or "")
+    assert profile_seconds_refusal(0.0) is None  # no profile asked: no py-spy needed
