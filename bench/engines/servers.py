@@ -200,6 +200,26 @@ class VllmServer(Server):
                 samples[key] = samples.get(key, 0.0) + float(sample.value)
         return samples
 
+    def pause(self) -> None:
+        """Holds every request where it is: the engine schedules nothing until ``resume``
+        but still takes aborts (vLLM's ``/pause?mode=keep``; a ``pausable`` server)."""
+        self.post_json("/pause?mode=keep", {})
+
+    def resume(self) -> None:
+        self.post_json("/resume", {})
+
+    def log_size(self) -> int:
+        """Bytes in its log so far: where ``logged_since`` starts reading."""
+        try:
+            return self.log_path.stat().st_size
+        except FileNotFoundError:
+            return 0
+
+    def logged_since(self, offset: int) -> str:
+        with self.log_path.open("rb") as log:
+            log.seek(offset)
+            return log.read().decode(errors="replace")
+
 
 def vllm_server(
     name: str,
@@ -208,8 +228,12 @@ def vllm_server(
     *,
     kv_role: str | None = None,
     extra_args: tuple[str, ...] = (),
+    pausable: bool = False,
 ) -> VllmServer:
-    """A vLLM server for ``model``; with ``kv_role`` it runs the NixlConnector."""
+    """A vLLM server for ``model``; with ``kv_role`` it runs the NixlConnector. A
+    ``pausable`` one also answers ``/pause`` and ``/resume`` (vLLM's development routes)
+    and logs each request it takes and aborts, so that a test can hold the engine still
+    and see what reached it."""
     port = free_port()
     argv = [
         str(env.python()),
@@ -236,6 +260,9 @@ def vllm_server(
         *extra_args,
     ]
     environment = dict(ENGINE_ENVIRONMENT)
+    if pausable:
+        argv.append("--enable-log-requests")
+        environment["VLLM_SERVER_DEV_MODE"] = "1"
     if kv_role is not None:
         environment["PYTHONPATH"] = str(ENGINE_SITE)
         argv += ["--kv-transfer-config", kv_transfer_config(kv_role)]

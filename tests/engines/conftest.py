@@ -80,8 +80,11 @@ def _engine_pair(engine_logs: Path) -> Iterator[Engines]:
         model = env.ensure_model()
     except env.EngineEnvMissingError as missing:
         pytest.fail(str(missing), pytrace=False)
-    prefill = servers.vllm_server("prefill", model, engine_logs, kv_role="kv_producer")
-    decode = servers.vllm_server("decode", model, engine_logs, kv_role="kv_consumer")
+    # pausable: the cancel tests hold the engines still while a client goes away.
+    prefill = servers.vllm_server(
+        "prefill", model, engine_logs, kv_role="kv_producer", pausable=True
+    )
+    decode = servers.vllm_server("decode", model, engine_logs, kv_role="kv_consumer", pausable=True)
     with servers.running(prefill, decode):
         yield Engines(prefill, decode)
 

@@ -1,19 +1,25 @@
 """A client that goes away mid-stream frees the engines: nothing runs on after it.
 
-The evidence is the engines' own token count, not a race against the clock: a
-request the router did not abort runs to its ``LONG`` tokens (one more in a split:
-the prefill's), one it aborted stops short of them. How soon the abort lands depends
-on the machine's load (on a loaded 2-core machine an engine made over a thousand
-tokens first), so the request is as long as the context allows and the wait for idle
-is generous. (vLLM does not count a client's abort under ``finished_reason="abort"``,
-so that counter cannot tell.)
+The evidence is the engines' own: the decode engine logs the request's abort, and its
+token count stops short of the request's ``LONG`` tokens (an unaborted request makes
+them all; one more in a split, the prefill's). Left running, a CPU engine can make
+those tokens before the abort lands (on a loaded 2-core machine one made over a
+thousand first, and on a fast one all of them), so the test holds the decode engine
+still (vLLM's ``/pause?mode=keep``) once the client has read its first frames, drops
+the client, waits for the engine's log to show the abort, and only then lets the
+engine go on. The abort reaches the engine core before the resume does (one input
+queue, in order), so the outcome does not depend on the machine's speed. The one
+race left is a stall before the client's first frames, in which the engine finishes
+the request before it is held; such an attempt is reported and tried again. (vLLM does
+not count a client's abort under ``finished_reason="abort"``, so that counter cannot
+tell.)
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import pytest
 
@@ -23,7 +29,9 @@ from tests.engines.conftest import Engines, StartRouter, backend, pd_backends
 RUNNING = "vllm:num_requests_running"
 GENERATED = "vllm:generation_tokens_total"
 IDLE_WITHIN_S = 60.0  # a loaded CI machine; an unaborted LONG request ends sooner
+ABORT_LOGGED_WITHIN_S = 30.0  # the router and the engine's server, on a loaded machine
 LONG = 2000  # tokens: far more than a test waits for (max_model_len is 2048)
+ATTEMPTS = 3  # an attempt is lost only to a stall before the client's first frames
 
 
 def samples(server: VllmServer) -> tuple[float, float]:
@@ -48,41 +56,100 @@ async def generated_until_idle(servers: list[VllmServer]) -> float:
         await asyncio.sleep(0.1)
 
 
+async def abort_logged(server: VllmServer, offset: int) -> bool:
+    """Whether ``server`` logs, past ``offset``, that it aborted a request (the router
+    gives the engine an id of its own, so the test's one request in flight is the one)."""
+    deadline = time.monotonic() + ABORT_LOGGED_WITHIN_S
+    while time.monotonic() < deadline:
+        if "aborted" in server.logged_since(offset).lower():
+            return True
+        await asyncio.sleep(0.1)
+    return False
+
+
+DropMidStream = Callable[[], Awaitable[None]]
+
+
+async def made_by_a_dropped_request(
+    engines: Engines,
+    servers: list[VllmServer],
+    drop: DropMidStream,
+    what: str,
+    report: Callable[[str], None],
+) -> float:
+    """Runs ``drop()`` (it starts a long request, reads its first frames, holds the
+    decode engine with ``engines.decode.pause`` and leaves) until the
+    engine logs the abort and makes fewer than ``LONG`` tokens, at most ``ATTEMPTS``
+    times; returns the tokens the engines made for it."""
+    decode = engines.decode
+    for attempt in range(1, ATTEMPTS + 1):
+        before = await generated(servers)
+        offset = decode.log_size()
+        try:
+            await drop()
+            aborted = await abort_logged(decode, offset)
+        finally:
+            await asyncio.to_thread(decode.resume)
+        made = await generated_until_idle(servers) - before
+        report(
+            f"{what}: the engines generated {made:.0f} tokens, the decode engine "
+            f"{'logged' if aborted else 'did not log'} the abort (attempt {attempt})"
+        )
+        if aborted and 0 < made < LONG:
+            return made
+    pytest.fail(
+        f"{what}: in {ATTEMPTS} attempts the decode engine never both logged the abort "
+        "and stopped short of the request's tokens: the router did not abort it. "
+        f"The decode engine's log ends:\n{decode.log_tail()}"
+    )
+
+
 @pytest.mark.parametrize("mode", ["split", "colocated"])
 async def test_grpc_cancel_aborts_the_engine(
     mode: str, engines: Engines, router_for: StartRouter, report: Callable[[str], None]
 ) -> None:
     router = await router_for(pd_backends(engines))
-    servers = [engines.prefill, engines.decode]
-    before = await generated(servers)
-    frames = router.client.generate(
-        "def main():", max_tokens=LONG, temperature=0.0, disaggregation=mode
+
+    async def drop() -> None:
+        frames = router.client.generate(
+            "def main():", max_tokens=LONG, temperature=0.0, disaggregation=mode
+        )
+        received = 0
+        async for _message in frames:
+            received += 1
+            if received == 3:
+                break
+        await asyncio.to_thread(engines.decode.pause)
+        await frames.aclose()  # cancels the call
+
+    made = await made_by_a_dropped_request(
+        engines,
+        [engines.prefill, engines.decode],
+        drop,
+        f"cancelled {mode} call after 3 frames",
+        report,
     )
-    received = 0
-    async for _message in frames:
-        received += 1
-        if received == 3:
-            break
-    await frames.aclose()  # cancels the call
-    made = await generated_until_idle(servers) - before
-    report(f"cancelled {mode} call after 3 frames: the engines generated {made:.0f} tokens")
-    assert 0 < made < LONG, f"{made} tokens generated for a cancelled request: not aborted"
+    assert made < LONG
 
 
 async def test_http_disconnect_aborts_the_engine(
     engines: Engines, router_for: StartRouter, report: Callable[[str], None]
 ) -> None:
     router = await router_for([backend("lone", engines.decode, "both")])
-    before = await generated([engines.decode])
-    body = {"model": SERVED_MODEL, "prompt": "def main():", "max_tokens": LONG, "stream": True}
-    answer = await router.http.post(router.http_url + "/v1/completions", json=body)
-    assert answer.status == 200
-    chunks = 0
-    async for _line in answer.content:
-        chunks += 1
-        if chunks == 6:
-            break
-    answer.close()  # drops the connection mid-stream
-    made = await generated_until_idle([engines.decode]) - before
-    report(f"dropped HTTP stream after 6 chunks: the engine generated {made:.0f} tokens")
-    assert 0 < made < LONG, f"{made} tokens generated for a dropped stream: not aborted"
+
+    async def drop() -> None:
+        body = {"model": SERVED_MODEL, "prompt": "def main():", "max_tokens": LONG, "stream": True}
+        answer = await router.http.post(router.http_url + "/v1/completions", json=body)
+        assert answer.status == 200
+        chunks = 0
+        async for _line in answer.content:
+            chunks += 1
+            if chunks == 6:
+                break
+        await asyncio.to_thread(engines.decode.pause)
+        answer.close()  # drops the connection mid-stream
+
+    made = await made_by_a_dropped_request(
+        engines, [engines.decode], drop, "dropped HTTP stream after 6 chunks", report
+    )
+    assert made < LONG
