@@ -45,12 +45,14 @@ async def test_decode_engine_killed_mid_stream_ends_the_call_with_unavailable(
     )
 
     async def read_then_kill() -> None:
-        received = 0
+        killed = False
         async for message in frames:
-            received += 1
             assert not message.finish_reason, "finished before the engine was killed"
-            if received == 3:
+            if not killed:
+                # Held still first: a fast engine cannot finish the request before the kill.
+                await asyncio.to_thread(engines.decode.pause)
                 engines.decode.kill()
+                killed = True
 
     with pytest.raises(grpc.aio.AioRpcError) as failed:
         await read_then_kill()
