@@ -80,7 +80,8 @@ def _engine_pair(engine_logs: Path) -> Iterator[Engines]:
         model = env.ensure_model()
     except env.EngineEnvMissingError as missing:
         pytest.fail(str(missing), pytrace=False)
-    # pausable: the cancel tests hold the engines still while a client goes away.
+    # pausable: a test holds an engine still (vLLM's /pause) while a client goes away
+    # or before it kills the engine.
     prefill = servers.vllm_server(
         "prefill", model, engine_logs, kv_role="kv_producer", pausable=True
     )
