@@ -78,9 +78,9 @@ async def made_by_a_dropped_request(
     report: Callable[[str], None],
 ) -> float:
     """Runs ``drop()`` (it starts a long request, reads its first frames, holds the
-    decode engine with ``engines.decode.pause`` and leaves) until the
-    engine logs the abort and makes fewer than ``LONG`` tokens, at most ``ATTEMPTS``
-    times; returns the tokens the engines made for it."""
+    decode engine with ``engines.decode.pause`` and leaves) until the engine logs the
+    abort and makes fewer than ``LONG`` tokens, at most ``ATTEMPTS`` times; returns the
+    tokens the engines made for it."""
     decode = engines.decode
     for attempt in range(1, ATTEMPTS + 1):
         before = await generated(servers)
