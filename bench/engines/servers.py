@@ -27,8 +27,10 @@ from typing import Any
 from prometheus_client.parser import text_string_to_metric_families
 
 from bench.engines import env
+from bench.engines.engine_site.step_gate import STEP_GATE_ENV
 
 ENGINE_SITE = Path(__file__).resolve().parent / "engine_site"
+STEP_GATE_PROCESSOR = "step_gate:StepGateProcessor"  # importable from ENGINE_SITE
 SERVED_MODEL = "tiny-llama"
 MAX_MODEL_LEN = 2048
 KV_LEASE_S = 120
@@ -200,13 +202,25 @@ class VllmServer(Server):
                 samples[key] = samples.get(key, 0.0) + float(sample.value)
         return samples
 
-    def pause(self) -> None:
-        """Holds every request where it is: the engine schedules nothing until ``resume``
-        but still takes aborts (vLLM's ``/pause?mode=keep``; a ``pausable`` server)."""
-        self.post_json("/pause?mode=keep", {})
+    def hold_after(self, steps: int) -> None:
+        """Lets the engine make ``steps`` more steps (a token per running request each),
+        then holds its core still until ``release``; a ``gated`` server only
+        (engine_site/step_gate.py). Its HTTP server goes on meanwhile: what was made
+        still streams out, and aborts are taken."""
+        gate = self.gate_path()
+        written = gate.with_suffix(".next")
+        written.write_text(f"{steps} {time.monotonic_ns()}\n")  # unlike the last one
+        os.replace(written, gate)  # whole at once: the core never reads half a file
 
-    def resume(self) -> None:
-        self.post_json("/resume", {})
+    def release(self) -> None:
+        """Lets a held engine go on, with no limit."""
+        self.gate_path().unlink(missing_ok=True)
+
+    def gate_path(self) -> Path:
+        named = self.environment.get(STEP_GATE_ENV)
+        if named is None:
+            raise ValueError(f"{self.name} was not started gated (vllm_server(gated=True))")
+        return Path(named)
 
     def log_size(self) -> int:
         """Bytes in its log so far: where ``logged_since`` starts reading."""
@@ -228,12 +242,12 @@ def vllm_server(
     *,
     kv_role: str | None = None,
     extra_args: tuple[str, ...] = (),
-    pausable: bool = False,
+    gated: bool = False,
 ) -> VllmServer:
     """A vLLM server for ``model``; with ``kv_role`` it runs the NixlConnector. A
-    ``pausable`` one also answers ``/pause`` and ``/resume`` (vLLM's development routes)
-    and logs each request it takes and aborts, so that a test can hold the engine still
-    and see what reached it."""
+    ``gated`` one runs engine_site/step_gate.py's gate on its steps (``hold_after``,
+    ``release``) and logs each request it takes and aborts, so that a test can hold the
+    engine still mid-request and see what reached it."""
     port = free_port()
     argv = [
         str(env.python()),
@@ -260,11 +274,12 @@ def vllm_server(
         *extra_args,
     ]
     environment = dict(ENGINE_ENVIRONMENT)
-    if pausable:
-        argv.append("--enable-log-requests")
-        environment["VLLM_SERVER_DEV_MODE"] = "1"
-    if kv_role is not None:
+    if kv_role is not None or gated:
         environment["PYTHONPATH"] = str(ENGINE_SITE)
+    if gated:
+        argv += ["--enable-log-requests", "--logits-processors", STEP_GATE_PROCESSOR]
+        environment[STEP_GATE_ENV] = str(log_dir / f"{name}.gate")
+    if kv_role is not None:
         argv += ["--kv-transfer-config", kv_transfer_config(kv_role)]
         side_channel = free_port()
         environment["VLLM_NIXL_SIDE_CHANNEL_PORT"] = str(side_channel)

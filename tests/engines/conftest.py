@@ -51,6 +51,9 @@ class Engines:
     decode: VllmServer
 
     def ensure(self) -> None:
+        """Restarts a dead engine and opens every gate a test left held."""
+        for server in (self.prefill, self.decode):
+            server.release()
         dead = [
             s
             for s in (self.prefill, self.decode)
@@ -80,12 +83,10 @@ def _engine_pair(engine_logs: Path) -> Iterator[Engines]:
         model = env.ensure_model()
     except env.EngineEnvMissingError as missing:
         pytest.fail(str(missing), pytrace=False)
-    # pausable: a test holds an engine still (vLLM's /pause) while a client goes away
-    # or before it kills the engine.
-    prefill = servers.vllm_server(
-        "prefill", model, engine_logs, kv_role="kv_producer", pausable=True
-    )
-    decode = servers.vllm_server("decode", model, engine_logs, kv_role="kv_consumer", pausable=True)
+    # gated: a test holds an engine still mid-request (VllmServer.hold_after) while a
+    # client goes away or before it kills the engine.
+    prefill = servers.vllm_server("prefill", model, engine_logs, kv_role="kv_producer", gated=True)
+    decode = servers.vllm_server("decode", model, engine_logs, kv_role="kv_consumer", gated=True)
     with servers.running(prefill, decode):
         yield Engines(prefill, decode)
 

@@ -3,16 +3,14 @@
 The evidence is the engines' own: the decode engine logs the request's abort, and its
 token count stops short of the request's ``LONG`` tokens (an unaborted request makes
 them all; one more in a split, the prefill's). Left running, a CPU engine can make
-those tokens before the abort lands (on a loaded 2-core machine one made over a
-thousand first, and on a fast one all of them), so the test holds the decode engine
-still (vLLM's ``/pause?mode=keep``) once the client has read its first frames, drops
-the client, waits for the engine's log to show the abort, and only then lets the
-engine go on. The abort reaches the engine core before the resume does (one input
-queue, in order), so the outcome does not depend on the machine's speed. The one
-race left is a stall before the client's first frames, in which the engine finishes
-the request before it is held; such an attempt is reported and tried again. (vLLM does
-not count a client's abort under ``finished_reason="abort"``, so that counter cannot
-tell.)
+those tokens before the abort lands (on a loaded 2-core machine one made all of them
+before its own server had sent the first), so the decode engine is held: it may make
+``HELD_AFTER`` steps, then its core waits (engine_site/step_gate.py) while its server
+streams what was made. The client reads its first frame and goes away; the test waits
+for the engine's log to show the abort and only then lets the engine go on, which
+carries the abort out before its next step. Nothing here depends on the machine's
+speed. (vLLM does not count a client's abort under ``finished_reason="abort"``, so
+that counter cannot tell.)
 """
 
 from __future__ import annotations
@@ -31,7 +29,7 @@ GENERATED = "vllm:generation_tokens_total"
 IDLE_WITHIN_S = 60.0  # a loaded CI machine; an unaborted LONG request ends sooner
 ABORT_LOGGED_WITHIN_S = 30.0  # the router and the engine's server, on a loaded machine
 LONG = 2000  # tokens: far more than a test waits for (max_model_len is 2048)
-ATTEMPTS = 3  # an attempt is lost only to a stall before the client's first frames
+HELD_AFTER = 16  # steps the decode engine makes before it is held
 
 
 def samples(server: VllmServer) -> tuple[float, float]:
@@ -77,31 +75,27 @@ async def made_by_a_dropped_request(
     what: str,
     report: Callable[[str], None],
 ) -> float:
-    """Runs ``drop()`` (it starts a long request, reads its first frames, holds the
-    decode engine with ``engines.decode.pause`` and leaves) until the engine logs the
-    abort and makes fewer than ``LONG`` tokens, at most ``ATTEMPTS`` times; returns the
-    tokens the engines made for it."""
+    """Holds the decode engine after ``HELD_AFTER`` steps, runs ``drop()`` (it starts a
+    long request, reads its first frame and leaves), checks that the engine logs the
+    abort, lets it go on and returns the tokens the engines made for the request."""
     decode = engines.decode
-    for attempt in range(1, ATTEMPTS + 1):
-        before = await generated(servers)
-        offset = decode.log_size()
-        try:
-            await drop()
-            aborted = await abort_logged(decode, offset)
-        finally:
-            await asyncio.to_thread(decode.resume)
-        made = await generated_until_idle(servers) - before
-        report(
-            f"{what}: the engines generated {made:.0f} tokens, the decode engine "
-            f"{'logged' if aborted else 'did not log'} the abort (attempt {attempt})"
-        )
-        if aborted and 0 < made < LONG:
-            return made
-    pytest.fail(
-        f"{what}: in {ATTEMPTS} attempts the decode engine never both logged the abort "
-        "and stopped short of the request's tokens: the router did not abort it. "
-        f"The decode engine's log ends:\n{decode.log_tail()}"
+    before = await generated(servers)
+    offset = decode.log_size()
+    decode.hold_after(HELD_AFTER)
+    try:
+        await drop()
+        aborted = await abort_logged(decode, offset)
+    finally:
+        decode.release()
+    made = await generated_until_idle(servers) - before
+    report(
+        f"{what}: the engines generated {made:.0f} tokens, the decode engine "
+        f"{'logged' if aborted else 'did not log'} the abort"
     )
+    assert aborted, (
+        f"{what}: the decode engine never logged the abort. Its log ends:\n{decode.log_tail()}"
+    )
+    return made
 
 
 @pytest.mark.parametrize("mode", ["split", "colocated"])
@@ -114,19 +108,16 @@ async def test_grpc_cancel_aborts_the_engine(
         frames = router.client.generate(
             "def main():", max_tokens=LONG, temperature=0.0, disaggregation=mode
         )
-        received = 0
-        async for _message in frames:
-            received += 1
-            if received == 3:
+        async for message in frames:
+            if message.token_ids:
                 break
-        await asyncio.to_thread(engines.decode.pause)
         await frames.aclose()  # cancels the call
 
     made = await made_by_a_dropped_request(
         engines,
         [engines.prefill, engines.decode],
         drop,
-        f"cancelled {mode} call after 3 frames",
+        f"cancelled {mode} call after its first frame",
         report,
     )
     assert made < LONG
@@ -141,15 +132,12 @@ async def test_http_disconnect_aborts_the_engine(
         body = {"model": SERVED_MODEL, "prompt": "def main():", "max_tokens": LONG, "stream": True}
         answer = await router.http.post(router.http_url + "/v1/completions", json=body)
         assert answer.status == 200
-        chunks = 0
-        async for _line in answer.content:
-            chunks += 1
-            if chunks == 6:
+        async for line in answer.content:
+            if line.startswith(b"data: {"):
                 break
-        await asyncio.to_thread(engines.decode.pause)
         answer.close()  # drops the connection mid-stream
 
     made = await made_by_a_dropped_request(
-        engines, [engines.decode], drop, "dropped HTTP stream after 6 chunks", report
+        engines, [engines.decode], drop, "dropped HTTP stream after its first event", report
     )
     assert made < LONG

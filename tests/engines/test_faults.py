@@ -13,6 +13,8 @@ import pytest
 
 from tests.engines.conftest import Engines, StartRouter, direct, long_prompt, pd_backends, via_grpc
 
+HELD_AFTER = 4  # steps the decode engine makes before it is held, then killed
+
 
 async def test_split_after_the_prefill_engine_restarted(
     engines: Engines, router_for: StartRouter, report: Callable[[str], None]
@@ -39,20 +41,20 @@ async def test_split_after_the_prefill_engine_restarted(
 async def test_decode_engine_killed_mid_stream_ends_the_call_with_unavailable(
     engines: Engines, router_for: StartRouter
 ) -> None:
+    """The decode engine is held after a few steps (engine_site/step_gate.py), so that
+    it is killed mid-stream on any machine: left running, a CPU engine on a loaded
+    machine made all 800 tokens before its server had sent the first."""
     router = await router_for(pd_backends(engines))
+    engines.decode.hold_after(HELD_AFTER)
     frames = router.client.generate(
         long_prompt("kill"), max_tokens=800, temperature=0.0, disaggregation="split"
     )
 
     async def read_then_kill() -> None:
-        killed = False
         async for message in frames:
             assert not message.finish_reason, "finished before the engine was killed"
-            if not killed:
-                # Held still first: a fast engine cannot finish the request before the kill.
-                await asyncio.to_thread(engines.decode.pause)
+            if message.token_ids and engines.decode.process is not None:
                 engines.decode.kill()
-                killed = True
 
     with pytest.raises(grpc.aio.AioRpcError) as failed:
         await read_then_kill()
