@@ -87,17 +87,22 @@ async def router_addresses(pool: PoolConfig, env: dict[str, str]) -> AsyncIterat
 
 @contextlib.asynccontextmanager
 async def router_server(
-    pool: PoolConfig, env: dict[str, str], *, log_path: Path | None = None
+    pool: PoolConfig,
+    env: dict[str, str],
+    *,
+    log_path: Path | None = None,
+    module: str = "router.cli",
 ) -> AsyncIterator[RouterProcess]:
     """A router serving ``pool``: both its addresses and its process id. Its JSON log
-    lines are appended to ``log_path`` when given."""
+    lines are appended to ``log_path`` when given. ``module`` is the entry point run
+    with ``-m`` (a bench's instrumented one takes ``router.cli``'s arguments)."""
     with tempfile.TemporaryDirectory() as scratch:
         pool_file = Path(scratch) / "pool.yaml"
         pool_file.write_text(yaml.safe_dump(pool.model_dump(mode="json", by_alias=True)))
         process = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
-            "router.cli",
+            module,
             "serve",
             "--pool",
             str(pool_file),
