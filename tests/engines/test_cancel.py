@@ -1,8 +1,8 @@
 """A client that goes away mid-stream frees the engines: nothing runs on after it.
 
-The evidence is the engines' own: the decode engine logs the request's abort, and its
-token count stops short of the request's ``LONG`` tokens (an unaborted request makes
-them all; one more in a split, the prefill's). Left running, a CPU engine can make
+The evidence is the engines' own: the decode engine logs the request's abort, and the
+engines' token count stops within ``STOPS_WITHIN`` of the hold below, far short of the
+request's ``LONG`` tokens (an unaborted request makes them all). Left running, a CPU engine can make
 those tokens before the abort lands (on a loaded 2-core machine one made all of them
 before its own server had sent the first), so the decode engine is held: it may make
 ``HELD_AFTER`` steps, then its core waits (engine_site/step_gate.py) while its server
@@ -30,6 +30,10 @@ IDLE_WITHIN_S = 60.0  # a loaded CI machine; an unaborted LONG request ends soon
 ABORT_LOGGED_WITHIN_S = 30.0  # the router and the engine's server, on a loaded machine
 LONG = 2000  # tokens: far more than a test waits for (max_model_len is 2048)
 HELD_AFTER = 16  # steps the decode engine makes before it is held
+# Tokens past the hold an aborted request may still make: the step the hold stopped, the
+# prefill engine's one token in a split, and a few steps more should the engine core take
+# the abort from its queue only after the release (a starved machine).
+STOPS_WITHIN = 64
 
 
 def samples(server: VllmServer) -> tuple[float, float]:
@@ -120,7 +124,7 @@ async def test_grpc_cancel_aborts_the_engine(
         f"cancelled {mode} call after its first frame",
         report,
     )
-    assert made < LONG
+    assert made <= HELD_AFTER + STOPS_WITHIN < LONG
 
 
 async def test_http_disconnect_aborts_the_engine(
@@ -140,4 +144,4 @@ async def test_http_disconnect_aborts_the_engine(
     made = await made_by_a_dropped_request(
         engines, [engines.decode], drop, "dropped HTTP stream after its first event", report
     )
-    assert made < LONG
+    assert made <= HELD_AFTER + STOPS_WITHIN < LONG
