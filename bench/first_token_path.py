@@ -13,8 +13,8 @@ decode engine's first event, which a relay pays alike. The client's time to the 
 token through the door and straight to the decode fake are printed beside them: their
 difference is the added TTFT of ``bench.door_cost --sequential``.
 
-This is what to read when the added TTFT moves: which segment grew. The marks cost
-about a microsecond each, a dozen per request.
+This is what to read when the added TTFT moves: which segment grew. The probes cost a
+few microseconds a request: a wrapper call at each seam, 0.4-0.6 us each timed alone.
 """
 
 from __future__ import annotations
