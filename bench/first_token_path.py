@@ -102,6 +102,16 @@ def medians(requests: Sequence[Sequence[float]]) -> list[float]:
     return [statistics.median(column) for column in zip(*requests, strict=True)]
 
 
+def p99s(requests: Sequence[Sequence[float]]) -> list[float]:
+    """Each segment's 99th percentile over the requests (the largest, under 100)."""
+    return [_p99(column) for column in zip(*requests, strict=True)]
+
+
+def _p99(values: Sequence[float]) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
+
+
 # --- inside the router -----------------------------------------------------------------
 
 
@@ -243,9 +253,12 @@ def serve_instrumented(argv: Sequence[str]) -> int:
 @dataclass(frozen=True)
 class Figures:
     segments: list[float]  # medians, as SEGMENTS
+    tails: list[float]  # 99th percentiles, as SEGMENTS
     requests: int
     ttft_ms: float  # the client's, through the door
     direct_ttft_ms: float  # the client's, straight to the decode fake
+    ttft_p99_ms: float
+    direct_ttft_p99_ms: float
 
     @property
     def router_us(self) -> float:
@@ -283,23 +296,33 @@ async def measure(requests: int) -> Figures:
     if not counted:
         raise RuntimeError("the router recorded no request with every moment")
     return Figures(
-        medians(counted), len(counted), statistics.median(through), statistics.median(straight)
+        medians(counted),
+        p99s(counted),
+        len(counted),
+        statistics.median(through),
+        statistics.median(straight),
+        _p99(through),
+        _p99(straight),
     )
 
 
 def report(figures: Figures) -> Iterator[str]:
     width = max(len(segment.name) for segment in SEGMENTS)
-    yield f"  {'segment of the time to the first token':<{width}}   median us   whose"
-    yield "  " + "─" * (width + 26)
-    for us, segment in zip(figures.segments, SEGMENTS, strict=True):
+    yield f"  {'segment of the time to the first token':<{width}}   median us   p99 us   whose"
+    yield "  " + "─" * (width + 35)
+    rows = zip(figures.segments, figures.tails, SEGMENTS, strict=True)
+    for us, tail, segment in rows:
         whose = "router" if segment.router else "legs"
-        yield f"  {segment.name:<{width}}   {us:9.1f}   {whose}"
+        yield f"  {segment.name:<{width}}   {us:9.1f}   {tail:6.0f}   {whose}"
     yield f"  {'the router own, in all':<{width}}   {figures.router_us:9.1f}"
     added = figures.ttft_ms - figures.direct_ttft_ms
+    added_p99 = figures.ttft_p99_ms - figures.direct_ttft_p99_ms
     yield (
-        f"  client TTFT p50 through the door {figures.ttft_ms:.3f} ms, straight to the decode "
-        f"fake {figures.direct_ttft_ms:.3f} ms: added {added:.3f} ms ({figures.requests} requests)"
+        f"  client TTFT through the door p50 {figures.ttft_ms:.3f} ms, p99 "
+        f"{figures.ttft_p99_ms:.3f}; straight to the decode fake p50 "
+        f"{figures.direct_ttft_ms:.3f}, p99 {figures.direct_ttft_p99_ms:.3f}"
     )
+    yield f"  added: p50 {added:.3f} ms, p99 {added_p99:.3f} ms ({figures.requests} requests)"
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -13,6 +13,7 @@ from bench.first_token_path import (
     _Recorder,
     instrument,
     medians,
+    p99s,
     report,
     segments,
 )
@@ -38,11 +39,14 @@ def test_a_request_without_every_moment_in_order_has_no_segments() -> None:
 def test_the_figures_are_each_segments_median_and_the_routers_share() -> None:
     found = medians([[1.0, 10.0], [3.0, 30.0], [2.0, 20.0]])
     assert found == [2.0, 20.0]
+    hundred = [[float(n), float(-n)] for n in range(100)]
+    assert p99s(hundred) == [99.0, 0.0]  # the 99th of 100: the largest
+    assert p99s([[float(n), 0.0] for n in range(200)]) == [198.0, 0.0]  # two above it
     count = len(SEGMENTS)
-    figures = Figures([10.0] * count, 5, ttft_ms=1.5, direct_ttft_ms=0.5)
+    figures = Figures([10.0] * count, [30.0] * count, 5, 1.5, 0.5, 4.0, 1.0)
     assert figures.router_us == pytest.approx(10.0 * sum(s.router for s in SEGMENTS))
     lines = list(report(figures))
-    assert any("added 1.000 ms (5 requests)" in line for line in lines)
+    assert any("added: p50 1.000 ms, p99 3.000 ms (5 requests)" in line for line in lines)
 
 
 async def test_the_probes_mark_every_moment_of_a_split_through_the_http_door() -> None:
