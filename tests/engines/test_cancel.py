@@ -93,8 +93,8 @@ async def made_by_a_dropped_request(
         decode.release()
     made = await generated_until_idle(servers) - before
     report(
-        f"{what}: the engines generated {made:.0f} tokens, the decode engine "
-        f"{'logged' if aborted else 'did not log'} the abort"
+        f"{what}: the engines generated {made:.0f} token{'' if made == 1 else 's'}, "
+        f"the decode engine {'logged' if aborted else 'did not log'} the abort"
     )
     assert aborted, (
         f"{what}: the decode engine never logged the abort. Its log ends:\n{decode.log_tail()}"
