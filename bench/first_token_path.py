@@ -38,6 +38,7 @@ from typing import Any
 
 from bench.processes import FIXED_LIMIT, router_server
 from bench.scenarios import peers
+from router.sim.metrics import percentile
 
 MARKS_ENV = "BENCH_FIRST_TOKEN_MARKS"  # where the instrumented router writes its requests
 WARM_UP = 50  # requests sent first and not counted: connections, caches, first imports
@@ -103,13 +104,8 @@ def medians(requests: Sequence[Sequence[float]]) -> list[float]:
 
 
 def p99s(requests: Sequence[Sequence[float]]) -> list[float]:
-    """Each segment's 99th percentile over the requests (the largest, under 100)."""
-    return [_p99(column) for column in zip(*requests, strict=True)]
-
-
-def _p99(values: Sequence[float]) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
+    """Each segment's 99th percentile over the requests, as the scenarios compute one."""
+    return [percentile(column, 99) for column in zip(*requests, strict=True)]
 
 
 # --- inside the router -----------------------------------------------------------------
@@ -301,8 +297,8 @@ async def measure(requests: int) -> Figures:
         len(counted),
         statistics.median(through),
         statistics.median(straight),
-        _p99(through),
-        _p99(straight),
+        percentile(through, 99),
+        percentile(straight, 99),
     )
 
 
